@@ -1,0 +1,154 @@
+"""One forward pass -> every layer's q and k exactly as the attention used them.
+
+headscope registers a capturing attention function with transformers' AttentionInterface. It calls
+the model's own eager attention and, while a recorder is active in the current context, records the
+query and key it was given (post-rotary, post-QK-norm, K at its own key-head count). For the layers
+whose patterns are wanted it rebuilds softmax(q k^T * scaling + mask) from those q and k and
+compares it with the weights the eager call returned: the parity figure costs no second pass.
+The recorder lives in a ContextVar, so two threads can analyse with one shared model.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from analysis.errors import HeadscopeError
+from analysis.metrics import compute_pattern
+
+CAPTURE_ATTENTION = "headscope"
+EMPTY_TEXT = "The text is empty: type a sentence to analyse."
+TOO_LONG = "The text is {n} tokens long but {model} accepts at most {limit}: shorten it."
+NO_EAGER = "{cls} has no eager attention function to capture through."
+
+_RECORDER: ContextVar[_Recorder | None] = ContextVar("headscope_recorder", default=None)
+
+
+@dataclass(frozen=True, eq=False)
+class Capture:
+    """What one forward pass recorded: numpy only, picklable (cacheable by Streamlit)."""
+
+    text: str
+    tokens: tuple[str, ...]
+    token_ids: np.ndarray  # [pos]
+    special: np.ndarray  # [pos] bool: BOS/CLS/SEP and other special tokens
+    q: tuple[np.ndarray, ...]  # per layer [head, pos, d_head] float32
+    k: tuple[np.ndarray, ...]  # per layer [kv_head, pos, d_head] float32
+    patterns: dict[int, np.ndarray]  # requested layers: [head, q_pos, k_pos] float32
+    parity: dict[int, float]  # requested layers: max |pattern - the model's own weights|
+
+
+@dataclass
+class _Recorder:
+    pattern_layers: frozenset[int] | None  # None: every layer
+    q: list[np.ndarray] = field(default_factory=list)
+    k: list[np.ndarray] = field(default_factory=list)
+    patterns: dict[int, np.ndarray] = field(default_factory=dict)
+    parity: dict[int, float] = field(default_factory=dict)
+
+    def record(self, query, key, attention_mask, scaling, softcap, weights) -> None:
+        layer = len(self.q)  # attention modules run once each, in layer order
+        q = query[0].detach().float()  # [head, pos, d_head]
+        k = key[0].detach().float()  # [kv_head, pos, d_head]
+        self.q.append(q.cpu().numpy().copy())  # [head, pos, d_head], detached from the model
+        self.k.append(k.cpu().numpy().copy())  # [kv_head, pos, d_head]
+        if self.pattern_layers is None or layer in self.pattern_layers:
+            mask = None if attention_mask is None else attention_mask[0, :, :, : k.shape[-2]]  # [1, q_pos, k_pos]
+            pattern = compute_pattern(q, k, scaling, mask, softcap)  # [head, q_pos, k_pos]
+            self.parity[layer] = float((pattern - weights[0].float()).abs().max())
+            self.patterns[layer] = pattern.cpu().numpy()
+
+
+_EAGER: dict[type, object] = {}
+
+
+def _eager_for(module: torch.nn.Module):
+    """The model's own eager attention function, from the module's modeling file."""
+    cls = type(module)
+    if cls not in _EAGER:
+        eager = getattr(sys.modules[cls.__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise HeadscopeError(NO_EAGER.format(cls=cls.__name__))
+        _EAGER[cls] = eager
+    return _EAGER[cls]
+
+
+def capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    output, weights = _eager_for(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        recorder.record(query, key, attention_mask, scale, kwargs.get("softcap"), weights)
+    return output, weights
+
+
+def register_capture_attention() -> None:
+    """Register the capturing function and the eager mask under one name (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(CAPTURE_ATTENTION, capturing_attention)
+    AttentionMaskInterface.register(CAPTURE_ATTENTION, eager_mask)
+
+
+def tokenize(loaded, text: str) -> dict:
+    if not text or not text.strip():
+        raise HeadscopeError(EMPTY_TEXT)
+    encoded = loaded.tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
+    n = encoded["input_ids"].shape[1]
+    limit = loaded.info.max_positions
+    if n > limit:
+        raise HeadscopeError(TOO_LONG.format(n=n, model=loaded.info.id, limit=limit))
+    if n == 0:
+        raise HeadscopeError(EMPTY_TEXT)
+    return encoded
+
+
+def capture(loaded, text: str, pattern_layers=None) -> Capture:
+    """Run the model once on `text`; q/k for every layer, patterns for `pattern_layers` (None: all)."""
+    encoded = tokenize(loaded, text)
+    special = encoded.pop("special_tokens_mask")[0].numpy().astype(bool)  # [pos]
+    ids = encoded["input_ids"][0]  # [pos]
+    recorder = _Recorder(None if pattern_layers is None else frozenset(pattern_layers))
+    token = _RECORDER.set(recorder)
+    try:
+        with torch.inference_mode():
+            loaded.model(**{name: t.to(loaded.info.device) for name, t in encoded.items()})
+    finally:
+        _RECORDER.reset(token)
+    if len(recorder.q) != loaded.info.n_layers:
+        raise HeadscopeError(f"Captured {len(recorder.q)} attention calls for {loaded.info.n_layers} layers.")
+    tokenizer = loaded.tokenizer
+    return Capture(
+        text=text,
+        tokens=tuple(tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids.tolist()),
+        token_ids=ids.numpy(),
+        special=special,
+        q=tuple(recorder.q),
+        k=tuple(recorder.k),
+        patterns=recorder.patterns,
+        parity=recorder.parity,
+    )
+
+
+def capture_c_attn(loaded, text: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """The notebook's own route for GPT-2: hook attn.c_attn, split Q, K, V, then split into heads."""
+    model, info = loaded.model, loaded.info
+    if info.family != "GPT-2":
+        raise HeadscopeError("The c_attn hook route exists for GPT-2 only.")
+    seen = {}
+    handle = model.h[layer].attn.c_attn.register_forward_hook(lambda mod, args, out: seen.setdefault("qkv", out.detach()))
+    try:
+        with torch.inference_mode():
+            model(**{name: t.to(info.device) for name, t in tokenize(loaded, text).items() if name != "special_tokens_mask"})
+    finally:
+        handle.remove()
+    d_model = info.n_heads * info.d_head
+    q, k, _ = torch.split(seen["qkv"][0].float(), d_model, dim=1)  # [pos, d_model] each
+    q = q.view(-1, info.n_heads, info.d_head).transpose(0, 1)  # [head, pos, d_head]
+    k = k.view(-1, info.n_heads, info.d_head).transpose(0, 1)  # [head, pos, d_head]
+    return q.cpu().numpy(), k.cpu().numpy()

@@ -1,0 +1,5 @@
+"""The one exception type a user sees: its message is a sentence they can act on."""
+
+
+class HeadscopeError(ValueError):
+    """Bad input or an unusable model. The CLI prints it as one line; the app shows it with st.error."""

@@ -1,0 +1,1 @@
+"""Charts, HTML reports and the command line (python -m reports)."""

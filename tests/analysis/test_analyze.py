@@ -1,0 +1,92 @@
+"""analyze() against ground truth nobody typed in: the notebook's own code and the model's own attention."""
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import analyze
+from tests.conftest import FIJI, REPEATS
+from tests.notebook import run_notebook
+
+FIELDS = ["q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "final_to_prev",
+          "self_attention", "first_self"]
+
+
+def close(actual, expected):
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("text", [FIJI, REPEATS])
+@pytest.mark.parametrize("layer", [6, 0])
+def test_every_field_equals_the_notebook(gpt2, text, layer):
+    result = analyze(gpt2, text, layers=[layer]).layers[layer]
+    notebook = run_notebook(gpt2.model, gpt2.tokenizer, text, layer)
+    for name in FIELDS:
+        assert getattr(result, name).shape == notebook[name].shape, name
+        close(getattr(result, name), notebook[name])
+    for name in ("grid", "final_to_prev", "self_attention"):
+        close(result.kde[name], notebook["kde"][name])
+    close(result.patterns, notebook["patterns"])
+    close(result.sink_mass, notebook["patterns"][:, 1:, 0].mean(axis=1))
+    assert result.parity_max_abs_err <= 1e-5
+
+
+def _eager_attentions(path, text, tokenizer):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(**tokenizer(text, return_tensors="pt"), output_attentions=True)
+    return [a[0].numpy() for a in out.attentions]
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "minilm"])
+def test_patterns_equal_the_models_own_eager_attention(request, fixture):
+    loaded = request.getfixturevalue(fixture)
+    result = analyze(loaded, FIJI)
+    eager = _eager_attentions(loaded.info.path, FIJI, loaded.tokenizer)
+    assert sorted(result.layers) == list(range(loaded.info.n_layers)) == list(range(len(eager)))
+    for layer, expected in enumerate(eager):
+        assert result.layers[layer].parity_max_abs_err <= 1e-5
+        np.testing.assert_allclose(result.layers[layer].patterns, expected, atol=1e-6)
+
+
+def test_bert_is_not_causal(minilm):
+    pattern = analyze(minilm, FIJI, layers=[2]).layers[2].patterns
+    assert minilm.info.causal is False
+    assert np.triu(pattern, k=1).sum() > 1.0  # queries read later keys
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-5)
+
+
+def test_exclude_first_token_switch(gpt2):
+    captured_q = analyze(gpt2, FIJI, layers=[6], exclude_first_token=False)
+    notebook = run_notebook(gpt2.model, gpt2.tokenizer, FIJI, 6)
+    q_all = torch.stack(notebook["Q_h"])  # [head, pos, d_head]: the notebook's split, first token kept
+    close(captured_q.layers[6].q_means, q_all.mean(dim=(1, 2)).numpy())
+    close(captured_q.layers[6].q_stds, q_all.reshape(q_all.shape[0], -1).std(dim=1).numpy())
+    assert captured_q.exclude_first_token is False
+
+
+@pytest.mark.parametrize("text, n_tokens", [("cat", 1), ("the cat", 2)])
+def test_short_texts_are_valid(gpt2, text, n_tokens):
+    result = analyze(gpt2, text, layers=[6])
+    layer = result.layers[6]
+    assert result.n_tokens == n_tokens
+    assert layer.same_head_dp.size == 0 and layer.diff_head_dp.size == 0
+    assert layer.kde is None
+    assert result.warnings and "only" in result.warnings[0]
+    assert layer.first_self.tolist() == [1.0] * 12
+
+
+def test_round_trip_through_json(gpt2):
+    import json
+
+    result = analyze(gpt2, REPEATS, layers=[0, 6])
+    data = json.loads(json.dumps(result.to_dict(include_patterns=True), allow_nan=False))
+    again = type(result).from_dict(data)
+    assert again.to_dict(include_patterns=True) == data
+    assert data["schema"] == "headscope.results/1"
+    assert list(data["layers"]) == ["0", "6"]
+    assert len(data["layers"]["6"]["patterns"]) == 12
+    assert "patterns" not in result.to_dict()["layers"]["6"]

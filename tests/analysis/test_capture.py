@@ -1,0 +1,66 @@
+import threading
+
+import numpy as np
+
+from analysis import analyze, capture
+from analysis.capture import capture_c_attn
+from tests.conftest import FIJI, REPEATS
+
+
+def test_c_attn_hook_route_equals_the_attention_interface_route(gpt2):
+    captured = capture(gpt2, FIJI, pattern_layers=[])
+    for layer in (0, 6, 7):
+        q, k = capture_c_attn(gpt2, FIJI, layer)
+        np.testing.assert_array_equal(captured.q[layer], q)
+        np.testing.assert_array_equal(captured.k[layer], k)
+
+
+def test_one_forward_pass_captures_every_layer(gpt2):
+    calls = []
+    handle = gpt2.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        result = analyze(gpt2, FIJI)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert sorted(result.layers) == list(range(8))
+
+
+def test_patterns_only_for_requested_layers(gpt2):
+    captured = capture(gpt2, FIJI, pattern_layers=[3])
+    assert len(captured.q) == len(captured.k) == 8
+    assert list(captured.patterns) == [3]
+
+
+def test_idle_model_is_a_plain_eager_model(gpt2):
+    """With no recorder active the capturing attention is a pass-through: nothing is kept."""
+    import torch
+
+    with torch.no_grad():
+        out = gpt2.model(**gpt2.tokenizer(FIJI, return_tensors="pt"), output_attentions=True)
+    assert len(out.attentions) == 8
+
+
+def test_two_threads_share_one_model(gpt2):
+    expected = {text: analyze(gpt2, text, layers=[6]).layers[6] for text in (FIJI, REPEATS)}
+    results, errors = {}, []
+    barrier = threading.Barrier(4)
+
+    def work(index, text):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                results[index, _] = (text, analyze(gpt2, text, layers=[6]).layers[6])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, (FIJI, REPEATS)[i % 2])) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(results) == 12
+    for text, layer in results.values():
+        np.testing.assert_array_equal(layer.q_means, expected[text].q_means)
+        np.testing.assert_array_equal(layer.patterns, expected[text].patterns)

@@ -1,0 +1,147 @@
+"""The command line: results JSON, and one clear stderr line with a non-zero exit for every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reports.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def assert_one_line_error(code, lines, *needles):
+    assert code != 0
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("headscope: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_default_run_writes_schema_json(gpt2_path, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--json", out)
+    assert code == 0, lines
+    data = json.loads(out.read_text())
+    assert data["schema"] == "headscope.results/1"
+    assert list(data["layers"]) == ["6"]  # layer 6 for a model with more than 6 layers
+    assert data["text"].startswith("The majority of Fiji's islands")
+    assert data["model"]["n_layers"] == 8 and data["settings"] == {"exclude_first_token": True}
+    layer = data["layers"]["6"]
+    assert len(layer["q_means"]) == 12 and len(layer["kde"]["grid"]) == 300
+    assert "patterns" not in layer
+
+
+def test_layers_patterns_and_text_file(gpt2_path, tmp_path, capsys):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("Ünïcode text, read as UTF-8.", encoding="utf-8")
+    out = tmp_path / "out.json"
+    code, _ = run_cli(capsys, "--model", gpt2_path, "--text-file", text_file, "--layer", 0, "--layer", 7,
+                      "--patterns", "--json", out)
+    data = json.loads(out.read_text())
+    assert code == 0 and list(data["layers"]) == ["0", "7"]
+    assert data["text"] == "Ünïcode text, read as UTF-8."
+    n = len(data["tokens"])
+    assert len(data["layers"]["7"]["patterns"]) == 12 and len(data["layers"]["7"]["patterns"][0]) == n
+
+
+def test_all_layers(gpt2_path, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert run_cli(capsys, "--model", gpt2_path, "--all-layers", "--text", "a b c d", "--json", out)[0] == 0
+    assert list(json.loads(out.read_text())["layers"]) == [str(i) for i in range(8)]
+
+
+def test_bundled_model_uses_its_middle_layer(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert run_cli(capsys, "--json", out)[0] == 0
+    data = json.loads(out.read_text())
+    assert data["model"]["id"] == "sentence-transformers/all-MiniLM-L6-v2" and list(data["layers"]) == ["3"]
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t "])
+def test_empty_text(gpt2_path, tmp_path, capsys, text):
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", text, "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "The text is empty")
+
+
+def test_text_longer_than_the_model_allows(gpt2_path, tmp_path, capsys):
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", "word " * 300, "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "tokens long", "at most 128")
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_unknown_model_id_offline(tmp_path, capsys):
+    code, lines = run_cli(capsys, "--model", "someone/no-such-model", "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "'someone/no-such-model' is not in the local Hugging Face cache", "offline")
+
+
+def test_missing_path(tmp_path, capsys):
+    code, lines = run_cli(capsys, "--model", tmp_path / "nowhere", "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "No local directory")
+
+
+def test_layer_out_of_range(gpt2_path, tmp_path, capsys):
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--layer", 8, "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "Layer 8 is out of range", "layers 0..7")
+
+
+def test_text_file_not_utf8(gpt2_path, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café au lait".encode("latin-1"))
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text-file", bad, "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "is not UTF-8", "offset 3")
+
+
+def test_missing_text_file(gpt2_path, tmp_path, capsys):
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text-file", tmp_path / "none.txt", "--json", tmp_path / "o")
+    assert_one_line_error(code, lines, "Cannot read")
+
+
+def test_pickle_only_checkpoint(pickle_only_path, tmp_path, capsys):
+    code, lines = run_cli(capsys, "--model", pickle_only_path, "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "only pickle weights", "safetensors only")
+
+
+def test_unsupported_architecture(t5_path, tmp_path, capsys):
+    code, lines = run_cli(capsys, "--model", t5_path, "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "T5Model", "not supported", "GPT-2")
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--text", "x"])  # --json missing
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--json" in lines[0]
+
+
+@pytest.mark.parametrize("text, n", [("cat", 1), ("the cat", 2)])
+def test_one_or_two_tokens_warn_but_succeed(gpt2_path, tmp_path, capsys, text, n):
+    out = tmp_path / "o.json"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", text, "--json", out)
+    data = json.loads(out.read_text())
+    assert code == 0 and len(data["tokens"]) == n
+    assert data["layers"]["6"]["kde"] is None and data["layers"]["6"]["same_head_dp"] == []
+    assert any(line.startswith("headscope: warning:") for line in lines)
+
+
+def test_real_entry_point_in_a_subprocess(gpt2_path, tmp_path):
+    """python -m reports as a user runs it: no traceback, one line, exit status 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run([sys.executable, "-m", "reports", "--model", str(gpt2_path), "--layer", "99", "--json",
+                          str(tmp_path / "o.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["headscope: error: Layer 99 is out of range: this model has layers 0..7."]
+    good = subprocess.run([sys.executable, "-m", "reports", "--model", str(gpt2_path), "--json", "-"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["schema"] == "headscope.results/1"
