@@ -18,10 +18,19 @@ GPT2_ID = "gpt2"
 BUNDLED_ID = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_ALIASES = {"minilm", "all-minilm-l6-v2", BUNDLED_ID.lower()}
 
-# model_type -> (family name, causal)
+# model_type -> (family name, causal). Each one captured through the attention interface and tested for
+# exact parity with its own eager attention (tests/analysis/test_families.py); anything else is refused.
 FAMILIES = {
     "gpt2": ("GPT-2", True),
     "bert": ("BERT", False),
+    "roberta": ("RoBERTa", False),
+    "distilbert": ("DistilBERT", False),
+    "gpt_neox": ("GPT-NeoX/Pythia", True),
+    "llama": ("Llama", True),
+    "mistral": ("Mistral", True),
+    "qwen2": ("Qwen2", True),
+    "qwen3": ("Qwen3", True),
+    "gemma2": ("Gemma 2", True),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
