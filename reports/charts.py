@@ -1,0 +1,415 @@
+"""Altair charts of one layer's results, shared by the Streamlit app and the HTML report.
+
+Builders only draw: every number comes from an `AnalysisResult` (the KDE curves are scipy's values from
+the results, never `transform_density`). Altair's 5,000-row limit stays on: long point clouds are thinned
+to evenly spaced ranks (minimum, maximum and quantiles kept) and a heatmap of more than MAX_AXIS_CELLS
+tokens is averaged over blocks of tokens; the chart's subtitle says when either happened.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from analysis.metrics import key_head_of
+from analysis.results import AnalysisResult
+
+MAX_POINTS = 1500  # per group of a strip chart
+MAX_AXIS_CELLS = 70  # heatmap cells per axis: 70 x 70 = 4,900 rows, under Altair's 5,000
+WIDTH = 560
+HEIGHT = 300
+COLORS = {"Q": "#2f8f4e", "K": "#c0392b", "same": "#2f8f4e", "diff": "#c0392b", "first": "#3b6fb6"}
+STRIP_GROUPS = ("Final to previous", "Self-attention, other tokens", "Self-attention, first token")
+CAUSAL_NOTE = "Under a causal mask the first token can attend only to itself, so its self-attention is always exactly 1."
+BIDIRECTIONAL_NOTE = "This model is bidirectional: the first token attends to every token, so its self-attention is not fixed at 1."
+
+
+@dataclass(frozen=True)
+class LayerChart:
+    """One chart of a layer, in display order: the app and the HTML report both iterate these."""
+
+    key: str
+    title: str
+    explanation: str  # one sentence: what to look for
+    chart: alt.Chart
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def key_head_label(layer: int, kv_head: int) -> str:
+    return f"L{layer}K{kv_head}"
+
+
+def display_token(token: str) -> str:
+    """A token with its whitespace made visible: a leading space as '␣', a newline as '↵'."""
+    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def _title(result: AnalysisResult, layer: int, what: str, subtitle: str | list[str] = "") -> alt.TitleParams:
+    return alt.TitleParams(f"{what} · layer {layer} · {result.model['id']}", subtitle=subtitle or [], anchor="start")
+
+
+def _layer(result: AnalysisResult, layer: int):
+    if layer not in result.layers:
+        raise KeyError(f"Layer {layer} is not in these results (layers: {sorted(result.layers)}).")
+    return result.layers[layer]
+
+
+def _n_heads(result: AnalysisResult) -> int:
+    return int(result.model["n_heads"])
+
+
+def _groups(result: AnalysisResult) -> np.ndarray:
+    """[head] -> the key head each query head reads."""
+    return key_head_of(_n_heads(result), int(result.model["n_kv_heads"]))
+
+
+def _thin(frame: pd.DataFrame, column: str, limit: int = MAX_POINTS) -> tuple[pd.DataFrame, str]:
+    """At most `limit` rows, evenly spaced by rank of `column` (keeps min, max and the quantiles)."""
+    if len(frame) <= limit:
+        return frame, ""
+    order = np.argsort(frame[column].to_numpy(), kind="stable")
+    picks = order[np.round(np.linspace(0, len(frame) - 1, limit)).astype(int)]
+    return frame.iloc[np.sort(picks)], f"{limit:,} of {len(frame):,}"
+
+
+def _jitter(n: int, seed: int) -> np.ndarray:
+    """Deterministic jitter, so the same results always draw the same chart."""
+    return np.random.default_rng(seed).normal(0.0, 1.0, n).clip(-2.5, 2.5)
+
+
+def _strip(frame: pd.DataFrame, groups: list[str], colors: list[str], y_title: str, tooltip: list) -> alt.LayerChart:
+    x = alt.X("group:N", sort=groups, title=None, axis=alt.Axis(labelAngle=0, labelLimit=220))
+    points = alt.Chart(frame).mark_circle(size=36, opacity=0.55, stroke="black", strokeWidth=0.4).encode(
+        x=x,
+        xOffset=alt.XOffset("jitter:Q", scale=alt.Scale(domain=[-4, 4]), title=None),
+        y=alt.Y("value:Q", title=y_title),
+        color=alt.Color("group:N", sort=groups, scale=alt.Scale(domain=groups, range=colors), legend=None),
+        tooltip=tooltip,
+    )
+    zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(y="value:Q")
+    return alt.layer(zero, points).properties(width=WIDTH, height=HEIGHT)
+
+
+# ----------------------------------------------------------------------------------------- descriptives
+
+
+def build_means_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
+    """The notebook's 'Means and stds': Q (per query head) and K (per key head) means with std error bars."""
+    data = _layer(result, layer)
+    n_heads, groups = _n_heads(result), _groups(result)
+    group_size = n_heads // max(len(data.k_means), 1)
+    rows = [{"kind": "Q", "label": head_label(layer, h), "x": h - 0.2, "mean": data.q_means[h], "std": data.q_stds[h],
+             "reads": f"reads key head {key_head_label(layer, int(groups[h]))}"} for h in range(len(data.q_means))]
+    for g in range(len(data.k_means)):
+        readers = [head_label(layer, h) for h in range(n_heads) if groups[h] == g]
+        rows.append({"kind": "K", "label": key_head_label(layer, g), "x": g * group_size + (group_size - 1) / 2 + 0.2,
+                     "mean": data.k_means[g], "std": data.k_stds[g], "reads": "key head of " + ", ".join(readers)})
+    frame = pd.DataFrame(rows, columns=["kind", "label", "x", "mean", "std", "reads"]).astype({"x": float})
+    frame["low"], frame["high"] = frame["mean"] - frame["std"], frame["mean"] + frame["std"]
+    color = alt.Color("kind:N", title=None, scale=alt.Scale(domain=["Q", "K"], range=[COLORS["Q"], COLORS["K"]]))
+    x = alt.X("x:Q", title="Query head (key heads at the query heads that read them)",
+              axis=alt.Axis(values=list(range(n_heads)), labelExpr="'H' + datum.value", grid=False),
+              scale=alt.Scale(domain=[-0.8, n_heads - 0.2]))
+    tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("mean:Q", format=".4f"),
+               alt.Tooltip("std:Q", format=".4f"), alt.Tooltip("reads:N", title="")]
+    base = alt.Chart(frame).encode(x=x, color=color, tooltip=tooltip)
+    bars = base.mark_rule(strokeWidth=1.5).encode(y=alt.Y("low:Q", title="Activation"), y2="high:Q")
+    points = base.mark_point(filled=True, size=60, stroke="black", strokeWidth=0.6).encode(
+        y="mean:Q", shape=alt.Shape("kind:N", scale=alt.Scale(domain=["Q", "K"], range=["square", "circle"]), legend=None))
+    subtitle = "Over positions 1..T-1 (first token excluded)" if result.exclude_first_token else "Over every position"
+    return alt.layer(bars, points).properties(
+        title=_title(result, layer, "Q and K means ± std per head", subtitle), width=WIDTH, height=HEIGHT)
+
+
+def _paired(result: AnalysisResult, layer: int, q_values: np.ndarray, k_values: np.ndarray) -> pd.DataFrame:
+    """One row per query head, paired with the key head it reads."""
+    groups = _groups(result)
+    return pd.DataFrame(
+        [{"head": head_label(layer, h), "key_head": key_head_label(layer, int(groups[h])), "q": q_values[h],
+          "k": k_values[groups[h]]} for h in range(min(len(q_values), len(groups))) if len(k_values)],
+        columns=["head", "key_head", "q", "k"])
+
+
+def _scatter(frame: pd.DataFrame, result: AnalysisResult, layer: int, what: str, shape: str) -> alt.Chart:
+    return alt.Chart(frame).mark_point(shape=shape, filled=True, size=110, color="#9e9e9e", stroke="black",
+                                       strokeWidth=0.8).encode(
+        x=alt.X("q:Q", title="Q (query head)", scale=alt.Scale(zero=False)),
+        y=alt.Y("k:Q", title="K (its key head)", scale=alt.Scale(zero=False)),
+        tooltip=[alt.Tooltip("head:N", title="query head"), alt.Tooltip("key_head:N", title="key head"),
+                 alt.Tooltip("q:Q", title="Q", format=".4f"), alt.Tooltip("k:Q", title="K", format=".4f")],
+    ).properties(title=_title(result, layer, what), width=WIDTH // 2 + 60, height=HEIGHT)
+
+
+def build_qk_means_chart(result: AnalysisResult, layer: int) -> alt.Chart:
+    """The notebook's 'Average activations': each query head's Q mean against its key head's K mean."""
+    data = _layer(result, layer)
+    return _scatter(_paired(result, layer, data.q_means, data.k_means), result, layer, "Q vs K means", "diamond")
+
+
+def build_qk_stds_chart(result: AnalysisResult, layer: int) -> alt.Chart:
+    """The notebook's 'Standard deviations': each query head's Q std against its key head's K std."""
+    data = _layer(result, layer)
+    return _scatter(_paired(result, layer, data.q_stds, data.k_stds), result, layer, "Q vs K standard deviations",
+                    "triangle-up")
+
+
+# ----------------------------------------------------------------------------------------- dot products
+
+
+def _dot_product_frame(result: AnalysisResult, layer: int) -> pd.DataFrame:
+    """Every same-head and cross-head dot product with its query head, key head and key token.
+
+    The engine orders them query head outer, key head inner, key position innermost (positions start..T-2).
+    """
+    data = _layer(result, layer)
+    n_heads, groups = _n_heads(result), _groups(result)
+    n_kv = int(result.model["n_kv_heads"])
+    start = 1 if result.exclude_first_token else 0
+    positions = np.arange(start, max(result.n_tokens - 1, start))
+    pairs = [(h, g) for h in range(n_heads) for g in range(n_kv)]
+    frames = []
+    for name, values, keep in (("Same head", data.same_head_dp, lambda h, g: groups[h] == g),
+                               ("Different heads", data.diff_head_dp, lambda h, g: groups[h] != g)):
+        chosen = [(h, g) for h, g in pairs if keep(h, g)]
+        if len(values) != len(chosen) * len(positions):  # short text: nothing to label
+            continue
+        heads = np.repeat([head_label(layer, h) for h, _ in chosen], len(positions))
+        keys = np.repeat([key_head_label(layer, g) for _, g in chosen], len(positions))
+        tokens = np.tile([f"{p}: {display_token(result.tokens[p])}" for p in positions], len(chosen))
+        frames.append(pd.DataFrame({"group": name, "value": values, "query_head": heads, "key_head": keys,
+                                    "key_token": tokens}))
+    columns = ["group", "value", "query_head", "key_head", "key_token"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def build_dot_products_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
+    """The notebook's 'Raw attention scores': unscaled q·k of the final query, same head vs different heads."""
+    frame = _dot_product_frame(result, layer)
+    parts, notes = [], []
+    for i, name in enumerate(("Same head", "Different heads")):
+        part, note = _thin(frame[frame["group"] == name], "value")
+        parts.append(part.assign(jitter=_jitter(len(part), i)))
+        if note:
+            notes.append(f"{name}: {note} points shown, evenly spaced by rank")
+    frame = pd.concat(parts, ignore_index=True)
+    final = f"final token {display_token(result.tokens[-1])}" if result.tokens else "final token"
+    tooltip = [alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="q·k", format=".3f"),
+               alt.Tooltip("query_head:N", title="query head"), alt.Tooltip("key_head:N", title="key head"),
+               alt.Tooltip("key_token:N", title="key token")]
+    chart = _strip(frame, ["Same head", "Different heads"], [COLORS["same"], COLORS["diff"]], "q·kᵀ dot product", tooltip)
+    subtitle = [f"Query: the {final}; keys: earlier positions" + (" except the first" if result.exclude_first_token else "")]
+    return chart.properties(title=_title(result, layer, "Raw attention scores (q·k)", subtitle + notes))
+
+
+def build_dot_distributions_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
+    """The notebook's 'Distributions': histograms (30 and 80 bins) of the dot products, each over its maximum."""
+    data = _layer(result, layer)
+    rows = []
+    for name, values, bins in (("Same head", data.same_head_dp, 30), ("Different heads", data.diff_head_dp, 80)):
+        if len(values) == 0:
+            continue
+        counts, edges = np.histogram(values, bins=bins)
+        rows += [{"group": name, "value": float(edge), "proportion": float(c) / counts.max(), "count": int(c)}
+                 for edge, c in zip(edges[:-1], counts)]
+    frame = pd.DataFrame(rows, columns=["group", "value", "proportion", "count"])
+    groups = ["Same head", "Different heads"]
+    lines = alt.Chart(frame).mark_line(strokeWidth=2.5, interpolate="step-after").encode(
+        x=alt.X("value:Q", title="Dot product value"),
+        y=alt.Y("proportion:Q", title="Proportion (normalised to max)"),
+        color=alt.Color("group:N", title=None, sort=groups,
+                        scale=alt.Scale(domain=groups, range=[COLORS["same"], COLORS["diff"]])),
+        tooltip=[alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="bin from", format=".3f"),
+                 alt.Tooltip("count:Q")],
+    )
+    zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(x="value:Q")
+    return alt.layer(zero, lines).properties(
+        title=_title(result, layer, "Distributions of q·k", "Histograms: 30 bins (same head), 80 bins (different heads)"),
+        width=WIDTH, height=HEIGHT)
+
+
+# ----------------------------------------------------------------------------------------- softmax weights
+
+
+def _softmax_frame(result: AnalysisResult, layer: int) -> pd.DataFrame:
+    data = _layer(result, layer)
+    n_heads, n = _n_heads(result), result.n_tokens
+    tok = [f"{p}: {display_token(t)}" for p, t in enumerate(result.tokens)]
+    final = tok[-1] if tok else ""
+    heads = [head_label(layer, h) for h in range(n_heads)]
+    frames = []
+    if n >= 2 and len(data.final_to_prev) == n_heads * (n - 1):
+        frames.append(pd.DataFrame({"group": STRIP_GROUPS[0], "value": data.final_to_prev,
+                                    "head": np.repeat(heads, n - 1), "query": final, "key": tok[:-1] * n_heads}))
+    if n >= 2 and len(data.self_attention) == n_heads * (n - 1):
+        frames.append(pd.DataFrame({"group": STRIP_GROUPS[1], "value": data.self_attention,
+                                    "head": np.repeat(heads, n - 1), "query": tok[1:] * n_heads, "key": tok[1:] * n_heads}))
+    if len(data.first_self) == n_heads and tok:
+        frames.append(pd.DataFrame({"group": STRIP_GROUPS[2], "value": data.first_self, "head": heads,
+                                    "query": tok[0], "key": tok[0]}))
+    columns = ["group", "value", "head", "query", "key"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def build_softmax_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
+    """The notebook's softmax strip: final-to-previous, self-attention of other tokens, of the first token."""
+    frame = _softmax_frame(result, layer)
+    parts, notes = [], []
+    for i, name in enumerate(STRIP_GROUPS):
+        part, note = _thin(frame[frame["group"] == name], "value")
+        parts.append(part.assign(jitter=_jitter(len(part), 10 + i)))
+        if note:
+            notes.append(f"{name}: {note} points shown, evenly spaced by rank")
+    frame = pd.concat(parts, ignore_index=True)
+    tooltip = [alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="weight", format=".4f"),
+               alt.Tooltip("head:N"), alt.Tooltip("query:N", title="query token"),
+               alt.Tooltip("key:N", title="key token")]
+    chart = _strip(frame, list(STRIP_GROUPS), [COLORS["same"], COLORS["diff"], COLORS["first"]],
+                   "Softmax attention weight", tooltip)
+    note = CAUSAL_NOTE if result.model.get("causal") else BIDIRECTIONAL_NOTE
+    return chart.properties(title=_title(result, layer, "Softmax attention weights", [note] + notes))
+
+
+def build_sink_mass_chart(result: AnalysisResult, layer: int) -> alt.Chart:
+    """Per head, the mean attention that queries 1..T-1 give to the first token (the sink mass)."""
+    data = _layer(result, layer)
+    labels = [head_label(layer, h) for h in range(len(data.sink_mass))]
+    frame = pd.DataFrame({"head": labels, "sink_mass": data.sink_mass.astype(float)})
+    first = display_token(result.tokens[0]) if result.tokens else "?"
+    return alt.Chart(frame).mark_bar(color=COLORS["first"]).encode(
+        x=alt.X("head:N", sort=labels, title="Query head", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("sink_mass:Q", title="Mean weight on the first token", scale=alt.Scale(domain=[0, 1])),
+        tooltip=[alt.Tooltip("head:N"), alt.Tooltip("sink_mass:Q", title="sink mass", format=".4f")],
+    ).properties(title=_title(result, layer, "Sink mass per head",
+                              f"Mean attention from queries 1..T-1 to position 0 ({first})"),
+                 width=WIDTH, height=HEIGHT - 60)
+
+
+def build_kde_chart(result: AnalysisResult, layer: int) -> alt.Chart:
+    """The notebook's KDE of final-to-previous and self-attention weights: scipy's curves from the results."""
+    data = _layer(result, layer)
+    series = {"final_to_prev": "Final to previous", "self_attention": "Self-attention"}
+    if data.kde is None:
+        frame = pd.DataFrame(columns=["weight", "density", "series"])
+        subtitle = "Too few tokens for a density estimate"
+    else:
+        frame = pd.concat([pd.DataFrame({"weight": data.kde["grid"], "density": data.kde[name], "series": label})
+                           for name, label in series.items()], ignore_index=True)
+        subtitle = "scipy gaussian_kde (Scott's bandwidth), each curve over its maximum; square-root y axis shows the tails"
+    domain = list(series.values())
+    return alt.Chart(frame).mark_line(strokeWidth=2.5).encode(
+        x=alt.X("weight:Q", title="Softmax attention weight", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("density:Q", title="KDE (normalised)", scale=alt.Scale(type="sqrt", domain=[0, 1])),
+        color=alt.Color("series:N", title=None, scale=alt.Scale(domain=domain, range=[COLORS["same"], COLORS["diff"]])),
+        tooltip=[alt.Tooltip("series:N", title=""), alt.Tooltip("weight:Q", format=".3f"),
+                 alt.Tooltip("density:Q", title="density", format=".4f")],
+    ).properties(title=_title(result, layer, "KDE of attention weights", subtitle), width=WIDTH, height=HEIGHT - 60)
+
+
+# ----------------------------------------------------------------------------------------- heatmap
+
+
+def _block_label(result: AnalysisResult, start: int, stop: int) -> tuple[str, str]:
+    """Axis label and tooltip text for positions start..stop-1."""
+    tokens = "".join(result.tokens[start:stop])
+    text = display_token(tokens if len(tokens) <= 40 else tokens[:39] + "…")
+    if stop - start == 1:
+        return f"{start}: {text}", text
+    return f"{start}–{stop - 1}", text
+
+
+def build_heatmap_chart(result: AnalysisResult, layer: int, head: int,
+                        positions: tuple[int, int] | None = None) -> alt.Chart | None:
+    """The selected head's attention pattern, tokens on both axes; None when the results hold no patterns.
+
+    `positions` (start, stop) zooms to that square of the pattern. More than MAX_AXIS_CELLS positions are
+    drawn as blocks of tokens: a cell is the attention a query of the row block gives to the whole column
+    block, averaged over the row block's queries (so each row of cells still sums to 1).
+    """
+    data = _layer(result, layer)
+    if data.patterns is None:
+        return None
+    if not 0 <= head < data.patterns.shape[0]:
+        raise ValueError(f"Head {head} is out of range: this layer has heads 0..{data.patterns.shape[0] - 1}.")
+    n = data.patterns.shape[1]
+    start, stop = (0, n) if positions is None else (max(0, positions[0]), min(n, positions[1]))
+    if stop <= start:
+        raise ValueError(f"Empty position range {positions} for a text of {n} tokens.")
+    pattern = data.patterns[head, start:stop, start:stop].astype(np.float64)  # [q_pos, k_pos] of the window
+    size = math.ceil((stop - start) / MAX_AXIS_CELLS)  # tokens per block
+    edges = np.arange(0, stop - start, size)  # block starts, relative to `start`
+    counts = np.diff(np.append(edges, stop - start))  # [block] queries per block
+    cells = np.add.reduceat(np.add.reduceat(pattern, edges, axis=1), edges, axis=0) / counts[:, None]  # [block, block]
+    labels = [_block_label(result, start + a, start + a + c) for a, c in zip(edges, counts)]
+    axis_labels = [label for label, _ in labels]
+    rows, cols = np.indices(cells.shape)  # [block, block] each
+    frame = pd.DataFrame({
+        "query": [axis_labels[i] for i in rows.ravel()],
+        "key": [axis_labels[j] for j in cols.ravel()],
+        "query_token": [labels[i][1] for i in rows.ravel()],
+        "key_token": [labels[j][1] for j in cols.ravel()],
+        "weight": cells.ravel(),
+    })
+    subtitle = [f"Rows: query tokens; columns: key tokens (positions {start}–{stop - 1} of {n})"]
+    if size > 1:
+        subtitle.append(f"{stop - start} tokens drawn as blocks of {size}: a cell is the attention a query of the row "
+                        "block gives to the column block, averaged over the row block; zoom in for single tokens")
+    side = int(min(max(11 * len(axis_labels), 260), 720))
+    axis = alt.Axis(labelFontSize=9, labelLimit=120, labelOverlap=False)
+    return alt.Chart(frame).mark_rect().encode(
+        x=alt.X("key:O", sort=axis_labels, title="Key", axis=axis),
+        y=alt.Y("query:O", sort=axis_labels, title="Query", axis=axis),
+        color=alt.Color("weight:Q", title="weight", scale=alt.Scale(scheme="blues", type="sqrt", domain=[0, 1])),
+        tooltip=[alt.Tooltip("query_token:N", title="query token"), alt.Tooltip("key_token:N", title="key token"),
+                 alt.Tooltip("query:N", title="query position"), alt.Tooltip("key:N", title="key position"),
+                 alt.Tooltip("weight:Q", format=".4f")],
+    ).properties(title=_title(result, layer, f"Attention pattern of {head_label(layer, head)}", subtitle),
+                 width=side, height=side)
+
+
+# ----------------------------------------------------------------------------------------- all of a layer
+
+
+def build_layer_charts(result: AnalysisResult, layer: int, head: int = 0,
+                       positions: tuple[int, int] | None = None) -> list[LayerChart]:
+    """Every chart of one layer, in display order; the heatmap only when the results hold patterns."""
+    causal_hint = ("final-to-previous spikes point to previous-token heads" if result.model.get("causal")
+                   else "a bidirectional model spreads weight both ways")
+    charts = [
+        LayerChart("means", "Q and K means ± std per head",
+                   "Look for heads whose Q or K mean sits far from zero or whose spread is much wider than the others': "
+                   "they stand out before any attention is computed.", build_means_chart(result, layer)),
+        LayerChart("qk_means", "Q vs K means",
+                   "Each point is a query head against the key head it reads; heads far from the cloud have queries and "
+                   "keys offset differently from the rest.", build_qk_means_chart(result, layer)),
+        LayerChart("qk_stds", "Q vs K standard deviations",
+                   "Heads with large Q and K spreads produce large dot products and therefore sharp, peaked attention.",
+                   build_qk_stds_chart(result, layer)),
+        LayerChart("dot_products", "Raw attention scores (q·k)",
+                   "If same-head dot products spread wider than cross-head ones, each head's queries are tuned to its "
+                   "own keys, which is why attention is computed within heads.", build_dot_products_chart(result, layer)),
+        LayerChart("dot_distributions", "Distributions of q·k",
+                   "Compare the widths: a wider same-head curve means queries line up with their own head's keys more "
+                   "than with other heads' keys.", build_dot_distributions_chart(result, layer)),
+        LayerChart("softmax", "Softmax attention weights",
+                   f"Most weights sit near 0; the few large ones are where a head actually looks ({causal_hint}).",
+                   build_softmax_chart(result, layer)),
+        LayerChart("sink_mass", "Sink mass per head",
+                   "A head with sink mass near 1 parks its attention on the first token (an attention sink) and reads "
+                   "little else.", build_sink_mass_chart(result, layer)),
+        LayerChart("kde", "KDE of attention weights",
+                   "Where each curve's mass lies: a bump near 1 means some heads attend almost entirely to one token.",
+                   build_kde_chart(result, layer)),
+    ]
+    heatmap = build_heatmap_chart(result, layer, head, positions)
+    if heatmap is not None:
+        charts.append(LayerChart("heatmap", f"Attention pattern of {head_label(layer, head)}",
+                                 "Bright cells show which tokens each query reads: a bright first column is an attention "
+                                 "sink, a bright line just below the diagonal a previous-token head.", heatmap))
+    return charts
