@@ -1,0 +1,245 @@
+"""Whole-model head scores: what kind of head is each layer x head, from the one forward pass.
+
+Shapes: patterns [head, q_pos, k_pos] (rows sum to 1), token_ids [pos].
+
+`previous_token`, `duplicate_token` and `induction` are TransformerLens's head detector with its default
+"mul" error measure: score = sum(A * P) / sum(A), where A is the attention pattern and P the 0/1 detection
+pattern, a lower-triangular [q_pos, k_pos] matrix:
+  previous_token   P[i, i-1] = 1 (the first sub-diagonal);
+  duplicate_token  P[i, j] = 1 where j < i and token j is token i (the diagonal zeroed);
+  induction        the duplicate pattern shifted one key to the right: P[i, j+1] = 1 where token j is token i.
+The sums run over every entry of A, which under a causal mask is the lower triangle; for a bidirectional
+encoder the denominator also counts attention to later tokens, so the score stays "the fraction of this
+head's attention that goes where P says". TransformerLens's options:
+  exclude_bos            drop attention paid to position 0 (column 0 of A) from both sums;
+  exclude_current_token  drop attention paid to the current token (the diagonal of A) from both sums.
+TransformerLens implements the options by writing zeros into the pattern it was given (fixed upstream in
+PR #1745); here nothing is written: the exclusions are masks, or sums subtracted afterwards.
+A score whose denominator is zero (e.g. one token with the first excluded) is NaN.
+
+`sink`, `self` and `entropy` need no detection pattern: the mean attention queries 1..T-1 pay to position 0,
+the mean of the diagonal over rows 1..T-1, and the mean Shannon entropy (nats) of rows 1..T-1. Row 0 is left
+out of all three because under a causal mask it can only attend to itself.
+
+Inside the forward pass the recorder calls `compute_score_parts`, which for one layer's weights keeps, per head,
+each detection sum split into what the exclusions would remove (so the exclusions can be chosen later without
+running the model again), plus the three pattern-free scores; `combine_score_parts` turns those into scores.
+The plain numpy functions (`compute_previous_token_score`, ...) are the readable definitions; the tests hold
+the two routes equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DETECTION_SCORES = ("previous_token", "duplicate_token", "induction")
+PATTERN_SCORES = ("sink", "self", "entropy")
+HEAD_SCORES = DETECTION_SCORES + PATTERN_SCORES
+# The parts of each detection sum, in this order: all entries, column 0, the diagonal, the (0, 0) entry.
+# Kept sum = all - bos * column0 - current * diagonal + bos * current * corner (the corner was removed twice).
+PARTS = ("all", "first_key", "current", "corner")
+
+
+# ---- detection patterns (TransformerLens's get_*_detection_pattern) ----------------------------------------------
+
+def compute_previous_token_pattern(n: int) -> np.ndarray:
+    """[q_pos, k_pos] with ones on the first sub-diagonal."""
+    return np.eye(n, k=-1)
+
+
+def compute_duplicate_token_pattern(token_ids) -> np.ndarray:
+    """[q_pos, k_pos]: 1 where an earlier key holds the query's token; the diagonal is zero."""
+    ids = np.asarray(token_ids).reshape(-1)  # [pos]
+    return np.tril(ids[:, None] == ids[None, :], k=-1).astype(np.float64)  # [q_pos, k_pos]
+
+
+def compute_induction_pattern(token_ids) -> np.ndarray:
+    """[q_pos, k_pos]: the duplicate pattern shifted one key to the right (attend to what followed last time)."""
+    duplicate = compute_duplicate_token_pattern(token_ids)  # [q_pos, k_pos]
+    shifted = np.zeros_like(duplicate)
+    shifted[:, 1:] = duplicate[:, :-1]  # column 0 stays zero; stays lower-triangular since j < i => j + 1 <= i
+    return shifted
+
+
+def compute_detection_score(patterns: np.ndarray, detection: np.ndarray, exclude_bos: bool = False,
+                            exclude_current_token: bool = False) -> np.ndarray:
+    """TransformerLens's "mul" score per head: sum(A * P) / sum(A) over the kept entries. [head]; never mutates."""
+    a = np.asarray(patterns, dtype=np.float64)  # [head, q_pos, k_pos], a copy only if not float64 already
+    keep = np.ones(a.shape[-2:])  # [q_pos, k_pos]
+    if exclude_bos:
+        keep[:, 0] = 0
+    if exclude_current_token:
+        np.fill_diagonal(keep, 0)
+    kept = a * keep  # [head, q_pos, k_pos], a new array: `patterns` is untouched
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (kept * detection).sum(axis=(1, 2)) / kept.sum(axis=(1, 2))
+
+
+def compute_previous_token_score(patterns, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
+    return compute_detection_score(patterns, compute_previous_token_pattern(np.shape(patterns)[-1]), exclude_bos,
+                                   exclude_current_token)
+
+
+def compute_duplicate_token_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
+    return compute_detection_score(patterns, compute_duplicate_token_pattern(token_ids), exclude_bos,
+                                   exclude_current_token)
+
+
+def compute_induction_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
+    return compute_detection_score(patterns, compute_induction_pattern(token_ids), exclude_bos, exclude_current_token)
+
+
+# ---- pattern-free scores -------------------------------------------------------------------------------------------
+
+def _rows_after_first(patterns) -> np.ndarray:
+    return np.asarray(patterns, dtype=np.float64)[:, 1:]  # [head, q_pos - 1, k_pos]
+
+
+def compute_sink_score(patterns) -> np.ndarray:
+    """Mean attention queries 1..T-1 pay to position 0, per head (NaN for one token)."""
+    rows = _rows_after_first(patterns)
+    return rows[:, :, 0].mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
+
+
+def compute_self_score(patterns) -> np.ndarray:
+    """Mean attention a query pays to itself, rows 1..T-1, per head (NaN for one token)."""
+    rows = _rows_after_first(patterns)
+    diagonal = np.diagonal(rows, offset=1, axis1=1, axis2=2)  # [head, q_pos - 1]: rows[:, i, i + 1] = A[:, i+1, i+1]
+    return diagonal.mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
+
+
+def compute_entropy_score(patterns) -> np.ndarray:
+    """Mean Shannon entropy (nats) of query rows 1..T-1, per head; 0 * log 0 = 0 (NaN for one token)."""
+    rows = _rows_after_first(patterns)
+    if not rows.shape[1]:
+        return np.full(rows.shape[0], np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(rows > 0, -rows * np.log(rows), 0.0)  # [head, q_pos - 1, k_pos]
+    return terms.sum(axis=2).mean(axis=1)
+
+
+# ---- the fast route, run inside the forward pass ---------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class ScorePlan:
+    """Where each detection pattern is 1, as index pairs, built once per forward pass from the token ids.
+
+    The detection patterns are sparse (T-1 previous-token pairs; one pair per earlier repeat of a token), so
+    the weights are gathered at those pairs instead of multiplied by a dense T x T mask.
+    """
+
+    n: int
+    q_index: torch.Tensor  # [pair]: query positions of the previous, duplicate and induction pairs, concatenated
+    k_index: torch.Tensor  # [pair]
+    parts: torch.Tensor  # [pair, score * part]: pair p counts towards (score, part) where 1
+
+    @classmethod
+    def build(cls, token_ids, device="cpu") -> ScorePlan:
+        ids = np.asarray(token_ids).reshape(-1)  # [pos]
+        n = ids.size
+        dup_q, dup_k = np.nonzero(np.tril(ids[:, None] == ids[None, :], k=-1))  # duplicate pairs, k < q
+        prev_q = np.arange(1, n)  # [n - 1]
+        pairs = [(prev_q, prev_q - 1), (dup_q, dup_k), (dup_q, dup_k + 1)]  # previous, duplicate, induction
+        q_index = np.concatenate([q for q, _ in pairs])  # [pair]
+        k_index = np.concatenate([k for _, k in pairs])  # [pair]
+        parts = np.zeros((q_index.size, len(DETECTION_SCORES), len(PARTS)))  # [pair, score, part]
+        start = 0
+        for score, (q, k) in enumerate(pairs):
+            rows = slice(start, start + q.size)
+            parts[rows, score] = np.stack([np.ones(q.size), k == 0, q == k, (q == 0) & (k == 0)], axis=1)
+            start += q.size
+        return cls(n=n, q_index=torch.as_tensor(q_index, device=device), k_index=torch.as_tensor(k_index, device=device),
+                   parts=torch.as_tensor(parts.reshape(q_index.size, len(DETECTION_SCORES) * len(PARTS)), device=device))
+
+
+def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's weights [head, q_pos, k_pos] -> (detection parts [head, 4 (3 scores + denominator), 4 parts],
+    pattern-free scores [head, 3]) on the weights' device. Reads the weights, never writes them.
+
+    The sums are accumulated in float64: an exclusion is applied later by subtracting a part from a sum of
+    ~T entries, and in float32 that subtraction would lose the small kept mass of a head that attends
+    almost only to the first token.
+    """
+    h, n = weights.shape[0], weights.shape[-1]
+    gathered = weights[:, plan.q_index, plan.k_index].double()  # [head, pair]
+    numerators = (gathered @ plan.parts).view(h, len(DETECTION_SCORES), len(PARTS))  # [h, pair] @ [pair, 3*4] -> [h, 3, 4]
+    diagonal = weights.diagonal(dim1=-2, dim2=-1)  # [head, pos], a view
+    denominator = torch.stack([
+        weights.sum(dim=(-2, -1), dtype=torch.float64),
+        weights[:, :, 0].sum(dim=-1, dtype=torch.float64),
+        diagonal.sum(dim=-1, dtype=torch.float64),
+        weights[:, 0, 0].double(),
+    ], dim=-1)  # [head, 4 parts]
+    parts = torch.cat([numerators, denominator[:, None]], dim=1)  # [head, 4, 4 parts]
+    if n < 2:
+        return parts, torch.full((h, len(PATTERN_SCORES)), float("nan"), dtype=torch.float64, device=weights.device)
+    rows = weights[:, 1:]  # [head, q_pos - 1, k_pos], a view
+    entropy = torch.special.entr(rows.float()).sum(dim=-1).mean(dim=-1, dtype=torch.float64)  # [head]; entr(0) = 0
+    fixed = torch.stack([rows[:, :, 0].mean(dim=-1, dtype=torch.float64),
+                         diagonal[:, 1:].mean(dim=-1, dtype=torch.float64), entropy], dim=-1)  # [head, 3]
+    return parts, fixed
+
+
+def combine_score_parts(parts: np.ndarray, fixed: np.ndarray, exclude_bos: bool = False,
+                        exclude_current_token: bool = False) -> dict[str, np.ndarray]:
+    """parts [..., 4, 4] and fixed [..., 3] (e.g. [layer, head, ...]) -> {score name: [...]} in float64.
+
+    A denominator that is zero up to rounding (nothing kept) gives NaN, as TransformerLens's 0/0 does.
+    """
+    parts = np.asarray(parts, dtype=np.float64)
+    signs = np.array([1.0, -float(exclude_bos), -float(exclude_current_token),
+                      float(exclude_bos and exclude_current_token)])  # inclusion-exclusion over PARTS
+    kept = parts @ signs  # [..., 4]: three numerators, then the denominator
+    denominator = np.where(kept[..., 3] > 1e-9 * parts[..., 3, 0], kept[..., 3], np.nan)
+    scores = {name: kept[..., i] / denominator for i, name in enumerate(DETECTION_SCORES)}
+    fixed = np.asarray(fixed, dtype=np.float64)
+    scores.update({name: fixed[..., i] for i, name in enumerate(PATTERN_SCORES)})
+    return scores
+
+
+def compute_head_scores(patterns, token_ids, exclude_bos: bool = False,
+                        exclude_current_token: bool = False) -> dict[str, np.ndarray]:
+    """Every score of one layer's patterns [head, q_pos, k_pos] by the fast route: {name: [head]}."""
+    weights = torch.from_numpy(np.asarray(patterns))  # shares memory; compute_score_parts only reads it
+    parts, fixed = compute_score_parts(weights, ScorePlan.build(token_ids))
+    return combine_score_parts(parts.numpy(), fixed.numpy(), exclude_bos, exclude_current_token)
+
+
+# ---- the notebook's same-head vs different-head comparison as a statistic -----------------------------------------
+
+def compute_centered_dot_products(q: np.ndarray, k: np.ndarray,
+                                  exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The notebook's dot products with each key head's mean key (over the compared positions) removed.
+
+    Adding one vector c to every key adds q.c to every score of a query row, and softmax ignores a constant
+    added to a whole row: the mean key changes no attention weight. Yet q.mean_key is usually most of the raw
+    dot product, so comparing raw same-head and different-head means mostly compares that constant. After
+    centering, each (query head, key head) group of dot products has mean zero and what remains, the spread
+    across keys, is what decides where the final token attends.
+    """
+    from analysis.metrics import compute_dot_products
+
+    start = 1 if exclude_first_token else 0
+    compared = k[:, start:-1]  # [kv_head, k_pos, d_head]: the keys compute_dot_products uses
+    if compared.shape[1] == 0:
+        return np.empty(0), np.empty(0)
+    centered = k - compared.mean(axis=1, keepdims=True, dtype=np.float64)  # [kv_head, pos, d_head]
+    return compute_dot_products(q, centered, exclude_first_token)
+
+
+def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | None, float | None]:
+    """Two-sided Mann-Whitney U p-value and rank-biserial effect size r = 2U/(n1 n2) - 1 of same vs diff.
+
+    r > 0: same-head dot products tend to exceed different-head ones (r = 1: every one does). None where
+    either group is empty (fewer than 3 tokens, or a single key head).
+    """
+    if len(same) == 0 or len(diff) == 0:
+        return None, None
+    from scipy.stats import mannwhitneyu
+
+    result = mannwhitneyu(same, diff, alternative="two-sided")
+    p, r = float(result.pvalue), 2.0 * float(result.statistic) / (len(same) * len(diff)) - 1.0
+    return (p if np.isfinite(p) else None), (r if np.isfinite(r) else None)
