@@ -111,7 +111,8 @@ def tokenize(loaded, text: str) -> dict:
 def capture(loaded, text: str, pattern_layers=None) -> Capture:
     """Run the model once on `text`; q/k for every layer, patterns for `pattern_layers` (None: all)."""
     encoded = tokenize(loaded, text)
-    special = encoded.pop("special_tokens_mask")[0].numpy().astype(bool)  # [pos]
+    special = encoded.pop("special_tokens_mask")[0].numpy().astype(bool)  # [pos]: the ones the tokenizer added
+    special |= np.isin(encoded["input_ids"][0].numpy(), loaded.tokenizer.all_special_ids)  # [pos]: typed ones too
     ids = encoded["input_ids"][0]  # [pos]
     recorder = _Recorder(None if pattern_layers is None else frozenset(pattern_layers))
     token = _RECORDER.set(recorder)

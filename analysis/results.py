@@ -66,6 +66,15 @@ class AnalysisResult:
     def n_tokens(self) -> int:
         return len(self.tokens)
 
+    @property
+    def first_token(self) -> str:
+        """The token at position 0, the one "exclude first token" leaves out (often BOS or CLS)."""
+        return self.tokens[0]
+
+    @property
+    def first_token_is_special(self) -> bool:
+        return 0 in self.special_positions
+
     def to_dict(self, include_patterns: bool = False) -> dict:
         return {
             "schema": SCHEMA,
