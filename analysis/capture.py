@@ -4,7 +4,9 @@ headscope registers a capturing attention function with transformers' AttentionI
 the model's own eager attention and, while a recorder is active in the current context, records the
 query and key it was given (post-rotary, post-QK-norm, K at its own key-head count). For the layers
 whose patterns are wanted it rebuilds softmax(q k^T * scaling + mask) from those q and k and
-compares it with the weights the eager call returned: the parity figure costs no second pass.
+compares it with the weights the eager call returned: the parity figure costs no second pass. For every
+layer it also reduces those weights to the head scores' sums (analysis.head_scores), so the scores cover the
+whole model while only the requested layers' T x T patterns are kept.
 The recorder lives in a ContextVar, so two threads can analyse with one shared model.
 """
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from analysis.errors import HeadscopeError
+from analysis.head_scores import ScorePlan, compute_score_parts
 from analysis.metrics import compute_pattern
 
 CAPTURE_ATTENTION = "headscope"
@@ -40,15 +43,21 @@ class Capture:
     k: tuple[np.ndarray, ...]  # per layer [kv_head, pos, d_head] float32
     patterns: dict[int, np.ndarray]  # requested layers: [head, q_pos, k_pos] float32
     parity: dict[int, float]  # requested layers: max |pattern - the model's own weights|
+    score_parts: np.ndarray | None = None  # every layer: [layer, head, 4, 4] float64, see head_scores.PARTS
+    score_fixed: np.ndarray | None = None  # every layer: [layer, head, 3] float64: sink, self, entropy
 
 
 @dataclass
 class _Recorder:
     pattern_layers: frozenset[int] | None  # None: every layer
+    token_ids: np.ndarray | None = None  # [pos]: for the head scores' detection patterns; None: no scores
     q: list[np.ndarray] = field(default_factory=list)
     k: list[np.ndarray] = field(default_factory=list)
     patterns: dict[int, np.ndarray] = field(default_factory=dict)
     parity: dict[int, float] = field(default_factory=dict)
+    score_parts: list[torch.Tensor] = field(default_factory=list)  # per layer [head, 4, 4], on the device
+    score_fixed: list[torch.Tensor] = field(default_factory=list)  # per layer [head, 3], on the device
+    plan: ScorePlan | None = None
 
     def record(self, query, key, attention_mask, scaling, softcap, weights) -> None:
         layer = len(self.q)  # attention modules run once each, in layer order
@@ -61,6 +70,12 @@ class _Recorder:
             pattern = compute_pattern(q, k, scaling, mask, softcap)  # [head, q_pos, k_pos]
             self.parity[layer] = float((pattern - weights[0].float()).abs().max())
             self.patterns[layer] = pattern.cpu().numpy()
+        if self.token_ids is not None:
+            if self.plan is None or self.plan.q_index.device != weights.device:
+                self.plan = ScorePlan.build(self.token_ids, weights.device)
+            parts, fixed = compute_score_parts(weights[0].detach(), self.plan)  # [head, 4, 4], [head, 3]
+            self.score_parts.append(parts)
+            self.score_fixed.append(fixed)
 
 
 _EAGER: dict[type, object] = {}
@@ -113,8 +128,25 @@ def capture(loaded, text: str, pattern_layers=None) -> Capture:
     encoded = tokenize(loaded, text)
     special = encoded.pop("special_tokens_mask")[0].numpy().astype(bool)  # [pos]: the ones the tokenizer added
     special |= np.isin(encoded["input_ids"][0].numpy(), loaded.tokenizer.all_special_ids)  # [pos]: typed ones too
+    return _run(loaded, text, encoded, special, pattern_layers)
+
+
+def capture_ids(loaded, token_ids, pattern_layers=None) -> Capture:
+    """As `capture`, for token ids given as they are (no special tokens added), e.g. the induction probe."""
+    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64)).reshape(1, -1)  # [batch=1, pos]
+    n, limit = ids.shape[1], loaded.info.max_positions
+    if n == 0:
+        raise HeadscopeError(EMPTY_TEXT)
+    if n > limit:
+        raise HeadscopeError(TOO_LONG.format(n=n, model=loaded.info.id, limit=limit))
+    special = np.isin(ids[0].numpy(), loaded.tokenizer.all_special_ids)  # [pos]
+    text = loaded.tokenizer.decode(ids[0].tolist(), clean_up_tokenization_spaces=False)
+    return _run(loaded, text, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, special, pattern_layers)
+
+
+def _run(loaded, text: str, encoded: dict, special: np.ndarray, pattern_layers) -> Capture:
     ids = encoded["input_ids"][0]  # [pos]
-    recorder = _Recorder(None if pattern_layers is None else frozenset(pattern_layers))
+    recorder = _Recorder(None if pattern_layers is None else frozenset(pattern_layers), token_ids=ids.numpy())
     token = _RECORDER.set(recorder)
     try:
         with torch.inference_mode():
@@ -133,6 +165,8 @@ def capture(loaded, text: str, pattern_layers=None) -> Capture:
         k=tuple(recorder.k),
         patterns=recorder.patterns,
         parity=recorder.parity,
+        score_parts=torch.stack(recorder.score_parts).cpu().numpy(),  # [layer, head, 4, 4]
+        score_fixed=torch.stack(recorder.score_fixed).cpu().numpy(),  # [layer, head, 3]
     )
 
 
