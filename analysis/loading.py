@@ -33,6 +33,11 @@ FAMILIES = {
     "gemma2": ("Gemma 2", True),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The model may run in half precision; headscope measures in float32 from the q and k it used. The parity
+# figure then compares that float32 rebuild with the model's own half-precision weights, so it is as large
+# as half-precision rounding of the scores and weights: these bounds hold with a margin on the tested families.
+PARITY_TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
+DEVICE_MAPS = ("auto",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
@@ -70,8 +75,9 @@ class ModelInfo:
     causal: bool
     max_positions: int
     dtype: str
-    device: str
+    device: str  # where the inputs go: the device of the input embeddings
     reason: str
+    device_map: str | None = None  # "auto": placed across devices by Accelerate (see model.hf_device_map)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,7 +210,8 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: str, device: str, reason: str) -> ModelInfo:
+def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: str, device: str, reason: str,
+                           device_map: str | None = None) -> ModelInfo:
     family, causal = FAMILIES[config.model_type]
     n_heads = config.num_attention_heads
     return ModelInfo(
@@ -222,16 +229,24 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
         dtype=dtype,
         device=device,
         reason=reason,
+        device_map=device_map,
     )
 
 
-def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load a supported model with headscope's capturing attention installed (a pass-through when idle)."""
+def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "float32",
+               device_map: str | None = None) -> LoadedModel:
+    """Load a supported model with headscope's capturing attention installed (a pass-through when idle).
+
+    `device_map="auto"` hands placement to Accelerate's big-model loading (from_pretrained's device_map):
+    the layers are spread over the available GPUs, then CPU memory; `device` is then not used.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if dtype not in DTYPES:
         raise HeadscopeError(f"Unknown dtype '{dtype}': use one of {', '.join(DTYPES)}.")
-    device = _resolve_device(device)
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise HeadscopeError(f"Unknown device map '{device_map}': use {', '.join(DEVICE_MAPS)}.")
+    device = "cpu" if device_map is not None else _resolve_device(device)
     model_id, path, reason = resolve_source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
@@ -250,10 +265,16 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
         use_safetensors=True,
         trust_remote_code=False,
         local_files_only=True,
+        **({} if device_map is None else {"device_map": device_map}),
     )
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    else:  # Accelerate's hooks move activations between devices; inputs go where the embeddings are
+        device = str(model.get_input_embeddings().weight.device)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     info = model_info_from_config(
-        config, id=model_id, path=str(path), revision=_revision(path, weights), dtype=dtype, device=device, reason=reason
+        config, id=model_id, path=str(path), revision=_revision(path, weights), dtype=dtype, device=device, reason=reason,
+        device_map=device_map,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from analysis import HeadscopeError, analyze, load_model
-from analysis.loading import DTYPES
+from analysis.loading import DEVICE_MAPS, DTYPES
 from analysis.presets import FIJI
 
 EXIT_BAD_INPUT = 2
@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--include-first-token", action="store_true",
                         help="keep the first token in the means, stds and dot products")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="precision the model runs in; the measurements are computed in float32 either way")
+    parser.add_argument("--device-map", choices=list(DEVICE_MAPS),
+                        help="'auto': spread a model too large for one device over the GPUs and CPU memory "
+                             "(Accelerate's big-model loading); --device is then not used")
     parser.add_argument("--json", type=Path, required=True, metavar="OUT", help="write the results JSON here ('-': stdout)")
     parser.add_argument("--patterns", action="store_true", help="include every [head][q][k] attention pattern")
     return parser
@@ -81,7 +85,7 @@ def _quiet_libraries() -> None:
 def run(args) -> None:
     text = read_text(args)
     _quiet_libraries()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     layers = None if args.all_layers else (args.layer or default_layers(loaded.info.n_layers))
     result = analyze(loaded, text, layers, exclude_first_token=not args.include_first_token)
     for warning in result.warnings:
