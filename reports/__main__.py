@@ -1,4 +1,4 @@
-"""The command line: python -m reports --text "..." --json out.json
+"""The command line: python -m reports --text "..." (--json OUT | --html OUT), batches, and reading reports back.
 
 Bad input ends with one line on stderr and a non-zero exit status, never a traceback.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from analysis import HeadscopeError, analyze, load_model
 from analysis.loading import DEVICE_MAPS, DTYPES
 from analysis.presets import FIJI
+from reports.html import read_report_results, render_index, render_report
 
 EXIT_BAD_INPUT = 2
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
@@ -42,30 +43,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device-map", choices=list(DEVICE_MAPS),
                         help="'auto': spread a model too large for one device over the GPUs and CPU memory "
                              "(Accelerate's big-model loading); --device is then not used")
-    parser.add_argument("--json", type=Path, required=True, metavar="OUT", help="write the results JSON here ('-': stdout)")
+    parser.add_argument("--head", type=int, default=0, help="head whose attention heatmap the report shows")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the results JSON here ('-': stdout)")
     parser.add_argument("--patterns", action="store_true", help="include every [head][q][k] attention pattern")
+    parser.add_argument("--html", type=Path, metavar="OUT", help="write a standalone HTML report here")
+    parser.add_argument("--batch", type=Path, metavar="FILE",
+                        help="one text per line, or JSONL with a 'text' field: one report per text plus index.html")
+    parser.add_argument("--out-dir", type=Path, metavar="DIR", help="where --batch writes its reports")
+    parser.add_argument("--from-report", type=Path, metavar="REPORT",
+                        help="read the results JSON back out of a headscope HTML report (with --json)")
     return parser
+
+
+def check_outputs(parser, args) -> None:
+    if args.from_report is not None:
+        if args.json is None:
+            parser.error("--from-report needs --json OUT")
+    elif args.batch is not None:
+        if args.out_dir is None:
+            parser.error("--batch needs --out-dir DIR")
+        if args.text is not None or args.text_file is not None:
+            parser.error("--batch reads its texts from FILE; drop --text/--text-file")
+    elif args.json is None and args.html is None:
+        parser.error("say where to write: --json OUT and/or --html OUT (or --batch FILE --out-dir DIR)")
+
+
+def read_utf8(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeadscopeError(NOT_UTF8.format(path=path, offset=exc.start)) from None
 
 
 def read_text(args) -> str:
     if args.text_file is None:
         return FIJI if args.text is None else args.text
-    try:
-        data = args.text_file.read_bytes()
-    except OSError as exc:
-        raise HeadscopeError(f"Cannot read {args.text_file}: {exc.strerror}.") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise HeadscopeError(NOT_UTF8.format(path=args.text_file, offset=exc.start)) from None
+    return read_utf8(args.text_file)
+
+
+def read_batch(path: Path) -> list[str | HeadscopeError]:
+    """Texts of a batch file: plain lines, or JSONL objects with a "text" field (a bad line becomes its error)."""
+    lines = [line for line in read_utf8(path).splitlines() if line.strip()]
+    if not lines:
+        raise HeadscopeError(f"{path} holds no texts.")
+    if not lines[0].lstrip().startswith("{"):
+        return lines
+    texts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+            texts.append(item["text"] if isinstance(item.get("text"), str) else
+                         HeadscopeError(f'line {number} has no string "text" field.'))
+        except (json.JSONDecodeError, AttributeError):
+            texts.append(HeadscopeError(f"line {number} is not a JSON object."))
+    return texts
 
 
 def default_layers(n_layers: int) -> list[int]:
     return [6] if n_layers > 6 else [n_layers // 2]
 
 
-def write_json(data: dict, out: Path) -> None:
-    payload = json.dumps(data, allow_nan=False)
+def write_text(out: Path, payload: str) -> None:
     if str(out) == "-":
         sys.stdout.write(payload + "\n")
         return
@@ -75,6 +117,10 @@ def write_json(data: dict, out: Path) -> None:
         raise HeadscopeError(f"Cannot write {out}: {exc.strerror}.") from None
 
 
+def write_json(data: dict, out: Path) -> None:
+    write_text(out, json.dumps(data, allow_nan=False))
+
+
 def _quiet_libraries() -> None:
     import transformers
 
@@ -82,22 +128,82 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run(args) -> None:
-    text = read_text(args)
-    _quiet_libraries()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+def check_head(head: int, n_heads: int) -> None:
+    if not 0 <= head < n_heads:
+        raise HeadscopeError(f"Head {head} is out of range: this model has heads 0..{n_heads - 1}.")
+
+
+def analyse(loaded, text: str, args):
     layers = None if args.all_layers else (args.layer or default_layers(loaded.info.n_layers))
-    result = analyze(loaded, text, layers, exclude_first_token=not args.include_first_token)
+    return analyze(loaded, text, layers, exclude_first_token=not args.include_first_token)
+
+
+def run_single(args) -> None:
+    text = read_text(args)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    check_head(args.head, loaded.info.n_heads)
+    result = analyse(loaded, text, args)
     for warning in result.warnings:
         print(f"headscope: warning: {warning}", file=sys.stderr)
-    write_json(result.to_dict(include_patterns=args.patterns), args.json)
+    if args.json is not None:
+        write_json(result.to_dict(include_patterns=args.patterns), args.json)
+    if args.html is not None:
+        write_text(args.html, render_report(result, head=args.head))
     worst = max(layer.parity_max_abs_err for layer in result.layers.values())
+    outputs = " and ".join(str(out) for out in (args.json, args.html) if out is not None)
     print(f"headscope: {loaded.info.id}, {result.n_tokens} tokens, layers {sorted(result.layers)}, "
-          f"parity max abs err {worst:.1e} -> {args.json}", file=sys.stderr)
+          f"parity max abs err {worst:.1e} -> {outputs}", file=sys.stderr)
+
+
+def excerpt(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def run_batch(args) -> None:
+    """One report per text; a text that fails is listed in index.html with its error, the rest are written."""
+    texts = read_batch(args.batch)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    check_head(args.head, loaded.info.n_heads)
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HeadscopeError(f"Cannot create {args.out_dir}: {exc.strerror}.") from None
+    entries = []
+    for number, text in enumerate(texts, 1):
+        entry = {"number": number, "excerpt": excerpt(text) if isinstance(text, str) else "", "error": None}
+        try:
+            if isinstance(text, HeadscopeError):
+                raise text
+            result = analyse(loaded, text, args)
+            entry["file"] = f"report-{number:04d}.html"
+            write_text(args.out_dir / entry["file"], render_report(result, head=args.head))
+            entry["n_tokens"] = result.n_tokens
+            entry["parity"] = max(layer.parity_max_abs_err for layer in result.layers.values())
+        except HeadscopeError as exc:
+            entry["error"] = str(exc)
+            print(f"headscope: warning: text {number} failed: {exc}", file=sys.stderr)
+        entries.append(entry)
+    write_text(args.out_dir / "index.html", render_index(entries, loaded.info.to_dict()))
+    failed = sum(entry["error"] is not None for entry in entries)
+    print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / 'index.html'}",
+          file=sys.stderr)
+
+
+def run(args) -> None:
+    _quiet_libraries()
+    if args.from_report is not None:
+        write_json(read_report_results(args.from_report), args.json)
+    elif args.batch is not None:
+        run_batch(args)
+    else:
+        run_single(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_outputs(parser, args)
     try:
         run(args)
     except HeadscopeError as exc:

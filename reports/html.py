@@ -1,0 +1,209 @@
+"""Standalone HTML reports: one Jinja2 Environment, a pure context builder, one render call.
+
+A report opens offline years later: the Vega/Vega-Lite/Vega-Embed bundle is inlined once, every chart
+spec and the results JSON travel in inert <script type="application/json"> blocks (through |tojson),
+and a Content-Security-Policy admits only the two inline scripts, by hash, and nothing from outside.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import re
+import shlex
+import subprocess
+from dataclasses import replace
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+
+from analysis import __version__
+from analysis.errors import HeadscopeError
+from analysis.metrics import key_head_of
+from analysis.results import AnalysisResult
+from reports.charts import build_layer_charts
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "templates"
+RESULTS_ID = "headscope-results"
+VEGA_LITE_VERSION = "6.4"
+LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-convert-python")
+CANVAS_ROWS = 4000  # charts with more data rows than this draw on canvas, not SVG
+EMBED_SCRIPT = """\
+for (const el of document.querySelectorAll("[data-chart]")) {
+  const spec = JSON.parse(document.getElementById(el.dataset.chart).textContent);
+  // ast: vega-embed then evaluates expressions with its bundled interpreter, never eval(): CSP-safe
+  const options = {actions: false, renderer: el.dataset.renderer, ast: true};
+  vegaEmbed(el, spec, options).catch((error) => { el.textContent = "This chart could not be drawn: " + error; });
+}
+"""
+NOT_A_REPORT = "{path} holds no headscope results (no <script id=\"headscope-results\">): is it a headscope report?"
+
+ENV = Environment(
+    loader=FileSystemLoader(TEMPLATES),
+    autoescape=select_autoescape(["html"]),
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+ENV.filters["num"] = lambda value: f"{value:.4g}"
+ENV.filters["sci"] = lambda value: f"{value:.1e}"
+
+
+@functools.cache
+def vega_bundle() -> str:
+    import vl_convert
+
+    return vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
+
+
+def _csp_hash(script: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+
+
+@functools.cache
+def content_security_policy() -> str:
+    scripts = " ".join(_csp_hash(s) for s in (vega_bundle(), EMBED_SCRIPT))
+    return (f"default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; img-src data: blob:; "
+            "font-src data:; connect-src 'none'; base-uri 'none'; form-action 'none'")
+
+
+@functools.cache
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@functools.cache
+def library_versions() -> tuple[tuple[str, str], ...]:
+    versions = []
+    for name in LIBRARIES:
+        try:
+            versions.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            versions.append((name, "not installed"))
+    return tuple(versions)
+
+
+def select_layers(result: AnalysisResult, layers=None) -> AnalysisResult:
+    """The result restricted to `layers` (None: all it has), so the report embeds what it shows."""
+    if layers is None:
+        return result
+    missing = [layer for layer in layers if layer not in result.layers]
+    if missing:
+        raise HeadscopeError(f"The results hold no layer {missing[0]}: analyse it first.")
+    return replace(result, layers={layer: result.layers[layer] for layer in sorted(layers)})
+
+
+def reproduce_command(result: AnalysisResult, head: int) -> str:
+    """The command line that recomputes this report; derived from the result, so app and CLI agree."""
+    argv = ["python", "-m", "reports", "--model", result.model["id"], "--text", result.text]
+    for layer in sorted(result.layers):
+        argv += ["--layer", str(layer)]
+    argv += ["--head", str(head), "--device", result.model["device"], "--dtype", result.model["dtype"]]
+    if not result.exclude_first_token:
+        argv.append("--include-first-token")
+    return shlex.join(argv + ["--html", "report.html"])
+
+
+def _head_rows(result: AnalysisResult, layer: int) -> list[dict]:
+    data = result.layers[layer]
+    n_heads = data.first_self.size
+    groups = key_head_of(n_heads, result.model["n_kv_heads"])
+    rows = []
+    for head in range(n_heads):
+        group = int(groups[head])
+        rows.append({
+            "label": f"L{layer}H{head}",
+            "key_head": f"L{layer}K{group}",
+            "q_mean": data.q_means[head] if data.q_means.size else None,
+            "q_std": data.q_stds[head] if data.q_stds.size else None,
+            "k_mean": data.k_means[group] if data.k_means.size else None,
+            "k_std": data.k_stds[group] if data.k_stds.size else None,
+            "first_self": data.first_self[head],
+            "sink_mass": data.sink_mass[head] if data.sink_mass.size else None,
+        })
+    return rows
+
+
+def _chart_context(chart, chart_id: str) -> dict:
+    spec = chart.to_dict()
+    rows = sum(len(values) for values in spec.get("datasets", {}).values())
+    return {"id": chart_id, "spec": spec, "renderer": "canvas" if rows > CANVAS_ROWS else "svg"}
+
+
+def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None) -> dict:
+    """Everything the template shows, as plain values; no rendering."""
+    generated_at = generated_at or datetime.now(timezone.utc)
+    layers = []
+    for layer in sorted(result.layers):
+        charts = [
+            {"title": item.title, "explanation": item.explanation, **_chart_context(item.chart, f"chart-L{layer}-{item.key}")}
+            for item in build_layer_charts(result, layer, head)
+        ]
+        layers.append({"index": layer, "anchor": f"layer-{layer}", "charts": charts, "heads": _head_rows(result, layer),
+                       "parity": result.layers[layer].parity_max_abs_err})
+    special = set(result.special_positions)
+    return {
+        "title": f"headscope report: {result.model['id']}",
+        "model": result.model,
+        "text": result.text,
+        "tokens": [{"position": i, "text": token, "special": i in special} for i, token in enumerate(result.tokens)],
+        "first_token": result.tokens[0] if result.tokens else "",
+        "exclude_first_token": result.exclude_first_token,
+        "warnings": list(result.warnings),
+        "head": head,
+        "layers": layers,
+        "parity": max((layer["parity"] for layer in layers), default=0.0),
+        "results": result.to_dict(),
+        "results_id": RESULTS_ID,
+        "provenance": {
+            "headscope": __version__,
+            "git_commit": git_commit(),
+            "libraries": library_versions(),
+            "generated_at": generated_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "command": reproduce_command(result, head),
+        },
+        "csp": content_security_policy(),
+        "vega_bundle": Markup(vega_bundle()),  # trusted: built by vl-convert, never user input
+        "embed_script": Markup(EMBED_SCRIPT),
+    }
+
+
+def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_at: datetime | None = None) -> str:
+    """The standalone HTML report for `layers` of `result` (None: every layer it holds)."""
+    context = build_report_context(select_layers(result, layers), head, generated_at)
+    return ENV.get_template("report.html").render(context)
+
+
+def render_index(entries: list[dict], model: dict, generated_at: datetime | None = None) -> str:
+    """The archive page of a batch run: one row per text, with its report link or its error."""
+    generated_at = generated_at or datetime.now(timezone.utc)
+    return ENV.get_template("index.html").render(
+        title=f"headscope batch: {model.get('id', 'unknown model')}",
+        entries=entries,
+        model=model,
+        generated_at=generated_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        csp="default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
+    )
+
+
+def read_report_results(path: Path) -> dict:
+    """The results JSON embedded in a report (what --from-report reads back)."""
+    try:
+        page = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HeadscopeError(f"Cannot read {path}: {exc}.") from None
+    match = re.search(rf'<script type="application/json" id="{RESULTS_ID}">(.*?)</script>', page, re.DOTALL)
+    if match is None:
+        raise HeadscopeError(NOT_A_REPORT.format(path=path))
+    return json.loads(match.group(1))

@@ -1,0 +1,145 @@
+"""The standalone HTML report: self-contained, escaped, reproducible, and round-trippable."""
+
+import base64
+import hashlib
+import html
+import json
+import re
+from datetime import datetime, timezone
+
+import pytest
+
+from analysis import analyze
+from reports.__main__ import main
+from reports.html import read_report_results, render_report
+from tests.conftest import FIJI, REPEATS
+
+WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+PAYLOAD = "Tokens </s> <|endoftext|> then </script><script>document.title='pwned'</script> <img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def result(gpt2):
+    return analyze(gpt2, FIJI, layers=[6])
+
+
+@pytest.fixture(scope="module")
+def page(result):
+    return render_report(result, head=3, generated_at=WHEN)
+
+
+def embedded_results(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="headscope-results">(.*?)</script>', page, re.S)[1])
+
+
+def test_results_json_is_embedded_verbatim(result, page):
+    assert embedded_results(page) == result.to_dict()
+
+
+def test_nothing_points_outside_the_file(page):
+    markup = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.S)  # the browser test watches the scripts
+    assert not re.search(r"\s(src|srcset|action|data)=", markup, re.I)
+    assert all(href.startswith("#") for href in re.findall(r'href="([^"]*)"', markup))
+    assert "@import" not in markup and "url(" not in markup
+    assert not re.search(r"<script[^>]*\ssrc=", page) and "<link" not in page
+
+
+def test_csp_admits_exactly_the_inline_scripts(page):
+    csp = html.unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page)[1])
+    assert "default-src 'none'" in csp and "connect-src 'none'" in csp and "unsafe-eval" not in csp
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert len(scripts) == 2  # the Vega bundle and the embedding loop; data blocks are inert JSON
+    for script in scripts:
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in csp
+
+
+def test_one_chart_spec_per_container_and_per_head_tables(result, page):
+    containers = re.findall(r'data-chart="([^"]+)"', page)
+    assert len(containers) >= 5 and len(set(containers)) == len(containers)
+    for chart_id in containers:
+        spec = json.loads(re.search(rf'<script type="application/json" id="{chart_id}">(.*?)</script>', page, re.S)[1])
+        assert spec["$schema"].startswith("https://vega.github.io/schema/vega-lite/")
+    for head in range(12):
+        assert f"<td class=\"label\">L6H{head}</td>" in page
+    assert f"{result.layers[6].q_means[0]:.4g}" in page
+
+
+def test_provenance(result, page):
+    for needle in ("What produced this report", result.model["revision"], "GPT2Model", "torch 2.13.0",
+                   "transformers 5.23.0", "2026-01-02 03:04:05 UTC", "python -m reports --model",
+                   "--layer 6 --head 3"):
+        assert needle in page, needle
+
+
+def test_same_inputs_same_bytes_apart_from_the_time(gpt2, result, page):
+    again = render_report(analyze(gpt2, FIJI, layers=[6]), head=3, generated_at=WHEN)
+    assert again == page
+    later = render_report(result, head=3, generated_at=datetime(2030, 1, 1, tzinfo=timezone.utc))
+    diff = [(a, b) for a, b in zip(page.splitlines(), later.splitlines()) if a != b]
+    assert len(diff) == 1 and "2030-01-01" in diff[0][1]
+
+
+def test_default_report_is_small(minilm):
+    page = render_report(analyze(minilm, FIJI, layers=[3]))
+    assert len(page.encode()) <= 2_000_000
+
+
+def test_user_strings_are_escaped(gpt2):
+    page = render_report(analyze(gpt2, PAYLOAD, layers=[6]), generated_at=WHEN)
+    body = page.split("<script>", 1)[0]  # everything before the trusted bundle
+    assert "<img src=x" not in body and "<script>document" not in body and "</s>" not in body
+    assert "&lt;img src=x onerror=alert(1)&gt;" in body
+    assert "&lt;|endoftext|&gt;" in body
+    assert embedded_results(page)["text"] == PAYLOAD
+
+
+def test_several_layers_get_a_navigation(gpt2):
+    page = render_report(analyze(gpt2, REPEATS, layers=[0, 6]), generated_at=WHEN)
+    assert '<a href="#layer-0">0</a>' in page and '<a href="#layer-6">6</a>' in page
+    assert list(embedded_results(page)["layers"]) == ["0", "6"]
+
+
+def test_cli_html_and_from_report_round_trip(gpt2_path, tmp_path, capsys):
+    out_json, out_html, back = tmp_path / "r.json", tmp_path / "r.html", tmp_path / "back.json"
+    assert main(["--model", str(gpt2_path), "--layer", "1", "--layer", "6", "--json", str(out_json),
+                 "--html", str(out_html)]) == 0
+    assert main(["--from-report", str(out_html), "--json", str(back)]) == 0
+    assert json.loads(back.read_text()) == json.loads(out_json.read_text())
+    assert read_report_results(out_html) == json.loads(out_json.read_text())
+
+
+def test_from_report_on_a_file_that_is_not_a_report(tmp_path, capsys):
+    other = tmp_path / "other.html"
+    other.write_text("<html><body>hello</body></html>")
+    assert main(["--from-report", str(other), "--json", str(tmp_path / "x.json")]) == 2
+    assert "is it a headscope report?" in capsys.readouterr().err
+
+
+def test_batch_writes_the_good_reports_and_lists_the_failure(gpt2_path, tmp_path, capsys):
+    batch = tmp_path / "texts.jsonl"
+    batch.write_text("\n".join([json.dumps({"text": FIJI}), json.dumps({"text": "   "}), "not json",
+                                json.dumps({"text": REPEATS})]) + "\n")
+    out_dir = tmp_path / "archive"
+    assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(out_dir)]) == 0
+    index = (out_dir / "index.html").read_text()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["index.html", "report-0001.html", "report-0004.html"]
+    assert 'href="report-0001.html"' in index and 'href="report-0004.html"' in index
+    assert "failed: The text is empty" in index and "failed: line 3 is not a JSON object." in index
+    assert read_report_results(out_dir / "report-0004.html")["text"] == REPEATS
+    assert "2 failed" in capsys.readouterr().err
+
+
+def test_batch_of_plain_lines(gpt2_path, tmp_path, capsys):
+    batch = tmp_path / "texts.txt"
+    batch.write_text("first text here\nsecond <b>text</b>\n")
+    assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(tmp_path / "o")]) == 0
+    index = (tmp_path / "o" / "index.html").read_text()
+    assert "second &lt;b&gt;text&lt;/b&gt;" in index and index.count("report-000") == 4
+
+
+def test_outputs_are_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--text", "x"])
+    assert exit_info.value.code == 2
+    assert "--json OUT and/or --html OUT" in capsys.readouterr().err

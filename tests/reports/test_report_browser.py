@@ -1,0 +1,64 @@
+"""A real browser opens the real report file with the network off."""
+
+import pytest
+
+from analysis import analyze
+from reports.html import render_report
+from tests.conftest import FIJI
+from tests.reports.test_html import PAYLOAD
+
+DRAWN = "el => el.querySelectorAll('svg .mark-rect path, svg .mark-symbol path, svg .mark-line path, " \
+        "svg .mark-rule line, svg .mark-area path, svg .mark-tick line, canvas').length"
+
+
+def open_offline(chromium, path):
+    context = chromium.new_context(offline=True)
+    page = context.new_page()
+    events = {"errors": [], "requests": [], "dialogs": []}
+    page.on("console", lambda message: message.type == "error" and events["errors"].append(message.text))
+    page.on("pageerror", lambda error: events["errors"].append(str(error)))
+    page.on("request", lambda request: events["requests"].append(request.url))
+    page.on("dialog", lambda dialog: (events["dialogs"].append(dialog.message), dialog.dismiss()))
+    page.goto(path.as_uri())
+    return context, page, events
+
+
+def wait_for_charts(page):
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-chart]')].every(el => el.querySelector('svg, canvas'))",
+        timeout=30_000)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "minilm"])
+def test_every_chart_draws_offline_without_errors_or_requests(request, chromium, tmp_path, fixture):
+    loaded = request.getfixturevalue(fixture)
+    path = tmp_path / "report.html"
+    path.write_text(render_report(analyze(loaded, FIJI, layers=[loaded.info.n_layers // 2])), encoding="utf-8")
+    context, page, events = open_offline(chromium, path)
+    try:
+        wait_for_charts(page)
+        containers = page.query_selector_all("[data-chart]")
+        assert len(containers) >= 5
+        for container in containers:
+            assert container.evaluate(DRAWN) > 0, container.get_attribute("data-chart")
+        assert events["errors"] == []
+        assert events["requests"] == [path.as_uri()]
+    finally:
+        context.close()
+
+
+def test_injected_text_runs_nothing_and_shows_as_text(chromium, gpt2, tmp_path):
+    path = tmp_path / "payload.html"
+    path.write_text(render_report(analyze(gpt2, PAYLOAD, layers=[6])), encoding="utf-8")
+    context, page, events = open_offline(chromium, path)
+    try:
+        wait_for_charts(page)
+        assert events["dialogs"] == []
+        assert page.title() == f"headscope report: {gpt2.info.id}"
+        assert page.evaluate("document.querySelectorAll('img').length") == 0
+        assert page.evaluate("document.querySelectorAll('script:not([type])').length") == 2
+        assert page.inner_text("#analysed-text") == PAYLOAD
+        assert "<|endoftext|>" in page.inner_text(".tokens")
+        assert events["errors"] == []
+    finally:
+        context.close()
