@@ -1,0 +1,203 @@
+"""headscope's one-page app: the notebook's attention-head figures for any supported model and text.
+
+UI only. One forward pass (cached per model, device, dtype and text) records every layer, so changing the
+layer, the head or "exclude first token" redraws from the cache without running the model again.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+
+import streamlit as st
+
+from analysis import AnalysisResult, Capture, HeadscopeError, LoadedModel, ModelInfo, capture, load_model, summarize
+from analysis.presets import FIJI, PRESETS
+from reports.charts import MAX_AXIS_CELLS, build_layer_charts, display_token
+
+MODELS = {
+    "auto": "auto (gpt2 if cached, else the bundled MiniLM)",
+    "minilm": "bundled all-MiniLM-L6-v2 (works offline)",
+    "gpt2": "gpt2",
+    "distilgpt2": "distilgpt2",
+    "gpt2-medium": "gpt2-medium",
+}
+DEVICES = ["cpu", "auto", "cuda"]
+DTYPES = ["float32", "bfloat16", "float16"]
+PATTERN_BUDGET = 256 * 2**20  # bytes of T x T patterns kept for all layers at once; beyond it, one layer per pass
+MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
+APPLIED, LAST_GOOD = "applied", "last_good"  # session-state keys
+UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another model, device or dtype, or a "
+              "shorter text; the server log has the details.")
+HEAD_RANGE = "Head {head} is out of range: {model} has heads 0..{last} in each layer."
+TOKEN_CSS = ("display:inline-block;margin:1px;padding:0 4px;border-radius:4px;white-space:pre;"
+             "font-family:monospace;font-size:0.85em;")
+
+log = logging.getLogger("headscope.app")
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def get_model(model: str, device: str, dtype: str) -> LoadedModel:
+    return load_model(model, device, dtype)
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def get_capture(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None) -> Capture:
+    return capture(get_model(model, device, dtype), text, pattern_layers)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def get_result(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None, layer: int,
+               exclude_first_token: bool) -> AnalysisResult:
+    captured = get_capture(model, device, dtype, text, pattern_layers)
+    return summarize(captured, get_model(model, device, dtype).info.to_dict(), [layer], exclude_first_token)
+
+
+def default_layer(n_layers: int) -> int:
+    """As the command line: the notebook's layer 6, or the middle layer of a model with 6 layers or fewer."""
+    return 6 if n_layers > 6 else n_layers // 2
+
+
+def init_state() -> None:
+    """Widget values from the link (model, layer, head, text) the first time a session runs."""
+    if APPLIED in st.session_state:
+        return
+    params = st.query_params
+    model = params.get("model", "auto")
+    known = model in MODELS
+    as_int = lambda value: int(value) if value is not None and value.isdigit() else None  # noqa: E731
+    st.session_state.update(model_choice=model if known else "auto", model_typed="" if known else model,
+                            device="cpu", dtype="float32", text=params.get("text", FIJI),
+                            layer=as_int(params.get("layer")), head=as_int(params.get("head")) or 0, exclude=True)
+    st.session_state[APPLIED] = settings_from_widgets()
+
+
+def settings_from_widgets() -> dict:
+    state = st.session_state
+    return {"model": state.model_typed.strip() or state.model_choice, "device": state.device, "dtype": state.dtype,
+            "text": state.text, "layer": state.layer, "head": int(state.head or 0), "exclude": bool(state.exclude)}
+
+
+def fill_preset() -> None:
+    if st.session_state.preset:
+        st.session_state.text = PRESETS[st.session_state.preset]
+
+
+def sidebar_ui() -> None:
+    with st.sidebar:
+        st.header("headscope")
+        st.selectbox("Fill the text with a preset", list(PRESETS), index=None, key="preset", on_change=fill_preset,
+                     placeholder="Choose a preset text…")
+        with st.form("settings"):
+            st.selectbox("Model", list(MODELS), format_func=MODELS.get, key="model_choice")
+            st.text_input("…or a hub id or local checkpoint path", key="model_typed", placeholder="e.g. EleutherAI/pythia-70m")
+            device, dtype = st.columns(2)
+            device.selectbox("Device", DEVICES, key="device")
+            dtype.selectbox("Dtype", DTYPES, key="dtype")
+            st.text_area("Text", key="text", height=160)
+            layer, head = st.columns(2)
+            layer.number_input("Layer", min_value=0, step=1, key="layer", placeholder="default")
+            head.number_input("Head", min_value=0, step=1, key="head")
+            st.toggle("Exclude first token", key="exclude",
+                      help="Leave position 0 out of the Q/K statistics and the dot products, as the notebook does.")
+            if st.form_submit_button("Analyse", type="primary", width="stretch"):
+                st.session_state[APPLIED] = settings_from_widgets()
+
+
+def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int, ...] | None:
+    """Every layer's T x T patterns when they fit PATTERN_BUDGET (layer changes are then free), else just `layer`."""
+    info = loaded.info
+    n = len(loaded.tokenizer(text)["input_ids"]) if text.strip() else 0
+    return None if info.n_layers * info.n_heads * n * n * 4 <= PATTERN_BUDGET else (layer,)
+
+
+def analyse(settings: dict) -> tuple[AnalysisResult, LoadedModel, int, int]:
+    keys = settings["model"], settings["device"], settings["dtype"]
+    with st.status(f"Loading {settings['model']}…", expanded=False) as status:
+        loaded = get_model(*keys)
+        info = loaded.info
+        layer = default_layer(info.n_layers) if settings["layer"] is None else int(settings["layer"])
+        if not 0 <= settings["head"] < info.n_heads:
+            raise HeadscopeError(HEAD_RANGE.format(head=settings["head"], model=info.id, last=info.n_heads - 1))
+        status.update(label=f"Analysing the text with {info.id}…")
+        text = settings["text"]
+        result = get_result(*keys, text, pattern_layers_for(loaded, text, layer), layer, settings["exclude"])
+        status.update(label=f"Analysed {result.n_tokens} tokens with {info.id}, layer {layer}", state="complete")
+    return result, loaded, layer, settings["head"]
+
+
+def tokens_ui(result: AnalysisResult) -> None:
+    special = set(result.special_positions)
+    spans = []
+    for pos, token in enumerate(result.tokens):
+        style = "background:#dbe7f7;border:1px solid #3b6fb6;font-weight:600;" if pos in special else "background:#eef0f2;"
+        title = f"position {pos}, id {int(result.token_ids[pos])}" + (", special token" if pos in special else "")
+        spans.append(f'<span title="{html.escape(title)}" style="{TOKEN_CSS}{style}">{html.escape(display_token(token))}</span>')
+    st.markdown(f"**Tokens** ({result.n_tokens}; special tokens outlined in blue)", help="Hover a token for its position and id.")
+    st.markdown("".join(spans), unsafe_allow_html=True)
+    first = f"`{display_token(result.tokens[0])}`" + (" (a special token)" if 0 in special else "")
+    effect = ("is left out of the Q/K statistics and the dot products" if result.exclude_first_token
+              else "is included in the Q/K statistics and the dot products")
+    st.caption(f"The first token is {first} at position 0; with the current setting it {effect}.")
+
+
+def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int) -> None:
+    kv = f", {info.n_kv_heads} key heads" if info.n_kv_heads != info.n_heads else ""
+    st.info(f"**{info.id}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, {info.dtype} on "
+            f"{info.device}. {info.reason}")
+    for warning in result.warnings:
+        st.warning(warning)
+    tokens_ui(result)
+    data = result.layers[layer]
+    err = data.parity_max_abs_err
+    agreement = f"to {err:.0e}" if err else "exactly"
+    st.success(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention {agreement} "
+               f"(largest absolute difference over layer {layer}'s heads: {err:.1e}).")
+    positions = None
+    if result.n_tokens > MAX_AXIS_CELLS:
+        positions = st.slider("Heatmap window (token positions)", 0, result.n_tokens, (0, result.n_tokens),
+                              key=f"window-{result.n_tokens}",
+                              help=f"Narrow the window to {MAX_AXIS_CELLS} tokens or fewer to see single tokens.")
+    for item in build_layer_charts(result, layer, head, positions):
+        st.subheader(item.title)
+        st.caption(item.explanation)
+        st.altair_chart(item.chart, width="content" if item.key == "heatmap" else "stretch")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
+    st.download_button("Download the results (JSON)", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
+                       mime="application/json", on_click="ignore")
+    # --- HTML report: the "Download HTML report" button (reports.html.render_report(result)) goes here. ---
+
+
+def share_link(settings: dict, layer: int, head: int) -> None:
+    params = {"model": settings["model"], "layer": str(layer), "head": str(head)}
+    if len(settings["text"]) <= MAX_URL_TEXT:
+        params["text"] = settings["text"]
+    st.query_params.from_dict(params)
+
+
+def main() -> None:
+    st.set_page_config(page_title="headscope", layout="wide")
+    init_state()
+    sidebar_ui()
+    st.title("headscope: attention heads, one forward pass")
+    settings = st.session_state[APPLIED]
+    try:
+        result, loaded, layer, head = analyse(settings)
+    except HeadscopeError as exc:
+        st.error(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the page gets a sentence, the server log the traceback
+        log.exception("analysis failed")
+        st.error(UNEXPECTED.format(kind=type(exc).__name__, message=exc))
+    else:
+        st.session_state[LAST_GOOD] = (result, loaded.info, settings, layer, head)
+        share_link(settings, layer, head)
+    if LAST_GOOD in st.session_state:
+        result, info, good, layer, head = st.session_state[LAST_GOOD]
+        if good is not settings:
+            st.caption("Showing the last successful analysis.")
+        results_ui(result, info, layer, head)
+
+
+main()

@@ -1,0 +1,199 @@
+"""The Streamlit app through AppTest, offline, on the bundled MiniLM (the app's `auto` fallback) and tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+from transformers import PreTrainedModel
+
+from analysis import analyze
+from analysis.loading import supported_families
+from analysis.presets import FIJI
+
+APP = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")
+TIMEOUT = 120
+
+
+@pytest.fixture(autouse=True)
+def clear_caches():
+    """Caches outlive AppTest instances in one process: every test starts cold."""
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def forward_calls():
+    """How many times any whole model (a PreTrainedModel, not its submodules) ran forward."""
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: calls.append(type(module).__name__) if isinstance(module, PreTrainedModel) else None)
+    yield calls
+    handle.remove()
+
+
+def run_app(**query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key, value in query.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def charts(at: AppTest) -> list[dict]:
+    """Each chart's Vega-Lite spec with its Arrow datasets decoded into row dicts."""
+    out = []
+    for element in at.get("vega_lite_chart"):
+        spec = json.loads(element.proto.spec)
+        spec["datasets"] = {d.name: pa.ipc.open_stream(d.data.data).read_all().to_pylist() for d in element.proto.datasets}
+        out.append(spec)
+    return out
+
+
+def chart_titled(specs: list[dict], words: str) -> dict:
+    matches = [spec for spec in specs if words in spec["title"]["text"]]
+    assert len(matches) == 1, [spec["title"]["text"] for spec in specs]
+    return matches[0]
+
+
+def column(spec: dict, name: str) -> np.ndarray:
+    return np.array([row[name] for rows in spec["datasets"].values() for row in rows if name in row], dtype=float)
+
+
+def submit(at: AppTest, **widgets) -> AppTest:
+    for key, value in widgets.items():
+        getattr(at, {"layer": "number_input", "head": "number_input", "text": "text_area", "model_typed": "text_input",
+                     "exclude": "toggle"}[key])(key=key).set_value(value)
+    at.button[0].click()
+    return at.run()
+
+
+def errors(at: AppTest) -> list[str]:
+    return [element.value for element in at.error]
+
+
+def test_default_run_shows_the_notebook_figures_with_the_results_numbers(minilm, forward_calls):
+    at = run_app()
+    assert not at.exception
+    assert not errors(at)
+    specs = charts(at)
+    assert len(specs) >= 7
+    assert forward_calls == ["BertModel"]  # one forward pass for everything on the page
+
+    layer = 3  # MiniLM has 6 layers: the middle one, as on the command line
+    expected = analyze(minilm, FIJI, [layer]).layers[layer]
+    for spec in specs:
+        assert f"layer {layer}" in spec["title"]["text"] and minilm.info.id in spec["title"]["text"]
+    means = chart_titled(specs, "Q and K means")
+    np.testing.assert_allclose(sorted(column(means, "mean")), sorted(np.r_[expected.q_means, expected.k_means]), rtol=1e-6)
+    sink = chart_titled(specs, "Sink mass")
+    np.testing.assert_allclose(column(sink, "sink_mass"), expected.sink_mass, rtol=1e-6)
+    kde = chart_titled(specs, "KDE")
+    np.testing.assert_allclose(column(kde, "density"), np.r_[expected.kde["final_to_prev"], expected.kde["self_attention"]],
+                               rtol=1e-6)
+    dots = chart_titled(specs, "Raw attention scores")
+    same = np.array([row["value"] for rows in dots["datasets"].values() for row in rows if row.get("group") == "Same head"])
+    np.testing.assert_allclose(sorted(same), sorted(expected.same_head_dp), rtol=1e-5)
+    diff = np.array([row["value"] for rows in dots["datasets"].values() for row in rows if row.get("group") == "Different heads"])
+    assert len(diff) == 1500 < len(expected.diff_head_dp)  # thinned by rank under Altair's row limit
+    assert np.isin(diff, expected.diff_head_dp).all()
+    assert diff.min() == expected.diff_head_dp.min() and diff.max() == expected.diff_head_dp.max()
+    heatmap = chart_titled(specs, "Attention pattern of L3H0")
+    np.testing.assert_allclose(column(heatmap, "weight"), expected.patterns[0].ravel(), atol=1e-7)
+
+    page = " ".join(element.value for kind in (at.markdown, at.caption, at.info, at.success) for element in kind)
+    assert "gpt2 is not in the local Hugging Face cache" in page  # what was loaded and why
+    assert "[CLS]" in page and "first token is `[CLS]`" in page  # special tokens and the first token named
+    assert "matches the model's own attention" in page
+    download = at.get("download_button")
+    assert len(download) == 1
+    assert at.query_params["model"] == "auto" and at.query_params["layer"] == "3"
+
+
+def test_changing_layer_head_and_toggle_redraws_without_running_the_model(forward_calls):
+    at = run_app()
+    before = charts(at)
+    assert forward_calls == ["BertModel"]
+
+    at = submit(at, layer=1, head=5)
+    assert not at.exception and not errors(at)
+    after = charts(at)
+    assert forward_calls == ["BertModel"]  # no second forward pass
+    assert all("layer 1" in spec["title"]["text"] for spec in after)
+    assert chart_titled(after, "Attention pattern of L1H5")
+    changed = [a["datasets"] != b["datasets"] for a, b in zip(before, after)]
+    assert sum(changed) >= 7
+
+    at = submit(at, head=7, exclude=False)
+    assert not at.exception and not errors(at)
+    assert chart_titled(charts(at), "Attention pattern of L1H7")
+    assert "Over every position" in json.dumps(chart_titled(charts(at), "Q and K means")["title"])
+    assert forward_calls == ["BertModel"]
+    assert at.query_params["layer"] == "1" and at.query_params["head"] == "7"
+
+
+def test_query_params_reproduce_the_view():
+    at = run_app(model="minilm", layer="2", head="4", text="Attention heads read keys with queries.")
+    assert not at.exception and not errors(at)
+    specs = charts(at)
+    assert chart_titled(specs, "Attention pattern of L2H4")
+    assert at.text_area(key="text").value == "Attention heads read keys with queries."
+
+
+def test_unknown_model_is_an_error_not_a_traceback():
+    at = run_app(model="no-such-user/no-such-model-xyz")
+    assert not at.exception
+    assert len(errors(at)) == 1 and "no-such-user/no-such-model-xyz" in errors(at)[0]
+    assert "not in the local Hugging Face cache" in errors(at)[0]
+    assert not at.get("vega_lite_chart")
+
+
+def test_errors_keep_the_last_good_results_on_screen():
+    at = run_app()
+    assert len(charts(at)) >= 7
+
+    at = submit(at, model_typed="no-such-user/no-such-model-xyz")
+    assert not at.exception
+    assert len(errors(at)) == 1 and "no-such-user/no-such-model-xyz" in errors(at)[0]
+    assert len(charts(at)) >= 7  # the last good results stay
+
+    at = submit(at, model_typed="", text="   ")
+    assert not at.exception
+    assert errors(at) == ["The text is empty: type a sentence to analyse."]
+    assert len(charts(at)) >= 7
+
+
+def test_empty_text_is_an_error():
+    at = run_app(text="")
+    assert not at.exception
+    assert errors(at) == ["The text is empty: type a sentence to analyse."]
+
+
+def test_head_out_of_range_is_an_error():
+    at = run_app(head="12")
+    assert not at.exception
+    assert len(errors(at)) == 1 and "Head 12 is out of range" in errors(at)[0]
+
+
+def test_unsupported_architecture_names_the_supported_families(t5_path):
+    at = run_app()
+    at = submit(at, model_typed=str(t5_path))
+    assert not at.exception
+    assert len(errors(at)) == 1
+    assert "T5" in errors(at)[0] and supported_families() in errors(at)[0]
+
+
+def test_a_causal_model_notes_that_first_token_self_attention_is_one(gpt2_path, forward_calls):
+    at = run_app(model=str(gpt2_path), layer="6", head="3")
+    assert not at.exception and not errors(at)
+    softmax = chart_titled(charts(at), "Softmax attention weights")
+    assert "always exactly 1" in json.dumps(softmax["title"])
+    assert forward_calls == ["GPT2Model"]
