@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from analysis.capture import Capture, capture
+import numpy as np
+
+from analysis.capture import Capture, capture, capture_ids
 from analysis.errors import HeadscopeError
+from analysis.head_scores import combine_score_parts, compute_centered_dot_products, compute_mannwhitney
 from analysis.loading import LoadedModel, ModelInfo, load_model
 from analysis.metrics import (
     compute_attention_summaries,
@@ -14,15 +17,20 @@ from analysis.metrics import (
     compute_kde,
     kde_grid,
 )
-from analysis.results import MODEL_KEYS, AnalysisResult, LayerResult
+from analysis.results import MODEL_KEYS, AnalysisResult, DpStats, LayerResult
 
 __version__ = "0.1.0"
-__all__ = ["AnalysisResult", "Capture", "HeadscopeError", "LayerResult", "LoadedModel", "ModelInfo", "analyze",
-           "capture", "check_layers", "load_model", "summarize"]
+__all__ = ["AnalysisResult", "Capture", "DpStats", "HeadscopeError", "LayerResult", "LoadedModel", "ModelInfo",
+           "analyze", "analyze_ids", "analyze_induction_probe", "capture", "capture_ids", "check_layers",
+           "induction_probe_ids", "load_model", "summarize"]
 
 SHORT_TEXT = ("The text has only {n} token(s): the dot products need at least 3 tokens and the KDE at least 3, "
               "so those fields are empty.")
 LAYER_RANGE = "Layer {layer} is out of range: this model has layers 0..{last}."
+PROBE_LENGTH = 50
+PROBE_TOO_LONG = ("An induction probe of {length} tokens repeated twice ({n} tokens with special tokens) is longer "
+                  "than the {limit} positions {model} accepts: choose a length of at most {most}.")
+PROBE_TOO_SHORT = "The induction probe needs a length of at least 2 tokens, not {length}."
 
 
 def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
@@ -41,6 +49,12 @@ def compute_layer_result(q, k, pattern, parity: float, exclude_first_token: bool
     q_means, q_stds = compute_head_stats(q, exclude_first_token)
     k_means, k_stds = compute_head_stats(k, exclude_first_token)
     same, diff = compute_dot_products(q, k, exclude_first_token)
+    same_centered, diff_centered = compute_centered_dot_products(q, k, exclude_first_token)
+    p, r = compute_mannwhitney(same, diff)
+    p_centered, r_centered = compute_mannwhitney(same_centered, diff_centered)
+    dp_stats = DpStats(mannwhitney_p=p, rank_biserial=r, same_head_dp_centered=same_centered,
+                       diff_head_dp_centered=diff_centered, mannwhitney_p_centered=p_centered,
+                       rank_biserial_centered=r_centered)
     summaries = compute_attention_summaries(pattern)
     kde = None
     if pattern.shape[1] >= 3:
@@ -49,12 +63,18 @@ def compute_layer_result(q, k, pattern, parity: float, exclude_first_token: bool
         if all(curve is not None for curve in curves.values()):
             kde = {"grid": grid, **curves}
     return LayerResult(q_means=q_means, q_stds=q_stds, k_means=k_means, k_stds=k_stds, same_head_dp=same,
-                       diff_head_dp=diff, **summaries, parity_max_abs_err=parity, kde=kde, patterns=pattern)
+                       diff_head_dp=diff, **summaries, parity_max_abs_err=parity, kde=kde, patterns=pattern,
+                       dp_stats=dp_stats)
 
 
 def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = None,
-              exclude_first_token: bool = True) -> AnalysisResult:
-    """Measurements for `layers` (default: every layer whose pattern was captured); no model call."""
+              exclude_first_token: bool = True, exclude_current_token: bool = False,
+              induction_probe: dict | None = None) -> AnalysisResult:
+    """Measurements for `layers` (default: every layer whose pattern was captured); no model call.
+
+    The head scores cover every layer whatever `layers` is; `exclude_first_token` is also the head
+    detector's exclude_bos, and both exclusions are applied here, so changing them needs no new forward pass.
+    """
     chosen = sorted(captured.patterns) if layers is None else check_layers(layers, len(captured.q))
     missing = [layer for layer in chosen if layer not in captured.patterns]
     if missing:
@@ -70,12 +90,73 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
         layers={layer: compute_layer_result(captured.q[layer], captured.k[layer], captured.patterns[layer],
                                             captured.parity[layer], exclude_first_token) for layer in chosen},
         warnings=(SHORT_TEXT.format(n=n),) if n < 3 else (),
+        head_scores={} if captured.score_parts is None else combine_score_parts(
+            captured.score_parts, captured.score_fixed, exclude_first_token, exclude_current_token),
+        exclude_current_token=exclude_current_token,
+        induction_probe=induction_probe,
     )
 
 
 def analyze(loaded: LoadedModel, text: str, layers: Iterable[int] | None = None,
-            exclude_first_token: bool = True) -> AnalysisResult:
-    """One forward pass, then every measurement for `layers` (None: every layer)."""
+            exclude_first_token: bool = True, exclude_current_token: bool = False) -> AnalysisResult:
+    """One forward pass, then every measurement for `layers` (None: every layer) and every head's scores."""
     chosen = check_layers(layers, loaded.info.n_layers)
     captured = capture(loaded, text, pattern_layers=chosen)
-    return summarize(captured, loaded.info.to_dict(), chosen, exclude_first_token)
+    return summarize(captured, loaded.info.to_dict(), chosen, exclude_first_token, exclude_current_token)
+
+
+def analyze_ids(loaded: LoadedModel, token_ids, layers: Iterable[int] | None = None,
+                exclude_first_token: bool = True, exclude_current_token: bool = False,
+                induction_probe: dict | None = None) -> AnalysisResult:
+    """As `analyze`, for token ids fed to the model as they are (no special tokens added)."""
+    chosen = check_layers(layers, loaded.info.n_layers)
+    captured = capture_ids(loaded, token_ids, pattern_layers=chosen)
+    return summarize(captured, loaded.info.to_dict(), chosen, exclude_first_token, exclude_current_token,
+                     induction_probe)
+
+
+def _special_ends(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text, e.g. ([CLS], [SEP]) or ([<s>], [])."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []
+
+
+def induction_probe_ids(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: int = 0) -> np.ndarray:
+    """A seeded random sequence of `length` tokens, repeated twice: [pos] token ids.
+
+    As TransformerLens's induction benchmark: an induction head, at a token of the second copy, attends to
+    the token that followed the same token in the first copy, which on random tokens only induction can
+    predict. The tokens are drawn without replacement from the vocabulary less its special tokens (with
+    replacement only if the vocabulary is smaller than `length`), so each token of the second copy has
+    exactly one earlier occurrence. The tokenizer's own special tokens go around the repeat ([CLS] ... [SEP]
+    for BERT, <s> for Llama); a tokenizer that adds none but has a BOS token gets it first, as
+    TransformerLens prepends BOS to GPT-2's input.
+    """
+    if length < 2:
+        raise HeadscopeError(PROBE_TOO_SHORT.format(length=length))
+    tokenizer = loaded.tokenizer
+    before, after = _special_ends(tokenizer)
+    if not before and not after and tokenizer.bos_token_id is not None:
+        before = [tokenizer.bos_token_id]
+    n = 2 * length + len(before) + len(after)
+    limit = loaded.info.max_positions
+    if n > limit:
+        raise HeadscopeError(PROBE_TOO_LONG.format(length=length, n=n, limit=limit, model=loaded.info.id,
+                                                   most=(limit - len(before) - len(after)) // 2))
+    vocab = min(len(tokenizer), loaded.model.get_input_embeddings().num_embeddings)
+    candidates = np.setdiff1d(np.arange(vocab), tokenizer.all_special_ids)  # [vocab - special]
+    half = np.random.default_rng(seed).choice(candidates, size=length, replace=candidates.size < length)  # [length]
+    return np.concatenate([before, half, half, after]).astype(np.int64)  # [pos]
+
+
+def analyze_induction_probe(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: int = 0,
+                            layers: Iterable[int] | None = None, exclude_first_token: bool = True,
+                            exclude_current_token: bool = False) -> AnalysisResult:
+    """`analyze_ids` on `induction_probe_ids(loaded, length, seed)`; the result records length and seed."""
+    ids = induction_probe_ids(loaded, length, seed)
+    return analyze_ids(loaded, ids, layers, exclude_first_token, exclude_current_token,
+                       induction_probe={"length": length, "seed": seed})

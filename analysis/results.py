@@ -13,6 +13,42 @@ MODEL_KEYS = ("id", "revision", "architecture", "family", "n_layers", "n_heads",
               "dtype", "device")
 ARRAY_FIELDS = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "final_to_prev",
                 "self_attention", "first_self", "sink_mass")
+HEAD_SCORE_NAMES = ("previous_token", "duplicate_token", "induction", "sink", "self", "entropy")
+DP_FLOATS = ("mannwhitney_p", "rank_biserial", "mannwhitney_p_centered", "rank_biserial_centered")
+DP_ARRAYS = ("same_head_dp_centered", "diff_head_dp_centered")
+
+
+def json_floats(values) -> list:
+    """A float array as nested lists of plain floats, with None (JSON null) where a value is undefined (NaN)."""
+    values = np.asarray(values, dtype=np.float64)
+    out = values.astype(object)
+    out[~np.isfinite(values)] = None
+    return out.tolist()
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+@dataclass(frozen=True, eq=False)
+class DpStats:
+    """The notebook's same-head vs different-head dot products as statistics (see head_scores)."""
+
+    mannwhitney_p: float | None  # two-sided Mann-Whitney U p-value, raw dot products; None if a group is empty
+    rank_biserial: float | None  # 2U/(n_same n_diff) - 1, in [-1, 1]; > 0: same-head dot products are larger
+    same_head_dp_centered: np.ndarray  # as same_head_dp, each key head's mean key removed
+    diff_head_dp_centered: np.ndarray  # as diff_head_dp, each key head's mean key removed
+    mannwhitney_p_centered: float | None
+    rank_biserial_centered: float | None
+
+    def to_dict(self) -> dict:
+        return {**{name: _float_or_none(getattr(self, name)) for name in DP_FLOATS},
+                **{name: getattr(self, name).tolist() for name in DP_ARRAYS}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DpStats:
+        return cls(**{name: _float_or_none(data.get(name)) for name in DP_FLOATS},
+                   **{name: np.asarray(data[name], dtype=np.float64) for name in DP_ARRAYS})
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,6 +66,7 @@ class LayerResult:
     parity_max_abs_err: float
     kde: dict[str, np.ndarray] | None  # grid, final_to_prev, self_attention: [300] each
     patterns: np.ndarray | None = None  # [head, q_pos, k_pos]
+    dp_stats: DpStats | None = None
 
     def to_dict(self, include_patterns: bool = False) -> dict:
         out = {name: getattr(self, name).tolist() for name in ARRAY_FIELDS}
@@ -37,17 +74,21 @@ class LayerResult:
         out["kde"] = None if self.kde is None else {name: values.tolist() for name, values in self.kde.items()}
         if include_patterns and self.patterns is not None:
             out["patterns"] = self.patterns.tolist()
+        if self.dp_stats is not None:
+            out["dp_stats"] = self.dp_stats.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerResult:
         kde = data.get("kde")
         patterns = data.get("patterns")
+        dp_stats = data.get("dp_stats")
         return cls(
             **{name: np.asarray(data[name], dtype=np.float64) for name in ARRAY_FIELDS},
             parity_max_abs_err=float(data["parity_max_abs_err"]),
             kde=None if kde is None else {name: np.asarray(values) for name, values in kde.items()},
             patterns=None if patterns is None else np.asarray(patterns, dtype=np.float32),
+            dp_stats=None if dp_stats is None else DpStats.from_dict(dp_stats),
         )
 
 
@@ -61,6 +102,9 @@ class AnalysisResult:
     exclude_first_token: bool
     layers: dict[int, LayerResult]
     warnings: tuple[str, ...] = field(default=())
+    head_scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [layer, head], NaN where undefined
+    exclude_current_token: bool = False  # the head detector's option; exclude_first_token is its exclude_bos
+    induction_probe: dict | None = None  # {"length", "seed"} when the input was the induction probe
 
     @property
     def n_tokens(self) -> int:
@@ -83,9 +127,12 @@ class AnalysisResult:
             "tokens": list(self.tokens),
             "token_ids": [int(i) for i in self.token_ids],
             "special_positions": list(self.special_positions),
-            "settings": {"exclude_first_token": self.exclude_first_token},
+            "settings": {"exclude_first_token": self.exclude_first_token,
+                         "exclude_current_token": self.exclude_current_token,
+                         "induction_probe": self.induction_probe},
             "warnings": list(self.warnings),
             "layers": {str(layer): result.to_dict(include_patterns) for layer, result in sorted(self.layers.items())},
+            "head_scores": {name: json_floats(values) for name, values in self.head_scores.items()},
         }
 
     @classmethod
@@ -101,4 +148,8 @@ class AnalysisResult:
             exclude_first_token=bool(data["settings"]["exclude_first_token"]),
             layers={int(key): LayerResult.from_dict(value) for key, value in data["layers"].items()},
             warnings=tuple(data.get("warnings", ())),
+            head_scores={name: np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+                         for name, values in data.get("head_scores", {}).items()},
+            exclude_current_token=bool(data["settings"].get("exclude_current_token", False)),
+            induction_probe=data["settings"].get("induction_probe"),
         )
