@@ -35,7 +35,7 @@ def test_default_run_writes_schema_json(gpt2_path, tmp_path, capsys):
     assert data["schema"] == "headscope.results/1"
     assert list(data["layers"]) == ["6"]  # layer 6 for a model with more than 6 layers
     assert data["text"].startswith("The majority of Fiji's islands")
-    assert data["model"]["n_layers"] == 8 and data["settings"] == {"exclude_first_token": True}
+    assert data["model"]["n_layers"] == 8 and data["settings"]["exclude_first_token"] is True
     layer = data["layers"]["6"]
     assert len(layer["q_means"]) == 12 and len(layer["kde"]["grid"]) == 300
     assert "patterns" not in layer
