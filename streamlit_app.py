@@ -28,7 +28,7 @@ DEVICES = ["cpu", "auto", "cuda"]
 DTYPES = ["float32", "bfloat16", "float16"]
 PATTERN_BUDGET = 256 * 2**20  # bytes of T x T patterns kept for all layers at once; beyond it, one layer per pass
 MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
-APPLIED, LAST_GOOD = "applied", "last_good"  # session-state keys
+APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another model, device or dtype, or a "
               "shorter text; the server log has the details.")
 HEAD_RANGE = "Head {head} is out of range: {model} has heads 0..{last} in each layer."
@@ -61,49 +61,63 @@ def default_layer(n_layers: int) -> int:
 
 
 def init_state() -> None:
-    """Widget values from the link (model, layer, head, text) the first time a session runs."""
-    if APPLIED in st.session_state:
+    """Widget defaults from the link (model, layer, head, text) the first time a session runs.
+
+    The defaults are passed to the widgets as `value=` rather than written into their session-state keys: a
+    value written that way is lost (the widget shows its blank default) when Analyse interrupts the first run.
+    """
+    if DEFAULTS in st.session_state:
         return
     params = st.query_params
     model = params.get("model", "auto")
     known = model in MODELS
     as_int = lambda value: int(value) if value is not None and value.isdigit() else None  # noqa: E731
-    st.session_state.update(model_choice=model if known else "auto", model_typed="" if known else model,
-                            device="cpu", dtype="float32", text=params.get("text", FIJI),
-                            layer=as_int(params.get("layer")), head=as_int(params.get("head")) or 0, exclude=True)
-    st.session_state[APPLIED] = settings_from_widgets()
+    defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
+                "dtype": "float32", "text": params.get("text", FIJI), "layer": as_int(params.get("layer")),
+                "head": as_int(params.get("head")) or 0, "exclude": True}
+    st.session_state[DEFAULTS], st.session_state[TEXT_VERSION] = defaults, 0
+    st.session_state[APPLIED] = settings_from(defaults)
 
 
-def settings_from_widgets() -> dict:
-    state = st.session_state
-    return {"model": state.model_typed.strip() or state.model_choice, "device": state.device, "dtype": state.dtype,
-            "text": state.text, "layer": state.layer, "head": int(state.head or 0), "exclude": bool(state.exclude)}
+def settings_from(values: dict) -> dict:
+    return {"model": values["model_typed"].strip() or values["model_choice"], "device": values["device"],
+            "dtype": values["dtype"], "text": values["text"], "layer": values["layer"], "head": int(values["head"] or 0),
+            "exclude": bool(values["exclude"])}
 
 
 def fill_preset() -> None:
+    """A preset replaces the text: a fresh text widget (new key) starts from it."""
     if st.session_state.preset:
-        st.session_state.text = PRESETS[st.session_state.preset]
+        st.session_state[DEFAULTS]["text"] = PRESETS[st.session_state.preset]
+        st.session_state[TEXT_VERSION] += 1
 
 
 def sidebar_ui() -> None:
+    d = st.session_state[DEFAULTS]
     with st.sidebar:
         st.header("headscope")
         st.selectbox("Fill the text with a preset", list(PRESETS), index=None, key="preset", on_change=fill_preset,
                      placeholder="Choose a preset text…")
         with st.form("settings"):
-            st.selectbox("Model", list(MODELS), format_func=MODELS.get, key="model_choice")
-            st.text_input("…or a hub id or local checkpoint path", key="model_typed", placeholder="e.g. EleutherAI/pythia-70m")
+            values = {
+                "model_choice": st.selectbox("Model", list(MODELS), index=list(MODELS).index(d["model_choice"]),
+                                             format_func=MODELS.get, key="model_choice"),
+                "model_typed": st.text_input("…or a hub id or local checkpoint path", d["model_typed"], key="model_typed",
+                                             placeholder="e.g. EleutherAI/pythia-70m"),
+            }
             device, dtype = st.columns(2)
-            device.selectbox("Device", DEVICES, key="device")
-            dtype.selectbox("Dtype", DTYPES, key="dtype")
-            st.text_area("Text", key="text", height=160)
+            values["device"] = device.selectbox("Device", DEVICES, DEVICES.index(d["device"]), key="device")
+            values["dtype"] = dtype.selectbox("Dtype", DTYPES, DTYPES.index(d["dtype"]), key="dtype")
+            values["text"] = st.text_area("Text", d["text"], height=160, key=f"text-{st.session_state[TEXT_VERSION]}")
             layer, head = st.columns(2)
-            layer.number_input("Layer", min_value=0, step=1, key="layer", placeholder="default")
-            head.number_input("Head", min_value=0, step=1, key="head")
-            st.toggle("Exclude first token", key="exclude",
-                      help="Leave position 0 out of the Q/K statistics and the dot products, as the notebook does.")
+            values["layer"] = layer.number_input("Layer", min_value=0, value=d["layer"], step=1, key="layer",
+                                                 placeholder="default")
+            values["head"] = head.number_input("Head", min_value=0, value=d["head"], step=1, key="head")
+            values["exclude"] = st.toggle("Exclude first token", d["exclude"], key="exclude",
+                                          help="Leave position 0 out of the Q/K statistics and the dot products, as "
+                                               "the notebook does.")
             if st.form_submit_button("Analyse", type="primary", width="stretch"):
-                st.session_state[APPLIED] = settings_from_widgets()
+                st.session_state[APPLIED] = settings_from(values)
 
 
 def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int, ...] | None:

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from analysis import analyze
 from analysis.loading import supported_families
-from analysis.presets import FIJI
+from analysis.presets import FIJI, PRESETS
 
 APP = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")
 TIMEOUT = 120
@@ -70,8 +70,11 @@ def column(spec: dict, name: str) -> np.ndarray:
 
 def submit(at: AppTest, **widgets) -> AppTest:
     for key, value in widgets.items():
-        getattr(at, {"layer": "number_input", "head": "number_input", "text": "text_area", "model_typed": "text_input",
-                     "exclude": "toggle"}[key])(key=key).set_value(value)
+        if key == "text":
+            at.text_area[0].set_value(value)
+        else:
+            getattr(at, {"layer": "number_input", "head": "number_input", "model_typed": "text_input",
+                         "exclude": "toggle"}[key])(key=key).set_value(value)
     at.button[0].click()
     return at.run()
 
@@ -145,7 +148,18 @@ def test_query_params_reproduce_the_view():
     assert not at.exception and not errors(at)
     specs = charts(at)
     assert chart_titled(specs, "Attention pattern of L2H4")
-    assert at.text_area(key="text").value == "Attention heads read keys with queries."
+    assert at.text_area[0].value == "Attention heads read keys with queries."
+
+
+def test_a_preset_fills_the_text_and_analyse_uses_it(forward_calls):
+    at = run_app()
+    at.selectbox(key="preset").set_value("A code snippet").run()
+    assert at.text_area[0].value == PRESETS["A code snippet"]
+    assert forward_calls == ["BertModel"]  # choosing a preset alone runs nothing new
+    at = submit(at)
+    assert not at.exception and not errors(at)
+    assert "def" in " ".join(element.value for element in at.markdown)
+    assert len(forward_calls) == 2
 
 
 def test_unknown_model_is_an_error_not_a_traceback():

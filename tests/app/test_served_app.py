@@ -1,0 +1,89 @@
+"""The app as a user meets it: `streamlit run` on 127.0.0.1, opened in headless Chromium, Analyse pressed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 60  # seconds for the server to answer its health endpoint
+DRAW_TIMEOUT_MS = 150_000  # first analysis: torch import + model load + forward pass on 2 cores
+DRAWN = ('[data-testid="stVegaLiteChart"] canvas, '
+         '[data-testid="stVegaLiteChart"] svg .mark-rect, [data-testid="stVegaLiteChart"] svg .mark-symbol')
+ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+SCREENSHOT = os.environ.get("HEADSCOPE_APP_SCREENSHOT")  # set it to keep a full-page screenshot for a person to look at
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def served_app(tmp_path):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp_path / "streamlit.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
+         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    assert response.read().decode().strip() == "ok"
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    pytest.fail(f"streamlit did not start:\n{(tmp_path / 'streamlit.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def drawn_charts(page) -> int:
+    """Charts whose vega-embed container holds drawn marks (a canvas, or SVG rects/symbols)."""
+    return page.evaluate(
+        """(selector) => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
+               .filter((chart) => chart.querySelector('canvas, svg .mark-rect path, svg .mark-symbol path')).length""",
+        DRAWN)
+
+
+def test_served_app_draws_the_charts_after_analyse(served_app, chromium):
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(served_app)
+        page.get_by_role("button", name="Analyse").click(timeout=60_000)
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
+                   .filter((chart) => chart.querySelector('canvas, svg .mark-rect path, svg .mark-symbol path')).length >= 5""",
+            timeout=DRAW_TIMEOUT_MS)
+        page.wait_for_timeout(1000)  # let the last rerun settle before looking for errors
+        assert drawn_charts(page) >= 5
+        assert page.locator(ERRORS).count() == 0, page.locator(ERRORS).all_inner_texts()
+        assert page.get_by_text("matches the model's own attention").count() == 1
+        # Analyse was pressed while the first run was still loading: the form must still hold its values
+        assert page.locator("textarea").input_value().startswith("The majority of Fiji")
+        if SCREENSHOT:
+            page.screenshot(path=SCREENSHOT, full_page=True)
+    finally:
+        page.close()
