@@ -111,14 +111,18 @@ def compute_self_score(patterns) -> np.ndarray:
     return diagonal.mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
 
 
-def compute_entropy_score(patterns) -> np.ndarray:
-    """Mean Shannon entropy (nats) of query rows 1..T-1, per head; 0 * log 0 = 0 (NaN for one token)."""
-    rows = _rows_after_first(patterns)
-    if not rows.shape[1]:
-        return np.full(rows.shape[0], np.nan)
+def compute_row_entropy(patterns) -> np.ndarray:
+    """Shannon entropy (nats) of every query row: [head, q_pos]; 0 * log 0 = 0."""
+    a = np.asarray(patterns, dtype=np.float64)  # [head, q_pos, k_pos]
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(rows > 0, -rows * np.log(rows), 0.0)  # [head, q_pos - 1, k_pos]
-    return terms.sum(axis=2).mean(axis=1)
+        terms = np.where(a > 0, -a * np.log(a), 0.0)  # [head, q_pos, k_pos], a new array
+    return terms.sum(axis=2)
+
+
+def compute_entropy_score(patterns) -> np.ndarray:
+    """Mean attention entropy (nats) of query rows 1..T-1, per head (NaN for one token)."""
+    rows = compute_row_entropy(patterns)[:, 1:]  # [head, q_pos - 1]
+    return rows.mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
 
 
 # ---- the fast route, run inside the forward pass ---------------------------------------------------------------------
@@ -203,7 +207,10 @@ def combine_score_parts(parts: np.ndarray, fixed: np.ndarray, exclude_bos: bool 
 def compute_head_scores(patterns, token_ids, exclude_bos: bool = False,
                         exclude_current_token: bool = False) -> dict[str, np.ndarray]:
     """Every score of one layer's patterns [head, q_pos, k_pos] by the fast route: {name: [head]}."""
-    weights = torch.from_numpy(np.asarray(patterns))  # shares memory; compute_score_parts only reads it
+    patterns = np.asarray(patterns)
+    if not patterns.flags.writeable:  # torch cannot wrap a read-only array
+        patterns = patterns.copy()
+    weights = torch.from_numpy(patterns)  # shares memory; compute_score_parts only reads it
     parts, fixed = compute_score_parts(weights, ScorePlan.build(token_ids))
     return combine_score_parts(parts.numpy(), fixed.numpy(), exclude_bos, exclude_current_token)
 

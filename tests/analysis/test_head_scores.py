@@ -1,0 +1,310 @@
+"""Head scores: hand-built patterns with known answers, then the model's own eager attention scored by an
+independent, loop-by-loop transcription of TransformerLens's head detector ("mul")."""
+
+import json
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import (AnalysisResult, HeadscopeError, analyze, analyze_ids, analyze_induction_probe, capture,
+                      induction_probe_ids, summarize)
+from analysis.head_scores import (HEAD_SCORES, compute_centered_dot_products, compute_duplicate_token_score,
+                                  compute_entropy_score, compute_head_scores, compute_induction_pattern,
+                                  compute_induction_score, compute_mannwhitney, compute_previous_token_score,
+                                  compute_row_entropy, compute_self_score, compute_sink_score)
+from analysis.metrics import compute_dot_products
+from analysis.results import HEAD_SCORE_NAMES
+from tests.conftest import FIJI, REPEATS
+
+N_HEADS, N_POS = 3, 9
+OPTIONS = list(product([False, True], repeat=2))  # (exclude_bos, exclude_current_token)
+DETECTION = ("previous_token", "duplicate_token", "induction")
+
+
+# ---- an independent transcription of TransformerLens's head detector, loops and all -----------------------------
+
+def tl_detection_pattern(name: str, ids) -> np.ndarray:
+    n = len(ids)
+    duplicate = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if ids[i] == ids[j] and i != j:  # np.fill_diagonal(eq_mask, 0)
+                duplicate[i, j] = 1
+    duplicate = np.tril(duplicate)
+    if name == "duplicate_token":
+        return duplicate
+    if name == "previous_token":
+        previous = np.zeros((n, n))
+        for i in range(1, n):
+            previous[i, i - 1] = 1
+        return previous
+    shifted = np.roll(duplicate, 1, axis=1)  # torch.roll(shifts=1, dims=1)
+    shifted[:, 0] = 0  # "replace first column with 0's"
+    return np.tril(shifted)
+
+
+def tl_mul_score(pattern: np.ndarray, detection: np.ndarray, exclude_bos: bool, exclude_current_token: bool) -> float:
+    a = np.array(pattern, dtype=np.float64)  # TransformerLens writes into its argument; we write into a copy
+    if exclude_bos:
+        a[:, 0] = 0
+    if exclude_current_token:
+        np.fill_diagonal(a, 0)
+    return float((a * detection).sum() / a.sum())
+
+
+def tl_scores(patterns, ids, exclude_bos, exclude_current_token) -> dict[str, np.ndarray]:
+    """{name: [layer, head]} from a list of [head, q_pos, k_pos] patterns."""
+    return {name: np.array([[tl_mul_score(head, tl_detection_pattern(name, ids), exclude_bos, exclude_current_token)
+                             for head in layer] for layer in patterns]) for name in DETECTION}
+
+
+def loop_pattern_scores(patterns) -> dict[str, np.ndarray]:
+    out = {"sink": [], "self": [], "entropy": []}
+    for layer in patterns:
+        sink, self_, entropy = [], [], []
+        for head in layer.astype(np.float64):
+            n = head.shape[0]
+            sink.append(sum(head[i, 0] for i in range(1, n)) / (n - 1))
+            self_.append(sum(head[i, i] for i in range(1, n)) / (n - 1))
+            entropy.append(sum(-sum(p * np.log(p) for p in head[i] if p > 0) for i in range(1, n)) / (n - 1))
+        out["sink"].append(sink)
+        out["self"].append(self_)
+        out["entropy"].append(entropy)
+    return {name: np.array(values) for name, values in out.items()}
+
+
+# ---- hand-built patterns -------------------------------------------------------------------------------------------
+
+def previous_token_pattern() -> np.ndarray:
+    """Every query attends to the previous token; the first can only attend to itself."""
+    pattern = np.zeros((N_HEADS, N_POS, N_POS), dtype=np.float32)
+    pattern[:, 0, 0] = 1
+    pattern[:, np.arange(1, N_POS), np.arange(N_POS - 1)] = 1
+    return pattern
+
+
+def uniform_causal_pattern(n_heads=N_HEADS, n=N_POS) -> np.ndarray:
+    causal = np.tril(np.ones((n, n)))  # [q_pos, k_pos]
+    return np.broadcast_to(causal / causal.sum(axis=1, keepdims=True), (n_heads, n, n)).astype(np.float32)
+
+
+def random_causal_pattern(rng, n_heads=N_HEADS, n=N_POS, causal=True) -> np.ndarray:
+    scores = rng.normal(size=(n_heads, n, n)) * 3  # [head, q_pos, k_pos]
+    if causal:
+        scores = np.where(np.tril(np.ones((n, n))) > 0, scores, -np.inf)
+    pattern = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return (pattern / pattern.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+REPEATED_IDS = np.array([5, 7, 7, 2, 9, 5, 7, 7, 2])  # repeats, including adjacent ones (7, 7)
+
+
+def both_routes(patterns, ids, exclude_bos, exclude_current_token) -> list[dict[str, np.ndarray]]:
+    """The readable numpy definitions and the fast route the recorder runs."""
+    dense = {
+        "previous_token": compute_previous_token_score(patterns, exclude_bos, exclude_current_token),
+        "duplicate_token": compute_duplicate_token_score(patterns, ids, exclude_bos, exclude_current_token),
+        "induction": compute_induction_score(patterns, ids, exclude_bos, exclude_current_token),
+        "sink": compute_sink_score(patterns), "self": compute_self_score(patterns),
+        "entropy": compute_entropy_score(patterns),
+    }
+    return [dense, compute_head_scores(patterns, ids, exclude_bos, exclude_current_token)]
+
+
+def test_score_names_agree_between_the_engine_and_the_results():
+    assert HEAD_SCORES == HEAD_SCORE_NAMES
+
+
+def test_perfect_previous_token_pattern():
+    pattern = previous_token_pattern()
+    for scores in both_routes(pattern, np.arange(N_POS), False, False):
+        np.testing.assert_allclose(scores["previous_token"], (N_POS - 1) / N_POS, rtol=1e-12)
+    for scores in both_routes(pattern, np.arange(N_POS), True, False):
+        assert np.all(scores["previous_token"] == 1.0)
+    for scores in both_routes(pattern, np.arange(N_POS), True, True):
+        assert np.all(scores["previous_token"] == 1.0)
+
+
+def test_uniform_causal_pattern_entropy_is_log_of_the_row_length():
+    pattern = uniform_causal_pattern()
+    np.testing.assert_allclose(compute_row_entropy(pattern), np.log(np.arange(1, N_POS + 1))[None].repeat(N_HEADS, 0),
+                               rtol=1e-6, atol=1e-7)
+    expected = np.log(np.arange(2, N_POS + 1)).mean()  # rows 1..T-1: log(i + 1)
+    for scores in both_routes(pattern, np.arange(N_POS), False, False):
+        np.testing.assert_allclose(scores["entropy"], expected, rtol=1e-6)
+        np.testing.assert_allclose(scores["sink"], np.mean(1 / np.arange(2, N_POS + 1)), rtol=1e-6)
+        np.testing.assert_allclose(scores["self"], np.mean(1 / np.arange(2, N_POS + 1)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("exclude_bos, exclude_current_token", OPTIONS)
+def test_the_induction_detection_pattern_scores_one(exclude_bos, exclude_current_token):
+    pattern = np.broadcast_to(compute_induction_pattern(REPEATED_IDS), (N_HEADS, N_POS, N_POS)).astype(np.float32)
+    assert pattern.sum() > 0 and np.trace(pattern[0]) > 0  # (7, 7) puts a 1 on the diagonal
+    for scores in both_routes(pattern, REPEATED_IDS, exclude_bos, exclude_current_token):
+        np.testing.assert_allclose(scores["induction"], 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(pattern[0], tl_detection_pattern("induction", REPEATED_IDS))
+
+
+@pytest.mark.parametrize("exclude_bos, exclude_current_token", OPTIONS)
+def test_patterns_are_not_mutated(exclude_bos, exclude_current_token):
+    pattern = random_causal_pattern(np.random.default_rng(0))
+    before = pattern.copy()
+    pattern.setflags(write=False)  # any write raises
+    both_routes(pattern, REPEATED_IDS, exclude_bos, exclude_current_token)
+    np.testing.assert_array_equal(pattern, before)
+    weights = torch.from_numpy(before.copy())
+    compute_head_scores(weights.numpy(), REPEATED_IDS, exclude_bos, exclude_current_token)
+    assert torch.equal(weights, torch.from_numpy(before))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("exclude_bos, exclude_current_token", OPTIONS)
+def test_both_routes_equal_the_transformer_lens_formula(causal, exclude_bos, exclude_current_token):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 4, size=N_POS)  # a small vocabulary: many repeats
+    pattern = random_causal_pattern(rng, causal=causal)
+    expected = {name: values[0] for name, values in tl_scores([pattern], ids, exclude_bos, exclude_current_token).items()}
+    expected.update({name: values[0] for name, values in loop_pattern_scores([pattern]).items()})
+    for scores in both_routes(pattern, ids, exclude_bos, exclude_current_token):
+        for name in HEAD_SCORES:
+            np.testing.assert_allclose(scores[name], expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_one_token_scores_are_undefined_not_zero():
+    pattern = np.ones((N_HEADS, 1, 1), dtype=np.float32)
+    for scores in both_routes(pattern, [3], True, False):
+        assert all(np.isnan(scores[name]).all() for name in HEAD_SCORES)
+
+
+# ---- the same-head vs different-head statistics --------------------------------------------------------------------
+
+def test_mannwhitney_p_value_and_rank_biserial():
+    from scipy.stats import mannwhitneyu
+
+    same, diff = np.array([5.0, 6.0, 7.0]), np.array([1.0, 2.0, 3.0, 4.0])
+    p, r = compute_mannwhitney(same, diff)
+    assert r == 1.0 and p == pytest.approx(mannwhitneyu(same, diff).pvalue)
+    assert compute_mannwhitney(diff, same)[1] == -1.0
+    assert compute_mannwhitney(same, np.empty(0)) == (None, None)
+
+
+def test_centered_dot_products_ignore_a_constant_added_to_every_key():
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(4, N_POS, 8)).astype(np.float32)  # [head, pos, d_head]
+    k = rng.normal(size=(2, N_POS, 8)).astype(np.float32)  # [kv_head, pos, d_head]: grouped-query
+    shifted = k + rng.normal(size=(2, 1, 8)).astype(np.float32) * 10  # one constant vector per key head
+    assert not np.allclose(compute_dot_products(q, k)[0], compute_dot_products(q, shifted)[0])
+    for a, b in zip(compute_centered_dot_products(q, k), compute_centered_dot_products(q, shifted)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    same, _ = compute_centered_dot_products(q, k)
+    np.testing.assert_allclose(same.reshape(4, N_POS - 2).mean(axis=1), 0, atol=1e-5)  # each group centred
+
+
+# ---- on real transformers code ---------------------------------------------------------------------------------------
+
+def eager_attentions(path, input_ids: torch.Tensor) -> list[np.ndarray]:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), output_attentions=True)
+    return [a[0].numpy() for a in out.attentions]  # per layer [head, q_pos, k_pos]
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "minilm"])
+def test_scores_equal_transformer_lens_formula_on_the_models_eager_attention(request, fixture):
+    loaded = request.getfixturevalue(fixture)
+    captured = capture(loaded, REPEATS, pattern_layers=[0])
+    ids = captured.token_ids
+    patterns = eager_attentions(loaded.info.path, torch.as_tensor(ids)[None])
+    expected_fixed = loop_pattern_scores(patterns)
+    for exclude_bos, exclude_current_token in OPTIONS:  # one capture, every option: no new forward pass
+        result = summarize(captured, loaded.info.to_dict(), [0], exclude_bos, exclude_current_token)
+        expected = tl_scores(patterns, ids, exclude_bos, exclude_current_token) | expected_fixed
+        for name in HEAD_SCORES:
+            assert result.head_scores[name].shape == (loaded.info.n_layers, loaded.info.n_heads)
+            np.testing.assert_allclose(result.head_scores[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert tl_scores(patterns, ids, True, False)["duplicate_token"].max() > 0  # the text has repeats
+
+
+def test_transformer_lens_own_functions_agree(gpt2):
+    head_detector = pytest.importorskip("transformer_lens.head_detector")
+    result = analyze(gpt2, REPEATS, layers=[0])
+    ids = torch.as_tensor(result.token_ids)[None]  # [batch=1, pos]
+    patterns = eager_attentions(gpt2.info.path, ids)
+    for name in DETECTION:
+        detection = getattr(head_detector, f"get_{name}_head_detection_pattern")(ids)
+        expected = [[head_detector.compute_head_attention_similarity_score(
+            torch.tensor(head).clone(), detection, exclude_bos=True, exclude_current_token=False, error_measure="mul")
+            for head in layer] for layer in patterns]
+        np.testing.assert_allclose(result.head_scores[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_cover_every_layer_while_one_layers_patterns_are_kept(gpt2):
+    captured = capture(gpt2, REPEATS, pattern_layers=[6])
+    assert set(captured.patterns) == {6}
+    assert captured.score_parts.shape[:2] == captured.score_fixed.shape[:2] == (8, 12)
+    one = summarize(captured, gpt2.info.to_dict(), [6])
+    every = analyze(gpt2, REPEATS)
+    assert set(one.layers) == {6} and one.layers[6].patterns.shape == (12, len(captured.tokens), len(captured.tokens))
+    for name in HEAD_SCORES:
+        assert one.head_scores[name].shape == (8, 12) and np.isfinite(one.head_scores[name]).all()
+        np.testing.assert_array_equal(one.head_scores[name], every.head_scores[name])
+
+
+def test_json_round_trip_with_head_scores_and_dp_stats(gpt2):
+    result = analyze(gpt2, FIJI, layers=[6])
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert sorted(data["head_scores"]) == sorted(HEAD_SCORES)
+    assert all(len(rows) == 8 and all(len(row) == 12 for row in rows) for rows in data["head_scores"].values())
+    stats = data["layers"]["6"]["dp_stats"]
+    assert 0 <= stats["mannwhitney_p"] <= 1 and -1 <= stats["rank_biserial"] <= 1
+    assert len(stats["same_head_dp_centered"]) == len(data["layers"]["6"]["same_head_dp"])
+    again = AnalysisResult.from_dict(data)
+    for name in HEAD_SCORES:
+        np.testing.assert_array_equal(again.head_scores[name], result.head_scores[name])
+    assert again.layers[6].dp_stats.rank_biserial == result.layers[6].dp_stats.rank_biserial
+    assert again.to_dict() == data
+
+
+def test_undefined_values_are_json_null(gpt2):
+    result = analyze(gpt2, "cat", layers=[0])  # one token, first excluded: nothing left to score
+    assert result.n_tokens == 1
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["head_scores"]["previous_token"][0][0] is None and data["head_scores"]["sink"][0][0] is None
+    assert data["layers"]["0"]["dp_stats"]["mannwhitney_p"] is None
+    assert np.isnan(AnalysisResult.from_dict(data).head_scores["induction"]).all()
+
+
+# ---- the induction probe -------------------------------------------------------------------------------------------
+
+def test_induction_probe_is_a_seeded_repeat_with_bos_first(gpt2, minilm):
+    ids = induction_probe_ids(gpt2, length=20, seed=0)
+    bos = gpt2.tokenizer.bos_token_id
+    assert ids[0] == bos and len(ids) == 41
+    np.testing.assert_array_equal(ids[1:21], ids[21:])
+    assert len(set(ids[1:21].tolist())) == 20 and bos not in ids[1:]
+    np.testing.assert_array_equal(ids, induction_probe_ids(gpt2, length=20, seed=0))
+    assert not np.array_equal(ids, induction_probe_ids(gpt2, length=20, seed=1))
+    bert = induction_probe_ids(minilm, length=10)
+    assert [bert[0], bert[-1]] == [minilm.tokenizer.cls_token_id, minilm.tokenizer.sep_token_id]
+    np.testing.assert_array_equal(bert[1:11], bert[11:21])
+
+
+def test_induction_probe_analysis(gpt2):
+    result = analyze_induction_probe(gpt2, length=30, seed=3, layers=[6])
+    ids = induction_probe_ids(gpt2, length=30, seed=3)
+    np.testing.assert_array_equal(result.token_ids, ids)
+    assert result.to_dict()["settings"]["induction_probe"] == {"length": 30, "seed": 3}
+    assert result.special_positions == (0,)
+    plain = analyze_ids(gpt2, ids, layers=[6])
+    np.testing.assert_array_equal(plain.head_scores["induction"], result.head_scores["induction"])
+    assert plain.induction_probe is None
+    assert compute_induction_pattern(ids).sum(axis=1).tolist() == [0] * 31 + [1] * 30  # one target per second-copy query
+
+
+def test_induction_probe_too_long_is_refused(gpt2):
+    with pytest.raises(HeadscopeError, match="at most 63"):
+        induction_probe_ids(gpt2, length=64)
