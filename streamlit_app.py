@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import re
 
 import streamlit as st
@@ -27,6 +28,7 @@ MODELS = {
 DEVICES = ["cpu", "auto", "cuda"]
 DTYPES = ["float32", "bfloat16", "float16"]
 PATTERN_BUDGET = 256 * 2**20  # bytes of T x T patterns kept for all layers at once; beyond it, one layer per pass
+DEFAULT_MODEL_ENV = "HEADSCOPE_MODEL"  # the model a link without ?model= opens (a Community Cloud secret can set it)
 MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another model, device or dtype, or a "
@@ -69,7 +71,7 @@ def init_state() -> None:
     if DEFAULTS in st.session_state:
         return
     params = st.query_params
-    model = params.get("model", "auto")
+    model = params.get("model", os.environ.get(DEFAULT_MODEL_ENV, "auto"))
     known = model in MODELS
     as_int = lambda value: int(value) if value is not None and value.isdigit() else None  # noqa: E731
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",

@@ -205,9 +205,11 @@ def test_unsupported_architecture_names_the_supported_families(t5_path):
     assert "T5" in errors(at)[0] and supported_families() in errors(at)[0]
 
 
-def test_a_causal_model_notes_that_first_token_self_attention_is_one(gpt2_path, forward_calls):
-    at = run_app(model=str(gpt2_path), layer="6", head="3")
+def test_a_causal_model_notes_that_first_token_self_attention_is_one(gpt2_path, forward_calls, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_MODEL", str(gpt2_path))  # the deployment's default model (README: Community Cloud)
+    at = run_app(layer="6", head="3")
     assert not at.exception and not errors(at)
     softmax = chart_titled(charts(at), "Softmax attention weights")
     assert "always exactly 1" in json.dumps(softmax["title"])
     assert forward_calls == ["GPT2Model"]
+    assert at.query_params["model"] == str(gpt2_path)
