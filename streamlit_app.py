@@ -12,6 +12,7 @@ import logging
 import os
 import re
 
+import altair as alt
 import streamlit as st
 
 from analysis import AnalysisResult, Capture, HeadscopeError, LoadedModel, ModelInfo, capture, load_model, summarize
@@ -179,7 +180,10 @@ def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int) -
     for item in build_layer_charts(result, layer, head, positions):
         st.subheader(item.title)
         st.caption(item.explanation)
-        st.altair_chart(item.chart, width="content" if item.key == "heatmap" else "stretch")
+        stretch = item.key != "heatmap"  # the heatmap keeps its square cells; the others fill the page's width
+        # Streamlit's default autosize "fit" squeezes titles and axes into the spec's height; keep them outside it
+        sizing = alt.AutoSizeParams(type="fit-x" if stretch else "pad", contains="padding")
+        st.altair_chart(item.chart.properties(autosize=sizing), width="stretch" if stretch else "content")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
     st.download_button("Download the results (JSON)", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
                        mime="application/json", on_click="ignore")

@@ -213,3 +213,15 @@ def test_a_causal_model_notes_that_first_token_self_attention_is_one(gpt2_path, 
     assert "always exactly 1" in json.dumps(softmax["title"])
     assert forward_calls == ["GPT2Model"]
     assert at.query_params["model"] == str(gpt2_path)
+
+
+def test_a_long_text_heatmap_is_aggregated_and_the_window_zooms_to_tokens(forward_calls):
+    at = run_app(text=" ".join([FIJI] * 3))  # 119 MiniLM tokens: past the 70-token heatmap grid
+    assert not at.exception and not errors(at)
+    heatmap = chart_titled(charts(at), "Attention pattern")
+    assert "blocks of 2" in json.dumps(heatmap["title"])
+    assert len(column(heatmap, "weight")) <= 70 * 70
+    at.slider[0].set_value((10, 40)).run()
+    heatmap = chart_titled(charts(at), "Attention pattern")
+    assert len(column(heatmap, "weight")) == 30 * 30 and "blocks" not in json.dumps(heatmap["title"])
+    assert forward_calls == ["BertModel"]
