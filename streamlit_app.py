@@ -18,6 +18,7 @@ import streamlit as st
 from analysis import AnalysisResult, Capture, HeadscopeError, LoadedModel, ModelInfo, capture, load_model, summarize
 from analysis.presets import FIJI, PRESETS
 from reports.charts import MAX_AXIS_CELLS, build_layer_charts, display_token
+from reports.html import render_report
 
 MODELS = {
     "auto": "auto (gpt2 if cached, else the bundled MiniLM)",
@@ -187,7 +188,9 @@ def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int) -
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
     st.download_button("Download the results (JSON)", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
                        mime="application/json", on_click="ignore")
-    # --- HTML report: the "Download HTML report" button (reports.html.render_report(result)) goes here. ---
+    # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html
+    st.download_button("Download HTML report", lambda: render_report(result, head=head),
+                       file_name=f"headscope-{slug}-L{layer}.html", mime="text/html", on_click="ignore")
 
 
 def share_link(settings: dict, layer: int, head: int) -> None:

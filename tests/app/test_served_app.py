@@ -68,7 +68,7 @@ def drawn_charts(page) -> int:
         DRAWN)
 
 
-def test_served_app_draws_the_charts_after_analyse(served_app, chromium):
+def test_served_app_draws_the_charts_after_analyse(served_app, chromium, tmp_path):
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(served_app)
@@ -85,5 +85,21 @@ def test_served_app_draws_the_charts_after_analyse(served_app, chromium):
         assert page.locator("textarea").input_value().startswith("The majority of Fiji")
         if SCREENSHOT:
             page.screenshot(path=SCREENSHOT, full_page=True)
+        assert_download_equals_cli_report(page, tmp_path)
     finally:
         page.close()
+
+
+def assert_download_equals_cli_report(page, tmp_path):
+    """The app's "Download HTML report" and `python -m reports --html` agree byte for byte, apart from the time."""
+    with page.expect_download(timeout=60_000) as download_info:
+        page.get_by_role("button", name="Download HTML report").click()
+    downloaded = Path(download_info.value.path()).read_text(encoding="utf-8")
+    cli_report = tmp_path / "cli.html"
+    # the app's defaults: model auto (the bundled MiniLM offline), the Fiji text, layer 3 of 6, head 0
+    subprocess.run([sys.executable, "-m", "reports", "--layer", "3", "--head", "0", "--html", str(cli_report)],
+                   cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True)
+    app_lines, cli_lines = downloaded.splitlines(), cli_report.read_text(encoding="utf-8").splitlines()
+    assert len(app_lines) == len(cli_lines)
+    differing = [(a, c) for a, c in zip(app_lines, cli_lines) if a != c]
+    assert len(differing) <= 1 and all("UTC" in a for a, _ in differing), differing[:2]
