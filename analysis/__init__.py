@@ -49,7 +49,7 @@ def compute_layer_result(q, k, pattern, parity: float, exclude_first_token: bool
     q_means, q_stds = compute_head_stats(q, exclude_first_token)
     k_means, k_stds = compute_head_stats(k, exclude_first_token)
     same, diff = compute_dot_products(q, k, exclude_first_token)
-    same_centered, diff_centered = compute_centered_dot_products(q, k, exclude_first_token)
+    same_centered, diff_centered = compute_centered_dot_products(q, k, exclude_first_token, dots=(same, diff))
     p, r = compute_mannwhitney(same, diff)
     p_centered, r_centered = compute_mannwhitney(same_centered, diff_centered)
     dp_stats = DpStats(mannwhitney_p=p, rank_biserial=r, same_head_dp_centered=same_centered,

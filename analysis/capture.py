@@ -165,8 +165,8 @@ def _run(loaded, text: str, encoded: dict, special: np.ndarray, pattern_layers) 
         k=tuple(recorder.k),
         patterns=recorder.patterns,
         parity=recorder.parity,
-        score_parts=torch.stack(recorder.score_parts).cpu().numpy(),  # [layer, head, 4, 4]
-        score_fixed=torch.stack(recorder.score_fixed).cpu().numpy(),  # [layer, head, 3]
+        score_parts=torch.stack(recorder.score_parts).cpu().numpy() if recorder.score_parts else None,  # [layer, head, 4, 4]
+        score_fixed=torch.stack(recorder.score_fixed).cpu().numpy() if recorder.score_fixed else None,  # [layer, head, 3]
     )
 
 

@@ -190,6 +190,20 @@ def test_mannwhitney_p_value_and_rank_biserial():
     assert compute_mannwhitney(same, np.empty(0)) == (None, None)
 
 
+@pytest.mark.parametrize("n_same, n_diff, ties", [(300, 3300, False), (40, 50, True), (9, 9, False), (5, 30, False)])
+def test_mannwhitney_equals_scipy(n_same, n_diff, ties):
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(n_same)
+    same, diff = rng.normal(size=n_same) + 0.1, rng.normal(size=n_diff)
+    if ties:
+        same, diff = np.round(same), np.round(diff)
+    expected = mannwhitneyu(same, diff, alternative="two-sided")
+    p, r = compute_mannwhitney(same, diff)
+    assert p == pytest.approx(expected.pvalue, rel=1e-9)
+    assert r == pytest.approx(2 * expected.statistic / (n_same * n_diff) - 1, rel=1e-12)
+
+
 def test_centered_dot_products_ignore_a_constant_added_to_every_key():
     rng = np.random.default_rng(2)
     q = rng.normal(size=(4, N_POS, 8)).astype(np.float32)  # [head, pos, d_head]
@@ -198,8 +212,11 @@ def test_centered_dot_products_ignore_a_constant_added_to_every_key():
     assert not np.allclose(compute_dot_products(q, k)[0], compute_dot_products(q, shifted)[0])
     for a, b in zip(compute_centered_dot_products(q, k), compute_centered_dot_products(q, shifted)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    same, _ = compute_centered_dot_products(q, k)
+    same, diff = compute_centered_dot_products(q, k)
     np.testing.assert_allclose(same.reshape(4, N_POS - 2).mean(axis=1), 0, atol=1e-5)  # each group centred
+    centered = k - k[:, 1:-1].mean(axis=1, keepdims=True)  # the definition, spelled out
+    for a, b in zip((same, diff), compute_dot_products(q, centered)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ---- on real transformers code ---------------------------------------------------------------------------------------
