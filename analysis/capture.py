@@ -165,9 +165,13 @@ def _run(loaded, text: str, encoded: dict, special: np.ndarray, pattern_layers) 
         k=tuple(recorder.k),
         patterns=recorder.patterns,
         parity=recorder.parity,
-        score_parts=torch.stack(recorder.score_parts).cpu().numpy() if recorder.score_parts else None,  # [layer, head, 4, 4]
-        score_fixed=torch.stack(recorder.score_fixed).cpu().numpy() if recorder.score_fixed else None,  # [layer, head, 3]
+        score_parts=_stacked(recorder.score_parts),  # [layer, head, 4, 4]
+        score_fixed=_stacked(recorder.score_fixed),  # [layer, head, 3]
     )
+
+
+def _stacked(per_layer: list[torch.Tensor]) -> np.ndarray | None:
+    return torch.stack(per_layer).cpu().numpy() if per_layer else None  # one transfer for all layers
 
 
 def capture_c_attn(loaded, text: str, layer: int) -> tuple[np.ndarray, np.ndarray]:

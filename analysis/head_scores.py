@@ -155,8 +155,9 @@ class ScorePlan:
             rows = slice(start, start + q.size)
             parts[rows, score] = np.stack([np.ones(q.size), k == 0, q == k, (q == 0) & (k == 0)], axis=1)
             start += q.size
-        return cls(n=n, q_index=torch.as_tensor(q_index, device=device), k_index=torch.as_tensor(k_index, device=device),
-                   parts=torch.as_tensor(parts.reshape(q_index.size, len(DETECTION_SCORES) * len(PARTS)), device=device))
+        parts = parts.reshape(q_index.size, len(DETECTION_SCORES) * len(PARTS))  # [pair, score * part]
+        return cls(n=n, q_index=torch.as_tensor(q_index, device=device),
+                   k_index=torch.as_tensor(k_index, device=device), parts=torch.as_tensor(parts, device=device))
 
 
 def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +170,8 @@ def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.T
     """
     h, n = weights.shape[0], weights.shape[-1]
     gathered = weights[:, plan.q_index, plan.k_index].double()  # [head, pair]
-    numerators = (gathered @ plan.parts).view(h, len(DETECTION_SCORES), len(PARTS))  # [h, pair] @ [pair, 3*4] -> [h, 3, 4]
+    numerators = gathered @ plan.parts  # [h, pair] @ [pair, 3*4] -> [h, 3*4]
+    numerators = numerators.view(h, len(DETECTION_SCORES), len(PARTS))  # [head, score, part]
     diagonal = weights.diagonal(dim1=-2, dim2=-1)  # [head, pos], a view
     denominator = torch.stack([
         weights.sum(dim=(-2, -1), dtype=torch.float64),

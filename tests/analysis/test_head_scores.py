@@ -8,12 +8,30 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import (AnalysisResult, HeadscopeError, analyze, analyze_ids, analyze_induction_probe, capture,
-                      induction_probe_ids, summarize)
-from analysis.head_scores import (HEAD_SCORES, compute_centered_dot_products, compute_duplicate_token_score,
-                                  compute_entropy_score, compute_head_scores, compute_induction_pattern,
-                                  compute_induction_score, compute_mannwhitney, compute_previous_token_score,
-                                  compute_row_entropy, compute_self_score, compute_sink_score)
+from analysis import (
+    AnalysisResult,
+    HeadscopeError,
+    analyze,
+    analyze_ids,
+    analyze_induction_probe,
+    capture,
+    induction_probe_ids,
+    summarize,
+)
+from analysis.head_scores import (
+    HEAD_SCORES,
+    compute_centered_dot_products,
+    compute_duplicate_token_score,
+    compute_entropy_score,
+    compute_head_scores,
+    compute_induction_pattern,
+    compute_induction_score,
+    compute_mannwhitney,
+    compute_previous_token_score,
+    compute_row_entropy,
+    compute_self_score,
+    compute_sink_score,
+)
 from analysis.metrics import compute_dot_products
 from analysis.results import HEAD_SCORE_NAMES
 from tests.conftest import FIJI, REPEATS
@@ -165,7 +183,8 @@ def test_both_routes_equal_the_transformer_lens_formula(causal, exclude_bos, exc
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 4, size=N_POS)  # a small vocabulary: many repeats
     pattern = random_causal_pattern(rng, causal=causal)
-    expected = {name: values[0] for name, values in tl_scores([pattern], ids, exclude_bos, exclude_current_token).items()}
+    expected = tl_scores([pattern], ids, exclude_bos, exclude_current_token)
+    expected = {name: values[0] for name, values in expected.items()}
     expected.update({name: values[0] for name, values in loop_pattern_scores([pattern]).items()})
     for scores in both_routes(pattern, ids, exclude_bos, exclude_current_token):
         for name in HEAD_SCORES:
@@ -319,7 +338,8 @@ def test_induction_probe_analysis(gpt2):
     plain = analyze_ids(gpt2, ids, layers=[6])
     np.testing.assert_array_equal(plain.head_scores["induction"], result.head_scores["induction"])
     assert plain.induction_probe is None
-    assert compute_induction_pattern(ids).sum(axis=1).tolist() == [0] * 31 + [1] * 30  # one target per second-copy query
+    # one induction target for every query of the second copy, none before
+    assert compute_induction_pattern(ids).sum(axis=1).tolist() == [0] * 31 + [1] * 30
 
 
 def test_induction_probe_too_long_is_refused(gpt2):
