@@ -16,6 +16,7 @@ import altair as alt
 import streamlit as st
 
 from analysis import AnalysisResult, Capture, HeadscopeError, LoadedModel, ModelInfo, capture, load_model, summarize
+from analysis.capture import PATTERN_BUDGET, pattern_bytes
 from analysis.presets import FIJI, PRESETS
 from reports.charts import MAX_AXIS_CELLS, build_layer_charts, display_token
 from reports.html import render_report
@@ -29,7 +30,6 @@ MODELS = {
 }
 DEVICES = ["cpu", "auto", "cuda"]
 DTYPES = ["float32", "bfloat16", "float16"]
-PATTERN_BUDGET = 256 * 2**20  # bytes of T x T patterns kept for all layers at once; beyond it, one layer per pass
 DEFAULT_MODEL_ENV = "HEADSCOPE_MODEL"  # the model a link without ?model= opens (a Community Cloud secret can set it)
 MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
@@ -49,7 +49,7 @@ def get_model(model: str, device: str, dtype: str) -> LoadedModel:
 
 @st.cache_data(max_entries=4, show_spinner=False)
 def get_capture(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None) -> Capture:
-    return capture(get_model(model, device, dtype), text, pattern_layers)
+    return capture(get_model(model, device, dtype), text, pattern_layers, keep_patterns=True)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -128,7 +128,7 @@ def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int,
     """Every layer's T x T patterns when they fit PATTERN_BUDGET (layer changes are then free), else just `layer`."""
     info = loaded.info
     n = len(loaded.tokenizer(text)["input_ids"]) if text.strip() else 0
-    return None if info.n_layers * info.n_heads * n * n * 4 <= PATTERN_BUDGET else (layer,)
+    return None if pattern_bytes(info.n_heads, n, info.n_layers) <= PATTERN_BUDGET else (layer,)
 
 
 def analyse(settings: dict) -> tuple[AnalysisResult, LoadedModel, int, int]:

@@ -6,12 +6,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from analysis.capture import Capture, capture, capture_ids
+from analysis.capture import PATTERN_BUDGET, Capture, capture, capture_ids, pattern_bytes
 from analysis.errors import HeadscopeError
 from analysis.head_scores import combine_score_parts, compute_centered_dot_products, compute_mannwhitney
 from analysis.loading import LoadedModel, ModelInfo, load_model
 from analysis.metrics import (
-    compute_attention_summaries,
     compute_dot_products,
     compute_head_stats,
     compute_kde,
@@ -27,6 +26,8 @@ __all__ = ["AnalysisResult", "Capture", "DpStats", "HeadscopeError", "LayerResul
 SHORT_TEXT = ("The text has only {n} token(s): the dot products need at least 3 tokens and the KDE at least 3, "
               "so those fields are empty.")
 LAYER_RANGE = "Layer {layer} is out of range: this model has layers 0..{last}."
+PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only their read-outs: pass "
+                    "keep_patterns=True, or fewer layers, for heatmaps.")
 PROBE_LENGTH = 50
 PROBE_TOO_LONG = ("An induction probe of {length} tokens repeated twice ({n} tokens with special tokens) is longer "
                   "than the {limit} positions {model} accepts: choose a length of at most {most}.")
@@ -44,8 +45,10 @@ def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     return chosen
 
 
-def compute_layer_result(q, k, pattern, parity: float, exclude_first_token: bool) -> LayerResult:
-    """Every measurement of one layer from its captured q [head, pos, d], k [kv_head, pos, d] and pattern."""
+def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_token: bool,
+                         pattern=None) -> LayerResult:
+    """Every measurement of one layer from its captured q [head, pos, d], k [kv_head, pos, d] and the read-outs
+    of its pattern (metrics.compute_attention_summaries); `pattern` [head, q_pos, k_pos] is kept if given."""
     q_means, q_stds = compute_head_stats(q, exclude_first_token)
     k_means, k_stds = compute_head_stats(k, exclude_first_token)
     same, diff = compute_dot_products(q, k, exclude_first_token)
@@ -55,9 +58,8 @@ def compute_layer_result(q, k, pattern, parity: float, exclude_first_token: bool
     dp_stats = DpStats(mannwhitney_p=p, rank_biserial=r, same_head_dp_centered=same_centered,
                        diff_head_dp_centered=diff_centered, mannwhitney_p_centered=p_centered,
                        rank_biserial_centered=r_centered)
-    summaries = compute_attention_summaries(pattern)
     kde = None
-    if pattern.shape[1] >= 3:
+    if q.shape[1] >= 3:
         grid = kde_grid()
         curves = {name: compute_kde(summaries[name], grid) for name in ("final_to_prev", "self_attention")}
         if all(curve is not None for curve in curves.values()):
@@ -70,16 +72,19 @@ def compute_layer_result(q, k, pattern, parity: float, exclude_first_token: bool
 def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = None,
               exclude_first_token: bool = True, exclude_current_token: bool = False,
               induction_probe: dict | None = None) -> AnalysisResult:
-    """Measurements for `layers` (default: every layer whose pattern was captured); no model call.
+    """Measurements for `layers` (default: every layer whose pattern was read); no model call.
 
     The head scores cover every layer whatever `layers` is; `exclude_first_token` is also the head
     detector's exclude_bos, and both exclusions are applied here, so changing them needs no new forward pass.
     """
-    chosen = sorted(captured.patterns) if layers is None else check_layers(layers, len(captured.q))
-    missing = [layer for layer in chosen if layer not in captured.patterns]
+    chosen = sorted(captured.summaries) if layers is None else check_layers(layers, len(captured.q))
+    missing = [layer for layer in chosen if layer not in captured.summaries]
     if missing:
         raise HeadscopeError(f"Layer(s) {missing} were not captured with attention patterns.")
     n = len(captured.tokens)
+    warnings = [SHORT_TEXT.format(n=n)] if n < 3 else []
+    if any(layer not in captured.patterns for layer in chosen):
+        warnings.append(PATTERNS_DROPPED.format(mib=pattern_bytes(model["n_heads"], n, len(chosen)) / 2**20))
     return AnalysisResult(
         model={key: model[key] for key in MODEL_KEYS},
         text=captured.text,
@@ -87,9 +92,10 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
         token_ids=captured.token_ids,
         special_positions=tuple(int(i) for i in captured.special.nonzero()[0]),
         exclude_first_token=exclude_first_token,
-        layers={layer: compute_layer_result(captured.q[layer], captured.k[layer], captured.patterns[layer],
-                                            captured.parity[layer], exclude_first_token) for layer in chosen},
-        warnings=(SHORT_TEXT.format(n=n),) if n < 3 else (),
+        layers={layer: compute_layer_result(captured.q[layer], captured.k[layer], captured.summaries[layer],
+                                            captured.parity[layer], exclude_first_token, captured.patterns.get(layer))
+                for layer in chosen},
+        warnings=tuple(warnings),
         head_scores={} if captured.score_parts is None else combine_score_parts(
             captured.score_parts, captured.score_fixed, exclude_first_token, exclude_current_token),
         exclude_current_token=exclude_current_token,
@@ -98,19 +104,24 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
 
 
 def analyze(loaded: LoadedModel, text: str, layers: Iterable[int] | None = None,
-            exclude_first_token: bool = True, exclude_current_token: bool = False) -> AnalysisResult:
-    """One forward pass, then every measurement for `layers` (None: every layer) and every head's scores."""
+            exclude_first_token: bool = True, exclude_current_token: bool = False,
+            keep_patterns: bool | None = None) -> AnalysisResult:
+    """One forward pass, then every measurement for `layers` (None: every layer) and every head's scores.
+
+    Each requested layer's T x T pattern is reduced to its read-outs during the pass; the patterns themselves
+    (heatmaps, --patterns) are kept when `keep_patterns`, by default (None) while they fit in PATTERN_BUDGET.
+    """
     chosen = check_layers(layers, loaded.info.n_layers)
-    captured = capture(loaded, text, pattern_layers=chosen)
+    captured = capture(loaded, text, pattern_layers=chosen, keep_patterns=keep_patterns)
     return summarize(captured, loaded.info.to_dict(), chosen, exclude_first_token, exclude_current_token)
 
 
 def analyze_ids(loaded: LoadedModel, token_ids, layers: Iterable[int] | None = None,
                 exclude_first_token: bool = True, exclude_current_token: bool = False,
-                induction_probe: dict | None = None) -> AnalysisResult:
+                induction_probe: dict | None = None, keep_patterns: bool | None = None) -> AnalysisResult:
     """As `analyze`, for token ids fed to the model as they are (no special tokens added)."""
     chosen = check_layers(layers, loaded.info.n_layers)
-    captured = capture_ids(loaded, token_ids, pattern_layers=chosen)
+    captured = capture_ids(loaded, token_ids, pattern_layers=chosen, keep_patterns=keep_patterns)
     return summarize(captured, loaded.info.to_dict(), chosen, exclude_first_token, exclude_current_token,
                      induction_probe)
 

@@ -21,12 +21,13 @@ import torch
 
 from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan, compute_score_parts
-from analysis.metrics import compute_pattern
+from analysis.metrics import compute_attention_summaries, compute_pattern
 
 CAPTURE_ATTENTION = "headscope"
 EMPTY_TEXT = "The text is empty: type a sentence to analyse."
 TOO_LONG = "The text is {n} tokens long but {model} accepts at most {limit}: shorten it."
 NO_EAGER = "{cls} has no eager attention function to capture through."
+PATTERN_BUDGET = 256 * 2**20  # bytes of T x T patterns kept by default (keep_patterns=None)
 
 _RECORDER: ContextVar[_Recorder | None] = ContextVar("headscope_recorder", default=None)
 
@@ -41,8 +42,9 @@ class Capture:
     special: np.ndarray  # [pos] bool: BOS/CLS/SEP and other special tokens
     q: tuple[np.ndarray, ...]  # per layer [head, pos, d_head] float32
     k: tuple[np.ndarray, ...]  # per layer [kv_head, pos, d_head] float32
-    patterns: dict[int, np.ndarray]  # requested layers: [head, q_pos, k_pos] float32
+    summaries: dict[int, dict[str, np.ndarray]]  # requested layers: the pattern's read-outs (metrics.SUMMARIES)
     parity: dict[int, float]  # requested layers: max |pattern - the model's own weights|
+    patterns: dict[int, np.ndarray]  # requested layers when kept: [head, q_pos, k_pos] float32
     score_parts: np.ndarray | None = None  # every layer: [layer, head, 4, 4] float64, see head_scores.PARTS
     score_fixed: np.ndarray | None = None  # every layer: [layer, head, 3] float64: sink, self, entropy
 
@@ -50,11 +52,13 @@ class Capture:
 @dataclass
 class _Recorder:
     pattern_layers: frozenset[int] | None  # None: every layer
+    keep_patterns: bool = True  # False: reduce each pattern to its read-outs and let it go
     token_ids: np.ndarray | None = None  # [pos]: for the head scores' detection patterns; None: no scores
     q: list[np.ndarray] = field(default_factory=list)
     k: list[np.ndarray] = field(default_factory=list)
-    patterns: dict[int, np.ndarray] = field(default_factory=dict)
+    summaries: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     parity: dict[int, float] = field(default_factory=dict)
+    patterns: dict[int, np.ndarray] = field(default_factory=dict)
     score_parts: list[torch.Tensor] = field(default_factory=list)  # per layer [head, 4, 4], on the device
     score_fixed: list[torch.Tensor] = field(default_factory=list)  # per layer [head, 3], on the device
     plan: ScorePlan | None = None
@@ -68,8 +72,11 @@ class _Recorder:
         if self.pattern_layers is None or layer in self.pattern_layers:
             mask = None if attention_mask is None else attention_mask[0, :, :, : k.shape[-2]]  # [1, q_pos, k_pos]
             pattern = compute_pattern(q, k, scaling, mask, softcap)  # [head, q_pos, k_pos]
-            self.parity[layer] = float((pattern - weights[0].float()).abs().max())
-            self.patterns[layer] = pattern.cpu().numpy()
+            self.parity[layer] = float(torch.sub(pattern, weights[0]).abs_().max())  # one temporary
+            pattern = pattern.cpu().numpy()  # [head, q_pos, k_pos]
+            self.summaries[layer] = compute_attention_summaries(pattern)  # small copies
+            if self.keep_patterns:
+                self.patterns[layer] = pattern
         if self.token_ids is not None:
             if self.plan is None or self.plan.q_index.device != weights.device:
                 self.plan = ScorePlan.build(self.token_ids, weights.device)
@@ -123,15 +130,22 @@ def tokenize(loaded, text: str) -> dict:
     return encoded
 
 
-def capture(loaded, text: str, pattern_layers=None) -> Capture:
-    """Run the model once on `text`; q/k for every layer, patterns for `pattern_layers` (None: all)."""
+def pattern_bytes(n_heads: int, n_tokens: int, n_layers: int) -> int:
+    """What keeping `n_layers` float32 T x T patterns costs."""
+    return n_layers * n_heads * n_tokens * n_tokens * 4
+
+
+def capture(loaded, text: str, pattern_layers=None, keep_patterns: bool | None = None) -> Capture:
+    """Run the model once on `text`: q/k for every layer; for `pattern_layers` (None: all) the pattern's
+    read-outs and parity, and the T x T patterns themselves when `keep_patterns` (None: if they fit in
+    PATTERN_BUDGET)."""
     encoded = tokenize(loaded, text)
     special = encoded.pop("special_tokens_mask")[0].numpy().astype(bool)  # [pos]: the ones the tokenizer added
     special |= np.isin(encoded["input_ids"][0].numpy(), loaded.tokenizer.all_special_ids)  # [pos]: typed ones too
-    return _run(loaded, text, encoded, special, pattern_layers)
+    return _run(loaded, text, encoded, special, pattern_layers, keep_patterns)
 
 
-def capture_ids(loaded, token_ids, pattern_layers=None) -> Capture:
+def capture_ids(loaded, token_ids, pattern_layers=None, keep_patterns: bool | None = None) -> Capture:
     """As `capture`, for token ids given as they are (no special tokens added), e.g. the induction probe."""
     ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64)).reshape(1, -1)  # [batch=1, pos]
     n, limit = ids.shape[1], loaded.info.max_positions
@@ -141,12 +155,17 @@ def capture_ids(loaded, token_ids, pattern_layers=None) -> Capture:
         raise HeadscopeError(TOO_LONG.format(n=n, model=loaded.info.id, limit=limit))
     special = np.isin(ids[0].numpy(), loaded.tokenizer.all_special_ids)  # [pos]
     text = loaded.tokenizer.decode(ids[0].tolist(), clean_up_tokenization_spaces=False)
-    return _run(loaded, text, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, special, pattern_layers)
+    encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return _run(loaded, text, encoded, special, pattern_layers, keep_patterns)
 
 
-def _run(loaded, text: str, encoded: dict, special: np.ndarray, pattern_layers) -> Capture:
+def _run(loaded, text: str, encoded: dict, special: np.ndarray, pattern_layers, keep_patterns) -> Capture:
     ids = encoded["input_ids"][0]  # [pos]
-    recorder = _Recorder(None if pattern_layers is None else frozenset(pattern_layers), token_ids=ids.numpy())
+    if keep_patterns is None:
+        n_pattern_layers = loaded.info.n_layers if pattern_layers is None else len(set(pattern_layers))
+        keep_patterns = pattern_bytes(loaded.info.n_heads, ids.numel(), n_pattern_layers) <= PATTERN_BUDGET
+    recorder = _Recorder(None if pattern_layers is None else frozenset(pattern_layers), keep_patterns,
+                         token_ids=ids.numpy())
     token = _RECORDER.set(recorder)
     try:
         with torch.inference_mode():
@@ -163,8 +182,9 @@ def _run(loaded, text: str, encoded: dict, special: np.ndarray, pattern_layers) 
         special=special,
         q=tuple(recorder.q),
         k=tuple(recorder.k),
-        patterns=recorder.patterns,
+        summaries=recorder.summaries,
         parity=recorder.parity,
+        patterns=recorder.patterns,
         score_parts=_stacked(recorder.score_parts),  # [layer, head, 4, 4]
         score_fixed=_stacked(recorder.score_fixed),  # [layer, head, 3]
     )

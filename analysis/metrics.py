@@ -55,11 +55,11 @@ def compute_dot_products(q: np.ndarray, k: np.ndarray, exclude_first_token: bool
 
 
 def compute_attention_summaries(pattern: np.ndarray) -> dict[str, np.ndarray]:
-    """The notebook's softmax read-outs, concatenated head by head, plus the sink mass."""
+    """The notebook's softmax read-outs, concatenated head by head, plus the sink mass (copies, not views)."""
     return {
-        "final_to_prev": pattern[:, -1, :-1].reshape(-1),  # final query to every earlier key
-        "self_attention": np.diagonal(pattern[:, 1:, 1:], axis1=1, axis2=2).reshape(-1),  # [head * (pos-1)]
-        "first_self": pattern[:, 0, 0],  # [head]
+        "final_to_prev": pattern[:, -1, :-1].reshape(-1).copy(),  # final query to every earlier key
+        "self_attention": np.diagonal(pattern[:, 1:, 1:], axis1=1, axis2=2).reshape(-1).copy(),  # [head * (pos-1)]
+        "first_self": pattern[:, 0, 0].copy(),  # [head]
         "sink_mass": pattern[:, 1:, 0].mean(axis=1) if pattern.shape[1] > 1 else np.empty(0),  # [head]
     }
 

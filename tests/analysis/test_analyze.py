@@ -90,3 +90,16 @@ def test_round_trip_through_json(gpt2):
     assert list(data["layers"]) == ["0", "6"]
     assert len(data["layers"]["6"]["patterns"]) == 12
     assert "patterns" not in result.to_dict()["layers"]["6"]
+
+
+def test_patterns_beyond_the_budget_are_reduced_to_read_outs(gpt2, monkeypatch):
+    import importlib
+
+    kept = analyze(gpt2, FIJI, layers=[0, 6])
+    capture_module = importlib.import_module("analysis.capture")  # the attribute analysis.capture is the function
+    monkeypatch.setattr(capture_module, "PATTERN_BUDGET", 1024)  # bytes: smaller than any pattern here
+    reduced = analyze(gpt2, FIJI, layers=[0, 6])
+    forced = analyze(gpt2, FIJI, layers=[0, 6], keep_patterns=True)
+    assert kept.layers[6].patterns is not None and forced.layers[6].patterns is not None
+    assert reduced.layers[6].patterns is None and "were not kept" in reduced.warnings[-1]
+    assert reduced.to_dict() == {**kept.to_dict(), "warnings": list(reduced.warnings)}

@@ -116,8 +116,8 @@ def test_default_run_shows_the_notebook_figures_with_the_results_numbers(minilm,
     assert "gpt2 is not in the local Hugging Face cache" in page  # what was loaded and why
     assert "[CLS]" in page and "first token is `[CLS]`" in page  # special tokens and the first token named
     assert "matches the model's own attention" in page
-    download = at.get("download_button")
-    assert len(download) == 1
+    downloads = [button.proto.label for button in at.get("download_button")]
+    assert downloads == ["Download the results (JSON)", "Download HTML report"]
     assert at.query_params["model"] == "auto" and at.query_params["layer"] == "3"
 
 
