@@ -134,8 +134,10 @@ def check_head(head: int, n_heads: int) -> None:
 
 
 def analyse(loaded, text: str, args):
+    """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
     layers = None if args.all_layers else (args.layer or default_layers(loaded.info.n_layers))
-    return analyze(loaded, text, layers, exclude_first_token=not args.include_first_token)
+    keep = args.patterns or args.html is not None or args.batch is not None
+    return analyze(loaded, text, layers, exclude_first_token=not args.include_first_token, keep_patterns=keep)
 
 
 def run_single(args) -> None:
