@@ -1,0 +1,246 @@
+"""Many texts at once: stream them through the engine, keep only small per-head numbers, bootstrap the means.
+
+Each text gets one forward pass (`capture` with `pattern_layers=[]`: no T x T pattern is kept, the head scores
+are reduced inside the pass) and is then reduced to a few numbers per layer x head (CORPUS_MEASURES) and per
+layer (LAYER_MEASURES); its q and k are dropped before the next text. What grows with the corpus is only
+those numbers, (len(CORPUS_MEASURES) * layers * heads + len(LAYER_MEASURES) * layers) float64 per text
+(about 11 KB for GPT-2 small), kept so the means can be bootstrapped over texts.
+
+Confidence intervals are percentile bootstrap intervals over texts: `n_boot` resamples of the texts with
+replacement (a seeded [n_boot, n_texts] multinomial count matrix, so one matrix product gives every resample's
+sums), the 2.5th and 97.5th percentiles of the resampled means. A value undefined for a text (NaN, e.g. a
+one-token text) is left out of that text's contribution, so each mean is over the texts that define it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis import summarize
+from analysis.capture import capture
+from analysis.errors import HeadscopeError
+from analysis.head_scores import compute_centered_dot_products, compute_mannwhitney
+from analysis.loading import LoadedModel
+from analysis.metrics import compute_dot_products, compute_head_stats, key_head_of
+from analysis.results import HEAD_SCORE_NAMES, MODEL_KEYS, json_floats
+
+SCHEMA = "headscope.corpus/1"
+N_BOOT = 1000
+SEED = 0
+LEVEL = 0.95
+BOOT_CHUNK = 2**20  # count-matrix entries drawn at once: memory stays bounded for any number of texts
+QK_MEASURES = ("q_mean", "q_std", "k_mean", "k_std")
+CORPUS_MEASURES = HEAD_SCORE_NAMES + QK_MEASURES  # each [layer, head] per text
+LAYER_MEASURES = ("rank_biserial", "rank_biserial_centered")  # each [layer] per text
+NO_TEXTS = "{source} holds no texts."
+BAD_JSON = "line {number} is not a JSON object."
+NO_TEXT_FIELD = 'line {number} has no string "text" field.'
+UNEXPECTED = "unexpected {kind}: {message}"
+
+Progress = Callable[[int, int | None], None]  # (texts done, total or None when unknown)
+
+
+def parse_texts(data: str, source: str = "The file") -> list[str | HeadscopeError]:
+    """Texts of a corpus file: one per non-empty line, or JSONL objects with a "text" field.
+
+    A JSONL line without a usable text becomes a HeadscopeError in its place, so it is reported, not dropped.
+    """
+    lines = [line for line in data.splitlines() if line.strip()]
+    if not lines:
+        raise HeadscopeError(NO_TEXTS.format(source=source))
+    if not lines[0].lstrip().startswith("{"):
+        return lines
+    texts: list[str | HeadscopeError] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+            texts.append(item["text"] if isinstance(item.get("text"), str) else
+                         HeadscopeError(NO_TEXT_FIELD.format(number=number)))
+        except (json.JSONDecodeError, AttributeError):
+            texts.append(HeadscopeError(BAD_JSON.format(number=number)))
+    return texts
+
+
+def excerpt(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    """One input text: its position (1-based), an excerpt, and its token count or its error."""
+
+    number: int
+    excerpt: str
+    n_tokens: int | None = None
+    error: str | None = None
+
+
+def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
+                        exclude_current_token: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One text's small numbers: ({CORPUS_MEASURES: [layer, head]}, {LAYER_MEASURES: [layer]}), NaN if undefined.
+
+    `k_mean`/`k_std` are those of the key head each query head reads (equal to the key head's own with
+    grouped-query attention). The rank-biserial effect sizes are the same-vs-different-head comparison of the
+    final token's dot products (analysis.head_scores), raw and with each key head's mean key removed.
+    """
+    n_layers, n_heads = len(captured.q), int(model["n_heads"])
+    scores = summarize(captured, model, [], exclude_first_token, exclude_current_token).head_scores
+    heads = {name: scores.get(name, np.full((n_layers, n_heads), np.nan)) for name in HEAD_SCORE_NAMES}
+    qk = {name: np.full((n_layers, n_heads), np.nan) for name in QK_MEASURES}  # [layer, head] each
+    layer_values = {name: np.full(n_layers, np.nan) for name in LAYER_MEASURES}  # [layer] each
+    for layer, (q, k) in enumerate(zip(captured.q, captured.k)):
+        groups = key_head_of(q.shape[0], k.shape[0])  # [head] -> kv_head
+        q_means, q_stds = compute_head_stats(q, exclude_first_token)  # [head] each, or empty
+        k_means, k_stds = compute_head_stats(k, exclude_first_token)  # [kv_head] each, or empty
+        if q_means.size:
+            qk["q_mean"][layer], qk["q_std"][layer] = q_means, q_stds
+            qk["k_mean"][layer], qk["k_std"][layer] = k_means[groups], k_stds[groups]  # [head]
+        same, diff = compute_dot_products(q, k, exclude_first_token)
+        same_c, diff_c = compute_centered_dot_products(q, k, exclude_first_token, dots=(same, diff))
+        for name, (a, b) in zip(LAYER_MEASURES, ((same, diff), (same_c, diff_c))):
+            _, r = compute_mannwhitney(a, b)
+            layer_values[name][layer] = np.nan if r is None else r
+    return {**heads, **qk}, layer_values
+
+
+def compute_bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED,
+                         level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over texts and its percentile bootstrap interval: values [text, ...] -> (mean, low, high) [...].
+
+    Each resample is a row of a multinomial count matrix [n_boot, n_texts] (how often each text is drawn), so
+    the resampled sums are counts @ values; NaN entries count neither in the sum nor in the number of texts.
+    The counts are drawn BOOT_CHUNK entries at a time from one seeded generator.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[0]
+    shape = values.shape[1:]
+    flat = values.reshape(n, -1)  # [text, cell]
+    finite = np.isfinite(flat)  # [text, cell]
+    filled = np.where(finite, flat, 0.0)  # [text, cell]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = filled.sum(axis=0) / finite.sum(axis=0)  # [cell], NaN where no text defines it
+    if n == 0:
+        empty = np.full(shape, np.nan)
+        return empty, empty.copy(), empty.copy()
+    rng = np.random.default_rng(seed)
+    chunk = max(1, BOOT_CHUNK // n)  # resamples per draw
+    boot = np.empty((n_boot, flat.shape[1]))  # [n_boot, cell]: independent of the number of texts
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64)  # [boot, text]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # [boot, text] @ [text, cell] -> [boot, cell], twice: the sums and the numbers of defined texts
+            boot[start:start + size] = (counts @ filled) / (counts @ finite)
+    tail = (1 - level) / 2 * 100
+    defined = np.isfinite(boot).any(axis=0)  # [cell]
+    low, high = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
+    if defined.any():
+        low[defined], high[defined] = np.nanpercentile(boot[:, defined], [tail, 100 - tail], axis=0)
+    return mean.reshape(shape), low.reshape(shape), high.reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class CorpusResult:
+    """Means over texts with bootstrap intervals; numpy only, picklable (cacheable by Streamlit)."""
+
+    model: dict  # MODEL_KEYS
+    texts: tuple[TextRecord, ...]  # every input, in order, failed ones with their error
+    values: dict[str, np.ndarray]  # CORPUS_MEASURES: [text, layer, head], one row per analysed text
+    layer_values: dict[str, np.ndarray]  # LAYER_MEASURES: [text, layer]
+    means: dict[str, np.ndarray]  # [layer, head] or [layer]: CORPUS_MEASURES and LAYER_MEASURES
+    low: dict[str, np.ndarray]  # lower end of the bootstrap interval, same shapes
+    high: dict[str, np.ndarray]  # upper end
+    exclude_first_token: bool = True
+    exclude_current_token: bool = False
+    n_boot: int = N_BOOT
+    seed: int = SEED
+    level: float = LEVEL
+
+    @property
+    def n_analysed(self) -> int:
+        return sum(record.error is None for record in self.texts)
+
+    @property
+    def failures(self) -> list[TextRecord]:
+        return [record for record in self.texts if record.error is not None]
+
+    def to_dict(self) -> dict:
+        """The means and intervals (not the per-text values) as JSON-ready lists, null where undefined."""
+        stats = {name: {"mean": json_floats(self.means[name]), "low": json_floats(self.low[name]),
+                        "high": json_floats(self.high[name])} for name in self.means}
+        return {"schema": SCHEMA, "model": {key: self.model[key] for key in MODEL_KEYS},
+                "settings": {"exclude_first_token": self.exclude_first_token,
+                             "exclude_current_token": self.exclude_current_token, "n_boot": self.n_boot,
+                             "seed": self.seed, "level": self.level},
+                "n_texts": len(self.texts), "n_analysed": self.n_analysed,
+                "texts": [{"number": r.number, "excerpt": r.excerpt, "n_tokens": r.n_tokens, "error": r.error}
+                          for r in self.texts],
+                "stats": stats}
+
+
+@dataclass
+class CorpusAccumulator:
+    """Collects texts one at a time (only their small numbers), then bootstraps the means in `finish`."""
+
+    model: dict
+    exclude_first_token: bool = True
+    exclude_current_token: bool = False
+    records: list[TextRecord] = field(default_factory=list)
+    rows: list[dict[str, np.ndarray]] = field(default_factory=list)
+    layer_rows: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def add(self, captured) -> None:
+        heads, layers = compute_text_values(captured, self.model, self.exclude_first_token, self.exclude_current_token)
+        self.rows.append(heads)
+        self.layer_rows.append(layers)
+        self.records.append(TextRecord(len(self.records) + 1, excerpt(captured.text), len(captured.tokens)))
+
+    def add_failure(self, text: str, error: str) -> None:
+        self.records.append(TextRecord(len(self.records) + 1, excerpt(text), error=error))
+
+    def finish(self, n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL) -> CorpusResult:
+        n_layers, n_heads = int(self.model["n_layers"]), int(self.model["n_heads"])
+        values = {name: np.array([row[name] for row in self.rows]).reshape(-1, n_layers, n_heads)
+                  for name in CORPUS_MEASURES}  # [text, layer, head]
+        layer_values = {name: np.array([row[name] for row in self.layer_rows]).reshape(-1, n_layers)
+                        for name in LAYER_MEASURES}  # [text, layer]
+        means, low, high = {}, {}, {}
+        for name, per_text in {**values, **layer_values}.items():
+            means[name], low[name], high[name] = compute_bootstrap_ci(per_text, n_boot, seed, level)
+        return CorpusResult(model={key: self.model[key] for key in MODEL_KEYS}, texts=tuple(self.records),
+                            values=values, layer_values=layer_values, means=means, low=low, high=high,
+                            exclude_first_token=self.exclude_first_token,
+                            exclude_current_token=self.exclude_current_token, n_boot=n_boot, seed=seed, level=level)
+
+
+def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclude_first_token: bool = True,
+                   exclude_current_token: bool = False, progress: Progress | None = None, n_boot: int = N_BOOT,
+                   seed: int = SEED, total: int | None = None) -> CorpusResult:
+    """Stream `texts` through the model one at a time and bootstrap the means of their per-head numbers.
+
+    An item that is an exception (e.g. a bad JSONL line from `parse_texts`) and a text that fails (empty, too
+    long, ...) are recorded with their error and skipped. `progress(done, total)` is called after each text;
+    `total` defaults to len(texts) when texts has a length.
+    """
+    if total is None and hasattr(texts, "__len__"):
+        total = len(texts)
+    model = loaded.info.to_dict()
+    acc = CorpusAccumulator(model, exclude_first_token, exclude_current_token)
+    for done, text in enumerate(texts, 1):
+        if isinstance(text, Exception):
+            acc.add_failure("", str(text))
+        else:
+            try:
+                acc.add(capture(loaded, text, pattern_layers=[]))  # no T x T pattern kept
+            except HeadscopeError as exc:
+                acc.add_failure(text, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
+                acc.add_failure(text, UNEXPECTED.format(kind=type(exc).__name__, message=exc))
+        if progress is not None:
+            progress(done, total)
+    return acc.finish(n_boot, seed)

@@ -1,0 +1,133 @@
+"""Many texts: streamed one forward pass each, small per-head numbers kept, seeded bootstrap intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import analysis.corpus as corpus
+from analysis import HeadscopeError, analyze
+from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, analyze_corpus, compute_bootstrap_ci, parse_texts
+
+WORDS = "the cat sat on a mat and dog ran far from home in rain".split()
+
+
+def short_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, 6)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small for threads: one thread is several times faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return short_texts(200)
+
+
+@pytest.fixture(scope="module")
+def spied(gpt2, texts):
+    """The corpus of 200 texts (one empty, one bad JSONL item), with every capture it made and its progress calls."""
+    captures, calls = [], []
+    real = corpus.capture
+
+    def spy(loaded, text, pattern_layers=None):
+        captured = real(loaded, text, pattern_layers)
+        captures.append((pattern_layers, captured.patterns))
+        return captured
+
+    inputs = [*texts[:10], "", HeadscopeError("line 12 is not a JSON object."), *texts[10:]]
+    corpus.capture = spy
+    try:
+        result = analyze_corpus(gpt2, inputs, progress=lambda done, total: calls.append((done, total)))
+    finally:
+        corpus.capture = real
+    return result, captures, calls
+
+
+def test_parse_texts_reads_lines_and_jsonl_keeping_bad_lines_as_errors():
+    assert parse_texts("one\n\n two \nthree") == ["one", " two ", "three"]
+    parsed = parse_texts('{"text": "a"}\n{"title": "b"}\nnot json\n{"text": "c"}')
+    assert parsed[0] == "a" and parsed[3] == "c"
+    assert [str(p) for p in parsed[1:3]] == ['line 2 has no string "text" field.', "line 3 is not a JSON object."]
+    with pytest.raises(HeadscopeError, match="holds no texts"):
+        parse_texts(" \n\n")
+
+
+def test_bootstrap_mean_interval_and_seed():
+    rng = np.random.default_rng(1)
+    values = rng.normal(2.0, 1.0, (50, 3, 4))  # [text, layer, head]
+    mean, low, high = compute_bootstrap_ci(values, n_boot=500, seed=0)
+    assert mean.shape == low.shape == high.shape == (3, 4)
+    np.testing.assert_allclose(mean, values.mean(axis=0))
+    assert (low < mean).all() and (mean < high).all()
+    # the percentile interval of a mean is about +-1.96 standard errors
+    np.testing.assert_allclose(high - low, 2 * 1.96 * values.std(axis=0, ddof=1) / np.sqrt(50), rtol=0.25)
+    again = compute_bootstrap_ci(values, n_boot=500, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip((mean, low, high), again))
+    other = compute_bootstrap_ci(values, n_boot=500, seed=1)
+    assert not np.array_equal(low, other[1])
+
+
+def test_bootstrap_skips_undefined_values_and_constant_values_have_no_width():
+    values = np.array([[1.0, np.nan, 5.0], [3.0, np.nan, 5.0], [np.nan, np.nan, 5.0]])  # [text, cell]
+    mean, low, high = compute_bootstrap_ci(values, n_boot=200)
+    assert mean[0] == 2.0 and 1.0 <= low[0] <= high[0] <= 3.0
+    assert np.isnan(mean[1]) and np.isnan(low[1]) and np.isnan(high[1])
+    assert low[2] == high[2] == mean[2] == 5.0
+
+
+def test_a_corpus_streams_without_patterns_and_records_failures(spied, texts):
+    result, captures, calls = spied
+    assert all(layers == [] and patterns == {} for layers, patterns in captures)  # no T x T pattern kept
+    assert len(captures) == 200  # one forward pass per text; the empty text and the bad JSONL item run none
+    assert calls == [(i, 202) for i in range(1, 203)]
+    assert len(result.texts) == 202 and result.n_analysed == 200
+    assert [(r.number, r.error) for r in result.failures] == [
+        (11, "The text is empty: type a sentence to analyse."), (12, "line 12 is not a JSON object.")]
+    for name in CORPUS_MEASURES:
+        assert result.values[name].shape == (200, 8, 12) and result.means[name].shape == (8, 12)
+    for name in LAYER_MEASURES:
+        assert result.layer_values[name].shape == (200, 8) and result.means[name].shape == (8,)
+
+
+def test_per_text_numbers_are_the_engines(gpt2, spied, texts):
+    result, _, _ = spied
+    for row, text in ((0, texts[0]), (150, texts[150])):
+        expected = analyze(gpt2, text, layers=None)
+        for name, scores in expected.head_scores.items():
+            np.testing.assert_allclose(result.values[name][row], scores, rtol=1e-6, atol=1e-9)
+        for layer, data in expected.layers.items():
+            np.testing.assert_allclose(result.values["q_mean"][row, layer], data.q_means, rtol=1e-6)
+            np.testing.assert_allclose(result.values["k_std"][row, layer], data.k_stds, rtol=1e-6)
+            assert result.layer_values["rank_biserial_centered"][row, layer] == pytest.approx(
+                data.dp_stats.rank_biserial_centered)
+    np.testing.assert_allclose(result.means["induction"], np.nanmean(result.values["induction"], axis=0))
+
+
+def test_intervals_narrow_as_texts_are_added(gpt2, spied, texts):
+    many, _, _ = spied
+    few = analyze_corpus(gpt2, texts[:20])
+    np.testing.assert_allclose(few.values["sink"], many.values["sink"][:20])  # the same texts, the same numbers
+    for name in (*CORPUS_MEASURES, *LAYER_MEASURES):
+        width_few = np.nanmean(few.high[name] - few.low[name])
+        width_many = np.nanmean(many.high[name] - many.low[name])
+        assert width_many < 0.6 * width_few, name  # about sqrt(20 / 200) = 0.32
+        inside = (many.low[name] <= many.means[name]) & (many.means[name] <= many.high[name])
+        assert inside[np.isfinite(many.means[name])].all()
+
+
+def test_to_dict_is_json_ready(spied):
+    import json
+
+    result, _, _ = spied
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["schema"] == "headscope.corpus/1" and data["n_analysed"] == 200
+    assert len(data["stats"]["induction"]["mean"]) == 8 and data["settings"]["n_boot"] == 1000
