@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import analysis.corpus as corpus
-from analysis import HeadscopeError, analyze
+from analysis import HeadscopeError, analyze, corpus
 from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, analyze_corpus, compute_bootstrap_ci, parse_texts
 
-WORDS = "the cat sat on a mat and dog ran far from home in rain".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "from", "home", "in", "rain"]
 
 
 def short_texts(n: int, seed: int = 0) -> list[str]:
