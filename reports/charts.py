@@ -413,3 +413,121 @@ def build_layer_charts(result: AnalysisResult, layer: int, head: int = 0,
                                  "Bright cells show which tokens each query reads: a bright first column is an attention "
                                  "sink, a bright line just below the diagonal a previous-token head.", heatmap))
     return charts
+
+
+# ----------------------------------------------------------------------------------------- head atlas
+
+ATLAS_SELECTION = "atlas_head"  # the point selection's name: fixed, so the same results give the same spec bytes
+ATLAS_VIEW = "atlas_cells"  # the view holding it (Altair would otherwise number views with a global counter)
+SCORE_TITLES = {
+    "previous_token": "Previous-token score",
+    "duplicate_token": "Duplicate-token score",
+    "induction": "Induction score",
+    "sink": "Sink score",
+    "self": "Self-attention score",
+    "entropy": "Attention entropy (nats)",
+    "q_mean": "Q mean",
+    "q_std": "Q standard deviation",
+    "k_mean": "K mean (of the key head read)",
+    "k_std": "K standard deviation (of the key head read)",
+}
+SCORE_EXPLANATIONS = {
+    "previous_token": "The share of each head's attention that goes to the token just before the query: near 1 marks a "
+                      "previous-token head.",
+    "duplicate_token": "The share of attention that goes to earlier copies of the query's own token: high values mark "
+                       "duplicate-token heads (only texts with repeated tokens can show them).",
+    "induction": "The share of attention that goes to the token after an earlier copy of the query's token: high "
+                 "values mark induction heads (the induction probe's repeated random tokens make this meaningful "
+                 "whatever the text).",
+    "sink": "The mean attention that queries after the first give to position 0: near 1 marks a head that parks its "
+            "attention on the first token (an attention sink).",
+    "self": "The mean attention each query gives to itself (the first query left out): high values mark heads that "
+            "mostly read their own position.",
+    "entropy": "The mean entropy of each query's attention in nats: low values are sharp, focused heads, high values "
+               "heads that spread their attention evenly.",
+    "q_mean": "Each query head's mean activation over positions and dimensions.",
+    "q_std": "Each query head's spread: large Q and K spreads give large dot products and sharp attention.",
+    "k_mean": "The mean activation of the key head each query head reads.",
+    "k_std": "The spread of the key head each query head reads.",
+}
+
+
+def _atlas_chart(frame: pd.DataFrame, n_layers: int, n_heads: int, value_title: str, title: alt.TitleParams,
+                 tooltip: list) -> alt.LayerChart:
+    """A layers x heads grid: grey cells for every head (undefined values stay grey), coloured where defined.
+
+    Clicking a cell selects its layer and head (point selection ATLAS_SELECTION on fields layer, head).
+    """
+    selection = alt.selection_point(name=ATLAS_SELECTION, fields=["layer", "head"], on="click", clear="dblclick",
+                                    empty=False)
+    x = alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0), scale=alt.Scale(domain=list(range(n_heads))))
+    y = alt.Y("layer:O", title="Layer", scale=alt.Scale(domain=list(range(n_layers))))
+    outline = alt.condition(selection, alt.value("black"), alt.value("white"))
+    cells = alt.Chart(frame).mark_rect(color="#e6e6e6").encode(
+        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.value(1.5),
+    ).add_params(selection).properties(name=ATLAS_VIEW)
+    defined = alt.Chart(frame).transform_filter("isValid(datum.value)").mark_rect().encode(
+        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.value(1.5),
+        color=alt.Color("value:Q", title=value_title, scale=alt.Scale(scheme="viridis")),
+    )
+    size = int(min(max(22 * max(n_heads, n_layers), 240), 640))
+    return alt.layer(cells, defined).properties(title=title, width=size, height=int(size * n_layers / max(n_heads, 1)))
+
+
+def _atlas_frame(values: np.ndarray, **extra: np.ndarray) -> pd.DataFrame:
+    """One row per layer x head: layer, head, label L{layer}H{head}, value (None where undefined) and `extra`."""
+    layers, heads = np.indices(values.shape)  # [layer, head] each
+    columns = {"layer": layers.ravel(), "head": heads.ravel(),
+               "label": [head_label(int(la), int(h)) for la, h in zip(layers.ravel(), heads.ravel())],
+               "value": values.ravel()}
+    columns.update({name: array.ravel() for name, array in extra.items()})
+    frame = pd.DataFrame(columns)
+    return frame.astype(object).where(frame.notna(), None).astype({"layer": int, "head": int})
+
+
+def build_atlas_chart(result: AnalysisResult, score: str) -> alt.LayerChart:
+    """One head score for every layer x head of the model; undefined (NaN) cells stay grey; click selects a head."""
+    if score not in result.head_scores:
+        raise KeyError(f"No head score {score!r} in these results (scores: {sorted(result.head_scores)}).")
+    values = np.asarray(result.head_scores[score], dtype=np.float64)  # [layer, head]
+    what = SCORE_TITLES.get(score, score)
+    source = (f"induction probe: {result.induction_probe['length']} random tokens, repeated, seed "
+              f"{result.induction_probe['seed']}" if result.induction_probe else f"{result.n_tokens} tokens")
+    title = alt.TitleParams(f"{what} per head · {result.model['id']}", anchor="start",
+                            subtitle=[f"Every layer x head, {source}; grey: undefined. Click a head to select it."])
+    tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("value:Q", title=score, format=".4f")]
+    return _atlas_chart(_atlas_frame(values), *values.shape, what, title, tooltip)
+
+
+def build_corpus_atlas_chart(corpus, score: str) -> alt.LayerChart:
+    """The mean of one per-head number over a corpus's texts, with its bootstrap interval in the tooltip."""
+    if score not in corpus.values:
+        raise KeyError(f"No per-head number {score!r} in this corpus (numbers: {sorted(corpus.values)}).")
+    what = SCORE_TITLES.get(score, score)
+    frame = _atlas_frame(corpus.means[score], low=corpus.low[score], high=corpus.high[score],
+                         n=np.isfinite(corpus.values[score]).sum(axis=0))
+    level = f"{corpus.level:.0%}"
+    title = alt.TitleParams(f"{what} per head, mean over {corpus.n_analysed} texts · {corpus.model['id']}",
+                            anchor="start", subtitle=[f"{level} bootstrap intervals ({corpus.n_boot} resamples of the "
+                                                      f"texts, seed {corpus.seed}) in the tooltips; grey: undefined"])
+    tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("value:Q", title="mean", format=".4f"),
+               alt.Tooltip("low:Q", title=f"{level} CI low", format=".4f"),
+               alt.Tooltip("high:Q", title=f"{level} CI high", format=".4f"), alt.Tooltip("n:Q", title="texts")]
+    return _atlas_chart(frame, *corpus.means[score].shape, f"mean {score}", title, tooltip)
+
+
+def selected_head(selection, name: str = ATLAS_SELECTION) -> tuple[int, int] | None:
+    """(layer, head) of the atlas cell a Streamlit selection event holds, or None when nothing is selected.
+
+    `selection` is the event's "selection" mapping ({param name: [{"layer": L, "head": H}, ...]} for a point
+    selection); the last point wins when several were shift-clicked.
+    """
+    points = (selection or {}).get(name) or []
+    if isinstance(points, dict):  # an empty selection state is {} before any click
+        points = [points] if "layer" in points else []
+    for point in reversed(list(points)):
+        try:
+            return int(point["layer"]), int(point["head"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
