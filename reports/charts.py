@@ -507,9 +507,10 @@ def build_corpus_atlas_chart(corpus, score: str) -> alt.LayerChart:
     frame = _atlas_frame(corpus.means[score], low=corpus.low[score], high=corpus.high[score],
                          n=np.isfinite(corpus.values[score]).sum(axis=0))
     level = f"{corpus.level:.0%}"
+    subtitle = (f"{level} bootstrap intervals ({corpus.n_boot} resamples of the texts, seed {corpus.seed}) in the "
+                "tooltips; grey: undefined")
     title = alt.TitleParams(f"{what} per head, mean over {corpus.n_analysed} texts · {corpus.model['id']}",
-                            anchor="start", subtitle=[f"{level} bootstrap intervals ({corpus.n_boot} resamples of the "
-                                                      f"texts, seed {corpus.seed}) in the tooltips; grey: undefined"])
+                            anchor="start", subtitle=[subtitle])
     tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("value:Q", title="mean", format=".4f"),
                alt.Tooltip("low:Q", title=f"{level} CI low", format=".4f"),
                alt.Tooltip("high:Q", title=f"{level} CI high", format=".4f"), alt.Tooltip("n:Q", title="texts")]
