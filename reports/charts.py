@@ -463,10 +463,11 @@ def _atlas_chart(frame: pd.DataFrame, n_layers: int, n_heads: int, value_title: 
     x = alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0), scale=alt.Scale(domain=list(range(n_heads))))
     y = alt.Y("layer:O", title="Layer", scale=alt.Scale(domain=list(range(n_layers))))
     outline = alt.condition(selection, alt.value("black"), alt.value("white"))
-    cells = alt.Chart(frame).mark_rect(color="#e6e6e6").encode(
+    base = alt.Chart(frame).transform_calculate(label="'L' + datum.layer + 'H' + datum.head")  # L{layer}H{head}
+    cells = base.mark_rect(color="#e6e6e6").encode(
         x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.value(1.5),
     ).add_params(selection).properties(name=ATLAS_VIEW)
-    defined = alt.Chart(frame).transform_filter("isValid(datum.value)").mark_rect().encode(
+    defined = base.transform_filter("isValid(datum.value)").mark_rect().encode(
         x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.value(1.5),
         color=alt.Color("value:Q", title=value_title, scale=alt.Scale(scheme="viridis")),
     )
@@ -474,13 +475,21 @@ def _atlas_chart(frame: pd.DataFrame, n_layers: int, n_heads: int, value_title: 
     return alt.layer(cells, defined).properties(title=title, width=size, height=int(size * n_layers / max(n_heads, 1)))
 
 
+def _significant(values: np.ndarray, digits: int = 6) -> np.ndarray:
+    """Values rounded to `digits` significant digits (NaN kept), so the chart data stays short."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.array([float(f"{v:.{digits}g}") for v in values])
+
+
 def _atlas_frame(values: np.ndarray, **extra: np.ndarray) -> pd.DataFrame:
-    """One row per layer x head: layer, head, label L{layer}H{head}, value (None where undefined) and `extra`."""
+    """One row per layer x head: layer, head, value (None where undefined) and `extra`; 6 significant digits.
+
+    The label L{layer}H{head} is computed in the chart (a calculate transform): the report embeds one atlas per
+    score, so every byte per row counts. The tables and the results JSON keep the full values.
+    """
     layers, heads = np.indices(values.shape)  # [layer, head] each
-    columns = {"layer": layers.ravel(), "head": heads.ravel(),
-               "label": [head_label(int(la), int(h)) for la, h in zip(layers.ravel(), heads.ravel())],
-               "value": values.ravel()}
-    columns.update({name: array.ravel() for name, array in extra.items()})
+    columns = {"layer": layers.ravel(), "head": heads.ravel(), "value": _significant(values.ravel())}
+    columns.update({name: _significant(array.ravel()) for name, array in extra.items()})
     frame = pd.DataFrame(columns)
     return frame.astype(object).where(frame.notna(), None).astype({"layer": int, "head": int})
 

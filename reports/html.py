@@ -11,6 +11,7 @@ import base64
 import functools
 import hashlib
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -26,7 +27,7 @@ from analysis import __version__
 from analysis.errors import HeadscopeError
 from analysis.metrics import key_head_of
 from analysis.results import AnalysisResult
-from reports.charts import build_layer_charts
+from reports.charts import SCORE_EXPLANATIONS, SCORE_TITLES, build_atlas_chart, build_layer_charts
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "templates"
@@ -135,6 +136,40 @@ def _head_rows(result: AnalysisResult, layer: int) -> list[dict]:
     return rows
 
 
+def _score_grid(values) -> list[dict]:
+    """A [layer, head] array as table rows: {"layer", "cells": [value or None]} (None where undefined)."""
+    return [{"layer": layer, "cells": [float(v) if math.isfinite(v) else None for v in row]}
+            for layer, row in enumerate(values)]
+
+
+def _atlas_context(result: AnalysisResult) -> list[dict]:
+    """One atlas per head score: its chart, its one-sentence explanation and the same numbers as a table."""
+    return [{"score": score, "title": SCORE_TITLES.get(score, score), "explanation": SCORE_EXPLANATIONS.get(score, ""),
+             "rows": _score_grid(values), "n_heads": values.shape[1] if values.ndim == 2 else 0,
+             **_chart_context(build_atlas_chart(result, score), f"chart-atlas-{score}")}
+            for score, values in result.head_scores.items()]
+
+
+def _mean(values) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def _dp_rows(result: AnalysisResult) -> list[dict]:
+    """Per layer: same-head vs different-head dot products, raw and centred (each key head's mean key removed)."""
+    rows = []
+    for layer in sorted(result.layers):
+        data = result.layers[layer]
+        stats = data.dp_stats
+        if stats is None:
+            continue
+        rows.append({"layer": layer, "same": _mean(data.same_head_dp), "diff": _mean(data.diff_head_dp),
+                     "p": stats.mannwhitney_p, "r": stats.rank_biserial,
+                     "same_centered": _mean(stats.same_head_dp_centered),
+                     "diff_centered": _mean(stats.diff_head_dp_centered),
+                     "p_centered": stats.mannwhitney_p_centered, "r_centered": stats.rank_biserial_centered})
+    return rows
+
+
 def _chart_context(chart, chart_id: str) -> dict:
     spec = chart.to_dict()
     rows = sum(len(values) for values in spec.get("datasets", {}).values())
@@ -163,6 +198,9 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "warnings": list(result.warnings),
         "head": head,
         "layers": layers,
+        "atlas": _atlas_context(result),
+        "induction_probe": result.induction_probe,
+        "dp_rows": _dp_rows(result),
         "parity": max((layer["parity"] for layer in layers), default=0.0),
         "results": result.to_dict(),
         "results_id": RESULTS_ID,
