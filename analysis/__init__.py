@@ -166,8 +166,8 @@ def induction_probe_ids(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: i
 
 def analyze_induction_probe(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: int = 0,
                             layers: Iterable[int] | None = None, exclude_first_token: bool = True,
-                            exclude_current_token: bool = False) -> AnalysisResult:
+                            exclude_current_token: bool = False, keep_patterns: bool | None = None) -> AnalysisResult:
     """`analyze_ids` on `induction_probe_ids(loaded, length, seed)`; the result records length and seed."""
     ids = induction_probe_ids(loaded, length, seed)
     return analyze_ids(loaded, ids, layers, exclude_first_token, exclude_current_token,
-                       induction_probe={"length": length, "seed": seed})
+                       induction_probe={"length": length, "seed": seed}, keep_patterns=keep_patterns)
