@@ -10,12 +10,15 @@ import json
 import sys
 from pathlib import Path
 
-from analysis import HeadscopeError, analyze, load_model
+from analysis import HeadscopeError, analyze, analyze_induction_probe, check_layers, load_model, summarize
+from analysis.capture import capture
+from analysis.corpus import CorpusAccumulator, parse_texts
 from analysis.loading import DEVICE_MAPS, DTYPES
 from analysis.presets import FIJI
-from reports.html import read_report_results, render_index, render_report
+from reports.html import read_report_results, render_corpus_report, render_index, render_report
 
 EXIT_BAD_INPUT = 2
+CORPUS_FILE = "corpus.html"
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
 
 
@@ -31,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", help="the text to analyse (default: the notebook's Fiji sentences)")
     source.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
+    source.add_argument("--induction-probe", type=int, metavar="LENGTH",
+                        help="instead of a text, seeded random tokens of LENGTH repeated twice (induction scores "
+                             "then mean something whatever the model)")
+    parser.add_argument("--probe-seed", type=int, default=0, help="seed of --induction-probe (default 0)")
     layers = parser.add_mutually_exclusive_group()
     layers.add_argument("--layer", type=int, action="append", metavar="N",
                         help="layer to analyse, 0-based; repeat for several (default: 6, or n_layers // 2)")
@@ -62,8 +69,8 @@ def check_outputs(parser, args) -> None:
     elif args.batch is not None:
         if args.out_dir is None:
             parser.error("--batch needs --out-dir DIR")
-        if args.text is not None or args.text_file is not None:
-            parser.error("--batch reads its texts from FILE; drop --text/--text-file")
+        if args.text is not None or args.text_file is not None or args.induction_probe is not None:
+            parser.error("--batch reads its texts from FILE; drop --text/--text-file/--induction-probe")
     elif args.json is None and args.html is None:
         parser.error("say where to write: --json OUT and/or --html OUT (or --batch FILE --out-dir DIR)")
 
@@ -87,20 +94,7 @@ def read_text(args) -> str:
 
 def read_batch(path: Path) -> list[str | HeadscopeError]:
     """Texts of a batch file: plain lines, or JSONL objects with a "text" field (a bad line becomes its error)."""
-    lines = [line for line in read_utf8(path).splitlines() if line.strip()]
-    if not lines:
-        raise HeadscopeError(f"{path} holds no texts.")
-    if not lines[0].lstrip().startswith("{"):
-        return lines
-    texts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            item = json.loads(line)
-            texts.append(item["text"] if isinstance(item.get("text"), str) else
-                         HeadscopeError(f'line {number} has no string "text" field.'))
-        except (json.JSONDecodeError, AttributeError):
-            texts.append(HeadscopeError(f"line {number} is not a JSON object."))
-    return texts
+    return parse_texts(read_utf8(path), source=str(path))
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -137,7 +131,10 @@ def analyse(loaded, text: str, args):
     """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
     layers = None if args.all_layers else (args.layer or default_layers(loaded.info.n_layers))
     keep = args.patterns or args.html is not None or args.batch is not None
-    return analyze(loaded, text, layers, exclude_first_token=not args.include_first_token, keep_patterns=keep)
+    options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep}
+    if args.induction_probe is not None:
+        return analyze_induction_probe(loaded, args.induction_probe, args.probe_seed, layers, **options)
+    return analyze(loaded, text, layers, **options)
 
 
 def run_single(args) -> None:
@@ -163,7 +160,10 @@ def excerpt(text: str, limit: int = 80) -> str:
 
 
 def run_batch(args) -> None:
-    """One report per text; a text that fails is listed in index.html with its error, the rest are written."""
+    """One report per text, and corpus.html with the means over all texts (one forward pass per text for both).
+
+    A text that fails is listed in index.html and corpus.html with its error; the rest are written and counted.
+    """
     texts = read_batch(args.batch)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     check_head(args.head, loaded.info.n_heads)
@@ -172,24 +172,34 @@ def run_batch(args) -> None:
     except OSError as exc:
         raise HeadscopeError(f"Cannot create {args.out_dir}: {exc.strerror}.") from None
     entries = []
+    model = loaded.info.to_dict()
+    exclude_first_token = not args.include_first_token
+    acc = CorpusAccumulator(model, exclude_first_token)
     for number, text in enumerate(texts, 1):
         entry = {"number": number, "excerpt": excerpt(text) if isinstance(text, str) else "", "error": None}
         try:
             if isinstance(text, HeadscopeError):
                 raise text
-            result = analyse(loaded, text, args)
+            layers = check_layers(None if args.all_layers else (args.layer or default_layers(loaded.info.n_layers)),
+                                  loaded.info.n_layers)
+            captured = capture(loaded, text, pattern_layers=layers, keep_patterns=True)  # the report's heatmaps
+            result = summarize(captured, model, layers, exclude_first_token)  # = analyse(), sharing the pass
+            acc.add(captured)
             entry["file"] = f"report-{number:04d}.html"
             write_text(args.out_dir / entry["file"], render_report(result, head=args.head))
             entry["n_tokens"] = result.n_tokens
             entry["parity"] = max(layer.parity_max_abs_err for layer in result.layers.values())
         except HeadscopeError as exc:
             entry["error"] = str(exc)
+            if len(acc.records) < number:
+                acc.add_failure(text if isinstance(text, str) else "", str(exc))
             print(f"headscope: warning: text {number} failed: {exc}", file=sys.stderr)
         entries.append(entry)
-    write_text(args.out_dir / "index.html", render_index(entries, loaded.info.to_dict()))
+    write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish()))
+    write_text(args.out_dir / "index.html", render_index(entries, model, corpus_file=CORPUS_FILE))
     failed = sum(entry["error"] is not None for entry in entries)
-    print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / 'index.html'}",
-          file=sys.stderr)
+    print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / 'index.html'}, "
+          f"means over the texts -> {args.out_dir / CORPUS_FILE}", file=sys.stderr)
 
 
 def run(args) -> None:

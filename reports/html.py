@@ -27,11 +27,18 @@ from analysis import __version__
 from analysis.errors import HeadscopeError
 from analysis.metrics import key_head_of
 from analysis.results import AnalysisResult
-from reports.charts import SCORE_EXPLANATIONS, SCORE_TITLES, build_atlas_chart, build_layer_charts
+from reports.charts import (
+    SCORE_EXPLANATIONS,
+    SCORE_TITLES,
+    build_atlas_chart,
+    build_corpus_atlas_chart,
+    build_layer_charts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "templates"
 RESULTS_ID = "headscope-results"
+CORPUS_ID = "headscope-corpus"
 VEGA_LITE_VERSION = "6.4"
 LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-convert-python")
 CANVAS_ROWS = 4000  # charts with more data rows than this draw on canvas, not SVG
@@ -107,7 +114,12 @@ def select_layers(result: AnalysisResult, layers=None) -> AnalysisResult:
 
 def reproduce_command(result: AnalysisResult, head: int) -> str:
     """The command line that recomputes this report; derived from the result, so app and CLI agree."""
-    argv = ["python", "-m", "reports", "--model", result.model["id"], "--text", result.text]
+    argv = ["python", "-m", "reports", "--model", result.model["id"]]
+    probe = result.induction_probe
+    if probe:
+        argv += ["--induction-probe", str(probe["length"]), "--probe-seed", str(probe["seed"])]
+    else:
+        argv += ["--text", result.text]
     for layer in sorted(result.layers):
         argv += ["--layer", str(layer)]
     argv += ["--head", str(head), "--device", result.model["device"], "--dtype", result.model["dtype"]]
@@ -223,16 +235,71 @@ def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_
     return ENV.get_template("report.html").render(context)
 
 
-def render_index(entries: list[dict], model: dict, generated_at: datetime | None = None) -> str:
+def render_index(entries: list[dict], model: dict, generated_at: datetime | None = None,
+                 corpus_file: str | None = None) -> str:
     """The archive page of a batch run: one row per text, with its report link or its error."""
     generated_at = generated_at or datetime.now(timezone.utc)
     return ENV.get_template("index.html").render(
         title=f"headscope batch: {model.get('id', 'unknown model')}",
         entries=entries,
         model=model,
+        corpus_file=corpus_file,
         generated_at=generated_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
         csp="default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
     )
+
+
+def _interval_grid(corpus, name: str) -> list[dict]:
+    """A [layer, head] mean with its interval as table rows: {"layer", "cells": [{"mean", "low", "high"} or None]}."""
+    def cell(layer: int, head: int) -> dict | None:
+        mean = corpus.means[name][layer, head]
+        if not math.isfinite(mean):
+            return None
+        return {"mean": float(mean), "low": float(corpus.low[name][layer, head]),
+                "high": float(corpus.high[name][layer, head])}
+
+    n_layers, n_heads = corpus.means[name].shape
+    return [{"layer": layer, "cells": [cell(layer, head) for head in range(n_heads)]} for layer in range(n_layers)]
+
+
+def build_corpus_context(corpus, generated_at: datetime | None = None) -> dict:
+    """Everything the corpus report shows, as plain values; no rendering."""
+    generated_at = generated_at or datetime.now(timezone.utc)
+    atlas = [{"score": name, "title": SCORE_TITLES.get(name, name), "explanation": SCORE_EXPLANATIONS.get(name, ""),
+              "rows": _interval_grid(corpus, name), "n_heads": corpus.means[name].shape[1],
+              **_chart_context(build_corpus_atlas_chart(corpus, name), f"chart-corpus-{name}")}
+             for name in corpus.values]
+    layer_rows = []
+    for layer in range(int(corpus.model["n_layers"])):
+        row = {"layer": layer}
+        for name in corpus.layer_values:
+            mean = corpus.means[name][layer]
+            row[name] = None if not math.isfinite(mean) else {
+                "mean": float(mean), "low": float(corpus.low[name][layer]), "high": float(corpus.high[name][layer])}
+        layer_rows.append(row)
+    return {
+        "title": f"headscope corpus: {corpus.model['id']}",
+        "model": corpus.model,
+        "corpus": {"n_texts": len(corpus.texts), "n_analysed": corpus.n_analysed, "n_boot": corpus.n_boot,
+                   "seed": corpus.seed, "level": f"{corpus.level:.0%}",
+                   "exclude_first_token": corpus.exclude_first_token,
+                   "exclude_current_token": corpus.exclude_current_token},
+        "failures": [{"number": r.number, "excerpt": r.excerpt, "error": r.error} for r in corpus.failures],
+        "atlas": atlas,
+        "layer_rows": layer_rows,
+        "results": corpus.to_dict(),
+        "results_id": CORPUS_ID,
+        "provenance": {"headscope": __version__, "git_commit": git_commit(), "libraries": library_versions(),
+                       "generated_at": generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")},
+        "csp": content_security_policy(),
+        "vega_bundle": Markup(vega_bundle()),  # trusted: built by vl-convert, never user input
+        "embed_script": Markup(EMBED_SCRIPT),
+    }
+
+
+def render_corpus_report(corpus, generated_at: datetime | None = None) -> str:
+    """The standalone HTML report of a corpus (analysis.corpus.CorpusResult): atlases of means with intervals."""
+    return ENV.get_template("corpus.html").render(build_corpus_context(corpus, generated_at))
 
 
 def read_report_results(path: Path) -> dict:

@@ -123,7 +123,8 @@ def test_batch_writes_the_good_reports_and_lists_the_failure(gpt2_path, tmp_path
     out_dir = tmp_path / "archive"
     assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(out_dir)]) == 0
     index = (out_dir / "index.html").read_text()
-    assert sorted(p.name for p in out_dir.iterdir()) == ["index.html", "report-0001.html", "report-0004.html"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["corpus.html", "index.html", "report-0001.html",
+                                                          "report-0004.html"]
     assert 'href="report-0001.html"' in index and 'href="report-0004.html"' in index
     assert "failed: The text is empty" in index and "failed: line 3 is not a JSON object." in index
     assert read_report_results(out_dir / "report-0004.html")["text"] == REPEATS

@@ -1,0 +1,55 @@
+"""--batch also writes corpus.html: atlases of means over the texts with bootstrap intervals, linked from index.html."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from analysis import analyze
+from analysis.corpus import CORPUS_MEASURES
+from reports.__main__ import main
+from tests.conftest import FIJI, REPEATS
+from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
+
+TEXTS = [FIJI, "   ", REPEATS, "The dog ran home.", "A cat sat on the mat again."]
+
+
+def test_batch_writes_a_corpus_report_from_the_same_passes(gpt2, gpt2_path, tmp_path, capsys):
+    batch = tmp_path / "texts.jsonl"
+    batch.write_text("\n".join(json.dumps({"text": text}) for text in TEXTS) + "\n")
+    out = tmp_path / "archive"
+    assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(out)]) == 0
+    assert "means over the texts" in capsys.readouterr().err
+    index = (out / "index.html").read_text()
+    assert 'href="corpus.html"' in index and index.count('href="report-') == 4
+    page = (out / "corpus.html").read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="headscope-corpus">(.*?)</script>', page, re.S)[1])
+    assert data["n_texts"] == 5 and data["n_analysed"] == 4
+    assert [t["error"] for t in data["texts"]][1] == "The text is empty: type a sentence to analyse."
+    good = [text for text in TEXTS if text.strip()]
+    induction = [analyze(gpt2, text, layers=[6]).head_scores["induction"] for text in good]
+    assert data["stats"]["induction"]["mean"][6][3] == pytest.approx(sum(s[6, 3] for s in induction) / 4, rel=1e-12)
+    for name in CORPUS_MEASURES:
+        assert page.count(f'data-chart="chart-corpus-{name}"') == 1
+    assert "adding a constant to every key" in page and "Failed texts" in page
+    assert "resamples of the texts, seed 0" in page
+
+
+def test_the_corpus_report_draws_offline(chromium, gpt2_path, tmp_path, capsys):
+    batch = tmp_path / "texts.txt"
+    batch.write_text("\n".join(text for text in TEXTS if text.strip()) + "\n")
+    out = tmp_path / "o"
+    assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(out)]) == 0
+    path = out / "corpus.html"
+    context, page, events = open_offline(chromium, path)
+    try:
+        wait_for_charts(page)
+        containers = page.query_selector_all("[data-chart]")
+        assert len(containers) == len(CORPUS_MEASURES)
+        for container in containers:
+            assert container.evaluate(DRAWN) > 0, container.get_attribute("data-chart")
+        assert events["errors"] == [] and events["requests"] == [path.as_uri()]
+    finally:
+        context.close()
