@@ -15,11 +15,32 @@ import re
 import altair as alt
 import streamlit as st
 
-from analysis import AnalysisResult, Capture, HeadscopeError, LoadedModel, ModelInfo, capture, load_model, summarize
+from analysis import (
+    AnalysisResult,
+    Capture,
+    HeadscopeError,
+    LoadedModel,
+    ModelInfo,
+    analyze_induction_probe,
+    capture,
+    load_model,
+    summarize,
+)
 from analysis.capture import PATTERN_BUDGET, pattern_bytes
+from analysis.corpus import CorpusResult, analyze_corpus, parse_texts
 from analysis.presets import FIJI, PRESETS
-from reports.charts import MAX_AXIS_CELLS, build_layer_charts, display_token
-from reports.html import render_report
+from reports.charts import (
+    ATLAS_SELECTION,
+    MAX_AXIS_CELLS,
+    SCORE_EXPLANATIONS,
+    SCORE_TITLES,
+    build_atlas_chart,
+    build_corpus_atlas_chart,
+    build_layer_charts,
+    display_token,
+    selected_head,
+)
+from reports.html import render_corpus_report, render_report
 
 MODELS = {
     "auto": "auto (gpt2 if cached, else the bundled MiniLM)",
@@ -33,6 +54,8 @@ DTYPES = ["float32", "bfloat16", "float16"]
 DEFAULT_MODEL_ENV = "HEADSCOPE_MODEL"  # the model a link without ?model= opens (a Community Cloud secret can set it)
 MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
+ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
+NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
 UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another model, device or dtype, or a "
               "shorter text; the server log has the details.")
 HEAD_RANGE = "Head {head} is out of range: {model} has heads 0..{last} in each layer."
@@ -59,6 +82,12 @@ def get_result(model: str, device: str, dtype: str, text: str, pattern_layers: t
     return summarize(captured, get_model(model, device, dtype).info.to_dict(), [layer], exclude_first_token)
 
 
+@st.cache_data(max_entries=4, show_spinner=False)
+def get_probe(model: str, device: str, dtype: str, exclude_first_token: bool) -> AnalysisResult:
+    """The induction probe's head scores (every layer, no per-layer figures): one forward pass per model."""
+    return analyze_induction_probe(get_model(model, device, dtype), layers=[], exclude_first_token=exclude_first_token)
+
+
 def default_layer(n_layers: int) -> int:
     """As the command line: the notebook's layer 6, or the middle layer of a model with 6 layers or fewer."""
     return 6 if n_layers > 6 else n_layers // 2
@@ -75,7 +104,7 @@ def init_state() -> None:
     params = st.query_params
     model = params.get("model", os.environ.get(DEFAULT_MODEL_ENV, "auto"))
     known = model in MODELS
-    as_int = lambda value: int(value) if value is not None and value.isdigit() else None  # noqa: E731
+    as_int = lambda value: int(value) if value is not None and value.isdigit() else None
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
                 "dtype": "float32", "text": params.get("text", FIJI), "layer": as_int(params.get("layer")),
                 "head": as_int(params.get("head")) or 0, "exclude": True}
@@ -161,7 +190,94 @@ def tokens_ui(result: AnalysisResult) -> None:
     st.caption(f"The first token is {first} at position 0; with the current setting it {effect}.")
 
 
-def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int) -> None:
+def select_head() -> None:
+    """on_select of the atlas: the clicked cell's layer and head become the shown ones (and the form's values)."""
+    picked = selected_head(st.session_state[ATLAS].selection)
+    if picked is None:
+        return
+    layer, head = picked
+    st.session_state[APPLIED] = {**st.session_state[APPLIED], "layer": layer, "head": head}
+    st.session_state[DEFAULTS].update(layer=layer, head=head)
+    for key in ("layer", "head"):  # the form's number inputs start again from the new defaults
+        st.session_state.pop(key, None)
+
+
+def probe_toggled() -> None:
+    """Turning the probe on shows its induction scores, the ones it exists for; off, the text's scores again."""
+    st.session_state[ATLAS_SCORE] = "probe:induction" if st.session_state[PROBE] else None
+
+
+def atlas_ui(result: AnalysisResult, settings: dict) -> None:
+    st.subheader("Head atlas: every layer and head")
+    st.caption("One score for every head of the model, from the same forward pass. Click a cell to show that head's "
+               "figures below; double-click clears the selection.")
+    sources = {"text": result}
+    if st.checkbox("Run the induction probe", key=PROBE, on_change=probe_toggled,
+                   help="Analyse a seeded random token sequence written twice (once per model, then cached): on it, "
+                        "induction scores mean something whatever your text repeats."):
+        try:
+            with st.spinner("Running the induction probe…"):
+                sources["probe"] = get_probe(settings["model"], settings["device"], settings["dtype"],
+                                             settings["exclude"])
+        except HeadscopeError as exc:
+            st.error(str(exc))
+    options = [f"{source}:{score}" for source, found in sources.items() for score in found.head_scores]
+    if not options:
+        return
+    if st.session_state.get(ATLAS_SCORE) not in options:
+        st.session_state[ATLAS_SCORE] = options[0]
+    label = lambda option: SCORE_TITLES.get(option.split(":")[1], option) + (
+        " (induction probe)" if option.startswith("probe:") else " (your text)")
+    choice = st.selectbox("Score", options, format_func=label, key=ATLAS_SCORE)
+    source, score = choice.split(":")
+    st.caption(SCORE_EXPLANATIONS.get(score, ""))
+    st.altair_chart(build_atlas_chart(sources[source], score), key=ATLAS, on_select=select_head,
+                    selection_mode=ATLAS_SELECTION, width="content")
+
+
+def corpus_ui(settings: dict) -> None:
+    with st.expander("Many texts: means over a corpus with bootstrap confidence intervals", expanded=CORPUS in st.session_state):
+        upload = st.file_uploader("One text per line (.txt), or JSON Lines with a \"text\" field (.jsonl)",
+                                  type=["txt", "jsonl"], key=CORPUS_FILE)
+        if upload is not None and st.button("Analyse the corpus", key="corpus_run"):
+            try:
+                data = upload.getvalue().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                st.error(NOT_UTF8.format(name=upload.name, offset=exc.start))
+                return
+            try:
+                texts = parse_texts(data, upload.name)
+                bar = st.progress(0.0, text=f"Analysing {len(texts)} texts…")
+                st.session_state[CORPUS] = analyze_corpus(
+                    get_model(settings["model"], settings["device"], settings["dtype"]), texts, settings["exclude"],
+                    progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} texts"))
+                bar.empty()
+            except HeadscopeError as exc:
+                st.error(str(exc))
+                return
+        if CORPUS in st.session_state:
+            corpus_results_ui(st.session_state[CORPUS])
+
+
+def corpus_results_ui(corpus: CorpusResult) -> None:
+    st.caption(f"{corpus.n_analysed} of {len(corpus.texts)} texts analysed with {corpus.model['id']}, one forward "
+               f"pass each; {corpus.level:.0%} percentile bootstrap intervals over texts ({corpus.n_boot} resamples, "
+               f"seed {corpus.seed}).")
+    for record in corpus.failures:
+        st.warning(f"Text {record.number} was skipped: {record.error}")
+    name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),
+                        key="corpus_score")
+    st.caption(SCORE_EXPLANATIONS.get(name, ""))
+    st.altair_chart(build_corpus_atlas_chart(corpus, name), width="content")
+    rows = [{"head": f"L{layer}H{head}", "mean": corpus.means[name][layer, head],
+             "CI low": corpus.low[name][layer, head], "CI high": corpus.high[name][layer, head]}
+            for layer in range(corpus.means[name].shape[0]) for head in range(corpus.means[name].shape[1])]
+    st.dataframe(rows, hide_index=True, height=240)
+    st.download_button("Download the corpus report (HTML)", lambda: render_corpus_report(corpus),
+                       file_name="headscope-corpus.html", mime="text/html", on_click="ignore")
+
+
+def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int, settings: dict) -> None:
     kv = f", {info.n_kv_heads} key heads" if info.n_kv_heads != info.n_heads else ""
     st.info(f"**{info.id}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, {info.dtype} on "
             f"{info.device}. {info.reason}")
@@ -173,6 +289,8 @@ def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int) -
     agreement = f"to {err:.0e}" if err else "exactly"
     st.success(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention {agreement} "
                f"(largest absolute difference over layer {layer}'s heads: {err:.1e}).")
+    atlas_ui(result, settings)
+    st.subheader(f"Layer {layer}, head {head}: the notebook's figures")
     positions = None
     if result.n_tokens > MAX_AXIS_CELLS:
         positions = st.slider("Heatmap window (token positions)", 0, result.n_tokens, (0, result.n_tokens),
@@ -210,7 +328,7 @@ def main() -> None:
         result, loaded, layer, head = analyse(settings)
     except HeadscopeError as exc:
         st.error(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the page gets a sentence, the server log the traceback
+    except Exception as exc:
         log.exception("analysis failed")
         st.error(UNEXPECTED.format(kind=type(exc).__name__, message=exc))
     else:
@@ -220,7 +338,8 @@ def main() -> None:
         result, info, good, layer, head = st.session_state[LAST_GOOD]
         if good is not settings:
             st.caption("Showing the last successful analysis.")
-        results_ui(result, info, layer, head)
+        results_ui(result, info, layer, head, good)
+    corpus_ui(settings)
 
 
 main()
