@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from analysis import analyze, analyze_induction_probe
 from reports.charts import ATLAS_SELECTION
-from tests.app.test_app import charts, clear_caches, errors, forward_calls, run_app  # noqa: F401 (fixtures)
+from tests.app import test_app
+from tests.app.test_app import charts, errors, run_app
 from tests.conftest import FIJI
+
+clear_caches = test_app.clear_caches  # autouse: every test starts with cold caches
+forward_calls = test_app.forward_calls
 
 
 def atlas_spec(at) -> dict:
