@@ -164,9 +164,10 @@ def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.T
     """One layer's weights [head, q_pos, k_pos] -> (detection parts [head, 4 (3 scores + denominator), 4 parts],
     pattern-free scores [head, 3]) on the weights' device. Reads the weights, never writes them.
 
-    The sums are accumulated in float64: an exclusion is applied later by subtracting a part from a sum of
-    ~T entries, and in float32 that subtraction would lose the small kept mass of a head that attends
-    almost only to the first token.
+    The sums are accumulated across rows in float64: an exclusion is applied later by subtracting a part from a
+    sum of ~T entries, and a float32 total would lose the small kept mass of a head that attends almost only
+    to the first token. Each row (one softmax, summing to ~1) is added up in float32 first: ~1e-7 of that
+    row, at a tenth of the cost of casting all T x T weights.
     """
     h, n = weights.shape[0], weights.shape[-1]
     gathered = weights[:, plan.q_index, plan.k_index].double()  # [head, pair]
@@ -174,7 +175,7 @@ def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.T
     numerators = numerators.view(h, len(DETECTION_SCORES), len(PARTS))  # [head, score, part]
     diagonal = weights.diagonal(dim1=-2, dim2=-1)  # [head, pos], a view
     denominator = torch.stack([
-        weights.sum(dim=(-2, -1), dtype=torch.float64),
+        weights.sum(dim=-1, dtype=torch.float32).sum(dim=-1, dtype=torch.float64),  # rows in float32: 10x faster
         weights[:, :, 0].sum(dim=-1, dtype=torch.float64),
         diagonal.sum(dim=-1, dtype=torch.float64),
         weights[:, 0, 0].double(),
@@ -183,7 +184,8 @@ def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.T
     if n < 2:
         return parts, torch.full((h, len(PATTERN_SCORES)), float("nan"), dtype=torch.float64, device=weights.device)
     rows = weights[:, 1:]  # [head, q_pos - 1, k_pos], a view
-    entropy = torch.special.entr(rows.float()).sum(dim=-1).mean(dim=-1, dtype=torch.float64)  # [head]; entr(0) = 0
+    rows32 = rows.float()  # a view for float32 weights
+    entropy = torch.xlogy(rows32, rows32).sum(dim=-1).neg_().mean(dim=-1, dtype=torch.float64)  # [head]; 0 log 0 = 0
     fixed = torch.stack([rows[:, :, 0].mean(dim=-1, dtype=torch.float64),
                          diagonal[:, 1:].mean(dim=-1, dtype=torch.float64), entropy], dim=-1)  # [head, 3]
     return parts, fixed

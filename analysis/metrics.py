@@ -16,14 +16,19 @@ KDE_CHUNK = 8192
 def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
                     softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scaling + mask) per query head, in float32, as the model's eager attention does."""
-    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # [head, k_pos, d_head]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [h, q, d] @ [h, d, k] -> [h, q, k]
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-        scores = scores + mask.to(scores.dtype)  # [1, q_pos, k_pos] broadcast over heads
+    n_rep = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(n_rep, dim=0) if n_rep > 1 else k  # [head, k_pos, d_head]
+    k_t = k.transpose(-1, -2)  # [head, d_head, k_pos]
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    if mask is not None and not softcap:  # scale and mask fused: [h, q, d] @ [h, d, k] -> [h, q, k]
+        scores = torch.baddbmm(mask.to(q.dtype).expand(q.shape[0], -1, -1), q, k_t, alpha=scaling)
+    else:
+        scores = torch.matmul(q, k_t).mul_(scaling)  # [h, q, d] @ [h, d, k] -> [h, q, k]
+        if softcap:
+            scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+        if mask is not None:
+            scores.add_(mask.to(q.dtype))  # [1, q_pos, k_pos] broadcast over heads
     return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
 
 
