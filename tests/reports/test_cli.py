@@ -145,3 +145,14 @@ def test_real_entry_point_in_a_subprocess(gpt2_path, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["schema"] == "headscope.results/1"
+
+
+def test_induction_probe_instead_of_a_text(gpt2_path, tmp_path, capsys):
+    out, html_out = tmp_path / "probe.json", tmp_path / "probe.html"
+    code, _ = run_cli(capsys, "--model", gpt2_path, "--induction-probe", 20, "--probe-seed", 3, "--json", out,
+                      "--html", html_out)
+    data = json.loads(out.read_text())
+    assert code == 0 and data["settings"]["induction_probe"] == {"length": 20, "seed": 3}
+    ids = data["token_ids"]
+    assert len(ids) == 41 and ids[1:21] == ids[21:]  # BOS, then the seeded tokens twice
+    assert "--induction-probe 20 --probe-seed 3" in html_out.read_text()
