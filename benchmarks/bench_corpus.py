@@ -26,19 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-
-def build_checkpoint(path: Path) -> Path:
-    """A GPT-2-small-shaped random checkpoint (GPT2Config() defaults, 124M parameters), built once."""
-    from transformers import GPT2Config
-
-    from tests.checkpoints import gpt2_tokenizer, save_checkpoint
-
-    if not (path / "model.safetensors").exists():
-        tokenizer = gpt2_tokenizer()
-        save_checkpoint(GPT2Config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-                        tokenizer, path)
-    return path
+from benchmarks.bench_analysis import build_checkpoint  # noqa: E402  (the same GPT-2-small-shaped checkpoint)
 
 
 def corpus_texts(n: int, tokens: int) -> list[str]:
