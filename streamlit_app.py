@@ -23,6 +23,7 @@ from analysis import (
     ModelInfo,
     analyze_induction_probe,
     capture,
+    default_layer,
     load_model,
     summarize,
 )
@@ -86,11 +87,6 @@ def get_result(model: str, device: str, dtype: str, text: str, pattern_layers: t
 def get_probe(model: str, device: str, dtype: str, exclude_first_token: bool) -> AnalysisResult:
     """The induction probe's head scores (every layer, no per-layer figures): one forward pass per model."""
     return analyze_induction_probe(get_model(model, device, dtype), layers=[], exclude_first_token=exclude_first_token)
-
-
-def default_layer(n_layers: int) -> int:
-    """As the command line: the notebook's layer 6, or the middle layer of a model with 6 layers or fewer."""
-    return 6 if n_layers > 6 else n_layers // 2
 
 
 def init_state() -> None:

@@ -21,7 +21,7 @@ from analysis.results import MODEL_KEYS, AnalysisResult, DpStats, LayerResult
 __version__ = "0.1.0"
 __all__ = ["AnalysisResult", "Capture", "DpStats", "HeadscopeError", "LayerResult", "LoadedModel", "ModelInfo",
            "analyze", "analyze_ids", "analyze_induction_probe", "capture", "capture_ids", "check_layers",
-           "induction_probe_ids", "load_model", "summarize"]
+           "default_layer", "induction_probe_ids", "load_model", "summarize"]
 
 SHORT_TEXT = ("The text has only {n} token(s): the dot products need at least 3 tokens and the KDE at least 3, "
               "so those fields are empty.")
@@ -32,6 +32,11 @@ PROBE_LENGTH = 50
 PROBE_TOO_LONG = ("An induction probe of {length} tokens repeated twice ({n} tokens with special tokens) is longer "
                   "than the {limit} positions {model} accepts: choose a length of at most {most}.")
 PROBE_TOO_SHORT = "The induction probe needs a length of at least 2 tokens, not {length}."
+
+
+def default_layer(n_layers: int) -> int:
+    """The notebook's layer 6, or the middle layer of a model with 6 layers or fewer."""
+    return 6 if n_layers > 6 else n_layers // 2
 
 
 def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:

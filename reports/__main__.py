@@ -10,9 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from analysis import HeadscopeError, analyze, analyze_induction_probe, check_layers, load_model, summarize
+from analysis import (HeadscopeError, analyze, analyze_induction_probe, check_layers, default_layer, load_model,
+                      summarize)
 from analysis.capture import capture
-from analysis.corpus import CorpusAccumulator, parse_texts
+from analysis.corpus import CorpusAccumulator, excerpt, parse_texts
 from analysis.loading import DEVICE_MAPS, DTYPES
 from analysis.presets import FIJI
 from reports.html import read_report_results, render_corpus_report, render_index, render_report
@@ -97,10 +98,6 @@ def read_batch(path: Path) -> list[str | HeadscopeError]:
     return parse_texts(read_utf8(path), source=str(path))
 
 
-def default_layers(n_layers: int) -> list[int]:
-    return [6] if n_layers > 6 else [n_layers // 2]
-
-
 def write_text(out: Path, payload: str) -> None:
     if str(out) == "-":
         sys.stdout.write(payload + "\n")
@@ -129,7 +126,7 @@ def check_head(head: int, n_heads: int) -> None:
 
 def analyse(loaded, text: str, args):
     """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
-    layers = None if args.all_layers else (args.layer or default_layers(loaded.info.n_layers))
+    layers = None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)])
     keep = args.patterns or args.html is not None or args.batch is not None
     options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep}
     if args.induction_probe is not None:
@@ -154,11 +151,6 @@ def run_single(args) -> None:
           f"parity max abs err {worst:.1e} -> {outputs}", file=sys.stderr)
 
 
-def excerpt(text: str, limit: int = 80) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
 def run_batch(args) -> None:
     """One report per text, and corpus.html with the means over all texts (one forward pass per text for both).
 
@@ -180,7 +172,7 @@ def run_batch(args) -> None:
         try:
             if isinstance(text, HeadscopeError):
                 raise text
-            layers = check_layers(None if args.all_layers else (args.layer or default_layers(loaded.info.n_layers)),
+            layers = check_layers(None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)]),
                                   loaded.info.n_layers)
             captured = capture(loaded, text, pattern_layers=layers, keep_patterns=True)  # the report's heatmaps
             result = summarize(captured, model, layers, exclude_first_token)  # = analyse(), sharing the pass
