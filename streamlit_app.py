@@ -66,6 +66,11 @@ TOKEN_CSS = ("display:inline-block;margin:1px;padding:0 4px;border-radius:4px;wh
 log = logging.getLogger("headscope.app")
 
 
+def padded(chart: alt.TopLevelMixin, kind: str = "pad") -> alt.TopLevelMixin:
+    """Streamlit's default autosize "fit" squeezes titles, axes and legends into the spec's size; keep them outside."""
+    return chart.properties(autosize=alt.AutoSizeParams(type=kind, contains="padding"))
+
+
 @st.cache_resource(max_entries=2, show_spinner=False)
 def get_model(model: str, device: str, dtype: str) -> LoadedModel:
     return load_model(model, device, dtype)
@@ -227,7 +232,7 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
     choice = st.selectbox("Score", options, format_func=label, key=ATLAS_SCORE)
     source, score = choice.split(":")
     st.caption(SCORE_EXPLANATIONS.get(score, ""))
-    st.altair_chart(build_atlas_chart(sources[source], score), key=ATLAS, on_select=select_head,
+    st.altair_chart(padded(build_atlas_chart(sources[source], score)), key=ATLAS, on_select=select_head,
                     selection_mode=ATLAS_SELECTION, width="content")
 
 
@@ -264,7 +269,7 @@ def corpus_results_ui(corpus: CorpusResult) -> None:
     name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),
                         key="corpus_score")
     st.caption(SCORE_EXPLANATIONS.get(name, ""))
-    st.altair_chart(build_corpus_atlas_chart(corpus, name), width="content")
+    st.altair_chart(padded(build_corpus_atlas_chart(corpus, name)), width="content")
     rows = [{"head": f"L{layer}H{head}", "mean": corpus.means[name][layer, head],
              "CI low": corpus.low[name][layer, head], "CI high": corpus.high[name][layer, head]}
             for layer in range(corpus.means[name].shape[0]) for head in range(corpus.means[name].shape[1])]
@@ -296,9 +301,7 @@ def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int, s
         st.subheader(item.title)
         st.caption(item.explanation)
         stretch = item.key != "heatmap"  # the heatmap keeps its square cells; the others fill the page's width
-        # Streamlit's default autosize "fit" squeezes titles and axes into the spec's height; keep them outside it
-        sizing = alt.AutoSizeParams(type="fit-x" if stretch else "pad", contains="padding")
-        st.altair_chart(item.chart.properties(autosize=sizing), width="stretch" if stretch else "content")
+        st.altair_chart(padded(item.chart, "fit-x" if stretch else "pad"), width="stretch" if stretch else "content")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
     st.download_button("Download the results (JSON)", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
                        mime="application/json", on_click="ignore")
