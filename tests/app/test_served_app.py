@@ -86,8 +86,20 @@ def test_served_app_draws_the_charts_after_analyse(served_app, chromium, tmp_pat
         if SCREENSHOT:
             page.screenshot(path=SCREENSHOT, full_page=True)
         assert_download_equals_cli_report(page, tmp_path)
+        assert_atlas_click_shows_that_head(page)
     finally:
         page.close()
+
+
+def assert_atlas_click_shows_that_head(page):
+    """A click on an atlas cell (the first chart) makes that layer's and head's figures the ones shown."""
+    assert page.get_by_text("Attention pattern of L3H0").count() >= 1
+    atlas = page.locator('[data-testid="stVegaLiteChart"]').first
+    atlas.scroll_into_view_if_needed()
+    cell = atlas.locator("svg .mark-rect path").nth(1 * 12 + 9).bounding_box()  # grey cells, layer-major: L1H9
+    page.mouse.click(cell["x"] + cell["width"] / 2, cell["y"] + cell["height"] / 2)
+    page.get_by_text("Attention pattern of L1H9").wait_for(timeout=60_000)
+    assert page.get_by_text("Attention pattern of L3H0").count() == 0
 
 
 def assert_download_equals_cli_report(page, tmp_path):
