@@ -98,7 +98,7 @@ def assert_atlas_click_shows_that_head(page):
     atlas.scroll_into_view_if_needed()
     cell = atlas.locator("svg .mark-rect path").nth(1 * 12 + 9).bounding_box()  # grey cells, layer-major: L1H9
     page.mouse.click(cell["x"] + cell["width"] / 2, cell["y"] + cell["height"] / 2)
-    page.get_by_text("Attention pattern of L1H9").wait_for(timeout=60_000)
+    page.get_by_text("Attention pattern of L1H9", exact=True).wait_for(timeout=60_000)  # the subheader
     assert page.get_by_text("Attention pattern of L3H0").count() == 0
 
 
