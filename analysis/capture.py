@@ -192,22 +192,3 @@ def _run(loaded, text: str, encoded: dict, special: np.ndarray, pattern_layers, 
 
 def _stacked(per_layer: list[torch.Tensor]) -> np.ndarray | None:
     return torch.stack(per_layer).cpu().numpy() if per_layer else None  # one transfer for all layers
-
-
-def capture_c_attn(loaded, text: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """The notebook's own route for GPT-2: hook attn.c_attn, split Q, K, V, then split into heads."""
-    model, info = loaded.model, loaded.info
-    if info.family != "GPT-2":
-        raise HeadscopeError("The c_attn hook route exists for GPT-2 only.")
-    seen = {}
-    handle = model.h[layer].attn.c_attn.register_forward_hook(lambda mod, args, out: seen.setdefault("qkv", out.detach()))
-    try:
-        with torch.inference_mode():
-            model(**{name: t.to(info.device) for name, t in tokenize(loaded, text).items() if name != "special_tokens_mask"})
-    finally:
-        handle.remove()
-    d_model = info.n_heads * info.d_head
-    q, k, _ = torch.split(seen["qkv"][0].float(), d_model, dim=1)  # [pos, d_model] each
-    q = q.view(-1, info.n_heads, info.d_head).transpose(0, 1)  # [head, pos, d_head]
-    k = k.view(-1, info.n_heads, info.d_head).transpose(0, 1)  # [head, pos, d_head]
-    return q.cpu().numpy(), k.cpu().numpy()

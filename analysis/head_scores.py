@@ -24,8 +24,8 @@ out of all three because under a causal mask it can only attend to itself.
 Inside the forward pass the recorder calls `compute_score_parts`, which for one layer's weights keeps, per head,
 each detection sum split into what the exclusions would remove (so the exclusions can be chosen later without
 running the model again), plus the three pattern-free scores; `combine_score_parts` turns those into scores.
-The plain numpy functions (`compute_previous_token_score`, ...) are the readable definitions; the tests hold
-the two routes equal.
+The dense numpy definitions (`compute_previous_token_score`, ...) live with the tests (tests/reference.py), which
+hold the two routes equal.
 """
 
 from __future__ import annotations
@@ -41,88 +41,6 @@ HEAD_SCORES = DETECTION_SCORES + PATTERN_SCORES
 # The parts of each detection sum, in this order: all entries, column 0, the diagonal, the (0, 0) entry.
 # Kept sum = all - bos * column0 - current * diagonal + bos * current * corner (the corner was removed twice).
 PARTS = ("all", "first_key", "current", "corner")
-
-
-# ---- detection patterns (TransformerLens's get_*_detection_pattern) ----------------------------------------------
-
-def compute_previous_token_pattern(n: int) -> np.ndarray:
-    """[q_pos, k_pos] with ones on the first sub-diagonal."""
-    return np.eye(n, k=-1)
-
-
-def compute_duplicate_token_pattern(token_ids) -> np.ndarray:
-    """[q_pos, k_pos]: 1 where an earlier key holds the query's token; the diagonal is zero."""
-    ids = np.asarray(token_ids).reshape(-1)  # [pos]
-    return np.tril(ids[:, None] == ids[None, :], k=-1).astype(np.float64)  # [q_pos, k_pos]
-
-
-def compute_induction_pattern(token_ids) -> np.ndarray:
-    """[q_pos, k_pos]: the duplicate pattern shifted one key to the right (attend to what followed last time)."""
-    duplicate = compute_duplicate_token_pattern(token_ids)  # [q_pos, k_pos]
-    shifted = np.zeros_like(duplicate)
-    shifted[:, 1:] = duplicate[:, :-1]  # column 0 stays zero; stays lower-triangular since j < i => j + 1 <= i
-    return shifted
-
-
-def compute_detection_score(patterns: np.ndarray, detection: np.ndarray, exclude_bos: bool = False,
-                            exclude_current_token: bool = False) -> np.ndarray:
-    """TransformerLens's "mul" score per head: sum(A * P) / sum(A) over the kept entries. [head]; never mutates."""
-    a = np.asarray(patterns, dtype=np.float64)  # [head, q_pos, k_pos], a copy only if not float64 already
-    keep = np.ones(a.shape[-2:])  # [q_pos, k_pos]
-    if exclude_bos:
-        keep[:, 0] = 0
-    if exclude_current_token:
-        np.fill_diagonal(keep, 0)
-    kept = a * keep  # [head, q_pos, k_pos], a new array: `patterns` is untouched
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (kept * detection).sum(axis=(1, 2)) / kept.sum(axis=(1, 2))
-
-
-def compute_previous_token_score(patterns, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
-    return compute_detection_score(patterns, compute_previous_token_pattern(np.shape(patterns)[-1]), exclude_bos,
-                                   exclude_current_token)
-
-
-def compute_duplicate_token_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
-    return compute_detection_score(patterns, compute_duplicate_token_pattern(token_ids), exclude_bos,
-                                   exclude_current_token)
-
-
-def compute_induction_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
-    return compute_detection_score(patterns, compute_induction_pattern(token_ids), exclude_bos, exclude_current_token)
-
-
-# ---- pattern-free scores -------------------------------------------------------------------------------------------
-
-def _rows_after_first(patterns) -> np.ndarray:
-    return np.asarray(patterns, dtype=np.float64)[:, 1:]  # [head, q_pos - 1, k_pos]
-
-
-def compute_sink_score(patterns) -> np.ndarray:
-    """Mean attention queries 1..T-1 pay to position 0, per head (NaN for one token)."""
-    rows = _rows_after_first(patterns)
-    return rows[:, :, 0].mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
-
-
-def compute_self_score(patterns) -> np.ndarray:
-    """Mean attention a query pays to itself, rows 1..T-1, per head (NaN for one token)."""
-    rows = _rows_after_first(patterns)
-    diagonal = np.diagonal(rows, offset=1, axis1=1, axis2=2)  # [head, q_pos - 1]: rows[:, i, i + 1] = A[:, i+1, i+1]
-    return diagonal.mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
-
-
-def compute_row_entropy(patterns) -> np.ndarray:
-    """Shannon entropy (nats) of every query row: [head, q_pos]; 0 * log 0 = 0."""
-    a = np.asarray(patterns, dtype=np.float64)  # [head, q_pos, k_pos]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(a > 0, -a * np.log(a), 0.0)  # [head, q_pos, k_pos], a new array
-    return terms.sum(axis=2)
-
-
-def compute_entropy_score(patterns) -> np.ndarray:
-    """Mean attention entropy (nats) of query rows 1..T-1, per head (NaN for one token)."""
-    rows = compute_row_entropy(patterns)[:, 1:]  # [head, q_pos - 1]
-    return rows.mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
 
 
 # ---- the fast route, run inside the forward pass ---------------------------------------------------------------------

@@ -115,10 +115,6 @@ class AnalysisResult:
         """The token at position 0, the one "exclude first token" leaves out (often BOS or CLS)."""
         return self.tokens[0]
 
-    @property
-    def first_token_is_special(self) -> bool:
-        return 0 in self.special_positions
-
     def to_dict(self, include_patterns: bool = False) -> dict:
         return {
             "schema": SCHEMA,

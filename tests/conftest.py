@@ -1,14 +1,23 @@
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach the hub
+# Before anything imports huggingface_hub (which reads these once, at import): nothing in the tests may reach
+# the hub, and no test may see this machine's Hugging Face cache (a cached gpt2 would turn `auto` into GPT-2).
+# The served app and the CLI run in subprocesses that inherit this environment, so they see the same empty cache.
+HF_HOME = tempfile.mkdtemp(prefix="headscope-test-hf-")
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+os.environ.update(HF_HUB_OFFLINE="1", HF_HOME=HF_HOME, HF_HUB_CACHE=os.path.join(HF_HOME, "hub"),
+                  HF_XET_CACHE=os.path.join(HF_HOME, "xet"), HF_ASSETS_CACHE=os.path.join(HF_HOME, "assets"))
+os.environ.pop("TRANSFORMERS_CACHE", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tests.checkpoints import tiny_bert, tiny_gpt2  # noqa: E402
-
-from analysis.presets import FIJI  # noqa: E402,F401  (the notebook's text)
+from analysis.presets import FIJI  # noqa: F401  (the notebook's text)
+from tests.checkpoints import tiny_bert, tiny_gpt2
 
 REPEATS = "The cat sat on the mat. The cat sat on the mat again, and the dog watched the cat."
 
@@ -33,9 +42,13 @@ def gpt2(gpt2_path):
 
 @pytest.fixture(scope="session")
 def minilm():
+    """The bundled all-MiniLM-L6-v2, by name (not `auto`, which means gpt2 wherever gpt2 is cached)."""
     from analysis import load_model
+    from analysis.loading import BUNDLED_ID
 
-    return load_model("auto")
+    loaded = load_model("minilm")
+    assert (loaded.info.id, loaded.info.architecture) == (BUNDLED_ID, "BertModel")
+    return loaded
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +80,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture(scope="session")
 def chromium():
-    """Debian's headless Chromium driven by playwright (never `playwright install`: it downloads)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    """Debian's headless Chromium driven by playwright (never `playwright install`: it downloads).
+
+    A missing playwright or chromium fails the browser tests instead of skipping them: CI installs both, and a
+    skipped browser test would let a report that draws nothing pass."""
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.fail("playwright is missing: pip install -r requirements-dev.txt (.ci/run does this)")
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does this)")
     with sync_api.sync_playwright() as playwright:

@@ -3,8 +3,8 @@ import threading
 import numpy as np
 
 from analysis import analyze, capture
-from analysis.capture import capture_c_attn
 from tests.conftest import FIJI, REPEATS
+from tests.reference import capture_c_attn
 
 
 def test_c_attn_hook_route_equals_the_attention_interface_route(gpt2):
@@ -32,13 +32,32 @@ def test_patterns_only_for_requested_layers(gpt2):
     assert list(captured.patterns) == [3]
 
 
-def test_idle_model_is_a_plain_eager_model(gpt2):
+def test_idle_model_is_a_plain_eager_model(gpt2, monkeypatch):
     """With no recorder active the capturing attention is a pass-through: nothing is kept."""
-    import torch
+    import importlib
 
+    import torch
+    from transformers import AutoModel
+
+    capture_module = importlib.import_module("analysis.capture")  # the module: `analysis.capture` is the function
+    recorded, record = [], capture_module._Recorder.record
+
+    def counting_record(self, *args):
+        recorded.append(len(self.q))
+        record(self, *args)
+
+    monkeypatch.setattr(capture_module._Recorder, "record", counting_record)
+    inputs = gpt2.tokenizer(FIJI, return_tensors="pt")
+    stock = AutoModel.from_pretrained(gpt2.info.path, attn_implementation="eager").eval()
     with torch.no_grad():
-        out = gpt2.model(**gpt2.tokenizer(FIJI, return_tensors="pt"), output_attentions=True)
+        out = gpt2.model(**inputs, output_attentions=True)
+        want = stock(**inputs, output_attentions=True)
+    assert recorded == []  # the idle pass handed nothing to a recorder
     assert len(out.attentions) == 8
+    assert torch.equal(out.last_hidden_state, want.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(out.attentions, want.attentions, strict=True))
+    capture(gpt2, FIJI, pattern_layers=[])  # the same patch does see an active recorder: one call per layer
+    assert len(recorded) == 8
 
 
 def test_two_threads_share_one_model(gpt2):
@@ -51,7 +70,7 @@ def test_two_threads_share_one_model(gpt2):
             barrier.wait()
             for _ in range(3):
                 results[index, _] = (text, analyze(gpt2, text, layers=[6]).layers[6])
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001  (any failure in a thread is reported below)
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i, (FIJI, REPEATS)[i % 2])) for i in range(4)]

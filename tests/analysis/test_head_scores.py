@@ -21,20 +21,22 @@ from analysis import (
 from analysis.head_scores import (
     HEAD_SCORES,
     compute_centered_dot_products,
+    compute_head_scores,
+    compute_mannwhitney,
+)
+from analysis.metrics import compute_dot_products
+from analysis.results import HEAD_SCORE_NAMES
+from tests.conftest import FIJI, REPEATS
+from tests.reference import (
     compute_duplicate_token_score,
     compute_entropy_score,
-    compute_head_scores,
     compute_induction_pattern,
     compute_induction_score,
-    compute_mannwhitney,
     compute_previous_token_score,
     compute_row_entropy,
     compute_self_score,
     compute_sink_score,
 )
-from analysis.metrics import compute_dot_products
-from analysis.results import HEAD_SCORE_NAMES
-from tests.conftest import FIJI, REPEATS
 
 N_HEADS, N_POS = 3, 9
 OPTIONS = list(product([False, True], repeat=2))  # (exclude_bos, exclude_current_token)

@@ -1,0 +1,126 @@
+"""Reference implementations: slow, readable definitions that only the tests use, as oracles for the engine.
+
+Nothing in analysis/, reports/ or the app imports this module. Each function is the plainest transcription
+of a definition, so a test can hold the engine's fast route equal to it:
+
+- `capture_c_attn`: the course notebook's own route to q and k for GPT-2 (hook `attn.c_attn`, split Q, K, V,
+  then split into heads), against the engine's attention-interface capture.
+- `compute_*_score` and the detection patterns: TransformerLens's head detector ("mul" error measure) and the
+  pattern-free scores as dense numpy over whole [head, q_pos, k_pos] patterns, against the engine's sparse,
+  in-forward-pass route (`analysis.head_scores.compute_score_parts` / `combine_score_parts`).
+  See analysis/head_scores.py's docstring for the definitions and the exclusion options.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from analysis.capture import tokenize
+from analysis.errors import HeadscopeError
+
+# ---- the notebook's capture route (GPT-2 only) ----------------------------------------------------------------------
+
+
+def capture_c_attn(loaded, text: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """The notebook's own route for GPT-2: hook attn.c_attn, split Q, K, V, then split into heads."""
+    model, info = loaded.model, loaded.info
+    if info.family != "GPT-2":
+        raise HeadscopeError("The c_attn hook route exists for GPT-2 only.")
+    seen = {}
+    hook = model.h[layer].attn.c_attn.register_forward_hook(lambda mod, args, out: seen.setdefault("qkv", out.detach()))
+    inputs = {name: t.to(info.device) for name, t in tokenize(loaded, text).items() if name != "special_tokens_mask"}
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    finally:
+        hook.remove()
+    d_model = info.n_heads * info.d_head
+    q, k, _ = torch.split(seen["qkv"][0].float(), d_model, dim=1)  # [pos, d_model] each
+    q = q.view(-1, info.n_heads, info.d_head).transpose(0, 1)  # [head, pos, d_head]
+    k = k.view(-1, info.n_heads, info.d_head).transpose(0, 1)  # [head, pos, d_head]
+    return q.cpu().numpy(), k.cpu().numpy()
+
+
+# ---- detection patterns (TransformerLens's get_*_detection_pattern) ----------------------------------------------
+
+
+def compute_previous_token_pattern(n: int) -> np.ndarray:
+    """[q_pos, k_pos] with ones on the first sub-diagonal."""
+    return np.eye(n, k=-1)
+
+
+def compute_duplicate_token_pattern(token_ids) -> np.ndarray:
+    """[q_pos, k_pos]: 1 where an earlier key holds the query's token; the diagonal is zero."""
+    ids = np.asarray(token_ids).reshape(-1)  # [pos]
+    return np.tril(ids[:, None] == ids[None, :], k=-1).astype(np.float64)  # [q_pos, k_pos]
+
+
+def compute_induction_pattern(token_ids) -> np.ndarray:
+    """[q_pos, k_pos]: the duplicate pattern shifted one key to the right (attend to what followed last time)."""
+    duplicate = compute_duplicate_token_pattern(token_ids)  # [q_pos, k_pos]
+    shifted = np.zeros_like(duplicate)  # [q_pos, k_pos]
+    shifted[:, 1:] = duplicate[:, :-1]  # column 0 stays zero; stays lower-triangular since j < i => j + 1 <= i
+    return shifted
+
+
+def compute_detection_score(patterns: np.ndarray, detection: np.ndarray, exclude_bos: bool = False,
+                            exclude_current_token: bool = False) -> np.ndarray:
+    """TransformerLens's "mul" score per head: sum(A * P) / sum(A) over the kept entries. [head]; never mutates."""
+    a = np.asarray(patterns, dtype=np.float64)  # [head, q_pos, k_pos], a copy only if not float64 already
+    keep = np.ones(a.shape[-2:])  # [q_pos, k_pos]
+    if exclude_bos:
+        keep[:, 0] = 0
+    if exclude_current_token:
+        np.fill_diagonal(keep, 0)
+    kept = a * keep  # [head, q_pos, k_pos], a new array: `patterns` is untouched
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (kept * detection).sum(axis=(1, 2)) / kept.sum(axis=(1, 2))
+
+
+def compute_previous_token_score(patterns, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
+    return compute_detection_score(patterns, compute_previous_token_pattern(np.shape(patterns)[-1]), exclude_bos,
+                                   exclude_current_token)
+
+
+def compute_duplicate_token_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
+    return compute_detection_score(patterns, compute_duplicate_token_pattern(token_ids), exclude_bos,
+                                   exclude_current_token)
+
+
+def compute_induction_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
+    return compute_detection_score(patterns, compute_induction_pattern(token_ids), exclude_bos, exclude_current_token)
+
+
+# ---- pattern-free scores -------------------------------------------------------------------------------------------
+
+
+def _rows_after_first(patterns) -> np.ndarray:
+    return np.asarray(patterns, dtype=np.float64)[:, 1:]  # [head, q_pos - 1, k_pos]
+
+
+def compute_sink_score(patterns) -> np.ndarray:
+    """Mean attention queries 1..T-1 pay to position 0, per head (NaN for one token)."""
+    rows = _rows_after_first(patterns)  # [head, q_pos - 1, k_pos]
+    return rows[:, :, 0].mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
+
+
+def compute_self_score(patterns) -> np.ndarray:
+    """Mean attention a query pays to itself, rows 1..T-1, per head (NaN for one token)."""
+    rows = _rows_after_first(patterns)  # [head, q_pos - 1, k_pos]
+    diagonal = np.diagonal(rows, offset=1, axis1=1, axis2=2)  # [head, q_pos - 1]: rows[:, i, i + 1] = A[:, i+1, i+1]
+    return diagonal.mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
+
+
+def compute_row_entropy(patterns) -> np.ndarray:
+    """Shannon entropy (nats) of every query row: [head, q_pos]; 0 * log 0 = 0."""
+    a = np.asarray(patterns, dtype=np.float64)  # [head, q_pos, k_pos]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(a > 0, -a * np.log(a), 0.0)  # [head, q_pos, k_pos], a new array
+    return terms.sum(axis=2)
+
+
+def compute_entropy_score(patterns) -> np.ndarray:
+    """Mean attention entropy (nats) of query rows 1..T-1, per head (NaN for one token)."""
+    rows = compute_row_entropy(patterns)[:, 1:]  # [head, q_pos - 1]
+    return rows.mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
