@@ -1,5 +1,6 @@
-"""Head scores: hand-built patterns with known answers, then the model's own eager attention scored by an
-independent, loop-by-loop transcription of TransformerLens's head detector ("mul")."""
+"""Head scores: hand-built patterns with known answers, the model's own eager attention scored by an
+independent, loop-by-loop transcription of TransformerLens's head detector ("mul"), and TransformerLens itself
+(detect_head and run_with_cache through its TransformerBridge, on a sentence and on the induction probe)."""
 
 import json
 from itertools import product
@@ -7,6 +8,7 @@ from itertools import product
 import numpy as np
 import pytest
 import torch
+from transformer_lens.head_detector import detect_head
 
 from analysis import (
     AnalysisResult,
@@ -15,6 +17,7 @@ from analysis import (
     analyze_ids,
     analyze_induction_probe,
     capture,
+    capture_ids,
     induction_probe_ids,
     summarize,
 )
@@ -28,6 +31,7 @@ from analysis.metrics import compute_dot_products
 from analysis.results import HEAD_SCORE_NAMES
 from tests.conftest import FIJI, REPEATS
 from tests.reference import (
+    compute_duplicate_token_pattern,
     compute_duplicate_token_score,
     compute_entropy_score,
     compute_induction_pattern,
@@ -267,17 +271,152 @@ def test_scores_equal_transformer_lens_formula_on_the_models_eager_attention(req
     assert tl_scores(patterns, ids, True, False)["duplicate_token"].max() > 0  # the text has repeats
 
 
-def test_transformer_lens_own_functions_agree(gpt2):
-    head_detector = pytest.importorskip("transformer_lens.head_detector")
-    result = analyze(gpt2, REPEATS, layers=[0])
-    ids = torch.as_tensor(result.token_ids)[None]  # [batch=1, pos]
-    patterns = eager_attentions(gpt2.info.path, ids)
+# ---- TransformerLens itself: detect_head and run_with_cache on the same checkpoint ---------------------------------
+
+TL_NAMES = {name: f"{name}_head" for name in DETECTION}  # TransformerLens's names for the three detection patterns
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: float32's unit roundoff is half of it
+
+
+class GivenTokens:
+    """The bridge, fed token ids instead of text. detect_head tokenizes its `seq` with model.to_tokens, and the
+    induction probe is token ids (random tokens do not survive a decode and re-encode); everything else,
+    the forward pass and the cache included, is the bridge's own."""
+
+    def __init__(self, bridge, token_ids):
+        self.bridge, self.cfg = bridge, bridge.cfg
+        self.tokens = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))[None]  # [batch=1, pos]
+
+    def to_tokens(self, seq):
+        return self.tokens
+
+    def run_with_cache(self, tokens, **kwargs):
+        return self.bridge.run_with_cache(tokens, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def bridge(gpt2_path):
+    """TransformerLens 4.x's TransformerBridge around the tiny GPT-2 checkpoint, booted offline: `hf_model` and
+    `tokenizer` are given, so nothing is looked up on the hub (the session's HF cache is empty and offline)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(gpt2_path, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_path)
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf_model, tokenizer=tokenizer, device="cpu")
+    bridge.cfg.default_prepend_bos = False  # tokenize the sentence exactly as headscope does (GPT-2 adds no BOS)
+    return bridge
+
+
+@pytest.fixture(scope="module", params=["sentence", "induction probe"])
+def compared(request, gpt2, bridge):
+    """(headscope's capture of every layer, what detect_head is given as model and seq, TL's cache)."""
+    if request.param == "sentence":
+        captured = capture(gpt2, REPEATS)
+        model, seq = bridge, REPEATS
+        assert bridge.to_tokens(REPEATS)[0].tolist() == captured.token_ids.tolist()  # the same tokens
+    else:
+        captured = capture_ids(gpt2, induction_probe_ids(gpt2, length=50, seed=0))  # 101 tokens, BOS first
+        model, seq = GivenTokens(bridge, captured.token_ids), "(token ids)"
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(torch.as_tensor(captured.token_ids)[None], remove_batch_dim=True)
+    return captured, model, seq, cache
+
+
+def logit_error_bound(q, k, tl_q, tl_k) -> float:
+    """The largest possible difference between one headscope logit q.k/sqrt(d) and TransformerLens's, for causal
+    pairs, from the q and k each side used (TransformerLens recomputes the attention in its own modules, so its
+    q and k differ from the model's by float32 rounding accumulated over the earlier layers).
+
+    Inputs: |q.k - q'.k'| <= |q - q'|.|k| + |q|.|k - k'| + |q - q'|.|k - k'| elementwise in absolute values.
+    Rounding: a float32 dot product of d terms is off by at most d * u * sum_i |q_i k_i| (u = eps / 2, the unit
+    roundoff; Higham, Accuracy and Stability of Numerical Algorithms, 3.1), once on each side."""
+    q, k, tl_q, tl_k = (np.asarray(x, dtype=np.float64) for x in (q, k, tl_q, tl_k))  # [head, pos, d_head]
+    d, n = q.shape[-1], q.shape[1]
+    dq, dk = np.abs(q - tl_q), np.abs(k - tl_k)  # [head, pos, d_head]
+    kt, dkt = np.abs(k).transpose(0, 2, 1), dk.transpose(0, 2, 1)  # [head, d_head, k_pos]
+    inputs = dq @ kt + np.abs(q) @ dkt + dq @ dkt  # [h, q, d] @ [h, d, k] -> [h, q, k]
+    rounding = 2 * d * (EPS32 / 2) * (np.abs(q) @ kt)  # [h, q, d] @ [h, d, k] -> [h, q, k]
+    causal = np.tril(np.ones((n, n), dtype=bool))  # [q_pos, k_pos]
+    return float((inputs + rounding)[:, causal].max() / np.sqrt(d))
+
+
+def test_q_k_and_patterns_equal_transformer_lens_run_with_cache(compared):
+    """q and k against TransformerLens's hook_q/hook_k, and the patterns against cache["pattern", layer].
+
+    q and k: each layer's matmuls round at most d_model * u relative (u = eps / 2), and the two forward passes
+    round differently, so by layer L the drift is at most about (L + 1) * d_model * u of the largest value
+    (first order: the differences add up along the residual stream).
+    Patterns: a logit error of at most delta (logit_error_bound) moves a softmax weight p by at most
+    p * (exp(2 delta) - 1) <= 2 delta * exp(2 delta), plus a few units of roundoff for exp and the
+    normalisation (8 u)."""
+    captured, _, _, cache = compared
+    n_layers, d_model = len(captured.q), captured.q[0].shape[0] * captured.q[0].shape[2]
+    assert sorted(captured.patterns) == list(range(n_layers))
+    for layer in range(n_layers):
+        tl_q = cache["q", layer].numpy().transpose(1, 0, 2)  # [pos, head, d_head] -> [head, pos, d_head]
+        tl_k = cache["k", layer].numpy().transpose(1, 0, 2)  # [pos, head, d_head] -> [head, pos, d_head]
+        for ours, theirs in ((captured.q[layer], tl_q), (captured.k[layer], tl_k)):
+            drift = (layer + 1) * d_model * (EPS32 / 2) * np.abs(theirs).max()
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=drift, err_msg=f"q/k, layer {layer}")
+        delta = logit_error_bound(captured.q[layer], captured.k[layer], tl_q, tl_k)
+        tolerance = 2 * delta * np.exp(2 * delta) + 8 * (EPS32 / 2)
+        expected = cache["pattern", layer].numpy()  # [head, q_pos, k_pos]
+        assert expected.shape == captured.patterns[layer].shape
+        np.testing.assert_allclose(captured.patterns[layer], expected, rtol=0, atol=tolerance, err_msg=f"layer {layer}")
+
+
+def score_error_bound(captured, cache, name, exclude_bos, exclude_current_token) -> np.ndarray:
+    """[layer, head]: how far a detection score may move between headscope and TransformerLens, from the patterns.
+
+    headscope scores the model's own eager weights W (in float64); TransformerLens scores its pattern A (in
+    float32). Per entry |W - A| <= e = |pattern - A| + parity (the capture's pattern is within `parity` of W).
+    Over the kept entries (keep) with detection pattern P, the numerator N = sum(A P) moves by at most
+    dN = sum(e P), the denominator D = sum(A) by at most dD = sum(e), so the score s = N / D moves by at most
+    (dN + s dD) / (D - dD). TransformerLens's own float32 sums of n = T^2 terms add at most n * u relative to
+    each of N and D (any summation order), 2 n u s on the score."""
+    ids = captured.token_ids
+    n = len(ids)
+    keep = np.ones((n, n))  # [q_pos, k_pos]
+    if exclude_bos:
+        keep[:, 0] = 0
+    if exclude_current_token:
+        np.fill_diagonal(keep, 0)
+    detection = {"previous_token": np.eye(n, k=-1), "duplicate_token": compute_duplicate_token_pattern(ids),
+                 "induction": compute_induction_pattern(ids)}[name] * keep  # [q_pos, k_pos]
+    bounds = []
+    for layer in range(len(captured.q)):
+        tl = cache["pattern", layer].numpy().astype(np.float64)  # [head, q_pos, k_pos]
+        error = np.abs(captured.patterns[layer] - tl) + captured.parity[layer]  # [head, q_pos, k_pos]
+        numerator, denominator = (tl * detection).sum(axis=(1, 2)), (tl * keep).sum(axis=(1, 2))  # [head]
+        d_num, d_den = (error * detection).sum(axis=(1, 2)), (error * keep).sum(axis=(1, 2))  # [head]
+        score = numerator / denominator
+        bounds.append((d_num + score * d_den) / (denominator - d_den) + 2 * n * n * (EPS32 / 2) * score)
+    return np.array(bounds)  # [layer, head]
+
+
+@pytest.mark.parametrize("exclude_bos, exclude_current_token", OPTIONS)
+def test_detection_scores_equal_transformer_lens_detect_head(gpt2, compared, exclude_bos, exclude_current_token):
+    """TransformerLens's own detect_head (its tokenizer, detection patterns, forward pass and "mul" score) against
+    headscope's scores from one capture, every option, within score_error_bound."""
+    captured, model, seq, cache = compared
+    result = summarize(captured, gpt2.info.to_dict(), [], exclude_bos, exclude_current_token)
     for name in DETECTION:
-        detection = getattr(head_detector, f"get_{name}_head_detection_pattern")(ids)
-        expected = [[head_detector.compute_head_attention_similarity_score(
-            torch.tensor(head).clone(), detection, exclude_bos=True, exclude_current_token=False, error_measure="mul")
-            for head in layer] for layer in patterns]
-        np.testing.assert_allclose(result.head_scores[name], expected, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            expected = detect_head(model, seq, TL_NAMES[name], exclude_bos=exclude_bos,
+                                   exclude_current_token=exclude_current_token).numpy()  # [layer, head]
+        bound = score_error_bound(captured, cache, name, exclude_bos, exclude_current_token)
+        ours = result.head_scores[name]
+        assert ours.shape == expected.shape == (8, 12)
+        assert np.all(np.abs(ours - expected) <= bound), (name, np.abs(ours - expected).max(), bound.max())
+        # the heads differ: the spread of the scores is far beyond the tolerance, so a score that ignored its
+        # head, its layer or its detection pattern could not pass
+        assert np.ptp(expected) > 100 * bound.max(), (name, np.ptp(expected), bound.max())
+
+
+def test_the_sentence_and_the_probe_have_what_the_detectors_look_for(compared):
+    captured, _, _, _ = compared
+    ids = captured.token_ids
+    assert compute_duplicate_token_pattern(ids).sum() > 0 and compute_induction_pattern(ids).sum() > 0
 
 
 def test_scores_cover_every_layer_while_one_layers_patterns_are_kept(gpt2):
