@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel
 from analysis import analyze
 from analysis.loading import supported_families
 from analysis.presets import FIJI, PRESETS
+from reports.charts import ATLAS_SELECTION, build_layer_charts
 
 APP = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")
 TIMEOUT = 120
@@ -64,6 +66,20 @@ def chart_titled(specs: list[dict], words: str) -> dict:
     return matches[0]
 
 
+def split_atlas(specs: list[dict]) -> tuple[dict, list[dict]]:
+    """(the head atlas, the layer's charts): the atlas is the one chart carrying the head selection."""
+    atlas = [spec for spec in specs if [param["name"] for param in spec.get("params", [])] == [ATLAS_SELECTION]]
+    assert len(atlas) == 1, [spec["title"]["text"] for spec in specs]
+    return atlas[0], [spec for spec in specs if spec is not atlas[0]]
+
+
+def by_chart(specs: list[dict]) -> dict[str, dict]:
+    """Charts keyed by their title with the layer and head left out, so the same chart matches across views."""
+    keyed = {re.sub(r"L\d+H\d+|layer \d+", "#", spec["title"]["text"]): spec for spec in specs}
+    assert len(keyed) == len(specs)
+    return keyed
+
+
 def column(spec: dict, name: str) -> np.ndarray:
     return np.array([row[name] for rows in spec["datasets"].values() for row in rows if name in row], dtype=float)
 
@@ -88,14 +104,15 @@ def test_default_run_shows_the_notebook_figures_with_the_results_numbers(minilm,
     assert not at.exception
     assert not errors(at)
     specs = charts(at)
-    assert len(specs) >= 7
     assert forward_calls == ["BertModel"]  # one forward pass for everything on the page
 
     layer = 3  # MiniLM has 6 layers: the middle one, as on the command line
-    expected = analyze(minilm, FIJI, [layer]).layers[layer]
-    for spec in specs:
-        assert minilm.info.id in spec["title"]["text"]
-        assert f"layer {layer}" in spec["title"]["text"] or spec.get("params")  # the atlas covers every layer
+    result = analyze(minilm, FIJI, [layer])
+    expected = result.layers[layer]
+    atlas, layer_charts = split_atlas(specs)
+    assert minilm.info.id in atlas["title"]["text"] and "layer" not in atlas["title"]["text"]  # every layer
+    titles = [item.chart.to_dict()["title"]["text"] for item in build_layer_charts(result, layer, head=0)]
+    assert [spec["title"]["text"] for spec in layer_charts] == titles  # every chart of the layer, in order
     means = chart_titled(specs, "Q and K means")
     np.testing.assert_allclose(sorted(column(means, "mean")), sorted(np.r_[expected.q_means, expected.k_means]), rtol=1e-6)
     sink = chart_titled(specs, "Sink mass")
@@ -131,10 +148,14 @@ def test_changing_layer_head_and_toggle_redraws_without_running_the_model(forwar
     assert not at.exception and not errors(at)
     after = charts(at)
     assert forward_calls == ["BertModel"]  # no second forward pass
-    assert all("layer 1" in spec["title"]["text"] for spec in after if not spec.get("params"))  # params: the atlas
+    (atlas_before, layer_before), (atlas_after, layer_after) = split_atlas(before), split_atlas(after)
+    assert all(" · layer 1 · " in spec["title"]["text"] for spec in layer_after)
     assert chart_titled(after, "Attention pattern of L1H5")
-    changed = [a["datasets"] != b["datasets"] for a, b in zip(before, after)]
-    assert sum(changed) >= 7
+    before, after = by_chart(layer_before), by_chart(layer_after)
+    assert list(before) == list(after) and len(after) == 9
+    unchanged = [key for key in after if after[key]["datasets"] == before[key]["datasets"]]
+    assert unchanged == []  # every chart of the layer now draws layer 1's numbers
+    assert atlas_after["datasets"] == atlas_before["datasets"]  # the atlas already showed every layer
 
     at = submit(at, head=7, exclude=False)
     assert not at.exception and not errors(at)
@@ -173,17 +194,18 @@ def test_unknown_model_is_an_error_not_a_traceback():
 
 def test_errors_keep_the_last_good_results_on_screen():
     at = run_app()
-    assert len(charts(at)) >= 7
+    good = charts(at)
+    assert len(split_atlas(good)[1]) == 9
 
     at = submit(at, model_typed="no-such-user/no-such-model-xyz")
     assert not at.exception
     assert len(errors(at)) == 1 and "no-such-user/no-such-model-xyz" in errors(at)[0]
-    assert len(charts(at)) >= 7  # the last good results stay
+    assert charts(at) == good  # the last good results stay, the same charts with the same data
 
     at = submit(at, model_typed="", text="   ")
     assert not at.exception
     assert errors(at) == ["The text is empty: type a sentence to analyse."]
-    assert len(charts(at)) >= 7
+    assert charts(at) == good
 
 
 def test_empty_text_is_an_error():

@@ -6,11 +6,19 @@ import json
 import re
 
 import pytest
+from markupsafe import escape
 
 from analysis import analyze
 from analysis.corpus import CorpusAccumulator
 from analysis.results import HEAD_SCORE_NAMES
-from reports.charts import ATLAS_SELECTION, build_atlas_chart, build_corpus_atlas_chart, selected_head
+from reports.charts import (
+    ATLAS_SELECTION,
+    SCORE_EXPLANATIONS,
+    SCORE_TITLES,
+    build_atlas_chart,
+    build_corpus_atlas_chart,
+    selected_head,
+)
 from tests.conftest import REPEATS
 
 
@@ -49,7 +57,7 @@ def test_undefined_scores_are_missing_cells(gpt2):
     one = analyze(gpt2, "a", layers=[6])  # one token: nothing to measure with the first token excluded
     spec = build_atlas_chart(one, "previous_token").to_dict()
     assert len(rows(spec)) == 8 * 12 and all(row["value"] is None for row in rows(spec))
-    assert {"filter": "isValid(datum.value)"} in spec["layer"][1]["transform"]  # coloured only where defined  # coloured only where defined
+    assert {"filter": "isValid(datum.value)"} in spec["layer"][1]["transform"]  # coloured only where defined
     with pytest.raises(KeyError):
         build_atlas_chart(one, "no_such_score")
 
@@ -88,8 +96,11 @@ def test_the_report_has_an_atlas_per_score_before_the_layers_and_the_centred_sta
     assert atlas < page.index('<section id="same-vs-different">') < first_layer
     for score in HEAD_SCORE_NAMES:
         assert page.count(f'data-chart="chart-atlas-{score}"') == 1
-    assert "an induction head" not in page  # explanations are sentences of their own, checked below
-    assert "marks a previous-token head" in page and "attention sink" in page
+    for score in HEAD_SCORE_NAMES:  # its own explanation under its heading, escaped as Jinja does
+        block = page[page.index(f'<div class="chart" id="atlas-{score}">'):]
+        block = block[:block.index("</div>")]
+        assert f"<h3>{escape(SCORE_TITLES[score])}</h3>" in block
+        assert f"<p>{escape(SCORE_EXPLANATIONS[score])}</p>" in block
     # readable without JavaScript: every score of every head is in a table
     scores = result.head_scores["induction"]
     table = page[page.index('id="atlas-induction"'):page.index('id="atlas-sink"')]

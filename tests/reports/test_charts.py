@@ -24,6 +24,10 @@ from reports.charts import (
 from tests.conftest import FIJI
 
 KEYS = ["means", "qk_means", "qk_stds", "dot_products", "dot_distributions", "softmax", "sink_mass", "kde", "heatmap"]
+# What each chart draws: its marks, outermost first (error bars are rules, the zero line of a strip is a rule).
+MARKS = {"means": ["rule", "point"], "qk_means": ["point"], "qk_stds": ["point"], "dot_products": ["rule", "circle"],
+         "dot_distributions": ["rule", "line"], "softmax": ["rule", "circle"], "sink_mass": ["bar"], "kde": ["line"],
+         "heatmap": ["rect"]}
 
 
 def synthetic_result(n_tokens: int, n_heads: int = 8, n_kv_heads: int = 2, layer: int = 0, causal: bool = True,
@@ -56,6 +60,12 @@ def rows(chart: alt.TopLevelMixin) -> list[dict]:
     return [row for values in spec.get("datasets", {}).values() for row in values]
 
 
+def marks(spec: dict) -> list[str]:
+    """The mark types of a chart spec and of its layers, depth first."""
+    found = [spec["mark"] if isinstance(spec["mark"], str) else spec["mark"]["type"]] if "mark" in spec else []
+    return found + [mark for layer in spec.get("layer", []) for mark in marks(layer)]
+
+
 def values(chart, field: str, **where) -> np.ndarray:
     return np.array([row[field] for row in rows(chart) if field in row and all(row.get(k) == v for k, v in where.items())])
 
@@ -73,7 +83,12 @@ def test_layer_charts_in_display_order_with_titles_naming_layer_and_model(gpt2_r
         spec = item.chart.to_dict()
         assert "layer 6" in spec["title"]["text"] and gpt2_result.model["id"] in spec["title"]["text"]
         assert "density" not in json.dumps(spec.get("transform", []))  # KDEs come from the results, not the browser
-        assert spec["encoding" if "encoding" in spec else "layer"]  # something is drawn
+        assert marks(spec) == MARKS[item.key], item.key
+    data = gpt2_result.layers[6]
+    n_rows = {key: len(rows(item.chart)) for key, item in zip(KEYS, charts, strict=True)}
+    h, g, t = len(data.q_means), len(data.k_means), gpt2_result.n_tokens
+    assert (n_rows["means"], n_rows["qk_means"], n_rows["qk_stds"], n_rows["sink_mass"]) == (h + g, h, h, h)
+    assert n_rows["kde"] == 2 * len(data.kde["grid"]) and n_rows["heatmap"] == t * t  # one row per drawn point
     with pytest.raises(AttributeError):
         charts[0].key = "other"  # frozen
 
@@ -162,14 +177,25 @@ def test_long_strips_are_thinned_by_rank_and_say_so():
     assert f"{MAX_POINTS:,} of {len(full):,}" in json.dumps(dots.to_dict()["title"])
 
 
-def test_short_texts_draw_without_failing():
+def test_short_texts_draw_what_there_is_and_say_what_is_missing():
+    """Two tokens: no dot products (they need a key between the first and the final token) and no KDE; the
+    charts that can be drawn still hold the layer's numbers."""
     result = synthetic_result(2, n_heads=4, n_kv_heads=4)
     layer = result.layers[0]
     short = AnalysisResult(model=result.model, text=result.text, tokens=result.tokens, token_ids=result.token_ids,
                            special_positions=(0,), exclude_first_token=True, layers={0: LayerResult(
-                               **{**layer.__dict__, "same_head_dp": np.empty(0), "diff_head_dp": np.empty(0), "kde": None})})
-    for item in build_layer_charts(short, 0):
-        item.chart.to_dict()
+                               **{**layer.__dict__, "same_head_dp": np.empty(0), "diff_head_dp": np.empty(0),
+                                  "kde": None})})
+    charts = {item.key: item.chart for item in build_layer_charts(short, 0)}
+    assert list(charts) == KEYS
+    for key in ("dot_products", "dot_distributions"):
+        assert rows(charts[key]) == [{"value": 0.0}], key  # only the zero line: no point, no histogram bar
+    assert rows(charts["kde"]) == [] and "Too few tokens" in json.dumps(charts["kde"].to_dict()["title"])
+    np.testing.assert_allclose(values(charts["means"], "mean", kind="Q"), layer.q_means)
+    np.testing.assert_allclose(values(charts["sink_mass"], "sink_mass"), layer.sink_mass, rtol=1e-6)
+    np.testing.assert_allclose(values(charts["softmax"], "value", group="Final to previous"), layer.final_to_prev,
+                               rtol=1e-6)
+    np.testing.assert_allclose(values(charts["heatmap"], "weight"), layer.patterns[0].ravel(), rtol=1e-6)
 
 
 def test_tokens_are_data_not_markup():
