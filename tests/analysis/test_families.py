@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import HeadscopeError, analyze, capture, load_model
+from analysis import HeadscopeError, analyze, capture, load_model, summarize
 from analysis.loading import FAMILIES, PARITY_TOLERANCE
 from analysis.metrics import compute_pattern
 from analysis.results import ARRAY_FIELDS
@@ -30,13 +30,17 @@ BUILDERS = {
 }
 CAUSAL = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2"}
 EXACT = 1e-5  # the issue's bound on parity_max_abs_err in float32
-# Half precision vs float32 on these checkpoints (worst seen on CPU, x2-3 margin): Q/K means and stds and
-# the sink mass, dot products (both relative to the largest float32 magnitude, at least 1), probabilities.
-HALF_TOLERANCE = {
-    "bfloat16": {"stats": 1e-2, "dots": 6e-2, "probabilities": 0.1},
-    "float16": {"stats": 2e-3, "dots": 1e-2, "probabilities": 2e-2},
-}
-GROUPS = {"q_means": "stats", "q_stds": "stats", "k_means": "stats", "k_stds": "stats", "sink_mass": "stats",
+# Half precision vs float32, from the dtype's unit roundoff u = eps / 2 and the magnitudes involved.
+# q and k: a value stored in half precision is off by at most u of itself per rounding. Per layer a value is
+# rounded 14 times on the way through the residual stream: attention norm output, q/k/v projections, the weights,
+# weights @ v, the output projection, the residual add; MLP norm output, up and gate projections, the activation,
+# their product, the down projection, the residual add. Layer l's own q and k add 4 more (norm output, projection
+# weights and output, rotary). So |q_half - q| <= R_l u max|q| with R_l = 14 l + 4, at first order; the same for k.
+# Everything headscope measures is then computed in float32 from the q and k the half model used, so the rest is
+# bounded by the q and k differences themselves (half_precision_tolerances), plus float32 rounding.
+ROUNDINGS_PER_LAYER, ROUNDINGS_OWN = 14, 4
+EPS32 = float(np.finfo(np.float32).eps)
+GROUPS = {"q_means": "stats", "q_stds": "stats", "k_means": "stats", "k_stds": "stats", "sink_mass": "probabilities",
           "same_head_dp": "dots", "diff_head_dp": "dots", "final_to_prev": "probabilities",
           "self_attention": "probabilities", "first_self": "probabilities", "patterns": "probabilities"}
 
@@ -223,23 +227,64 @@ def test_special_tokens_typed_in_the_text_are_marked(llama):
     assert 0 in result.special_positions
 
 
+def half_precision_tolerances(q, k, q_half, k_half) -> dict[str, float]:
+    """{group: bound on |half - float32|} for one layer, from the float32 q [head, pos, d], k [kv_head, pos, d] and
+    the half model's (captured in float32 from the half-precision tensors).
+
+    stats (Q/K means and stds): a mean moves by at most the largest change of an element, a standard deviation by
+      at most sqrt(N / (N - 1)) times it (Minkowski); float32 sums of N values add N u32 max|x|.
+    dots (q.k): the exact change max |q_half.k_half - q.k| (float64), plus each side's float32 rounding,
+      d u32 sum_i |q_i k_i| (Higham, Accuracy and Stability of Numerical Algorithms, 3.1).
+    probabilities (softmax weights, sink mass): the logits differ by at most delta = scaling * dots, with
+      scaling <= 1 / sqrt(d_head) on every tested family (Gemma 2's query_pre_attn_scalar 24 > its d_head 16; its
+      tanh soft-cap only shrinks differences); every weight then changes by a factor within exp(+-2 delta), so by at
+      most exp(2 delta) - 1, plus a few float32 roundings (8 u32) for exp and the normalisation.
+    """
+    u32 = EPS32 / 2
+    q, k, q_half, k_half = (np.asarray(x, dtype=np.float64) for x in (q, k, q_half, k_half))
+    n_rep = q.shape[0] // k.shape[0]
+    k_raw, k_half_raw = k, k_half  # [kv_head, pos, d]
+    k, k_half = np.repeat(k, n_rep, axis=0), np.repeat(k_half, n_rep, axis=0)  # [head, pos, d]: the key head read
+    n_values = q.shape[1] * q.shape[2]  # positions x dimensions of one head
+    change = max(np.abs(q_half - q).max(), np.abs(k_half - k).max())
+    stats = np.sqrt(n_values / (n_values - 1)) * change + n_values * u32 * max(np.abs(q).max(), np.abs(k).max())
+    def dot_bound(key, key_half) -> np.ndarray:  # every query head against every head of `key`
+        exact = np.abs(np.einsum("hqd,gkd->hgqk", q_half, key_half) - np.einsum("hqd,gkd->hgqk", q, key))
+        sums = np.einsum("hqd,gkd->hgqk", np.abs(q), np.abs(key))  # [head, key head, q_pos, k_pos]: sum |q_i k_i|
+        return exact + 2 * q.shape[-1] * u32 * sums  # [head, key head, q_pos, k_pos]
+
+    own = dot_bound(k, k_half)  # [head, head, q_pos, k_pos]: k repeated, so [h, h] is the key head h reads
+    delta = np.einsum("hhqk->hqk", own).max() / np.sqrt(q.shape[-1])  # the logits' pairs: own key head only
+    dots = float(dot_bound(k_raw, k_half_raw).max())  # the notebook's dot products: every key head
+    return {"stats": stats, "dots": dots, "probabilities": float(np.expm1(2 * delta) + 8 * u32)}
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_measures_in_float32_within_tolerance(family_path, dtype):
     name, path = family_path
-    full = analyze(load_model(str(path)), FIJI)
+    loaded = load_model(str(path))
+    full_capture = capture(loaded, FIJI)
+    full = summarize(full_capture, loaded.info.to_dict())
     half_model = load_model(str(path), dtype=dtype)
     assert half_model.model.dtype == getattr(torch, dtype)
-    half = analyze(half_model, FIJI)
+    half_capture = capture(half_model, FIJI)
+    half = summarize(half_capture, half_model.info.to_dict())
     assert half.model["dtype"] == dtype
+    u = float(torch.finfo(getattr(torch, dtype)).eps) / 2
     for layer, expected in full.layers.items():
         measured = half.layers[layer]
         assert measured.parity_max_abs_err <= PARITY_TOLERANCE[dtype], (name, layer, measured.parity_max_abs_err)
         assert measured.patterns.dtype == np.float32
+        q, k, q_half, k_half = (c[layer] for c in (full_capture.q, full_capture.k, half_capture.q, half_capture.k))
+        for ours, theirs in ((q_half, q), (k_half, k)):  # the half model's own rounding, counted above
+            bound = (ROUNDINGS_PER_LAYER * layer + ROUNDINGS_OWN) * u * np.abs(theirs).max()
+            assert np.abs(ours - theirs).max() <= bound, (name, dtype, layer, bound)
+        tolerances = half_precision_tolerances(q, k, q_half, k_half)
         for field in ARRAY_FIELDS + ("patterns",):
             want, got = getattr(expected, field), getattr(measured, field)
-            scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-            tolerance = HALF_TOLERANCE[dtype][GROUPS[field]] * (1.0 if GROUPS[field] == "probabilities" else scale)
-            assert np.abs(got - want).max(initial=0) <= tolerance, (name, dtype, layer, field)
+            assert want.shape == got.shape, (name, dtype, layer, field)
+            tolerance = tolerances[GROUPS[field]]
+            assert np.abs(got - want).max(initial=0) <= tolerance, (name, dtype, layer, field, tolerance)
 
 
 def test_long_input_at_max_positions_keeps_q_and_k_for_every_layer(llama):

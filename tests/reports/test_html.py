@@ -6,6 +6,7 @@ import html
 import json
 import re
 from datetime import datetime, timezone
+from importlib import metadata
 
 import pytest
 
@@ -66,9 +67,9 @@ def test_one_chart_spec_per_container_and_per_head_tables(result, page):
 
 
 def test_provenance(result, page):
-    for needle in ("What produced this report", result.model["revision"], "GPT2Model", "torch 2.13.0",
-                   "transformers 5.23.0", "2026-01-02 03:04:05 UTC", "python -m reports --model",
-                   "--layer 6 --head 3"):
+    installed = [f"{name} {html.escape(metadata.version(name))}" for name in ("torch", "transformers", "numpy")]
+    for needle in ("What produced this report", result.model["revision"], "GPT2Model", *installed,
+                   "2026-01-02 03:04:05 UTC", "python -m reports --model", "--layer 6 --head 3"):
         assert needle in page, needle
 
 
