@@ -76,26 +76,26 @@ def bench_speed(path: Path, lengths: list[int], runs: int) -> list[dict]:
         text = text_of_length(loaded.tokenizer, n)
         encoded = loaded.tokenizer(text, return_tensors="pt")
 
-        def forward():
+        def forward(encoded=encoded):  # bound now: each step is timed within its own iteration
             with torch.inference_mode():
                 plain(**encoded)
 
-        def analysis():
+        def analysis(text=text):
             return analyze(loaded, text)
 
-        def one_layer():
+        def one_layer(text=text):
             return analyze(loaded, text, layers=[6])
 
         captured = capture(loaded, text)
         result = analysis()
         layer_change = [0]
 
-        def app_rerun():  # what the app does when only the layer changes
+        def app_rerun(captured=captured, layer_change=layer_change):  # what the app does when only the layer changes
             layer_change[0] = (layer_change[0] + 1) % loaded.info.n_layers
             layer_result = summarize(captured, loaded.info.to_dict(), [layer_change[0]])
             return [item.chart.to_dict() for item in build_layer_charts(layer_result, layer_change[0], 0)]
 
-        def report():
+        def report(result=result):
             return render_report(result, layers=[6])
 
         steps = {"forward": forward, "analyze": analysis, "layer6": one_layer, "app_rerun": app_rerun, "report": report}
@@ -149,10 +149,10 @@ def peak_memory_child(path: str, n: int, which: str) -> None:
     text = text_of_length(tokenizer, n)
     if which == "forward":
         model, encoded = AutoModel.from_pretrained(path).eval(), tokenizer(text, return_tensors="pt")
-        run = lambda: model(**encoded)  # noqa: E731
+        run = lambda: model(**encoded)
     else:
         loaded = load_model(path)
-        run = lambda: analyze(loaded, text)  # noqa: E731
+        run = lambda: analyze(loaded, text)
     with torch.inference_mode():  # no warm-up: freed memory stays in the process and would hide the peak
         before, peak = peak_rss_during(run)
     print(json.dumps({"model_mib": before, "extra_mib": peak - before}))
@@ -186,8 +186,8 @@ def bench_transformer_lens(lengths: list[int], runs: int) -> None:
         tokens = torch.randint(0, 50257, (1, n))
         with torch.inference_mode():
             model(tokens)
-            plain = statistics.median(timed(lambda: model(tokens)) for _ in range(runs))
-            cached = statistics.median(timed(lambda: model.run_with_cache(tokens)) for _ in range(runs))
+            plain = statistics.median(timed(lambda tokens=tokens: model(tokens)) for _ in range(runs))
+            cached = statistics.median(timed(lambda tokens=tokens: model.run_with_cache(tokens)) for _ in range(runs))
         print(f"TransformerLens {n:>5} tokens: run_with_cache / forward = {cached / plain:.2f}")
 
 

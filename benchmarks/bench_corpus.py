@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_analysis import build_checkpoint  # noqa: E402  (the same GPT-2-small-shaped checkpoint)
+from benchmarks.bench_analysis import build_checkpoint
 
 
 def corpus_texts(n: int, tokens: int) -> list[str]:
@@ -73,8 +73,8 @@ def main() -> None:
     path = build_checkpoint(Path(tempfile.gettempdir()) / "headscope-bench-gpt2-small")
     rows = []
     for n in args.texts:
-        out = subprocess.run([sys.executable, __file__, "--child", str(path), str(n), str(args.tokens), str(args.threads)],
-                             capture_output=True, text=True, check=True)
+        command = [sys.executable, __file__, "--child", str(path), str(n), str(args.tokens), str(args.threads)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]

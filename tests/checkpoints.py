@@ -163,7 +163,7 @@ def _special_ids(tokenizer) -> dict:
             if getattr(tokenizer, name, None) is not None}
 
 
-TINY = dict(num_hidden_layers=2, max_position_embeddings=128, initializer_range=0.2)
+TINY = {"num_hidden_layers": 2, "max_position_embeddings": 128, "initializer_range": 0.2}
 
 
 def tiny_roberta(path: Path) -> Path:
@@ -190,7 +190,8 @@ def tiny_gpt_neox(path: Path) -> Path:
 
     tokenizer = neox_tokenizer()
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.25},
                            bos_token_id=0, eos_token_id=0, **TINY)
     return save_checkpoint(config, tokenizer, path)
 

@@ -5,9 +5,9 @@ computing line is the notebook's, so these numbers are the ground truth headscop
 """
 
 import numpy as np
-import scipy.stats as stats
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 
 def run_notebook(model, tokenizer, txt, whichlayer):
@@ -38,7 +38,7 @@ def run_notebook(model, tokenizer, txt, whichlayer):
     handle.remove()
 
     # first, separate the Q,K,V matrices
-    Q, K, V = torch.split(activations[keyName][0, :, :], model.config.n_embd, dim=1)
+    Q, K, V = torch.split(activations[keyName][0, :, :], model.config.n_embd, dim=1)  # noqa: RUF059 (as written)
     Q_h = torch.split(Q, head_dim, dim=1)
     K_h = torch.split(K, head_dim, dim=1)
 

@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,19 @@ def hub_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     return tmp_path / "hub"
+
+
+def test_the_test_session_sees_an_empty_hugging_face_cache(minilm):
+    """conftest points HF_HOME at a fresh directory before anything imports huggingface_hub: no machine's cached
+    gpt2 can turn `auto` into GPT-2, and the `minilm` fixture is the bundled BERT whatever is cached."""
+    from huggingface_hub import constants
+
+    from tests.conftest import HF_HOME
+
+    assert constants.HF_HOME == HF_HOME and constants.HF_HUB_CACHE.startswith(HF_HOME)
+    assert not any(Path(HF_HOME).rglob("models--*"))
+    assert load_model("auto").info.id == BUNDLED_ID
+    assert (minilm.info.id, minilm.info.architecture) == (BUNDLED_ID, "BertModel")
 
 
 def test_info_describes_the_checkpoint(gpt2, gpt2_path):

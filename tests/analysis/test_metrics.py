@@ -11,8 +11,8 @@ from analysis.metrics import (
     compute_head_stats,
     compute_kde,
     compute_pattern,
-    key_head_of,
     kde_grid,
+    key_head_of,
 )
 
 N_HEADS, N_KV_HEADS, POS, D_HEAD = 8, 2, 6, 4
@@ -93,7 +93,8 @@ def test_kde_is_scipys_scott_kde_normalised_to_its_peak():
     values = np.array([0.1, 0.15, 0.2, 0.8, 0.82])
     grid = kde_grid()
     expected = stats.gaussian_kde(values)(grid)
-    np.testing.assert_allclose(compute_kde(values, grid), expected / expected.max(), rtol=0, atol=1e-6)  # float32 kernels
+    # float32 kernels
+    np.testing.assert_allclose(compute_kde(values, grid), expected / expected.max(), rtol=0, atol=1e-6)
     assert grid.shape == (300,) and grid[0] == 0 and grid[-1] == 1
     assert compute_kde(np.array([0.5, 0.5]), grid) is None
     assert compute_kde(np.array([0.5]), grid) is None

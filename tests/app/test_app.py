@@ -1,4 +1,5 @@
-"""The Streamlit app through AppTest, offline, on the bundled MiniLM (the app's `auto` fallback) and tiny checkpoints."""
+"""The Streamlit app through AppTest, offline, on the bundled MiniLM (the app's `auto` fallback) and tiny
+checkpoints."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def forward_calls():
     """How many times any whole model (a PreTrainedModel, not its submodules) ran forward."""
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, output: calls.append(type(module).__name__) if isinstance(module, PreTrainedModel) else None)
+        lambda module, args, output: calls.append(type(module).__name__)
+        if isinstance(module, PreTrainedModel) else None)
     yield calls
     handle.remove()
 
@@ -55,7 +57,8 @@ def charts(at: AppTest) -> list[dict]:
     out = []
     for element in at.get("vega_lite_chart"):
         spec = json.loads(element.proto.spec)
-        spec["datasets"] = {d.name: pa.ipc.open_stream(d.data.data).read_all().to_pylist() for d in element.proto.datasets}
+        spec["datasets"] = {d.name: pa.ipc.open_stream(d.data.data).read_all().to_pylist()
+                            for d in element.proto.datasets}
         out.append(spec)
     return out
 
@@ -114,16 +117,19 @@ def test_default_run_shows_the_notebook_figures_with_the_results_numbers(minilm,
     titles = [item.chart.to_dict()["title"]["text"] for item in build_layer_charts(result, layer, head=0)]
     assert [spec["title"]["text"] for spec in layer_charts] == titles  # every chart of the layer, in order
     means = chart_titled(specs, "Q and K means")
-    np.testing.assert_allclose(sorted(column(means, "mean")), sorted(np.r_[expected.q_means, expected.k_means]), rtol=1e-6)
+    np.testing.assert_allclose(sorted(column(means, "mean")), sorted(np.r_[expected.q_means, expected.k_means]),
+                               rtol=1e-6)
     sink = chart_titled(specs, "Sink mass")
     np.testing.assert_allclose(column(sink, "sink_mass"), expected.sink_mass, rtol=1e-6)
     kde = chart_titled(specs, "KDE")
-    np.testing.assert_allclose(column(kde, "density"), np.r_[expected.kde["final_to_prev"], expected.kde["self_attention"]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(column(kde, "density"),
+                               np.r_[expected.kde["final_to_prev"], expected.kde["self_attention"]], rtol=1e-6)
     dots = chart_titled(specs, "Raw attention scores")
-    same = np.array([row["value"] for rows in dots["datasets"].values() for row in rows if row.get("group") == "Same head"])
+    same = np.array([row["value"] for rows in dots["datasets"].values() for row in rows
+                     if row.get("group") == "Same head"])
     np.testing.assert_allclose(sorted(same), sorted(expected.same_head_dp), rtol=1e-5)
-    diff = np.array([row["value"] for rows in dots["datasets"].values() for row in rows if row.get("group") == "Different heads"])
+    diff = np.array([row["value"] for rows in dots["datasets"].values() for row in rows
+                     if row.get("group") == "Different heads"])
     assert len(diff) == 1500 < len(expected.diff_head_dp)  # thinned by rank under Altair's row limit
     assert np.isin(diff, expected.diff_head_dp).all()
     assert diff.min() == expected.diff_head_dp.min() and diff.max() == expected.diff_head_dp.max()

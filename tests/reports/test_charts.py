@@ -43,7 +43,8 @@ def synthetic_result(n_tokens: int, n_heads: int = 8, n_kv_heads: int = 2, layer
     data = LayerResult(
         q_means=rng.normal(size=h), q_stds=rng.random(h) + 0.5, k_means=rng.normal(size=g), k_stds=rng.random(g) + 0.5,
         same_head_dp=rng.normal(size=h * (t - 2)), diff_head_dp=rng.normal(size=h * (g - 1) * (t - 2)),
-        final_to_prev=pattern[:, -1, :-1].ravel(), self_attention=np.diagonal(pattern[:, 1:, 1:], axis1=1, axis2=2).ravel(),
+        final_to_prev=pattern[:, -1, :-1].ravel(),
+        self_attention=np.diagonal(pattern[:, 1:, 1:], axis1=1, axis2=2).ravel(),
         first_self=pattern[:, 0, 0], sink_mass=pattern[:, 1:, 0].mean(axis=1), parity_max_abs_err=3e-8,
         kde={"grid": grid, "final_to_prev": np.exp(-grid * 5), "self_attention": np.exp(-grid * 3)},
         patterns=pattern if patterns else None)
@@ -67,7 +68,8 @@ def marks(spec: dict) -> list[str]:
 
 
 def values(chart, field: str, **where) -> np.ndarray:
-    return np.array([row[field] for row in rows(chart) if field in row and all(row.get(k) == v for k, v in where.items())])
+    return np.array([row[field] for row in rows(chart)
+                     if field in row and all(row.get(k) == v for k, v in where.items())])
 
 
 @pytest.fixture(scope="module")

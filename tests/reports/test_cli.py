@@ -138,11 +138,13 @@ def test_real_entry_point_in_a_subprocess(gpt2_path, tmp_path):
     """python -m reports as a user runs it: no traceback, one line, exit status 2."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     bad = subprocess.run([sys.executable, "-m", "reports", "--model", str(gpt2_path), "--layer", "99", "--json",
-                          str(tmp_path / "o.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "o.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["headscope: error: Layer 99 is out of range: this model has layers 0..7."]
+    assert bad.stderr.strip().splitlines() == [
+        "headscope: error: Layer 99 is out of range: this model has layers 0..7."]
     good = subprocess.run([sys.executable, "-m", "reports", "--model", str(gpt2_path), "--json", "-"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["schema"] == "headscope.results/1"
 

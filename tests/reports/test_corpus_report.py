@@ -25,7 +25,8 @@ def test_batch_writes_a_corpus_report_from_the_same_passes(gpt2, gpt2_path, tmp_
     index = (out / "index.html").read_text()
     assert 'href="corpus.html"' in index and index.count('href="report-') == 4
     page = (out / "corpus.html").read_text()
-    data = json.loads(re.search(r'<script type="application/json" id="headscope-corpus">(.*?)</script>', page, re.S)[1])
+    block = re.search(r'<script type="application/json" id="headscope-corpus">(.*?)</script>', page, re.DOTALL)
+    data = json.loads(block[1])
     assert data["n_texts"] == 5 and data["n_analysed"] == 4
     assert [t["error"] for t in data["texts"]][1] == "The text is empty: type a sentence to analyse."
     good = [text for text in TEXTS if text.strip()]

@@ -5,7 +5,7 @@ import hashlib
 import html
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 
 import pytest
@@ -15,7 +15,7 @@ from reports.__main__ import main
 from reports.html import read_report_results, render_report
 from tests.conftest import FIJI, REPEATS
 
-WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 PAYLOAD = "Tokens </s> <|endoftext|> then </script><script>document.title='pwned'</script> <img src=x onerror=alert(1)>"
 
 
@@ -30,7 +30,8 @@ def page(result):
 
 
 def embedded_results(page: str) -> dict:
-    return json.loads(re.search(r'<script type="application/json" id="headscope-results">(.*?)</script>', page, re.S)[1])
+    block = re.search(r'<script type="application/json" id="headscope-results">(.*?)</script>', page, re.DOTALL)
+    return json.loads(block[1])
 
 
 def test_results_json_is_embedded_verbatim(result, page):
@@ -38,8 +39,8 @@ def test_results_json_is_embedded_verbatim(result, page):
 
 
 def test_nothing_points_outside_the_file(page):
-    markup = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.S)  # the browser test watches the scripts
-    assert not re.search(r"\s(src|srcset|action|data)=", markup, re.I)
+    markup = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.DOTALL)  # the browser test watches the scripts
+    assert not re.search(r"\s(src|srcset|action|data)=", markup, re.IGNORECASE)
     assert all(href.startswith("#") for href in re.findall(r'href="([^"]*)"', markup))
     assert "@import" not in markup and "url(" not in markup
     assert not re.search(r"<script[^>]*\ssrc=", page) and "<link" not in page
@@ -48,7 +49,7 @@ def test_nothing_points_outside_the_file(page):
 def test_csp_admits_exactly_the_inline_scripts(page):
     csp = html.unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page)[1])
     assert "default-src 'none'" in csp and "connect-src 'none'" in csp and "unsafe-eval" not in csp
-    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.DOTALL)
     assert len(scripts) == 2  # the Vega bundle and the embedding loop; data blocks are inert JSON
     for script in scripts:
         digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
@@ -59,7 +60,8 @@ def test_one_chart_spec_per_container_and_per_head_tables(result, page):
     containers = re.findall(r'data-chart="([^"]+)"', page)
     assert len(containers) >= 5 and len(set(containers)) == len(containers)
     for chart_id in containers:
-        spec = json.loads(re.search(rf'<script type="application/json" id="{chart_id}">(.*?)</script>', page, re.S)[1])
+        block = re.search(rf'<script type="application/json" id="{chart_id}">(.*?)</script>', page, re.DOTALL)
+        spec = json.loads(block[1])
         assert spec["$schema"].startswith("https://vega.github.io/schema/vega-lite/")
     for head in range(12):
         assert f"<td class=\"label\">L6H{head}</td>" in page
@@ -76,7 +78,7 @@ def test_provenance(result, page):
 def test_same_inputs_same_bytes_apart_from_the_time(gpt2, result, page):
     again = render_report(analyze(gpt2, FIJI, layers=[6]), head=3, generated_at=WHEN)
     assert again == page
-    later = render_report(result, head=3, generated_at=datetime(2030, 1, 1, tzinfo=timezone.utc))
+    later = render_report(result, head=3, generated_at=datetime(2030, 1, 1, tzinfo=UTC))
     diff = [(a, b) for a, b in zip(page.splitlines(), later.splitlines()) if a != b]
     assert len(diff) == 1 and "2030-01-01" in diff[0][1]
 
