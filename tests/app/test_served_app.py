@@ -31,7 +31,7 @@ def free_port() -> int:
 def served_app(tmp_path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115 (closed in the finally below, after the yield)
+    log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115 (closed in the finally below)
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
          "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
