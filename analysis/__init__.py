@@ -91,7 +91,7 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
     if any(layer not in captured.patterns for layer in chosen):
         warnings.append(PATTERNS_DROPPED.format(mib=pattern_bytes(model["n_heads"], n, len(chosen)) / 2**20))
     return AnalysisResult(
-        model={key: model[key] for key in MODEL_KEYS},
+        model={key: model.get(key) for key in MODEL_KEYS},
         text=captured.text,
         tokens=captured.tokens,
         token_ids=captured.token_ids,

@@ -10,7 +10,7 @@ from analysis.errors import HeadscopeError
 
 SCHEMA = "headscope.results/1"
 MODEL_KEYS = ("id", "revision", "architecture", "family", "n_layers", "n_heads", "n_kv_heads", "d_head", "causal",
-              "dtype", "device")
+              "dtype", "device", "device_map")  # device_map: "auto" or None (null); older documents lack it
 ARRAY_FIELDS = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "final_to_prev",
                 "self_attention", "first_self", "sink_mass")
 HEAD_SCORE_NAMES = ("previous_token", "duplicate_token", "induction", "sink", "self", "entropy")
@@ -118,7 +118,7 @@ class AnalysisResult:
     def to_dict(self, include_patterns: bool = False) -> dict:
         return {
             "schema": SCHEMA,
-            "model": {key: self.model[key] for key in MODEL_KEYS},
+            "model": {key: self.model.get(key) for key in MODEL_KEYS},
             "text": self.text,
             "tokens": list(self.tokens),
             "token_ids": [int(i) for i in self.token_ids],

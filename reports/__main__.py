@@ -17,6 +17,7 @@ from analysis.corpus import CorpusAccumulator, excerpt, parse_texts
 from analysis.loading import DEVICE_MAPS, DTYPES
 from analysis.presets import FIJI
 from reports.html import read_report_results, render_corpus_report, render_index, render_report
+from reports.provenance import results_json
 
 EXIT_BAD_INPUT = 2
 CORPUS_FILE = "corpus.html"
@@ -25,11 +26,11 @@ NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as U
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
-        self.exit(EXIT_BAD_INPUT, f"headscope: error: {message} (see python -m reports --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"headscope: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m reports", description="Analyse attention heads and write the results.")
+def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Analyse attention heads and write the results.")
     parser.add_argument("--model", default="auto",
                         help="hub id, local checkpoint directory, or 'auto' (gpt2 if cached, else the bundled MiniLM)")
     source = parser.add_mutually_exclusive_group()
@@ -142,7 +143,7 @@ def run_single(args) -> None:
     for warning in result.warnings:
         print(f"headscope: warning: {warning}", file=sys.stderr)
     if args.json is not None:
-        write_json(result.to_dict(include_patterns=args.patterns), args.json)
+        write_json(results_json(result, args.head, args.patterns, ("--json", "results.json")), args.json)
     if args.html is not None:
         write_text(args.html, render_report(result, head=args.head))
     worst = max(layer.parity_max_abs_err for layer in result.layers.values())
@@ -204,8 +205,8 @@ def run(args) -> None:
         run_single(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m reports") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_outputs(parser, args)
     try:
@@ -214,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"headscope: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def cli() -> None:
+    """The `headscope` console script (pyproject.toml): the same command line as python -m reports."""
+    sys.exit(main(prog="headscope"))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,8 @@ import hashlib
 import json
 import math
 import re
-import shlex
-import subprocess
 from dataclasses import replace
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -34,13 +31,21 @@ from reports.charts import (
     build_corpus_atlas_chart,
     build_layer_charts,
 )
+from reports.provenance import (  # noqa: F401 (LIBRARIES, reproduce_command: kept importable from here)
+    LIBRARIES,
+    build_provenance,
+    git_commit,
+    library_versions,
+    reproduce_command,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = ROOT / "templates"
+# templates/ at the checkout's top level; an installed package carries them as reports/templates (pyproject.toml)
+TEMPLATES = next((d for d in (ROOT / "templates", Path(__file__).resolve().parent / "templates") if d.is_dir()),
+                 ROOT / "templates")
 RESULTS_ID = "headscope-results"
 CORPUS_ID = "headscope-corpus"
 VEGA_LITE_VERSION = "6.4"
-LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-convert-python")
 CANVAS_ROWS = 4000  # charts with more data rows than this draw on canvas, not SVG
 EMBED_SCRIPT = """\
 for (const el of document.querySelectorAll("[data-chart]")) {
@@ -82,26 +87,6 @@ def content_security_policy() -> str:
             "font-src data:; connect-src 'none'; base-uri 'none'; form-action 'none'")
 
 
-@functools.cache
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-@functools.cache
-def library_versions() -> tuple[tuple[str, str], ...]:
-    versions = []
-    for name in LIBRARIES:
-        try:
-            versions.append((name, metadata.version(name)))
-        except metadata.PackageNotFoundError:
-            versions.append((name, "not installed"))
-    return tuple(versions)
-
-
 def select_layers(result: AnalysisResult, layers=None) -> AnalysisResult:
     """The result restricted to `layers` (None: all it has), so the report embeds what it shows."""
     if layers is None:
@@ -110,22 +95,6 @@ def select_layers(result: AnalysisResult, layers=None) -> AnalysisResult:
     if missing:
         raise HeadscopeError(f"The results hold no layer {missing[0]}: analyse it first.")
     return replace(result, layers={layer: result.layers[layer] for layer in sorted(layers)})
-
-
-def reproduce_command(result: AnalysisResult, head: int) -> str:
-    """The command line that recomputes this report; derived from the result, so app and CLI agree."""
-    argv = ["python", "-m", "reports", "--model", result.model["id"]]
-    probe = result.induction_probe
-    if probe:
-        argv += ["--induction-probe", str(probe["length"]), "--probe-seed", str(probe["seed"])]
-    else:
-        argv += ["--text", result.text]
-    for layer in sorted(result.layers):
-        argv += ["--layer", str(layer)]
-    argv += ["--head", str(head), "--device", result.model["device"], "--dtype", result.model["dtype"]]
-    if not result.exclude_first_token:
-        argv.append("--include-first-token")
-    return shlex.join(argv + ["--html", "report.html"])
 
 
 def _head_rows(result: AnalysisResult, layer: int) -> list[dict]:
@@ -191,6 +160,7 @@ def _chart_context(chart, chart_id: str) -> dict:
 def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None) -> dict:
     """Everything the template shows, as plain values; no rendering."""
     generated_at = generated_at or datetime.now(timezone.utc)
+    provenance = build_provenance(result, head, generated_at=generated_at)  # the same block as the JSON's
     layers = []
     for layer in sorted(result.layers):
         charts = [
@@ -214,15 +184,9 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "induction_probe": result.induction_probe,
         "dp_rows": _dp_rows(result),
         "parity": max((layer["parity"] for layer in layers), default=0.0),
-        "results": result.to_dict(),
+        "results": {**result.to_dict(), "provenance": provenance},
         "results_id": RESULTS_ID,
-        "provenance": {
-            "headscope": __version__,
-            "git_commit": git_commit(),
-            "libraries": library_versions(),
-            "generated_at": generated_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "command": reproduce_command(result, head),
-        },
+        "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items())},
         "csp": content_security_policy(),
         "vega_bundle": Markup(vega_bundle()),  # trusted: built by vl-convert, never user input
         "embed_script": Markup(EMBED_SCRIPT),

@@ -1,0 +1,107 @@
+"""Where a result came from: headscope's version and commit, library versions, the UTC time and the command line
+that recomputes it. The HTML report, the command line's JSON and the app's JSON download carry the same block.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from analysis import __version__
+from analysis.results import AnalysisResult
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout, or site-packages once installed
+COMMIT_FILE = Path(__file__).with_name("_build_commit.txt")  # written by setup.py's build hook into a wheel
+LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-convert-python")
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """headscope's commit: git's HEAD in a checkout, else the commit the installed wheel was built from, else None.
+
+    Only a checkout whose top level holds headscope's pyproject.toml counts, so a virtual environment inside some
+    other repository never reports that repository's commit.
+    """
+    if (PACKAGE_ROOT / "pyproject.toml").is_file():
+        try:
+            out = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "--show-toplevel", "HEAD"],
+                                 capture_output=True, text=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            out = None
+        lines = out.stdout.split() if out is not None and out.returncode == 0 else []
+        if len(lines) == 2 and Path(lines[0]).resolve() == PACKAGE_ROOT:
+            return lines[1]
+    try:
+        return COMMIT_FILE.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+@functools.cache
+def library_versions() -> tuple[tuple[str, str], ...]:
+    versions = []
+    for name in LIBRARIES:
+        try:
+            versions.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            versions.append((name, "not installed"))
+    return tuple(versions)
+
+
+def _option(flag: str, value: str) -> list[str]:
+    """`--flag value`, or `--flag=value` when the value starts with '-' (argparse would take it for an option)."""
+    return [f"{flag}={value}"] if value.startswith("-") else [flag, value]
+
+
+def device_options(model: dict) -> list[str]:
+    """The CLI's placement flags for a result's model: --device-map auto, or --device cpu|cuda.
+
+    A --device-map auto run records the device of its input embeddings (e.g. cuda:0), which --device does not
+    accept; a model placed on cuda:N by the library reruns on the CLI's `cuda`.
+    """
+    if model.get("device_map"):
+        return ["--device-map", str(model["device_map"])]
+    return ["--device", "cuda" if str(model["device"]).startswith("cuda") else "cpu"]
+
+
+def reproduce_command(result: AnalysisResult, head: int = 0, outputs: tuple[str, ...] = ("--html", "report.html")) -> str:
+    """The command line that recomputes this result; derived from the result, so app and CLI agree."""
+    argv = ["python", "-m", "reports", *_option("--model", result.model["id"])]
+    probe = result.induction_probe
+    if probe:
+        argv += ["--induction-probe", str(probe["length"]), "--probe-seed", str(probe["seed"])]
+    else:
+        argv += _option("--text", result.text)
+    for layer in sorted(result.layers):
+        argv += ["--layer", str(layer)]
+    argv += ["--head", str(head), *device_options(result.model), "--dtype", result.model["dtype"]]
+    if not result.exclude_first_token:
+        argv.append("--include-first-token")
+    return shlex.join(argv + list(outputs))
+
+
+def build_provenance(result: AnalysisResult, head: int = 0, outputs: tuple[str, ...] = ("--html", "report.html"),
+                     generated_at: datetime | None = None) -> dict:
+    """The provenance block as plain JSON values (libraries as {name: version})."""
+    generated_at = generated_at or datetime.now(UTC)
+    return {
+        "headscope": __version__,
+        "git_commit": git_commit(),
+        "libraries": dict(library_versions()),
+        "generated_at": generated_at.strftime(TIME_FORMAT),
+        "command": reproduce_command(result, head, outputs),
+    }
+
+
+def results_json(result: AnalysisResult, head: int = 0, include_patterns: bool = False,
+                 outputs: tuple[str, ...] = ("--json", "results.json"), generated_at: datetime | None = None) -> dict:
+    """The results JSON with its provenance (what --json writes and the app downloads)."""
+    if include_patterns and "--patterns" not in outputs:
+        outputs = ("--patterns", *outputs)
+    return {**result.to_dict(include_patterns=include_patterns),
+            "provenance": build_provenance(result, head, outputs, generated_at)}
