@@ -29,6 +29,7 @@ from analysis import (
 )
 from analysis.capture import PATTERN_BUDGET, pattern_bytes
 from analysis.corpus import CorpusResult, analyze_corpus, parse_texts
+from analysis.parity import parity_tolerance, result_parity_failures
 from analysis.presets import FIJI, PRESETS
 from reports.charts import (
     ATLAS_SELECTION,
@@ -42,6 +43,7 @@ from reports.charts import (
     selected_head,
 )
 from reports.html import render_corpus_report, render_report
+from reports.provenance import results_json
 
 MODELS = {
     "auto": "auto (gpt2 if cached, else the bundled MiniLM)",
@@ -57,6 +59,9 @@ MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
+PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from the captured q and k differs from the "
+                     "model's own attention by up to {err:.1e}, more than the {tolerance:.0e} allowed for {dtype}. "
+                     "The figures below may not describe what the model computed.")
 UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another model, device or dtype, or a "
               "shorter text; the server log has the details.")
 HEAD_RANGE = "Head {head} is out of range: {model} has heads 0..{last} in each layer."
@@ -288,8 +293,12 @@ def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int, s
     data = result.layers[layer]
     err = data.parity_max_abs_err
     agreement = f"to {err:.0e}" if err else "exactly"
-    st.success(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention {agreement} "
-               f"(largest absolute difference over layer {layer}'s heads: {err:.1e}).")
+    if layer in result_parity_failures(result):  # not the green box: these figures may not be the model's
+        st.warning(PARITY_FAILED_BOX.format(layer=layer, err=err, dtype=info.dtype,
+                                            tolerance=parity_tolerance(info.dtype)))
+    else:
+        st.success(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention "
+                   f"{agreement} (largest absolute difference over layer {layer}'s heads: {err:.1e}).")
     atlas_ui(result, settings)
     st.subheader(f"Layer {layer}, head {head}: the notebook's figures")
     positions = None
@@ -303,7 +312,7 @@ def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int, s
         stretch = item.key != "heatmap"  # the heatmap keeps its square cells; the others fill the page's width
         st.altair_chart(padded(item.chart, "fit-x" if stretch else "pad"), width="stretch" if stretch else "content")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
-    st.download_button("Download the results (JSON)", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
+    st.download_button("Download the results (JSON)", json.dumps(results_json(result, head)), file_name=f"headscope-{slug}-L{layer}.json",
                        mime="application/json", on_click="ignore")
     # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html
     st.download_button("Download HTML report", lambda: render_report(result, head=head),

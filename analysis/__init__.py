@@ -16,6 +16,7 @@ from analysis.metrics import (
     compute_kde,
     kde_grid,
 )
+from analysis.parity import parity_warning
 from analysis.results import MODEL_KEYS, AnalysisResult, DpStats, LayerResult
 
 __version__ = "0.1.0"
@@ -26,8 +27,9 @@ __all__ = ["AnalysisResult", "Capture", "DpStats", "HeadscopeError", "LayerResul
 SHORT_TEXT = ("The text has only {n} token(s): the dot products need at least 3 tokens and the KDE at least 3, "
               "so those fields are empty.")
 LAYER_RANGE = "Layer {layer} is out of range: this model has layers 0..{last}."
-PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only their read-outs: pass "
-                    "keep_patterns=True, or fewer layers, for heatmaps.")
+PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only their read-outs, so there are no "
+                    "heatmaps: ask for them with --patterns or --html (then kept whatever their size), or analyse "
+                    "fewer layers.")
 PROBE_LENGTH = 50
 PROBE_TOO_LONG = ("An induction probe of {length} tokens repeated twice ({n} tokens with special tokens) is longer "
                   "than the {limit} positions {model} accepts: choose a length of at most {most}.")
@@ -74,10 +76,18 @@ def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_tok
                        dp_stats=dp_stats)
 
 
+def check_parity(errors: dict[int, float], dtype: str) -> tuple[str, ...]:
+    """The parity warning naming the layers above PARITY_TOLERANCE (analysis.parity), if any."""
+    warning = parity_warning(errors, dtype)
+    return () if warning is None else (warning,)
+
+
 def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = None,
               exclude_first_token: bool = True, exclude_current_token: bool = False,
-              induction_probe: dict | None = None) -> AnalysisResult:
+              induction_probe: dict | None = None, patterns_wanted: bool = False) -> AnalysisResult:
     """Measurements for `layers` (default: every layer whose pattern was read); no model call.
+
+    A warning says when patterns were wanted (`patterns_wanted`) but not kept, and when a layer fails parity.
 
     The head scores cover every layer whatever `layers` is; `exclude_first_token` is also the head
     detector's exclude_bos, and both exclusions are applied here, so changing them needs no new forward pass.
@@ -88,7 +98,7 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
         raise HeadscopeError(f"Layer(s) {missing} were not captured with attention patterns.")
     n = len(captured.tokens)
     warnings = [SHORT_TEXT.format(n=n)] if n < 3 else []
-    if any(layer not in captured.patterns for layer in chosen):
+    if patterns_wanted and any(layer not in captured.patterns for layer in chosen):
         warnings.append(PATTERNS_DROPPED.format(mib=pattern_bytes(model["n_heads"], n, len(chosen)) / 2**20))
     return AnalysisResult(
         model={key: model.get(key) for key in MODEL_KEYS},
@@ -100,7 +110,7 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
         layers={layer: compute_layer_result(captured.q[layer], captured.k[layer], captured.summaries[layer],
                                             captured.parity[layer], exclude_first_token, captured.patterns.get(layer))
                 for layer in chosen},
-        warnings=tuple(warnings),
+        warnings=tuple(warnings) + check_parity({layer: captured.parity[layer] for layer in chosen}, model["dtype"]),
         head_scores={} if captured.score_parts is None else combine_score_parts(
             captured.score_parts, captured.score_fixed, exclude_first_token, exclude_current_token),
         exclude_current_token=exclude_current_token,
@@ -118,7 +128,8 @@ def analyze(loaded: LoadedModel, text: str, layers: Iterable[int] | None = None,
     """
     chosen = check_layers(layers, loaded.info.n_layers)
     captured = capture(loaded, text, pattern_layers=chosen, keep_patterns=keep_patterns)
-    return summarize(captured, loaded.info.to_dict(), chosen, exclude_first_token, exclude_current_token)
+    return summarize(captured, loaded.info.to_dict(), chosen, exclude_first_token, exclude_current_token,
+                     patterns_wanted=keep_patterns is None)  # None: kept if they fit, so say when they did not
 
 
 def analyze_ids(loaded: LoadedModel, token_ids, layers: Iterable[int] | None = None,
@@ -128,7 +139,7 @@ def analyze_ids(loaded: LoadedModel, token_ids, layers: Iterable[int] | None = N
     chosen = check_layers(layers, loaded.info.n_layers)
     captured = capture_ids(loaded, token_ids, pattern_layers=chosen, keep_patterns=keep_patterns)
     return summarize(captured, loaded.info.to_dict(), chosen, exclude_first_token, exclude_current_token,
-                     induction_probe)
+                     induction_probe, patterns_wanted=keep_patterns is None)
 
 
 def _special_ends(tokenizer) -> tuple[list[int], list[int]]:

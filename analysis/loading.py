@@ -13,6 +13,7 @@ import torch
 
 from analysis.capture import CAPTURE_ATTENTION, register_capture_attention
 from analysis.errors import HeadscopeError
+from analysis.parity import PARITY_TOLERANCE  # noqa: F401 (defined with the check that uses it)
 
 GPT2_ID = "gpt2"
 BUNDLED_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -33,10 +34,6 @@ FAMILIES = {
     "gemma2": ("Gemma 2", True),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The model may run in half precision; headscope measures in float32 from the q and k it used. The parity
-# figure then compares that float32 rebuild with the model's own half-precision weights, so it is as large
-# as half-precision rounding of the scores and weights: these bounds hold with a margin on the tested families.
-PARITY_TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
 DEVICE_MAPS = ("auto",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]

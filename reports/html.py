@@ -23,6 +23,7 @@ from markupsafe import Markup
 from analysis import __version__
 from analysis.errors import HeadscopeError
 from analysis.metrics import key_head_of
+from analysis.parity import parity_tolerance, result_parity_failures
 from analysis.results import AnalysisResult
 from reports.charts import (
     SCORE_EXPLANATIONS,
@@ -161,6 +162,7 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
     """Everything the template shows, as plain values; no rendering."""
     generated_at = generated_at or datetime.now(timezone.utc)
     provenance = build_provenance(result, head, generated_at=generated_at)  # the same block as the JSON's
+    parity_failed = result_parity_failures(result)  # {layer: error} above PARITY_TOLERANCE
     layers = []
     for layer in sorted(result.layers):
         charts = [
@@ -168,7 +170,7 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
             for item in build_layer_charts(result, layer, head)
         ]
         layers.append({"index": layer, "anchor": f"layer-{layer}", "charts": charts, "heads": _head_rows(result, layer),
-                       "parity": result.layers[layer].parity_max_abs_err})
+                       "parity": result.layers[layer].parity_max_abs_err, "parity_ok": layer not in parity_failed})
     special = set(result.special_positions)
     return {
         "title": f"headscope report: {result.model['id']}",
@@ -184,7 +186,9 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "induction_probe": result.induction_probe,
         "dp_rows": _dp_rows(result),
         "parity": max((layer["parity"] for layer in layers), default=0.0),
-        "results": {**result.to_dict(), "provenance": provenance},
+        "parity_failed": sorted(parity_failed),
+        "parity_tolerance": parity_tolerance(result.model["dtype"]),
+        "results": result.to_dict(),  # the provenance is shown above it, outside the (time-free) data
         "results_id": RESULTS_ID,
         "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items())},
         "csp": content_security_policy(),

@@ -1,0 +1,158 @@
+"""Parity that can fail (issue 12, item 3), and warnings that are true (item 6).
+
+A wrong scaling in headscope's rebuild of the pattern (the model's own attention is untouched) must show up in
+all four places: the result's warnings (hence the JSON), the CLI's stderr, the top of the report, and the app,
+which then shows a warning instead of its green parity box.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from analysis import analyze, load_model
+from analysis.parity import PARITY_TOLERANCE, parity_failures, parity_warning
+from analysis.presets import FIJI
+from reports.__main__ import main
+from reports.html import render_report
+from tests.app.test_app import APP, TIMEOUT
+from tests.checkpoints import tiny_llama
+
+capture_module = importlib.import_module("analysis.capture")  # the attribute analysis.capture is the function
+TEXT = "The cat sat on the mat. The cat sat on the mat again."
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return load_model(str(tiny_llama(tmp_path_factory.mktemp("tiny-llama"))))
+
+
+@pytest.fixture(scope="module")
+def bert(bert_path):
+    return load_model(str(bert_path))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model("minilm")
+
+
+def wrong_scaling(monkeypatch, calls: set[int] | None = None) -> None:
+    """headscope rebuilds the pattern with twice the model's scaling, on the given calls (0-based; None: all)."""
+    real = capture_module.compute_pattern
+    count = iter(range(10**6))
+
+    def rebuild(q, k, scaling, *args, **kwargs):
+        call = next(count)
+        return real(q, k, scaling * (2.0 if calls is None or call in calls else 1.0), *args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "compute_pattern", rebuild)
+
+
+def test_tolerance_and_warning_name_the_failing_layers():
+    assert PARITY_TOLERANCE["float32"] < PARITY_TOLERANCE["float16"] < PARITY_TOLERANCE["bfloat16"]
+    errors = {0: 0.0, 2: 2e-5, 5: 1e-6, 7: float("nan")}
+    assert parity_failures(errors, "float32") == {2: 2e-5, 7: pytest.approx(float("nan"), nan_ok=True)}
+    assert parity_failures(errors | {7: 0.0}, "bfloat16") == {}
+    assert parity_warning({0: 0.0}, "float32") is None
+    assert "layers 2, 7:" in parity_warning(errors, "float32")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "bundled"])
+def test_true_parity_passes_and_a_wrong_scaling_fails_on_that_layer_alone(name, request, monkeypatch):
+    loaded = request.getfixturevalue(name)
+    layers = [0, 1]
+    honest = analyze(loaded, TEXT, layers)
+    assert not any("Parity" in warning for warning in honest.warnings)
+    wrong_scaling(monkeypatch, calls={1})  # the second analysed layer, 1
+    broken = analyze(loaded, TEXT, layers)
+    assert broken.layers[0].parity_max_abs_err <= PARITY_TOLERANCE["float32"]
+    assert broken.layers[1].parity_max_abs_err > PARITY_TOLERANCE["float32"]
+    (warning,) = [w for w in broken.warnings if "Parity" in w]
+    assert "on layer 1:" in warning and "float32" in warning
+    assert broken.to_dict()["warnings"] == list(broken.warnings)
+
+
+def test_cli_report_and_json_say_so(gpt2_path, tmp_path, capsys, monkeypatch):
+    wrong_scaling(monkeypatch, calls={1})  # layers 2 and 5: the second one, 5, fails
+    out, page_path = tmp_path / "out.json", tmp_path / "out.html"
+    code = main(["--model", str(gpt2_path), "--text", TEXT, "--layer", "2", "--layer", "5", "--json", str(out),
+                 "--html", str(page_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^headscope: warning: Parity check failed on layer 5: ", err, re.MULTILINE), err
+    (warning,) = [w for w in json.loads(out.read_text())["warnings"] if "Parity" in w]
+    assert warning.startswith("Parity check failed on layer 5: ") and f"headscope: warning: {warning}" in err
+    page = page_path.read_text()
+    top = page.index('id="parity-failed"')
+    assert top < page.index('id="provenance"') < page.index('id="layer-2"')  # at the top, before everything
+    paragraph = re.sub(r"\s+", " ", page[top:page.index("</p>", top)])
+    assert "Parity failed: on layer 5 the attention" in paragraph and "float32" in paragraph
+    layer2, layer5 = page[page.index('id="layer-2"'):page.index('id="layer-5"')], page[page.index('id="layer-5"'):]
+    assert "Parity failed" not in layer2 and "matches the model's own attention" in layer2
+    assert "Parity failed" in layer5.split("<div class=\"chart\">")[0]
+
+
+def test_report_of_an_honest_result_has_no_parity_warning(gpt2):
+    page = render_report(analyze(gpt2, TEXT, [2]))
+    assert "Parity failed" not in page and 'id="parity-failed"' not in page
+
+
+def run_minilm_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["model"] = "minilm"  # not auto: with gpt2 in the cache, auto is GPT-2
+    return at.run()
+
+
+def test_app_shows_a_warning_instead_of_the_green_box(monkeypatch):
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    try:
+        honest = run_minilm_app()  # layer 3, the middle one
+        assert not honest.exception
+        assert any(box.value.startswith("Parity:") for box in honest.success)
+        assert not any("Parity" in box.value for box in honest.warning)
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        wrong_scaling(monkeypatch)
+        broken = run_minilm_app()
+        assert not broken.exception
+        assert not any("Parity" in box.value for box in broken.success)
+        texts = [box.value for box in broken.warning]
+        assert any(text.startswith("Parity failed on layer 3:") for text in texts), texts
+        assert any(text.startswith("Parity check failed on layer 3:") for text in texts), texts  # result.warnings
+    finally:
+        st.cache_data.clear()
+        st.cache_resource.clear()
+
+
+# --- item 6: the patterns-dropped warning only when patterns were wanted and could not be kept ---
+
+def test_plain_json_run_warns_about_nothing(gpt2_path, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert main(["--model", str(gpt2_path), "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err and "not kept" not in err
+    assert json.loads(out.read_text())["warnings"] == []
+
+
+def test_patterns_asked_for_are_kept_beyond_the_budget(gpt2_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(capture_module, "PATTERN_BUDGET", 1024)  # bytes: smaller than any pattern here
+    out = tmp_path / "out.json"
+    assert main(["--model", str(gpt2_path), "--layer", "6", "--patterns", "--json", str(out)]) == 0
+    assert "not kept" not in capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["warnings"] == [] and len(data["layers"]["6"]["patterns"]) == 12
+
+
+def test_patterns_dropped_names_the_cli_flags(gpt2, monkeypatch):
+    monkeypatch.setattr(capture_module, "PATTERN_BUDGET", 1024)
+    reduced = analyze(gpt2, FIJI, layers=[6])  # keep_patterns=None: kept if they fit, and they do not
+    (warning,) = [w for w in reduced.warnings if "not kept" in w]
+    assert "--patterns" in warning and "--html" in warning and "keep_patterns" not in warning
+    assert not [w for w in analyze(gpt2, FIJI, layers=[6], keep_patterns=False).warnings if "not kept" in w]
