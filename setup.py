@@ -18,8 +18,8 @@ class BuildPyWithCommit(build_py):
         super().run()
         source = Path(__file__).resolve().parent
         try:
-            out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=source, capture_output=True, check=False,
-                                 text=True, timeout=10)
+            out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=source, capture_output=True,
+                                 check=False, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return
         lines = out.stdout.split() if out.returncode == 0 else []

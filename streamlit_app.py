@@ -312,8 +312,8 @@ def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int, s
         stretch = item.key != "heatmap"  # the heatmap keeps its square cells; the others fill the page's width
         st.altair_chart(padded(item.chart, "fit-x" if stretch else "pad"), width="stretch" if stretch else "content")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
-    st.download_button("Download the results (JSON)", json.dumps(results_json(result, head)), file_name=f"headscope-{slug}-L{layer}.json",
-                       mime="application/json", on_click="ignore")
+    st.download_button("Download the results (JSON)", json.dumps(results_json(result, head)),  # with provenance
+                       file_name=f"headscope-{slug}-L{layer}.json", mime="application/json", on_click="ignore")
     # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html
     st.download_button("Download HTML report", lambda: render_report(result, head=head),
                        file_name=f"headscope-{slug}-L{layer}.html", mime="text/html", on_click="ignore")

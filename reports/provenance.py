@@ -69,7 +69,8 @@ def device_options(model: dict) -> list[str]:
     return ["--device", "cuda" if str(model["device"]).startswith("cuda") else "cpu"]
 
 
-def reproduce_command(result: AnalysisResult, head: int = 0, outputs: tuple[str, ...] = ("--html", "report.html")) -> str:
+def reproduce_command(result: AnalysisResult, head: int = 0,
+                      outputs: tuple[str, ...] = ("--html", "report.html")) -> str:
     """The command line that recomputes this result; derived from the result, so app and CLI agree."""
     argv = ["python", "-m", "reports", *_option("--model", result.model["id"])]
     probe = result.induction_probe

@@ -127,7 +127,8 @@ def installed(tmp_path_factory):
         assert _run(argv, source).returncode == 0
     commit = _run(["git", "rev-parse", "HEAD"], source).stdout.strip()
     venv = tmp / "venv"
-    assert _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], tmp).returncode == 0
+    made = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], tmp)
+    assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
     # A GPU user's `pip install .` (README): every dependency resolved against what is installed, torch included.
     plan = _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--no-build-isolation",
