@@ -2,6 +2,10 @@
 
 UI only. One forward pass (cached per model, device, dtype and text) records every layer, so changing the
 layer, the head or "exclude first token" redraws from the cache without running the model again.
+
+State: the applied settings (`APPLIED`) are what the page shows. Analyse (the form's callback) and a click on the
+atlas (its on_select callback) change them, and both also write the sidebar's layer and head widgets, so the
+sidebar, the atlas outline, the figures and the link (written last, from the same settings) always agree.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from analysis import (
     load_model,
     summarize,
 )
+from analysis.cache import ByteBudgetCache
 from analysis.capture import PATTERN_BUDGET, pattern_bytes
 from analysis.corpus import CorpusResult, analyze_corpus, parse_texts
 from analysis.parity import parity_tolerance, result_parity_failures
@@ -38,6 +43,7 @@ from reports.charts import (
     SCORE_TITLES,
     build_atlas_chart,
     build_corpus_atlas_chart,
+    build_heatmap_chart,
     build_layer_charts,
     display_token,
     selected_head,
@@ -55,9 +61,14 @@ MODELS = {
 DEVICES = ["cpu", "auto", "cuda"]
 DTYPES = ["float32", "bfloat16", "float16"]
 DEFAULT_MODEL_ENV = "HEADSCOPE_MODEL"  # the model a link without ?model= opens (a Community Cloud secret can set it)
+CACHE_MB_ENV = "HEADSCOPE_CACHE_MB"  # byte budget of the shared result cache, in MiB
+CACHE_BUDGET = int(os.environ.get(CACHE_MB_ENV, "640")) * 2**20
 MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
+APP_HEATMAP_SIDE = 460  # px: the heatmap shares a row with the atlas
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
+LAYER, HEAD = "layer", "head"  # the sidebar's number inputs, written by the atlas click
+SCORE_PARAM = re.compile(r"(text|probe):[a-z_]+")  # ?score=text:induction
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
 PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from the captured q and k differs from the "
                      "model's own attention by up to {err:.1e}, more than the {tolerance:.0e} allowed for {dtype}. "
@@ -65,6 +76,7 @@ PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from t
 UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another model, device or dtype, or a "
               "shorter text; the server log has the details.")
 HEAD_RANGE = "Head {head} is out of range: {model} has heads 0..{last} in each layer."
+LAYER_RANGE = "Layer {layer} is out of range: {model} has layers 0..{last}."
 TOKEN_CSS = ("display:inline-block;margin:1px;padding:0 4px;border-radius:4px;white-space:pre;"
              "font-family:monospace;font-size:0.85em;")
 
@@ -76,31 +88,45 @@ def padded(chart: alt.TopLevelMixin, kind: str = "pad") -> alt.TopLevelMixin:
     return chart.properties(autosize=alt.AutoSizeParams(type=kind, contains="padding"))
 
 
+# ----------------------------------------------------------------------------------------- cached work
+
+
 @st.cache_resource(max_entries=2, show_spinner=False)
 def get_model(model: str, device: str, dtype: str) -> LoadedModel:
     return load_model(model, device, dtype)
 
 
-@st.cache_data(max_entries=4, show_spinner=False)
+@st.cache_resource(show_spinner=False)
+def result_cache() -> ByteBudgetCache:
+    """Captures and results, shared by every session without copies, least recently used out past CACHE_BUDGET."""
+    return ByteBudgetCache(CACHE_BUDGET)
+
+
 def get_capture(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None) -> Capture:
-    return capture(get_model(model, device, dtype), text, pattern_layers, keep_patterns=True)
+    return result_cache().get(("capture", model, device, dtype, text, pattern_layers), lambda: capture(
+        get_model(model, device, dtype), text, pattern_layers, keep_patterns=True))
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
 def get_result(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None, layer: int,
                exclude_first_token: bool) -> AnalysisResult:
-    captured = get_capture(model, device, dtype, text, pattern_layers)
-    return summarize(captured, get_model(model, device, dtype).info.to_dict(), [layer], exclude_first_token)
+    def make() -> AnalysisResult:
+        captured = get_capture(model, device, dtype, text, pattern_layers)
+        return summarize(captured, get_model(model, device, dtype).info.to_dict(), [layer], exclude_first_token)
+
+    return result_cache().get(("result", model, device, dtype, text, pattern_layers, layer, exclude_first_token), make)
 
 
-@st.cache_data(max_entries=4, show_spinner=False)
 def get_probe(model: str, device: str, dtype: str, exclude_first_token: bool) -> AnalysisResult:
     """The induction probe's head scores (every layer, no per-layer figures): one forward pass per model."""
-    return analyze_induction_probe(get_model(model, device, dtype), layers=[], exclude_first_token=exclude_first_token)
+    return result_cache().get(("probe", model, device, dtype, exclude_first_token), lambda: analyze_induction_probe(
+        get_model(model, device, dtype), layers=[], exclude_first_token=exclude_first_token))
+
+
+# ----------------------------------------------------------------------------------------- state
 
 
 def init_state() -> None:
-    """Widget defaults from the link (model, layer, head, text) the first time a session runs.
+    """Widget defaults from the link (model, layer, head, text, probe, score) the first time a session runs.
 
     The defaults are passed to the widgets as `value=` rather than written into their session-state keys: a
     value written that way is lost (the widget shows its blank default) when Analyse interrupts the first run.
@@ -110,18 +136,45 @@ def init_state() -> None:
     params = st.query_params
     model = params.get("model", os.environ.get(DEFAULT_MODEL_ENV, "auto"))
     known = model in MODELS
-    as_int = lambda value: int(value) if value is not None and value.isdigit() else None
+    as_int = lambda value: int(value) if value is not None and value.isascii() and value.isdigit() else None
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
-                "dtype": "float32", "text": params.get("text", FIJI), "layer": as_int(params.get("layer")),
-                "head": as_int(params.get("head")) or 0, "exclude": True}
+                "dtype": "float32", "text": params.get("text", FIJI), LAYER: as_int(params.get(LAYER)),
+                HEAD: as_int(params.get(HEAD)) or 0, "exclude": True, PROBE: params.get(PROBE) == "1"}
     st.session_state[DEFAULTS], st.session_state[TEXT_VERSION] = defaults, 0
     st.session_state[APPLIED] = settings_from(defaults)
+    score = params.get("score")
+    if score and SCORE_PARAM.fullmatch(score):
+        st.session_state[ATLAS_SCORE] = score
 
 
 def settings_from(values: dict) -> dict:
     return {"model": values["model_typed"].strip() or values["model_choice"], "device": values["device"],
-            "dtype": values["dtype"], "text": values["text"], "layer": values["layer"], "head": int(values["head"] or 0),
-            "exclude": bool(values["exclude"])}
+            "dtype": values["dtype"], "text": values["text"], "layer": values[LAYER],
+            "head": int(values[HEAD] or 0), "exclude": bool(values["exclude"])}
+
+
+def initial(key: str, value) -> dict:
+    """`value=` for a widget whose key callbacks also write: its default until Session State holds the key."""
+    return {} if key in st.session_state else {"value": value}
+
+
+def show_head(layer: int, head: int) -> None:
+    """Make (layer, head) the shown head everywhere: the applied settings and the sidebar's two inputs.
+
+    Only callbacks and code that runs before the sidebar may call this (a widget's state is read-only once drawn).
+    """
+    st.session_state[APPLIED] = {**st.session_state[APPLIED], "layer": layer, "head": head}
+    st.session_state[DEFAULTS].update({LAYER: layer, HEAD: head})
+    st.session_state[LAYER], st.session_state[HEAD] = layer, head
+
+
+def apply_form() -> None:
+    """Analyse: the form's values become the applied settings (a callback, so it runs before anything is drawn)."""
+    state = st.session_state
+    values = {key: state[key] for key in ("model_choice", "model_typed", "device", "dtype", LAYER, HEAD, "exclude")}
+    values["text"] = state[f"text-{state[TEXT_VERSION]}"]
+    state[DEFAULTS].update(values)
+    state[APPLIED] = settings_from(values)
 
 
 def fill_preset() -> None:
@@ -131,6 +184,36 @@ def fill_preset() -> None:
         st.session_state[TEXT_VERSION] += 1
 
 
+def select_head(key: str) -> None:
+    """on_select of the atlas: the clicked cell's layer and head become the shown ones (and the form's values)."""
+    picked = selected_head(st.session_state[key].selection)
+    if picked is not None:
+        show_head(*picked)
+
+
+def probe_toggled() -> None:
+    """Turning the probe on shows its induction scores, the ones it exists for; off, the text's scores again."""
+    st.session_state[ATLAS_SCORE] = "probe:induction" if st.session_state[PROBE] else None
+
+
+def share_link(settings: dict) -> None:
+    """The URL reproduces the view: model, layer, head, text (when short), the probe and the atlas score."""
+    params = {"model": settings["model"]}
+    if settings["layer"] is not None:
+        params.update(layer=str(settings["layer"]), head=str(settings["head"]))
+    if len(settings["text"]) <= MAX_URL_TEXT:
+        params["text"] = settings["text"]
+    if st.session_state.get(PROBE):
+        params[PROBE] = "1"
+    if st.session_state.get(ATLAS_SCORE):
+        params["score"] = st.session_state[ATLAS_SCORE]
+    if dict(st.query_params) != params:
+        st.query_params.from_dict(params)
+
+
+# ----------------------------------------------------------------------------------------- sidebar
+
+
 def sidebar_ui() -> None:
     d = st.session_state[DEFAULTS]
     with st.sidebar:
@@ -138,25 +221,23 @@ def sidebar_ui() -> None:
         st.selectbox("Fill the text with a preset", list(PRESETS), index=None, key="preset", on_change=fill_preset,
                      placeholder="Choose a preset text…")
         with st.form("settings"):
-            values = {
-                "model_choice": st.selectbox("Model", list(MODELS), index=list(MODELS).index(d["model_choice"]),
-                                             format_func=MODELS.get, key="model_choice"),
-                "model_typed": st.text_input("…or a hub id or local checkpoint path", d["model_typed"], key="model_typed",
-                                             placeholder="e.g. EleutherAI/pythia-70m"),
-            }
+            st.selectbox("Model", list(MODELS), index=list(MODELS).index(d["model_choice"]), format_func=MODELS.get,
+                         key="model_choice")
+            st.text_input("…or a hub id or local checkpoint path", d["model_typed"], key="model_typed",
+                          placeholder="e.g. EleutherAI/pythia-70m")
             device, dtype = st.columns(2)
-            values["device"] = device.selectbox("Device", DEVICES, DEVICES.index(d["device"]), key="device")
-            values["dtype"] = dtype.selectbox("Dtype", DTYPES, DTYPES.index(d["dtype"]), key="dtype")
-            values["text"] = st.text_area("Text", d["text"], height=160, key=f"text-{st.session_state[TEXT_VERSION]}")
+            device.selectbox("Device", DEVICES, DEVICES.index(d["device"]), key="device")
+            dtype.selectbox("Dtype", DTYPES, DTYPES.index(d["dtype"]), key="dtype")
+            st.text_area("Text", d["text"], height=160, key=f"text-{st.session_state[TEXT_VERSION]}")
             layer, head = st.columns(2)
-            values["layer"] = layer.number_input("Layer", min_value=0, value=d["layer"], step=1, key="layer",
-                                                 placeholder="default")
-            values["head"] = head.number_input("Head", min_value=0, value=d["head"], step=1, key="head")
-            values["exclude"] = st.toggle("Exclude first token", d["exclude"], key="exclude",
-                                          help="Leave position 0 out of the Q/K statistics and the dot products, as "
-                                               "the notebook does.")
-            if st.form_submit_button("Analyse", type="primary", width="stretch"):
-                st.session_state[APPLIED] = settings_from(values)
+            layer.number_input("Layer", min_value=0, step=1, key=LAYER, placeholder="default", **initial(LAYER, d[LAYER]))
+            head.number_input("Head", min_value=0, step=1, key=HEAD, **initial(HEAD, d[HEAD]))
+            st.toggle("Exclude first token", d["exclude"], key="exclude",
+                      help="Leave position 0 out of the Q/K statistics and the dot products, as the notebook does.")
+            st.form_submit_button("Analyse", type="primary", width="stretch", on_click=apply_form)
+
+
+# ----------------------------------------------------------------------------------------- one text
 
 
 def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int, ...] | None:
@@ -166,61 +247,75 @@ def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int,
     return None if pattern_bytes(info.n_heads, n, info.n_layers) <= PATTERN_BUDGET else (layer,)
 
 
-def analyse(settings: dict) -> tuple[AnalysisResult, LoadedModel, int, int]:
-    keys = settings["model"], settings["device"], settings["dtype"]
-    with st.status(f"Loading {settings['model']}…", expanded=False) as status:
-        loaded = get_model(*keys)
-        info = loaded.info
-        layer = default_layer(info.n_layers) if settings["layer"] is None else int(settings["layer"])
-        if not 0 <= settings["head"] < info.n_heads:
-            raise HeadscopeError(HEAD_RANGE.format(head=settings["head"], model=info.id, last=info.n_heads - 1))
-        status.update(label=f"Analysing the text with {info.id}…")
-        text = settings["text"]
+def load(settings: dict, slot) -> LoadedModel:
+    """The model, and the settings' layer resolved (a link without ?layer= shows the default layer, named)."""
+    with slot.status(f"Loading {settings['model']}…", expanded=False):
+        loaded = get_model(settings["model"], settings["device"], settings["dtype"])
+    info = loaded.info
+    if settings["layer"] is None:
+        show_head(default_layer(info.n_layers), settings["head"])
+    settings = st.session_state[APPLIED]
+    if not 0 <= settings["layer"] < info.n_layers:
+        raise HeadscopeError(LAYER_RANGE.format(layer=settings["layer"], model=info.id, last=info.n_layers - 1))
+    if not 0 <= settings["head"] < info.n_heads:
+        raise HeadscopeError(HEAD_RANGE.format(head=settings["head"], model=info.id, last=info.n_heads - 1))
+    return loaded
+
+
+def analyse(settings: dict, loaded: LoadedModel, slot) -> AnalysisResult:
+    keys, text, layer = (settings["model"], settings["device"], settings["dtype"]), settings["text"], settings["layer"]
+    with slot.status(f"Analysing the text with {loaded.info.id}…", expanded=False) as status:
         result = get_result(*keys, text, pattern_layers_for(loaded, text, layer), layer, settings["exclude"])
-        status.update(label=f"Analysed {result.n_tokens} tokens with {info.id}, layer {layer}", state="complete")
-    return result, loaded, layer, settings["head"]
+        status.update(label=f"Analysed {result.n_tokens} tokens with {loaded.info.id}", state="complete")
+    slot.empty()  # the model line below says what was analysed
+    return result
+
+
+def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int) -> None:
+    kv = f", {info.n_kv_heads} key heads" if info.n_kv_heads != info.n_heads else ""
+    err = result.layers[layer].parity_max_abs_err
+    text, json_button, html_button = st.columns([6, 1, 1], vertical_alignment="center")
+    text.markdown(f"**{info.id}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, {info.dtype} on "
+                  f"{info.device}. {info.reason}")
+    text.caption(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention "
+                 f"{f'to {err:.0e}' if err else 'exactly'} (largest absolute difference over layer {layer}'s heads: "
+                 f"{err:.1e}).")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
+    json_button.download_button("Results (JSON)", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
+                                mime="application/json", on_click="ignore", help="Download the results (JSON)")
+    # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html
+    html_button.download_button("HTML report", lambda: render_report(result, head=head), mime="text/html",
+                                file_name=f"headscope-{slug}-L{layer}.html", on_click="ignore",
+                                help="Download the HTML report")
+    for warning in result.warnings:
+        st.warning(warning)
 
 
 def tokens_ui(result: AnalysisResult) -> None:
+    """The token strip. Choosing a query token here is left for when the engine takes a query position (#12)."""
     special = set(result.special_positions)
     spans = []
     for pos, token in enumerate(result.tokens):
         style = "background:#dbe7f7;border:1px solid #3b6fb6;font-weight:600;" if pos in special else "background:#eef0f2;"
         title = f"position {pos}, id {int(result.token_ids[pos])}" + (", special token" if pos in special else "")
         spans.append(f'<span title="{html.escape(title)}" style="{TOKEN_CSS}{style}">{html.escape(display_token(token))}</span>')
-    st.markdown(f"**Tokens** ({result.n_tokens}; special tokens outlined in blue)", help="Hover a token for its position and id.")
-    st.markdown("".join(spans), unsafe_allow_html=True)
     first = f"`{display_token(result.tokens[0])}`" + (" (a special token)" if 0 in special else "")
     effect = ("is left out of the Q/K statistics and the dot products" if result.exclude_first_token
               else "is included in the Q/K statistics and the dot products")
-    st.caption(f"The first token is {first} at position 0; with the current setting it {effect}.")
-
-
-def select_head() -> None:
-    """on_select of the atlas: the clicked cell's layer and head become the shown ones (and the form's values)."""
-    picked = selected_head(st.session_state[ATLAS].selection)
-    if picked is None:
-        return
-    layer, head = picked
-    st.session_state[APPLIED] = {**st.session_state[APPLIED], "layer": layer, "head": head}
-    st.session_state[DEFAULTS].update(layer=layer, head=head)
-    for key in ("layer", "head"):  # the form's number inputs start again from the new defaults
-        st.session_state.pop(key, None)
-
-
-def probe_toggled() -> None:
-    """Turning the probe on shows its induction scores, the ones it exists for; off, the text's scores again."""
-    st.session_state[ATLAS_SCORE] = "probe:induction" if st.session_state[PROBE] else None
+    st.markdown(f"**Tokens** ({result.n_tokens}; special tokens outlined in blue). The first token is {first} at "
+                f"position 0; with the current setting it {effect}.", help="Hover a token for its position and id.")
+    strip = st.container(height=96 if result.n_tokens > 90 else "content", border=False)
+    strip.markdown("".join(spans), unsafe_allow_html=True)
 
 
 def atlas_ui(result: AnalysisResult, settings: dict) -> None:
-    st.subheader("Head atlas: every layer and head")
-    st.caption("One score for every head of the model, from the same forward pass. Click a cell to show that head's "
-               "figures below; double-click clears the selection.")
     sources = {"text": result}
-    if st.checkbox("Run the induction probe", key=PROBE, on_change=probe_toggled,
-                   help="Analyse a seeded random token sequence written twice (once per model, then cached): on it, "
-                        "induction scores mean something whatever your text repeats."):
+    score_box, probe_box = st.columns([3, 2], vertical_alignment="bottom")
+    probe_on = probe_box.checkbox("Run the induction probe", key=PROBE, on_change=probe_toggled,
+                                  help="Analyse a seeded random token sequence written twice (once per model, then "
+                                       "cached): on it, induction scores mean something whatever your text repeats.",
+                                  **initial(PROBE, st.session_state[DEFAULTS][PROBE]))
+    if probe_on:
         try:
             with st.spinner("Running the induction probe…"):
                 sources["probe"] = get_probe(settings["model"], settings["device"], settings["dtype"],
@@ -234,35 +329,104 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
         st.session_state[ATLAS_SCORE] = options[0]
     label = lambda option: SCORE_TITLES.get(option.split(":")[1], option) + (
         " (induction probe)" if option.startswith("probe:") else " (your text)")
-    choice = st.selectbox("Score", options, format_func=label, key=ATLAS_SCORE)
+    choice = score_box.selectbox("Head atlas: score", options, format_func=label, key=ATLAS_SCORE)
     source, score = choice.split(":")
-    st.caption(SCORE_EXPLANATIONS.get(score, ""))
-    st.altair_chart(padded(build_atlas_chart(sources[source], score)), key=ATLAS, on_select=select_head,
-                    selection_mode=ATLAS_SELECTION, width="content")
+    layer, head = settings["layer"], settings["head"]
+    key = f"{ATLAS}-L{layer}H{head}"  # a new chart per shown head: its selection starts at that head, outlined
+    st.altair_chart(padded(build_atlas_chart(sources[source], score, selected=(layer, head))), key=key,
+                    on_select=lambda: select_head(key), selection_mode=ATLAS_SELECTION, width="content")
+    st.caption(SCORE_EXPLANATIONS.get(score, "") + " Click a cell to show that head's pattern and its layer's figures.")
+
+
+def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:
+    positions = None
+    if result.n_tokens > MAX_AXIS_CELLS:
+        positions = st.slider("Heatmap window (token positions)", 0, result.n_tokens, (0, result.n_tokens),
+                              key=f"window-{result.n_tokens}",
+                              help=f"Narrow the window to {MAX_AXIS_CELLS} tokens or fewer to see single tokens.")
+    chart = build_heatmap_chart(result, layer, head, positions)
+    if chart is None:
+        st.caption("The attention patterns were not kept for this text (see the warning above).")
+        return
+    side = min(chart.width, APP_HEATMAP_SIDE)
+    st.altair_chart(padded(chart.properties(width=side, height=side)), width="content")
+    st.caption("Bright cells show which tokens each query reads: a bright first column is an attention sink, a bright "
+               "line just below the diagonal a previous-token head.")
+
+
+def figures_ui(result: AnalysisResult, layer: int, head: int) -> None:
+    """The notebook's figures of the shown layer, two per row; each chart carries its own title."""
+    st.markdown(f"#### The notebook's figures, layer {layer}")
+    items = [item for item in build_layer_charts(result, layer, head) if item.key != "heatmap"]
+    for pair in range(0, len(items), 2):
+        for column, item in zip(st.columns(2, gap="medium"), items[pair:pair + 2]):
+            with column:
+                st.altair_chart(padded(item.chart, "fit-x"), width="stretch")
+                st.caption(item.explanation)
+
+
+def results_ui(result: AnalysisResult, info: ModelInfo, settings: dict) -> None:
+    layer, head = settings["layer"], settings["head"]
+    model_line_ui(result, info, layer, head)
+    tokens_ui(result)
+    left, right = st.columns([5, 6], gap="medium")
+    with left:
+        atlas_ui(result, settings)
+    with right:
+        heatmap_ui(result, layer, head)
+    figures_ui(result, layer, head)
+
+
+def one_text_ui(settings: dict) -> None:
+    slot, sidebar_drawn = st.empty(), False
+    try:
+        loaded = load(settings, slot)
+        settings = st.session_state[APPLIED]  # with its layer resolved, so the sidebar shows it
+        sidebar_ui()
+        sidebar_drawn = True
+        result = analyse(settings, loaded, slot)
+    except HeadscopeError as exc:
+        slot.error(str(exc))  # in the status box's place: no "Loading…" left above the error
+    except Exception as exc:
+        log.exception("analysis failed")
+        slot.error(UNEXPECTED.format(kind=type(exc).__name__, message=exc))
+    else:
+        st.session_state[LAST_GOOD] = (result, loaded.info, settings)
+    if not sidebar_drawn:  # the model did not load: the sidebar still lets the user fix the settings
+        sidebar_ui()
+    if LAST_GOOD in st.session_state:
+        result, info, good = st.session_state[LAST_GOOD]
+        if good is not settings:
+            st.caption("Showing the last successful analysis.")
+        results_ui(result, info, good)
+
+
+# ----------------------------------------------------------------------------------------- many texts
 
 
 def corpus_ui(settings: dict) -> None:
-    with st.expander("Many texts: means over a corpus with bootstrap confidence intervals", expanded=CORPUS in st.session_state):
-        upload = st.file_uploader("One text per line (.txt), or JSON Lines with a \"text\" field (.jsonl)",
-                                  type=["txt", "jsonl"], key=CORPUS_FILE)
-        if upload is not None and st.button("Analyse the corpus", key="corpus_run"):
-            try:
-                data = upload.getvalue().decode("utf-8")
-            except UnicodeDecodeError as exc:
-                st.error(NOT_UTF8.format(name=upload.name, offset=exc.start))
-                return
-            try:
-                texts = parse_texts(data, upload.name)
-                bar = st.progress(0.0, text=f"Analysing {len(texts)} texts…")
-                st.session_state[CORPUS] = analyze_corpus(
-                    get_model(settings["model"], settings["device"], settings["dtype"]), texts, settings["exclude"],
-                    progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} texts"))
-                bar.empty()
-            except HeadscopeError as exc:
-                st.error(str(exc))
-                return
-        if CORPUS in st.session_state:
-            corpus_results_ui(st.session_state[CORPUS])
+    st.markdown("Means over a corpus with bootstrap confidence intervals: one forward pass per text, with the model, "
+                "device, dtype and \"exclude first token\" of the sidebar.")
+    upload = st.file_uploader("One text per line (.txt), or JSON Lines with a \"text\" field (.jsonl)",
+                              type=["txt", "jsonl"], key=CORPUS_FILE)
+    if upload is not None and st.button("Analyse the corpus", key="corpus_run", type="primary"):
+        try:
+            data = upload.getvalue().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            st.error(NOT_UTF8.format(name=upload.name, offset=exc.start))
+            return
+        try:
+            texts = parse_texts(data, upload.name)
+            bar = st.progress(0.0, text=f"Analysing {len(texts)} texts…")
+            st.session_state[CORPUS] = analyze_corpus(
+                get_model(settings["model"], settings["device"], settings["dtype"]), texts, settings["exclude"],
+                progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} texts"))
+            bar.empty()
+        except HeadscopeError as exc:
+            st.error(str(exc))
+            return
+    if CORPUS in st.session_state:
+        corpus_results_ui(st.session_state[CORPUS])
 
 
 def corpus_results_ui(corpus: CorpusResult) -> None:
@@ -271,83 +435,32 @@ def corpus_results_ui(corpus: CorpusResult) -> None:
                f"seed {corpus.seed}).")
     for record in corpus.failures:
         st.warning(f"Text {record.number} was skipped: {record.error}")
-    name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),
-                        key="corpus_score")
-    st.caption(SCORE_EXPLANATIONS.get(name, ""))
-    st.altair_chart(padded(build_corpus_atlas_chart(corpus, name)), width="content")
+    chart, table = st.columns([1, 1], gap="medium")
+    with chart:
+        name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),
+                            key="corpus_score")
+        st.altair_chart(padded(build_corpus_atlas_chart(corpus, name)), width="content")
+        st.caption(SCORE_EXPLANATIONS.get(name, ""))
     rows = [{"head": f"L{layer}H{head}", "mean": corpus.means[name][layer, head],
              "CI low": corpus.low[name][layer, head], "CI high": corpus.high[name][layer, head]}
             for layer in range(corpus.means[name].shape[0]) for head in range(corpus.means[name].shape[1])]
-    st.dataframe(rows, hide_index=True, height=240)
-    st.download_button("Download the corpus report (HTML)", lambda: render_corpus_report(corpus),
-                       file_name="headscope-corpus.html", mime="text/html", on_click="ignore")
-
-
-def results_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int, settings: dict) -> None:
-    kv = f", {info.n_kv_heads} key heads" if info.n_kv_heads != info.n_heads else ""
-    st.info(f"**{info.id}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, {info.dtype} on "
-            f"{info.device}. {info.reason}")
-    for warning in result.warnings:
-        st.warning(warning)
-    tokens_ui(result)
-    data = result.layers[layer]
-    err = data.parity_max_abs_err
-    agreement = f"to {err:.0e}" if err else "exactly"
-    if layer in result_parity_failures(result):  # not the green box: these figures may not be the model's
-        st.warning(PARITY_FAILED_BOX.format(layer=layer, err=err, dtype=info.dtype,
-                                            tolerance=parity_tolerance(info.dtype)))
-    else:
-        st.success(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention "
-                   f"{agreement} (largest absolute difference over layer {layer}'s heads: {err:.1e}).")
-    atlas_ui(result, settings)
-    st.subheader(f"Layer {layer}, head {head}: the notebook's figures")
-    positions = None
-    if result.n_tokens > MAX_AXIS_CELLS:
-        positions = st.slider("Heatmap window (token positions)", 0, result.n_tokens, (0, result.n_tokens),
-                              key=f"window-{result.n_tokens}",
-                              help=f"Narrow the window to {MAX_AXIS_CELLS} tokens or fewer to see single tokens.")
-    for item in build_layer_charts(result, layer, head, positions):
-        st.subheader(item.title)
-        st.caption(item.explanation)
-        stretch = item.key != "heatmap"  # the heatmap keeps its square cells; the others fill the page's width
-        st.altair_chart(padded(item.chart, "fit-x" if stretch else "pad"), width="stretch" if stretch else "content")
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
-    st.download_button("Download the results (JSON)", json.dumps(results_json(result, head)),  # with provenance
-                       file_name=f"headscope-{slug}-L{layer}.json", mime="application/json", on_click="ignore")
-    # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html
-    st.download_button("Download HTML report", lambda: render_report(result, head=head),
-                       file_name=f"headscope-{slug}-L{layer}.html", mime="text/html", on_click="ignore")
-
-
-def share_link(settings: dict, layer: int, head: int) -> None:
-    params = {"model": settings["model"], "layer": str(layer), "head": str(head)}
-    if len(settings["text"]) <= MAX_URL_TEXT:
-        params["text"] = settings["text"]
-    st.query_params.from_dict(params)
+    with table:
+        st.dataframe(rows, hide_index=True, height=360,
+                     column_config={name: st.column_config.NumberColumn(format="%.4f") for name in
+                                    ("mean", "CI low", "CI high")})
+        st.download_button("Download the corpus report (HTML)", lambda: render_corpus_report(corpus),
+                           file_name="headscope-corpus.html", mime="text/html", on_click="ignore")
 
 
 def main() -> None:
     st.set_page_config(page_title="headscope", layout="wide")
     init_state()
-    sidebar_ui()
-    st.title("headscope: attention heads, one forward pass")
-    settings = st.session_state[APPLIED]
-    try:
-        result, loaded, layer, head = analyse(settings)
-    except HeadscopeError as exc:
-        st.error(str(exc))
-    except Exception as exc:
-        log.exception("analysis failed")
-        st.error(UNEXPECTED.format(kind=type(exc).__name__, message=exc))
-    else:
-        st.session_state[LAST_GOOD] = (result, loaded.info, settings, layer, head)
-        share_link(settings, layer, head)
-    if LAST_GOOD in st.session_state:
-        result, info, good, layer, head = st.session_state[LAST_GOOD]
-        if good is not settings:
-            st.caption("Showing the last successful analysis.")
-        results_ui(result, info, layer, head, good)
-    corpus_ui(settings)
+    one_text, many_texts = st.tabs(["One text", "Many texts (corpus)"])
+    with one_text:
+        one_text_ui(st.session_state[APPLIED])
+    with many_texts:
+        corpus_ui(st.session_state[APPLIED])
+    share_link(st.session_state[APPLIED])
 
 
 main()

@@ -113,16 +113,21 @@ def build_means_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
                      "mean": data.k_means[g], "std": data.k_stds[g], "reads": "key head of " + ", ".join(readers)})
     frame = pd.DataFrame(rows, columns=["kind", "label", "x", "mean", "std", "reads"]).astype({"x": float})
     frame["low"], frame["high"] = frame["mean"] - frame["std"], frame["mean"] + frame["std"]
-    color = alt.Color("kind:N", title=None, scale=alt.Scale(domain=["Q", "K"], range=[COLORS["Q"], COLORS["K"]]))
+    # colour and shape share field, title and legend, so Vega-Lite draws one legend with both (STYLE.md: a null
+    # legend on either would remove the merged legend)
+    legend = alt.Legend(orient="top", labelExpr="datum.label == 'Q' ? 'Q, per query head' : 'K, per key head'")
+    color = alt.Color("kind:N", title="Mean ± std of", legend=legend,
+                      scale=alt.Scale(domain=["Q", "K"], range=[COLORS["Q"], COLORS["K"]]))
     x = alt.X("x:Q", title="Query head (key heads at the query heads that read them)",
               axis=alt.Axis(values=list(range(n_heads)), labelExpr="'H' + datum.value", grid=False),
               scale=alt.Scale(domain=[-0.8, n_heads - 0.2]))
-    tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("mean:Q", format=".4f"),
-               alt.Tooltip("std:Q", format=".4f"), alt.Tooltip("reads:N", title="")]
+    tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("mean:Q", title="Mean", format=".4f"),
+               alt.Tooltip("std:Q", title="Standard deviation", format=".4f"), alt.Tooltip("reads:N", title="")]
     base = alt.Chart(frame).encode(x=x, color=color, tooltip=tooltip)
     bars = base.mark_rule(strokeWidth=1.5).encode(y=alt.Y("low:Q", title="Activation"), y2="high:Q")
     points = base.mark_point(filled=True, size=60, stroke="black", strokeWidth=0.6).encode(
-        y="mean:Q", shape=alt.Shape("kind:N", scale=alt.Scale(domain=["Q", "K"], range=["square", "circle"]), legend=None))
+        y="mean:Q", shape=alt.Shape("kind:N", title="Mean ± std of", legend=legend,
+                                    scale=alt.Scale(domain=["Q", "K"], range=["square", "circle"])))
     subtitle = "Over positions 1..T-1 (first token excluded)" if result.exclude_first_token else "Over every position"
     return alt.layer(bars, points).properties(
         title=_title(result, layer, "Q and K means ± std per head", subtitle), width=WIDTH, height=HEIGHT)
@@ -226,7 +231,7 @@ def build_dot_distributions_chart(result: AnalysisResult, layer: int) -> alt.Lay
         color=alt.Color("group:N", title=None, sort=groups,
                         scale=alt.Scale(domain=groups, range=[COLORS["same"], COLORS["diff"]])),
         tooltip=[alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="bin from", format=".3f"),
-                 alt.Tooltip("count:Q")],
+                 alt.Tooltip("count:Q", title="count")],
     )
     zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(x="value:Q")
     return alt.layer(zero, lines).properties(
@@ -268,7 +273,7 @@ def build_softmax_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
             notes.append(f"{name}: {note} points shown, evenly spaced by rank")
     frame = pd.concat(parts, ignore_index=True)
     tooltip = [alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="weight", format=".4f"),
-               alt.Tooltip("head:N"), alt.Tooltip("query:N", title="query token"),
+               alt.Tooltip("head:N", title="head"), alt.Tooltip("query:N", title="query token"),
                alt.Tooltip("key:N", title="key token")]
     chart = _strip(frame, list(STRIP_GROUPS), [COLORS["same"], COLORS["diff"], COLORS["first"]],
                    "Softmax attention weight", tooltip)
@@ -285,7 +290,7 @@ def build_sink_mass_chart(result: AnalysisResult, layer: int) -> alt.Chart:
     return alt.Chart(frame).mark_bar(color=COLORS["first"]).encode(
         x=alt.X("head:N", sort=labels, title="Query head", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("sink_mass:Q", title="Mean weight on the first token", scale=alt.Scale(domain=[0, 1])),
-        tooltip=[alt.Tooltip("head:N"), alt.Tooltip("sink_mass:Q", title="sink mass", format=".4f")],
+        tooltip=[alt.Tooltip("head:N", title="head"), alt.Tooltip("sink_mass:Q", title="sink mass", format=".4f")],
     ).properties(title=_title(result, layer, "Sink mass per head",
                               f"Mean attention from queries 1..T-1 to position 0 ({first})"),
                  width=WIDTH, height=HEIGHT - 60)
@@ -307,7 +312,7 @@ def build_kde_chart(result: AnalysisResult, layer: int) -> alt.Chart:
         x=alt.X("weight:Q", title="Softmax attention weight", scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("density:Q", title="KDE (normalised)", scale=alt.Scale(type="sqrt", domain=[0, 1])),
         color=alt.Color("series:N", title=None, scale=alt.Scale(domain=domain, range=[COLORS["same"], COLORS["diff"]])),
-        tooltip=[alt.Tooltip("series:N", title=""), alt.Tooltip("weight:Q", format=".3f"),
+        tooltip=[alt.Tooltip("series:N", title=""), alt.Tooltip("weight:Q", title="attention weight", format=".3f"),
                  alt.Tooltip("density:Q", title="density", format=".4f")],
     ).properties(title=_title(result, layer, "KDE of attention weights", subtitle), width=WIDTH, height=HEIGHT - 60)
 
@@ -365,10 +370,10 @@ def build_heatmap_chart(result: AnalysisResult, layer: int, head: int,
     return alt.Chart(frame).mark_rect().encode(
         x=alt.X("key:O", sort=axis_labels, title="Key", axis=axis),
         y=alt.Y("query:O", sort=axis_labels, title="Query", axis=axis),
-        color=alt.Color("weight:Q", title="weight", scale=alt.Scale(scheme="blues", type="sqrt", domain=[0, 1])),
+        color=alt.Color("weight:Q", title="Attention weight", scale=alt.Scale(scheme="blues", type="sqrt", domain=[0, 1])),
         tooltip=[alt.Tooltip("query_token:N", title="query token"), alt.Tooltip("key_token:N", title="key token"),
                  alt.Tooltip("query:N", title="query position"), alt.Tooltip("key:N", title="key position"),
-                 alt.Tooltip("weight:Q", format=".4f")],
+                 alt.Tooltip("weight:Q", title="attention weight", format=".4f")],
     ).properties(title=_title(result, layer, f"Attention pattern of {head_label(layer, head)}", subtitle),
                  width=side, height=side)
 
@@ -452,14 +457,46 @@ SCORE_EXPLANATIONS = {
 }
 
 
+SHARE_SCORES = ("previous_token", "duplicate_token", "induction", "sink", "self")  # shares of attention: [0, 1]
+SIGNED_SCORES = ("q_mean", "k_mean")  # either sign: a diverging scheme centred on 0
+
+
+def max_entropy(n_tokens: int, causal: bool) -> float:
+    """The largest mean entropy (nats) of query rows 1..T-1: every query spread evenly over the keys it sees.
+
+    A causal query at position i sees i + 1 keys, a bidirectional one all T: the means of ln(i + 1) and ln(T).
+    """
+    if n_tokens < 2:
+        return 0.0
+    return float(np.log(np.arange(2, n_tokens + 1)).mean()) if causal else math.log(n_tokens)
+
+
+def atlas_scale(score: str, values: np.ndarray, entropy_max: float | None = None) -> alt.Scale:
+    """An honest colour scale: shares on a fixed [0, 1], signed values diverging around 0, entropy from 0 to
+    its maximum, spreads from 0; never stretched to the data's own maximum for a bounded score."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    top = float(np.abs(finite).max()) if finite.size else 1.0
+    if score in SHARE_SCORES:
+        return alt.Scale(scheme="viridis", domain=[0, 1])
+    if score in SIGNED_SCORES:
+        return alt.Scale(scheme="redblue", reverse=True, domain=[-top, top], domainMid=0)
+    if score == "entropy" and entropy_max:
+        return alt.Scale(scheme="viridis", domain=[0, round(entropy_max, 3)])
+    return alt.Scale(scheme="viridis", domain=[0, top or 1.0])
+
+
 def _atlas_chart(frame: pd.DataFrame, n_layers: int, n_heads: int, value_title: str, title: alt.TitleParams,
-                 tooltip: list) -> alt.LayerChart:
+                 tooltip: list, scale: alt.Scale | None = None,
+                 selected: tuple[int, int] | None = None) -> alt.LayerChart:
     """A layers x heads grid: grey cells for every head (undefined values stay grey), coloured where defined.
 
-    Clicking a cell selects its layer and head (point selection ATLAS_SELECTION on fields layer, head).
+    Clicking a cell selects its layer and head (point selection ATLAS_SELECTION on fields layer, head); `selected`
+    (layer, head) starts the selection there, outlined, so the chart shows the head the page shows.
     """
-    selection = alt.selection_point(name=ATLAS_SELECTION, fields=["layer", "head"], on="click", clear="dblclick",
-                                    empty=False)
+    initial = {} if selected is None else {"value": [{"layer": int(selected[0]), "head": int(selected[1])}]}
+    selection = alt.selection_point(name=ATLAS_SELECTION, fields=["layer", "head"], on="click", clear=False,
+                                    empty=False, **initial)
     x = alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0), scale=alt.Scale(domain=list(range(n_heads))))
     y = alt.Y("layer:O", title="Layer", scale=alt.Scale(domain=list(range(n_layers))))
     outline = alt.condition(selection, alt.value("black"), alt.value("white"))
@@ -469,7 +506,8 @@ def _atlas_chart(frame: pd.DataFrame, n_layers: int, n_heads: int, value_title: 
     ).add_params(selection).properties(name=ATLAS_VIEW)
     defined = base.transform_filter("isValid(datum.value)").mark_rect().encode(
         x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.value(1.5),
-        color=alt.Color("value:Q", title=value_title, scale=alt.Scale(scheme="viridis")),
+        color=alt.Color("value:Q", title=value_title, scale=scale or alt.Scale(scheme="viridis"),
+                        legend=alt.Legend(format=".2~f", titleLimit=260)),
     )
     size = int(min(max(22 * max(n_heads, n_layers), 240), 640))
     return alt.layer(cells, defined).properties(title=title, width=size, height=int(size * n_layers / max(n_heads, 1)))
@@ -494,18 +532,28 @@ def _atlas_frame(values: np.ndarray, **extra: np.ndarray) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None).astype({"layer": int, "head": int})
 
 
-def build_atlas_chart(result: AnalysisResult, score: str) -> alt.LayerChart:
-    """One head score for every layer x head of the model; undefined (NaN) cells stay grey; click selects a head."""
+def build_atlas_chart(result: AnalysisResult, score: str, selected: tuple[int, int] | None = None) -> alt.LayerChart:
+    """One head score for every layer x head of the model; undefined (NaN) cells stay grey; click selects a head.
+
+    `selected` (layer, head), if given, is outlined from the start (the app passes the head it shows).
+    """
     if score not in result.head_scores:
         raise KeyError(f"No head score {score!r} in these results (scores: {sorted(result.head_scores)}).")
     values = np.asarray(result.head_scores[score], dtype=np.float64)  # [layer, head]
     what = SCORE_TITLES.get(score, score)
     source = (f"induction probe: {result.induction_probe['length']} random tokens, repeated, seed "
               f"{result.induction_probe['seed']}" if result.induction_probe else f"{result.n_tokens} tokens")
-    title = alt.TitleParams(f"{what} per head · {result.model['id']}", anchor="start",
-                            subtitle=[f"Every layer x head, {source}; grey: undefined. Click a head to select it."])
-    tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("value:Q", title=score, format=".4f")]
-    return _atlas_chart(_atlas_frame(values), *values.shape, what, title, tooltip)
+    subtitle = [f"Every layer x head, {source}; grey: undefined"]
+    entropy_max = max_entropy(result.n_tokens, bool(result.model.get("causal")))
+    legend_title = what
+    if score == "entropy":
+        legend_title = f"Entropy (nats; max {entropy_max:.2f})"
+        subtitle.append(f"0 nats: all attention on one key; {entropy_max:.2f} nats (the maximum): spread evenly "
+                        "over every key a query sees")
+    title = alt.TitleParams(f"{what} per head · {result.model['id']}", anchor="start", subtitle=subtitle)
+    tooltip = [alt.Tooltip("label:N", title="Head"), alt.Tooltip("value:Q", title=what, format=".4f")]
+    return _atlas_chart(_atlas_frame(values), *values.shape, legend_title, title, tooltip,
+                        atlas_scale(score, values, entropy_max), selected)
 
 
 def build_corpus_atlas_chart(corpus, score: str) -> alt.LayerChart:
@@ -520,10 +568,11 @@ def build_corpus_atlas_chart(corpus, score: str) -> alt.LayerChart:
                 "tooltips; grey: undefined")
     title = alt.TitleParams(f"{what} per head, mean over {corpus.n_analysed} texts · {corpus.model['id']}",
                             anchor="start", subtitle=[subtitle])
-    tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("value:Q", title="mean", format=".4f"),
+    tooltip = [alt.Tooltip("label:N", title="Head"), alt.Tooltip("value:Q", title=f"{what}, mean", format=".4f"),
                alt.Tooltip("low:Q", title=f"{level} CI low", format=".4f"),
-               alt.Tooltip("high:Q", title=f"{level} CI high", format=".4f"), alt.Tooltip("n:Q", title="texts")]
-    return _atlas_chart(frame, *corpus.means[score].shape, f"mean {score}", title, tooltip)
+               alt.Tooltip("high:Q", title=f"{level} CI high", format=".4f"), alt.Tooltip("n:Q", title="Texts")]
+    return _atlas_chart(frame, *corpus.means[score].shape, f"{what}, mean", title, tooltip,
+                        atlas_scale(score, corpus.means[score]))
 
 
 def selected_head(selection, name: str = ATLAS_SELECTION) -> tuple[int, int] | None:

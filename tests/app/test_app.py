@@ -140,9 +140,11 @@ def test_default_run_shows_the_notebook_figures_with_the_results_numbers(minilm,
     assert "gpt2 is not in the local Hugging Face cache" in page  # what was loaded and why
     assert "[CLS]" in page and "first token is `[CLS]`" in page  # special tokens and the first token named
     assert "matches the model's own attention" in page
-    downloads = [button.proto.label for button in at.get("download_button")]
-    assert downloads == ["Download the results (JSON)", "Download HTML report"]
+    downloads = [button.proto.help for button in at.get("download_button")]
+    assert downloads == ["Download the results (JSON)", "Download the HTML report"]
     assert at.query_params["model"] == "auto" and at.query_params["layer"] == "3"
+    assert at.number_input(key="layer").value == 3  # the sidebar names the default layer it shows
+    assert not at.warning  # no "default value but also set via Session State" warning either
 
 
 def test_changing_layer_head_and_toggle_redraws_without_running_the_model(forward_calls):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from analysis import analyze, analyze_induction_probe
+from analysis.results import HEAD_SCORE_NAMES
 from reports.charts import ATLAS_SELECTION
 from tests.app import test_app
 from tests.app.test_app import charts, errors, run_app
@@ -79,3 +80,47 @@ def test_a_bad_upload_is_a_sentence(gpt2_path, monkeypatch):
     at.button(key="corpus_run").click().run()
     assert not at.exception
     assert any("is not UTF-8 text" in e for e in errors(at))
+
+
+def test_analyse_keeps_the_shown_head_and_the_link_carries_it_with_probe_and_score(forward_calls):
+    at = run_app(layer="4", head="7")
+    assert not at.exception and not errors(at)
+    assert (at.number_input(key="layer").value, at.number_input(key="head").value) == (4, 7)
+    assert atlas_spec(at)["params"][0]["value"] == [{"layer": 4, "head": 7}]  # the atlas outlines the shown head
+    at.toggle(key="exclude").set_value(False)
+    at.button[0].click().run()  # Analyse with only the toggle changed: the head stays L4H7
+    assert not at.exception and not errors(at)
+    assert (at.number_input(key="layer").value, at.number_input(key="head").value) == (4, 7)
+    assert [spec for spec in charts(at) if spec["title"]["text"].startswith("Attention pattern of L4H7")]
+    assert (at.query_params["layer"], at.query_params["head"]) == ("4", "7")
+    assert "Over every position" in json.dumps([spec["title"] for spec in charts(at)])
+
+    at.checkbox(key="probe").check().run()
+    assert not at.exception and not errors(at)
+    assert at.query_params["probe"] == "1" and at.query_params["score"] == "probe:induction"
+    at.selectbox(key="atlas_score").set_value("probe:previous_token").run()
+    assert at.query_params["score"] == "probe:previous_token"
+    assert forward_calls == ["BertModel", "BertModel"]  # the text once, the probe once
+
+    again = run_app(**{key: at.query_params[key] for key in at.query_params})  # the link, opened afresh
+    assert not again.exception and not errors(again)
+    assert again.checkbox(key="probe").value and again.selectbox(key="atlas_score").value == "probe:previous_token"
+    assert "induction probe" in atlas_spec(again)["title"]["subtitle"][0]
+    assert (again.number_input(key="layer").value, again.number_input(key="head").value) == (4, 7)
+
+
+def test_atlas_colour_scales_are_honest(minilm, forward_calls):
+    forward_calls.clear()
+    at = run_app()
+    domains = {}
+    for score in HEAD_SCORE_NAMES:
+        option = f"text:{score}"
+        at.selectbox(key="atlas_score").set_value(option).run()
+        layers = atlas_spec(at)["layer"]
+        (scale,) = [layer["encoding"]["color"]["scale"] for layer in layers if "color" in layer.get("encoding", {})]
+        domains[option.split(":")[1]] = scale
+    for share in ("previous_token", "duplicate_token", "induction", "sink", "self"):
+        assert domains[share]["domain"] == [0, 1], share
+    n_tokens = len(minilm.tokenizer(FIJI)["input_ids"])
+    assert domains["entropy"]["domain"] == [0, round(np.log(n_tokens), 3)]  # bidirectional: uniform over T keys
+    assert forward_calls == ["BertModel"]
