@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import altair as alt
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from analysis import analyze
 from analysis.results import AnalysisResult, LayerResult
 from reports.charts import (
+    COLORS,
     MAX_AXIS_CELLS,
     MAX_POINTS,
     LayerChart,
@@ -207,3 +209,48 @@ def test_tokens_are_data_not_markup():
     spec = build_heatmap_chart(result, 0, 0).to_dict()
     assert "0: </s>" in {row["query"] for row in rows(build_heatmap_chart(result, 0, 0))}
     assert "3: ↵" in json.dumps(spec, ensure_ascii=False)  # whitespace made visible
+
+
+def test_the_qk_means_chart_draws_one_legend_with_both_marks():
+    import vl_convert
+
+    svg = vl_convert.vegalite_to_svg(build_means_chart(synthetic_result(10), 0).to_dict())
+    assert svg.count('class="mark-group role-legend"') == 1  # colour and shape merged into one legend
+    assert "Q, per query head" in svg and "K, per key head" in svg
+    symbols = re.findall(r'<g class="mark-symbol role-legend-symbol"[^>]*><path [^>]*d="([^"]+)" fill="([^"]+)"', svg)
+    assert len(symbols) == 2
+    (square, green), (circle, red) = symbols
+    assert square.endswith("Z") and "A" in circle  # a square path and a circle (arc) path
+    assert (green, red) == (COLORS["Q"], COLORS["K"])
+
+
+def test_atlas_colour_scales_are_fixed_for_shares_and_centred_for_signed_values():
+    from dataclasses import replace
+
+    from reports.charts import build_atlas_chart, max_entropy
+
+    rng = np.random.default_rng(0)
+    scores = {name: rng.random((3, 4)) * 0.011 for name in ("previous_token", "duplicate_token", "induction", "sink",
+                                                             "self")}
+    scores["q_mean"] = rng.normal(size=(3, 4)) - 2.0  # mostly negative: the scale must still centre on 0
+    scores["entropy"] = rng.random((3, 4))
+    result = replace(synthetic_result(12), head_scores=scores)
+
+    def color_scale(score):
+        spec = build_atlas_chart(result, score).to_dict()
+        (scale,) = [layer["encoding"]["color"]["scale"] for layer in spec["layer"] if "color" in layer["encoding"]]
+        return scale
+
+    for share in ("previous_token", "duplicate_token", "induction", "sink", "self"):
+        assert color_scale(share)["domain"] == [0, 1]  # 0.011 does not glow like a strong head
+    signed = color_scale("q_mean")
+    top = np.abs(scores["q_mean"]).max()
+    assert signed["domainMid"] == 0 and signed["domain"] == [-top, top] and signed["scheme"] == "redblue"
+    causal_max = np.mean([np.log(i + 1) for i in range(1, 12)])  # query i sees i + 1 keys
+    assert color_scale("entropy")["domain"] == [0, round(causal_max, 3)]
+    assert max_entropy(12, causal=False) == pytest.approx(np.log(12))
+    spec = json.dumps(build_atlas_chart(result, "entropy").to_dict())
+    assert f"max {causal_max:.2f}" in spec and "Click" not in spec  # the static report has nothing to click
+    tooltips = [t["title"] for layer in build_atlas_chart(result, "previous_token").to_dict()["layer"]
+                for t in layer["encoding"]["tooltip"]]
+    assert "Previous-token score" in tooltips and "previous_token" not in tooltips
