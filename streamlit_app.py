@@ -64,7 +64,11 @@ DEFAULT_MODEL_ENV = "HEADSCOPE_MODEL"  # the model a link without ?model= opens 
 CACHE_MB_ENV = "HEADSCOPE_CACHE_MB"  # byte budget of the shared result cache, in MiB
 CACHE_BUDGET = int(os.environ.get(CACHE_MB_ENV, "640")) * 2**20
 MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
-APP_HEATMAP_SIDE = 460  # px: the heatmap shares a row with the atlas
+APP_HEATMAP_SIDE = 400  # px: the heatmap shares a row with the atlas
+FIGURES = "figures"  # the tabs of the notebook's figures: only the open one is computed and drawn
+FIGURE_TABS = {"Q and K": ("means", "qk_means", "qk_stds"), "q·k dot products": ("dot_products", "dot_distributions"),
+               "Softmax weights": ("softmax", "sink_mass", "kde")}
+PAGE_CSS = "<style>[data-testid='stMainBlockContainer']{padding-top:2.2rem;}</style>"  # one screen holds more
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
 LAYER, HEAD = "layer", "head"  # the sidebar's number inputs, written by the atlas click
@@ -274,17 +278,17 @@ def analyse(settings: dict, loaded: LoadedModel, slot) -> AnalysisResult:
 def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int) -> None:
     kv = f", {info.n_kv_heads} key heads" if info.n_kv_heads != info.n_heads else ""
     err = result.layers[layer].parity_max_abs_err
-    text, json_button, html_button = st.columns([6, 1, 1], vertical_alignment="center")
+    text, json_button, html_button = st.columns([8, 1, 1], vertical_alignment="center")
     text.markdown(f"**{info.id}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, {info.dtype} on "
                   f"{info.device}. {info.reason}")
     text.caption(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention "
                  f"{f'to {err:.0e}' if err else 'exactly'} (largest absolute difference over layer {layer}'s heads: "
                  f"{err:.1e}).")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
-    json_button.download_button("Results (JSON)", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
+    json_button.download_button("JSON", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
                                 mime="application/json", on_click="ignore", help="Download the results (JSON)")
     # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html
-    html_button.download_button("HTML report", lambda: render_report(result, head=head), mime="text/html",
+    html_button.download_button("Report", lambda: render_report(result, head=head), mime="text/html",
                                 file_name=f"headscope-{slug}-L{layer}.html", on_click="ignore",
                                 help="Download the HTML report")
     for warning in result.warnings:
@@ -310,7 +314,7 @@ def tokens_ui(result: AnalysisResult) -> None:
 
 def atlas_ui(result: AnalysisResult, settings: dict) -> None:
     sources = {"text": result}
-    score_box, probe_box = st.columns([3, 2], vertical_alignment="bottom")
+    score_box, probe_box = st.columns([1, 1], vertical_alignment="bottom")
     probe_on = probe_box.checkbox("Run the induction probe", key=PROBE, on_change=probe_toggled,
                                   help="Analyse a seeded random token sequence written twice (once per model, then "
                                        "cached): on it, induction scores mean something whatever your text repeats.",
@@ -333,7 +337,9 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
     source, score = choice.split(":")
     layer, head = settings["layer"], settings["head"]
     key = f"{ATLAS}-L{layer}H{head}"  # a new chart per shown head: its selection starts at that head, outlined
-    st.altair_chart(padded(build_atlas_chart(sources[source], score, selected=(layer, head))), key=key,
+    chart = build_atlas_chart(sources[source], score, selected=(layer, head))
+    chart.title.text = chart.title.text.split(" · ")[0]  # the model line above names the model
+    st.altair_chart(padded(chart), key=key,
                     on_select=lambda: select_head(key), selection_mode=ATLAS_SELECTION, width="content")
     st.caption(SCORE_EXPLANATIONS.get(score, "") + " Click a cell to show that head's pattern and its layer's figures.")
 
@@ -355,14 +361,24 @@ def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:
 
 
 def figures_ui(result: AnalysisResult, layer: int, head: int) -> None:
-    """The notebook's figures of the shown layer, two per row; each chart carries its own title."""
-    st.markdown(f"#### The notebook's figures, layer {layer}")
-    items = [item for item in build_layer_charts(result, layer, head) if item.key != "heatmap"]
-    for pair in range(0, len(items), 2):
-        for column, item in zip(st.columns(2, gap="medium"), items[pair:pair + 2]):
-            with column:
-                st.altair_chart(padded(item.chart, "fit-x"), width="stretch")
-                st.caption(item.explanation)
+    """The notebook's figures of the shown layer in tabs, two per row; only the open tab's charts are built."""
+    st.markdown(f"**The notebook's figures, layer {layer}**")
+    tabs = st.tabs(list(FIGURE_TABS), key=FIGURES, on_change="rerun")
+    charts = {item.key: item for item in build_layer_charts(result, layer, head, keys=open_figures(tabs))}
+    for tab, keys in zip(tabs, FIGURE_TABS.values()):
+        if tab.open is False:
+            continue
+        with tab:
+            items = [charts[key] for key in keys if key in charts]
+            for pair in range(0, len(items), 2):
+                for column, item in zip(st.columns(2, gap="medium"), items[pair:pair + 2]):
+                    with column:
+                        st.altair_chart(padded(item.chart, "fit-x"), width="stretch")
+                        st.caption(item.explanation)
+
+
+def open_figures(tabs) -> tuple[str, ...]:
+    return tuple(key for tab, keys in zip(tabs, FIGURE_TABS.values()) if tab.open is not False for key in keys)
 
 
 def results_ui(result: AnalysisResult, info: ModelInfo, settings: dict) -> None:
@@ -454,6 +470,7 @@ def corpus_results_ui(corpus: CorpusResult) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="headscope", layout="wide")
+    st.html(PAGE_CSS)
     init_state()
     one_text, many_texts = st.tabs(["One text", "Many texts (corpus)"])
     with one_text:

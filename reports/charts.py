@@ -382,41 +382,49 @@ def build_heatmap_chart(result: AnalysisResult, layer: int, head: int,
 
 
 def build_layer_charts(result: AnalysisResult, layer: int, head: int = 0,
-                       positions: tuple[int, int] | None = None) -> list[LayerChart]:
-    """Every chart of one layer, in display order; the heatmap only when the results hold patterns."""
+                       positions: tuple[int, int] | None = None, keys=None) -> list[LayerChart]:
+    """Every chart of one layer, in display order; the heatmap only when the results hold patterns.
+
+    `keys` (an iterable of LayerChart keys), if given, builds only those (the app builds only what it draws).
+    """
     causal_hint = ("final-to-previous spikes point to previous-token heads" if result.model.get("causal")
                    else "a bidirectional model spreads weight both ways")
-    charts = [
-        LayerChart("means", "Q and K means ± std per head",
-                   "Look for heads whose Q or K mean sits far from zero or whose spread is much wider than the others': "
-                   "they stand out before any attention is computed.", build_means_chart(result, layer)),
-        LayerChart("qk_means", "Q vs K means",
-                   "Each point is a query head against the key head it reads; heads far from the cloud have queries and "
-                   "keys offset differently from the rest.", build_qk_means_chart(result, layer)),
-        LayerChart("qk_stds", "Q vs K standard deviations",
-                   "Heads with large Q and K spreads produce large dot products and therefore sharp, peaked attention.",
-                   build_qk_stds_chart(result, layer)),
-        LayerChart("dot_products", "Raw attention scores (q·k)",
-                   "If same-head dot products spread wider than cross-head ones, each head's queries are tuned to its "
-                   "own keys, which is why attention is computed within heads.", build_dot_products_chart(result, layer)),
-        LayerChart("dot_distributions", "Distributions of q·k",
-                   "Compare the widths: a wider same-head curve means queries line up with their own head's keys more "
-                   "than with other heads' keys.", build_dot_distributions_chart(result, layer)),
-        LayerChart("softmax", "Softmax attention weights",
-                   f"Most weights sit near 0; the few large ones are where a head actually looks ({causal_hint}).",
-                   build_softmax_chart(result, layer)),
-        LayerChart("sink_mass", "Sink mass per head",
-                   "A head with sink mass near 1 parks its attention on the first token (an attention sink) and reads "
-                   "little else.", build_sink_mass_chart(result, layer)),
-        LayerChart("kde", "KDE of attention weights",
-                   "Where each curve's mass lies: a bump near 1 means some heads attend almost entirely to one token.",
-                   build_kde_chart(result, layer)),
+    plan = [
+        ("means", "Q and K means ± std per head",
+         ("Look for heads whose Q or K mean sits far from zero or whose spread is much wider than the others': "
+         "they stand out before any attention is computed."), lambda: build_means_chart(result, layer)),
+        ("qk_means", "Q vs K means",
+         ("Each point is a query head against the key head it reads; heads far from the cloud have queries and "
+         "keys offset differently from the rest."), lambda: build_qk_means_chart(result, layer)),
+        ("qk_stds", "Q vs K standard deviations",
+         "Heads with large Q and K spreads produce large dot products and therefore sharp, peaked attention.",
+         lambda: build_qk_stds_chart(result, layer)),
+        ("dot_products", "Raw attention scores (q·k)",
+         ("If same-head dot products spread wider than cross-head ones, each head's queries are tuned to its "
+         "own keys, which is why attention is computed within heads."), lambda: build_dot_products_chart(result, layer)),
+        ("dot_distributions", "Distributions of q·k",
+         ("Compare the widths: a wider same-head curve means queries line up with their own head's keys more "
+         "than with other heads' keys."), lambda: build_dot_distributions_chart(result, layer)),
+        ("softmax", "Softmax attention weights",
+         f"Most weights sit near 0; the few large ones are where a head actually looks ({causal_hint}).",
+         lambda: build_softmax_chart(result, layer)),
+        ("sink_mass", "Sink mass per head",
+         ("A head with sink mass near 1 parks its attention on the first token (an attention sink) and reads "
+         "little else."), lambda: build_sink_mass_chart(result, layer)),
+        ("kde", "KDE of attention weights",
+         "Where each curve's mass lies: a bump near 1 means some heads attend almost entirely to one token.",
+         lambda: build_kde_chart(result, layer)),
     ]
-    heatmap = build_heatmap_chart(result, layer, head, positions)
-    if heatmap is not None:
-        charts.append(LayerChart("heatmap", f"Attention pattern of {head_label(layer, head)}",
-                                 "Bright cells show which tokens each query reads: a bright first column is an attention "
-                                 "sink, a bright line just below the diagonal a previous-token head.", heatmap))
+    wanted = None if keys is None else set(keys)
+    charts = [LayerChart(key, title, explanation, build()) for key, title, explanation, build in plan
+              if wanted is None or key in wanted]
+    if wanted is None or "heatmap" in wanted:
+        heatmap = build_heatmap_chart(result, layer, head, positions)
+        if heatmap is not None:
+            charts.append(LayerChart("heatmap", f"Attention pattern of {head_label(layer, head)}",
+                                     "Bright cells show which tokens each query reads: a bright first column is an "
+                                     "attention sink, a bright line just below the diagonal a previous-token head.",
+                                     heatmap))
     return charts
 
 
@@ -457,6 +465,7 @@ SCORE_EXPLANATIONS = {
 }
 
 
+SELECTED_OUTLINE = "#ff2b6e"  # the selected head's outline: visible on viridis' purple and yellow alike
 SHARE_SCORES = ("previous_token", "duplicate_token", "induction", "sink", "self")  # shares of attention: [0, 1]
 SIGNED_SCORES = ("q_mean", "k_mean")  # either sign: a diverging scheme centred on 0
 
@@ -499,13 +508,13 @@ def _atlas_chart(frame: pd.DataFrame, n_layers: int, n_heads: int, value_title: 
                                     empty=False, **initial)
     x = alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0), scale=alt.Scale(domain=list(range(n_heads))))
     y = alt.Y("layer:O", title="Layer", scale=alt.Scale(domain=list(range(n_layers))))
-    outline = alt.condition(selection, alt.value("black"), alt.value("white"))
+    outline = alt.condition(selection, alt.value(SELECTED_OUTLINE), alt.value("white"))
     base = alt.Chart(frame).transform_calculate(label="'L' + datum.layer + 'H' + datum.head")  # L{layer}H{head}
     cells = base.mark_rect(color="#e6e6e6").encode(
-        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.value(1.5),
+        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.condition(selection, alt.value(3), alt.value(1)),
     ).add_params(selection).properties(name=ATLAS_VIEW)
     defined = base.transform_filter("isValid(datum.value)").mark_rect().encode(
-        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.value(1.5),
+        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.condition(selection, alt.value(3), alt.value(1)),
         color=alt.Color("value:Q", title=value_title, scale=scale or alt.Scale(scheme="viridis"),
                         legend=alt.Legend(format=".2~f", titleLimit=260)),
     )
