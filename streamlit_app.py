@@ -71,7 +71,7 @@ FIGURE_TABS = {"Q and K": ("means", "qk_means", "qk_stds"), "q·k dot products":
 PAGE_CSS = "<style>[data-testid='stMainBlockContainer']{padding-top:2.2rem;}</style>"  # one screen holds more
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
-LAYER, HEAD = "layer", "head"  # the sidebar's number inputs, written by the atlas click
+LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
 SCORE_PARAM = re.compile(r"(text|probe):[a-z_]+")  # ?score=text:induction
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
 PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from the captured q and k differs from the "
@@ -144,7 +144,7 @@ def init_state() -> None:
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
                 "dtype": "float32", "text": params.get("text", FIJI), LAYER: as_int(params.get(LAYER)),
                 HEAD: as_int(params.get(HEAD)) or 0, "exclude": True, PROBE: params.get(PROBE) == "1"}
-    st.session_state[DEFAULTS], st.session_state[TEXT_VERSION] = defaults, 0
+    st.session_state[DEFAULTS], st.session_state[TEXT_VERSION], st.session_state[HEAD_VERSION] = defaults, 0, 0
     st.session_state[APPLIED] = settings_from(defaults)
     score = params.get("score")
     if score and SCORE_PARAM.fullmatch(score):
@@ -157,25 +157,28 @@ def settings_from(values: dict) -> dict:
             "head": int(values[HEAD] or 0), "exclude": bool(values["exclude"])}
 
 
-def initial(key: str, value) -> dict:
-    """`value=` for a widget whose key callbacks also write: its default until Session State holds the key."""
-    return {} if key in st.session_state else {"value": value}
+def widget_key(name: str) -> str:
+    """The sidebar's layer and head inputs get fresh keys whenever the shown head changes elsewhere (an atlas click,
+    the default layer resolved): a fresh widget starts from its new default. Writing the new value into an existing
+    widget's state instead is lost when Analyse interrupts a run before the browser has that widget's value."""
+    return f"{name}-{st.session_state[HEAD_VERSION]}"
 
 
 def show_head(layer: int, head: int) -> None:
     """Make (layer, head) the shown head everywhere: the applied settings and the sidebar's two inputs.
 
-    Only callbacks and code that runs before the sidebar may call this (a widget's state is read-only once drawn).
+    Only callbacks and code that runs before the sidebar is drawn may call this.
     """
     st.session_state[APPLIED] = {**st.session_state[APPLIED], "layer": layer, "head": head}
     st.session_state[DEFAULTS].update({LAYER: layer, HEAD: head})
-    st.session_state[LAYER], st.session_state[HEAD] = layer, head
+    st.session_state[HEAD_VERSION] += 1
 
 
 def apply_form() -> None:
     """Analyse: the form's values become the applied settings (a callback, so it runs before anything is drawn)."""
     state = st.session_state
-    values = {key: state[key] for key in ("model_choice", "model_typed", "device", "dtype", LAYER, HEAD, "exclude")}
+    values = {key: state[key] for key in ("model_choice", "model_typed", "device", "dtype", "exclude")}
+    values.update({LAYER: state[widget_key(LAYER)], HEAD: state[widget_key(HEAD)]})
     values["text"] = state[f"text-{state[TEXT_VERSION]}"]
     state[DEFAULTS].update(values)
     state[APPLIED] = settings_from(values)
@@ -234,8 +237,8 @@ def sidebar_ui() -> None:
             dtype.selectbox("Dtype", DTYPES, DTYPES.index(d["dtype"]), key="dtype")
             st.text_area("Text", d["text"], height=160, key=f"text-{st.session_state[TEXT_VERSION]}")
             layer, head = st.columns(2)
-            layer.number_input("Layer", min_value=0, step=1, key=LAYER, placeholder="default", **initial(LAYER, d[LAYER]))
-            head.number_input("Head", min_value=0, step=1, key=HEAD, **initial(HEAD, d[HEAD]))
+            layer.number_input("Layer", min_value=0, value=d[LAYER], step=1, key=widget_key(LAYER), placeholder="default")
+            head.number_input("Head", min_value=0, value=d[HEAD], step=1, key=widget_key(HEAD))
             st.toggle("Exclude first token", d["exclude"], key="exclude",
                       help="Leave position 0 out of the Q/K statistics and the dot products, as the notebook does.")
             st.form_submit_button("Analyse", type="primary", width="stretch", on_click=apply_form)
@@ -318,7 +321,7 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
     probe_on = probe_box.checkbox("Run the induction probe", key=PROBE, on_change=probe_toggled,
                                   help="Analyse a seeded random token sequence written twice (once per model, then "
                                        "cached): on it, induction scores mean something whatever your text repeats.",
-                                  **initial(PROBE, st.session_state[DEFAULTS][PROBE]))
+                                  value=st.session_state[DEFAULTS][PROBE])
     if probe_on:
         try:
             with st.spinner("Running the induction probe…"):
@@ -398,6 +401,7 @@ def one_text_ui(settings: dict) -> None:
     try:
         loaded = load(settings, slot)
         settings = st.session_state[APPLIED]  # with its layer resolved, so the sidebar shows it
+        share_link(settings)  # now, not only at the end: the link is right while the charts are still drawing
         sidebar_ui()
         sidebar_drawn = True
         result = analyse(settings, loaded, slot)

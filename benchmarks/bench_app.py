@@ -93,7 +93,7 @@ def settled(page, start: float, min_charts: int, timeout_s: float = 180) -> floa
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         state = page.evaluate("""(q) => ({now: performance.now(), last: window.__lastChange,
-            running: !!document.querySelector('[data-testid="stStatusWidget"] button'),
+            running: !!document.querySelector('[data-testid^="stStatusWidgetRunning"]'),
             drawn: [...document.querySelectorAll(q)].filter((c) => c.querySelector('canvas, svg .mark-rect path, '
                    + 'svg .mark-symbol path, svg .mark-line path')).length})""", CHARTS)
         if not state["running"] and state["drawn"] >= min_charts and state["now"] - state["last"] >= QUIET_MS:

@@ -105,13 +105,20 @@ def column(spec: dict, name: str) -> np.ndarray:
     return np.array([row[name] for rows in spec["datasets"].values() for row in rows if name in row], dtype=float)
 
 
+def sidebar_number(at: AppTest, label: str):
+    """The sidebar's Layer or Head input (keyed layer-N / head-N: a new key each time the shown head changes)."""
+    (widget,) = [widget for widget in at.number_input if widget.label == label]
+    return widget
+
+
 def submit(at: AppTest, **widgets) -> AppTest:
     for key, value in widgets.items():
         if key == "text":
             at.text_area[0].set_value(value)
+        elif key in ("layer", "head"):
+            sidebar_number(at, key.title()).set_value(value)
         else:
-            getattr(at, {"layer": "number_input", "head": "number_input", "model_typed": "text_input",
-                         "exclude": "toggle"}[key])(key=key).set_value(value)
+            getattr(at, {"model_typed": "text_input", "exclude": "toggle"}[key])(key=key).set_value(value)
     at.button[0].click()
     return at.run()
 
@@ -161,7 +168,7 @@ def test_default_run_shows_the_notebook_figures_with_the_results_numbers(minilm,
     downloads = [button.proto.help for button in at.get("download_button")]
     assert downloads == ["Download the results (JSON)", "Download the HTML report"]
     assert at.query_params["model"] == "auto" and at.query_params["layer"] == "3"
-    assert at.number_input(key="layer").value == 3  # the sidebar names the default layer it shows
+    assert sidebar_number(at, "Layer").value == 3  # the sidebar names the default layer it shows
     assert not at.warning  # no "default value but also set via Session State" warning either
 
 

@@ -10,7 +10,7 @@ from analysis import analyze, analyze_induction_probe
 from analysis.results import HEAD_SCORE_NAMES
 from reports.charts import ATLAS_SELECTION
 from tests.app import test_app
-from tests.app.test_app import charts, errors, run_app
+from tests.app.test_app import charts, errors, run_app, sidebar_number
 from tests.conftest import FIJI
 
 clear_caches = test_app.clear_caches  # autouse: every test starts with cold caches
@@ -82,15 +82,19 @@ def test_a_bad_upload_is_a_sentence(gpt2_path, monkeypatch):
     assert any("is not UTF-8 text" in e for e in errors(at))
 
 
+def sidebar_head(at) -> tuple[int, int]:
+    return sidebar_number(at, "Layer").value, sidebar_number(at, "Head").value
+
+
 def test_analyse_keeps_the_shown_head_and_the_link_carries_it_with_probe_and_score(forward_calls):
     at = run_app(layer="4", head="7")
     assert not at.exception and not errors(at)
-    assert (at.number_input(key="layer").value, at.number_input(key="head").value) == (4, 7)
+    assert sidebar_head(at) == (4, 7)
     assert atlas_spec(at)["params"][0]["value"] == [{"layer": 4, "head": 7}]  # the atlas outlines the shown head
     at.toggle(key="exclude").set_value(False)
     at.button[0].click().run()  # Analyse with only the toggle changed: the head stays L4H7
     assert not at.exception and not errors(at)
-    assert (at.number_input(key="layer").value, at.number_input(key="head").value) == (4, 7)
+    assert sidebar_head(at) == (4, 7)
     assert [spec for spec in charts(at) if spec["title"]["text"].startswith("Attention pattern of L4H7")]
     assert (at.query_params["layer"], at.query_params["head"]) == ("4", "7")
     assert "Over every position" in json.dumps([spec["title"] for spec in charts(at)])
@@ -106,7 +110,7 @@ def test_analyse_keeps_the_shown_head_and_the_link_carries_it_with_probe_and_sco
     assert not again.exception and not errors(again)
     assert again.checkbox(key="probe").value and again.selectbox(key="atlas_score").value == "probe:previous_token"
     assert "induction probe" in atlas_spec(again)["title"]["subtitle"][0]
-    assert (again.number_input(key="layer").value, again.number_input(key="head").value) == (4, 7)
+    assert sidebar_head(again) == (4, 7)
 
 
 def test_atlas_colour_scales_are_honest(minilm, forward_calls):

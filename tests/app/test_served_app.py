@@ -72,7 +72,7 @@ def test_served_app_draws_the_charts_after_analyse(served_app, chromium, tmp_pat
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(served_app)
-        page.get_by_role("button", name="Analyse").click(timeout=60_000)
+        page.get_by_role("button", name="Analyse").click(timeout=DRAW_TIMEOUT_MS)  # drawn once the model loaded
         page.wait_for_function(
             """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
                    .filter((chart) => chart.querySelector('canvas, svg .mark-rect path, svg .mark-symbol path'))
@@ -86,27 +86,76 @@ def test_served_app_draws_the_charts_after_analyse(served_app, chromium, tmp_pat
         assert page.locator("textarea").input_value().startswith("The majority of Fiji")
         if SCREENSHOT:
             page.screenshot(path=SCREENSHOT, full_page=True)
+        assert_legends(page)
         assert_download_equals_cli_report(page, tmp_path)
         assert_atlas_click_shows_that_head(page)
+        assert_analyse_keeps_the_clicked_head(page)
     finally:
         page.close()
 
 
+def chart_titles(page) -> list[str]:
+    return page.locator('[data-testid="stVegaLiteChart"] svg .role-title-text').all_text_contents()
+
+
+def wait_for_title(page, words: str) -> None:
+    """Until a drawn chart's title starts with `words` and the app has stopped running."""
+    page.wait_for_function(
+        """(words) => [...document.querySelectorAll('[data-testid="stVegaLiteChart"] svg .role-title-text')]
+               .some((t) => t.textContent.startsWith(words))
+             && !document.querySelector('[data-testid^="stStatusWidgetRunning"]')""", arg=words, timeout=60_000)
+    page.wait_for_timeout(500)
+
+
+def sidebar_head(page) -> tuple[str, str]:
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    return sidebar.get_by_label("Layer").input_value(), sidebar.get_by_label("Head").input_value()
+
+
+def assert_legends(page):
+    """The Q/K chart draws a legend of both marks; the atlas's colour legend runs over the fixed [0, 1] of a share."""
+    means = page.locator('[data-testid="stVegaLiteChart"]', has=page.locator("text=Q and K means"))
+    legend = means.locator("svg .role-legend").first
+    assert legend.locator("text=Q, per query head").count() == 1 and legend.locator("text=K, per key head").count() == 1
+    assert legend.locator(".role-legend-symbol path").count() == 2
+    atlas = page.locator('[data-testid="stVegaLiteChart"]').first
+    labels = atlas.locator("svg .role-legend-label text").all_text_contents()
+    assert labels[0] == "0" and labels[-1] == "1", labels  # previous-token share: [0, 1], not the data's maximum
+
+
 def assert_atlas_click_shows_that_head(page):
-    """A click on an atlas cell (the first chart) makes that layer's and head's figures the ones shown."""
-    assert page.get_by_text("Attention pattern of L3H0").count() >= 1
+    """A click on an atlas cell (the first chart) makes that layer's and head's figures, sidebar and link."""
+    assert any(title.startswith("Attention pattern of L3H0 · layer 3") for title in chart_titles(page))
+    assert sidebar_head(page) == ("3", "0")
     atlas = page.locator('[data-testid="stVegaLiteChart"]').first
     atlas.scroll_into_view_if_needed()
-    cell = atlas.locator("svg .mark-rect path").nth(1 * 12 + 9).bounding_box()  # grey cells, layer-major: L1H9
+    cell = atlas.locator("svg .mark-rect").first.locator("path").nth(1 * 12 + 9).bounding_box()  # grey cells: L1H9
     page.mouse.click(cell["x"] + cell["width"] / 2, cell["y"] + cell["height"] / 2)
-    page.get_by_text("Attention pattern of L1H9", exact=True).wait_for(timeout=60_000)  # the subheader
-    assert page.get_by_text("Attention pattern of L3H0").count() == 0
+    wait_for_title(page, "Attention pattern of L1H9 · layer 1")
+    titles = chart_titles(page)
+    assert not any("L3H0" in title for title in titles)
+    assert any(title.startswith("Q and K means ± std per head · layer 1") for title in titles)
+    assert sidebar_head(page) == ("1", "9")
+    assert "layer=1" in page.url and "head=9" in page.url
+
+
+def assert_analyse_keeps_the_clicked_head(page):
+    """Analyse after the click (with "exclude first token" toggled) keeps L1H9: sidebar, figures and link agree."""
+    page.locator('[data-testid="stSidebar"]').get_by_text("Exclude first token").click()
+    page.get_by_role("button", name="Analyse").click()
+    wait_for_title(page, "Attention pattern of L1H9 · layer 1")
+    page.wait_for_function(  # the Q/K chart's subtitle follows the toggle
+        """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"] svg .role-title-subtitle')]
+               .some((t) => t.textContent.includes('Over every position'))""", timeout=60_000)
+    assert any(title.startswith("Attention pattern of L1H9 · layer 1") for title in chart_titles(page))
+    assert sidebar_head(page) == ("1", "9")
+    assert "layer=1" in page.url and "head=9" in page.url
 
 
 def assert_download_equals_cli_report(page, tmp_path):
     """The app's "Download HTML report" and `python -m reports --html` agree byte for byte, apart from the time."""
     with page.expect_download(timeout=60_000) as download_info:
-        page.get_by_role("button", name="Download HTML report").click()
+        page.get_by_role("button", name="Report").click()
     downloaded = Path(download_info.value.path()).read_text(encoding="utf-8")
     cli_report = tmp_path / "cli.html"
     # the app's defaults: model auto (the bundled MiniLM offline), the Fiji text, layer 3 of 6, head 0
