@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
-    n_heads, figures = 12, 10  # MiniLM: 12 heads; the atlas, the heatmap and eight figures
+    n_heads, figures = 12, 5  # MiniLM: 12 heads; the atlas, the heatmap and the open tab's three figures
     with serve({"HEADSCOPE_MODEL": "minilm"}) as (url, pid), sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=VIEWPORT)

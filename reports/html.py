@@ -66,7 +66,7 @@ ENV = Environment(
     lstrip_blocks=True,
     keep_trailing_newline=True,
 )
-ENV.filters["num"] = lambda value: f"{value:.4g}"
+ENV.filters["num"] = lambda value: f"{value:.4g}" if abs(value) >= 1e-9 else "0"  # a centred mean's 2.5e-16 is 0
 ENV.filters["sci"] = lambda value: f"{value:.1e}"
 
 

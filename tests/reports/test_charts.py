@@ -254,3 +254,11 @@ def test_atlas_colour_scales_are_fixed_for_shares_and_centred_for_signed_values(
     tooltips = [t["title"] for layer in build_atlas_chart(result, "previous_token").to_dict()["layer"]
                 for t in layer["encoding"]["tooltip"]]
     assert "Previous-token score" in tooltips and "previous_token" not in tooltips
+
+
+def test_report_numbers_are_rounded_for_display():
+    from reports.html import ENV
+
+    num = ENV.filters["num"]
+    assert num(2.467e-16) == "0" and num(-3e-15) == "0"  # a centred mean is 0 up to rounding: show 0
+    assert num(0.123456) == "0.1235" and num(-12.3456) == "-12.35" and num(3.2e-6) == "3.2e-06"
