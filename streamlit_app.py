@@ -68,7 +68,8 @@ APP_HEATMAP_SIDE = 400  # px: the heatmap shares a row with the atlas
 FIGURES = "figures"  # the tabs of the notebook's figures: only the open one is computed and drawn
 FIGURE_TABS = {"Q and K": ("means", "qk_means", "qk_stds"), "q·k dot products": ("dot_products", "dot_distributions"),
                "Softmax weights": ("softmax", "sink_mass", "kde")}
-PAGE_CSS = "<style>[data-testid='stMainBlockContainer']{padding-top:2.2rem;}</style>"  # one screen holds more
+# one screen holds more: Streamlit's 6rem top padding, less, but clear of its 3.75rem header (it takes the clicks)
+PAGE_CSS = "<style>[data-testid='stMainBlockContainer']{padding-top:4rem;}</style>"
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}

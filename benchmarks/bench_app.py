@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         shot("3-atlas-click-L1H9")
         report = {"cold first page": [cold], "warm reload": reloads, "head change (atlas click)": heads,
                   "layer change (atlas click)": layers}
+        print(f"MiniLM, Fiji text (41 tokens), viewport {VIEWPORT['width']}x{VIEWPORT['height']}; seconds:")
+        for name, values in report.items():
+            print(f"  {name:28s} median {statistics.median(values):.2f}  (min {min(values):.2f}, max {max(values):.2f},"
+                  f" n={len(values)})", flush=True)
         if args.shots:
             page.get_by_text("Run the induction probe").click()
             settled(page, page.evaluate("() => performance.now()"), figures)
@@ -193,10 +197,6 @@ def main(argv: list[str] | None = None) -> None:
                 page.evaluate(WATCH)
                 settled(page, 0.0, 0)
                 shot(name)
-        print(f"MiniLM, Fiji text (43 tokens), viewport {VIEWPORT['width']}x{VIEWPORT['height']}; seconds:")
-        for name, values in report.items():
-            print(f"  {name:28s} median {statistics.median(values):.2f}  (min {min(values):.2f}, max {max(values):.2f},"
-                  f" n={len(values)})")
         if not args.skip_memory:
             pages, texts = [], texts_of(512, 4)
             before = rss_mib(pid)

@@ -90,6 +90,7 @@ def test_served_app_draws_the_charts_after_analyse(served_app, chromium, tmp_pat
         assert_download_equals_cli_report(page, tmp_path)
         assert_atlas_click_shows_that_head(page)
         assert_analyse_keeps_the_clicked_head(page)
+        assert_the_corpus_tab_opens(page)
     finally:
         page.close()
 
@@ -150,6 +151,12 @@ def assert_analyse_keeps_the_clicked_head(page):
     assert any(title.startswith("Attention pattern of L1H9 · layer 1") for title in chart_titles(page))
     assert sidebar_head(page) == ("1", "9")
     assert "layer=1" in page.url and "head=9" in page.url
+
+
+def assert_the_corpus_tab_opens(page):
+    """The tabs take clicks (nothing of Streamlit's header lies over them) and the corpus upload is one click away."""
+    page.get_by_role("tab", name="Many texts (corpus)").click(timeout=10_000)
+    page.get_by_text("One text per line (.txt)").wait_for(state="visible", timeout=10_000)
 
 
 def assert_download_equals_cli_report(page, tmp_path):
