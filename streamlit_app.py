@@ -64,7 +64,7 @@ DEFAULT_MODEL_ENV = "HEADSCOPE_MODEL"  # the model a link without ?model= opens 
 CACHE_MB_ENV = "HEADSCOPE_CACHE_MB"  # byte budget of the shared result cache, in MiB
 CACHE_BUDGET = int(os.environ.get(CACHE_MB_ENV, "640")) * 2**20
 MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
-APP_HEATMAP_SIDE = 400  # px: the heatmap shares a row with the atlas
+APP_HEATMAP_SIDE = 360  # px: the heatmap shares a row with the atlas
 FIGURES = "figures"  # the tabs of the notebook's figures: only the open one is computed and drawn
 FIGURE_TABS = {"Q and K": ("means", "qk_means", "qk_stds"), "q·k dot products": ("dot_products", "dot_distributions"),
                "Softmax weights": ("softmax", "sink_mass", "kde")}

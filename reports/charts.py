@@ -468,6 +468,8 @@ SCORE_EXPLANATIONS = {
 SELECTED_OUTLINE = "#ff2b6e"  # the selected head's outline: visible on viridis' purple and yellow alike
 SHARE_SCORES = ("previous_token", "duplicate_token", "induction", "sink", "self")  # shares of attention: [0, 1]
 SIGNED_SCORES = ("q_mean", "k_mean")  # either sign: a diverging scheme centred on 0
+LEGEND_TITLES = {**dict.fromkeys(SHARE_SCORES, "Share"), "entropy": "Nats", "q_mean": "Q mean", "q_std": "Q std",
+                 "k_mean": "K mean", "k_std": "K std"}  # short: the chart's title names the score in full
 
 
 def max_entropy(n_tokens: int, causal: bool) -> float:
@@ -554,9 +556,9 @@ def build_atlas_chart(result: AnalysisResult, score: str, selected: tuple[int, i
               f"{result.induction_probe['seed']}" if result.induction_probe else f"{result.n_tokens} tokens")
     subtitle = [f"Every layer x head, {source}; grey: undefined"]
     entropy_max = max_entropy(result.n_tokens, bool(result.model.get("causal")))
-    legend_title = what
+    legend_title = LEGEND_TITLES.get(score, what)
     if score == "entropy":
-        legend_title = f"Entropy (nats; max {entropy_max:.2f})"
+        legend_title = f"Nats (max {entropy_max:.2f})"
         subtitle.append(f"0 nats: all attention on one key; {entropy_max:.2f} nats (the maximum): spread evenly "
                         "over every key a query sees")
     title = alt.TitleParams(f"{what} per head · {result.model['id']}", anchor="start", subtitle=subtitle)
@@ -580,7 +582,7 @@ def build_corpus_atlas_chart(corpus, score: str) -> alt.LayerChart:
     tooltip = [alt.Tooltip("label:N", title="Head"), alt.Tooltip("value:Q", title=f"{what}, mean", format=".4f"),
                alt.Tooltip("low:Q", title=f"{level} CI low", format=".4f"),
                alt.Tooltip("high:Q", title=f"{level} CI high", format=".4f"), alt.Tooltip("n:Q", title="Texts")]
-    return _atlas_chart(frame, *corpus.means[score].shape, f"{what}, mean", title, tooltip,
+    return _atlas_chart(frame, *corpus.means[score].shape, f"{LEGEND_TITLES.get(score, what)}, mean", title, tooltip,
                         atlas_scale(score, corpus.means[score]))
 
 
