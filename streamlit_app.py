@@ -330,10 +330,6 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
                                              settings["exclude"])
         except HeadscopeError as exc:
             st.error(str(exc))
-        else:  # the probe's own report: its atlases, and the command line (--induction-probe) that recomputes it
-            probe_box.download_button("Probe report (HTML)", lambda: render_report(sources["probe"]), mime="text/html",
-                                      file_name="headscope-induction-probe.html", on_click="ignore",
-                                      help="Download the induction probe's head atlas as an HTML report")
     options = [f"{source}:{score}" for source, found in sources.items() for score in found.head_scores]
     if not options:
         return
@@ -350,6 +346,10 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
     st.altair_chart(padded(chart), key=key,
                     on_select=lambda: select_head(key), selection_mode=ATLAS_SELECTION, width="content")
     st.caption(SCORE_EXPLANATIONS.get(score, "") + " Click a cell to show that head's pattern and its layer's figures.")
+    if "probe" in sources:  # the probe's own report: its atlases, and the command line (--induction-probe) behind it
+        st.download_button("Probe report (HTML)", lambda: render_report(sources["probe"]), mime="text/html",
+                           file_name="headscope-induction-probe.html", on_click="ignore",
+                           help="Download the induction probe's head atlas as an HTML report")
 
 
 def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:

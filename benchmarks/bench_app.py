@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
+    from analysis.presets import PRESETS
+
     n_heads, figures = 12, 5  # MiniLM: 12 heads; the atlas, the heatmap and the open tab's three figures
     with serve({"HEADSCOPE_MODEL": "minilm"}) as (url, pid), sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -186,9 +188,25 @@ def main(argv: list[str] | None = None) -> None:
             page.get_by_text("Run the induction probe").click()
             settled(page, page.evaluate("() => performance.now()"), figures)
             shot("4-probe")
+            typed = page.locator('[data-testid="stSidebar"]').get_by_label("…or a hub id or local checkpoint path")
+            for value, name in (("no-such-user/no-such-model", "4b-error-keeps-the-last-results"), ("", None)):
+                typed.fill(value)
+                page.get_by_role("button", name="Analyse").click()
+                page.evaluate(WATCH)
+                settled(page, page.evaluate("() => performance.now()"), 0)
+                if name:
+                    shot(name)
             page.get_by_role("tab", name="Many texts (corpus)").click()
             page.wait_for_timeout(800)
             shot("5-corpus-tab")
+            for name, payload in (("5b-corpus-results", "\n".join(PRESETS.values()).encode()),
+                                  ("9-error-bad-upload", b"\xff\xfe not UTF-8")):
+                page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+                    {"name": "texts.txt", "mimeType": "text/plain", "buffer": payload})
+                page.get_by_role("button", name="Analyse the corpus").click(timeout=30_000)
+                page.evaluate(WATCH)
+                settled(page, page.evaluate("() => performance.now()"), 0)
+                shot(name)
             for name, query in (("6-error-unknown-model", {"model": "no-such-user/no-such-model"}),
                                 ("7-error-head-out-of-range", {"model": "minilm", "head": "99"}),
                                 ("8-error-empty-text", {"model": "minilm", "text": " "})):

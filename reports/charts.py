@@ -370,7 +370,7 @@ def build_heatmap_chart(result: AnalysisResult, layer: int, head: int,
     return alt.Chart(frame).mark_rect().encode(
         x=alt.X("key:O", sort=axis_labels, title="Key", axis=axis),
         y=alt.Y("query:O", sort=axis_labels, title="Query", axis=axis),
-        color=alt.Color("weight:Q", title="Attention weight", scale=alt.Scale(scheme="blues", type="sqrt", domain=[0, 1])),
+        color=alt.Color("weight:Q", title="Weight", scale=alt.Scale(scheme="blues", type="sqrt", domain=[0, 1])),
         tooltip=[alt.Tooltip("query_token:N", title="query token"), alt.Tooltip("key_token:N", title="key token"),
                  alt.Tooltip("query:N", title="query position"), alt.Tooltip("key:N", title="key position"),
                  alt.Tooltip("weight:Q", title="attention weight", format=".4f")],
