@@ -436,20 +436,16 @@ def corpus_ui(settings: dict) -> None:
                               type=["txt", "jsonl"], key=CORPUS_FILE)
     if upload is not None and st.button("Analyse the corpus", key="corpus_run", type="primary"):
         try:
-            data = upload.getvalue().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            st.error(NOT_UTF8.format(name=upload.name, offset=exc.start))
-            return
-        try:
-            texts = parse_texts(data, upload.name)
+            texts = parse_texts(upload.getvalue().decode("utf-8"), upload.name)
             bar = st.progress(0.0, text=f"Analysing {len(texts)} texts…")
             st.session_state[CORPUS] = analyze_corpus(
                 get_model(settings["model"], settings["device"], settings["dtype"]), texts, settings["exclude"],
                 progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} texts"))
             bar.empty()
+        except UnicodeDecodeError as exc:  # errors keep the last corpus results, if any, below them
+            st.error(NOT_UTF8.format(name=upload.name, offset=exc.start))
         except HeadscopeError as exc:
             st.error(str(exc))
-            return
     if CORPUS in st.session_state:
         corpus_results_ui(st.session_state[CORPUS])
 
@@ -464,7 +460,9 @@ def corpus_results_ui(corpus: CorpusResult) -> None:
     with chart:
         name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),
                             key="corpus_score")
-        st.altair_chart(padded(build_corpus_atlas_chart(corpus, name)), width="content")
+        chart = build_corpus_atlas_chart(corpus, name)
+        chart.title.text = chart.title.text.split(" · ")[0]  # the caption above names the model
+        st.altair_chart(padded(chart), width="content")
         st.caption(SCORE_EXPLANATIONS.get(name, ""))
     rows = [{"head": f"L{layer}H{head}", "mean": corpus.means[name][layer, head],
              "CI low": corpus.low[name][layer, head], "CI high": corpus.high[name][layer, head]}

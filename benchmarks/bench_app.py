@@ -111,6 +111,7 @@ def load(page, url: str, min_charts: int, reload: bool = False) -> float:
 
 def atlas_cell(page, layer: int, head: int, n_heads: int):
     atlas = page.locator(CHARTS).first
+    atlas.scroll_into_view_if_needed()
     return atlas.locator("svg .mark-rect").first.locator("path").nth(layer * n_heads + head).bounding_box()
 
 
@@ -169,6 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.shots:
             args.shots.mkdir(parents=True, exist_ok=True)
         shot("1-first-load")
+        if args.shots:
+            for tab in ("Softmax weights", "Q and K"):  # the figures below the fold, in their lazy tabs
+                page.get_by_role("tab", name=tab).click()
+                page.evaluate(WATCH)
+                settled(page, page.evaluate("() => performance.now()"), 3)
+                page.get_by_role("tab", name=tab).scroll_into_view_if_needed()
+                shot(f"1b-figures-{tab.split()[0].lower()}")
+            page.mouse.move(700, 500)
+            page.mouse.wheel(0, -5000)
         reloads = [load(page, url, figures, reload=True) for _ in range(args.repeat)]
         heads, layers = [], []
         for i in range(args.repeat):

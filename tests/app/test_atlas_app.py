@@ -72,6 +72,10 @@ def test_a_corpus_upload_shows_means_with_intervals(gpt2_path, monkeypatch):
     assert "95% bootstrap intervals" in json.dumps(spec["title"])
     assert any("3 of 3 texts analysed" in c.value for c in at.caption)
     assert len(at.dataframe) == 1
+    at.file_uploader(key="corpus_file").set_value(("bad.txt", b"\xff\xfe bad", "text/plain")).run()
+    at.button(key="corpus_run").click().run()
+    assert not at.exception and any("bad.txt is not UTF-8 text" in e for e in errors(at))
+    assert [spec for spec in charts(at) if "mean over 3 texts" in spec["title"]["text"]]  # the last results stay
 
 
 def test_a_bad_upload_is_a_sentence(gpt2_path, monkeypatch):

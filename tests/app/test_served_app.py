@@ -162,7 +162,7 @@ def assert_the_corpus_tab_opens(page):
 def assert_download_equals_cli_report(page, tmp_path):
     """The app's "Download HTML report" and `python -m reports --html` agree byte for byte, apart from the time."""
     with page.expect_download(timeout=60_000) as download_info:
-        page.get_by_role("button", name="Report").click()
+        page.get_by_role("button", name="Report", exact=True).click()
     downloaded = Path(download_info.value.path()).read_text(encoding="utf-8")
     cli_report = tmp_path / "cli.html"
     # the app's defaults: model auto (the bundled MiniLM offline), the Fiji text, layer 3 of 6, head 0
