@@ -82,6 +82,7 @@ UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another
               "shorter text; the server log has the details.")
 HEAD_RANGE = "Head {head} is out of range: {model} has heads 0..{last} in each layer."
 LAYER_RANGE = "Layer {layer} is out of range: {model} has layers 0..{last}."
+SPECIAL_CSS = "background:#dbe7f7;border:1px solid #3b6fb6;font-weight:600;"
 TOKEN_CSS = ("display:inline-block;margin:1px;padding:0 4px;border-radius:4px;white-space:pre;"
              "font-family:monospace;font-size:0.85em;")
 
@@ -238,7 +239,8 @@ def sidebar_ui() -> None:
             dtype.selectbox("Dtype", DTYPES, DTYPES.index(d["dtype"]), key="dtype")
             st.text_area("Text", d["text"], height=160, key=f"text-{st.session_state[TEXT_VERSION]}")
             layer, head = st.columns(2)
-            layer.number_input("Layer", min_value=0, value=d[LAYER], step=1, key=widget_key(LAYER), placeholder="default")
+            layer.number_input("Layer", min_value=0, value=d[LAYER], step=1, key=widget_key(LAYER),
+                               placeholder="default")
             head.number_input("Head", min_value=0, value=d[HEAD], step=1, key=widget_key(HEAD))
             st.toggle("Exclude first token", d["exclude"], key="exclude",
                       help="Leave position 0 out of the Q/K statistics and the dot products, as the notebook does.")
@@ -304,9 +306,10 @@ def tokens_ui(result: AnalysisResult) -> None:
     special = set(result.special_positions)
     spans = []
     for pos, token in enumerate(result.tokens):
-        style = "background:#dbe7f7;border:1px solid #3b6fb6;font-weight:600;" if pos in special else "background:#eef0f2;"
+        style = SPECIAL_CSS if pos in special else "background:#eef0f2;"
         title = f"position {pos}, id {int(result.token_ids[pos])}" + (", special token" if pos in special else "")
-        spans.append(f'<span title="{html.escape(title)}" style="{TOKEN_CSS}{style}">{html.escape(display_token(token))}</span>')
+        spans.append(f'<span title="{html.escape(title)}" style="{TOKEN_CSS}{style}">'
+                     f'{html.escape(display_token(token))}</span>')
     first = f"`{display_token(result.tokens[0])}`" + (" (a special token)" if 0 in special else "")
     effect = ("is left out of the Q/K statistics and the dot products" if result.exclude_first_token
               else "is included in the Q/K statistics and the dot products")

@@ -24,8 +24,10 @@ WIDTH = 560
 HEIGHT = 300
 COLORS = {"Q": "#2f8f4e", "K": "#c0392b", "same": "#2f8f4e", "diff": "#c0392b", "first": "#3b6fb6"}
 STRIP_GROUPS = ("Final to previous", "Self-attention, other tokens", "Self-attention, first token")
-CAUSAL_NOTE = "Under a causal mask the first token can attend only to itself, so its self-attention is always exactly 1."
-BIDIRECTIONAL_NOTE = "This model is bidirectional: the first token attends to every token, so its self-attention is not fixed at 1."
+CAUSAL_NOTE = ("Under a causal mask the first token can attend only to itself, so its self-attention is always "
+               "exactly 1.")
+BIDIRECTIONAL_NOTE = ("This model is bidirectional: the first token attends to every token, so its self-attention is "
+                      "not fixed at 1.")
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,10 @@ def build_dot_products_chart(result: AnalysisResult, layer: int) -> alt.LayerCha
     tooltip = [alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="q·k", format=".3f"),
                alt.Tooltip("query_head:N", title="query head"), alt.Tooltip("key_head:N", title="key head"),
                alt.Tooltip("key_token:N", title="key token")]
-    chart = _strip(frame, ["Same head", "Different heads"], [COLORS["same"], COLORS["diff"]], "q·kᵀ dot product", tooltip)
-    subtitle = [f"Query: the {final}; keys: earlier positions" + (" except the first" if result.exclude_first_token else "")]
+    chart = _strip(frame, ["Same head", "Different heads"], [COLORS["same"], COLORS["diff"]], "q·kᵀ dot product",
+                   tooltip)
+    subtitle = [f"Query: the {final}; keys: earlier positions"
+                + (" except the first" if result.exclude_first_token else "")]
     return chart.properties(title=_title(result, layer, "Raw attention scores (q·k)", subtitle + notes))
 
 
@@ -235,7 +239,8 @@ def build_dot_distributions_chart(result: AnalysisResult, layer: int) -> alt.Lay
     )
     zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(x="value:Q")
     return alt.layer(zero, lines).properties(
-        title=_title(result, layer, "Distributions of q·k", "Histograms: 30 bins (same head), 80 bins (different heads)"),
+        title=_title(result, layer, "Distributions of q·k",
+                     "Histograms: 30 bins (same head), 80 bins (different heads)"),
         width=WIDTH, height=HEIGHT)
 
 
@@ -254,7 +259,8 @@ def _softmax_frame(result: AnalysisResult, layer: int) -> pd.DataFrame:
                                     "head": np.repeat(heads, n - 1), "query": final, "key": tok[:-1] * n_heads}))
     if n >= 2 and len(data.self_attention) == n_heads * (n - 1):
         frames.append(pd.DataFrame({"group": STRIP_GROUPS[1], "value": data.self_attention,
-                                    "head": np.repeat(heads, n - 1), "query": tok[1:] * n_heads, "key": tok[1:] * n_heads}))
+                                    "head": np.repeat(heads, n - 1), "query": tok[1:] * n_heads,
+                                    "key": tok[1:] * n_heads}))
     if len(data.first_self) == n_heads and tok:
         frames.append(pd.DataFrame({"group": STRIP_GROUPS[2], "value": data.first_self, "head": heads,
                                     "query": tok[0], "key": tok[0]}))
@@ -306,7 +312,8 @@ def build_kde_chart(result: AnalysisResult, layer: int) -> alt.Chart:
     else:
         frame = pd.concat([pd.DataFrame({"weight": data.kde["grid"], "density": data.kde[name], "series": label})
                            for name, label in series.items()], ignore_index=True)
-        subtitle = "scipy gaussian_kde (Scott's bandwidth), each curve over its maximum; square-root y axis shows the tails"
+        subtitle = ("scipy gaussian_kde (Scott's bandwidth), each curve over its maximum; square-root y axis shows "
+                    "the tails")
     domain = list(series.values())
     return alt.Chart(frame).mark_line(strokeWidth=2.5).encode(
         x=alt.X("weight:Q", title="Softmax attention weight", scale=alt.Scale(domain=[0, 1])),
@@ -401,7 +408,8 @@ def build_layer_charts(result: AnalysisResult, layer: int, head: int = 0,
          lambda: build_qk_stds_chart(result, layer)),
         ("dot_products", "Raw attention scores (q·k)",
          ("If same-head dot products spread wider than cross-head ones, each head's queries are tuned to its "
-         "own keys, which is why attention is computed within heads."), lambda: build_dot_products_chart(result, layer)),
+         "own keys, which is why attention is computed within heads."),
+         lambda: build_dot_products_chart(result, layer)),
         ("dot_distributions", "Distributions of q·k",
          ("Compare the widths: a wider same-head curve means queries line up with their own head's keys more "
          "than with other heads' keys."), lambda: build_dot_distributions_chart(result, layer)),

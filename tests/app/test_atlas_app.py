@@ -56,7 +56,8 @@ def test_the_induction_probe_runs_once_and_offers_its_scores(minilm, forward_cal
     at.selectbox(key="atlas_score").set_value("probe:previous_token").run()
     assert not at.exception
     assert forward_calls == ["BertModel", "BertModel"]  # the text once, the probe once (cached)
-    assert "Download the induction probe's head atlas as an HTML report" in [b.proto.help for b in at.get("download_button")]
+    helps = [button.proto.help for button in at.get("download_button")]
+    assert "Download the induction probe's head atlas as an HTML report" in helps
 
 
 def test_a_corpus_upload_shows_means_with_intervals(gpt2_path, monkeypatch):
