@@ -287,12 +287,17 @@ def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int
     text, json_button, html_button = st.columns([8, 1, 1], vertical_alignment="center")
     text.markdown(f"**{info.id}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, {info.dtype} on "
                   f"{info.device}. {info.reason}")
-    text.caption(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention "
-                 f"{f'to {err:.0e}' if err else 'exactly'} (largest absolute difference over layer {layer}'s heads: "
-                 f"{err:.1e}).")
+    if layer in result_parity_failures(result):  # not the quiet caption: these figures may not be the model's
+        text.warning(PARITY_FAILED_BOX.format(layer=layer, err=err, dtype=info.dtype,
+                                              tolerance=parity_tolerance(info.dtype)))
+    else:
+        text.caption(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention "
+                     f"{f'to {err:.0e}' if err else 'exactly'} (largest absolute difference over layer {layer}'s "
+                     f"heads: {err:.1e}).")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
-    json_button.download_button("JSON", json.dumps(result.to_dict()), file_name=f"headscope-{slug}-L{layer}.json",
-                                mime="application/json", on_click="ignore", help="Download the results (JSON)")
+    json_button.download_button("JSON", lambda: json.dumps(results_json(result, head)),  # with provenance
+                                file_name=f"headscope-{slug}-L{layer}.json", mime="application/json",
+                                on_click="ignore", help="Download the results (JSON)")
     # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html
     html_button.download_button("Report", lambda: render_report(result, head=head), mime="text/html",
                                 file_name=f"headscope-{slug}-L{layer}.html", on_click="ignore",
