@@ -109,6 +109,9 @@ def wait_for_title(page, words: str) -> None:
 
 
 def sidebar_head(page) -> tuple[str, str]:
+    """The sidebar's Layer and Head values once the run is over (a re-keyed input replaces its stale self then)."""
+    page.wait_for_function("""() => ['Layer', 'Head'].every((label) => document.querySelectorAll(
+        `[data-testid="stSidebar"] input[aria-label="${label}"]`).length === 1)""", timeout=60_000)
     sidebar = page.locator('[data-testid="stSidebar"]')
     return sidebar.get_by_label("Layer").input_value(), sidebar.get_by_label("Head").input_value()
 
