@@ -1,0 +1,187 @@
+"""The Ray engine of the corpus mode: Ray Data reads the input, a callable class analyses it, rows go to Parquet.
+
+Only this module imports Ray, and only inside `run_ray`: importing analysis (or the app, or the plain command line)
+never loads Ray.
+
+The pipeline:
+  read       .txt/.jsonl: `ray.data.read_binary_files` (the bytes go through corpus_io.parse_lines, the same parser
+             as the local engine, so line numbers, ids and bad records are the same); Parquet: `ray.data.read_parquet`
+             in file-name order, zipped with `ray.data.range` for the row numbers; a dataset saved to disk:
+             `ray.data.from_huggingface`;
+  skip       records that already have a row in the results folder (number, text_hash) are dropped;
+  analyse    `map_batches(RowMaker, concurrency=workers)`: each worker loads the model once and turns batches of
+             records into rows with corpus_store.analyze_records, the function the local engine calls;
+             `num_gpus=1` per worker when the cluster has GPUs;
+  write      `write_parquet` into DIR/rows, next to what earlier runs wrote.
+
+Without an address a local Ray instance starts (every CPU of this machine, no dashboard, its own temp dir) and
+stops with the run; `address="auto"` joins a running cluster, to which the `analysis` package is shipped.
+On a CPU-only machine the workers together take at most all CPUs but one (fractional `num_cpus`): an actor pool that
+takes every CPU starves the read tasks and the job never finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from analysis.corpus_io import check_column, detect_kind, load_hf, make_record, parquet_files, parse_lines
+from analysis.corpus_store import ResultsFolder, _now, analyze_records, result_settings, rows_to_table
+from analysis.errors import HeadscopeError
+
+RECORD_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text", pa.string()),
+                           ("text_hash", pa.string()), ("error", pa.string())])
+READ_CPUS = 0.25  # what a read or parse task reserves: small, the model workers need the CPUs
+PACKAGE = Path(__file__).resolve().parent  # analysis/, shipped to a cluster joined by address
+REVISION_CHANGED = "worker loaded {model} at revision {got}, not {expected}: the nodes see different weights."
+RAY_FAILED = "The Ray run failed ({kind}): {message}"
+
+
+def _records_table(records: list[dict], done: frozenset) -> pa.Table:
+    kept = [record for record in records if (record["number"], record["text_hash"]) not in done]
+    return pa.Table.from_pylist(kept, schema=RECORD_SCHEMA)
+
+
+def parse_files(batch: pa.Table, kind: str, field: str, done: frozenset) -> pa.Table:
+    """Bytes of .txt/.jsonl files (read_binary_files rows) -> records, less those already done."""
+    records = [record for data in batch.column("bytes").to_pylist() for record in parse_lines(data, kind, field)]
+    return _records_table(records, done)
+
+
+def table_records(batch: pa.Table, field: str, done: frozenset) -> pa.Table:
+    """Rows of a table with a text column and a 0-based `__row` position -> records, less those already done."""
+    ids = batch.column("id").to_pylist() if "id" in batch.column_names and field != "id" else None
+    records = [make_record(int(row) + 1, value, None if ids is None else ids[i], field)
+               for i, (row, value) in enumerate(zip(batch.column("__row").to_pylist(),
+                                                    batch.column(field).to_pylist()))]
+    return _records_table(records, done)
+
+
+class RowMaker:
+    """A Ray Data worker: loads the model once, then turns each batch of records into result rows."""
+
+    def __init__(self, model: str, device: str, dtype: str, revision: str, settings: dict, threads: int | None):
+        import torch
+
+        from analysis import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = load_model(model, device=device, dtype=dtype)
+        if self.loaded.info.revision != revision:
+            raise HeadscopeError(REVISION_CHANGED.format(model=model, got=self.loaded.info.revision, expected=revision))
+        self.settings = settings
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return rows_to_table(analyze_records(self.loaded, batch.to_pylist(), **self.settings))
+
+
+def _describe(model: str, device: str, dtype: str) -> dict:
+    """The model's info (id, revision, shapes) as a worker sees it: what the manifest records and checks."""
+    from analysis import load_model
+
+    return load_model(model, device=device, dtype=dtype).info.to_dict()
+
+
+def read_records(ray, path: Path, field: str, done: frozenset):
+    """The input as a Ray dataset of records (RECORD_SCHEMA), in input order, less those already done."""
+    kind = detect_kind(path)
+    if kind in ("txt", "jsonl"):
+        files = ray.data.read_binary_files(str(path), num_cpus=READ_CPUS)
+        return files.map_batches(parse_files, fn_args=(kind, field, done), batch_size=1, batch_format="pyarrow",
+                                 num_cpus=READ_CPUS)
+    if kind == "hf":
+        dataset = load_hf(path)
+        check_column(path, field, dataset.column_names)
+        keep = [field] + (["id"] if "id" in dataset.column_names and field != "id" else [])
+        dataset = dataset.select_columns(keep).add_column("__row", list(range(len(dataset))))
+        table = ray.data.from_huggingface(dataset)
+    else:
+        import pyarrow.parquet as pq
+
+        files = parquet_files(path)
+        names = pq.read_schema(files[0]).names
+        check_column(path, field, names)
+        columns = [field] + (["id"] if "id" in names and field != "id" else [])
+        table = ray.data.read_parquet(files, columns=columns, num_cpus=READ_CPUS)
+        table = table.zip(ray.data.range(table.count()).rename_columns({"id": "__row"}))  # row numbers, in order
+    return table.map_batches(table_records, fn_args=(field, done), batch_format="pyarrow", num_cpus=READ_CPUS)
+
+
+def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> None:
+    if address:
+        ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE)]}, log_to_driver=False)
+        return
+    root = str(PACKAGE.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=temp_dir,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+                                       "TOKENIZERS_PARALLELISM": "false"}},
+             log_to_driver=False, configure_logging=False)
+
+
+def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, text_column: str = "text",
+            device: str = "cpu", dtype: str = "float32", exclude_first_token: bool = True,
+            exclude_current_token: bool = False, batch_size: int = 16, address: str | None = None,
+            workers: int | None = None, num_cpus: int | None = None) -> dict:
+    """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings)."""
+    import ray
+    import ray.data
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
+    source = Path(source)
+    detect_kind(source)  # a missing or empty input is refused before Ray starts
+    settings = result_settings(exclude_first_token, exclude_current_token)
+    started, clock = _now(), time.perf_counter()
+    temp_dir = tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    started_here = not ray.is_initialized()
+    try:
+        if started_here:
+            _init_ray(ray, address, num_cpus, temp_dir)
+        ready = time.perf_counter()
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # row numbers of Parquet inputs follow the file order
+        context.enable_progress_bars = False
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+        if gpus and device in ("cpu", "auto"):
+            device = "cuda" if device == "auto" else device
+        workers = workers or max(1, gpus)
+        gpu_args = {"num_gpus": 1} if gpus and device == "cuda" else {}
+        worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
+        info = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(model, device, dtype))
+        folder.open(info, settings, str(source), text_column)
+        done = frozenset(folder.done_keys())
+        records = read_records(ray, source, text_column, done)
+        rows = records.map_batches(
+            RowMaker, fn_constructor_args=(model, device, dtype, info["revision"], settings,
+                                           max(1, int(worker_cpus))),
+            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=worker_cpus, **gpu_args)
+        rows.write_parquet(str(folder.rows_dir.resolve()))
+        written = len(folder.done_keys()) - len(done)
+    except HeadscopeError:
+        raise
+    except Exception as exc:
+        cause = getattr(exc, "cause", None) or exc
+        if isinstance(cause, HeadscopeError):
+            raise HeadscopeError(str(cause)) from None
+        raise HeadscopeError(RAY_FAILED.format(kind=type(cause).__name__, message=str(cause).splitlines()[0]
+                                               if str(cause) else "")) from exc
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    run = {"engine": "ray", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
+           "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "skipped": len(done),
+           "batch_size": batch_size, "workers": workers, "address": address, "device": device}
+    folder.finish_run(run)
+    return run

@@ -1,0 +1,323 @@
+"""Corpus results kept on disk: a Parquet dataset of per-text rows and a corpus.json manifest, whichever engine ran.
+
+A results folder DIR holds
+  DIR/rows/*.parquet  one row per input record (ROW_SCHEMA): number, id, text_hash, excerpt, n_tokens, error, and
+                      every per-head number of the corpus atlas as a list column, flattened row-major:
+                      CORPUS_MEASURES have layer * head entries ([layer][head]), LAYER_MEASURES have layer entries;
+                      a bad or failed record has its error and nulls there;
+  DIR/corpus.json     the manifest (MANIFEST_SCHEMA): model id and revision, the settings, library versions, counts,
+                      and one entry per run (engine, times, rows written, rows skipped).
+A rerun into the same DIR skips every record whose (number, text_hash) already has a row, so an interrupted run
+resumes where it stopped and nothing is computed twice; a record whose text changed is analysed again. Rows are
+written in parts (a part file appears whole, by rename), so an interruption loses at most the part being built.
+
+`load_results(DIR)` turns the rows back into analysis.corpus.CorpusResult: means and bootstrap intervals are
+computed from the Parquet rows by the same code whichever engine wrote them.
+
+This module never imports Ray; analysis.corpus_ray does, and only when the Ray engine is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis.capture import capture
+from analysis.corpus import (
+    CORPUS_MEASURES,
+    LAYER_MEASURES,
+    LEVEL,
+    N_BOOT,
+    SEED,
+    UNEXPECTED,
+    CorpusResult,
+    TextRecord,
+    compute_bootstrap_ci,
+    compute_text_values,
+    excerpt,
+)
+from analysis.errors import HeadscopeError
+from analysis.loading import LoadedModel
+from analysis.results import MODEL_KEYS
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "corpus.json"
+ROWS = "rows"
+MANIFEST_SCHEMA = "headscope.corpus-results/1"
+FLUSH_ROWS = 256  # rows per part file written by the local engine: what an interruption can lose at most
+RESULT_SETTINGS = ("exclude_first_token", "exclude_current_token")  # settings that change the numbers
+MODEL_CHECKED = ("id", "revision", "n_layers", "n_heads", "dtype")  # what must match for rows to be comparable
+VERSIONED = ("torch", "transformers", "tokenizers", "numpy", "pyarrow", "datasets", "ray")
+ROW_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text_hash", pa.string()),
+                        ("excerpt", pa.string()), ("n_tokens", pa.int64()), ("error", pa.string())]
+                       + [(name, pa.list_(pa.float64())) for name in CORPUS_MEASURES + LAYER_MEASURES])
+NOT_RESULTS = "{path} is not a headscope results folder (no {manifest}): run python -m reports --batch FILE --results DIR."
+OTHER_MODEL = ("{path} holds results of {old} ({key} {old_value!r}), not {new_value!r}: use a new --results folder "
+               "or the same model and settings.")
+BAD_MANIFEST = "{path} is not a readable headscope manifest: {reason}."
+
+Progress = Callable[[int, int], None]  # (records seen, rows written this run)
+
+
+def versions() -> dict[str, str | None]:
+    """Library versions for the manifest (None: not installed). Reads package metadata; imports nothing."""
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    from analysis import __version__
+
+    return {"headscope": __version__, **found}
+
+
+def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_token: bool = True,
+                    exclude_current_token: bool = False) -> list[dict]:
+    """Per-text rows (ROW_SCHEMA) for a batch of records (analysis.corpus_io): the one place both engines analyse.
+
+    Today one forward pass per text (`capture` with no T x T pattern kept, then corpus.compute_text_values); a
+    batched engine replaces the loop here and nowhere else. A bad record, or a text the engine refuses (too many
+    tokens, ...), becomes a row with its error.
+    """
+    model = loaded.info.to_dict()
+    rows = []
+    for record in records:
+        row = {"number": int(record["number"]), "id": record["id"], "text_hash": record["text_hash"],
+               "excerpt": "" if record["text"] is None else excerpt(record["text"]), "n_tokens": None,
+               "error": record["error"]}
+        if record["error"] is None:
+            try:
+                captured = capture(loaded, record["text"], pattern_layers=[])  # no T x T pattern kept
+                heads, layers = compute_text_values(captured, model, exclude_first_token, exclude_current_token)
+                row["n_tokens"] = len(captured.tokens)
+                row.update({name: heads[name].ravel().tolist() for name in CORPUS_MEASURES})  # [layer * head]
+                row.update({name: layers[name].tolist() for name in LAYER_MEASURES})  # [layer]
+            except HeadscopeError as exc:
+                row["error"] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
+                row["error"] = UNEXPECTED.format(kind=type(exc).__name__, message=exc)
+        rows.append(row)
+    return rows
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def result_settings(exclude_first_token: bool = True, exclude_current_token: bool = False) -> dict:
+    return {"exclude_first_token": exclude_first_token, "exclude_current_token": exclude_current_token}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class ResultsFolder:
+    """A results folder: its manifest, its row parts, and what is already done."""
+
+    path: Path
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+
+    @property
+    def rows_dir(self) -> Path:
+        return self.path / ROWS
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def read_manifest(self) -> dict:
+        if not self.exists():
+            raise HeadscopeError(NOT_RESULTS.format(path=self.path, manifest=MANIFEST))
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=exc)) from None
+        if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
+            raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=f"schema is not {MANIFEST_SCHEMA}"))
+        return data
+
+    def write_manifest(self, data: dict) -> None:
+        tmp = self.path / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
+        os.replace(tmp, self.manifest_path)
+
+    def open(self, model: dict, settings: dict, source: str, text_column: str) -> dict:
+        """Create the folder and its manifest, or check that an existing one holds comparable rows."""
+        try:
+            self.rows_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HeadscopeError(f"Cannot create {self.rows_dir}: {exc.strerror}.") from None
+        if self.exists():
+            manifest = self.read_manifest()
+            for key in MODEL_CHECKED:
+                if manifest["model"].get(key) != model.get(key):
+                    raise HeadscopeError(OTHER_MODEL.format(path=self.path, old=manifest["model"].get("id"), key=key,
+                                                            old_value=manifest["model"].get(key),
+                                                            new_value=model.get(key)))
+            for key in RESULT_SETTINGS:
+                if manifest["settings"].get(key) != settings.get(key):
+                    raise HeadscopeError(OTHER_MODEL.format(path=self.path, old=manifest["model"].get("id"), key=key,
+                                                            old_value=manifest["settings"].get(key),
+                                                            new_value=settings.get(key)))
+            return manifest
+        manifest = {"schema": MANIFEST_SCHEMA, "model": {key: model[key] for key in MODEL_KEYS},
+                    "settings": {**settings, "text_column": text_column}, "source": source,
+                    "shapes": {"head_measures": list(CORPUS_MEASURES), "layer_measures": list(LAYER_MEASURES),
+                               "head_list": "[layer][head] flattened row-major", "layer_list": "[layer]"},
+                    "versions": versions(), "counts": {"rows": 0, "analysed": 0, "failed": 0}, "runs": []}
+        self.write_manifest(manifest)
+        return manifest
+
+    def part_files(self) -> list[Path]:
+        if not self.rows_dir.is_dir():
+            return []
+        return sorted(p for p in self.rows_dir.rglob("*.parquet") if not p.name.startswith("."))
+
+    def read_rows(self, columns: list[str] | None = None) -> pa.Table:
+        """Every row, in input order; a part file that cannot be read (a write cut short) is set aside as
+        *.broken, so its records count as not done; a record with two rows keeps one."""
+        tables = []
+        for part in self.part_files():
+            try:
+                tables.append(pq.read_table(part, columns=columns, schema=ROW_SCHEMA if columns is None else None))
+            except (OSError, pa.ArrowInvalid) as exc:
+                log.warning("setting aside unreadable results part %s: %s", part, exc)
+                os.replace(part, part.with_name(part.name + ".broken"))
+        schema = ROW_SCHEMA if columns is None else pa.schema([ROW_SCHEMA.field(c) for c in columns])
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+        table = table.sort_by([("number", "ascending")]) if "number" in table.column_names else table
+        if {"number", "text_hash"} <= set(table.column_names) and table.num_rows:
+            keys = list(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
+            keep = [i for i, key in enumerate(keys) if i == 0 or key != keys[i - 1]]
+            if len(keep) < table.num_rows:
+                table = table.take(keep)
+        return table
+
+    def done_keys(self) -> set[tuple[int, str]]:
+        """(number, text_hash) of every record that already has a row."""
+        table = self.read_rows(["number", "text_hash"])
+        return set(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
+
+    def write_part(self, table: pa.Table, name: str) -> Path:
+        """One part file, appearing whole (written under a hidden name, then renamed)."""
+        final = self.rows_dir / f"{name}.parquet"
+        tmp = self.rows_dir / f".{name}.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        return final
+
+    def finish_run(self, run: dict) -> dict:
+        """Append the run to the manifest and recount the rows."""
+        manifest = self.read_manifest()
+        table = self.read_rows(["number", "error"])
+        analysed = table["error"].null_count if table.num_rows else 0
+        manifest["counts"] = {"rows": table.num_rows, "analysed": analysed, "failed": table.num_rows - analysed}
+        manifest["runs"].append(run)
+        manifest["versions"] = versions()
+        self.write_manifest(manifest)
+        return manifest
+
+
+def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolder | str | Path, source: str = "",
+              text_column: str = "text", exclude_first_token: bool = True, exclude_current_token: bool = False,
+              batch_size: int = 16, flush_rows: int = FLUSH_ROWS, progress: Progress | None = None) -> dict:
+    """The local engine: analyse every record without a row in `folder`, in this process; returns the run entry.
+
+    Records go to `analyze_records` `batch_size` at a time; rows are written as a part file every `flush_rows`.
+    """
+    folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
+    settings = result_settings(exclude_first_token, exclude_current_token)
+    folder.open(loaded.info.to_dict(), settings, source, text_column)
+    done = folder.done_keys()
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    started, clock = _now(), time.perf_counter()
+    pending: list[dict] = []
+    seen = skipped = written = parts = 0
+
+    def flush():
+        nonlocal pending, written, parts
+        if pending:
+            folder.write_part(rows_to_table(pending), f"part-{run_id}-{parts:05d}")
+            written, parts, pending = written + len(pending), parts + 1, []
+
+    def todo():
+        nonlocal seen, skipped
+        for record in records:
+            seen += 1
+            if (int(record["number"]), record["text_hash"]) in done:
+                skipped += 1
+                continue
+            yield record
+
+    for chunk in _chunks(todo(), max(1, batch_size)):
+        pending.extend(analyze_records(loaded, chunk, exclude_first_token, exclude_current_token))
+        if len(pending) >= flush_rows:
+            flush()
+        if progress is not None:
+            progress(seen, written + len(pending))
+    flush()
+    run = {"engine": "local", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
+           "records": seen, "new_rows": written, "skipped": skipped, "batch_size": batch_size}
+    folder.finish_run(run)
+    return run
+
+
+def load_results(path: str | Path, n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL) -> CorpusResult:
+    """The corpus result (means and bootstrap intervals over texts) from a results folder's rows."""
+    folder = ResultsFolder(path)
+    manifest = folder.read_manifest()
+    model, settings = manifest["model"], manifest["settings"]
+    n_layers, n_heads = int(model["n_layers"]), int(model["n_heads"])
+    table = folder.read_rows()
+    ok = table.filter(table["error"].is_null())
+    n = ok.num_rows
+    values = {name: ok[name].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, n_layers, n_heads)
+              for name in CORPUS_MEASURES}  # [text, layer, head] each
+    layer_values = {name: ok[name].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, n_layers)
+                    for name in LAYER_MEASURES}  # [text, layer] each
+    if n == 0:
+        values = {name: np.empty((0, n_layers, n_heads)) for name in CORPUS_MEASURES}  # [text, layer, head]
+        layer_values = {name: np.empty((0, n_layers)) for name in LAYER_MEASURES}  # [text, layer]
+    means, low, high = {}, {}, {}
+    for name, per_text in {**values, **layer_values}.items():
+        means[name], low[name], high[name] = compute_bootstrap_ci(per_text, n_boot, seed, level)
+    texts = tuple(TextRecord(number, text_excerpt, n_tokens, error) for number, text_excerpt, n_tokens, error in zip(
+        table["number"].to_pylist(), table["excerpt"].to_pylist(), table["n_tokens"].to_pylist(),
+        table["error"].to_pylist()))
+    return CorpusResult(model={key: model.get(key) for key in MODEL_KEYS}, texts=texts, values=values,
+                        layer_values=layer_values, means=means, low=low, high=high,
+                        exclude_first_token=bool(settings["exclude_first_token"]),
+                        exclude_current_token=bool(settings["exclude_current_token"]), n_boot=n_boot, seed=seed,
+                        level=level)
