@@ -195,24 +195,30 @@ class ResultsFolder:
         return sorted(p for p in self.rows_dir.rglob("*.parquet") if not p.name.startswith("."))
 
     def read_rows(self, columns: list[str] | None = None) -> pa.Table:
-        """Every row, in input order; a part file that cannot be read (a write cut short) is set aside as
-        *.broken, so its records count as not done; a record with two rows keeps one."""
+        """Every row, in input order. A part file that cannot be read (a write cut short) is set aside as *.broken,
+        so its records count as not done. When a record number has rows from several parts (its text changed
+        between runs), the row of the most recently written part is the one kept."""
+        wanted = None if columns is None else list(dict.fromkeys(["number", *columns]))
         tables = []
-        for part in self.part_files():
+        parts = sorted(self.part_files(), key=lambda part: (part.stat().st_mtime_ns, part.name))
+        for order, part in enumerate(parts):
             try:
-                tables.append(pq.read_table(part, columns=columns, schema=ROW_SCHEMA if columns is None else None))
+                table = pq.read_table(part, columns=wanted, schema=ROW_SCHEMA)
             except (OSError, pa.ArrowInvalid) as exc:
                 log.warning("setting aside unreadable results part %s: %s", part, exc)
                 os.replace(part, part.with_name(part.name + ".broken"))
-        schema = ROW_SCHEMA if columns is None else pa.schema([ROW_SCHEMA.field(c) for c in columns])
-        table = pa.concat_tables(tables) if tables else schema.empty_table()
-        table = table.sort_by([("number", "ascending")]) if "number" in table.column_names else table
-        if {"number", "text_hash"} <= set(table.column_names) and table.num_rows:
-            keys = list(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
-            keep = [i for i, key in enumerate(keys) if i == 0 or key != keys[i - 1]]
-            if len(keep) < table.num_rows:
-                table = table.take(keep)
-        return table
+                continue
+            tables.append(table.append_column("__part", pa.array([order] * table.num_rows, pa.int64())))
+        schema = ROW_SCHEMA if wanted is None else pa.schema([ROW_SCHEMA.field(c) for c in wanted])
+        if not tables:
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        table = pa.concat_tables(tables).sort_by([("number", "ascending"), ("__part", "ascending")])
+        numbers = table["number"].to_numpy()
+        last = np.append(numbers[1:] != numbers[:-1], True)  # [row]: the last row of each number
+        if not last.all():
+            table = table.filter(pa.array(last))
+        table = table.drop_columns(["__part"])
+        return table if columns is None else table.select(columns)
 
     def done_keys(self) -> set[tuple[int, str]]:
         """(number, text_hash) of every record that already has a row."""

@@ -61,16 +61,63 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, metavar="DIR", help="where --batch writes its reports")
     parser.add_argument("--from-report", type=Path, metavar="REPORT",
                         help="read the results JSON back out of a headscope HTML report (with --json)")
+    add_results_arguments(parser)
     return parser
 
 
+def add_results_arguments(parser: argparse.ArgumentParser) -> None:
+    """The corpus mode with results kept as Parquet (analysis.corpus_store), on this process or on Ray Data."""
+    group = parser.add_argument_group("corpus results (Parquet rows + corpus.json; reruns resume)")
+    group.add_argument("--results", type=Path, metavar="DIR",
+                       help="with --batch: write one Parquet row per text and corpus.json to DIR; a rerun into the "
+                            "same DIR analyses only the texts without a row (FILE: .txt, .jsonl, .parquet, a folder "
+                            "of Parquet files or a dataset saved with datasets' save_to_disk)")
+    group.add_argument("--engine", choices=["local", "ray"],
+                       help="local (default): in this process; ray: on Ray Data (a local Ray instance, or "
+                            "--ray-address)")
+    group.add_argument("--ray-address", metavar="ADDR", help="join a running Ray cluster ('auto': the one this "
+                                                             "machine belongs to); implies --engine ray")
+    group.add_argument("--ray-workers", type=int, metavar="N",
+                       help="model workers on Ray (default: one per GPU, or 1 without GPUs)")
+    group.add_argument("--batch-size", type=int, default=16, metavar="N", help="texts per batch (default 16)")
+    group.add_argument("--text-column", default="text", metavar="NAME",
+                       help="the text field of .jsonl, Parquet and saved datasets (default: text)")
+    group.add_argument("--from-results", type=Path, metavar="DIR",
+                       help="the corpus report (--html OUT) or its means as JSON (--json OUT) from a results folder")
+
+
+def check_results_arguments(parser, args) -> None:
+    if args.ray_address is not None and args.engine is None:
+        args.engine = "ray"
+    if args.engine == "ray" and args.ray_address is None and args.device_map is not None:
+        parser.error("--device-map is not used with --engine ray")
+    if args.batch_size < 1 or (args.ray_workers is not None and args.ray_workers < 1):
+        parser.error("--batch-size and --ray-workers must be at least 1")
+    if args.from_results is not None:
+        if args.json is None and args.html is None:
+            parser.error("--from-results needs --html OUT and/or --json OUT")
+        if args.batch is not None or args.from_report is not None:
+            parser.error("--from-results reads a results folder; drop --batch/--from-report")
+    elif args.results is not None:
+        if args.batch is None:
+            parser.error("--results DIR needs --batch FILE (the texts)")
+        if args.out_dir is not None:
+            parser.error("--out-dir writes one report per text, --results the Parquet rows: choose one")
+    elif args.engine is not None:
+        parser.error("--engine and --ray-address need --batch FILE --results DIR")
+
+
 def check_outputs(parser, args) -> None:
-    if args.from_report is not None:
+    check_results_arguments(parser, args)
+    if args.from_results is not None or args.results is not None:
+        if args.text is not None or args.text_file is not None or args.induction_probe is not None:
+            parser.error("the corpus reads its texts from --batch FILE; drop --text/--text-file/--induction-probe")
+    elif args.from_report is not None:
         if args.json is None:
             parser.error("--from-report needs --json OUT")
     elif args.batch is not None:
         if args.out_dir is None:
-            parser.error("--batch needs --out-dir DIR")
+            parser.error("--batch needs --out-dir DIR (one report per text) or --results DIR (Parquet rows)")
         if args.text is not None or args.text_file is not None or args.induction_probe is not None:
             parser.error("--batch reads its texts from FILE; drop --text/--text-file/--induction-probe")
     elif args.json is None and args.html is None:
@@ -195,9 +242,49 @@ def run_batch(args) -> None:
           f"means over the texts -> {args.out_dir / CORPUS_FILE}", file=sys.stderr)
 
 
+def write_corpus_outputs(results: Path, args) -> None:
+    """--html: the corpus report, --json: its means and intervals, both from the results folder's rows."""
+    from analysis.corpus_store import load_results
+
+    corpus = load_results(results)
+    if args.html is not None:
+        write_text(args.html, render_corpus_report(corpus))
+    if args.json is not None:
+        write_json(corpus.to_dict(), args.json)
+    outputs = " and ".join(str(out) for out in (args.html, args.json) if out is not None)
+    if outputs:
+        print(f"headscope: {corpus.n_analysed} of {len(corpus.texts)} texts in {results} -> {outputs}", file=sys.stderr)
+
+
+def run_results(args) -> None:
+    """--batch FILE --results DIR: the per-text rows go to DIR as Parquet, on this process or on Ray."""
+    from analysis.corpus_io import detect_kind, iter_records
+    from analysis.corpus_store import run_local
+
+    detect_kind(args.batch)  # a missing input is refused before anything is written
+    options = {"text_column": args.text_column, "exclude_first_token": not args.include_first_token,
+               "batch_size": args.batch_size}
+    if args.engine == "ray":
+        from analysis.corpus_ray import run_ray  # the only path that imports Ray
+
+        run = run_ray(args.model, args.batch, args.results, device=args.device, dtype=args.dtype,
+                      address=args.ray_address, workers=args.ray_workers, **options)
+    else:
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+        run = run_local(loaded, iter_records(args.batch, args.text_column), args.results, source=str(args.batch),
+                        **options)
+    print(f"headscope: {run['new_rows']} texts analysed on {run['engine']} in {run['seconds']:.1f} s, "
+          f"{run['skipped']} already in {args.results}", file=sys.stderr)
+    write_corpus_outputs(args.results, args)
+
+
 def run(args) -> None:
     _quiet_libraries()
-    if args.from_report is not None:
+    if args.from_results is not None:
+        write_corpus_outputs(args.from_results, args)
+    elif args.results is not None:
+        run_results(args)
+    elif args.from_report is not None:
         write_json(read_report_results(args.from_report), args.json)
     elif args.batch is not None:
         run_batch(args)

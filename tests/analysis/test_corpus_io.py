@@ -1,0 +1,91 @@
+"""Corpus readers: every input kind gives the same records, numbered as the input is, with bad records kept."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from analysis import HeadscopeError, corpus_io
+from analysis.corpus_io import detect_kind, iter_records, text_hash
+
+TEXTS = ["the cat sat on the mat", "a dog ran far from home", "rain in the home", "the mat and the cat"]
+
+
+def good(records):
+    return [(r["number"], r["id"], r["text"]) for r in records if r["error"] is None]
+
+
+def bad(records):
+    return [(r["number"], r["id"], r["error"]) for r in records if r["error"] is not None]
+
+
+def test_txt_keeps_line_numbers_counting_blank_lines_and_records_bad_bytes(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"one\n\n  \ntwo\r\nbad \xff byte\nthree\n")
+    records = list(iter_records(path))
+    assert good(records) == [(1, "1", "one"), (4, "4", "two"), (6, "6", "three")]  # lines 2, 3 blank: no record
+    assert bad(records) == [(5, "5", "not UTF-8 (bad byte at offset 4)")]
+    assert records[0]["text_hash"] == text_hash("one") and records[1]["text_hash"] == text_hash("two")
+
+
+def test_jsonl_ids_and_every_kind_of_bad_line(tmp_path):
+    lines = [json.dumps({"text": "first", "id": "doc-a"}), json.dumps({"text": "second"}), "",
+             json.dumps({"title": "no text"}), "not json", json.dumps({"text": ""}), json.dumps({"text": 5}),
+             json.dumps(["a list"]), json.dumps({"text": "lone \ud800 surrogate", "id": 9})]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records = list(iter_records(path))
+    assert good(records) == [(1, "doc-a", "first"), (2, "2", "second")]
+    assert bad(records) == [(4, "4", 'missing "text" field'), (5, "5", "not a JSON object"), (6, "6", "empty text"),
+                            (7, "7", '"text" is not a string'), (8, "8", "not a JSON object"),
+                            (9, "9", "not UTF-8 (bad byte at offset 5)")]
+    assert len({r["text_hash"] for r in records}) == len(records)  # bad records get hashes of what was there
+
+
+def test_too_long_is_a_bad_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_io, "MAX_CHARS", 10)
+    path = tmp_path / "in.txt"
+    path.write_text("short\n" + "x" * 11 + "\n", encoding="utf-8")
+    assert bad(list(iter_records(path))) == [(2, "2", "too long (11 characters; at most 10)")]
+
+
+def test_parquet_file_and_folder_number_rows_in_file_name_order(tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": TEXTS[2:] + [None]}), folder / "b.parquet")
+    pq.write_table(pa.table({"text": TEXTS[:2], "other": [1, 2]}), folder / "a.parquet")
+    assert detect_kind(folder) == "parquet" and detect_kind(folder / "a.parquet") == "parquet"
+    records = list(iter_records(folder, batch_rows=1))
+    assert good(records) == [(i + 1, str(i + 1), t) for i, t in enumerate(TEXTS)]
+    assert bad(records) == [(5, "5", 'missing "text" field')]
+    assert good(iter_records(folder / "b.parquet")) == [(1, "1", TEXTS[2]), (2, "2", TEXTS[3])]
+
+
+def test_parquet_id_column_and_text_column(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"body": TEXTS[:2], "id": [10, 20]}), path)
+    assert good(iter_records(path, "body")) == [(1, "10", TEXTS[0]), (2, "20", TEXTS[1])]
+    with pytest.raises(HeadscopeError, match="has no column 'text' .*--text-column"):
+        list(iter_records(path))
+
+
+def test_saved_dataset_with_text_column(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"content": TEXTS + [""], "label": [0, 1, 0, 1, 0]}).save_to_disk(tmp_path / "ds")
+    assert detect_kind(tmp_path / "ds") == "hf"
+    records = list(iter_records(tmp_path / "ds", "content"))
+    assert good(records) == [(i + 1, str(i + 1), t) for i, t in enumerate(TEXTS)]
+    assert bad(records) == [(5, "5", "empty text")]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS}),
+                          "test": datasets.Dataset.from_dict({"text": TEXTS})}).save_to_disk(tmp_path / "dd")
+    with pytest.raises(HeadscopeError, match="several splits .*dd/train"):
+        list(iter_records(tmp_path / "dd"))
+
+
+def test_missing_input_and_empty_folder_are_one_clear_error(tmp_path):
+    with pytest.raises(HeadscopeError, match="does not exist"):
+        detect_kind(tmp_path / "nope.txt")
+    with pytest.raises(HeadscopeError, match="holds no .parquet files"):
+        detect_kind(tmp_path)
