@@ -6,10 +6,10 @@ never loads Ray.
 The pipeline:
   read       .txt/.jsonl: `ray.data.read_binary_files` (the bytes go through corpus_io.parse_lines, the same parser
              as the local engine, so line numbers, ids and bad records are the same); Parquet: `ray.data.read_parquet`
-             in file-name order, zipped with `ray.data.range` for the row numbers; a dataset saved to disk:
-             `ray.data.from_huggingface`;
+             in file-name order, zipped with `ray.data.range` for the row numbers; a dataset saved to disk: its
+             memory-mapped Arrow table through `ray.data.from_arrow` (`from_huggingface` needs aiohttp);
   skip       records that already have a row in the results folder (number, text_hash) are dropped;
-  analyse    `map_batches(RowMaker, concurrency=workers)`: each worker loads the model once and turns batches of
+  analyse    `map_batches(RowMaker, compute=ActorPoolStrategy(size=workers))`: each worker loads the model once and turns batches of
              records into rows with corpus_store.analyze_records, the function the local engine calls;
              `num_gpus=1` per worker when the cluster has GPUs;
   write      `write_parquet` into DIR/rows, next to what earlier runs wrote.
@@ -37,6 +37,7 @@ from analysis.errors import HeadscopeError
 
 RECORD_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text", pa.string()),
                            ("text_hash", pa.string()), ("error", pa.string())])
+HF_BLOCK_ROWS = 4096  # rows per block of a saved dataset
 READ_CPUS = 0.25  # what a read or parse task reserves: small, the model workers need the CPUs
 PACKAGE = Path(__file__).resolve().parent  # analysis/, shipped to a cluster joined by address
 REVISION_CHANGED = "worker loaded {model} at revision {got}, not {expected}: the nodes see different weights."
@@ -100,8 +101,11 @@ def read_records(ray, path: Path, field: str, done: frozenset):
         dataset = load_hf(path)
         check_column(path, field, dataset.column_names)
         keep = [field] + (["id"] if "id" in dataset.column_names and field != "id" else [])
-        dataset = dataset.select_columns(keep).add_column("__row", list(range(len(dataset))))
-        table = ray.data.from_huggingface(dataset)
+        arrow = dataset.data.table.select(keep)  # memory-mapped Arrow
+        arrow = arrow.append_column("__row", pa.array(range(arrow.num_rows), pa.int64()))
+        # from_arrow, not from_huggingface: that one needs aiohttp (ray[default]), which ray[data] does not bring
+        table = ray.data.from_arrow([arrow.slice(start, HF_BLOCK_ROWS)
+                                     for start in range(0, max(arrow.num_rows, 1), HF_BLOCK_ROWS)])
     else:
         import pyarrow.parquet as pq
 

@@ -1,0 +1,166 @@
+"""The Ray engine gives the local engine's rows and aggregates, for every input kind, and resumes a local run.
+
+Ray runs in a child process in its own session, under a timeout (an actor pool that starves its readers hangs
+for ever rather than failing): on timeout the whole process group, raylet included, is killed. The child starts
+one local Ray instance (2 CPUs, no dashboard, a private temp dir) and shuts it down; the test then checks that no
+Ray process of that temp dir is left.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from analysis.corpus_io import iter_records
+from analysis.corpus_store import ResultsFolder, load_results, run_local
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 420
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "from", "home", "in", "rain"]
+NUMBERS = ("number", "id", "text_hash", "excerpt", "n_tokens", "error")
+
+RAY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import ray
+    from analysis.corpus_ray import run_ray
+
+    model, temp_dir, jobs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        runs = [run_ray(model, source, folder, text_column=column, batch_size=4) for source, folder, column in jobs]
+        assert ray.is_initialized()  # run_ray leaves a Ray it did not start running
+    finally:
+        ray.shutdown()
+    print(json.dumps(runs))
+""")
+
+
+def short_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, int(rng.integers(2, 12)))) for _ in range(n)]
+
+
+def ray_processes(marker: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
+def run_ray_jobs(model: Path, jobs: list[tuple], temp_dir: Path) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    child = subprocess.Popen([sys.executable, "-c", RAY_SCRIPT, str(model), str(temp_dir),
+                              json.dumps([[str(s), str(f), c] for s, f, c in jobs])], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        pytest.fail(f"the Ray run did not finish in {TIMEOUT} s (killed)")
+    finally:
+        leftovers = ray_processes(str(temp_dir))
+        for line in leftovers:  # only processes of this test's private Ray instance
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    assert child.returncode == 0, err[-3000:]
+    assert leftovers == [], leftovers  # ray.shutdown() stopped every Ray process it started
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def assert_same_rows(ray_folder: Path, local_folder: Path) -> None:
+    got, expected = ResultsFolder(ray_folder).read_rows(), ResultsFolder(local_folder).read_rows()
+    assert got.num_rows == expected.num_rows > 0
+    for name in expected.column_names:
+        if name in NUMBERS:
+            assert got[name].to_pylist() == expected[name].to_pylist(), name
+        else:
+            a = got.filter(got["error"].is_null())[name].combine_chunks().flatten().to_numpy()
+            b = expected.filter(expected["error"].is_null())[name].combine_chunks().flatten().to_numpy()
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=name)
+    mine, theirs = load_results(ray_folder), load_results(local_folder)
+    for name in theirs.means:
+        for field in ("means", "low", "high"):
+            np.testing.assert_allclose(getattr(mine, field)[name], getattr(theirs, field)[name], rtol=0, atol=1e-6,
+                                       err_msg=f"{field} {name}")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The same 24 texts with bad records as .txt, as a folder of two Parquet files, and as a saved dataset."""
+    import datasets
+
+    base = tmp_path_factory.mktemp("ray-inputs")
+    texts = short_texts(24)
+    txt = base / "in.txt"
+    txt.write_bytes(("\n".join(texts[:5]) + "\n\nbad \xff\n" + " ".join(["cat"] * 300) + "\n"
+                     + "\n".join(texts[5:]) + "\n").encode("latin-1"))
+    folder = base / "parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": texts[:10] + [None]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"text": texts[10:] + [""]}), folder / "part-1.parquet", row_group_size=4)
+    dataset = base / "dataset"
+    datasets.Dataset.from_dict({"body": texts, "id": [f"doc{i}" for i in range(24)]}).save_to_disk(dataset)
+    return {"txt": (txt, "text"), "parquet": (folder, "text"), "hf": (dataset, "body")}
+
+
+def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_path, inputs, tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker (one CPU): the same float32 sums
+    try:
+        local = {}
+        for kind, (source, column) in inputs.items():
+            local[kind] = tmp_path / f"local-{kind}"
+            run_local(gpt2, iter_records(source, column), local[kind], source=str(source), text_column=column,
+                      batch_size=4)
+        # a local run killed after 8 records; Ray finishes it
+        txt, _ = inputs["txt"]
+        partial = tmp_path / "resumed"
+
+        def stop(seen, written):
+            if seen >= 8:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            run_local(gpt2, iter_records(txt), partial, batch_size=4, flush_rows=4, progress=stop)
+        done_before = ResultsFolder(partial).read_rows().num_rows
+    finally:
+        torch.set_num_threads(before)
+    assert done_before == 8
+
+    jobs = [(source, tmp_path / f"ray-{kind}", column) for kind, (source, column) in inputs.items()]
+    temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
+    try:
+        runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text")], temp_dir)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    for kind in inputs:
+        assert_same_rows(tmp_path / f"ray-{kind}", local[kind])
+    assert [run["new_rows"] for run in runs] == [26, 26, 24, 26 - 8]  # 24 texts + 2 bad records (not the blank line)
+    assert runs[-1]["skipped"] == 8  # the resumed run computed only the records without a row
+    assert_same_rows(partial, local["txt"])
+    manifest = json.loads((partial / "corpus.json").read_text())
+    assert [run["engine"] for run in manifest["runs"]] == ["ray"]  # the killed local run never finished
+    assert manifest["counts"] == {"rows": 26, "analysed": 24, "failed": 2}
+
+    rows = ResultsFolder(tmp_path / "ray-txt").read_rows()
+    errors = dict(zip(rows["number"].to_pylist(), rows["error"].to_pylist()))
+    assert errors[7] == "not UTF-8 (bad byte at offset 4)" and "accepts at most 128" in errors[8]
+    hf_rows = ResultsFolder(tmp_path / "ray-hf").read_rows()
+    assert hf_rows["id"].to_pylist() == [f"doc{i}" for i in range(24)]
