@@ -71,6 +71,7 @@ FIGURE_TABS = {"Q and K": ("means", "qk_means", "qk_stds"), "q·k dot products":
 # one screen holds more: Streamlit's 6rem top padding, less, but clear of its 3.75rem header (it takes the clicks)
 PAGE_CSS = "<style>[data-testid='stMainBlockContainer']{padding-top:4rem;}</style>"
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
+RESULTS_DIR = "corpus_results_dir"  # session-state key of the results folder's path
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
 SCORE_PARAM = re.compile(r"(text|probe):[a-z_]+")  # ?score=text:induction
@@ -454,16 +455,36 @@ def corpus_ui(settings: dict) -> None:
             st.error(NOT_UTF8.format(name=upload.name, offset=exc.start))
         except HeadscopeError as exc:
             st.error(str(exc))
+    corpus_folder_ui()
     if CORPUS in st.session_state:
         corpus_results_ui(st.session_state[CORPUS])
 
 
+def markdown_literal(text: str) -> str:
+    """`text` shown as it is inside st.error/st.caption (which render Markdown): every punctuation mark escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!<>|~$:])", r"\\\1", text)
+
+
+def corpus_folder_ui() -> None:
+    """Open a results folder written by `python -m reports --batch FILE --results DIR` (local or Ray engine)."""
+    from analysis.corpus_store import load_results  # pyarrow only; never Ray
+
+    folder = st.text_input("…or open a results folder on this machine (python -m reports --batch FILE --results DIR)",
+                           key=RESULTS_DIR, placeholder="/path/to/results")
+    if folder.strip() and st.button("Open the results folder", key="corpus_open"):
+        try:
+            st.session_state[CORPUS] = load_results(folder.strip())
+        except HeadscopeError as exc:
+            st.error(markdown_literal(str(exc)))
+
+
 def corpus_results_ui(corpus: CorpusResult) -> None:
-    st.caption(f"{corpus.n_analysed} of {len(corpus.texts)} texts analysed with {corpus.model['id']}, one forward "
+    model = markdown_literal(str(corpus.model["id"]))  # a results folder's manifest is user input
+    st.caption(f"{corpus.n_analysed} of {len(corpus.texts)} texts analysed with {model}, one forward "
                f"pass each; {corpus.level:.0%} percentile bootstrap intervals over texts ({corpus.n_boot} resamples, "
                f"seed {corpus.seed}).")
     for record in corpus.failures:
-        st.warning(f"Text {record.number} was skipped: {record.error}")
+        st.warning(f"Text {record.number} was skipped: {markdown_literal(record.error)}")
     chart, table = st.columns([1, 1], gap="medium")
     with chart:
         name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),

@@ -238,7 +238,9 @@ class ResultsFolder:
         manifest = self.read_manifest()
         table = self.read_rows(["number", "error"])
         analysed = table["error"].null_count if table.num_rows else 0
+        failed_before = manifest["counts"]["failed"]
         manifest["counts"] = {"rows": table.num_rows, "analysed": analysed, "failed": table.num_rows - analysed}
+        run["new_failed"] = max(0, manifest["counts"]["failed"] - failed_before)
         manifest["runs"].append(run)
         manifest["versions"] = versions()
         self.write_manifest(manifest)

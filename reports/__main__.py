@@ -273,8 +273,9 @@ def run_results(args) -> None:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
         run = run_local(loaded, iter_records(args.batch, args.text_column), args.results, source=str(args.batch),
                         **options)
-    print(f"headscope: {run['new_rows']} texts analysed on {run['engine']} in {run['seconds']:.1f} s, "
-          f"{run['skipped']} already in {args.results}", file=sys.stderr)
+    failed = run.get("new_failed", 0)
+    print(f"headscope: {run['new_rows']} texts written on {run['engine']} in {run['seconds']:.1f} s ({failed} failed), "
+          f"{run['skipped']} already there -> {args.results}", file=sys.stderr)
     write_corpus_outputs(args.results, args)
 
 

@@ -1,0 +1,107 @@
+"""The command line's corpus results: --batch FILE --results DIR, --from-results DIR, and Ray only when asked for."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reports.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = ["the cat sat on the mat", "a dog ran far from home", "rain in the home", "the mat and the cat"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join([*(json.dumps({"text": t, "id": f"d{i}"}) for i, t in enumerate(TEXTS)),
+                               json.dumps({"title": "no text"})]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_results_then_from_results_render_the_same_corpus(gpt2_path, corpus_file, tmp_path, capsys):
+    results = tmp_path / "res"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results,
+                          "--json", tmp_path / "a.json", "--batch-size", 2)
+    assert code == 0, lines
+    assert "5 texts written on local" in lines[0] and "(1 failed), 0 already there" in lines[0]
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0 and "0 texts written" in lines[0] and "5 already there" in lines[0], lines
+    code, lines = run_cli(capsys, "--from-results", results, "--json", tmp_path / "b.json", "--html",
+                          tmp_path / "corpus.html")
+    assert code == 0, lines
+    first, second = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    assert first == second and first["schema"] == "headscope.corpus/1" and first["n_analysed"] == 4
+    assert first["texts"][4] == {"number": 5, "excerpt": "", "n_tokens": None, "error": 'missing "text" field'}
+    html = (tmp_path / "corpus.html").read_text()
+    assert 'id="headscope-corpus"' in html and "missing &#34;text&#34; field" in html
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--results", "DIR"], "--results DIR needs --batch FILE"),
+    (["--batch", "F", "--results", "DIR", "--out-dir", "O"], "choose one"),
+    (["--engine", "ray", "--json", "x"], "need --batch FILE --results DIR"),
+    (["--from-results", "DIR"], "--from-results needs --html OUT and/or --json OUT"),
+    (["--batch", "F", "--results", "DIR", "--batch-size", "0"], "at least 1"),
+    (["--batch", "F"], "--out-dir DIR (one report per text) or --results DIR"),
+])
+def test_bad_flag_combinations_are_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_missing_input_and_not_a_results_folder_are_one_line(tmp_path, capsys):
+    code, lines = run_cli(capsys, "--batch", tmp_path / "nope.txt", "--results", tmp_path / "res")
+    assert code == 2 and len(lines) == 1 and "nope.txt does not exist" in lines[0]
+    assert not (tmp_path / "res").exists()  # refused before anything was written
+    code, lines = run_cli(capsys, "--from-results", tmp_path, "--html", tmp_path / "c.html")
+    assert code == 2 and len(lines) == 1 and "is not a headscope results folder" in lines[0]
+
+
+NO_RAY = """
+import sys
+from reports.__main__ import main
+code = main(sys.argv[1:])
+assert code == 0, code
+loaded = sorted(name for name in sys.modules if name == "ray" or name.startswith("ray."))
+print("RAY MODULES:", loaded)
+"""
+
+
+def test_the_plain_command_line_and_the_local_engine_never_import_ray(gpt2_path, corpus_file, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for argv in (["--model", gpt2_path, "--batch", corpus_file, "--results", tmp_path / "res", "--html",
+                  tmp_path / "c.html"],
+                 ["--from-results", tmp_path / "res", "--json", tmp_path / "c.json"],
+                 ["--model", gpt2_path, "--text", "the cat sat", "--json", tmp_path / "one.json"]):
+        done = subprocess.run([sys.executable, "-c", NO_RAY, *map(str, argv)], cwd=ROOT, env=env, timeout=300,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "RAY MODULES: []" in done.stdout, done.stdout
+
+
+NO_RAY_APP = """
+import sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file("streamlit_app.py", default_timeout=240).run()
+assert not at.exception, at.exception
+print("RAY MODULES:", sorted(name for name in sys.modules if name == "ray" or name.startswith("ray.")))
+"""
+
+
+def test_the_app_never_imports_ray(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", NO_RAY_APP], cwd=ROOT, env=env, timeout=400, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RAY MODULES: []" in done.stdout, done.stdout
