@@ -16,9 +16,10 @@ Ray engine (whose readers hand the same bytes or rows to them), so both engines 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from analysis.errors import HeadscopeError
@@ -95,10 +96,14 @@ def parse_line(number: int, line: bytes, kind: str, field: str = "text") -> dict
     return make_record(number, item.get(field), id_value, field, raw=line)
 
 
-def parse_lines(data: bytes, kind: str, field: str = "text") -> Iterator[dict]:
-    """Records of a whole .txt/.jsonl file's bytes; each line is decoded on its own, so one bad byte costs one line."""
-    for number, line in enumerate(data.split(b"\n"), 1):
-        record = parse_line(number, line, kind, field)
+def parse_lines(data: bytes | Iterable[bytes], kind: str, field: str = "text") -> Iterator[dict]:
+    """Records of a .txt/.jsonl file's bytes (or its lines); each line is decoded on its own, so one bad byte costs
+    one line. A UTF-8 byte order mark at the start is not part of the first text."""
+    lines = data.split(b"\n") if isinstance(data, bytes) else data
+    for number, line in enumerate(lines, 1):
+        if number == 1 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]
+        record = parse_line(number, line.rstrip(b"\n"), kind, field)
         if record is not None:
             yield record
 
@@ -159,10 +164,10 @@ def iter_records(path: Path | str, text_column: str = "text", batch_rows: int = 
     kind = detect_kind(path)
     if kind in ("txt", "jsonl"):
         try:
-            data = path.read_bytes()
+            with path.open("rb") as lines:  # streamed: a file larger than memory is fine
+                yield from parse_lines(lines, kind, text_column)
         except OSError as exc:
             raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
-        yield from parse_lines(data, kind, text_column)
         return
     if kind == "hf":
         table = load_hf(path).data.table  # memory-mapped Arrow: nothing is read until the batches are

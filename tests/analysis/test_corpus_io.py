@@ -22,11 +22,12 @@ def bad(records):
 
 def test_txt_keeps_line_numbers_counting_blank_lines_and_records_bad_bytes(tmp_path):
     path = tmp_path / "in.txt"
-    path.write_bytes(b"one\n\n  \ntwo\r\nbad \xff byte\nthree\n")
+    path.write_bytes(b"\xef\xbb\xbfone\n\n  \ntwo\r\nbad \xff byte\nthree\n")  # a byte order mark first
     records = list(iter_records(path))
     assert good(records) == [(1, "1", "one"), (4, "4", "two"), (6, "6", "three")]  # lines 2, 3 blank: no record
     assert bad(records) == [(5, "5", "not UTF-8 (bad byte at offset 4)")]
     assert records[0]["text_hash"] == text_hash("one") and records[1]["text_hash"] == text_hash("two")
+    assert list(corpus_io.parse_lines(path.read_bytes(), "txt")) == records  # Ray's path: the file's bytes at once
 
 
 def test_jsonl_ids_and_every_kind_of_bad_line(tmp_path):

@@ -34,11 +34,17 @@ RAY_SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
     from analysis.corpus_ray import run_ray
+    from reports.__main__ import main
 
     model, temp_dir, jobs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     try:
-        runs = [run_ray(model, source, folder, text_column=column, batch_size=4) for source, folder, column in jobs]
+        source, folder, column = jobs[0]  # the first through the command line
+        code = main(["--model", model, "--batch", source, "--results", folder, "--text-column", column,
+                     "--engine", "ray", "--batch-size", "4"])
+        assert code == 0, code
+        runs = [json.load(open(folder + "/corpus.json"))["runs"][-1]]
+        runs += [run_ray(model, source, folder, text_column=column, batch_size=4) for source, folder, column in jobs[1:]]
         assert ray.is_initialized()  # run_ray leaves a Ray it did not start running
     finally:
         ray.shutdown()
