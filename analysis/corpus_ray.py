@@ -41,6 +41,7 @@ HF_BLOCK_ROWS = 4096  # rows per block of a saved dataset
 READ_CPUS = 0.25  # what a read or parse task reserves: small, the model workers need the CPUs
 PACKAGE = Path(__file__).resolve().parent  # analysis/, shipped to a cluster joined by address
 REVISION_CHANGED = "worker loaded {model} at revision {got}, not {expected}: the nodes see different weights."
+NO_GPUS = "--device cuda, but the Ray cluster has no GPUs: use --device cpu (or auto)."
 RAY_FAILED = "The Ray run failed ({kind}): {message}"
 
 
@@ -156,8 +157,10 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         context.enable_progress_bars = False
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-        if gpus and device in ("cpu", "auto"):
-            device = "cuda" if device == "auto" else device
+        if device == "auto":
+            device = "cuda" if gpus else "cpu"
+        if device == "cuda" and not gpus:
+            raise HeadscopeError(NO_GPUS)
         workers = workers or max(1, gpus)
         gpu_args = {"num_gpus": 1} if gpus and device == "cuda" else {}
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
@@ -174,7 +177,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         written = len(folder.done_keys()) - len(done)
     except HeadscopeError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # Ray wraps worker errors: one line for the user; the rows written so far are kept
         cause = getattr(exc, "cause", None) or exc
         if isinstance(cause, HeadscopeError):
             raise HeadscopeError(str(cause)) from None
