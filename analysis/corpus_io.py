@@ -33,7 +33,8 @@ NOT_UTF8 = "not UTF-8 (bad byte at offset {offset})"
 NOT_JSON = "not a JSON object"
 MISSING = 'missing "{field}" field'
 NOT_STRING = '"{field}" is not a string'
-NO_INPUT = "{path} does not exist: give a .txt, .jsonl or Parquet file, or a folder of Parquet files or a saved dataset."
+NO_INPUT = ("{path} does not exist: give a .txt, .jsonl or Parquet file, or a folder of Parquet files or a saved "
+            "dataset.")
 NO_COLUMN = "{path} has no column {column!r} (columns: {columns}): name the text column with --text-column."
 SPLITS = ("{path} holds several splits ({splits}): point at one of them, e.g. {path}/{first}.")
 NO_PARQUET = "{path} holds no .parquet files and no saved dataset."
@@ -113,7 +114,7 @@ def detect_kind(path: Path) -> str:
     if not path.exists():
         raise HeadscopeError(NO_INPUT.format(path=path))
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
             return "hf"
         if not parquet_files(path):
             raise HeadscopeError(NO_PARQUET.format(path=path))

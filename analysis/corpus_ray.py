@@ -9,8 +9,8 @@ The pipeline:
              in file-name order, zipped with `ray.data.range` for the row numbers; a dataset saved to disk: its
              memory-mapped Arrow table through `ray.data.from_arrow` (`from_huggingface` needs aiohttp);
   skip       records that already have a row in the results folder (number, text_hash) are dropped;
-  analyse    `map_batches(RowMaker, compute=ActorPoolStrategy(size=workers))`: each worker loads the model once and turns batches of
-             records into rows with corpus_store.analyze_records, the function the local engine calls;
+  analyse    `map_batches(RowMaker, compute=ActorPoolStrategy(size=workers))`: each worker loads the model once and
+             turns batches of records into rows with corpus_store.analyze_records, the function the local engine calls;
              `num_gpus=1` per worker when the cluster has GPUs;
   write      `write_parquet` into DIR/rows, next to what earlier runs wrote.
 

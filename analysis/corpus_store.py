@@ -64,7 +64,8 @@ VERSIONED = ("torch", "transformers", "tokenizers", "numpy", "pyarrow", "dataset
 ROW_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text_hash", pa.string()),
                         ("excerpt", pa.string()), ("n_tokens", pa.int64()), ("error", pa.string())]
                        + [(name, pa.list_(pa.float64())) for name in CORPUS_MEASURES + LAYER_MEASURES])
-NOT_RESULTS = "{path} is not a headscope results folder (no {manifest}): run python -m reports --batch FILE --results DIR."
+NOT_RESULTS = ("{path} is not a headscope results folder (no {manifest}): run python -m reports --batch FILE "
+               "--results DIR.")
 OTHER_MODEL = ("{path} holds results of {old} ({key} {old_value!r}), not {new_value!r}: use a new --results folder "
                "or the same model and settings.")
 BAD_MANIFEST = "{path} is not a readable headscope manifest: {reason}."
@@ -154,7 +155,8 @@ class ResultsFolder:
         except (OSError, ValueError) as exc:
             raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=exc)) from None
         if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
-            raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=f"schema is not {MANIFEST_SCHEMA}"))
+            reason = f"schema is not {MANIFEST_SCHEMA}"
+            raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=reason))
         return data
 
     def write_manifest(self, data: dict) -> None:

@@ -44,7 +44,8 @@ RAY_SCRIPT = textwrap.dedent("""
                      "--engine", "ray", "--batch-size", "4"])
         assert code == 0, code
         runs = [json.load(open(folder + "/corpus.json"))["runs"][-1]]
-        runs += [run_ray(model, source, folder, text_column=column, batch_size=4) for source, folder, column in jobs[1:]]
+        runs += [run_ray(model, source, folder, text_column=column, batch_size=4)
+                 for source, folder, column in jobs[1:]]
         assert ray.is_initialized()  # run_ray leaves a Ray it did not start running
     finally:
         ray.shutdown()
