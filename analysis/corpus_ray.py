@@ -119,6 +119,21 @@ def read_records(ray, path: Path, field: str, done: frozenset):
     return table.map_batches(table_records, fn_args=(field, done), batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
+def _without_fsspec_http() -> None:
+    """Without aiohttp, make `fsspec.implementations.http` fail to import at once and the same way every time.
+
+    Ray Data's path resolution imports it from several listing threads and expects ModuleNotFoundError when it is
+    unusable; when two threads race, one sees the other's half-imported module and gets an ImportError that Ray does
+    not catch ("cannot import name 'HTTPFileSystem'"), and the read fails at random. None in sys.modules makes every
+    import raise ModuleNotFoundError before any module code runs. Nothing here reads over HTTP.
+    """
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("aiohttp") is None:
+        sys.modules.setdefault("fsspec.implementations.http", None)
+
+
 def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> None:
     if address:
         ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE)]}, log_to_driver=False)
@@ -139,6 +154,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     import ray
     import ray.data
 
+    _without_fsspec_http()
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
