@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -56,6 +57,31 @@ NOT_CACHED_OFFLINE = (
 )
 NOT_FOUND = "No local directory '{name}' exists and it is not a valid Hugging Face model id."
 NOT_ON_HUB = "'{name}' is not a model on the Hugging Face hub (or it is private); check the spelling."
+MODEL_DIRS_ENV = "HEADSCOPE_MODEL_DIRS"  # the app's allowed checkpoint directories, os.pathsep-separated
+# One message whether the path exists or not, so the app tells a visitor nothing about the server's files.
+REFUSED_PATH = (
+    "This app loads local checkpoints only from the directories its operator lists in HEADSCOPE_MODEL_DIRS, "
+    "and the model given is not under one of them: give a Hugging Face hub id (e.g. gpt2) instead."
+)
+# What is wrong with a damaged checkpoint, one line each (never advice to run its code).
+BAD_CONFIG = "{path}/config.json is not a readable transformers configuration ({why}): re-save or re-download it."
+CUSTOM_CODE = (
+    "{path}/config.json asks for custom model code (auto_map, model type {model_type!r}); headscope never runs "
+    "code from a checkpoint. Use a checkpoint of a supported family: {families}."
+)
+BAD_SIZE = "{path}/config.json is not usable: {field} is {value!r}, {need}."
+BAD_WEIGHTS = "{file} is not a valid safetensors file ({why}): the download was cut short or the file is damaged."
+WEIGHTS_MISMATCH = "{path}: the weights do not fit the {family} model its config.json describes ({why})."
+NO_TOKENIZER = (
+    "{path} holds no usable tokenizer (no tokenizer.json, vocab or merges files): save it beside the weights "
+    "with tokenizer.save_pretrained(dir)."
+)
+BAD_TOKENIZER = "{path}: its tokenizer cannot be loaded ({why})."
+TOKENIZER_TOO_LARGE = (
+    "{path}: its tokenizer has {n_tokens} tokens but the model's embeddings hold only {vocab_size}: "
+    "the tokenizer belongs to another model."
+)
+MAX_REASON = 200  # characters of a library's own message quoted in ours
 
 
 @dataclass(frozen=True)
@@ -123,7 +149,7 @@ def _cached_snapshot(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_PATTERNS))
     except HFValidationError:
         return None
-    except Exception:  # LocalEntryNotFoundError and friends: simply not cached
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends: simply not cached
         return None
 
 
@@ -140,8 +166,8 @@ def _download(repo_id: str) -> Path:
 
 
 def _is_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import validate_repo_id
     from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(name)
@@ -150,9 +176,59 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
-def resolve_source(name_or_path: str) -> tuple[str, Path, str]:
-    """(model id, checkpoint directory, why this one) without touching the network unless needed."""
+def one_line(exc: BaseException | str, limit: int = MAX_REASON) -> str:
+    """A library's message as one short line: whitespace collapsed, cut at `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def allowed_model_dirs(value: str | None = None) -> list[Path]:
+    """The app's allowed checkpoint directories: HEADSCOPE_MODEL_DIRS (or `value`), os.pathsep-separated."""
+    value = os.environ.get(MODEL_DIRS_ENV, "") if value is None else value
+    return [Path(part).expanduser() for part in value.split(os.pathsep) if part.strip()]
+
+
+def _resolved(path: Path) -> Path | None:
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # a NUL byte, a symlink loop, ...
+        return None
+
+
+def check_app_model_path(name: str, allowed_roots: list[Path]) -> Path | None:
+    """The app's path policy: the local directory `name` may load, None for a hub id or alias, or REFUSED_PATH.
+
+    Hub ids ("gpt2", "org/name") and the aliases ("auto", "minilm") always pass; a name that is a valid hub id
+    is read as a local path only when it lies under an allowed root. Any other name must resolve (symlinks and
+    ".." followed) under one of `allowed_roots`. A refused name gets the same message whether it exists or not.
+    """
+    name = name.strip()
+    if name == "auto" or name.lower() in BUNDLED_ALIASES:
+        return None
+    roots = [root for root in (_resolved(Path(r)) for r in allowed_roots) if root is not None]
+    local = _resolved(Path(name)) if name and "\0" not in name else None
+    allowed = local is not None and any(local.is_relative_to(root) for root in roots)
+    if name and not name.startswith((".", "/", "~")) and _is_hub_id(name):
+        return local if allowed and local.is_dir() else None
+    if allowed:
+        return local
+    raise HeadscopeError(REFUSED_PATH)
+
+
+def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None) -> tuple[str, Path, str]:
+    """(model id, checkpoint directory, why this one) without touching the network unless needed.
+
+    `allowed_roots` (the app): local directories only under these (check_app_model_path); None (the command
+    line): any local directory.
+    """
     name = name_or_path.strip()
+    if allowed_roots is not None and name != "auto" and name.lower() not in BUNDLED_ALIASES:
+        local = check_app_model_path(name, allowed_roots)
+        if local is not None:
+            if not local.is_dir():
+                raise HeadscopeError(NOT_FOUND.format(name=name))
+            return name, local, f"Local checkpoint directory {local}."
+        return _resolve_hub(name)
     if name == "auto":
         snapshot = _cached_snapshot(GPT2_ID)
         if snapshot is not None and any(snapshot.glob("*.safetensors")):
@@ -165,6 +241,10 @@ def resolve_source(name_or_path: str) -> tuple[str, Path, str]:
         return name, path.resolve(), f"Local checkpoint directory {path.resolve()}."
     if not name or not _is_hub_id(name) or name.startswith((".", "/", "~")):
         raise HeadscopeError(NOT_FOUND.format(name=name))
+    return _resolve_hub(name)
+
+
+def _resolve_hub(name: str) -> tuple[str, Path, str]:
     snapshot = _cached_snapshot(name)
     if snapshot is not None:
         return name, snapshot, f"{name} from the local Hugging Face cache."
@@ -207,6 +287,79 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+# (config attribute, whether 0 is allowed): the sizes a model is built from; anything else ends in a traceback
+# deep inside transformers (a ZeroDivisionError for n_head 0), so they are checked first.
+CONFIG_SIZES = (("num_attention_heads", False), ("num_hidden_layers", False), ("hidden_size", False),
+                ("max_position_embeddings", False), ("vocab_size", False))
+
+
+def _read_config(path: Path):
+    """The checkpoint's configuration, or a HeadscopeError saying what is wrong with config.json."""
+    from transformers import AutoConfig
+
+    config_file = path / "config.json"
+    try:
+        raw = json.loads(config_file.read_bytes())
+    except FileNotFoundError:
+        raise HeadscopeError(BAD_CONFIG.format(path=path, why="there is no config.json")) from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
+        raise HeadscopeError(BAD_CONFIG.format(path=path, why=one_line(exc))) from None
+    if not isinstance(raw, dict):
+        raise HeadscopeError(BAD_CONFIG.format(path=path, why="it is not a JSON object"))
+    model_type = raw.get("model_type")
+    if raw.get("auto_map") and model_type not in FAMILIES:
+        raise HeadscopeError(CUSTOM_CODE.format(path=path, model_type=model_type, families=supported_families()))
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        if model_type not in FAMILIES:  # transformers does not know it: name it rather than quote its advice
+            raise HeadscopeError(UNSUPPORTED.format(arch=(raw.get("architectures") or [model_type])[0],
+                                                    model_type=model_type, families=supported_families())) from None
+        raise HeadscopeError(BAD_CONFIG.format(path=path, why=one_line(exc))) from None
+    if config.model_type not in FAMILIES:
+        arch = (config.architectures or [type(config).__name__])[0]
+        raise HeadscopeError(UNSUPPORTED.format(arch=arch, model_type=config.model_type, families=supported_families()))
+    for name, _ in CONFIG_SIZES:
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise HeadscopeError(BAD_SIZE.format(path=path, field=name, value=value, need="it must be a positive integer"))
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if kv_heads is not None and (not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads):
+        raise HeadscopeError(BAD_SIZE.format(path=path, field="num_key_value_heads", value=kv_heads,
+                                             need=f"it must be a positive divisor of num_attention_heads ({heads})"))
+    if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
+        raise HeadscopeError(BAD_SIZE.format(path=path, field="hidden_size", value=config.hidden_size,
+                                             need=f"it must be a multiple of num_attention_heads ({heads})"))
+    return config
+
+
+def _check_weights(weights: list[Path]) -> None:
+    """Each safetensors file's header must parse and cover the file: a truncated download fails here, in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise HeadscopeError(BAD_WEIGHTS.format(file=file, why=one_line(exc))) from None
+
+
+def _load_tokenizer(path: Path, config):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise HeadscopeError(BAD_TOKENIZER.format(path=path, why=one_line(exc))) from None
+    if isinstance(tokenizer, bool) or not getattr(tokenizer, "vocab_size", 0):  # no vocabulary: every text is empty
+        raise HeadscopeError(NO_TOKENIZER.format(path=path))
+    n_tokens = len(tokenizer)
+    if n_tokens > config.vocab_size:
+        raise HeadscopeError(TOKENIZER_TOO_LARGE.format(path=path, n_tokens=n_tokens, vocab_size=config.vocab_size))
+    return tokenizer
+
+
 def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: str, device: str, reason: str,
                            device_map: str | None = None) -> ModelInfo:
     family, causal = FAMILIES[config.model_type]
@@ -231,45 +384,48 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
 
 
 def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "float32",
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | None = None, allowed_roots: list[Path] | None = None) -> LoadedModel:
     """Load a supported model with headscope's capturing attention installed (a pass-through when idle).
 
     `device_map="auto"` hands placement to Accelerate's big-model loading (from_pretrained's device_map):
     the layers are spread over the available GPUs, then CPU memory; `device` is then not used.
+    `allowed_roots` (the app): local checkpoints only under these directories (check_app_model_path).
+    A damaged checkpoint (unreadable config, impossible sizes, truncated weights, no tokenizer) is a
+    HeadscopeError saying what is wrong with it.
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     if dtype not in DTYPES:
         raise HeadscopeError(f"Unknown dtype '{dtype}': use one of {', '.join(DTYPES)}.")
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise HeadscopeError(f"Unknown device map '{device_map}': use {', '.join(DEVICE_MAPS)}.")
     device = "cpu" if device_map is not None else _resolve_device(device)
-    model_id, path, reason = resolve_source(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise HeadscopeError(f"{path} does not hold a transformers checkpoint that can be read: {exc}") from None
-    if config.model_type not in FAMILIES:
-        arch = (config.architectures or [type(config).__name__])[0]
-        raise HeadscopeError(UNSUPPORTED.format(arch=arch, model_type=config.model_type, families=supported_families()))
+    model_id, path, reason = resolve_source(name_or_path, allowed_roots)
+    config = _read_config(path)
     weights = _weights_files(path)
+    _check_weights(weights)
     register_capture_attention()
-    model = AutoModel.from_pretrained(
-        path,
-        config=config,
-        attn_implementation=CAPTURE_ATTENTION,
-        dtype=DTYPES[dtype],
-        use_safetensors=True,
-        trust_remote_code=False,
-        local_files_only=True,
-        **({} if device_map is None else {"device_map": device_map}),
-    )
+    try:
+        model = AutoModel.from_pretrained(
+            path,
+            config=config,
+            attn_implementation=CAPTURE_ATTENTION,
+            dtype=DTYPES[dtype],
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+            **({} if device_map is None else {"device_map": device_map}),
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        family = FAMILIES[config.model_type][0]
+        why = "tensor shapes differ from config.json" if "mismatched_sizes" in str(exc) else one_line(exc)
+        raise HeadscopeError(WEIGHTS_MISMATCH.format(path=path, family=family, why=why)) from None
     if device_map is None:
         model.to(device)
     else:  # Accelerate's hooks move activations between devices; inputs go where the embeddings are
         device = str(model.get_input_embeddings().weight.device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    tokenizer = _load_tokenizer(path, config)
     info = model_info_from_config(
         config, id=model_id, path=str(path), revision=_revision(path, weights), dtype=dtype, device=device, reason=reason,
         device_map=device_map,
