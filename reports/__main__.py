@@ -24,6 +24,20 @@ CORPUS_FILE = "corpus.html"
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
 
 
+MAX_SEED = 2**32 - 1
+
+
+def seed_value(text: str) -> int:
+    """--probe-seed: a whole number 0..2**32-1 (numpy's seed range), or argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..{MAX_SEED}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         self.exit(EXIT_BAD_INPUT, f"headscope: error: {message} (see {self.prog} --help)\n")
@@ -39,7 +53,7 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
     source.add_argument("--induction-probe", type=int, metavar="LENGTH",
                         help="instead of a text, seeded random tokens of LENGTH repeated twice (induction scores "
                              "then mean something whatever the model)")
-    parser.add_argument("--probe-seed", type=int, default=0, help="seed of --induction-probe (default 0)")
+    parser.add_argument("--probe-seed", type=seed_value, default=0, help="seed of --induction-probe (default 0)")
     layers = parser.add_mutually_exclusive_group()
     layers.add_argument("--layer", type=int, action="append", metavar="N",
                         help="layer to analyse, 0-based; repeat for several (default: 6, or n_layers // 2)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 import math
 import re
 from dataclasses import replace
@@ -25,6 +24,7 @@ from analysis.errors import HeadscopeError
 from analysis.metrics import key_head_of
 from analysis.parity import parity_tolerance, result_parity_failures
 from analysis.results import AnalysisResult
+from analysis.schema import parse_json, validate_results
 from reports.charts import (
     SCORE_EXPLANATIONS,
     SCORE_TITLES,
@@ -271,12 +271,25 @@ def render_corpus_report(corpus, generated_at: datetime | None = None) -> str:
 
 
 def read_report_results(path: Path) -> dict:
-    """The results JSON embedded in a report (what --from-report reads back)."""
+    """The results JSON embedded in a report (what --from-report reads back), checked against its JSON Schema.
+
+    A tampered or damaged report (not UTF-8, invalid JSON, NaN, numbers past a float, a wrong schema, missing
+    fields, sizes that disagree) is one HeadscopeError line.
+    """
     try:
-        page = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HeadscopeError(f"Cannot read {path}: {exc}.") from None
+        page = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
+    except UnicodeDecodeError as exc:
+        raise HeadscopeError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}): is it a headscope report?") \
+            from None
+    return results_from_page(page, str(path))
+
+
+def results_from_page(page: str, name: str = "The report") -> dict:
+    """The validated headscope.results/1 document in a report's text (see read_report_results)."""
     match = re.search(rf'<script type="application/json" id="{RESULTS_ID}">(.*?)</script>', page, re.DOTALL)
     if match is None:
-        raise HeadscopeError(NOT_A_REPORT.format(path=path))
-    return json.loads(match.group(1))
+        raise HeadscopeError(NOT_A_REPORT.format(path=name))
+    what = f"The results JSON in {name}"
+    return validate_results(parse_json(match.group(1), what), what)
