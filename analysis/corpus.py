@@ -39,30 +39,58 @@ LAYER_MEASURES = ("rank_biserial", "rank_biserial_centered")  # each [layer] per
 NO_TEXTS = "{source} holds no texts."
 BAD_JSON = "line {number} is not a JSON object."
 NO_TEXT_FIELD = 'line {number} has no string "text" field.'
+NOT_UTF8_LINE = "line {number} is not UTF-8 text (bad byte at offset {offset} of the line)."
+TOO_DEEP = "line {number} is JSON nested too deeply to read."
+BAD_UNICODE = "line {number} holds a lone surrogate (U+{code:04X}), which is not text: fix the JSON escape."
 UNEXPECTED = "unexpected {kind}: {message}"
 
 Progress = Callable[[int, int | None], None]  # (texts done, total or None when unknown)
 
 
-def parse_texts(data: str, source: str = "The file") -> list[str | HeadscopeError]:
+def parse_texts(data: str | bytes, source: str = "The file") -> list[str | HeadscopeError]:
     """Texts of a corpus file: one per non-empty line, or JSONL objects with a "text" field.
 
-    A JSONL line without a usable text becomes a HeadscopeError in its place, so it is reported, not dropped.
+    Every problem is its own line's: a line that is not UTF-8 (when `data` is bytes), not a JSON object, nested
+    too deeply, or without a string "text" becomes a HeadscopeError in its place, so it is reported, not dropped,
+    and the other lines go on. Only a file with no text at all is an error of the whole file.
     """
     lines = [line for line in data.splitlines() if line.strip()]
     if not lines:
         raise HeadscopeError(NO_TEXTS.format(source=source))
-    if not lines[0].lstrip().startswith("{"):
-        return lines
+    jsonl = lines[0].lstrip().startswith(b"{" if isinstance(lines[0], bytes) else "{")
     texts: list[str | HeadscopeError] = []
     for number, line in enumerate(lines, 1):
-        try:
-            item = json.loads(line)
-            texts.append(item["text"] if isinstance(item.get("text"), str) else
-                         HeadscopeError(NO_TEXT_FIELD.format(number=number)))
-        except (json.JSONDecodeError, AttributeError):
-            texts.append(HeadscopeError(BAD_JSON.format(number=number)))
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                texts.append(HeadscopeError(NOT_UTF8_LINE.format(number=number, offset=exc.start)))
+                continue
+        texts.append(_jsonl_text(line, number) if jsonl else _checked_text(line, number))
     return texts
+
+
+def _checked_text(text: str, number: int) -> str | HeadscopeError:
+    """The text, or its error when it cannot be written out as UTF-8 (a lone surrogate from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return HeadscopeError(BAD_UNICODE.format(number=number, code=ord(text[exc.start])))
+    return text
+
+
+def _jsonl_text(line: str, number: int) -> str | HeadscopeError:
+    try:
+        item = json.loads(line)
+    except RecursionError:
+        return HeadscopeError(TOO_DEEP.format(number=number))
+    except ValueError:  # not JSON, or an integer past Python's digit limit
+        return HeadscopeError(BAD_JSON.format(number=number))
+    if not isinstance(item, dict):
+        return HeadscopeError(BAD_JSON.format(number=number))
+    if not isinstance(item.get("text"), str):
+        return HeadscopeError(NO_TEXT_FIELD.format(number=number))
+    return _checked_text(item["text"], number)
 
 
 def excerpt(text: str, limit: int = 80) -> str:

@@ -13,8 +13,8 @@ from pathlib import Path
 from analysis import (HeadscopeError, analyze, analyze_induction_probe, check_layers, default_layer, load_model,
                       summarize)
 from analysis.capture import capture
-from analysis.corpus import CorpusAccumulator, excerpt, parse_texts
-from analysis.loading import DEVICE_MAPS, DTYPES
+from analysis.corpus import UNEXPECTED, CorpusAccumulator, excerpt, parse_texts
+from analysis.loading import DEVICE_MAPS, DTYPES, one_line
 from analysis.presets import FIJI
 from reports.html import read_report_results, render_corpus_report, render_index, render_report
 from reports.provenance import results_json
@@ -156,8 +156,13 @@ def read_text(args) -> str:
 
 
 def read_batch(path: Path) -> list[str | HeadscopeError]:
-    """Texts of a batch file: plain lines, or JSONL objects with a "text" field (a bad line becomes its error)."""
-    return parse_texts(read_utf8(path), source=str(path))
+    """Texts of a batch file: plain lines, or JSONL objects with a "text" field (a bad line becomes its error,
+    a line that is not UTF-8 too)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
+    return parse_texts(data, source=str(path))
 
 
 def write_text(out: Path, payload: str) -> None:
@@ -243,11 +248,13 @@ def run_batch(args) -> None:
             write_text(args.out_dir / entry["file"], render_report(result, head=args.head))
             entry["n_tokens"] = result.n_tokens
             entry["parity"] = max(layer.parity_max_abs_err for layer in result.layers.values())
-        except HeadscopeError as exc:
-            entry["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a text's error is that text's: the others go on
+            message = str(exc) if isinstance(exc, HeadscopeError) else UNEXPECTED.format(kind=type(exc).__name__,
+                                                                                        message=one_line(exc))
+            entry["error"] = message
             if len(acc.records) < number:
-                acc.add_failure(text if isinstance(text, str) else "", str(exc))
-            print(f"headscope: warning: text {number} failed: {exc}", file=sys.stderr)
+                acc.add_failure(text if isinstance(text, str) else "", message)
+            print(f"headscope: warning: text {number} failed: {message}", file=sys.stderr)
         entries.append(entry)
     write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish()))
     write_text(args.out_dir / "index.html", render_index(entries, model, corpus_file=CORPUS_FILE))
