@@ -17,7 +17,8 @@ from analysis.corpus import UNEXPECTED, CorpusAccumulator, excerpt, parse_texts
 from analysis.loading import DEVICE_MAPS, DTYPES, one_line
 from analysis.presets import FIJI
 from reports.html import read_report_results, render_corpus_report, render_index, render_report
-from reports.provenance import results_json
+from reports.provenance import TEXT_FILE, results_json
+from reports.untrusted import needs_text_file
 
 EXIT_BAD_INPUT = 2
 CORPUS_FILE = "corpus.html"
@@ -175,6 +176,28 @@ def write_text(out: Path, payload: str) -> None:
         raise HeadscopeError(f"Cannot write {out}: {exc.strerror}.") from None
 
 
+def text_file_beside(out: Path) -> Path:
+    """Where the text goes when the reproduce command of `out` cannot quote it: OUT's stem + .text.txt."""
+    return Path(TEXT_FILE) if str(out) == "-" else out.with_name(f"{out.stem}.text.txt")
+
+
+def write_text_beside(out: Path, result) -> None:
+    """The text, exactly, beside `out` when its reproduce command reads it from there (reports.provenance)."""
+    if str(out) == "-" or result.induction_probe or not needs_text_file(result.text):
+        return
+    text_file = text_file_beside(out)
+    try:
+        text_file.write_bytes(result.text.encode("utf-8"))  # bytes: the text exactly, \r and NUL included
+    except OSError as exc:
+        raise HeadscopeError(f"Cannot write {text_file}: {exc.strerror}.") from None
+
+
+def write_report(out: Path, result, head: int) -> None:
+    """The HTML report, and beside it the text when its reproduce command cannot quote it."""
+    write_text(out, render_report(result, head=head, text_file=text_file_beside(out).name))
+    write_text_beside(out, result)
+
+
 def write_json(data: dict, out: Path) -> None:
     write_text(out, json.dumps(data, allow_nan=False))
 
@@ -209,9 +232,11 @@ def run_single(args) -> None:
     for warning in result.warnings:
         print(f"headscope: warning: {warning}", file=sys.stderr)
     if args.json is not None:
-        write_json(results_json(result, args.head, args.patterns, ("--json", "results.json")), args.json)
+        write_json(results_json(result, args.head, args.patterns, ("--json", "results.json"),
+                                text_file=text_file_beside(args.json).name), args.json)
+        write_text_beside(args.json, result)
     if args.html is not None:
-        write_text(args.html, render_report(result, head=args.head))
+        write_report(args.html, result, args.head)
     worst = max(layer.parity_max_abs_err for layer in result.layers.values())
     outputs = " and ".join(str(out) for out in (args.json, args.html) if out is not None)
     print(f"headscope: {loaded.info.id}, {result.n_tokens} tokens, layers {sorted(result.layers)}, "
@@ -245,7 +270,7 @@ def run_batch(args) -> None:
             result = summarize(captured, model, layers, exclude_first_token)  # = analyse(), sharing the pass
             acc.add(captured)
             entry["file"] = f"report-{number:04d}.html"
-            write_text(args.out_dir / entry["file"], render_report(result, head=args.head))
+            write_report(args.out_dir / entry["file"], result, args.head)
             entry["n_tokens"] = result.n_tokens
             entry["parity"] = max(layer.parity_max_abs_err for layer in result.layers.values())
         except Exception as exc:  # noqa: BLE001 - a text's error is that text's: the others go on

@@ -34,11 +34,13 @@ from reports.charts import (
 )
 from reports.provenance import (  # noqa: F401 (LIBRARIES, reproduce_command: kept importable from here)
     LIBRARIES,
+    TEXT_FILE,
     build_provenance,
     git_commit,
     library_versions,
     reproduce_command,
 )
+from reports.untrusted import html_literal, needs_text_file, visible
 
 ROOT = Path(__file__).resolve().parents[1]
 # templates/ at the checkout's top level; an installed package carries them as reports/templates (pyproject.toml)
@@ -68,6 +70,8 @@ ENV = Environment(
 )
 ENV.filters["num"] = lambda value: f"{value:.4g}" if abs(value) >= 1e-9 else "0"  # a centred mean's 2.5e-16 is 0
 ENV.filters["sci"] = lambda value: f"{value:.1e}"
+ENV.filters["literal"] = html_literal  # user text: control characters visible, bidirectional text isolated
+ENV.filters["visible"] = visible  # the same where no markup may go (<title>)
 
 
 @functools.cache
@@ -158,10 +162,11 @@ def _chart_context(chart, chart_id: str) -> dict:
     return {"id": chart_id, "spec": spec, "renderer": "canvas" if rows > CANVAS_ROWS else "svg"}
 
 
-def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None) -> dict:
+def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None,
+                         text_file: str = TEXT_FILE) -> dict:
     """Everything the template shows, as plain values; no rendering."""
     generated_at = generated_at or datetime.now(timezone.utc)
-    provenance = build_provenance(result, head, generated_at=generated_at)  # the same block as the JSON's
+    provenance = build_provenance(result, head, generated_at=generated_at, text_file=text_file)  # = the JSON's
     parity_failed = result_parity_failures(result)  # {layer: error} above PARITY_TOLERANCE
     layers = []
     for layer in sorted(result.layers):
@@ -190,16 +195,22 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "parity_tolerance": parity_tolerance(result.model["dtype"]),
         "results": result.to_dict(),  # the provenance is shown above it, outside the (time-free) data
         "results_id": RESULTS_ID,
-        "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items())},
+        "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items()),
+                       "text_file": text_file if not result.induction_probe and needs_text_file(result.text) else None},
         "csp": content_security_policy(),
         "vega_bundle": Markup(vega_bundle()),  # trusted: built by vl-convert, never user input
         "embed_script": Markup(EMBED_SCRIPT),
     }
 
 
-def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_at: datetime | None = None) -> str:
-    """The standalone HTML report for `layers` of `result` (None: every layer it holds)."""
-    context = build_report_context(select_layers(result, layers), head, generated_at)
+def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_at: datetime | None = None,
+                  text_file: str = TEXT_FILE) -> str:
+    """The standalone HTML report for `layers` of `result` (None: every layer it holds).
+
+    `text_file`: the name its reproduce command reads the text from when the text cannot be quoted (see
+    reproduce_command); whoever writes the report writes the text there (`text_file_for`).
+    """
+    context = build_report_context(select_layers(result, layers), head, generated_at, text_file)
     return ENV.get_template("report.html").render(context)
 
 

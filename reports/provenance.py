@@ -13,11 +13,13 @@ from pathlib import Path
 
 from analysis import __version__
 from analysis.results import AnalysisResult
+from reports.untrusted import needs_text_file
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout, or site-packages once installed
 COMMIT_FILE = Path(__file__).with_name("_build_commit.txt")  # written by setup.py's build hook into a wheel
 LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-convert-python")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
+TEXT_FILE = "report.text.txt"  # the text beside the output when a command line cannot carry it (untrusted.py)
 
 
 @functools.cache
@@ -70,12 +72,18 @@ def device_options(model: dict) -> list[str]:
 
 
 def reproduce_command(result: AnalysisResult, head: int = 0,
-                      outputs: tuple[str, ...] = ("--html", "report.html")) -> str:
-    """The command line that recomputes this result; derived from the result, so app and CLI agree."""
+                      outputs: tuple[str, ...] = ("--html", "report.html"), text_file: str = TEXT_FILE) -> str:
+    """The command line that recomputes this result; derived from the result, so app and CLI agree.
+
+    A text that a command line cannot carry (control characters, bidirectional controls, past 100 KB) is read
+    from `text_file`, which the command line writes beside its output.
+    """
     argv = ["python", "-m", "reports", *_option("--model", result.model["id"])]
     probe = result.induction_probe
     if probe:
         argv += ["--induction-probe", str(probe["length"]), "--probe-seed", str(probe["seed"])]
+    elif needs_text_file(result.text):
+        argv += _option("--text-file", text_file)
     else:
         argv += _option("--text", result.text)
     for layer in sorted(result.layers):
@@ -87,7 +95,7 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
 
 
 def build_provenance(result: AnalysisResult, head: int = 0, outputs: tuple[str, ...] = ("--html", "report.html"),
-                     generated_at: datetime | None = None) -> dict:
+                     generated_at: datetime | None = None, text_file: str = TEXT_FILE) -> dict:
     """The provenance block as plain JSON values (libraries as {name: version})."""
     generated_at = generated_at or datetime.now(UTC)
     return {
@@ -95,14 +103,15 @@ def build_provenance(result: AnalysisResult, head: int = 0, outputs: tuple[str, 
         "git_commit": git_commit(),
         "libraries": dict(library_versions()),
         "generated_at": generated_at.strftime(TIME_FORMAT),
-        "command": reproduce_command(result, head, outputs),
+        "command": reproduce_command(result, head, outputs, text_file),
     }
 
 
 def results_json(result: AnalysisResult, head: int = 0, include_patterns: bool = False,
-                 outputs: tuple[str, ...] = ("--json", "results.json"), generated_at: datetime | None = None) -> dict:
+                 outputs: tuple[str, ...] = ("--json", "results.json"), generated_at: datetime | None = None,
+                 text_file: str = TEXT_FILE) -> dict:
     """The results JSON with its provenance (what --json writes and the app downloads)."""
     if include_patterns and "--patterns" not in outputs:
         outputs = ("--patterns", *outputs)
     return {**result.to_dict(include_patterns=include_patterns),
-            "provenance": build_provenance(result, head, outputs, generated_at)}
+            "provenance": build_provenance(result, head, outputs, generated_at, text_file)}

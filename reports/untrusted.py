@@ -1,0 +1,100 @@
+"""Showing and reading what a user hands in: texts, model ids, file names and the app's link values.
+
+Pure functions shared by the HTML reports and the app (no Streamlit here):
+- `visible(text)`: control characters as visible symbols (U+2400 block for C0, "⟨U+202E⟩" for bidirectional
+  controls, C1 controls and lone surrogates), so a NUL or a right-to-left override cannot hide or reorder text;
+- `html_literal(text)`: that, HTML-escaped and inside <bdi> so right-to-left text stays in its own box;
+- `literal(text)`: a Markdown code span that Streamlit shows as the literal characters (no link, image,
+  emoji, colour or LaTeX can come out of it);
+- `parse_link(params)`: the app's link values (model, layer, head, text) with a notice for each bad one.
+"""
+
+from __future__ import annotations
+
+import re
+
+from markupsafe import Markup, escape
+
+BIDI_CONTROLS = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+KEPT = {"\n", "\t"}  # whitespace a <pre> shows as such
+MAX_ARG_BYTES = 100_000  # Linux refuses one command-line argument past 128 KiB
+LINK_INT_MAX = 9_999  # a layer or head from a link: 0..9999 (more than any model has; far below 2**53)
+LINK_MODEL_MAX = 512  # characters of a model id or path from a link
+LINK_TEXT_MAX = 100_000  # characters of a text from a link
+LINK_BAD_NUMBER = "The link's {name} value {value} is not a whole number from 0 to {max}: it was ignored."
+LINK_TOO_LONG = "The link's {name} is longer than {max:,} characters: it was ignored."
+
+
+def _visible_char(char: str) -> str:
+    code = ord(char)
+    if char in KEPT:
+        return char
+    if code < 0x20:
+        return chr(0x2400 + code)  # ␀ ... ␟
+    if code == 0x7F:
+        return "\u2421"  # ␡
+    if 0x80 <= code < 0xA0 or code in BIDI_CONTROLS or 0xD800 <= code < 0xE000 or code in (0x2028, 0x2029):
+        return f"⟨U+{code:04X}⟩"
+    return char
+
+
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029"
+                     "\ud800-\udfff]")
+
+
+def visible(text: str) -> str:
+    """`text` with every control character drawn as a visible symbol (newlines and tabs kept)."""
+    return _HIDDEN.sub(lambda match: _visible_char(match.group()), text)
+
+
+def html_literal(text) -> Markup:
+    """Jinja filter: user text, visible and escaped, isolated from the surrounding text's direction."""
+    return Markup("<bdi>") + escape(visible(str(text))) + Markup("</bdi>")
+
+
+def needs_text_file(text: str) -> bool:
+    """Whether a command line cannot carry `text` as one argument that a person can copy from a page."""
+    return visible(text) != text or len(text.encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES
+
+
+def literal(text) -> str:
+    """`text` as a Markdown code span: Streamlit (st.error, st.markdown, ...) shows its characters as they are."""
+    shown = " ".join(visible(str(text)).split()) or " "
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", shown)), default=0) + 1)
+    pad = " " if shown.startswith("`") or shown.endswith("`") else ""
+    return f"{fence}{pad}{shown}{pad}{fence}"
+
+
+def link_int(params, name: str, notices: list[str]) -> int | None:
+    """A whole number 0..LINK_INT_MAX from the link, or None with a notice (superscripts, 10**20, -1, "x")."""
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    number = int(value) if re.fullmatch(r"[0-9]{1,9}", value) else None  # not isdigit(): "²".isdigit() is True
+    if number is None or not 0 <= number <= LINK_INT_MAX:
+        notices.append(LINK_BAD_NUMBER.format(name=name, value=literal(value[:40]), max=LINK_INT_MAX))
+        return None
+    return number
+
+
+def link_str(params, name: str, limit: int, notices: list[str]) -> str | None:
+    value = params.get(name)
+    if value is not None and len(value) > limit:
+        notices.append(LINK_TOO_LONG.format(name=name, max=limit))
+        return None
+    return value
+
+
+def parse_link(params) -> tuple[dict, list[str]]:
+    """The app's link values: {"model", "layer", "head", "text"} (None where absent or bad) and the notices.
+
+    `params` is st.query_params or any mapping of str to str. A bad value never reaches a widget: it is
+    dropped and a notice (user text quoted with `literal`) says which one and why.
+    """
+    notices: list[str] = []
+    settings = {"model": link_str(params, "model", LINK_MODEL_MAX, notices),
+                "layer": link_int(params, "layer", notices), "head": link_int(params, "head", notices),
+                "text": link_str(params, "text", LINK_TEXT_MAX, notices)}
+    if settings["model"] is not None and not settings["model"].strip():
+        settings["model"] = None
+    return settings, notices
