@@ -147,7 +147,7 @@ def compute_bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, seed: int = S
     values = np.asarray(values, dtype=np.float64)
     n = values.shape[0]
     shape = values.shape[1:]
-    flat = values.reshape(n, -1)  # [text, cell]
+    flat = values.reshape(n, int(np.prod(shape)))  # [text, cell]; -1 fails when no text was analysed
     finite = np.isfinite(flat)  # [text, cell]
     filled = np.where(finite, flat, 0.0)  # [text, cell]
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -5,7 +5,8 @@ Pure functions shared by the HTML reports and the app (no Streamlit here):
   controls, C1 controls and lone surrogates), so a NUL or a right-to-left override cannot hide or reorder text;
 - `html_literal(text)`: that, HTML-escaped and inside <bdi> so right-to-left text stays in its own box;
 - `literal(text)`: a Markdown code span that Streamlit shows as the literal characters (no link, image,
-  emoji, colour or LaTeX can come out of it);
+  emoji, colour or LaTeX can come out of it), for quoting a value;
+- `plain(text)`: a whole sentence escaped for Markdown, for messages that quote user input (st.error);
 - `parse_link(params)`: the app's link values (model, layer, head, text) with a notice for each bad one.
 """
 
@@ -63,6 +64,19 @@ def literal(text) -> str:
     fence = "`" * (max((len(run) for run in re.findall(r"`+", shown)), default=0) + 1)
     pad = " " if shown.startswith("`") or shown.endswith("`") else ""
     return f"{fence}{pad}{shown}{pad}{fence}"
+
+
+_MARKDOWN = re.compile(r"""[\\`*_\[\]<>#+!|~$@&]|:(?=\S)|(?<=www)\.""", re.IGNORECASE)
+
+
+def plain(text) -> str:
+    """A whole sentence for Streamlit's Markdown (st.error, st.info, labels): it shows exactly these characters.
+
+    Every character that can start Markdown (links, images, emphasis, code, HTML, LaTeX `$`, Streamlit's
+    `:red[...]` and `:material/...:`) is backslash-escaped, and so are the ":" of "http:" and the "." of "www."
+    and "@", which GitHub-flavoured Markdown would turn into links. Whitespace runs become one space.
+    """
+    return _MARKDOWN.sub(lambda match: "\\" + match.group(), " ".join(visible(str(text)).split()))
 
 
 def link_int(params, name: str, notices: list[str]) -> int | None:

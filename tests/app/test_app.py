@@ -253,7 +253,8 @@ def test_head_out_of_range_is_an_error():
     assert len(errors(at)) == 1 and "Head 12 is out of range" in errors(at)[0]
 
 
-def test_unsupported_architecture_names_the_supported_families(t5_path):
+def test_unsupported_architecture_names_the_supported_families(t5_path, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(t5_path))  # the app loads local checkpoints only from these
     at = run_app()
     at = submit(at, model_typed=str(t5_path))
     assert not at.exception
@@ -263,6 +264,7 @@ def test_unsupported_architecture_names_the_supported_families(t5_path):
 
 def test_a_causal_model_notes_that_first_token_self_attention_is_one(gpt2_path, forward_calls, monkeypatch):
     monkeypatch.setenv("HEADSCOPE_MODEL", str(gpt2_path))  # the deployment's default model (README: Community Cloud)
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(gpt2_path))  # ... a local one under the operator's directories
     at = run_app(layer="6", head="3")
     assert not at.exception and not errors(at)
     softmax = chart_titled(charts(at), "Softmax attention weights")
