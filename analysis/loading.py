@@ -322,7 +322,8 @@ def _read_config(path: Path):
     for name, _ in CONFIG_SIZES:
         value = getattr(config, name, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise HeadscopeError(BAD_SIZE.format(path=path, field=name, value=value, need="it must be a positive integer"))
+            raise HeadscopeError(BAD_SIZE.format(path=path, field=name, value=value,
+                                                 need="it must be a positive integer"))
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     if kv_heads is not None and (not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads):
         raise HeadscopeError(BAD_SIZE.format(path=path, field="num_key_value_heads", value=kv_heads,

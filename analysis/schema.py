@@ -9,6 +9,7 @@ token id per token, one Q mean per head, ...). Anything else is one HeadscopeErr
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from analysis.errors import HeadscopeError
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "headscope.results-1.schema.json"
 MAX_INT_DIGITS = 20
 MAX_QUOTED = 120  # characters of a bad value quoted in a message
+MAX_ERRORS = 100  # schema errors looked at to pick the one to report
 
 BAD_JSON = "{what} is not valid JSON ({why})."
 NOT_RESULTS = "{what} is not a headscope.results/1 document: {where} {why}."
@@ -96,7 +98,7 @@ def validate_results(data, what: str = "The document") -> dict:
     from jsonschema.exceptions import best_match
 
     try:
-        error = best_match(_validator().iter_errors(data))
+        error = best_match(itertools.islice(_validator().iter_errors(data), MAX_ERRORS))  # bounded work
     except RecursionError:
         raise HeadscopeError(NOT_RESULTS.format(what=what, where="the document", why="is nested too deeply")) from None
     if error is not None:

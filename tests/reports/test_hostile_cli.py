@@ -1,0 +1,205 @@
+"""Hostile input on the command line: tampered reports, damaged checkpoints, odd characters, bad batch lines.
+
+Every case is one line on stderr starting "headscope: error: " and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+
+import pytest
+from markupsafe import escape
+
+from reports.__main__ import main
+from tests.analysis.test_hostile_loading import DAMAGES
+
+RESULTS = re.compile(r'(<script type="application/json" id="headscope-results">)(.*?)(</script>)', re.DOTALL)
+BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f"
+
+
+def run_cli(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def assert_one_line_error(code, lines, pattern):
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("headscope: error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture(scope="module")
+def report(gpt2_path, tmp_path_factory):
+    """A real report and the --json written for the same analysis."""
+    out = tmp_path_factory.mktemp("report")
+    assert main(["--model", str(gpt2_path), "--text", "The cat sat on the mat.", "--html", str(out / "r.html"),
+                 "--json", str(out / "r.json")]) == 0
+    return out / "r.html", json.loads((out / "r.json").read_text())
+
+
+def tampered(report_path, tmp_path, payload: str):
+    page = report_path.read_text(encoding="utf-8")
+    out = tmp_path / "tampered.html"
+    out.write_text(RESULTS.sub(lambda m: m.group(1) + payload + m.group(3), page, count=1), encoding="utf-8")
+    return out
+
+
+def test_an_untouched_report_reads_back_equal_to_its_json(report, tmp_path, capsys):
+    path, written = report
+    code, lines = run_cli(capsys, "--from-report", path, "--json", tmp_path / "back.json")
+    assert code == 0, lines
+    assert json.loads((tmp_path / "back.json").read_text()) == written
+
+
+def _edit(results: dict, change) -> str:
+    data = json.loads(json.dumps(results))
+    change(data)
+    return json.dumps(data)
+
+
+TAMPERED = {
+    "invalid JSON": (lambda good: '{"schema": "headscope.results/1", oops}',
+                     r"The results JSON in .*tampered\.html is not valid JSON \(Expecting property name .* line 1 "),
+    "NaN": (lambda good: json.dumps(good).replace('"parity_max_abs_err": 0.0', '"parity_max_abs_err": NaN', 1),
+            r"is not valid JSON \(NaN is not a JSON number\)\.$"),
+    "Infinity": (lambda good: '{"a": -Infinity}', r"is not valid JSON \(-Infinity is not a JSON number\)\.$"),
+    "1e999999": (lambda good: '{"a": 1e999999}', r"is not valid JSON \(the number 1e999999 is too large for a float\)"),
+    "5000-digit integer": (lambda good: '{"a": ' + "7" * 5000 + "}",
+                           r"is not valid JSON \(an integer of 5000 digits\)\.$"),
+    "nested 100k deep": (lambda good: "[" * 100_000 + "]" * 100_000,
+                         r"is not valid JSON \(it is nested too deeply\)\.$"),
+    "a list": (lambda good: "[1, 2, 3]", (r"is not a headscope\.results/1 document: the document must be of type "
+                                         r"object, not list\.$")),
+    "wrong schema": (lambda good: _edit(good, lambda d: d.update(schema="headscope.results/2")),
+                     r"at schema must be 'headscope\.results/1', not 'headscope\.results/2'\.$"),
+    "missing field": (lambda good: _edit(good, lambda d: d.pop("layers")),
+                      r"is not a headscope\.results/1 document: the document lacks the field 'layers'\.$"),
+    "missing layer field": (lambda good: _edit(good, lambda d: d["layers"]["6"].pop("q_means")),
+                            r"at layers\.6 lacks the field 'q_means'\.$"),
+    "huge integer": (lambda good: _edit(good, lambda d: d["model"].update(n_layers=10**15)),
+                     r"at model\.n_layers is 1000000000000000, out of the allowed range \(maximum 1000000\)\.$"),
+    "huge float": (lambda good: _edit(good, lambda d: d["layers"]["6"].update(parity_max_abs_err=1e300)),
+                   r"at layers\.6\.parity_max_abs_err is 1e\+300, out of the allowed range"),
+    "wrong type": (lambda good: _edit(good, lambda d: d.update(tokens="abc")),
+                   r"at tokens must be of type array, not str\.$"),
+    "a probability above 1": (lambda good: _edit(good, lambda d: d["layers"]["6"]["sink_mass"].__setitem__(0, 7.0)),
+                              r"at layers\.6\.sink_mass\[0\] is 7\.0, out of the allowed range"),
+    "sizes disagree": (lambda good: _edit(good, lambda d: d["token_ids"].pop()),
+                       r"is not a consistent headscope\.results/1 document: 7 tokens but 6 token ids\.$"),
+    "a layer past the model": (lambda good: _edit(good, lambda d: d["layers"].update({"99": d["layers"]["6"]})),
+                               r"not a consistent .*: layer 99 but the model has 8 layers\.$"),
+    "heads disagree": (lambda good: _edit(good, lambda d: d["layers"]["6"]["first_self"].pop()),
+                       r"layer 6 has 11 first_self values for 12 heads\.$"),
+    "a huge list": (lambda good: _edit(good, lambda d: d.update(tokens=list(range(100_000)))),
+                    r"at tokens\[\d+\] must be of type string, not int\.$"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_tampered_report_is_one_line_and_exit_2(report, tmp_path, capsys, case):
+    path, good = report
+    payload, pattern = TAMPERED[case]
+    code, lines = run_cli(capsys, "--from-report", tampered(path, tmp_path, payload(good)), "--json",
+                          tmp_path / "out.json")
+    assert_one_line_error(code, lines, pattern)
+    assert len(lines[0]) < 400
+    assert not (tmp_path / "out.json").exists()  # nothing is written from a tampered report
+
+
+def test_a_report_that_is_not_utf8_or_not_a_report(tmp_path, capsys):
+    (tmp_path / "bytes.html").write_bytes(b"<html>\xff\xfe</html>")
+    code, lines = run_cli(capsys, "--from-report", tmp_path / "bytes.html", "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, r"bytes\.html is not UTF-8 text \(bad byte at offset 6\)")
+    (tmp_path / "plain.html").write_text("<html>hello</html>")
+    code, lines = run_cli(capsys, "--from-report", tmp_path / "plain.html", "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, r"holds no headscope results")
+    code, lines = run_cli(capsys, "--from-report", tmp_path, "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, r"Cannot read .*: Is a directory\.$")
+
+
+@pytest.mark.parametrize("seed, why", [("-1", "-1 is outside 0..4294967295"), ("4294967296", "is outside"),
+                                       ("x", "'x' is not a whole number"), ("²", "'²' is not a whole number")])
+def test_a_bad_probe_seed_is_one_line(gpt2_path, tmp_path, capsys, seed, why):
+    with pytest.raises(SystemExit) as caught:
+        main(["--model", str(gpt2_path), "--induction-probe", "8", "--probe-seed", seed, "--json", str(tmp_path / "o")])
+    assert caught.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "argument --probe-seed" in lines[0] and why in lines[0], lines
+
+
+@pytest.mark.parametrize("name", list(DAMAGES))
+def test_a_damaged_checkpoint_is_one_line_and_exit_2(gpt2_path, tmp_path, capsys, name):
+    damage, pattern = DAMAGES[name]
+    path = tmp_path / "damaged"
+    shutil.copytree(gpt2_path, path)
+    damage(path)
+    code, lines = run_cli(capsys, "--model", path, "--text", "hello there", "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, pattern)
+    assert "trust_remote_code" not in lines[0]
+
+
+def test_control_characters_are_visible_and_the_reproduce_command_runs(gpt2_path, tmp_path, capsys, monkeypatch):
+    text = "NUL\x00 here\x01, a right-to-left \u202eoverride\u202c and\r\n\x1b[31mescape\x7f."
+    out = tmp_path / "x.html"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", text, "--html", out, "--json", tmp_path / "x.json")
+    assert code == 0, lines
+    page = out.read_text(encoding="utf-8")
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", page.replace("\r\n", "\n"))  # no raw control character
+    assert not any(char in page for char in BIDI_CONTROLS)  # none of them raw (the JSON holds them as \\u escapes)
+    assert "NUL␀ here␁, a right-to-left ⟨U+202E⟩override⟨U+202C⟩ and␍\n␛[31mescape␡." in page
+    assert '<pre id="analysed-text"><bdi>NUL␀' in page
+    # the command reads the text from a file beside the report, and running it recomputes the same analysis
+    assert (tmp_path / "x.text.txt").read_bytes() == text.encode("utf-8")
+    command = re.search(r"<dt>Reproduce with</dt><dd><pre><bdi>(.*?)</bdi></pre>", page).group(1)
+    argv = shlex.split(command.replace("&#39;", "'").replace("&amp;", "&"))
+    assert argv[:3] == ["python", "-m", "reports"] and "--text-file" in argv and "x.text.txt" in argv
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[3:] + ["--json", "again.json"]) == 0
+    again, first = json.loads((tmp_path / "again.json").read_text()), json.loads((tmp_path / "x.json").read_text())
+    assert again["text"] == text and again["tokens"] == first["tokens"] and again["layers"] == first["layers"]
+
+
+def test_a_quotable_text_stays_on_the_command_line(gpt2_path, tmp_path, capsys):
+    code, _ = run_cli(capsys, "--model", gpt2_path, "--text", "Plain 'quoted' text; $HOME", "--html",
+                      tmp_path / "p.html")
+    assert code == 0
+    assert "--text &#39;Plain" in (tmp_path / "p.html").read_text() and not (tmp_path / "p.text.txt").exists()
+
+
+def test_batch_lines_fail_alone_and_odd_characters_stay_in_their_cell(gpt2_path, tmp_path, capsys):
+    lines = [b'{"text": "A first good text."}',
+             b'{"text": "' + "\u202eevil right-to-left text".encode() + b'"}',
+             b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,  # nested 50k deep: RecursionError in json
+             b'{"text": "bad byte \xff here"}',
+             b'{"text": "\\ud800 lone surrogate"}',
+             b'{"text": ' + b"9" * 5000 + b"}",
+             b"[1, 2]",
+             b'{"text": "The last good text."}']
+    batch = tmp_path / "batch.jsonl"
+    batch.write_bytes(b"\n".join(lines))
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", batch, "--out-dir", tmp_path / "out")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").glob("report-*.html")) == [
+        "report-0001.html", "report-0002.html", "report-0008.html"]
+    assert (tmp_path / "out" / "report-0002.text.txt").read_text(encoding="utf-8") == "\u202eevil right-to-left text"
+    index = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "\u202e" not in index and "<bdi>⟨U+202E⟩evil right-to-left text</bdi>" in index
+    for message in ("line 3 is JSON nested too deeply to read.", ("line 4 is not UTF-8 text (bad byte at offset 19 "
+                    "of the line)."), "line 5 holds a lone surrogate (U+D800), which is not text: fix the JSON escape.",
+                    "line 6 is not a JSON object.", "line 7 is not a JSON object."):
+        assert message in index
+    assert err[-1].startswith("headscope: 3 reports, 5 failed")
+
+
+def test_a_batch_where_every_line_fails_still_writes_its_index(gpt2_path, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"x": 1}\n\xff\xfe\n')
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "bad.jsonl", "--out-dir", tmp_path / "o")
+    assert code == 0, err
+    assert err[-1].startswith("headscope: 0 reports, 2 failed")
+    assert str(escape('line 1 has no string "text" field.')) in (tmp_path / "o" / "index.html").read_text()
+    assert "Failed texts" in (tmp_path / "o" / "corpus.html").read_text()
