@@ -77,7 +77,8 @@ DAMAGES = {
     "n_head 0": (zero_heads, r"config\.json is not usable: num_attention_heads is 0, it must be a positive integer\."),
     "no tokenizer": (no_tokenizer, r"holds no usable tokenizer .*tokenizer\.save_pretrained\(dir\)\."),
     "auto_map": (custom_code, (r"config\.json asks for custom model code \(auto_map, model type 'custom_x'\); "
-                              r"headscope never runs code from a checkpoint\. Use a checkpoint of a supported family: BERT, ")),
+                              r"headscope never runs code from a checkpoint\. Use a checkpoint of a supported "
+                              r"family: BERT, ")),
     "config not JSON": (config_not_json, r"config\.json is not a readable transformers configuration \(.*\): re-save"),
     "config a list": (config_a_list, (r"config\.json is not a readable transformers configuration \(it is not a JSON "
                                      r"object\)")),
