@@ -67,10 +67,29 @@ def parse_json(text: str, what: str = "The document"):
 
 @functools.cache
 def _validator():
-    from jsonschema import Draft202012Validator
+    """The schema's validator, with a fast path for the long arrays of numbers (jsonschema takes ~30 us a number).
+
+    An "items" whose item schema is a reference to one of the schema's number definitions is checked in one pass
+    (types, then numpy's min and max against that definition's bounds); only an array that fails goes through
+    jsonschema's own "items", which then names the first bad element.
+    """
+    import numpy as np
+    from jsonschema import Draft202012Validator, validators
 
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
-    return Draft202012Validator(schema)
+    bounds = {f"#/$defs/{name}": (spec["minimum"], spec["maximum"]) for name, spec in schema["$defs"].items()
+              if spec.get("type") == "number"}
+    items = Draft202012Validator.VALIDATORS["items"]
+
+    def fast_items(validator, item_schema, instance, parent):
+        low_high = bounds.get(item_schema.get("$ref")) if isinstance(item_schema, dict) else None
+        if low_high is not None and isinstance(instance, list) and all(type(x) in (int, float) for x in instance):
+            values = np.asarray(instance, dtype=np.float64)  # [n]
+            if not values.size or (low_high[0] <= values.min() and values.max() <= low_high[1]):
+                return
+        yield from items(validator, item_schema, instance, parent)
+
+    return validators.extend(Draft202012Validator, {"items": fast_items})(schema)
 
 
 def _where(error) -> str:
