@@ -1,0 +1,166 @@
+"""Hostile links and uploads through AppTest: every one ends in a sentence on the page, never Streamlit's exception
+page, and user text is shown as literal characters (escaped for Markdown)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from analysis.loading import REFUSED_PATH
+from reports.untrusted import LINK_BAD_NUMBER, literal, plain
+
+APP = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")
+TIMEOUT = 120
+IMAGE = "![x](http://127.0.0.1:9/pixel.png)"
+LINK = "[Session expired: sign in](http://127.0.0.1:9/login)"
+# Markdown that would make a link or an image: "[...](" or "![" not preceded by a backslash, or a bare URL scheme
+ACTIVE_MARKDOWN = re.compile(r"(?<!\\)!(?<!\\)\[|(?<!\\)\]\(|https?:(?!\\)|(?<!\\)<")
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch):
+    """Cold caches, and no operator settings unless a test sets them."""
+    monkeypatch.delenv("HEADSCOPE_MODEL_DIRS", raising=False)
+    monkeypatch.delenv("HEADSCOPE_MODEL", raising=False)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def run_app(**query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key, value in query.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def errors(at: AppTest) -> list[str]:
+    return [element.value for element in at.error]
+
+
+def warnings(at: AppTest) -> list[str]:
+    return [element.value for element in at.warning]
+
+
+def markdown_texts(at: AppTest) -> list[str]:
+    """Every string the page renders as Markdown: alerts, markdown, captions and the status box's label."""
+    texts = [e.value for kind in (at.error, at.warning, at.info, at.success, at.caption) for e in kind]
+    texts += [e.value for e in at.markdown if "<span" not in e.value]  # the token strip is escaped HTML
+    texts += [e.label for e in at.get("status")]
+    return texts
+
+
+def n_charts(at: AppTest) -> int:
+    return len(at.get("vega_lite_chart"))
+
+
+@pytest.mark.parametrize("payload", [IMAGE, LINK])
+def test_markdown_in_a_link_is_never_rendered(payload):
+    at = run_app(model=payload)
+    assert not at.exception
+    assert errors(at) == [plain(REFUSED_PATH)]  # neither a hub id nor an allowed path
+    texts = markdown_texts(at)
+    assert any(plain(payload) in text for text in texts)  # the status box names it, escaped
+    assert not [text for text in texts if ACTIVE_MARKDOWN.search(text)], texts
+
+
+def test_a_model_id_quoted_in_an_error_is_escaped():
+    at = run_app(model="__bold__")  # a valid hub id, not cached: the message quotes it
+    assert not at.exception
+    (error,) = errors(at)
+    assert "'\\_\\_bold\\_\\_' is not in the local Hugging Face cache" in error
+    assert "'__bold__'" not in error
+
+
+def test_markdown_in_a_typed_model_and_the_text_is_escaped():
+    at = run_app()
+    at.text_input(key="model_typed").set_value(f"{IMAGE} {LINK}")
+    at.button[0].click()
+    at.run()
+    assert not at.exception
+    assert errors(at) == [plain(REFUSED_PATH)]
+    assert not [text for text in markdown_texts(at) if ACTIVE_MARKDOWN.search(text)]
+
+
+@pytest.mark.parametrize("name, value", [("layer", "99999999999999999999"), ("layer", "²"), ("head", "²"),
+                                         ("head", "-1"), ("layer", "1e3"), ("layer", "３"), ("head", " 4")])
+def test_a_bad_number_in_the_link_is_ignored_with_a_notice(name, value):
+    at = run_app(**{name: value})
+    assert not at.exception and not errors(at)
+    assert warnings(at)[0] == LINK_BAD_NUMBER.format(name=name, value=literal(value), max=9999)
+    assert n_charts(at) >= 7  # analysed with the default instead
+    # the link is rewritten with the values used, so a reload does not bring the bad value back
+    assert at.query_params["layer"] == "3" and at.query_params["head"] == "0"
+
+
+def test_refused_paths_get_the_same_message_whether_they_exist_or_not(tmp_path):
+    seen = {}
+    for name in ("/root", "/nonexistent", str(tmp_path), "/etc/passwd", "~", "../../etc"):
+        at = run_app(model=name)
+        assert not at.exception
+        seen[name] = errors(at)
+    assert all(value == [plain(REFUSED_PATH)] for value in seen.values()), seen
+
+
+def test_a_checkpoint_under_an_operator_directory_loads(gpt2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(tmp_path))  # not where the checkpoint is: refused
+    at = run_app(model=str(gpt2_path))
+    assert errors(at) == [plain(REFUSED_PATH)]
+    st.cache_resource.clear()
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", f"{tmp_path}:{gpt2_path.parent}")
+    at = run_app(model=str(gpt2_path), layer="6")
+    assert not at.exception and not errors(at)
+    assert n_charts(at) >= 7
+
+
+def test_a_nul_and_an_override_in_the_text_link(monkeypatch):
+    at = run_app(text="a\x00b \u202eevil")
+    assert not at.exception and not errors(at)
+    downloads = [button.proto.label for button in at.get("download_button")]
+    assert "Download the text (report.text.txt)" in downloads  # the report's reproduce command reads it
+
+
+@pytest.fixture
+def tiny_default(gpt2_path, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_MODEL", str(gpt2_path))
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(gpt2_path))
+
+
+def upload(at: AppTest, name: str, data: bytes) -> AppTest:
+    at.file_uploader(key="corpus_file").set_value((name, data, "text/plain")).run()
+    at.button(key="corpus_run").click().run()
+    return at
+
+
+def test_an_upload_of_too_many_texts_is_refused(tiny_default):
+    at = upload(run_app(), "many.txt", "\n".join(f"text {i}" for i in range(1001)).encode())
+    assert not at.exception
+    assert plain("many.txt holds 1,001 texts; the app analyses at most 1,000 per upload: split the file, or use "
+                 "python -m reports --batch.") in errors(at)
+
+
+def test_an_upload_past_the_byte_limit_is_refused(tiny_default):
+    at = upload(run_app(), "big [x](http://a).txt", b"a" * 5_000_001)
+    assert not at.exception
+    assert "`big [x](http://a).txt` is 5.0 MB; the app takes files up to 5 MB" in " ".join(errors(at))
+
+
+def test_a_deeply_nested_line_costs_only_itself(tiny_default):
+    lines = [b'{"text": "the cat sat on the mat"}', b"[" * 100_000, b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+             b'{"text": "bad \xff byte"}', b'{"text": "a dog ran home"}']
+    at = upload(run_app(), "texts.jsonl", b"\n".join(lines))
+    assert not at.exception and not errors(at)
+    assert any("2 of 5 texts analysed" in caption.value for caption in at.caption)
+    skipped = warnings(at)
+    assert "Text 2 was skipped: line 2 is JSON nested too deeply to read." in skipped
+    assert "Text 3 was skipped: line 3 is JSON nested too deeply to read." in skipped
+    assert "Text 4 was skipped: line 4 is not UTF-8 text (bad byte at offset 14 of the line)." in skipped
+    (spec,) = [json.loads(e.proto.spec) for e in at.get("vega_lite_chart") if "mean over 2 texts" in e.proto.spec]
+    assert spec
