@@ -66,17 +66,20 @@ def literal(text) -> str:
     return f"{fence}{pad}{shown}{pad}{fence}"
 
 
-_MARKDOWN = re.compile(r"""[\\`*_\[\]<>#+!|~$@&]|:(?=\S)|(?<=www)\.""", re.IGNORECASE)
+_MARKDOWN = re.compile(r"""[\\`*_\[\]<>#+!|~$&]|:(?=\S)""")
+_AUTOLINK = re.compile(r"://|www\.|@|mailto:|xmpp:", re.IGNORECASE)
 
 
 def plain(text) -> str:
     """A whole sentence for Streamlit's Markdown (st.error, st.info, labels): it shows exactly these characters.
 
     Every character that can start Markdown (links, images, emphasis, code, HTML, LaTeX `$`, Streamlit's
-    `:red[...]` and `:material/...:`) is backslash-escaped, and so are the ":" of "http:" and the "." of "www."
-    and "@", which GitHub-flavoured Markdown would turn into links. Whitespace runs become one space.
+    `:red[...]` and `:material/...:`) is backslash-escaped. A word that GitHub-flavoured Markdown would turn into
+    a link by itself (a URL, "www.", an e-mail address) goes into a code span instead: that autolinking runs on
+    the text after escapes are resolved, so a backslash does not stop it. Whitespace runs become one space.
     """
-    return _MARKDOWN.sub(lambda match: "\\" + match.group(), " ".join(visible(str(text)).split()))
+    return " ".join(literal(word) if _AUTOLINK.search(word) else _MARKDOWN.sub(lambda m: "\\" + m.group(), word)
+                    for word in visible(str(text)).split())
 
 
 def link_int(params, name: str, notices: list[str]) -> int | None:

@@ -18,8 +18,14 @@ APP = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")
 TIMEOUT = 120
 IMAGE = "![x](http://127.0.0.1:9/pixel.png)"
 LINK = "[Session expired: sign in](http://127.0.0.1:9/login)"
-# Markdown that would make a link or an image: "[...](" or "![" not preceded by a backslash, or a bare URL scheme
-ACTIVE_MARKDOWN = re.compile(r"(?<!\\)!(?<!\\)\[|(?<!\\)\]\(|https?:(?!\\)|(?<!\\)<")
+# Outside code spans: Markdown that would make a link or an image ("![", "](" not escaped), or a bare URL, a
+# "www." or an e-mail address, which GitHub-flavoured Markdown links by itself even when escaped
+CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+ACTIVE_MARKDOWN = re.compile(r"(?<!\\)!(?<!\\)\[|(?<!\\)\]\(|://|www\.|@|(?<!\\)<")
+
+
+def active_markdown(text: str) -> bool:
+    return bool(ACTIVE_MARKDOWN.search(CODE_SPAN.sub("", text)))
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +74,7 @@ def test_markdown_in_a_link_is_never_rendered(payload):
     assert errors(at) == [plain(REFUSED_PATH)]  # neither a hub id nor an allowed path
     texts = markdown_texts(at)
     assert any(plain(payload) in text for text in texts)  # the status box names it, escaped
-    assert not [text for text in texts if ACTIVE_MARKDOWN.search(text)], texts
+    assert not [text for text in texts if active_markdown(text)], texts
 
 
 def test_a_model_id_quoted_in_an_error_is_escaped():
@@ -86,7 +92,7 @@ def test_markdown_in_a_typed_model_and_the_text_is_escaped():
     at.run()
     assert not at.exception
     assert errors(at) == [plain(REFUSED_PATH)]
-    assert not [text for text in markdown_texts(at) if ACTIVE_MARKDOWN.search(text)]
+    assert not [text for text in markdown_texts(at) if active_markdown(text)]
 
 
 @pytest.mark.parametrize("name, value", [("layer", "99999999999999999999"), ("layer", "²"), ("head", "²"),
@@ -150,6 +156,7 @@ def test_an_upload_past_the_byte_limit_is_refused(tiny_default):
     at = upload(run_app(), "big [x](http://a).txt", b"a" * 5_000_001)
     assert not at.exception
     assert "`big [x](http://a).txt` is 5.0 MB; the app takes files up to 5 MB" in " ".join(errors(at))
+    assert not [text for text in errors(at) if active_markdown(text)]
 
 
 def test_a_deeply_nested_line_costs_only_itself(tiny_default):
