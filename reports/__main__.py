@@ -23,6 +23,7 @@ from reports.untrusted import needs_text_file
 EXIT_BAD_INPUT = 2
 CORPUS_FILE = "corpus.html"
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
+NOT_UTF8_ARG = "--text is not UTF-8 text (bad byte at character {offset}): save the text as UTF-8 and use --text-file."
 
 
 MAX_SEED = 2**32 - 1
@@ -152,7 +153,12 @@ def read_utf8(path: Path) -> str:
 
 def read_text(args) -> str:
     if args.text_file is None:
-        return FIJI if args.text is None else args.text
+        text = FIJI if args.text is None else args.text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes the terminal's encoding could not decode (surrogate escapes)
+            raise HeadscopeError(NOT_UTF8_ARG.format(offset=exc.start)) from None
+        return text
     return read_utf8(args.text_file)
 
 

@@ -203,3 +203,10 @@ def test_a_batch_where_every_line_fails_still_writes_its_index(gpt2_path, tmp_pa
     assert err[-1].startswith("headscope: 0 reports, 2 failed")
     assert str(escape('line 1 has no string "text" field.')) in (tmp_path / "o" / "index.html").read_text()
     assert "Failed texts" in (tmp_path / "o" / "corpus.html").read_text()
+
+
+def test_a_text_argument_that_is_not_utf8_is_one_line(gpt2_path, tmp_path, capsys):
+    undecodable = b"ab\xffcd".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", undecodable, "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, r"--text is not UTF-8 text \(bad byte at character 2\): save the text as "
+                                       r"UTF-8 and use --text-file\.$")
