@@ -57,6 +57,7 @@ NOT_CACHED_OFFLINE = (
 )
 NOT_FOUND = "No local directory '{name}' exists and it is not a valid Hugging Face model id."
 NOT_ON_HUB = "'{name}' is not a model on the Hugging Face hub (or it is private); check the spelling."
+NO_MODEL = "No model was given: name a hub id (e.g. gpt2), a local checkpoint directory, or auto."
 MODEL_DIRS_ENV = "HEADSCOPE_MODEL_DIRS"  # the app's allowed checkpoint directories, os.pathsep-separated
 # One message whether the path exists or not, so the app tells a visitor nothing about the server's files.
 REFUSED_PATH = (
@@ -222,6 +223,8 @@ def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None) -
     line): any local directory.
     """
     name = name_or_path.strip()
+    if not name:
+        raise HeadscopeError(NO_MODEL)
     if allowed_roots is not None and name != "auto" and name.lower() not in BUNDLED_ALIASES:
         local = check_app_model_path(name, allowed_roots)
         if local is not None:

@@ -166,3 +166,10 @@ def test_load_model_applies_the_policy_only_when_asked(gpt2_path, tmp_path):
         load_model(str(gpt2_path), allowed_roots=[tmp_path / "elsewhere"])
     assert load_model(str(gpt2_path), allowed_roots=[gpt2_path.parent]).info.n_layers == 8
     assert load_model(str(gpt2_path)).info.n_layers == 8  # the command line: any path
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_an_empty_model_name_is_not_the_current_directory(name):
+    with pytest.raises(HeadscopeError, match=r"^No model was given: name a hub id \(e\.g\. gpt2\), a local checkpoint "
+                                             r"directory, or auto\.$"):
+        load_model(name)
