@@ -17,6 +17,7 @@ import pandas as pd
 
 from analysis.metrics import key_head_of
 from analysis.results import AnalysisResult
+from reports.untrusted import visible
 
 MAX_POINTS = 1500  # per group of a strip chart
 MAX_AXIS_CELLS = 70  # heatmap cells per axis: 70 x 70 = 4,900 rows, under Altair's 5,000
@@ -49,8 +50,9 @@ def key_head_label(layer: int, kv_head: int) -> str:
 
 
 def display_token(token: str) -> str:
-    """A token with its whitespace made visible: a leading space as '␣', a newline as '↵'."""
-    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+    """A token with its whitespace made visible: a leading space as '␣', a newline as '↵', control characters as
+    reports.untrusted.visible draws them (␀, ⟨U+202E⟩, ...)."""
+    return visible(token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")) or "∅"
 
 
 def _title(result: AnalysisResult, layer: int, what: str, subtitle: str | list[str] = "") -> alt.TitleParams:

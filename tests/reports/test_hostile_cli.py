@@ -210,3 +210,13 @@ def test_a_text_argument_that_is_not_utf8_is_one_line(gpt2_path, tmp_path, capsy
     code, lines = run_cli(capsys, "--model", gpt2_path, "--text", undecodable, "--json", tmp_path / "o.json")
     assert_one_line_error(code, lines, r"--text is not UTF-8 text \(bad byte at character 2\): save the text as "
                                        r"UTF-8 and use --text-file\.$")
+
+
+def test_chart_labels_show_control_characters(gpt2):
+    from analysis import analyze
+    from reports.charts import build_layer_charts
+
+    result = analyze(gpt2, "a\x00b \u202ec d", [6], keep_patterns=True)
+    specs = json.dumps([item.chart.to_dict() for item in build_layer_charts(result, 6, 0)], ensure_ascii=False)
+    assert "␀" in specs and "⟨U+202E⟩" in specs
+    assert "\\u0000" not in specs and "\u202e" not in specs
