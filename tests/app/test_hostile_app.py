@@ -126,6 +126,15 @@ def test_a_checkpoint_under_an_operator_directory_loads(gpt2_path, tmp_path, mon
     assert n_charts(at) >= 7
 
 
+def test_the_operator_directories_can_come_from_a_streamlit_secret(gpt2_path):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.secrets["HEADSCOPE_MODEL_DIRS"] = str(gpt2_path.parent)  # Settings -> Secrets on Community Cloud
+    at.query_params["model"] = str(gpt2_path)
+    at.run()
+    assert not at.exception and not errors(at)
+    assert n_charts(at) >= 7
+
+
 def test_a_nul_and_an_override_in_the_text_link(monkeypatch):
     at = run_app(text="a\x00b \u202eevil")
     assert not at.exception and not errors(at)
