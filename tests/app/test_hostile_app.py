@@ -162,7 +162,7 @@ def test_an_upload_of_too_many_texts_is_refused(tiny_default):
 
 
 def test_an_upload_past_the_byte_limit_is_refused(tiny_default):
-    at = upload(run_app(), "big [x](http://a).txt", b"a" * 5_000_001)
+    at = upload(run_app(), "big [x](http://a).txt", b"a" * (5 * 2**20 + 1))  # Streamlit's MB are MiB
     assert not at.exception
     assert "`big [x](http://a).txt` is 5.0 MB; the app takes files up to 5 MB" in " ".join(errors(at))
     assert not [text for text in errors(at) if active_markdown(text)]
