@@ -104,6 +104,9 @@ def test_a_bad_number_in_the_link_is_ignored_with_a_notice(name, value):
     assert n_charts(at) >= 7  # analysed with the default instead
     # the link is rewritten with the values used, so a reload does not bring the bad value back
     assert at.query_params["layer"] == "3" and at.query_params["head"] == "0"
+    at.button[0].click()
+    at.run()
+    assert not warnings(at)  # Analyse with the form's values: the link's notice has done its job
 
 
 def test_refused_paths_get_the_same_message_whether_they_exist_or_not(tmp_path):
