@@ -57,8 +57,8 @@ def test_a_hostile_link_sends_no_request_and_keeps_the_page(served_app, chromium
         # the status box names the model as typed: the Markdown characters are visible, nothing is rendered
         assert page.get_by_text(f"![x]({trap_url}/pixel.png)", exact=False).count() >= 1
         injected = page.locator(f'img[src^="{trap_url}"], a[href^="{trap_url}"]')
-        assert injected.count() == 0, [injected.nth(i).evaluate("e => e.closest('[data-testid]').outerHTML.slice(0, 600)")
-                                       for i in range(injected.count())]
+        where = "e => e.closest('[data-testid]').outerHTML.slice(0, 600)"
+        assert injected.count() == 0, [injected.nth(i).evaluate(where) for i in range(injected.count())]
         notices = page.locator('[data-testid="stAlertContentWarning"]').all_inner_texts()
         assert any("layer value 99999999999999999999" in notice for notice in notices), notices
         assert any("head value ²" in notice for notice in notices), notices
