@@ -16,7 +16,11 @@ from pathlib import Path
 
 from analysis.errors import HeadscopeError
 
-SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "headscope.results-1.schema.json"
+# schemas/ at the checkout's top level; an installed package carries it as analysis/schemas (pyproject.toml)
+SCHEMA_NAME = "headscope.results-1.schema.json"
+_HERE = Path(__file__).resolve()
+SCHEMA_FILE = next((d / SCHEMA_NAME for d in (_HERE.parents[1] / "schemas", _HERE.parent / "schemas")
+                    if (d / SCHEMA_NAME).is_file()), _HERE.parents[1] / "schemas" / SCHEMA_NAME)
 MAX_INT_DIGITS = 20
 MAX_QUOTED = 120  # characters of a bad value quoted in a message
 MAX_ERRORS = 100  # schema errors looked at to pick the one to report

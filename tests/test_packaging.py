@@ -25,7 +25,7 @@ from packaging.utils import canonicalize_name
 import analysis
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "analysis", "reports", "templates")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "analysis", "reports", "templates", "schemas")
 # Needed at run time without an import statement of their own in headscope's code.
 RUNTIME_ONLY = {
     "accelerate": "transformers' device_map='auto' (--device-map auto) needs it",
@@ -183,6 +183,8 @@ def test_console_script_help_json_and_html(installed, gpt2_path, tmp_path):
     assert data["provenance"]["command"].startswith("python -m reports --model ")
     page = (tmp_path / "out.html").read_text()
     assert commit in page and "<script type=\"application/json\" id=\"headscope-results\">" in page
+    back = _run([str(script), "--from-report", "out.html", "--json", "back.json"], tmp_path)  # the schema shipped
+    assert back.returncode == 0, back.stderr
 
 
 def test_python_m_reports_still_works_from_the_checkout(gpt2_path, tmp_path):
