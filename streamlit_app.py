@@ -34,6 +34,7 @@ from analysis import (
 from analysis.cache import ByteBudgetCache
 from analysis.capture import PATTERN_BUDGET, pattern_bytes
 from analysis.corpus import CorpusResult, analyze_corpus, parse_texts
+from analysis.loading import MODEL_DIRS_ENV, allowed_model_dirs, check_app_dir
 from analysis.parity import parity_tolerance, result_parity_failures
 from analysis.presets import FIJI, PRESETS
 from reports.charts import (
@@ -50,6 +51,7 @@ from reports.charts import (
 )
 from reports.html import render_corpus_report, render_report
 from reports.provenance import results_json
+from reports.untrusted import literal, needs_text_file, parse_link, plain
 
 MODELS = {
     "auto": "auto (gpt2 if cached, else the bundled MiniLM)",
@@ -75,7 +77,13 @@ RESULTS_DIR = "corpus_results_dir"  # session-state key of the results folder's 
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
 SCORE_PARAM = re.compile(r"(text|probe):[a-z_]+")  # ?score=text:induction
+MAX_UPLOAD_MB, MAX_UPLOAD_TEXTS = 5, 1000  # the corpus upload's limits (Streamlit's MB are MiB)
+UPLOAD_TOO_LARGE = "{name} is {size:.1f} MB; the app takes files up to {max} MB: use python -m reports --batch instead."
+TOO_MANY_TEXTS = ("{name} holds {n:,} texts; the app analyses at most {max:,} per upload: split the file, or use "
+                  "python -m reports --batch.")
+LINK_NOTICES = "link_notices"  # session state: what was wrong with the link that opened the page
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
+NO_USABLE_TEXT = "{name} holds no text that can be analysed; its first line: {error}"
 PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from the captured q and k differs from the "
                      "model's own attention by up to {err:.1e}, more than the {tolerance:.0e} allowed for {dtype}. "
                      "The figures below may not describe what the model computed.")
@@ -98,9 +106,17 @@ def padded(chart: alt.TopLevelMixin, kind: str = "pad") -> alt.TopLevelMixin:
 # ----------------------------------------------------------------------------------------- cached work
 
 
+def model_dirs() -> list:
+    """The operator's allowed checkpoint directories: HEADSCOPE_MODEL_DIRS, from the environment or a secret."""
+    value = os.environ.get(MODEL_DIRS_ENV)
+    if value is None and st.secrets.load_if_toml_exists():
+        value = st.secrets.get(MODEL_DIRS_ENV)
+    return allowed_model_dirs(os.pathsep.join(value) if isinstance(value, list | tuple) else str(value or ""))
+
+
 @st.cache_resource(max_entries=2, show_spinner=False)
 def get_model(model: str, device: str, dtype: str) -> LoadedModel:
-    return load_model(model, device, dtype)
+    return load_model(model, device, dtype, allowed_roots=model_dirs())  # local paths: only the operator's dirs
 
 
 @st.cache_resource(show_spinner=False)
@@ -141,12 +157,12 @@ def init_state() -> None:
     if DEFAULTS in st.session_state:
         return
     params = st.query_params
-    model = params.get("model", os.environ.get(DEFAULT_MODEL_ENV, "auto"))
+    link, st.session_state[LINK_NOTICES] = parse_link(params)  # a bad value is dropped with a notice
+    model = link["model"] or os.environ.get(DEFAULT_MODEL_ENV, "auto")
     known = model in MODELS
-    as_int = lambda value: int(value) if value is not None and value.isascii() and value.isdigit() else None
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
-                "dtype": "float32", "text": params.get("text", FIJI), LAYER: as_int(params.get(LAYER)),
-                HEAD: as_int(params.get(HEAD)) or 0, "exclude": True, PROBE: params.get(PROBE) == "1"}
+                "dtype": "float32", "text": FIJI if link["text"] is None else link["text"], LAYER: link["layer"],
+                HEAD: link["head"] or 0, "exclude": True, PROBE: params.get(PROBE) == "1"}
     st.session_state[DEFAULTS], st.session_state[TEXT_VERSION], st.session_state[HEAD_VERSION] = defaults, 0, 0
     st.session_state[APPLIED] = settings_from(defaults)
     score = params.get("score")
@@ -185,6 +201,7 @@ def apply_form() -> None:
     values["text"] = state[f"text-{state[TEXT_VERSION]}"]
     state[DEFAULTS].update(values)
     state[APPLIED] = settings_from(values)
+    state[LINK_NOTICES] = []  # the link's bad values no longer matter
 
 
 def fill_preset() -> None:
@@ -260,7 +277,7 @@ def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int,
 
 def load(settings: dict, slot) -> LoadedModel:
     """The model, and the settings' layer resolved (a link without ?layer= shows the default layer, named)."""
-    with slot.status(f"Loading {settings['model']}…", expanded=False):
+    with slot.status(f"Loading {plain(settings['model'])}…", expanded=False):
         loaded = get_model(settings["model"], settings["device"], settings["dtype"])
     info = loaded.info
     if settings["layer"] is None:
@@ -275,9 +292,9 @@ def load(settings: dict, slot) -> LoadedModel:
 
 def analyse(settings: dict, loaded: LoadedModel, slot) -> AnalysisResult:
     keys, text, layer = (settings["model"], settings["device"], settings["dtype"]), settings["text"], settings["layer"]
-    with slot.status(f"Analysing the text with {loaded.info.id}…", expanded=False) as status:
+    with slot.status(f"Analysing the text with {plain(loaded.info.id)}…", expanded=False) as status:
         result = get_result(*keys, text, pattern_layers_for(loaded, text, layer), layer, settings["exclude"])
-        status.update(label=f"Analysed {result.n_tokens} tokens with {loaded.info.id}", state="complete")
+        status.update(label=f"Analysed {result.n_tokens} tokens with {plain(loaded.info.id)}", state="complete")
     slot.empty()  # the model line below says what was analysed
     return result
 
@@ -286,8 +303,8 @@ def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int
     kv = f", {info.n_kv_heads} key heads" if info.n_kv_heads != info.n_heads else ""
     err = result.layers[layer].parity_max_abs_err
     text, json_button, html_button = st.columns([8, 1, 1], vertical_alignment="center")
-    text.markdown(f"**{info.id}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, {info.dtype} on "
-                  f"{info.device}. {info.reason}")
+    text.markdown(f"**{plain(info.id)}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, "
+                  f"{info.dtype} on {info.device}. {plain(info.reason)}")
     if layer in result_parity_failures(result):  # not the quiet caption: these figures may not be the model's
         text.warning(PARITY_FAILED_BOX.format(layer=layer, err=err, dtype=info.dtype,
                                               tolerance=parity_tolerance(info.dtype)))
@@ -303,8 +320,11 @@ def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int
     html_button.download_button("Report", lambda: render_report(result, head=head), mime="text/html",
                                 file_name=f"headscope-{slug}-L{layer}.html", on_click="ignore",
                                 help="Download the HTML report")
+    if needs_text_file(result.text):  # the report's reproduce command reads such a text from this file
+        text.download_button("Download the text (report.text.txt)", result.text.encode("utf-8"),
+                             file_name="report.text.txt", mime="text/plain", on_click="ignore")
     for warning in result.warnings:
-        st.warning(warning)
+        st.warning(plain(warning))
 
 
 def tokens_ui(result: AnalysisResult) -> None:
@@ -316,7 +336,7 @@ def tokens_ui(result: AnalysisResult) -> None:
         title = f"position {pos}, id {int(result.token_ids[pos])}" + (", special token" if pos in special else "")
         spans.append(f'<span title="{html.escape(title)}" style="{TOKEN_CSS}{style}">'
                      f'{html.escape(display_token(token))}</span>')
-    first = f"`{display_token(result.tokens[0])}`" + (" (a special token)" if 0 in special else "")
+    first = literal(display_token(result.tokens[0])) + (" (a special token)" if 0 in special else "")
     effect = ("is left out of the Q/K statistics and the dot products" if result.exclude_first_token
               else "is included in the Q/K statistics and the dot products")
     st.markdown(f"**Tokens** ({result.n_tokens}; special tokens outlined in blue). The first token is {first} at "
@@ -338,7 +358,7 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
                 sources["probe"] = get_probe(settings["model"], settings["device"], settings["dtype"],
                                              settings["exclude"])
         except HeadscopeError as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
     options = [f"{source}:{score}" for source, found in sources.items() for score in found.head_scores]
     if not options:
         return
@@ -420,10 +440,10 @@ def one_text_ui(settings: dict) -> None:
         sidebar_drawn = True
         result = analyse(settings, loaded, slot)
     except HeadscopeError as exc:
-        slot.error(str(exc))  # in the status box's place: no "Loading…" left above the error
+        slot.error(plain(exc))  # in the status box's place: no "Loading…" left above the error
     except Exception as exc:
         log.exception("analysis failed")
-        slot.error(UNEXPECTED.format(kind=type(exc).__name__, message=exc))
+        slot.error(plain(UNEXPECTED.format(kind=type(exc).__name__, message=exc)))
     else:
         st.session_state[LAST_GOOD] = (result, loaded.info, settings)
     if not sidebar_drawn:  # the model did not load: the sidebar still lets the user fix the settings
@@ -441,50 +461,61 @@ def one_text_ui(settings: dict) -> None:
 def corpus_ui(settings: dict) -> None:
     st.markdown("Means over a corpus with bootstrap confidence intervals: one forward pass per text, with the model, "
                 "device, dtype and \"exclude first token\" of the sidebar.")
-    upload = st.file_uploader("One text per line (.txt), or JSON Lines with a \"text\" field (.jsonl)",
-                              type=["txt", "jsonl"], key=CORPUS_FILE)
+    upload = st.file_uploader(f"One text per line (.txt), or JSON Lines with a \"text\" field (.jsonl); up to "
+                              f"{MAX_UPLOAD_TEXTS:,} texts and {MAX_UPLOAD_MB} MB", type=["txt", "jsonl"],
+                              key=CORPUS_FILE, max_upload_size=MAX_UPLOAD_MB)
     if upload is not None and st.button("Analyse the corpus", key="corpus_run", type="primary"):
         try:
-            texts = parse_texts(upload.getvalue().decode("utf-8"), upload.name)
+            if upload.size > MAX_UPLOAD_MB * 2**20:
+                raise HeadscopeError(UPLOAD_TOO_LARGE.format(name=upload.name, size=upload.size / 2**20,
+                                                             max=MAX_UPLOAD_MB))
+            texts = parse_texts(upload.getvalue(), upload.name)  # a line that is not UTF-8 is that line's error
+            if len(texts) > MAX_UPLOAD_TEXTS:
+                raise HeadscopeError(TOO_MANY_TEXTS.format(name=upload.name, n=len(texts), max=MAX_UPLOAD_TEXTS))
+            if not any(isinstance(text, str) for text in texts):  # nothing to analyse: refused, the last results stay
+                raise unusable_upload(upload, texts[0])
             bar = st.progress(0.0, text=f"Analysing {len(texts)} texts…")
             st.session_state[CORPUS] = analyze_corpus(
                 get_model(settings["model"], settings["device"], settings["dtype"]), texts, settings["exclude"],
                 progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} texts"))
             bar.empty()
-        except UnicodeDecodeError as exc:  # errors keep the last corpus results, if any, below them
-            st.error(NOT_UTF8.format(name=upload.name, offset=exc.start))
-        except HeadscopeError as exc:
-            st.error(str(exc))
+        except HeadscopeError as exc:  # errors keep the last corpus results, if any, below them
+            st.error(plain(exc))
     corpus_folder_ui()
     if CORPUS in st.session_state:
         corpus_results_ui(st.session_state[CORPUS])
 
 
-def markdown_literal(text: str) -> str:
-    """`text` shown as it is inside st.error/st.caption (which render Markdown): every punctuation mark escaped."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!<>|~$:])", r"\\\1", text)
-
-
 def corpus_folder_ui() -> None:
-    """Open a results folder written by `python -m reports --batch FILE --results DIR` (local or Ray engine)."""
+    """Open a results folder written by `python -m reports --batch FILE --results DIR` (local or Ray engine).
+
+    Like a local checkpoint, only a folder under the operator's HEADSCOPE_MODEL_DIRS opens (check_app_dir).
+    """
     from analysis.corpus_store import load_results  # pyarrow only; never Ray
 
     folder = st.text_input("…or open a results folder on this machine (python -m reports --batch FILE --results DIR)",
                            key=RESULTS_DIR, placeholder="/path/to/results")
     if folder.strip() and st.button("Open the results folder", key="corpus_open"):
         try:
-            st.session_state[CORPUS] = load_results(folder.strip())
+            st.session_state[CORPUS] = load_results(check_app_dir(folder.strip(), model_dirs()))
         except HeadscopeError as exc:
-            st.error(markdown_literal(str(exc)))
+            st.error(plain(exc))
+
+
+def unusable_upload(upload, first_error: Exception) -> HeadscopeError:
+    try:
+        upload.getvalue().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return HeadscopeError(NOT_UTF8.format(name=upload.name, offset=exc.start))
+    return HeadscopeError(NO_USABLE_TEXT.format(name=upload.name, error=first_error))
 
 
 def corpus_results_ui(corpus: CorpusResult) -> None:
-    model = markdown_literal(str(corpus.model["id"]))  # a results folder's manifest is user input
-    st.caption(f"{corpus.n_analysed} of {len(corpus.texts)} texts analysed with {model}, one forward "
-               f"pass each; {corpus.level:.0%} percentile bootstrap intervals over texts ({corpus.n_boot} resamples, "
-               f"seed {corpus.seed}).")
+    st.caption(f"{corpus.n_analysed} of {len(corpus.texts)} texts analysed with {plain(corpus.model['id'])}, one "
+               f"forward pass each; {corpus.level:.0%} percentile bootstrap intervals over texts ({corpus.n_boot} "
+               f"resamples, seed {corpus.seed}).")  # a results folder's manifest is user input: plain()
     for record in corpus.failures:
-        st.warning(f"Text {record.number} was skipped: {markdown_literal(record.error)}")
+        st.warning(f"Text {record.number} was skipped: {plain(record.error)}")
     chart, table = st.columns([1, 1], gap="medium")
     with chart:
         name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),
@@ -508,6 +539,8 @@ def main() -> None:
     st.set_page_config(page_title="headscope", layout="wide")
     st.html(PAGE_CSS)
     init_state()
+    for notice in st.session_state.get(LINK_NOTICES, []):
+        st.warning(notice)
     one_text, many_texts = st.tabs(["One text", "Many texts (corpus)"])
     with one_text:
         one_text_ui(st.session_state[APPLIED])

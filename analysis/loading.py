@@ -64,6 +64,8 @@ REFUSED_PATH = (
     "This app loads local checkpoints only from the directories its operator lists in HEADSCOPE_MODEL_DIRS, "
     "and the model given is not under one of them: give a Hugging Face hub id (e.g. gpt2) instead."
 )
+REFUSED_DIR = ("This app opens local folders only under the directories its operator lists in HEADSCOPE_MODEL_DIRS, "
+               "and this one is not under them.")
 # What is wrong with a damaged checkpoint, one line each (never advice to run its code).
 BAD_CONFIG = "{path}/config.json is not a readable transformers configuration ({why}): re-save or re-download it."
 CUSTOM_CODE = (
@@ -214,6 +216,16 @@ def check_app_model_path(name: str, allowed_roots: list[Path]) -> Path | None:
     if allowed:
         return local
     raise HeadscopeError(REFUSED_PATH)
+
+
+def check_app_dir(name: str, allowed_roots: list[Path]) -> Path:
+    """A local folder the app may read (a corpus results folder): under one of `allowed_roots`, else REFUSED_DIR,
+    the same message whether it exists or not."""
+    roots = [root for root in (_resolved(Path(r)) for r in allowed_roots) if root is not None]
+    local = _resolved(Path(name.strip())) if name.strip() and "\0" not in name else None
+    if local is None or not any(local.is_relative_to(root) for root in roots):
+        raise HeadscopeError(REFUSED_DIR)
+    return local
 
 
 def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None) -> tuple[str, Path, str]:

@@ -62,6 +62,7 @@ def test_the_induction_probe_runs_once_and_offers_its_scores(minilm, forward_cal
 
 def test_a_corpus_upload_shows_means_with_intervals(gpt2_path, monkeypatch):
     monkeypatch.setenv("HEADSCOPE_MODEL", str(gpt2_path))
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(gpt2_path))  # a local model: under the operator's directories
     at = run_app()
     texts = ["the cat sat on the mat", "", "a dog ran home", "the mat sat on the cat again"]
     at.file_uploader(key="corpus_file").set_value(("texts.txt", "\n".join(texts).encode(), "text/plain")).run()
@@ -81,6 +82,7 @@ def test_a_corpus_upload_shows_means_with_intervals(gpt2_path, monkeypatch):
 
 def test_a_bad_upload_is_a_sentence(gpt2_path, monkeypatch):
     monkeypatch.setenv("HEADSCOPE_MODEL", str(gpt2_path))
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(gpt2_path))  # a local model: under the operator's directories
     at = run_app()
     at.file_uploader(key="corpus_file").set_value(("texts.txt", b"\xff\xfe bad", "text/plain")).run()
     at.button(key="corpus_run").click().run()
