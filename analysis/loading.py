@@ -443,7 +443,7 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
     model.eval()
     tokenizer = _load_tokenizer(path, config)
     info = model_info_from_config(
-        config, id=model_id, path=str(path), revision=_revision(path, weights), dtype=dtype, device=device, reason=reason,
-        device_map=device_map,
+        config, id=model_id, path=str(path), revision=_revision(path, weights), dtype=dtype, device=device,
+        reason=reason, device_map=device_map,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)

@@ -10,8 +10,15 @@ import json
 import sys
 from pathlib import Path
 
-from analysis import (HeadscopeError, analyze, analyze_induction_probe, check_layers, default_layer, load_model,
-                      summarize)
+from analysis import (
+    HeadscopeError,
+    analyze,
+    analyze_induction_probe,
+    check_layers,
+    default_layer,
+    load_model,
+    summarize,
+)
 from analysis.capture import capture
 from analysis.corpus import UNEXPECTED, CorpusAccumulator, excerpt, parse_texts
 from analysis.loading import DEVICE_MAPS, DTYPES, one_line
