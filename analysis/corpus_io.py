@@ -87,7 +87,7 @@ def parse_line(number: int, line: bytes, kind: str, field: str = "text") -> dict
         item = json.loads(line)
     except UnicodeDecodeError as exc:
         return bad_record(number, line, NOT_UTF8.format(offset=exc.start))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past the recursion limit
         item = None
     if not isinstance(item, dict):
         return bad_record(number, line, NOT_JSON)

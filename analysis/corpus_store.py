@@ -152,10 +152,18 @@ class ResultsFolder:
             raise HeadscopeError(NOT_RESULTS.format(path=self.path, manifest=MANIFEST))
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=exc)) from None
         if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
             reason = f"schema is not {MANIFEST_SCHEMA}"
+            raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=reason))
+        model, settings = data.get("model"), data.get("settings")  # a hand-edited manifest: checked before use
+        if not isinstance(model, dict) or not all(type(model.get(key)) is int and model[key] >= 1
+                                                  for key in ("n_layers", "n_heads")):
+            reason = "its model has no positive whole n_layers and n_heads"
+            raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=reason))
+        if not isinstance(settings, dict) or not all(isinstance(settings.get(key), bool) for key in RESULT_SETTINGS):
+            reason = f"its settings lack {' or '.join(RESULT_SETTINGS)} (true or false)"
             raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=reason))
         return data
 

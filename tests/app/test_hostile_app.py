@@ -184,3 +184,17 @@ def test_a_deeply_nested_line_costs_only_itself(tiny_default):
     assert "Text 4 was skipped: line 4 is not UTF-8 text (bad byte at offset 14 of the line)." in skipped
     (spec,) = [json.loads(e.proto.spec) for e in at.get("vega_lite_chart") if "mean over 2 texts" in e.proto.spec]
     assert spec
+
+
+def test_a_results_folder_outside_the_operator_directories_is_refused(tmp_path, monkeypatch):
+    from analysis.loading import REFUSED_DIR
+
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(tmp_path / "allowed"))
+    messages = []
+    for folder in ("/root", "/nonexistent", str(tmp_path), str(tmp_path / "allowed" / ".." / "x")):
+        at = run_app()
+        at.text_input(key="corpus_results_dir").set_value(folder).run()
+        at.button(key="corpus_open").click().run()
+        assert not at.exception
+        messages.append(errors(at))
+    assert messages == [[plain(REFUSED_DIR)]] * 4  # one message whether the folder exists or not
