@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from reports.__main__ import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60  # seconds for the server to answer its health endpoint
@@ -88,6 +92,7 @@ def test_served_app_draws_the_charts_after_analyse(served_app, chromium, tmp_pat
             page.screenshot(path=SCREENSHOT, full_page=True)
         assert_legends(page)
         assert_download_equals_cli_report(page, tmp_path)
+        assert_json_download_carries_provenance(page)
         assert_atlas_click_shows_that_head(page)
         assert_analyse_keeps_the_clicked_head(page)
         assert_the_corpus_tab_opens(page)
@@ -175,3 +180,15 @@ def assert_download_equals_cli_report(page, tmp_path):
     assert len(app_lines) == len(cli_lines)
     differing = [(a, c) for a, c in zip(app_lines, cli_lines) if a != c]
     assert len(differing) <= 1 and all("UTC" in a for a, _ in differing), differing[:2]
+
+
+def assert_json_download_carries_provenance(page):
+    """The app's JSON download (built only when clicked) carries the report's provenance and a runnable command."""
+    with page.expect_download(timeout=60_000) as download_info:
+        page.get_by_role("button", name="JSON", exact=True).click()
+    data = json.loads(Path(download_info.value.path()).read_text(encoding="utf-8"))
+    assert data["schema"] == "headscope.results/1"
+    assert set(data["provenance"]) == {"headscope", "git_commit", "libraries", "generated_at", "command"}
+    args = build_parser().parse_args(shlex.split(data["provenance"]["command"])[3:])
+    assert args.model == "sentence-transformers/all-MiniLM-L6-v2" and args.layer == [3] and args.device == "cpu"
+    assert args.json is not None

@@ -10,13 +10,9 @@ import shlex
 from dataclasses import replace
 from datetime import datetime
 
-import streamlit as st
-from streamlit.testing.v1 import AppTest
-
 from analysis import analyze, analyze_induction_probe
 from reports import provenance
 from reports.__main__ import build_parser, main
-from tests.app.test_app import APP, TIMEOUT
 
 KEYS = {"headscope", "git_commit", "libraries", "generated_at", "command"}
 TEXT = "The cat sat on the mat."
@@ -89,27 +85,3 @@ def test_cli_json_carries_the_reports_provenance(gpt2_path, tmp_path, capsys):
     assert parse(block["command"]).head == 2
 
 
-def test_app_download_carries_the_same_provenance(monkeypatch):
-    made = []
-    real = provenance.results_json
-
-    def recording(*args, **kwargs):
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(provenance, "results_json", recording)  # the app imports it when its script runs
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    try:
-        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-        at.query_params["model"] = "minilm"
-        at.run()
-        assert not at.exception
-    finally:
-        st.cache_data.clear()
-        st.cache_resource.clear()
-    (data,) = made
-    assert set(data["provenance"]) == KEYS and data["schema"] == "headscope.results/1"
-    args = parse(data["provenance"]["command"])
-    assert args.model == "sentence-transformers/all-MiniLM-L6-v2" and args.layer == [3] and args.device == "cpu"
-    assert args.json is not None
