@@ -85,6 +85,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
+    lm: torch.nn.Module | None = None  # load_model(head=True): the model with its LM head; `model` is its base
 
 
 def supported_families() -> str:
@@ -231,11 +232,13 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
 
 
 def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "float32",
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | None = None, head: bool = False) -> LoadedModel:
     """Load a supported model with headscope's capturing attention installed (a pass-through when idle).
 
     `device_map="auto"` hands placement to Accelerate's big-model loading (from_pretrained's device_map):
     the layers are spread over the available GPUs, then CPU memory; `device` is then not used.
+    `head=True` loads the checkpoint's language-model head too (causal or masked LM, by family) as `lm`, with
+    `model` its base; a checkpoint whose weights lack the head (e.g. the bundled MiniLM) gets `lm=None`.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -254,8 +257,10 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
         raise HeadscopeError(UNSUPPORTED.format(arch=arch, model_type=config.model_type, families=supported_families()))
     weights = _weights_files(path)
     register_capture_attention()
-    model = AutoModel.from_pretrained(
+    auto_class = _lm_class(config) if head else AutoModel
+    model, loading_info = auto_class.from_pretrained(
         path,
+        output_loading_info=True,
         config=config,
         attn_implementation=CAPTURE_ATTENTION,
         dtype=DTYPES[dtype],
@@ -264,6 +269,10 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
         local_files_only=True,
         **({} if device_map is None else {"device_map": device_map}),
     )
+    lm = None
+    if auto_class is not AutoModel:  # the head's weights must come from the checkpoint, not a random init
+        full = model if device_map is not None else model.to(device)
+        lm, model = (None if loading_info["missing_keys"] else full.eval()), full.base_model
     if device_map is None:
         model.to(device)
     else:  # Accelerate's hooks move activations between devices; inputs go where the embeddings are
@@ -274,4 +283,12 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
         config, id=model_id, path=str(path), revision=_revision(path, weights), dtype=dtype, device=device, reason=reason,
         device_map=device_map,
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, lm=lm)
+
+
+def _lm_class(config):
+    """AutoModelForCausalLM or AutoModelForMaskedLM for this family (AutoModel if transformers has neither)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto_class = AutoModelForCausalLM if FAMILIES[config.model_type][1] else AutoModelForMaskedLM
+    return auto_class if type(config) in auto_class._model_mapping else AutoModel
