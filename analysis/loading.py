@@ -55,6 +55,7 @@ NOT_CACHED_OFFLINE = (
     "Download it on a machine with internet access, or give a local directory that holds a checkpoint."
 )
 NOT_FOUND = "No local directory '{name}' exists and it is not a valid Hugging Face model id."
+REVISION_HUB_ONLY = "A revision applies to Hugging Face hub ids only, not to '{name}'."
 NOT_ON_HUB = "'{name}' is not a model on the Hugging Face hub (or it is private); check the spelling."
 
 
@@ -116,24 +117,24 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _cached_snapshot(repo_id: str) -> Path | None:
+def _cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=HUB_PATTERNS))
     except HFValidationError:
         return None
     except Exception:  # LocalEntryNotFoundError and friends: simply not cached
         return None
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except RepositoryNotFoundError:
         raise HeadscopeError(NOT_ON_HUB.format(name=repo_id)) from None
     except OSError as exc:
@@ -151,9 +152,14 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
-def resolve_source(name_or_path: str) -> tuple[str, Path, str]:
-    """(model id, checkpoint directory, why this one) without touching the network unless needed."""
+def resolve_source(name_or_path: str, revision: str | None = None) -> tuple[str, Path, str]:
+    """(model id, checkpoint directory, why this one) without touching the network unless needed.
+
+    `revision` (a branch, tag or commit of a hub id, e.g. Pythia's "step1000") applies to hub ids only.
+    """
     name = name_or_path.strip()
+    if revision is not None:
+        return _resolve_revision(name, revision)
     if name == "auto":
         snapshot = _cached_snapshot(GPT2_ID)
         if snapshot is not None and any(snapshot.glob("*.safetensors")):
@@ -174,6 +180,19 @@ def resolve_source(name_or_path: str) -> tuple[str, Path, str]:
     if not _hub_reachable():
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=name, why="not reachable"))
     return name, _download(name), f"{name}, downloaded from the Hugging Face hub."
+
+
+def _resolve_revision(name: str, revision: str) -> tuple[str, Path, str]:
+    path = Path(name).expanduser()
+    if name == "auto" or name.lower() in BUNDLED_ALIASES or path.is_dir() or not _is_hub_id(name):
+        raise HeadscopeError(REVISION_HUB_ONLY.format(name=name))
+    snapshot = _cached_snapshot(name, revision)
+    if snapshot is not None:
+        return name, snapshot, f"{name} at revision {revision} from the local Hugging Face cache."
+    if _hub_offline() or not _hub_reachable():
+        why = "offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "not reachable"
+        raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=f"{name}@{revision}", why=why))
+    return name, _download(name, revision), f"{name} at revision {revision}, downloaded from the Hugging Face hub."
 
 
 def _weights_files(path: Path) -> list[Path]:
@@ -232,7 +251,7 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
 
 
 def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "float32",
-               device_map: str | None = None, head: bool = False) -> LoadedModel:
+               device_map: str | None = None, head: bool = False, revision: str | None = None) -> LoadedModel:
     """Load a supported model with headscope's capturing attention installed (a pass-through when idle).
 
     `device_map="auto"` hands placement to Accelerate's big-model loading (from_pretrained's device_map):
@@ -247,7 +266,7 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise HeadscopeError(f"Unknown device map '{device_map}': use {', '.join(DEVICE_MAPS)}.")
     device = "cpu" if device_map is not None else _resolve_device(device)
-    model_id, path, reason = resolve_source(name_or_path)
+    model_id, path, reason = resolve_source(name_or_path, revision)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.capture import capture
+from analysis.capture import capture, capture_ids
 from analysis.errors import HeadscopeError
 
 POSITION_RANGE = "{what} position {pos} is out of range: the text has positions 0..{last}."
@@ -91,11 +91,12 @@ def neuron_view_from_capture(captured, layer: int, head: int, query_pos: int = -
                                captured.tokens)
 
 
-def neuron_view(loaded, text: str, layer: int, head: int, query_pos: int = -1,
+def neuron_view(loaded, text_or_ids, layer: int, head: int, query_pos: int = -1,
                 key_pos: int | None = None) -> NeuronView:
-    """One forward pass (keeping `layer`'s pattern), then the view."""
+    """One forward pass (keeping `layer`'s pattern) on a text or on token ids as they are, then the view."""
     from analysis import check_layers
 
     check_layers([layer], loaded.info.n_layers)
-    captured = capture(loaded, text, pattern_layers=[layer], keep_patterns=True)
+    run = capture if isinstance(text_or_ids, str) else capture_ids
+    captured = run(loaded, text_or_ids, pattern_layers=[layer], keep_patterns=True)
     return neuron_view_from_capture(captured, layer, head, query_pos, key_pos, loaded.info.causal)
