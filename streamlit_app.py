@@ -587,7 +587,11 @@ def ablation_ui(settings: dict, modes: tuple[str, ...]) -> None:
     mode = mode_col.radio("Ablation", modes, horizontal=True, key="ablation_mode")
     seed = int(seed_col.number_input("Mask seed (encoders' 15% masked positions)", 0, 2**31 - 1, 0, key="ablation_seed"))
     inputs = (settings["model"], settings["device"], settings["dtype"], settings["text"], mode, seed)
-    if st.button("Run the ablation", key="ablation_run"):
+    if not st.checkbox("Run the ablation atlas", key="ablation_run",
+                       help="1 + L*H/16 forward passes of batched copies of the text; rerun when the inputs change."):
+        return
+    stored = st.session_state.get(BEYOND_ABLATION)
+    if stored is None or stored[0] != inputs:
         try:
             bar = st.progress(0.0, text="Loading the model with its LM head…")
             loaded = get_lm(*inputs[:3])
@@ -598,10 +602,7 @@ def ablation_ui(settings: dict, modes: tuple[str, ...]) -> None:
         except Exception as exc:  # noqa: BLE001 (shown as a sentence, logged when unexpected)
             beyond_error(exc)
             return
-    stored = st.session_state.get(BEYOND_ABLATION)
-    if stored is None or stored[0] != inputs:
-        return
-    result = stored[1]
+    result = st.session_state[BEYOND_ABLATION][1]
     st.altair_chart(padded(build_ablation_chart(result, settings["model"])), width="content")
     order = np.argsort(-np.abs(result.delta), axis=None)[:10]  # [10] flat indices of the largest changes
     rows = [{"head": f"L{i // result.delta.shape[1]}H{i % result.delta.shape[1]}",
@@ -651,7 +652,10 @@ def compare_ui(settings: dict, layer: int) -> None:
     ablation = None if mode == "none" else mode
     inputs = (settings["model"], settings["device"], settings["dtype"], settings["text"], model_b.strip(), revision,
               layer, ablation, settings["exclude"])
-    if st.button("Compare", key="compare_run", disabled=not model_b.strip()):
+    if not st.checkbox("Compare", key="compare_run", disabled=not model_b.strip()):
+        return
+    stored = st.session_state.get(BEYOND_COMPARE)
+    if stored is None or stored[0] != inputs:
         try:
             with st.spinner("Running both models…"):
                 loaded_a = get_lm(*inputs[:3]) if ablation else get_model(*inputs[:3])
@@ -662,10 +666,7 @@ def compare_ui(settings: dict, layer: int) -> None:
         except Exception as exc:  # noqa: BLE001
             beyond_error(exc)
             return
-    stored = st.session_state.get(BEYOND_COMPARE)
-    if stored is None or stored[0] != inputs:
-        return
-    result = stored[1]
+    result = st.session_state[BEYOND_COMPARE][1]
     for warning in result.warnings:
         st.warning(md_escape(warning))
     score = st.selectbox("Score", list(result.a.head_scores), format_func=lambda n: SCORE_TITLES.get(n, n),

@@ -48,7 +48,7 @@ def test_first_load_runs_the_model_once_and_nothing_more(lm_paths, monkeypatch, 
 
 def test_ablation_tab_shows_the_atlas(app, lm_paths):
     app.radio(key="ablation_mode").set_value("mean")
-    app.button(key="ablation_run").click().run()
+    app.checkbox(key="ablation_run").check().run()
     assert not app.exception and not errors(app)
     expected = compute_ablation(load_model(str(lm_paths[0]), head=True), FIJI, "mean").delta
     np.testing.assert_allclose(grid(chart_titled(charts(app), "Head ablation (mean)")), expected, rtol=1e-4,
@@ -69,7 +69,7 @@ def test_neuron_tab_bars_sum_to_the_dot_product(app, lm_paths):
 
 def test_two_models_tab_shows_both_atlases_and_their_difference(app, lm_paths):
     app.text_input(key="compare_model").set_value(str(lm_paths[1])).run()
-    app.button(key="compare_run").click().run()
+    app.checkbox(key="compare_run").check().run()
     assert not app.exception and not errors(app)
     app.selectbox(key="compare_score").set_value("entropy").run()
     a = analyze(load_model(str(lm_paths[0])), FIJI, [LAYER]).head_scores["entropy"]
@@ -82,7 +82,7 @@ def test_two_models_tab_shows_both_atlases_and_their_difference(app, lm_paths):
 def test_a_different_tokenizer_is_a_sentence_with_the_id_shown_literally(app, tmp_path):
     other = tiny_gpt2_lm(tmp_path / "vocab[x](http:e)", vocab_size=400)
     app.text_input(key="compare_model").set_value(str(other)).run()
-    app.button(key="compare_run").click().run()
+    app.checkbox(key="compare_run").check().run()
     assert not app.exception
     (message,) = [e for e in errors(app) if "same tokenizer" in e]
     assert "\\[x\\]\\(http:e\\)" in message  # escaped: Markdown shows it as text, not a link
