@@ -13,8 +13,9 @@ What is measured depends on the checkpoint:
   replaced by the mask token (the same positions for the baseline and every head);
 - no LM head (e.g. the bundled MiniLM, an embedding model): the change in the final hidden states,
   the mean over positions of ||h_ablated - h|| / ||h||.
-The hooks act only while this module's plan is set in the current context, so a model shared between threads
-(Streamlit sessions) is not ablated for anyone else.
+The hooks are installed once per model and stay: they act only while this module's plan for that model is set in
+the current context (a ContextVar), so a model shared between threads (Streamlit sessions) is never ablated for
+anyone else, and no thread adds or removes hooks while another one runs the model.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ EMPTY = "The text is empty: type a sentence to ablate on."
 TOO_LONG = "The text is {n} tokens long but {model} accepts at most {limit}: shorten it."
 NO_MASK_TOKEN = "{model}'s tokenizer has no mask token, so its masked-LM loss cannot be measured."
 
+HOOK_ATTRIBUTE = "_headscope_ablation_hook"
 _PLAN: ContextVar[_Plan | None] = ContextVar("headscope_ablation", default=None)
 
 
@@ -102,6 +104,7 @@ class AblationResult:
 class _Plan:
     """What the hooks do in the current pass: record the heads' mean outputs, or ablate one head per row."""
 
+    owner: torch.nn.Module  # the base model whose projections this plan ablates
     n_heads: int
     d_head: int
     rows: Sequence[tuple[int, int] | None] = ()  # per batch row: (layer, head) to ablate, or None
@@ -142,14 +145,22 @@ def out_projections(loaded) -> list[torch.nn.Module]:
     return [found[layer] for layer in range(info.n_layers)]
 
 
-def _hook(layer: int, plan: _Plan):
+def _hook(layer: int, owner: torch.nn.Module):
     def pre_hook(module, args):
-        if _PLAN.get() is not plan:  # another thread's pass, or no ablation running
+        plan = _PLAN.get()
+        if plan is None or plan.owner is not owner:  # no ablation in this context, or one of another model
             return None
         replaced = plan.apply(layer, args[0])
         return None if replaced is None else (replaced, *args[1:])
 
     return pre_hook
+
+
+def install_hooks(loaded) -> None:
+    """The pre-hooks on every attention output projection, once per model (idempotent; inert until a plan is set)."""
+    for layer, module in enumerate(out_projections(loaded)):
+        if getattr(module, HOOK_ATTRIBUTE, None) is None:
+            setattr(module, HOOK_ATTRIBUTE, module.register_forward_pre_hook(_hook(layer, loaded.model)))
 
 
 def encode(loaded, text_or_ids) -> torch.Tensor:
@@ -214,9 +225,8 @@ def compute_ablated(loaded, text_or_ids, targets: Sequence[tuple[int, int] | Non
         ids = ids.clone()
         ids[torch.as_tensor(masked)] = loaded.tokenizer.mask_token_id  # [pos], the same input for every head
     rows = batch_size or auto_batch_size(loaded, ids.numel())
-    plan = _Plan(n_heads=info.n_heads, d_head=info.d_head, means=[None] * info.n_layers, mode=mode)
-    handles = [module.register_forward_pre_hook(_hook(layer, plan)) for layer, module in
-               enumerate(out_projections(loaded))]
+    plan = _Plan(owner=loaded.model, n_heads=info.n_heads, d_head=info.d_head, means=[None] * info.n_layers, mode=mode)
+    install_hooks(loaded)
     token = _PLAN.set(plan)
     n_batches = math.ceil(len(targets) / rows)
     try:
@@ -237,8 +247,6 @@ def compute_ablated(loaded, text_or_ids, targets: Sequence[tuple[int, int] | Non
                     progress(number + 1, n_batches)
     finally:
         _PLAN.reset(token)
-        for handle in handles:
-            handle.remove()
     return {"values": torch.cat(values).cpu().numpy().astype(np.float64) if values else np.empty(0),
             "baseline": baseline, "measure": measure, "masked_positions": tuple(int(p) for p in masked),
             "batch_size": rows, "n_passes": 1 + n_batches}

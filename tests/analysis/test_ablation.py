@@ -116,13 +116,37 @@ def test_batch_size_changes_nothing_and_costs_fewer_passes(gpt2_lm):
     assert five.n_passes == 1 + math.ceil(info.n_layers * info.n_heads / 5)
 
 
-def test_hooks_are_gone_and_the_model_unchanged_afterwards(gpt2_lm):
+def test_hooks_are_inert_outside_an_ablation_and_installed_once(gpt2_lm):
     ids = _ids(gpt2_lm)
     before = _hf_loss(gpt2_lm.lm, ids)
     compute_ablation(gpt2_lm, REPEATS, "zero")
-    assert all(not module._forward_pre_hooks for module in out_projections(gpt2_lm))
+    compute_ablation(gpt2_lm, REPEATS, "mean")
+    assert all(len(module._forward_pre_hooks) == 1 for module in out_projections(gpt2_lm))
     assert ablation._PLAN.get() is None
     assert _hf_loss(gpt2_lm.lm, ids) == before
+
+
+def test_another_thread_running_the_model_meanwhile_is_not_ablated(gpt2_lm):
+    """A second thread's forward pass while the ablation runs sees the unablated model (the plan is per context)."""
+    import threading
+
+    ids = _ids(gpt2_lm)
+    clean = _hf_loss(gpt2_lm.lm, ids)
+    seen = []
+
+    def other_session():
+        while not done.is_set():
+            seen.append(_hf_loss(gpt2_lm.lm, ids))
+
+    done = threading.Event()
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    try:
+        compute_ablation(gpt2_lm, REPEATS, "zero", batch_size=1)
+    finally:
+        done.set()
+        thread.join()
+    assert seen and all(loss == pytest.approx(clean, abs=1e-6) for loss in seen)
 
 
 def test_masked_lm_uses_one_seeded_mask_for_every_head(bert_mlm):
