@@ -7,6 +7,7 @@ templates/partials/beyond.html; `render_report_with` renders the ordinary report
 from __future__ import annotations
 
 import math
+import shlex
 
 from reports.charts import (
     SCORE_EXPLANATIONS,
@@ -97,9 +98,34 @@ def build_beyond_context(result, ablation=None, neuron=None, compare=None) -> di
     }
 
 
+def reproduce_with(command: str, ablation=None, neuron=None, compare=None) -> str:
+    """The report's recompute command with the flags of the sections it holds (before its --html)."""
+    argv = shlex.split(command)
+    if neuron is not None:  # the neuron view is drawn on the first --layer given
+        layers = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--layer"]
+        keep = [arg for i, arg in enumerate(argv) if arg != "--layer" and (i == 0 or argv[i - 1] != "--layer")]
+        ordered = [str(neuron.layer)] + [layer for layer in layers if layer != str(neuron.layer)]
+        at = keep.index("--head") if "--head" in keep else len(keep)
+        argv = keep[:at] + [token for layer in ordered for token in ("--layer", layer)] + keep[at:]
+    extra = []
+    if ablation is not None:
+        extra += ["--ablation", ablation.mode, "--mask-seed", str(ablation.seed)]
+    if neuron is not None:
+        extra += ["--neuron", str(neuron.query_pos), str(neuron.key_pos)]
+    if compare is not None:
+        extra += ["--compare", compare.b.model["id"]]
+        revision = compare.b.model.get("revision", "")
+        if len(revision) == 40 and not revision.startswith("sha256:"):  # a hub commit
+            extra += ["--compare-revision", revision]
+    at = argv.index("--html") if "--html" in argv else len(argv)
+    return shlex.join(argv[:at] + extra + argv[at:])
+
+
 def render_report_with(result, layers=None, head: int = 0, ablation=None, neuron=None, compare=None,
                        generated_at=None) -> str:
     """The standalone report of `result` with the ablation / neuron / comparison sections that were computed."""
     context = build_report_context(select_layers(result, layers), head, generated_at)
     context["beyond"] = build_beyond_context(result, ablation, neuron, compare)
+    provenance = context["provenance"]
+    provenance["command"] = reproduce_with(provenance["command"], ablation, neuron, compare)
     return ENV.get_template("report.html").render(context)

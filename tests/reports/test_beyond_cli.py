@@ -122,3 +122,25 @@ def test_report_sections_draw_offline(chromium, lm_paths, tmp_path, capsys):
         assert page.evaluate("document.querySelectorAll('script:not([type])').length") == 2
     finally:
         context.close()
+
+
+def test_the_reports_command_recomputes_its_sections(lm_paths, tmp_path, capsys):
+    import html as html_lib
+    import re
+    import shlex
+
+    first, report = tmp_path / "first.json", tmp_path / "report.html"
+    argv = ["--model", lm_paths[0], "--text", REPEATS, "--layer", 2, "--layer", 0, "--head", 1, "--ablation", "mean",
+            "--mask-seed", 4, "--neuron", -1, 2, "--compare", lm_paths[1]]
+    code, lines = run_cli(capsys, *argv, "--json", first, "--html", report)
+    assert code == 0, lines
+    shown = re.search(r"Reproduce with</dt><dd><pre>(.*?)</pre>", report.read_text(), re.DOTALL)[1]
+    command = html_lib.unescape(shown)
+    again = shlex.split(command)[3:]  # after "python -m reports"
+    assert again[again.index("--html") + 1] == "report.html" and again.count("--ablation") == 1
+    again[again.index("--html"):again.index("--html") + 2] = ["--json", str(tmp_path / "again.json")]
+    code, lines = run_cli(capsys, *again)
+    assert code == 0, lines
+    one, two = json.loads(first.read_text()), json.loads((tmp_path / "again.json").read_text())
+    assert one["neuron"] == two["neuron"] and one["neuron"]["layer"] == 2
+    assert one["ablation"] == two["ablation"] and one["score_difference"] == two["score_difference"]
