@@ -585,7 +585,8 @@ def ablation_ui(settings: dict, modes: tuple[str, ...]) -> None:
                "and measure how much the model's loss on the text changes: all layers x heads, in batches.")
     mode_col, seed_col = st.columns(2)
     mode = mode_col.radio("Ablation", modes, horizontal=True, key="ablation_mode")
-    seed = int(seed_col.number_input("Mask seed (encoders' 15% masked positions)", 0, 2**31 - 1, 0, key="ablation_seed"))
+    seed = int(seed_col.number_input("Mask seed (encoders' 15% masked positions)", 0, 2**31 - 1, 0,
+                                     key="ablation_seed"))
     inputs = (settings["model"], settings["device"], settings["dtype"], settings["text"], mode, seed)
     if not st.checkbox("Run the ablation atlas", key="ablation_run",
                        help="1 + L*H/16 forward passes of batched copies of the text; rerun when the inputs change."):
@@ -627,8 +628,8 @@ def neuron_ui(settings: dict, layer: int, head: int) -> None:
         query = query_col.selectbox("Query token", range(len(labels)), index=len(labels) - 1,
                                     format_func=labels.__getitem__, key="neuron_query")
         keys = [None, *range(len(labels))]
-        key = key_col.selectbox("Key token", keys, format_func=lambda k: "the most attended" if k is None else labels[k],
-                                key="neuron_key")
+        key = key_col.selectbox("Key token", keys, key="neuron_key",
+                                format_func=lambda k: "the most attended" if k is None else labels[k])
         view = neuron_view_from_capture(captured, layer, head, query, key, loaded.info.causal)
     except Exception as exc:  # noqa: BLE001
         beyond_error(exc)

@@ -113,11 +113,13 @@ def reproduce_with(command: str, ablation=None, neuron=None, compare=None) -> st
     if neuron is not None:
         extra += ["--neuron", str(neuron.query_pos), str(neuron.key_pos)]
     if compare is not None:
-        extra += ["--compare", compare.b.model["id"]]
+        model_b = compare.b.model["id"]
+        extra += [f"--compare={model_b}"] if model_b.startswith("-") else ["--compare", model_b]
         revision = compare.b.model.get("revision", "")
         if len(revision) == 40 and not revision.startswith("sha256:"):  # a hub commit
             extra += ["--compare-revision", revision]
-    at = argv.index("--html") if "--html" in argv else len(argv)
+    outputs = [i for i, arg in enumerate(argv) if arg in ("--html", "--json", "--patterns")]
+    at = outputs[0] if outputs else len(argv)
     return shlex.join(argv[:at] + extra + argv[at:])
 
 

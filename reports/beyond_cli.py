@@ -74,15 +74,22 @@ def compute(loaded, text: str, result, args) -> dict:
 
 
 def json_document(result_doc: dict, extras: dict) -> dict:
-    """The results JSON with "ablation"/"neuron" added, or, with --compare, the headscope.compare/1 document."""
+    """The results JSON with "ablation"/"neuron" added, or, with --compare, the headscope.compare/1 document; its
+    provenance's command carries the flags that recompute them."""
+    from reports.beyond import reproduce_with
+
     if extras["compare"] is not None:  # its "ablation" holds both models' atlases
         doc = extras["compare"].to_dict()
     else:
-        doc = dict(result_doc)
+        doc = {key: value for key, value in result_doc.items() if key != "provenance"}
         if extras["ablation"] is not None:
             doc["ablation"] = extras["ablation"].to_dict()
     if extras["neuron"] is not None:
         doc["neuron"] = extras["neuron"].to_dict()
+    if "provenance" in result_doc:
+        provenance = dict(result_doc["provenance"])
+        provenance["command"] = reproduce_with(provenance["command"], **extras)
+        doc["provenance"] = provenance
     return doc
 
 

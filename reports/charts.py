@@ -666,8 +666,9 @@ def _token_label(tokens, position: int) -> str:
 def build_neuron_products_chart(view) -> alt.Chart:
     """q_i * k_i for each dimension of the head, sorted by magnitude: the bars sum to the unscaled dot product."""
     order = view.order[:NEURON_BARS]  # [dims shown] by decreasing |q_i k_i|
+    signs = np.where(view.products[order] >= 0, "+", "−")  # [dims shown]
     frame = pd.DataFrame({"dimension": order, "rank": np.arange(order.size), "product": view.products[order],
-                          "q": view.q[order], "k": view.k[order], "sign": np.where(view.products[order] >= 0, "+", "−")})
+                          "q": view.q[order], "k": view.k[order], "sign": signs})
     shown = "" if order.size == view.products.size else f" (the {order.size} largest of {view.products.size})"
     title = alt.TitleParams(
         f"q·k by dimension · L{view.layer}H{view.head} · query {_token_label(view.tokens, view.query_pos)} → key "
@@ -713,7 +714,8 @@ def build_neuron_keys_chart(view) -> alt.VConcatChart:
     base = alt.Chart(frame).properties(width=WIDTH, height=HEIGHT // 2)
     dots = base.mark_bar().encode(x=x, y=alt.Y("dot:Q", title="q·k (unscaled)"), color=color, tooltip=tooltip)
     weights = base.mark_bar().encode(x=x, y=alt.Y("weight:Q", title="softmax weight"), color=color, tooltip=tooltip)
-    title = alt.TitleParams(f"Every key of query {_token_label(view.tokens, view.query_pos)} · L{view.layer}H{view.head}",
+    query = _token_label(view.tokens, view.query_pos)
+    title = alt.TitleParams(f"Every key of query {query} · L{view.layer}H{view.head}",
                             anchor="start", subtitle=[("Top: the dot product; bottom: the head's softmax weight "
                                                        "(0 where masked). The selected key is blue.")])
     return alt.vconcat(dots, weights).properties(title=title)
@@ -732,7 +734,8 @@ def build_compare_atlas_chart(compare, score: str, which: str) -> alt.LayerChart
                 if which == "difference" else "Every layer x head, one colour scale for both models; grey: undefined."]
     title = alt.TitleParams(f"{what}{' difference' if which == 'difference' else ''} · {model}", anchor="start",
                             subtitle=subtitle)
-    both = np.concatenate([np.ravel(compare.a.head_scores.get(score, [])), np.ravel(compare.b.head_scores.get(score, []))])
+    both = np.concatenate([np.ravel(compare.a.head_scores.get(score, [])),
+                           np.ravel(compare.b.head_scores.get(score, []))])  # [2 * layer * head]
     both = both[np.isfinite(both)]
     domain = [float(both.min()), float(both.max())] if both.size and both.max() > both.min() else None
     return _grid_chart(values, title, f"Δ {score}" if which == "difference" else score,

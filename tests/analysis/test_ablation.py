@@ -22,7 +22,7 @@ def gpt2_lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minilm_head():
-    return load_model("auto", head=True)
+    return load_model("minilm", head=True)
 
 
 @pytest.fixture(scope="module")

@@ -143,4 +143,7 @@ def test_the_reports_command_recomputes_its_sections(lm_paths, tmp_path, capsys)
     assert code == 0, lines
     one, two = json.loads(first.read_text()), json.loads((tmp_path / "again.json").read_text())
     assert one["neuron"] == two["neuron"] and one["neuron"]["layer"] == 2
+    json_command = shlex.split(one["provenance"]["command"])
+    assert json_command[-2:] == ["--json", "results.json"] and "--compare" in json_command
+    assert json_command[json_command.index("--neuron") + 1:][:2] == [str(one["neuron"]["query_pos"]), "2"]
     assert one["ablation"] == two["ablation"] and one["score_difference"] == two["score_difference"]
