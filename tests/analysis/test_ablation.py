@@ -9,6 +9,7 @@ import torch
 
 from analysis import HeadscopeError, ablation, load_model
 from analysis.ablation import MEASURES, compute_ablated, compute_ablation, encode, mask_positions, out_projections
+from tests.analysis.test_families import BUILDERS
 from tests.conftest import REPEATS
 from tests.lm_checkpoints import tiny_bert_mlm, tiny_gpt2_lm
 
@@ -215,3 +216,37 @@ def test_bad_input_is_one_clear_error(gpt2_lm, text, mode, message):
 def test_one_token_has_no_next_token_loss(gpt2_lm):
     with pytest.raises(HeadscopeError, match="at least 2 tokens"):
         compute_ablation(gpt2_lm, [5], "zero")
+
+
+@pytest.mark.parametrize("model_type", sorted(BUILDERS))
+def test_every_family_matches_an_edited_copy_of_the_weights(model_type, tmp_path):
+    """Zero-ablating head h = zeroing the projection's input columns of h (its weight's rows, for GPT-2's Conv1D):
+    an edited copy of the model, measured by hand (transformers' own loss, or the hidden-state change)."""
+    import re
+
+    loaded = load_model(str(BUILDERS[model_type](tmp_path / model_type)), head=True)
+    info = loaded.info
+    layer, head = info.n_layers - 1, info.n_heads - 1
+    atlas = compute_ablation(loaded, REPEATS, "zero")
+    assert atlas.measure == ablation.measure_of(loaded)
+    full = loaded.lm if loaded.lm is not None else loaded.model
+    edited = copy.deepcopy(full)
+    pattern = re.compile(ablation.OUT_PROJECTIONS[info.family])
+    (proj,) = [m for name, m in edited.named_modules() if (found := pattern.search(name)) and int(found[1]) == layer]
+    cols = slice(head * info.d_head, (head + 1) * info.d_head)
+    with torch.no_grad():
+        if isinstance(proj, torch.nn.Linear):
+            proj.weight[:, cols] = 0  # [out, in]
+        else:  # Conv1D: [in, out]
+            proj.weight[cols] = 0
+    ids = _ids(loaded)
+    if loaded.lm is None:
+        with torch.no_grad():
+            clean = full(input_ids=ids).last_hidden_state[0]  # [pos, d_model]
+            changed = edited(input_ids=ids).last_hidden_state[0]  # [pos, d_model]
+        expected = float(((changed - clean).norm(dim=-1) / clean.norm(dim=-1)).mean())
+    else:
+        assert info.causal  # the family builders save base models: only tied causal heads come back here
+        expected = _hf_loss(edited, ids) - _hf_loss(full, ids)
+    assert atlas.delta[layer, head] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert abs(expected) > 1e-6
