@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
 
 
 def check_arguments(parser, args) -> None:
-    if args.batch is not None:
+    if args.batch is not None or getattr(args, "from_results", None) is not None:
         for flag in ("ablation", "neuron", "compare"):
             if getattr(args, flag) is not None:
                 parser.error(NEEDS_TEXT.format(flag=f"--{flag}"))
