@@ -17,6 +17,7 @@ import os
 import re
 
 import altair as alt
+import numpy as np
 import streamlit as st
 
 from analysis import (
@@ -541,12 +542,173 @@ def main() -> None:
     init_state()
     for notice in st.session_state.get(LINK_NOTICES, []):
         st.warning(notice)
-    one_text, many_texts = st.tabs(["One text", "Many texts (corpus)"])
+    one_text, many_texts, beyond = st.tabs(["One text", "Many texts (corpus)", "Beyond observation"])
     with one_text:
         one_text_ui(st.session_state[APPLIED])
     with many_texts:
         corpus_ui(st.session_state[APPLIED])
+    with beyond:
+        beyond_tab_ui()
     share_link(st.session_state[APPLIED])
+
+
+# --- issue 15: ablation atlas, neuron view, two models (self-contained; called once, from main) ---
+
+BEYOND_ABLATION, BEYOND_COMPARE = "beyond_ablation", "beyond_compare"  # session state: (inputs, result)
+@st.cache_resource(max_entries=1, show_spinner=False)
+def get_lm(model: str, device: str, dtype: str) -> LoadedModel:
+    """The model with its LM head (the ablation's loss); without one in the checkpoint, lm is None."""
+    return load_model(model, device, dtype, allowed_roots=model_dirs(), head=True)
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def get_model_b(model: str, revision: str | None, device: str, dtype: str, head: bool) -> LoadedModel:
+    return load_model(model, device, dtype, allowed_roots=model_dirs(), head=head, revision=revision)
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def get_layer_capture(model: str, device: str, dtype: str, text: str, layer: int) -> Capture:
+    """One pass keeping `layer`'s pattern, for the neuron view (immutable: a resource, not pickled per rerun)."""
+    return capture(get_model(model, device, dtype), text, pattern_layers=[layer], keep_patterns=True)
+
+
+def beyond_error(exc: Exception) -> None:
+    if isinstance(exc, HeadscopeError):
+        st.error(plain(exc))
+    else:
+        log.exception("beyond-observation section failed")
+        st.error(plain(UNEXPECTED.format(kind=type(exc).__name__, message=exc)))
+
+
+def beyond_tab_ui() -> None:
+    """Ablation, neuron view and two models, on the last successful analysis's model, text, layer and head."""
+    if LAST_GOOD not in st.session_state:
+        st.info("Analyse a text first (the One text tab): these views use its model, text, layer and head.")
+        return
+    good = st.session_state[LAST_GOOD][-1]
+    beyond_ui(good, good["layer"], good["head"])
+
+
+def beyond_ui(settings: dict, layer: int, head: int) -> None:
+    from analysis.ablation import MODES
+
+    st.subheader("Beyond observation")
+    ablation_tab, neuron_tab, compare_tab = st.tabs(["Head ablation", "Neuron view", "Two models"])
+    with ablation_tab:
+        ablation_ui(settings, MODES)
+    with neuron_tab:
+        neuron_ui(settings, layer, head)
+    with compare_tab:
+        compare_ui(settings, layer)
+
+
+def ablation_ui(settings: dict, modes: tuple[str, ...]) -> None:
+    from analysis.ablation import compute_ablation
+    from reports.charts import build_ablation_chart
+
+    st.caption("Remove one head's output at a time (zero it, or replace it by its mean over the text's positions) "
+               "and measure how much the model's loss on the text changes: all layers x heads, in batches.")
+    mode_col, seed_col = st.columns(2)
+    mode = mode_col.radio("Ablation", modes, horizontal=True, key="ablation_mode")
+    seed = int(seed_col.number_input("Mask seed (encoders' 15% masked positions)", 0, 2**31 - 1, 0,
+                                     key="ablation_seed"))
+    inputs = (settings["model"], settings["device"], settings["dtype"], settings["text"], mode, seed)
+    if not st.checkbox("Run the ablation atlas", key="ablation_run",
+                       help="1 + L*H/16 forward passes of batched copies of the text; rerun when the inputs change."):
+        return
+    stored = st.session_state.get(BEYOND_ABLATION)
+    if stored is None or stored[0] != inputs:
+        try:
+            bar = st.progress(0.0, text="Loading the model with its LM head…")
+            loaded = get_lm(*inputs[:3])
+            result = compute_ablation(loaded, settings["text"], mode, seed, progress=lambda done, total: bar.progress(
+                done / total, text=f"Ablated batch {done} of {total}"))
+            bar.empty()
+            st.session_state[BEYOND_ABLATION] = (inputs, result)
+        except Exception as exc:  # noqa: BLE001 (shown as a sentence, logged when unexpected)
+            beyond_error(exc)
+            return
+    result = st.session_state[BEYOND_ABLATION][1]
+    st.altair_chart(padded(build_ablation_chart(result, settings["model"])), width="content")
+    order = np.argsort(-np.abs(result.delta), axis=None)[:10]  # [10] flat indices of the largest changes
+    rows = [{"head": f"L{i // result.delta.shape[1]}H{i % result.delta.shape[1]}",
+             "change": float(result.delta.flat[i])} for i in order]
+    st.caption(f"The ten heads whose removal changes the {'loss' if result.is_loss else 'hidden states'} most:")
+    st.dataframe(rows, hide_index=True)
+
+
+def neuron_ui(settings: dict, layer: int, head: int) -> None:
+    from analysis.neuron import neuron_view_from_capture
+    from reports.charts import build_neuron_keys_chart, build_neuron_products_chart, build_neuron_vectors_chart
+
+    st.caption(f"Head L{layer}H{head} (the sidebar's layer and head): one query token, one key token, dimension by "
+               "dimension; the bars q_i × k_i sum to their unscaled dot product.")
+    if not st.toggle("Show the neuron view", key="neuron_on"):
+        return
+    try:
+        captured = get_layer_capture(settings["model"], settings["device"], settings["dtype"], settings["text"], layer)
+        loaded = get_model(settings["model"], settings["device"], settings["dtype"])
+        labels = [f"{i}: {display_token(t)}" for i, t in enumerate(captured.tokens)]
+        query_col, key_col = st.columns(2)
+        query = query_col.selectbox("Query token", range(len(labels)), index=len(labels) - 1,
+                                    format_func=labels.__getitem__, key="neuron_query")
+        keys = [None, *range(len(labels))]
+        key = key_col.selectbox("Key token", keys, key="neuron_key",
+                                format_func=lambda k: "the most attended" if k is None else labels[k])
+        view = neuron_view_from_capture(captured, layer, head, query, key, loaded.info.causal)
+    except Exception as exc:  # noqa: BLE001
+        beyond_error(exc)
+        return
+    for chart in (build_neuron_products_chart(view), build_neuron_vectors_chart(view), build_neuron_keys_chart(view)):
+        st.altair_chart(padded(chart), width="content")
+
+
+def compare_ui(settings: dict, layer: int) -> None:
+    from analysis.compare import compare_models
+    from reports.charts import build_compare_ablation_chart, build_compare_atlas_chart, build_compare_qk_chart
+
+    st.caption("The same text through a second model with the same tokenizer (a fine-tune, another training "
+               "checkpoint): both head atlases, their difference B − A, and the Q/K statistics side by side.")
+    model_col, revision_col = st.columns([2, 1])
+    model_b = model_col.text_input("Model B: hub id or local checkpoint path", key="compare_model",
+                                   placeholder="e.g. EleutherAI/pythia-70m")
+    revision = revision_col.text_input("Revision of B (hub ids)", key="compare_revision",
+                                       placeholder="e.g. step1000").strip() or None
+    mode = st.radio("Ablation atlases too", ["none", "zero", "mean"], horizontal=True, key="compare_ablation")
+    ablation = None if mode == "none" else mode
+    inputs = (settings["model"], settings["device"], settings["dtype"], settings["text"], model_b.strip(), revision,
+              layer, ablation, settings["exclude"])
+    if not st.checkbox("Compare", key="compare_run", disabled=not model_b.strip()):
+        return
+    stored = st.session_state.get(BEYOND_COMPARE)
+    if stored is None or stored[0] != inputs:
+        try:
+            with st.spinner("Running both models…"):
+                loaded_a = get_lm(*inputs[:3]) if ablation else get_model(*inputs[:3])
+                loaded_b = get_model_b(model_b.strip(), revision, settings["device"], settings["dtype"],
+                                       ablation is not None)
+                result = compare_models(loaded_a, loaded_b, settings["text"], [layer], settings["exclude"], ablation)
+            st.session_state[BEYOND_COMPARE] = (inputs, result)
+        except Exception as exc:  # noqa: BLE001
+            beyond_error(exc)
+            return
+    result = st.session_state[BEYOND_COMPARE][1]
+    for warning in result.warnings:
+        st.warning(plain(warning))
+    score = st.selectbox("Score", list(result.a.head_scores), format_func=lambda n: SCORE_TITLES.get(n, n),
+                         key="compare_score")
+    columns = st.columns(3)
+    for column, which in zip(columns, ("a", "b", "difference")):
+        if which != "difference" or score in result.score_difference:
+            with column:
+                st.altair_chart(padded(build_compare_atlas_chart(result, score, which)), width="content")
+    if result.ablation_difference is not None:
+        st.altair_chart(padded(build_compare_ablation_chart(result)), width="content")
+    st.caption(f"Layer {layer}: the notebook's Q/K statistics of both models, head by head.")
+    columns = st.columns(2)
+    for number, stat in enumerate(("q_means", "q_stds", "k_means", "k_stds")):
+        with columns[number % 2]:
+            st.altair_chart(padded(build_compare_qk_chart(result, layer, stat)), width="content")
 
 
 main()

@@ -56,6 +56,7 @@ NOT_CACHED_OFFLINE = (
     "Download it on a machine with internet access, or give a local directory that holds a checkpoint."
 )
 NOT_FOUND = "No local directory '{name}' exists and it is not a valid Hugging Face model id."
+REVISION_HUB_ONLY = "A revision applies to Hugging Face hub ids only, not to '{name}'."
 NOT_ON_HUB = "'{name}' is not a model on the Hugging Face hub (or it is private); check the spelling."
 NO_MODEL = "No model was given: name a hub id (e.g. gpt2), a local checkpoint directory, or auto."
 MODEL_DIRS_ENV = "HEADSCOPE_MODEL_DIRS"  # the app's allowed checkpoint directories, os.pathsep-separated
@@ -114,6 +115,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
+    lm: torch.nn.Module | None = None  # load_model(head=True): the model with its LM head; `model` is its base
 
 
 def supported_families() -> str:
@@ -144,24 +146,24 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _cached_snapshot(repo_id: str) -> Path | None:
+def _cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=HUB_PATTERNS))
     except HFValidationError:
         return None
     except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends: simply not cached
         return None
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except RepositoryNotFoundError:
         raise HeadscopeError(NOT_ON_HUB.format(name=repo_id)) from None
     except OSError as exc:
@@ -228,15 +230,19 @@ def check_app_dir(name: str, allowed_roots: list[Path]) -> Path:
     return local
 
 
-def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None) -> tuple[str, Path, str]:
+def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None,
+                   revision: str | None = None) -> tuple[str, Path, str]:
     """(model id, checkpoint directory, why this one) without touching the network unless needed.
 
     `allowed_roots` (the app): local directories only under these (check_app_model_path); None (the command
-    line): any local directory.
+    line): any local directory. `revision` (a branch, tag or commit of a hub id, e.g. Pythia's "step1000")
+    applies to hub ids only.
     """
     name = name_or_path.strip()
     if not name:
         raise HeadscopeError(NO_MODEL)
+    if revision is not None:
+        return _resolve_revision(name, revision)
     if allowed_roots is not None and name != "auto" and name.lower() not in BUNDLED_ALIASES:
         local = check_app_model_path(name, allowed_roots)
         if local is not None:
@@ -268,6 +274,19 @@ def _resolve_hub(name: str) -> tuple[str, Path, str]:
     if not _hub_reachable():
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=name, why="not reachable"))
     return name, _download(name), f"{name}, downloaded from the Hugging Face hub."
+
+
+def _resolve_revision(name: str, revision: str) -> tuple[str, Path, str]:
+    path = Path(name).expanduser()
+    if name == "auto" or name.lower() in BUNDLED_ALIASES or path.is_dir() or not _is_hub_id(name):
+        raise HeadscopeError(REVISION_HUB_ONLY.format(name=name))
+    snapshot = _cached_snapshot(name, revision)
+    if snapshot is not None:
+        return name, snapshot, f"{name} at revision {revision} from the local Hugging Face cache."
+    if _hub_offline() or not _hub_reachable():
+        why = "offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "not reachable"
+        raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=f"{name}@{revision}", why=why))
+    return name, _download(name, revision), f"{name} at revision {revision}, downloaded from the Hugging Face hub."
 
 
 def _weights_files(path: Path) -> list[Path]:
@@ -400,7 +419,8 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
 
 
 def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "float32",
-               device_map: str | None = None, allowed_roots: list[Path] | None = None) -> LoadedModel:
+               device_map: str | None = None, allowed_roots: list[Path] | None = None, head: bool = False,
+               revision: str | None = None) -> LoadedModel:
     """Load a supported model with headscope's capturing attention installed (a pass-through when idle).
 
     `device_map="auto"` hands placement to Accelerate's big-model loading (from_pretrained's device_map):
@@ -408,6 +428,8 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
     `allowed_roots` (the app): local checkpoints only under these directories (check_app_model_path).
     A damaged checkpoint (unreadable config, impossible sizes, truncated weights, no tokenizer) is a
     HeadscopeError saying what is wrong with it.
+    `head=True` loads the checkpoint's language-model head too (causal or masked LM, by family) as `lm`, with
+    `model` its base; a checkpoint whose weights lack the head (e.g. the bundled MiniLM) gets `lm=None`.
     """
     from transformers import AutoModel
 
@@ -416,14 +438,16 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise HeadscopeError(f"Unknown device map '{device_map}': use {', '.join(DEVICE_MAPS)}.")
     device = "cpu" if device_map is not None else _resolve_device(device)
-    model_id, path, reason = resolve_source(name_or_path, allowed_roots)
+    model_id, path, reason = resolve_source(name_or_path, allowed_roots, revision)
     config = _read_config(path)
     weights = _weights_files(path)
     _check_weights(weights)
     register_capture_attention()
+    auto_class = _lm_class(config) if head else AutoModel
     try:
-        model = AutoModel.from_pretrained(
+        model, loading_info = auto_class.from_pretrained(
             path,
+            output_loading_info=True,
             config=config,
             attn_implementation=CAPTURE_ATTENTION,
             dtype=DTYPES[dtype],
@@ -436,6 +460,10 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
         family = FAMILIES[config.model_type][0]
         why = "tensor shapes differ from config.json" if "mismatched_sizes" in str(exc) else one_line(exc)
         raise HeadscopeError(WEIGHTS_MISMATCH.format(path=path, family=family, why=why)) from None
+    lm = None
+    if auto_class is not AutoModel:  # the head's weights must come from the checkpoint, not a random init
+        full = model if device_map is not None else model.to(device)
+        lm, model = (None if loading_info["missing_keys"] else full.eval()), full.base_model
     if device_map is None:
         model.to(device)
     else:  # Accelerate's hooks move activations between devices; inputs go where the embeddings are
@@ -446,4 +474,12 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
         config, id=model_id, path=str(path), revision=_revision(path, weights), dtype=dtype, device=device,
         reason=reason, device_map=device_map,
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, lm=lm)
+
+
+def _lm_class(config):
+    """AutoModelForCausalLM or AutoModelForMaskedLM for this family (AutoModel if transformers has neither)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto_class = AutoModelForCausalLM if FAMILIES[config.model_type][1] else AutoModelForMaskedLM
+    return auto_class if type(config) in auto_class._model_mapping else AutoModel

@@ -23,6 +23,7 @@ from analysis.capture import capture
 from analysis.corpus import UNEXPECTED, CorpusAccumulator, excerpt, parse_texts
 from analysis.loading import DEVICE_MAPS, DTYPES, one_line
 from analysis.presets import FIJI
+from reports import beyond_cli
 from reports.html import read_report_results, render_corpus_report, render_index, render_report
 from reports.provenance import TEXT_FILE, results_json
 from reports.untrusted import needs_text_file
@@ -85,6 +86,7 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
     parser.add_argument("--from-report", type=Path, metavar="REPORT",
                         help="read the results JSON back out of a headscope HTML report (with --json)")
     add_results_arguments(parser)
+    beyond_cli.add_arguments(parser)
     return parser
 
 
@@ -145,6 +147,7 @@ def check_outputs(parser, args) -> None:
             parser.error("--batch reads its texts from FILE; drop --text/--text-file/--induction-probe")
     elif args.json is None and args.html is None:
         parser.error("say where to write: --json OUT and/or --html OUT (or --batch FILE --out-dir DIR)")
+    beyond_cli.check_arguments(parser, args)
 
 
 def read_utf8(path: Path) -> str:
@@ -239,17 +242,27 @@ def analyse(loaded, text: str, args):
 
 def run_single(args) -> None:
     text = read_text(args)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                        **beyond_cli.load_kwargs(args))
     check_head(args.head, loaded.info.n_heads)
     result = analyse(loaded, text, args)
-    for warning in result.warnings:
+    extras = beyond_cli.compute(loaded, text, result, args) if beyond_cli.any_requested(args) else None
+    for warning in result.warnings + (extras["compare"].warnings if extras and extras["compare"] else ()):
         print(f"headscope: warning: {warning}", file=sys.stderr)
     if args.json is not None:
-        write_json(results_json(result, args.head, args.patterns, ("--json", "results.json"),
-                                text_file=text_file_beside(args.json).name), args.json)
+        doc = results_json(result, args.head, args.patterns, ("--json", "results.json"),
+                           text_file=text_file_beside(args.json).name)
+        write_json(doc if extras is None else beyond_cli.json_document(doc, extras), args.json)
         write_text_beside(args.json, result)
     if args.html is not None:
-        write_report(args.html, result, args.head)
+        if extras is None:
+            write_report(args.html, result, args.head)
+        else:
+            from reports.beyond import render_report_with
+
+            write_text(args.html, render_report_with(result, head=args.head, text_file=text_file_beside(args.html).name,
+                                                     **extras))
+            write_text_beside(args.html, result)
     worst = max(layer.parity_max_abs_err for layer in result.layers.values())
     outputs = " and ".join(str(out) for out in (args.json, args.html) if out is not None)
     print(f"headscope: {loaded.info.id}, {result.n_tokens} tokens, layers {sorted(result.layers)}, "

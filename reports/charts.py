@@ -611,3 +611,160 @@ def selected_head(selection, name: str = ATLAS_SELECTION) -> tuple[int, int] | N
         except (KeyError, TypeError, ValueError):
             continue
     return None
+
+
+# --- issue 15: ablation atlas, neuron view, two models side by side (duck-typed: no analysis import here) ---
+
+NEURON_BARS = 256  # a head has at most this many dimensions drawn per bar chart (d_head is 64-256 in practice)
+
+
+def _grid_chart(values: np.ndarray, title: alt.TitleParams, value_title: str, diverging: bool,
+                fmt: str = ".4f", domain: list[float] | None = None) -> alt.LayerChart:
+    """A layers x heads grid of one number (grey where undefined); diverging colours centred on 0 for changes.
+
+    `domain` fixes the colour scale, so that two models' atlases read on one scale."""
+    values = np.asarray(values, dtype=np.float64)  # [layer, head]
+    n_layers, n_heads = values.shape
+    layers, heads = np.indices(values.shape)  # [layer, head] each
+    frame = pd.DataFrame({"layer": layers.ravel(), "head": heads.ravel(),
+                          "value": [float(f"{v:.6g}") if math.isfinite(v) else None for v in values.ravel()]})
+    x = alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0), scale=alt.Scale(domain=list(range(n_heads))))
+    y = alt.Y("layer:O", title="Layer", scale=alt.Scale(domain=list(range(n_layers))))
+    tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("value:Q", title=value_title, format=fmt)]
+    base = alt.Chart(frame).transform_calculate(label="'L' + datum.layer + 'H' + datum.head")  # L{layer}H{head}
+    finite = values[np.isfinite(values)]
+    bound = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+    if diverging:  # red: the number went up, blue: down, white: no change
+        scale = alt.Scale(scheme="redblue", reverse=True, domain=[-bound, bound])
+    else:
+        scale = alt.Scale(scheme="viridis", **({} if domain is None else {"domain": domain}))
+    cells = base.mark_rect(color="#e6e6e6").encode(x=x, y=y, tooltip=tooltip)
+    defined = base.transform_filter("isValid(datum.value)").mark_rect().encode(
+        x=x, y=y, tooltip=tooltip, color=alt.Color("value:Q", title=value_title, scale=scale))
+    size = int(min(max(22 * max(n_heads, n_layers), 240), 640))
+    return alt.layer(cells, defined).properties(title=title, width=size, height=int(size * n_layers / max(n_heads, 1)))
+
+
+def build_ablation_chart(ablation, model_id: str) -> alt.LayerChart:
+    """The ablation atlas: per layer x head, the change in loss when that head's output is removed (red: worse),
+    or, without an LM head, the change in the final hidden states."""
+    if ablation.is_loss:
+        what = "Δ loss (nats)"
+        subtitle = [(f"{ablation.description}; unablated loss {ablation.baseline:.4f}. Red: the model predicts "
+                     "worse without the head; blue: better.")]
+    else:
+        what = "hidden-state change"
+        subtitle = [ablation.description]
+    subtitle.append(f"{len(ablation.tokens)} tokens, {ablation.n_passes} forward passes (batches of "
+                    f"{ablation.batch_size})")
+    title = alt.TitleParams(f"Head ablation ({ablation.mode}) · {model_id}", anchor="start", subtitle=subtitle)
+    return _grid_chart(ablation.delta, title, what, diverging=ablation.is_loss)
+
+
+def _token_label(tokens, position: int) -> str:
+    return f"{position}: {display_token(tokens[position])}"
+
+
+def build_neuron_products_chart(view) -> alt.Chart:
+    """q_i * k_i for each dimension of the head, sorted by magnitude: the bars sum to the unscaled dot product."""
+    order = view.order[:NEURON_BARS]  # [dims shown] by decreasing |q_i k_i|
+    signs = np.where(view.products[order] >= 0, "+", "−")  # [dims shown]
+    frame = pd.DataFrame({"dimension": order, "rank": np.arange(order.size), "product": view.products[order],
+                          "q": view.q[order], "k": view.k[order], "sign": signs})
+    shown = "" if order.size == view.products.size else f" (the {order.size} largest of {view.products.size})"
+    title = alt.TitleParams(
+        f"q·k by dimension · L{view.layer}H{view.head} · query {_token_label(view.tokens, view.query_pos)} → key "
+        f"{_token_label(view.tokens, view.key_pos)}", anchor="start",
+        subtitle=[(f"Each bar is q_i × k_i{shown}, sorted by magnitude; together they sum to the unscaled dot "
+                   f"product {view.dot:.4f}.")])
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("dimension:O", sort=alt.SortField("rank"), title="Dimension (sorted by |q_i k_i|)",
+                axis=alt.Axis(labelAngle=0, labelOverlap=True)),
+        y=alt.Y("product:Q", title="q_i × k_i"),
+        color=alt.Color("sign:N", title="sign", scale=alt.Scale(domain=["+", "−"], range=[COLORS["same"],
+                                                                                        COLORS["diff"]])),
+        tooltip=[alt.Tooltip("dimension:O"), alt.Tooltip("product:Q", format=".4f"), alt.Tooltip("q:Q", format=".4f"),
+                 alt.Tooltip("k:Q", format=".4f")],
+    ).properties(title=title, width=WIDTH, height=HEIGHT)
+
+
+def build_neuron_vectors_chart(view) -> alt.Chart:
+    """The query and key vectors, dimension by dimension."""
+    d = view.q.size
+    frame = pd.DataFrame({"dimension": np.tile(np.arange(d), 2), "value": np.concatenate([view.q, view.k]),
+                          "vector": ["Q"] * d + ["K"] * d})
+    title = alt.TitleParams(f"Query and key vectors · L{view.layer}H{view.head} (key head {view.kv_head})",
+                            anchor="start", subtitle=[(f"Q at {_token_label(view.tokens, view.query_pos)}, K at "
+                                                       f"{_token_label(view.tokens, view.key_pos)}")])
+    return alt.Chart(frame).mark_bar(opacity=0.75).encode(
+        x=alt.X("dimension:O", title="Dimension", axis=alt.Axis(labelOverlap=True, labelAngle=0)),
+        xOffset="vector:N",
+        y=alt.Y("value:Q", title="Activation"),
+        color=alt.Color("vector:N", scale=alt.Scale(domain=["Q", "K"], range=[COLORS["Q"], COLORS["K"]])),
+        tooltip=["vector:N", "dimension:O", alt.Tooltip("value:Q", format=".4f")],
+    ).properties(title=title, width=WIDTH, height=HEIGHT // 2)
+
+
+def build_neuron_keys_chart(view) -> alt.VConcatChart:
+    """For every key: the query's unscaled dot product with it and the softmax weight the head gave it."""
+    n = view.dots.size
+    frame = pd.DataFrame({"position": np.arange(n), "token": [display_token(t) for t in view.tokens[:n]],
+                          "dot": view.dots, "weight": view.weights, "selected": np.arange(n) == view.key_pos})
+    x = alt.X("position:O", title="Key position", axis=alt.Axis(labelOverlap=True, labelAngle=0))
+    color = alt.condition("datum.selected", alt.value(COLORS["first"]), alt.value("#9aa4ad"))
+    tooltip = ["position:O", "token:N", alt.Tooltip("dot:Q", format=".4f"), alt.Tooltip("weight:Q", format=".4f")]
+    base = alt.Chart(frame).properties(width=WIDTH, height=HEIGHT // 2)
+    dots = base.mark_bar().encode(x=x, y=alt.Y("dot:Q", title="q·k (unscaled)"), color=color, tooltip=tooltip)
+    weights = base.mark_bar().encode(x=x, y=alt.Y("weight:Q", title="softmax weight"), color=color, tooltip=tooltip)
+    query = _token_label(view.tokens, view.query_pos)
+    title = alt.TitleParams(f"Every key of query {query} · L{view.layer}H{view.head}",
+                            anchor="start", subtitle=[("Top: the dot product; bottom: the head's softmax weight "
+                                                       "(0 where masked). The selected key is blue.")])
+    return alt.vconcat(dots, weights).properties(title=title)
+
+
+def build_compare_atlas_chart(compare, score: str, which: str) -> alt.LayerChart:
+    """One head score per layer x head for model A, model B, or their difference B - A (diverging colours)."""
+    if which == "difference":
+        values = compare.score_difference[score]
+        model = f"{compare.b.model['id']} − {compare.a.model['id']}"
+    else:
+        result = compare.a if which == "a" else compare.b
+        values, model = result.head_scores[score], result.model["id"]
+    what = SCORE_TITLES.get(score, score)
+    subtitle = ["B − A: red where B's score is higher, blue where lower; grey: undefined."
+                if which == "difference" else "Every layer x head, one colour scale for both models; grey: undefined."]
+    title = alt.TitleParams(f"{what}{' difference' if which == 'difference' else ''} · {model}", anchor="start",
+                            subtitle=subtitle)
+    both = np.concatenate([np.ravel(compare.a.head_scores.get(score, [])),
+                           np.ravel(compare.b.head_scores.get(score, []))])  # [2 * layer * head]
+    both = both[np.isfinite(both)]
+    domain = [float(both.min()), float(both.max())] if both.size and both.max() > both.min() else None
+    return _grid_chart(values, title, f"Δ {score}" if which == "difference" else score,
+                       diverging=which == "difference", domain=domain)
+
+
+def build_compare_ablation_chart(compare) -> alt.LayerChart:
+    """B - A of the two ablation atlases (red: removing the head costs B more)."""
+    a = compare.ablation_a
+    title = alt.TitleParams(f"Head ablation ({a.mode}) difference · {compare.b.model['id']} − {compare.a.model['id']}",
+                            anchor="start", subtitle=[f"B − A of: {a.description}"])
+    return _grid_chart(compare.ablation_difference, title, "Δ of Δ", diverging=True)
+
+
+def build_compare_qk_chart(compare, layer: int, stat: str = "q_stds") -> alt.Chart:
+    """The notebook's per-head Q/K statistic of one layer for both models, side by side."""
+    rows = [row for row in compare.qk_rows() if row["layer"] == layer]
+    names = {"a": compare.a.model["id"], "b": compare.b.model["id"]}
+    if names["a"] == names["b"]:
+        names = {"a": f"A: {names['a']}", "b": f"B: {names['b']}"}
+    frame = pd.DataFrame([{"head": row["head"], "label": row["label"], "model": names[side],
+                           "value": row[f"{stat}_{side}"]} for row in rows for side in ("a", "b")])
+    what = SCORE_TITLES.get(stat.rstrip("s"), stat)
+    title = alt.TitleParams(f"{what} · layer {layer} · both models", anchor="start",
+                            subtitle=["Per query head; K values are the key head that query head reads."])
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0)), xOffset="model:N",
+        y=alt.Y("value:Q", title=what), color=alt.Color("model:N", title="model"),
+        tooltip=["label:N", "model:N", alt.Tooltip("value:Q", format=".4f")],
+    ).properties(title=title, width=WIDTH, height=HEIGHT // 2)

@@ -1,0 +1,98 @@
+"""The command line's flags beyond observation (issue 15): --ablation, --neuron, --compare, --revision.
+
+Kept apart from reports/__main__.py, which only calls `add_arguments`, `check_arguments`, `load_kwargs` and
+`compute`, so those flags stay one local change there.
+"""
+
+from __future__ import annotations
+
+from analysis import default_layer, load_model
+from analysis.ablation import DEFAULT_BATCH, MODES, compute_ablation
+from analysis.compare import compare_models
+from analysis.neuron import neuron_view
+
+NEEDS_TEXT = "{flag} works on one text or the induction probe, not on --batch: drop one of them."
+COMPARE_PROBE = "--compare runs both models on a text: drop --induction-probe (or --compare)."
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("beyond observation")
+    group.add_argument("--ablation", choices=MODES,
+                       help="add the ablation atlas: each head's output removed in turn (zero, or its mean over "
+                            "positions) and the change in the text's loss measured (hidden-state change without an "
+                            "LM head)")
+    group.add_argument("--mask-seed", type=int, default=0,
+                       help="seed of the 15%% of positions an encoder's masked-token loss scores (default 0)")
+    group.add_argument("--ablation-batch", type=int, metavar="N",
+                       help=f"copies of the text per ablation pass (default: up to {DEFAULT_BATCH}, fewer for long "
+                            "texts)")
+    group.add_argument("--neuron", type=int, nargs=2, metavar=("QUERY", "KEY"),
+                       help="add the neuron view of --head on the first --layer: q_i*k_i per dimension for the "
+                            "query and key token positions (negative counts from the end)")
+    group.add_argument("--compare", metavar="MODEL_B",
+                       help="run the text through a second model with the same tokenizer too: both atlases, their "
+                            "difference and the Q/K statistics side by side (--json then writes headscope.compare/1)")
+    group.add_argument("--revision", help="branch, tag or commit of a hub --model (e.g. Pythia's step1000)")
+    group.add_argument("--compare-revision", metavar="REVISION", help="branch, tag or commit of the hub MODEL_B")
+
+
+def check_arguments(parser, args) -> None:
+    if args.batch is not None or getattr(args, "from_results", None) is not None:
+        for flag in ("ablation", "neuron", "compare"):
+            if getattr(args, flag) is not None:
+                parser.error(NEEDS_TEXT.format(flag=f"--{flag}"))
+    if args.compare is not None and args.induction_probe is not None:
+        parser.error(COMPARE_PROBE)
+    if args.compare_revision is not None and args.compare is None:
+        parser.error("--compare-revision needs --compare MODEL_B")
+    if args.ablation_batch is not None and args.ablation_batch < 1:
+        parser.error("--ablation-batch must be at least 1")
+
+
+def load_kwargs(args) -> dict:
+    """What load_model needs beyond the usual: the LM head for the ablation's loss, the revision."""
+    return {"head": args.ablation is not None, "revision": args.revision}
+
+
+def compute(loaded, text: str, result, args) -> dict:
+    """{"ablation", "neuron", "compare"}: those asked for (the others None)."""
+    source = result.token_ids if result.induction_probe else text
+    extras = {"ablation": None, "neuron": None, "compare": None}
+    if args.neuron is not None:
+        layer = args.layer[0] if args.layer else default_layer(loaded.info.n_layers)
+        extras["neuron"] = neuron_view(loaded, source, layer, args.head, *args.neuron)
+    if args.compare is not None:  # with --ablation it measures both models' atlases: A's is the report's too
+        other = load_model(args.compare, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                           head=args.ablation is not None, revision=args.compare_revision)
+        layers = None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)])
+        extras["compare"] = compare_models(loaded, other, text, layers, not args.include_first_token,
+                                           args.ablation, args.mask_seed, args.ablation_batch)
+        extras["ablation"] = extras["compare"].ablation_a
+    elif args.ablation is not None:
+        extras["ablation"] = compute_ablation(loaded, source, args.ablation, args.mask_seed, args.ablation_batch)
+    return extras
+
+
+def json_document(result_doc: dict, extras: dict) -> dict:
+    """The results JSON with "ablation"/"neuron" added, or, with --compare, the headscope.compare/1 document; its
+    provenance's command carries the flags that recompute them."""
+    from reports.beyond import reproduce_with
+
+    if extras["compare"] is not None:  # its "ablation" holds both models' atlases
+        doc = extras["compare"].to_dict()
+    else:
+        doc = {key: value for key, value in result_doc.items() if key != "provenance"}
+        if extras["ablation"] is not None:
+            doc["ablation"] = extras["ablation"].to_dict()
+    if extras["neuron"] is not None:
+        doc["neuron"] = extras["neuron"].to_dict()
+    if "provenance" in result_doc:
+        provenance = dict(result_doc["provenance"])
+        provenance["command"] = reproduce_with(provenance["command"], **extras)
+        doc["provenance"] = provenance
+    return doc
+
+
+def any_requested(args) -> bool:
+    return any(getattr(args, flag) is not None for flag in ("ablation", "neuron", "compare"))
+

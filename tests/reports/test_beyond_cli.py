@@ -1,0 +1,149 @@
+"""The command line's --ablation, --neuron, --compare and --revision, and the report sections they add."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from analysis import load_model
+from analysis.ablation import compute_ablation
+from tests.conftest import REPEATS
+from tests.lm_checkpoints import tiny_gpt2_lm
+from tests.reports.test_cli import assert_one_line_error, run_cli
+from tests.reports.test_html import PAYLOAD
+from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
+
+
+@pytest.fixture(scope="module")
+def lm_paths(tmp_path_factory):
+    return [tiny_gpt2_lm(tmp_path_factory.mktemp(f"cli-seed{seed}"), seed=seed) for seed in (0, 1)]
+
+
+def test_ablation_and_neuron_go_into_the_json(lm_paths, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--text", REPEATS, "--layer", 1, "--head", 2,
+                          "--ablation", "mean", "--ablation-batch", 5, "--neuron", -1, 3, "--json", out)
+    assert code == 0, lines
+    data = json.loads(out.read_text())
+    assert data["schema"] == "headscope.results/1" and data["ablation"]["measure"] == "next_token_loss"
+    expected = compute_ablation(load_model(str(lm_paths[0]), head=True), REPEATS, "mean").delta
+    np.testing.assert_allclose(data["ablation"]["delta"], expected, atol=1e-5)
+    assert data["ablation"]["n_passes"] == 1 + 3  # 12 heads in batches of 5
+    neuron = data["neuron"]
+    assert (neuron["layer"], neuron["head"], neuron["key_pos"]) == (1, 2, 3)
+    assert abs(sum(neuron["products"]) - neuron["dot"]) < 1e-5
+
+
+def test_compare_two_seeds_writes_the_compare_document_and_report(lm_paths, tmp_path, capsys):
+    out, html = tmp_path / "compare.json", tmp_path / "compare.html"
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", lm_paths[1], "--text", REPEATS,
+                          "--all-layers", "--ablation", "zero", "--json", out, "--html", html)
+    assert code == 0, lines
+    data = json.loads(out.read_text())
+    assert data["schema"] == "headscope.compare/1"
+    assert data["a"]["model"]["revision"] != data["b"]["model"]["revision"]
+    entropy = np.array(data["score_difference"]["entropy"], dtype=float)
+    np.testing.assert_allclose(entropy, np.array(data["b"]["head_scores"]["entropy"], dtype=float)
+                               - np.array(data["a"]["head_scores"]["entropy"], dtype=float))
+    assert len(data["qk_stats"]) == 3 * 4 and data["ablation"]["difference"] is not None
+    page = html.read_text()
+    for anchor in ('id="compare"', 'id="ablation"', 'id="headscope-beyond"', "chart-compare-entropy-difference"):
+        assert anchor in page
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--compare", "OTHER"], ["does not use the same tokenizer"]),
+    (["--revision", "main"], ["applies to Hugging Face hub ids only"]),
+    (["--neuron", 3, 40], ["Key position 40 comes after query position 3"]),
+    (["--neuron", 0, 0, "--head", 9], ["Head 9 is out of range"]),
+])
+def test_bad_input_is_one_line_and_exit_2(lm_paths, tmp_path, capsys, argv, needles):
+    other = tiny_gpt2_lm(tmp_path / "other-vocab", vocab_size=400)
+    argv = [other if arg == "OTHER" else arg for arg in argv]
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--text", REPEATS * 3, *argv, "--json", tmp_path / "x.json")
+    assert code == 2
+    assert_one_line_error(code, lines, *needles)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch", "BATCH", "--out-dir", "DIR", "--ablation", "zero"], "not on --batch"),
+    (["--compare", "x", "--induction-probe", 8, "--json", "-"], "--compare runs both models on a text"),
+    (["--compare-revision", "main", "--json", "-"], "--compare-revision needs --compare"),
+    (["--ablation-batch", 0, "--ablation", "zero", "--json", "-"], "at least 1"),
+])
+def test_usage_errors_are_one_line(tmp_path, capsys, argv, needle):
+    batch = tmp_path / "texts.txt"
+    batch.write_text("one\ntwo\n")
+    argv = [{"BATCH": batch, "DIR": tmp_path}.get(arg, arg) for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, *argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+def test_revision_picks_the_cached_snapshot_of_a_hub_id(lm_paths, tmp_path, capsys, monkeypatch):
+    """A hub cache holding two revisions of one repo (as Pythia's step checkpoints): --revision picks each."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny"
+    commits = {"step1": "1" * 40, "step2": "2" * 40}
+    for (ref, commit), source in zip(commits.items(), lm_paths):
+        shutil.copytree(source, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    out = tmp_path / "out.json"
+    code, lines = run_cli(capsys, "--model", "someone/tiny", "--revision", "step1", "--compare", "someone/tiny",
+                          "--compare-revision", "step2", "--text", REPEATS, "--layer", 1, "--json", out)
+    assert code == 0, lines
+    data = json.loads(out.read_text())
+    assert data["a"]["model"]["revision"] == commits["step1"] and data["b"]["model"]["revision"] == commits["step2"]
+    code, lines = run_cli(capsys, "--model", "someone/tiny", "--revision", "step9", "--json", out)
+    assert_one_line_error(code, lines, "someone/tiny@step9", "not in the local Hugging Face cache")
+
+
+def test_report_sections_draw_offline(chromium, lm_paths, tmp_path, capsys):
+    html = tmp_path / "beyond.html"
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", lm_paths[1], "--text", PAYLOAD, "--layer", 1,
+                          "--ablation", "zero", "--neuron", -1, 0, "--html", html)
+    assert code == 0, lines
+    context, page, events = open_offline(chromium, html)
+    try:
+        wait_for_charts(page)
+        for section in ("#ablation", "#neuron", "#compare"):
+            containers = page.query_selector_all(f"{section} [data-chart]")
+            assert containers, section
+            for container in containers:
+                assert container.evaluate(DRAWN) > 0, container.get_attribute("data-chart")
+        assert events["errors"] == [] and events["requests"] == [html.as_uri()]
+        assert page.title() != "pwned" and page.evaluate("document.querySelectorAll('img').length") == 0
+        assert page.evaluate("document.querySelectorAll('script:not([type])').length") == 2
+    finally:
+        context.close()
+
+
+def test_the_reports_command_recomputes_its_sections(lm_paths, tmp_path, capsys):
+    import html as html_lib
+    import re
+    import shlex
+
+    first, report = tmp_path / "first.json", tmp_path / "report.html"
+    argv = ["--model", lm_paths[0], "--text", REPEATS, "--layer", 2, "--layer", 0, "--head", 1, "--ablation", "mean",
+            "--mask-seed", 4, "--neuron", -1, 2, "--compare", lm_paths[1]]
+    code, lines = run_cli(capsys, *argv, "--json", first, "--html", report)
+    assert code == 0, lines
+    shown = re.search(r"Reproduce with</dt><dd><pre>(.*?)</pre>", report.read_text(), re.DOTALL)[1]
+    command = html_lib.unescape(shown)
+    again = shlex.split(command)[3:]  # after "python -m reports"
+    assert again[again.index("--html") + 1] == "report.html" and again.count("--ablation") == 1
+    again[again.index("--html"):again.index("--html") + 2] = ["--json", str(tmp_path / "again.json")]
+    code, lines = run_cli(capsys, *again)
+    assert code == 0, lines
+    one, two = json.loads(first.read_text()), json.loads((tmp_path / "again.json").read_text())
+    assert one["neuron"] == two["neuron"] and one["neuron"]["layer"] == 2
+    json_command = shlex.split(one["provenance"]["command"])
+    assert json_command[-2:] == ["--json", "results.json"] and "--compare" in json_command
+    assert json_command[json_command.index("--neuron") + 1:][:2] == [str(one["neuron"]["query_pos"]), "2"]
+    assert one["ablation"] == two["ablation"] and one["score_difference"] == two["score_difference"]
