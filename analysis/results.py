@@ -26,6 +26,13 @@ def json_floats(values) -> list:
     return out.tolist()
 
 
+def json_digits(values) -> list:
+    """A float array as nested lists of floats at 9 significant digits: float32 precision, the precision the
+    engine computes in, so the JSON carries no 17-digit noise. Idempotent: written, read and written again, the
+    same numbers."""
+    return np.vectorize(lambda v: float(f"{v:.9g}"), otypes=[object])(np.asarray(values, dtype=np.float64)).tolist()
+
+
 def _float_or_none(value) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
@@ -43,7 +50,7 @@ class DpStats:
 
     def to_dict(self) -> dict:
         return {**{name: _float_or_none(getattr(self, name)) for name in DP_FLOATS},
-                **{name: getattr(self, name).tolist() for name in DP_ARRAYS}}
+                **{name: json_digits(getattr(self, name)) for name in DP_ARRAYS}}
 
     @classmethod
     def from_dict(cls, data: dict) -> DpStats:
@@ -69,11 +76,11 @@ class LayerResult:
     dp_stats: DpStats | None = None
 
     def to_dict(self, include_patterns: bool = False) -> dict:
-        out = {name: getattr(self, name).tolist() for name in ARRAY_FIELDS}
+        out = {name: json_digits(getattr(self, name)) for name in ARRAY_FIELDS}
         out["parity_max_abs_err"] = float(self.parity_max_abs_err)
-        out["kde"] = None if self.kde is None else {name: values.tolist() for name, values in self.kde.items()}
+        out["kde"] = None if self.kde is None else {name: json_digits(values) for name, values in self.kde.items()}
         if include_patterns and self.patterns is not None:
-            out["patterns"] = self.patterns.tolist()
+            out["patterns"] = json_digits(self.patterns)
         if self.dp_stats is not None:
             out["dp_stats"] = self.dp_stats.to_dict()
         return out

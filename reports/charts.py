@@ -83,14 +83,13 @@ def _thin(frame: pd.DataFrame, column: str, limit: int = MAX_POINTS) -> tuple[pd
     return frame.iloc[np.sort(picks)], f"{limit:,} of {len(frame):,}"
 
 
-def _jitter(n: int, seed: int) -> np.ndarray:
-    """Deterministic jitter, so the same results always draw the same chart."""
-    return np.random.default_rng(seed).normal(0.0, 1.0, n).clip(-2.5, 2.5)
-
-
 def _strip(frame: pd.DataFrame, groups: list[str], colors: list[str], y_title: str, tooltip: list) -> alt.LayerChart:
     x = alt.X("group:N", sort=groups, title=None, axis=alt.Axis(labelAngle=0, labelLimit=220))
-    points = alt.Chart(frame).mark_circle(size=36, opacity=0.55, stroke="black", strokeWidth=0.4).encode(
+    # Jitter from the row number (golden-ratio steps, uniform in [-2.5, 2.5]): deterministic, and computed in the
+    # chart, so a report stores no jitter column.
+    jittered = alt.Chart(frame).transform_window(row="row_number()").transform_calculate(
+        jitter="5 * ((datum.row * 0.6180339887) % 1) - 2.5")
+    points = jittered.mark_circle(size=36, opacity=0.55, stroke="black", strokeWidth=0.4).encode(
         x=x,
         xOffset=alt.XOffset("jitter:Q", scale=alt.Scale(domain=[-4, 4]), title=None),
         y=alt.Y("value:Q", title=y_title),
@@ -202,9 +201,9 @@ def build_dot_products_chart(result: AnalysisResult, layer: int) -> alt.LayerCha
     """The notebook's 'Raw attention scores': unscaled q·k of the final query, same head vs different heads."""
     frame = _dot_product_frame(result, layer)
     parts, notes = [], []
-    for i, name in enumerate(("Same head", "Different heads")):
+    for name in ("Same head", "Different heads"):
         part, note = _thin(frame[frame["group"] == name], "value")
-        parts.append(part.assign(jitter=_jitter(len(part), i)))
+        parts.append(part)
         if note:
             notes.append(f"{name}: {note} points shown, evenly spaced by rank")
     frame = pd.concat(parts, ignore_index=True)
@@ -274,9 +273,9 @@ def build_softmax_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
     """The notebook's softmax strip: final-to-previous, self-attention of other tokens, of the first token."""
     frame = _softmax_frame(result, layer)
     parts, notes = [], []
-    for i, name in enumerate(STRIP_GROUPS):
+    for name in STRIP_GROUPS:
         part, note = _thin(frame[frame["group"] == name], "value")
-        parts.append(part.assign(jitter=_jitter(len(part), 10 + i)))
+        parts.append(part)
         if note:
             notes.append(f"{name}: {note} points shown, evenly spaced by rank")
     frame = pd.concat(parts, ignore_index=True)

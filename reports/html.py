@@ -8,6 +8,7 @@ and a Content-Security-Policy admits only the two inline scripts, by hash, and n
 from __future__ import annotations
 
 import base64
+import collections
 import functools
 import hashlib
 import math
@@ -16,6 +17,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
@@ -50,13 +52,76 @@ RESULTS_ID = "headscope-results"
 CORPUS_ID = "headscope-corpus"
 VEGA_LITE_VERSION = "6.4"
 CANVAS_ROWS = 4000  # charts with more data rows than this draw on canvas, not SVG
+DATA_ID = "headscope-datasets"
+VIA_CHARS = 200  # label columns shorter than this (as JSON) are not worth looking up through another column
+FRAGMENT_CHARS = 60  # parts of chart specs at least this long (as JSON) that two specs share are stored once
 EMBED_SCRIPT = """\
-for (const el of document.querySelectorAll("[data-chart]")) {
-  const spec = JSON.parse(document.getElementById(el.dataset.chart).textContent);
+(() => {
+  // One copy of the data: every chart's named datasets are rebuilt here from the results JSON (columns taken from
+  // its arrays by index) and one block of encoded columns; the chart specs carry no data of their own.
+  const json = (id) => JSON.parse(document.getElementById(id).textContent);
+  const pool = json("headscope-datasets"), results = json(pool.results);
+  const sources = pool.sources.map((path) => path.reduce((node, key) => node[key], results).flat(Infinity));
+  const digits = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+  const indexes = (enc) => {
+    if (enc.list) return enc.list;
+    if (enc.period) return Array(enc.times).fill(indexes(enc.period)).flat();
+    if (enc.each) return indexes(enc.of).flatMap((value) => Array(enc.each).fill(value));
+    const out = [];
+    let value = 0;
+    if (enc.steps) for (const step of enc.steps) out.push(value += step);
+    else if (enc.chars !== undefined) {
+      for (const [, number, char] of enc.chars.matchAll(/\\((-?\\d+)\\)|(.)/g)) out.push(value += number ? +number : digits.indexOf(char));
+    }
+    else for (let j = 0; j < enc.runs.length; j += 2) for (let c = 0; c < enc.runs[j + 1]; c++) out.push(value += enc.runs[j]);
+    return out;
+  };
+  const column = (enc) => {
+    if (enc.values) return enc.values;
+    if (enc.ints) return indexes(enc.ints);
+    const at = indexes(enc.at), from = enc.levels || enc.sources.flatMap((source) => sources[source]);
+    return at.map((i) => from[i]);
+  };
+  const unshare = (node) => {
+    if (Array.isArray(node)) return node.map(unshare);
+    if (node === null || typeof node !== "object") return node;
+    if ("$fragment" in node) return unshare(pool.fragments[node.$fragment]);
+    return Object.fromEntries(Object.entries(node).map(([key, value]) => [key, unshare(value)]));
+  };
+  const looked = (enc, data) => {
+    const table = indexes(enc.table);
+    return indexes(data.columns[enc.via].at).map((i) => enc.levels[table[Math.floor(i / enc.div) % enc.mod]]);
+  };
+  const columns = {};
+  const rows = (name) => {
+    const data = pool.datasets[name];
+    columns[name] = columns[name] || Object.entries(data.columns).map(
+      ([key, enc]) => [key, enc.via ? looked(enc, data) : column(enc)]);
+    return Array.from({length: data.rows}, (_, i) => Object.fromEntries(columns[name].map(([key, values]) => [key, values[i]])));
+  };
   // ast: vega-embed then evaluates expressions with its bundled interpreter, never eval(): CSP-safe
-  const options = {actions: false, renderer: el.dataset.renderer, ast: true};
-  vegaEmbed(el, spec, options).catch((error) => { el.textContent = "This chart could not be drawn: " + error; });
-}
+  const draw = (el) => {
+    if (el.dataset.drawn) return Promise.resolve();
+    el.dataset.drawn = "1";
+    const spec = unshare(json(el.dataset.chart));
+    spec.datasets = Object.fromEntries(el.dataset.datasets.split(" ").filter(Boolean).map((name) => [name, rows(name)]));
+    const options = {actions: false, renderer: el.dataset.renderer, ast: true};
+    return vegaEmbed(el, spec, options).then((embedded) => { el.view = embedded.view; })
+      .catch((error) => { el.textContent = "This chart could not be drawn: " + error; });
+  };
+  // Charts on screen first; the rest one at a time after them, so the page answers while they draw.
+  const charts = [...document.querySelectorAll("[data-chart]")];
+  const seen = new IntersectionObserver((entries) => {
+    for (const entry of entries) if (entry.isIntersecting) { seen.unobserve(entry.target); draw(entry.target); }
+  }, {rootMargin: "200px"});
+  charts.forEach((el) => seen.observe(el));
+  let next = 0;
+  const rest = () => {
+    while (next < charts.length && charts[next].dataset.drawn) next++;
+    if (next < charts.length) draw(charts[next]).then(() => setTimeout(rest, 0));
+  };
+  setTimeout(rest, 0);
+})();
 """
 NOT_A_REPORT = "{path} holds no headscope results (no <script id=\"headscope-results\">): is it a headscope report?"
 
@@ -128,11 +193,11 @@ def _score_grid(values) -> list[dict]:
             for layer, row in enumerate(values)]
 
 
-def _atlas_context(result: AnalysisResult) -> list[dict]:
+def _atlas_context(result: AnalysisResult, pool: DataPool) -> list[dict]:
     """One atlas per head score: its chart, its one-sentence explanation and the same numbers as a table."""
     return [{"score": score, "title": SCORE_TITLES.get(score, score), "explanation": SCORE_EXPLANATIONS.get(score, ""),
              "rows": _score_grid(values), "n_heads": values.shape[1] if values.ndim == 2 else 0,
-             **_chart_context(build_atlas_chart(result, score), f"chart-atlas-{score}")}
+             **_chart_context(build_atlas_chart(result, score), f"chart-atlas-{score}", pool)}
             for score, values in result.head_scores.items()]
 
 
@@ -156,10 +221,316 @@ def _dp_rows(result: AnalysisResult) -> list[dict]:
     return rows
 
 
-def _chart_context(chart, chart_id: str) -> dict:
+def _nine(value):
+    return float(f"{value:.9g}")
+
+
+def _short(values: list[float]) -> list[float]:
+    """Values at float32 precision, each in its shortest form (at most 9 significant digits)."""
+    array = np.asarray(values, dtype=np.float64)  # [row]
+    fits = (np.abs(array) < 3e38) & ((np.abs(array) > 1e-37) | (array == 0))  # float32's normal range
+    return [float(np.format_float_positional(np.float32(v), unique=True, trim="-")) if ok else _nine(v)
+            for v, ok in zip(array.tolist(), fits.tolist())]
+
+
+def _encode_indexes(values) -> dict:
+    """Ints as the shortest of: the list, its steps (differences), runs of equal steps, or a repeated period."""
+    values = np.asarray(values, dtype=np.int64)  # [row]
+    steps = np.diff(values, prepend=0)  # [row]
+    starts = np.flatnonzero(np.diff(steps, prepend=steps[:1] - 1)) if steps.size else steps  # [run]
+    counts = np.diff(np.append(starts, steps.size))  # [run]
+    runs = np.stack([steps[starts], counts], axis=1).ravel()  # [run * 2]: step, count
+    options = [{"list": values.tolist()}, {"steps": steps.tolist()}, {"runs": runs.tolist()},
+               {"chars": _step_chars(steps)}]
+    period = _period(values)
+    if period:
+        options.append({"period": _encode_indexes(values[:period]), "times": values.size // period})
+    each = _each(values)
+    if each > 1:
+        options.append({"each": each, "of": _encode_indexes(values[::each])})
+    return min(options, key=lambda option: len(json.dumps(option)))
+
+
+def _each(values: np.ndarray) -> int:
+    """The largest k > 1 such that values is values[::k] with every entry repeated k times (1 when none)."""
+    n = values.size
+    for k in range(n // 2, 1, -1):
+        if n % k == 0 and np.array_equal(np.repeat(values[::k], k), values):
+            return k
+    return 1
+
+
+STEP_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # steps 0..61, one character each
+
+
+def _step_chars(steps: np.ndarray) -> str:
+    """Steps as text: one character for a step of 0..61, "(step)" for any other."""
+    return "".join(STEP_CHARS[step] if 0 <= step < len(STEP_CHARS) else f"({step})" for step in steps.tolist())
+
+
+def _period(values: np.ndarray) -> int:
+    """The shortest p < len(values) such that values is values[:p] repeated (0 when there is none)."""
+    n = values.size
+    for p in _divisors(n)[:-1]:
+        if values[p] == values[0] and np.array_equal(values[p:], values[:-p]):
+            return p
+    return 0
+
+
+def _each(values: np.ndarray) -> int:
+    """The largest k > 1 such that values is values[::k] with every entry repeated k times (1 when none)."""
+    for k in reversed(_divisors(values.size)[1:-1]):
+        if values[k - 1] == values[0] and np.array_equal(np.repeat(values[::k], k), values):
+            return k
+    return 1
+
+
+@functools.cache
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class DataPool:
+    """The charts' datasets of one page, each stored once by name, as columns that point into the results JSON.
+
+    A float column whose every value (at 9 significant digits) is in one of the results' arrays becomes indexes
+    into that array; a text column becomes levels and codes; the rest is written as it is (floats at 9 digits).
+    The page's script rebuilds the rows (EMBED_SCRIPT); `rows()` does the same here, for the tests.
+    """
+
+    MIN_SOURCE = 8  # arrays shorter than this are not worth an index
+
+    def __init__(self, results: dict, results_id: str):
+        self.results, self.results_id = results, results_id
+        self.paths = [path for path, values in _number_arrays(results) if len(values) >= self.MIN_SOURCE]
+        self._values = [_flat_at(results, path) for path in self.paths]
+        self._lookups: dict[int, dict] = {}
+        self._holders: dict | None = None
+        self.datasets: dict[str, dict] = {}
+        self.fragments: list = []
+        self._fragment_of: dict[str, int] = {}
+
+    def add(self, spec: dict) -> list[str]:
+        """Moves the spec's datasets into the pool (the spec keeps only their names); returns the names."""
+        datasets = spec.pop("datasets", {})
+        for name, rows in datasets.items():
+            if name not in self.datasets:  # Altair names a dataset by the hash of its rows
+                self.datasets[name] = self._encode(rows)
+        return sorted(datasets)
+
+    def _lookup(self, source: int) -> dict:
+        if source not in self._lookups:
+            table = {}
+            for i, value in enumerate(self._values[source]):
+                table.setdefault(value, i)
+            self._lookups[source] = table
+        return self._lookups[source]
+
+    def _cover(self, wanted: set, most: int = 3) -> list[int] | None:
+        """At most `most` results arrays that hold every value in `wanted` (greedy), or None."""
+        if self._holders is None:  # value -> the arrays that hold it
+            self._holders = {}
+            for source, values in enumerate(self._values):
+                for value in values:
+                    self._holders.setdefault(value, set()).add(source)
+        chosen = []
+        while wanted and len(chosen) < most:
+            hits = collections.Counter(source for value in wanted for source in self._holders.get(value, ()))
+            if not hits:
+                return None
+            source = min(hits, key=lambda s: (-hits[s], s))
+            chosen.append(source)
+            wanted = wanted - self._lookup(source).keys()
+        return chosen if not wanted else None
+
+    def _encode(self, rows: list[dict]) -> dict:
+        keys = list(dict.fromkeys(key for row in rows for key in row))
+        columns = {key: self._column([row.get(key) for row in rows]) for key in keys}
+        for key, enc in columns.items():  # a label that follows a column's place in the results: look it up there
+            if "levels" not in enc:
+                continue
+            for other, ref in columns.items():
+                if "sources" in ref:
+                    shorter = _via(enc, other, ref, sum(len(self._values[source]) for source in ref["sources"]))
+                    if shorter is not None:
+                        columns[key] = enc = shorter
+                        break
+        return {"rows": len(rows), "columns": columns}
+
+    def _column(self, values: list) -> dict:
+        if values and all(isinstance(v, str) for v in values):
+            levels = list(dict.fromkeys(values))
+            codes = {level: i for i, level in enumerate(levels)}
+            return {"levels": levels, "at": _encode_indexes([codes[v] for v in values])}
+        numbers = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numbers and all(isinstance(v, int) and v >= 0 for v in values):
+            return {"ints": _encode_indexes(values)}
+        if numbers and all(math.isfinite(v) for v in values):
+            rounded = [_nine(v) for v in values]
+            chosen = self._cover(set(rounded))
+            if chosen is not None:  # indexes into the chosen arrays, concatenated
+                offsets = np.cumsum([0] + [len(self._values[source]) for source in chosen])
+                where = {}
+                for source, offset in zip(reversed(chosen), reversed(offsets[:-1])):
+                    where.update({v: i + int(offset) for v, i in self._lookup(source).items()})
+                return {"sources": chosen, "at": _encode_indexes([where[v] for v in rounded])}
+            return {"values": _short(values)}
+        return {"values": [_nine(v) if isinstance(v, float) and math.isfinite(v) else v for v in values]}
+
+    def share(self, specs: list[dict]) -> list[dict]:
+        """The specs with every part that two of them hold alike (FRAGMENT_CHARS or longer) stored once here."""
+        counts: dict[str, int] = {}
+
+        def count(node):
+            if isinstance(node, (dict, list)):
+                key = json.dumps(node, sort_keys=True)
+                if len(key) >= FRAGMENT_CHARS:
+                    counts[key] = counts.get(key, 0) + 1
+                for child in node.values() if isinstance(node, dict) else node:
+                    count(child)
+
+        def rewrite(node):
+            if not isinstance(node, (dict, list)):
+                return node
+            key = json.dumps(node, sort_keys=True)
+            if counts.get(key, 0) > 1:
+                if key not in self._fragment_of:
+                    self._fragment_of[key] = len(self.fragments)
+                    self.fragments.append(node)
+                return {"$fragment": self._fragment_of[key]}
+            if isinstance(node, dict):
+                return {name: rewrite(child) for name, child in node.items()}
+            return [rewrite(child) for child in node]
+
+        for spec in specs:
+            count(spec)
+        return [rewrite(spec) for spec in specs]
+
+    def spec(self, shared: dict) -> dict:
+        """A spec as the page rebuilds it from `share()`'s output (the tests' view of it)."""
+        if isinstance(shared, list):
+            return [self.spec(child) for child in shared]
+        if not isinstance(shared, dict):
+            return shared
+        if "$fragment" in shared:
+            return self.spec(self.fragments[shared["$fragment"]])
+        return {name: self.spec(child) for name, child in shared.items()}
+
+    def to_dict(self) -> dict:
+        return {"results": self.results_id, "sources": self.paths, "fragments": self.fragments,
+                "datasets": self.datasets}
+
+    def rows(self, name: str) -> list[dict]:
+        """The rows of dataset `name` as the page rebuilds them."""
+        data = self.datasets[name]
+        columns = {key: self._decode(enc) for key, enc in data["columns"].items() if "via" not in enc}
+        for key, enc in data["columns"].items():
+            if "via" in enc:
+                table = _decode_indexes(enc["table"])
+                place = _decode_indexes(data["columns"][enc["via"]]["at"])
+                columns[key] = [enc["levels"][table[(i // enc["div"]) % enc["mod"]]] for i in place]
+        return [{key: values[i] for key, values in columns.items()} for i in range(data["rows"])]
+
+    def _decode(self, enc: dict) -> list:
+        if "values" in enc:
+            return enc["values"]
+        if "ints" in enc:
+            return _decode_indexes(enc["ints"])
+        levels = enc["levels"] if "levels" in enc else [v for source in enc["sources"] for v in self._values[source]]
+        return [levels[i] for i in _decode_indexes(enc["at"])]
+
+
+def _via(enc: dict, other: str, ref: dict, total: int) -> dict | None:
+    """`enc`'s codes as table[(place // div) % mod], `place` being where column `other` takes its values from the
+    results (its indexes into arrays of `total` values), when that is shorter; None otherwise.
+
+    Labels of thinned rows (query head, key head, key token of a dot product) are periodic in that place.
+    """
+    if len(json.dumps(enc["at"])) < VIA_CHARS:
+        return None
+    codes = np.asarray(_decode_indexes(enc["at"]), dtype=np.int64)  # [row]
+    place = np.asarray(_decode_indexes(ref["at"]), dtype=np.int64)  # [row]
+    best, size = None, len(json.dumps(enc))
+    for div in _divisors(total)[:24]:
+        for mod in _divisors(total // div):
+            slot = (place // div) % mod  # [row]
+            table = np.zeros(mod, dtype=np.int64)  # [mod]
+            table[slot] = codes
+            if np.array_equal(table[slot], codes):
+                option = {"levels": enc["levels"], "via": other, "div": div, "mod": mod,
+                          "table": _encode_indexes(_fill(table, slot, mod))}
+                if len(json.dumps(option)) < size:
+                    best, size = option, len(json.dumps(option))
+                break  # a larger mod for this div is no shorter
+    return best
+
+
+def _fill(table: np.ndarray, used: np.ndarray, mod: int) -> np.ndarray:
+    """The table with each slot no row uses copied from the slot before it, so runs and periods stay intact."""
+    known = np.zeros(mod, dtype=bool)
+    known[used] = True
+    last = np.maximum.accumulate(np.where(known, np.arange(mod), 0))  # [mod]: the last known slot at or before
+    return table[last]
+
+
+def _decode_indexes(enc: dict) -> list[int]:
+    if "list" in enc:
+        return enc["list"]
+    if "period" in enc:
+        return _decode_indexes(enc["period"]) * enc["times"]
+    if "chars" in enc:
+        steps = [int(number) if number else STEP_CHARS.index(char)
+                 for number, char in re.findall(r"\((-?\d+)\)|(.)", enc["chars"])]
+        return np.cumsum(steps, dtype=np.int64).tolist()
+    if "each" in enc:
+        return np.repeat(_decode_indexes(enc["of"]), enc["each"]).tolist()
+    steps = enc["steps"] if "steps" in enc else [s for s, c in zip(enc["runs"][::2], enc["runs"][1::2]) for _ in range(c)]
+    return np.cumsum(steps, dtype=np.int64).tolist()
+
+
+def _number_arrays(node, path=()):
+    """(path, flat values) of every list of numbers in a JSON document, nested lists flattened."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _number_arrays(value, (*path, key))
+    elif isinstance(node, list) and node:
+        flat = _flatten(node)
+        if flat is not None:
+            yield list(path), flat
+
+
+def _flatten(node) -> list | None:
+    """The numbers of a (nested) list in order, or None when it holds anything else (None counts as a number)."""
+    out = []
+    for item in node:
+        if isinstance(item, list):
+            inner = _flatten(item)
+            if inner is None:
+                return None
+            out += inner
+        elif item is None or (isinstance(item, (int, float)) and not isinstance(item, bool)):
+            out.append(item)
+        else:
+            return None
+    return out
+
+
+def _flat_at(document, path) -> list:
+    for key in path:
+        document = document[key]
+    return _flatten(document)
+
+
+def _share_specs(pool: DataPool, charts: list[dict]) -> None:
+    for chart, spec in zip(charts, pool.share([chart["spec"] for chart in charts])):
+        chart["spec"] = spec
+
+
+def _chart_context(chart, chart_id: str, pool: DataPool) -> dict:
     spec = chart.to_dict()
     rows = sum(len(values) for values in spec.get("datasets", {}).values())
-    return {"id": chart_id, "spec": spec, "renderer": "canvas" if rows > CANVAS_ROWS else "svg"}
+    names = pool.add(spec)
+    return {"id": chart_id, "spec": spec, "datasets": " ".join(names), "renderer": "canvas" if rows > CANVAS_ROWS else "svg"}
 
 
 def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None,
@@ -168,14 +539,18 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
     generated_at = generated_at or datetime.now(timezone.utc)
     provenance = build_provenance(result, head, generated_at=generated_at, text_file=text_file)  # = the JSON's
     parity_failed = result_parity_failures(result)  # {layer: error} above PARITY_TOLERANCE
+    results = result.to_dict()
+    pool = DataPool(results, RESULTS_ID)
+    atlas = _atlas_context(result, pool)
     layers = []
     for layer in sorted(result.layers):
         charts = [
-            {"title": item.title, "explanation": item.explanation, **_chart_context(item.chart, f"chart-L{layer}-{item.key}")}
+            {"title": item.title, "explanation": item.explanation, **_chart_context(item.chart, f"chart-L{layer}-{item.key}", pool)}
             for item in build_layer_charts(result, layer, head)
         ]
         layers.append({"index": layer, "anchor": f"layer-{layer}", "charts": charts, "heads": _head_rows(result, layer),
                        "parity": result.layers[layer].parity_max_abs_err, "parity_ok": layer not in parity_failed})
+    _share_specs(pool, [*atlas, *(chart for layer in layers for chart in layer["charts"])])
     special = set(result.special_positions)
     return {
         "title": f"headscope report: {result.model['id']}",
@@ -187,14 +562,16 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "warnings": list(result.warnings),
         "head": head,
         "layers": layers,
-        "atlas": _atlas_context(result),
+        "atlas": atlas,
         "induction_probe": result.induction_probe,
         "dp_rows": _dp_rows(result),
         "parity": max((layer["parity"] for layer in layers), default=0.0),
         "parity_failed": sorted(parity_failed),
         "parity_tolerance": parity_tolerance(result.model["dtype"]),
-        "results": result.to_dict(),  # the provenance is shown above it, outside the (time-free) data
+        "results": results,  # the provenance is shown above it, outside the (time-free) data
         "results_id": RESULTS_ID,
+        "datasets": pool.to_dict(),
+        "datasets_id": DATA_ID,
         "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items()),
                        "text_file": text_file if not result.induction_probe and needs_text_file(result.text) else None},
         "csp": content_security_policy(),
@@ -244,10 +621,13 @@ def _interval_grid(corpus, name: str) -> list[dict]:
 def build_corpus_context(corpus, generated_at: datetime | None = None) -> dict:
     """Everything the corpus report shows, as plain values; no rendering."""
     generated_at = generated_at or datetime.now(timezone.utc)
+    results = corpus.to_dict()
+    pool = DataPool(results, CORPUS_ID)
     atlas = [{"score": name, "title": SCORE_TITLES.get(name, name), "explanation": SCORE_EXPLANATIONS.get(name, ""),
               "rows": _interval_grid(corpus, name), "n_heads": corpus.means[name].shape[1],
-              **_chart_context(build_corpus_atlas_chart(corpus, name), f"chart-corpus-{name}")}
+              **_chart_context(build_corpus_atlas_chart(corpus, name), f"chart-corpus-{name}", pool)}
              for name in corpus.values]
+    _share_specs(pool, atlas)
     layer_rows = []
     for layer in range(int(corpus.model["n_layers"])):
         row = {"layer": layer}
@@ -266,8 +646,10 @@ def build_corpus_context(corpus, generated_at: datetime | None = None) -> dict:
         "failures": [{"number": r.number, "excerpt": r.excerpt, "error": r.error} for r in corpus.failures],
         "atlas": atlas,
         "layer_rows": layer_rows,
-        "results": corpus.to_dict(),
+        "results": results,
         "results_id": CORPUS_ID,
+        "datasets": pool.to_dict(),
+        "datasets_id": DATA_ID,
         "provenance": {"headscope": __version__, "git_commit": git_commit(), "libraries": library_versions(),
                        "generated_at": generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")},
         "csp": content_security_policy(),
