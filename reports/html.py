@@ -416,6 +416,15 @@ class DataPool:
             return self.spec(self.fragments[shared["$fragment"]])
         return {name: self.spec(child) for name, child in shared.items()}
 
+    @classmethod
+    def read(cls, results: dict, stored: dict) -> DataPool:
+        """The pool of a written page: its results JSON and its datasets block (to rebuild rows, as the page does)."""
+        pool = cls({}, stored["results"])
+        pool.results, pool.paths = results, stored["sources"]
+        pool._values = [_flat_at(results, path) for path in pool.paths]
+        pool.datasets, pool.fragments = stored["datasets"], stored["fragments"]
+        return pool
+
     def to_dict(self) -> dict:
         return {"results": self.results_id, "sources": self.paths, "fragments": self.fragments,
                 "datasets": self.datasets}

@@ -4,15 +4,21 @@ import base64
 import hashlib
 import html
 import json
+import math
 import re
 from datetime import UTC, datetime
 from importlib import metadata
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analysis import analyze
+from analysis.results import AnalysisResult
 from reports.__main__ import main
-from reports.html import read_report_results, render_report
+from reports.charts import build_atlas_chart, build_layer_charts
+from reports.html import DataPool, _decode_indexes, _encode_indexes, read_report_results, render_report
 from tests.conftest import FIJI, REPEATS
 
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -149,3 +155,85 @@ def test_outputs_are_required(capsys):
         main(["--text", "x"])
     assert exit_info.value.code == 2
     assert "--json OUT and/or --html OUT" in capsys.readouterr().err
+
+
+# ---- one copy of the data ------------------------------------------------------------------------------------------
+
+def chart_blocks(page: str) -> dict:
+    return {chart_id: json.loads(block) for chart_id, block in
+            re.findall(r'<script type="application/json" id="(chart-[^"]+)">(.*?)</script>', page, re.S)}
+
+
+def pool_of(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="headscope-datasets">(.*?)</script>', page, re.S)[1])
+
+
+def same_rows(rebuilt: list[dict], original: list[dict]) -> bool:
+    """Equal rows, floats equal at float32 precision (what the report stores)."""
+    if len(rebuilt) != len(original):
+        return False
+    for a, b in zip(rebuilt, original):
+        if a.keys() != b.keys():
+            return False
+        for key in a:
+            x, y = a[key], b[key]
+            if isinstance(y, float) and y is not None and x is not None:
+                if not math.isclose(x, y, rel_tol=2e-7, abs_tol=1e-30):
+                    return False
+            elif x != y:
+                return False
+    return True
+
+
+def test_charts_carry_no_data_and_the_pool_rebuilds_every_row(gpt2):
+    result = analyze(gpt2, REPEATS, layers=[0, 6], keep_patterns=True)
+    page = render_report(result, head=2, generated_at=WHEN)
+    charts = chart_blocks(page)
+    assert "datasets" not in page.split('id="headscope-results"')[0].split("<main>")[1].replace(
+        'data-datasets="', "")  # no inline data anywhere before the results block
+    stored = pool_of(page)
+    pool = DataPool.read(embedded_results(page), stored)
+    originals = {}
+    for layer in (0, 6):
+        for item in build_layer_charts(result, layer, 2):
+            originals[f"chart-L{layer}-{item.key}"] = item.chart.to_dict()
+    for score in result.head_scores:
+        originals[f"chart-atlas-{score}"] = build_atlas_chart(result, score).to_dict()
+    assert set(originals) == set(charts)
+    for chart_id, original in originals.items():
+        datasets = original.pop("datasets")
+        assert "datasets" not in json.dumps(charts[chart_id]) and pool.spec(charts[chart_id]) == original, chart_id
+        names = re.search(rf'data-chart="{chart_id}" data-datasets="([^"]*)"', page)[1].split()
+        assert sorted(names) == sorted(datasets)
+        for name, rows in datasets.items():
+            assert same_rows(pool.rows(name), rows), (chart_id, name)
+    # the values really come from the results JSON: the dot products' column points into it
+    columns = [enc for data in stored["datasets"].values() for enc in data["columns"].values() if "sources" in enc]
+    paths = {tuple(stored["sources"][s]) for enc in columns for s in enc["sources"]}
+    assert ("layers", "6", "diff_head_dp") in paths and ("layers", "6", "final_to_prev") in paths
+
+
+def test_floats_are_written_at_float32_precision_and_round_trip(gpt2):
+    result = analyze(gpt2, FIJI, layers=[6])
+    data = result.to_dict()
+    values = data["layers"]["6"]["diff_head_dp"] + data["layers"]["6"]["kde"]["final_to_prev"]
+    assert all(len(repr(v).lstrip("-").replace("0.", "").replace(".", "").split("e")[0].lstrip("0")) <= 9
+               for v in values)
+    exact = result.layers[6].diff_head_dp
+    assert np.allclose(data["layers"]["6"]["diff_head_dp"], exact, rtol=1e-8, atol=0)
+    assert AnalysisResult.from_dict(json.loads(json.dumps(data))).to_dict() == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=-300, max_value=5000), max_size=300), st.integers(1, 5), st.integers(1, 4))
+def test_index_encodings_round_trip(values, times, each):
+    for sequence in (values, values * times, [v for v in values for _ in range(each)]):
+        assert _decode_indexes(_encode_indexes(sequence)) == sequence
+
+
+def test_report_ratio_to_its_results_and_javascript(gpt2):
+    result = analyze(gpt2, REPEATS, keep_patterns=True)  # every layer of the 8-layer checkpoint
+    page = render_report(result, generated_at=WHEN).encode()
+    results = len(json.dumps(result.to_dict(), allow_nan=False).encode())
+    javascript = sum(len(script.encode()) for script in re.findall(r"<script>(.*?)</script>", page.decode(), re.S))
+    assert len(page) <= 1.2 * (results + javascript), (len(page), results, javascript)

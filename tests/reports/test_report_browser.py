@@ -4,7 +4,7 @@ import pytest
 
 from analysis import analyze
 from reports.html import render_report
-from tests.conftest import FIJI
+from tests.conftest import FIJI, REPEATS
 from tests.reports.test_html import PAYLOAD
 
 DRAWN = "el => el.querySelectorAll('svg .mark-rect path, svg .mark-symbol path, svg .mark-line path, " \
@@ -60,5 +60,35 @@ def test_injected_text_runs_nothing_and_shows_as_text(chromium, gpt2, tmp_path):
         assert page.inner_text("#analysed-text") == PAYLOAD
         assert "<|endoftext|>" in page.inner_text(".tokens")
         assert events["errors"] == []
+    finally:
+        context.close()
+
+
+def test_the_page_rebuilds_the_same_rows_as_python(chromium, gpt2, tmp_path):
+    """Every chart's named datasets, as the page's script rebuilt them and Vega holds them, equal DataPool.rows."""
+    import json
+    import re
+
+    from reports.html import DataPool
+
+    result = analyze(gpt2, REPEATS, layers=[1, 6], keep_patterns=True)
+    page_text = render_report(result, head=5)
+    path = tmp_path / "report.html"
+    path.write_text(page_text, encoding="utf-8")
+    blocks = dict(re.findall(r'<script type="application/json" id="([^"]+)">(.*?)</script>', page_text, re.S))
+    pool = DataPool.read(json.loads(blocks["headscope-results"]), json.loads(blocks["headscope-datasets"]))
+    context, page, events = open_offline(chromium, path)
+    try:
+        wait_for_charts(page)
+        page.wait_for_function("() => [...document.querySelectorAll('[data-chart]')].every(el => el.view)")
+        checked = 0
+        for container in page.query_selector_all("[data-chart]"):
+            for name in container.get_attribute("data-datasets").split():
+                expected = pool.rows(name)
+                got = container.evaluate(f"el => el.view.data({json.dumps(name)})")
+                assert len(got) == len(expected), (container.get_attribute("data-chart"), name)
+                assert [{key: row[key] for key in want} for row, want in zip(got, expected)] == expected
+                checked += 1
+        assert checked >= 20 and events["errors"] == []
     finally:
         context.close()
