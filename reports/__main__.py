@@ -24,7 +24,8 @@ from analysis.corpus import UNEXPECTED, CorpusAccumulator, excerpt, parse_texts
 from analysis.loading import DEVICE_MAPS, DTYPES, one_line
 from analysis.presets import FIJI
 from reports import beyond_cli
-from reports.html import read_report_results, render_corpus_report, render_index, render_report
+from reports.figures import FORMATS, write_figures
+from reports.html import read_report_results, render_corpus_report, render_index, render_report, write_shared_assets
 from reports.provenance import TEXT_FILE, results_json
 from reports.untrusted import needs_text_file
 
@@ -87,6 +88,13 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
                         help="read the results JSON back out of a headscope HTML report (with --json)")
     add_results_arguments(parser)
     beyond_cli.add_arguments(parser)
+    parser.add_argument("--figures", type=Path, metavar="DIR",
+                        help="write every figure as a file for a paper (vl-convert, no browser), named by layer, "
+                             "head and figure, with figures.json (captions, sizes); with --batch one folder per text")
+    parser.add_argument("--format", choices=FORMATS, help="file format of --figures (default: pdf)")
+    parser.add_argument("--shared-assets", action="store_true",
+                        help="with --batch: the pages load one copy of the Vega JavaScript from DIR/assets/ instead "
+                             "of each inlining it (default: every page stands alone)")
     return parser
 
 
@@ -133,6 +141,11 @@ def check_results_arguments(parser, args) -> None:
 
 
 def check_outputs(parser, args) -> None:
+    if args.format is not None and args.figures is None:
+        parser.error("--format is the format of --figures DIR: add --figures")
+    if args.shared_assets and args.batch is None:
+        parser.error("--shared-assets shares the JavaScript between the pages of --batch: add --batch FILE "
+                     "--out-dir DIR")
     check_results_arguments(parser, args)
     if args.from_results is not None or args.results is not None:
         if args.text is not None or args.text_file is not None or args.induction_probe is not None:
@@ -145,7 +158,7 @@ def check_outputs(parser, args) -> None:
             parser.error("--batch needs --out-dir DIR (one report per text) or --results DIR (Parquet rows)")
         if args.text is not None or args.text_file is not None or args.induction_probe is not None:
             parser.error("--batch reads its texts from FILE; drop --text/--text-file/--induction-probe")
-    elif args.json is None and args.html is None:
+    elif args.json is None and args.html is None and args.figures is None:
         parser.error("say where to write: --json OUT and/or --html OUT (or --batch FILE --out-dir DIR)")
     beyond_cli.check_arguments(parser, args)
 
@@ -208,9 +221,9 @@ def write_text_beside(out: Path, result) -> None:
         raise HeadscopeError(f"Cannot write {text_file}: {exc.strerror}.") from None
 
 
-def write_report(out: Path, result, head: int) -> None:
+def write_report(out: Path, result, head: int, assets: str | None = None) -> None:
     """The HTML report, and beside it the text when its reproduce command cannot quote it."""
-    write_text(out, render_report(result, head=head, text_file=text_file_beside(out).name))
+    write_text(out, render_report(result, head=head, text_file=text_file_beside(out).name, assets=assets))
     write_text_beside(out, result)
 
 
@@ -233,7 +246,7 @@ def check_head(head: int, n_heads: int) -> None:
 def analyse(loaded, text: str, args):
     """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
     layers = None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)])
-    keep = args.patterns or args.html is not None or args.batch is not None
+    keep = args.patterns or args.html is not None or args.batch is not None or args.figures is not None
     options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep}
     if args.induction_probe is not None:
         return analyze_induction_probe(loaded, args.induction_probe, args.probe_seed, layers, **options)
@@ -263,8 +276,10 @@ def run_single(args) -> None:
             write_text(args.html, render_report_with(result, head=args.head, text_file=text_file_beside(args.html).name,
                                                      **extras))
             write_text_beside(args.html, result)
+    if args.figures is not None:
+        write_figures(result, args.figures, args.format or "pdf", head=args.head)
     worst = max(layer.parity_max_abs_err for layer in result.layers.values())
-    outputs = " and ".join(str(out) for out in (args.json, args.html) if out is not None)
+    outputs = " and ".join(str(out) for out in (args.json, args.html, args.figures) if out is not None)
     print(f"headscope: {loaded.info.id}, {result.n_tokens} tokens, layers {sorted(result.layers)}, "
           f"parity max abs err {worst:.1e} -> {outputs}", file=sys.stderr)
 
@@ -281,6 +296,7 @@ def run_batch(args) -> None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HeadscopeError(f"Cannot create {args.out_dir}: {exc.strerror}.") from None
+    assets = write_shared_assets(args.out_dir) if args.shared_assets else None
     entries = []
     model = loaded.info.to_dict()
     exclude_first_token = not args.include_first_token
@@ -296,7 +312,9 @@ def run_batch(args) -> None:
             result = summarize(captured, model, layers, exclude_first_token)  # = analyse(), sharing the pass
             acc.add(captured)
             entry["file"] = f"report-{number:04d}.html"
-            write_report(args.out_dir / entry["file"], result, args.head)
+            write_report(args.out_dir / entry["file"], result, args.head, assets)
+            if args.figures is not None:
+                write_figures(result, args.figures / f"text-{number:04d}", args.format or "pdf", head=args.head)
             entry["n_tokens"] = result.n_tokens
             entry["parity"] = max(layer.parity_max_abs_err for layer in result.layers.values())
         except Exception as exc:  # noqa: BLE001 - a text's error is that text's: the others go on
@@ -307,7 +325,7 @@ def run_batch(args) -> None:
                 acc.add_failure(text if isinstance(text, str) else "", message)
             print(f"headscope: warning: text {number} failed: {message}", file=sys.stderr)
         entries.append(entry)
-    write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish()))
+    write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish(), assets=assets))
     write_text(args.out_dir / "index.html", render_index(entries, model, corpus_file=CORPUS_FILE))
     failed = sum(entry["error"] is not None for entry in entries)
     print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / 'index.html'}, "

@@ -53,6 +53,7 @@ CORPUS_ID = "headscope-corpus"
 VEGA_LITE_VERSION = "6.4"
 CANVAS_ROWS = 4000  # charts with more data rows than this draw on canvas, not SVG
 DATA_ID = "headscope-datasets"
+ASSETS_DIR = "assets"
 VIA_CHARS = 200  # label columns shorter than this (as JSON) are not worth looking up through another column
 FRAGMENT_CHARS = 60  # parts of chart specs at least this long (as JSON) that two specs share are stored once
 EMBED_SCRIPT = """\
@@ -151,10 +152,39 @@ def _csp_hash(script: str) -> str:
 
 
 @functools.cache
-def content_security_policy() -> str:
-    scripts = " ".join(_csp_hash(s) for s in (vega_bundle(), EMBED_SCRIPT))
+def content_security_policy(shared_assets: bool = False) -> str:
+    """Inline scripts by hash only. With shared assets the Vega bundle is a file beside the page, admitted as
+    'self': a hash cannot admit it (Subresource Integrity needs CORS, which a file:// page does not have)."""
+    embed = _csp_hash(EMBED_SCRIPT)
+    scripts = f"'self' {embed}" if shared_assets else f"{_csp_hash(vega_bundle())} {embed}"
     return (f"default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; img-src data: blob:; "
             "font-src data:; connect-src 'none'; base-uri 'none'; form-action 'none'")
+
+
+def shared_assets_name() -> str:
+    """The bundle's file name under assets/: named by its hash, so a page never runs a bundle it was not made with."""
+    return f"{ASSETS_DIR}/vega-{hashlib.sha256(vega_bundle().encode()).hexdigest()[:16]}.js"
+
+
+def write_shared_assets(out_dir: Path) -> str:
+    """Writes the Vega bundle once into out_dir/assets/ and returns its path relative to out_dir (for the pages)."""
+    name = shared_assets_name()
+    try:
+        (out_dir / ASSETS_DIR).mkdir(parents=True, exist_ok=True)
+        (out_dir / name).write_text(vega_bundle(), encoding="utf-8")
+    except OSError as exc:
+        raise HeadscopeError(f"Cannot write {out_dir / name}: {exc.strerror}.") from None
+    return name
+
+
+def _script_context(assets: str | None) -> dict:
+    """The page's scripts: the Vega bundle inline (standalone) or from `assets` (a shared file), and the loop."""
+    return {
+        "csp": content_security_policy(assets is not None),
+        "vega_bundle": Markup(vega_bundle()) if assets is None else None,  # trusted: built by vl-convert
+        "vega_src": assets,
+        "embed_script": Markup(EMBED_SCRIPT),
+    }
 
 
 def select_layers(result: AnalysisResult, layers=None) -> AnalysisResult:
@@ -543,7 +573,7 @@ def _chart_context(chart, chart_id: str, pool: DataPool) -> dict:
 
 
 def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None,
-                         text_file: str = TEXT_FILE) -> dict:
+                         text_file: str = TEXT_FILE, assets: str | None = None) -> dict:
     """Everything the template shows, as plain values; no rendering."""
     generated_at = generated_at or datetime.now(timezone.utc)
     provenance = build_provenance(result, head, generated_at=generated_at, text_file=text_file)  # = the JSON's
@@ -583,20 +613,20 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "datasets_id": DATA_ID,
         "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items()),
                        "text_file": text_file if not result.induction_probe and needs_text_file(result.text) else None},
-        "csp": content_security_policy(),
-        "vega_bundle": Markup(vega_bundle()),  # trusted: built by vl-convert, never user input
-        "embed_script": Markup(EMBED_SCRIPT),
+        **_script_context(assets),
     }
 
 
 def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_at: datetime | None = None,
-                  text_file: str = TEXT_FILE) -> str:
+                  text_file: str = TEXT_FILE, assets: str | None = None) -> str:
     """The standalone HTML report for `layers` of `result` (None: every layer it holds).
 
     `text_file`: the name its reproduce command reads the text from when the text cannot be quoted (see
     reproduce_command); whoever writes the report writes the text there (`text_file_for`).
+    `assets`: the path, relative to the page, of a shared Vega bundle (write_shared_assets) to load instead of
+    inlining it; None (the default) makes a page that needs no other file.
     """
-    context = build_report_context(select_layers(result, layers), head, generated_at, text_file)
+    context = build_report_context(select_layers(result, layers), head, generated_at, text_file, assets)
     return ENV.get_template("report.html").render(context)
 
 
@@ -627,7 +657,7 @@ def _interval_grid(corpus, name: str) -> list[dict]:
     return [{"layer": layer, "cells": [cell(layer, head) for head in range(n_heads)]} for layer in range(n_layers)]
 
 
-def build_corpus_context(corpus, generated_at: datetime | None = None) -> dict:
+def build_corpus_context(corpus, generated_at: datetime | None = None, assets: str | None = None) -> dict:
     """Everything the corpus report shows, as plain values; no rendering."""
     generated_at = generated_at or datetime.now(timezone.utc)
     results = corpus.to_dict()
@@ -661,15 +691,13 @@ def build_corpus_context(corpus, generated_at: datetime | None = None) -> dict:
         "datasets_id": DATA_ID,
         "provenance": {"headscope": __version__, "git_commit": git_commit(), "libraries": library_versions(),
                        "generated_at": generated_at.strftime("%Y-%m-%d %H:%M:%S UTC")},
-        "csp": content_security_policy(),
-        "vega_bundle": Markup(vega_bundle()),  # trusted: built by vl-convert, never user input
-        "embed_script": Markup(EMBED_SCRIPT),
+        **_script_context(assets),
     }
 
 
-def render_corpus_report(corpus, generated_at: datetime | None = None) -> str:
+def render_corpus_report(corpus, generated_at: datetime | None = None, assets: str | None = None) -> str:
     """The standalone HTML report of a corpus (analysis.corpus.CorpusResult): atlases of means with intervals."""
-    return ENV.get_template("corpus.html").render(build_corpus_context(corpus, generated_at))
+    return ENV.get_template("corpus.html").render(build_corpus_context(corpus, generated_at, assets))
 
 
 def read_report_results(path: Path) -> dict:

@@ -161,11 +161,11 @@ def test_outputs_are_required(capsys):
 
 def chart_blocks(page: str) -> dict:
     return {chart_id: json.loads(block) for chart_id, block in
-            re.findall(r'<script type="application/json" id="(chart-[^"]+)">(.*?)</script>', page, re.S)}
+            re.findall(r'<script type="application/json" id="(chart-[^"]+)">(.*?)</script>', page, re.DOTALL)}
 
 
 def pool_of(page: str) -> dict:
-    return json.loads(re.search(r'<script type="application/json" id="headscope-datasets">(.*?)</script>', page, re.S)[1])
+    return json.loads(re.search(r'<script type="application/json" id="headscope-datasets">(.*?)</script>', page, re.DOTALL)[1])
 
 
 def same_rows(rebuilt: list[dict], original: list[dict]) -> bool:
@@ -235,5 +235,5 @@ def test_report_ratio_to_its_results_and_javascript(gpt2):
     result = analyze(gpt2, REPEATS, keep_patterns=True)  # every layer of the 8-layer checkpoint
     page = render_report(result, generated_at=WHEN).encode()
     results = len(json.dumps(result.to_dict(), allow_nan=False).encode())
-    javascript = sum(len(script.encode()) for script in re.findall(r"<script>(.*?)</script>", page.decode(), re.S))
+    javascript = sum(len(script.encode()) for script in re.findall(r"<script>(.*?)</script>", page.decode(), re.DOTALL))
     assert len(page) <= 1.2 * (results + javascript), (len(page), results, javascript)

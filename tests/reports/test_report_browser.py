@@ -75,7 +75,7 @@ def test_the_page_rebuilds_the_same_rows_as_python(chromium, gpt2, tmp_path):
     page_text = render_report(result, head=5)
     path = tmp_path / "report.html"
     path.write_text(page_text, encoding="utf-8")
-    blocks = dict(re.findall(r'<script type="application/json" id="([^"]+)">(.*?)</script>', page_text, re.S))
+    blocks = dict(re.findall(r'<script type="application/json" id="([^"]+)">(.*?)</script>', page_text, re.DOTALL))
     pool = DataPool.read(json.loads(blocks["headscope-results"]), json.loads(blocks["headscope-datasets"]))
     context, page, events = open_offline(chromium, path)
     try:
