@@ -10,6 +10,7 @@ import pytest
 from analysis import analyze
 from analysis.corpus import CORPUS_MEASURES
 from reports.__main__ import main
+from reports.html import read_report_results, shared_assets_name, vega_bundle
 from tests.conftest import FIJI, REPEATS
 from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
 
@@ -54,3 +55,39 @@ def test_the_corpus_report_draws_offline(chromium, gpt2_path, tmp_path, capsys):
         assert events["errors"] == [] and events["requests"] == [path.as_uri()]
     finally:
         context.close()
+
+
+def test_shared_assets_one_copy_of_the_javascript_still_offline(chromium, gpt2_path, tmp_path, capsys):
+    batch = tmp_path / "texts.txt"
+    batch.write_text("\n".join(text for text in TEXTS if text.strip()) + "\n")
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(alone)]) == 0
+    assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(shared), "--shared-assets"]) == 0
+    assert not (alone / "assets").exists()
+    bundle = vega_bundle()
+    [asset] = (shared / "assets").iterdir()
+    assert asset.read_text() == bundle and asset.name == shared_assets_name().split("/")[1]
+    pages = sorted(p.name for p in shared.glob("*.html"))
+    assert pages == sorted(p.name for p in alone.glob("*.html"))
+    for name in pages:
+        if name == "index.html":
+            continue
+        standalone, light = (alone / name).read_text(), (shared / name).read_text()
+        assert bundle in standalone and bundle not in light
+        assert f'<script src="assets/{asset.name}"></script>' in light
+        assert len(light.encode()) < len(standalone.encode()) - len(bundle.encode()) + 2000
+        csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', light)[1]
+        assert "script-src &#39;self&#39; &#39;sha256-" in csp and "connect-src &#39;none&#39;" in csp
+        if name != "corpus.html":
+            assert read_report_results(shared / name) == read_report_results(alone / name)
+    for name in ("report-0001.html", "corpus.html"):
+        path = shared / name
+        context, page, events = open_offline(chromium, path)
+        try:
+            wait_for_charts(page)
+            for container in page.query_selector_all("[data-chart]"):
+                assert container.evaluate(DRAWN) > 0, container.get_attribute("data-chart")
+            assert events["errors"] == []
+            assert events["requests"] == [path.as_uri(), (shared / "assets" / asset.name).as_uri()]
+        finally:
+            context.close()

@@ -60,8 +60,8 @@ def test_sizes_fit_a_two_column_paper(svg_dir):
 
 def test_svg_figures_carry_their_font_and_draw_the_numbers(result, svg_dir):
     text = (svg_dir / "layer06_sink_mass.svg").read_text()
-    assert re.search(r"@font-face \{ font-family: 'Liberation Sans'; font-weight: normal; src: url\(data:font/woff;base64,",
-                     text)
+    face = r"@font-face \{ font-family: 'Liberation Sans'; font-weight: normal; src: url\(data:font/woff;base64,"
+    assert re.search(face, text)
     root = ET.fromstring(text)
     labels = [t.text for t in root.iter(f"{SVG}text")]
     assert "L6H0" in labels and "L6H11" in labels  # the axis names every head

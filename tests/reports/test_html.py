@@ -165,7 +165,8 @@ def chart_blocks(page: str) -> dict:
 
 
 def pool_of(page: str) -> dict:
-    return json.loads(re.search(r'<script type="application/json" id="headscope-datasets">(.*?)</script>', page, re.DOTALL)[1])
+    block = re.search(r'<script type="application/json" id="headscope-datasets">(.*?)</script>', page, re.DOTALL)
+    return json.loads(block[1])
 
 
 def same_rows(rebuilt: list[dict], original: list[dict]) -> bool:
