@@ -50,6 +50,7 @@ from reports.charts import (
     display_token,
     selected_head,
 )
+from reports.figures import FIGURE_HELP, figure_name, render_figure
 from reports.html import render_corpus_report, render_report
 from reports.provenance import results_json
 from reports.untrusted import literal, needs_text_file, parse_link, plain
@@ -375,6 +376,7 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
     chart.title.text = chart.title.text.split(" · ")[0]  # the model line above names the model
     st.altair_chart(padded(chart), key=key,
                     on_select=lambda: select_head(key), selection_mode=ATLAS_SELECTION, width="content")
+    figure_downloads_ui(chart, "atlas", sources[source].model["id"], figure_name(f"atlas_{score}"))
     st.caption(SCORE_EXPLANATIONS.get(score, "") + " Click a cell to show that head's pattern and its layer's figures.")
     if "probe" in sources:  # the probe's own report: its atlases, and the command line (--induction-probe) behind it
         st.download_button("Probe report (HTML)", lambda: render_report(sources["probe"]), mime="text/html",
@@ -394,6 +396,7 @@ def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:
         return
     side = min(chart.width, APP_HEATMAP_SIDE)
     st.altair_chart(padded(chart.properties(width=side, height=side)), width="content")
+    figure_downloads_ui(chart, "heatmap", result.model["id"], figure_name("heatmap", layer, head))
     st.caption("Bright cells show which tokens each query reads: a bright first column is an attention sink, a bright "
                "line just below the diagonal a previous-token head.")
 
@@ -412,6 +415,7 @@ def figures_ui(result: AnalysisResult, layer: int, head: int) -> None:
                 for column, item in zip(st.columns(2, gap="medium"), items[pair:pair + 2]):
                     with column:
                         st.altair_chart(padded(item.chart, "fit-x"), width="stretch")
+                        figure_downloads_ui(item.chart, item.key, result.model["id"], figure_name(item.key, layer))
                         st.caption(item.explanation)
 
 
@@ -534,6 +538,19 @@ def corpus_results_ui(corpus: CorpusResult) -> None:
                                     ("mean", "CI low", "CI high")})
         st.download_button("Download the corpus report (HTML)", lambda: render_corpus_report(corpus),
                            file_name="headscope-corpus.html", mime="text/html", on_click="ignore")
+
+
+
+def figure_downloads_ui(chart: alt.TopLevelMixin, key: str, model_id: str, stem: str) -> None:
+    """PNG and SVG of one chart, drawn for a paper by vl-convert (reports.figures) only when clicked.
+
+    Streamlit's own chart toolbar offers a PNG only (its vega-embed menu, with SVG, is gone since 1.5x).
+    """
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", model_id).strip("-")
+    for column, fmt, mime in zip(st.columns(2, width=300), ("png", "svg"), ("image/png", "image/svg+xml")):
+        column.download_button(f"{fmt.upper()}", lambda fmt=fmt: render_figure(chart.to_dict(), key, fmt)[0],
+                               file_name=f"headscope-{slug}-{stem}.{fmt}", mime=mime, on_click="ignore",
+                               key=f"figure-{stem}-{fmt}", help=FIGURE_HELP.format(fmt=fmt.upper()))
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ CONFIG = {
     "legend": {"labelFontSize": 7, "titleFontSize": 8, "orient": "bottom", "titleFontWeight": "normal"},
     "view": {"stroke": None},
 }
+FIGURE_HELP = "Download this figure as {fmt}, sized for a two-column paper (fonts embedded)"  # the app's buttons
 NO_FONT = (f"No {FONT} font file to embed in SVG figures (looked under {', '.join(map(str, FONT_DIRS))}): install "
            "fonts-liberation, or use --format pdf or png.")
 

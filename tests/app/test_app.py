@@ -19,6 +19,7 @@ from analysis import analyze
 from analysis.loading import supported_families
 from analysis.presets import FIJI, PRESETS
 from reports.charts import ATLAS_SELECTION, build_layer_charts
+from reports.figures import FIGURE_HELP
 
 APP = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")
 TIMEOUT = 120
@@ -166,7 +167,10 @@ def test_default_run_shows_the_notebook_figures_with_the_results_numbers(minilm,
     assert "[CLS]" in page and "first token is `[CLS]`" in page  # special tokens and the first token named
     assert "matches the model's own attention" in page
     downloads = [button.proto.help for button in at.get("download_button")]
-    assert downloads == ["Download the results (JSON)", "Download the HTML report"]
+    figures = [text for text in downloads if text.startswith("Download this figure as")]  # beside every chart
+    assert figures == [FIGURE_HELP.format(fmt="PNG"), FIGURE_HELP.format(fmt="SVG")] * len(specs)
+    assert [text for text in downloads if text not in figures] == ["Download the results (JSON)",
+                                                                  "Download the HTML report"]
     assert at.query_params["model"] == "auto" and at.query_params["layer"] == "3"
     assert sidebar_number(at, "Layer").value == 3  # the sidebar names the default layer it shows
     assert not at.warning  # no "default value but also set via Session State" warning either
