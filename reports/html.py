@@ -14,7 +14,7 @@ import hashlib
 import math
 import re
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +72,14 @@ EMBED_SCRIPT = """\
     let value = 0;
     if (enc.steps) for (const step of enc.steps) out.push(value += step);
     else if (enc.chars !== undefined) {
-      for (const [, number, char] of enc.chars.matchAll(/\\((-?\\d+)\\)|(.)/g)) out.push(value += number ? +number : digits.indexOf(char));
+      for (const [, number, char] of enc.chars.matchAll(/\\((-?\\d+)\\)|(.)/g)) {
+        out.push(value += number ? +number : digits.indexOf(char));
+      }
     }
-    else for (let j = 0; j < enc.runs.length; j += 2) for (let c = 0; c < enc.runs[j + 1]; c++) out.push(value += enc.runs[j]);
+    else {
+      const runs = enc.runs;
+      for (let j = 0; j < runs.length; j += 2) for (let c = 0; c < runs[j + 1]; c++) out.push(value += runs[j]);
+    }
     return out;
   };
   const column = (enc) => {
@@ -98,14 +103,17 @@ EMBED_SCRIPT = """\
     const data = pool.datasets[name];
     columns[name] = columns[name] || Object.entries(data.columns).map(
       ([key, enc]) => [key, enc.via ? looked(enc, data) : column(enc)]);
-    return Array.from({length: data.rows}, (_, i) => Object.fromEntries(columns[name].map(([key, values]) => [key, values[i]])));
+    const pairs = columns[name];
+    const row = (i) => Object.fromEntries(pairs.map(([key, values]) => [key, values[i]]));
+    return Array.from({length: data.rows}, (_, i) => row(i));
   };
   // ast: vega-embed then evaluates expressions with its bundled interpreter, never eval(): CSP-safe
   const draw = (el) => {
     if (el.dataset.drawn) return Promise.resolve();
     el.dataset.drawn = "1";
     const spec = unshare(json(el.dataset.chart));
-    spec.datasets = Object.fromEntries(el.dataset.datasets.split(" ").filter(Boolean).map((name) => [name, rows(name)]));
+    const names = el.dataset.datasets.split(" ").filter(Boolean);
+    spec.datasets = Object.fromEntries(names.map((name) => [name, rows(name)]));
     const options = {actions: false, renderer: el.dataset.renderer, ast: true};
     return vegaEmbed(el, spec, options).then((embedded) => { el.view = embedded.view; })
       .catch((error) => { el.textContent = "This chart could not be drawn: " + error; });
@@ -523,7 +531,9 @@ def _decode_indexes(enc: dict) -> list[int]:
         return np.cumsum(steps, dtype=np.int64).tolist()
     if "each" in enc:
         return np.repeat(_decode_indexes(enc["of"]), enc["each"]).tolist()
-    steps = enc["steps"] if "steps" in enc else [s for s, c in zip(enc["runs"][::2], enc["runs"][1::2]) for _ in range(c)]
+    if "steps" in enc:
+        return np.cumsum(enc["steps"], dtype=np.int64).tolist()
+    steps = [step for step, count in zip(enc["runs"][::2], enc["runs"][1::2]) for _ in range(count)]
     return np.cumsum(steps, dtype=np.int64).tolist()
 
 
@@ -569,13 +579,14 @@ def _chart_context(chart, chart_id: str, pool: DataPool) -> dict:
     spec = chart.to_dict()
     rows = sum(len(values) for values in spec.get("datasets", {}).values())
     names = pool.add(spec)
-    return {"id": chart_id, "spec": spec, "datasets": " ".join(names), "renderer": "canvas" if rows > CANVAS_ROWS else "svg"}
+    return {"id": chart_id, "spec": spec, "datasets": " ".join(names),
+            "renderer": "canvas" if rows > CANVAS_ROWS else "svg"}
 
 
 def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None,
                          text_file: str = TEXT_FILE, assets: str | None = None) -> dict:
     """Everything the template shows, as plain values; no rendering."""
-    generated_at = generated_at or datetime.now(timezone.utc)
+    generated_at = generated_at or datetime.now(UTC)
     provenance = build_provenance(result, head, generated_at=generated_at, text_file=text_file)  # = the JSON's
     parity_failed = result_parity_failures(result)  # {layer: error} above PARITY_TOLERANCE
     results = result.to_dict()
@@ -584,7 +595,8 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
     layers = []
     for layer in sorted(result.layers):
         charts = [
-            {"title": item.title, "explanation": item.explanation, **_chart_context(item.chart, f"chart-L{layer}-{item.key}", pool)}
+            {"title": item.title, "explanation": item.explanation,
+             **_chart_context(item.chart, f"chart-L{layer}-{item.key}", pool)}
             for item in build_layer_charts(result, layer, head)
         ]
         layers.append({"index": layer, "anchor": f"layer-{layer}", "charts": charts, "heads": _head_rows(result, layer),
@@ -633,7 +645,7 @@ def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_
 def render_index(entries: list[dict], model: dict, generated_at: datetime | None = None,
                  corpus_file: str | None = None) -> str:
     """The archive page of a batch run: one row per text, with its report link or its error."""
-    generated_at = generated_at or datetime.now(timezone.utc)
+    generated_at = generated_at or datetime.now(UTC)
     return ENV.get_template("index.html").render(
         title=f"headscope batch: {model.get('id', 'unknown model')}",
         entries=entries,
@@ -659,7 +671,7 @@ def _interval_grid(corpus, name: str) -> list[dict]:
 
 def build_corpus_context(corpus, generated_at: datetime | None = None, assets: str | None = None) -> dict:
     """Everything the corpus report shows, as plain values; no rendering."""
-    generated_at = generated_at or datetime.now(timezone.utc)
+    generated_at = generated_at or datetime.now(UTC)
     results = corpus.to_dict()
     pool = DataPool(results, CORPUS_ID)
     atlas = [{"score": name, "title": SCORE_TITLES.get(name, name), "explanation": SCORE_EXPLANATIONS.get(name, ""),
