@@ -8,7 +8,6 @@ and a Content-Security-Policy admits only the two inline scripts, by hash, and n
 from __future__ import annotations
 
 import base64
-import collections
 import functools
 import hashlib
 import math
@@ -342,8 +341,7 @@ class DataPool:
         self.results, self.results_id = results, results_id
         self.paths = [path for path, values in _number_arrays(results) if len(values) >= self.MIN_SOURCE]
         self._values = [_flat_at(results, path) for path in self.paths]
-        self._lookups: dict[int, dict] = {}
-        self._holders: dict | None = None
+        self._lookups: dict[int, tuple] = {}
         self.datasets: dict[str, dict] = {}
         self.fragments: list = []
         self._fragment_of: dict[str, int] = {}
@@ -356,30 +354,33 @@ class DataPool:
                 self.datasets[name] = self._encode(rows)
         return sorted(datasets)
 
-    def _lookup(self, source: int) -> dict:
+    def _sorted(self, source: int) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct values of a results array, sorted, and where each first occurs (None counts as NaN)."""
         if source not in self._lookups:
-            table = {}
-            for i, value in enumerate(self._values[source]):
-                table.setdefault(value, i)
-            self._lookups[source] = table
+            values = np.array([np.nan if v is None else v for v in self._values[source]], dtype=np.float64)  # [n]
+            self._lookups[source] = np.unique(values, return_index=True)  # ([distinct], [distinct])
         return self._lookups[source]
 
-    def _cover(self, wanted: set, most: int = 3) -> list[int] | None:
+    def _find(self, source: int, wanted: np.ndarray) -> np.ndarray:
+        """For each wanted value, its first index in the array, or -1 where the array does not hold it."""
+        distinct, first = self._sorted(source)
+        if not distinct.size:
+            return np.full(wanted.size, -1)
+        at = np.searchsorted(distinct, wanted).clip(0, distinct.size - 1)  # [wanted]
+        return np.where(distinct[at] == wanted, first[at], -1)
+
+    def _cover(self, wanted: np.ndarray, most: int = 3) -> list[int] | None:
         """At most `most` results arrays that hold every value in `wanted` (greedy), or None."""
-        if self._holders is None:  # value -> the arrays that hold it
-            self._holders = {}
-            for source, values in enumerate(self._values):
-                for value in values:
-                    self._holders.setdefault(value, set()).add(source)
         chosen = []
-        while wanted and len(chosen) < most:
-            hits = collections.Counter(source for value in wanted for source in self._holders.get(value, ()))
-            if not hits:
+        while wanted.size and len(chosen) < most:
+            hits = [int((self._find(source, wanted) >= 0).sum()) if source not in chosen else 0
+                    for source in range(len(self._values))]
+            if not hits or max(hits) == 0:
                 return None
-            source = min(hits, key=lambda s: (-hits[s], s))
+            source = hits.index(max(hits))
             chosen.append(source)
-            wanted = wanted - self._lookup(source).keys()
-        return chosen if not wanted else None
+            wanted = wanted[self._find(source, wanted) < 0]
+        return chosen if not wanted.size else None
 
     def _encode(self, rows: list[dict]) -> dict:
         keys = list(dict.fromkeys(key for row in rows for key in row))
@@ -404,14 +405,15 @@ class DataPool:
         if numbers and all(isinstance(v, int) and v >= 0 for v in values):
             return {"ints": _encode_indexes(values)}
         if numbers and all(math.isfinite(v) for v in values):
-            rounded = [_nine(v) for v in values]
-            chosen = self._cover(set(rounded))
+            rounded = np.array([_nine(v) for v in values])  # [row]
+            chosen = self._cover(np.unique(rounded))
             if chosen is not None:  # indexes into the chosen arrays, concatenated
-                offsets = np.cumsum([0] + [len(self._values[source]) for source in chosen])
-                where = {}
-                for source, offset in zip(reversed(chosen), reversed(offsets[:-1])):
-                    where.update({v: i + int(offset) for v, i in self._lookup(source).items()})
-                return {"sources": chosen, "at": _encode_indexes([where[v] for v in rounded])}
+                at, offset = np.full(rounded.size, -1), 0  # [row]
+                for source in chosen:
+                    found = self._find(source, rounded)  # [row]
+                    at = np.where((at < 0) & (found >= 0), found + offset, at)
+                    offset += len(self._values[source])
+                return {"sources": chosen, "at": _encode_indexes(at)}
             return {"values": _short(values)}
         return {"values": [_nine(v) if isinstance(v, float) and math.isfinite(v) else v for v in values]}
 
