@@ -119,10 +119,12 @@ EMBED_SCRIPT = """\
   };
   // Charts on screen first; the rest one at a time after them, so the page answers while they draw.
   const charts = [...document.querySelectorAll("[data-chart]")];
-  const seen = new IntersectionObserver((entries) => {
-    for (const entry of entries) if (entry.isIntersecting) { seen.unobserve(entry.target); draw(entry.target); }
-  }, {rootMargin: "200px"});
-  charts.forEach((el) => seen.observe(el));
+  if ("IntersectionObserver" in window) {  // without it, the loop below still draws every chart, in page order
+    const seen = new IntersectionObserver((entries) => {
+      for (const entry of entries) if (entry.isIntersecting) { seen.unobserve(entry.target); draw(entry.target); }
+    }, {rootMargin: "200px"});
+    charts.forEach((el) => seen.observe(el));
+  }
   let next = 0;
   const rest = () => {
     while (next < charts.length && charts[next].dataset.drawn) next++;

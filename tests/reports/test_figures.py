@@ -103,3 +103,15 @@ def test_cli_figures_and_its_errors(gpt2_path, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_batch_figures_go_to_one_folder_per_text(gpt2_path, tmp_path, capsys):
+    batch = tmp_path / "texts.txt"
+    batch.write_text("The cat sat on the mat.\n   \nA dog ran home.\n")
+    figures = tmp_path / "figs"
+    assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(tmp_path / "out"), "--layer", "1",
+                 "--figures", str(figures), "--format", "svg"]) == 0
+    assert sorted(p.name for p in figures.iterdir()) == ["text-0001", "text-0002"]  # blank lines are no texts
+    for folder in figures.iterdir():
+        assert (folder / "layer01_means.svg").exists() and (folder / "layer01_head00_heatmap.svg").exists()
+        assert len(captions(folder)) == len(list(folder.glob("*.svg")))
