@@ -11,6 +11,13 @@ DRAWN = "el => el.querySelectorAll('svg .mark-rect path, svg .mark-symbol path, 
         "svg .mark-rule line, svg .mark-area path, svg .mark-tick line, canvas').length"
 
 
+PAINTED = """el => { const c = el.querySelector('canvas'); if (!c) return Infinity;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i + 1] < 250 || d[i + 2] < 250) n++;
+  return n; }"""
+
+
 def open_offline(chromium, path):
     context = chromium.new_context(offline=True)
     page = context.new_page()
@@ -89,6 +96,7 @@ def test_the_page_rebuilds_the_same_rows_as_python(chromium, gpt2, tmp_path):
                 assert len(got) == len(expected), (container.get_attribute("data-chart"), name)
                 assert [{key: row[key] for key in want} for row, want in zip(got, expected)] == expected
                 checked += 1
+            assert container.evaluate(PAINTED) > 500, container.get_attribute("data-chart")  # canvas: pixels drawn
         assert checked >= 20 and events["errors"] == []
     finally:
         context.close()
