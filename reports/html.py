@@ -112,8 +112,8 @@ EMBED_SCRIPT = """\
     if (el.dataset.drawn) return Promise.resolve();
     el.dataset.drawn = "1";
     const spec = unshare(json(el.dataset.chart));
-    const names = el.dataset.datasets.split(" ").filter(Boolean);
-    spec.datasets = Object.fromEntries(names.map((name) => [name, rows(name)]));
+    const names = (el.dataset.datasets || "").split(" ").filter(Boolean);  // none: the spec carries its data
+    if (names.length) spec.datasets = Object.fromEntries(names.map((name) => [name, rows(name)]));
     const options = {actions: false, renderer: el.dataset.renderer, ast: true};
     return vegaEmbed(el, spec, options).then((embedded) => { el.view = embedded.view; })
       .catch((error) => { el.textContent = "This chart could not be drawn: " + error; });
@@ -580,10 +580,11 @@ def _share_specs(pool: DataPool, charts: list[dict]) -> None:
         chart["spec"] = spec
 
 
-def _chart_context(chart, chart_id: str, pool: DataPool) -> dict:
+def _chart_context(chart, chart_id: str, pool: DataPool | None = None) -> dict:
+    """A chart's spec for a page; with a pool its datasets move there (without one they stay in the spec)."""
     spec = chart.to_dict()
     rows = sum(len(values) for values in spec.get("datasets", {}).values())
-    names = pool.add(spec)
+    names = pool.add(spec) if pool is not None else []
     return {"id": chart_id, "spec": spec, "datasets": " ".join(names),
             "renderer": "canvas" if rows > CANVAS_ROWS else "svg"}
 
