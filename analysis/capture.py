@@ -1,17 +1,23 @@
-"""One forward pass -> every layer's q and k exactly as the attention used them.
+"""One forward pass -> every layer's q and k exactly as the attention used them, reduced on the model's device.
 
-headscope registers a capturing attention function with transformers' AttentionInterface. It calls
-the model's own eager attention and, while a recorder is active in the current context, records the
-query and key it was given (post-rotary, post-QK-norm, K at its own key-head count). For the layers
-whose patterns are wanted it rebuilds softmax(q k^T * scaling + mask) from those q and k and
-compares it with the weights the eager call returned: the parity figure costs no second pass. For every
-layer it also reduces those weights to the head scores' sums (analysis.head_scores), so the scores cover the
-whole model while only the requested layers' T x T patterns are kept.
+headscope registers a capturing attention function with transformers' AttentionInterface. While a recorder is
+active in the current context it runs the model's fused sdpa kernel (or the model's own eager attention where
+sdpa cannot reproduce it: soft-capping) and records the query, key and value it was given (post-rotary,
+post-QK-norm, K at its own key-head count). For every layer it rebuilds softmax(q k^T * scaling + mask) from
+those q and k a block of query rows at a time (analysis.patterns) and reduces it on the device to the read-outs,
+the head scores' sums and the parity figure (the rebuild against what the model's own kernel returned), so only
+per-head numbers and the bounded samples the charts draw cross to the host. In measuring mode (analyze) the
+q/k measurements run in the pass too and q and k never leave the device; `capture` keeps them (numpy) so the
+app can change layers without a model call.
+
+Several texts run as one padded batch (the tokenizer's padding side, the attention mask respected); each text
+is measured on its own positions only, so its numbers equal its single-text run.
 The recorder lives in a ContextVar, so two threads can analyse with one shared model.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -20,16 +26,34 @@ import numpy as np
 import torch
 
 from analysis.errors import HeadscopeError
-from analysis.head_scores import ScorePlan, compute_score_parts
-from analysis.metrics import compute_attention_summaries, compute_pattern
+from analysis.head_scores import ScorePlan
+from analysis.metrics import compute_layer_measures_t
+from analysis.patterns import reduce_pattern, to_host
 
 CAPTURE_ATTENTION = "headscope"
 EMPTY_TEXT = "The text is empty: type a sentence to analyse."
 TOO_LONG = "The text is {n} tokens long but {model} accepts at most {limit}: shorten it."
 NO_EAGER = "{cls} has no eager attention function to capture through."
-PATTERN_BUDGET = 256 * 2**20  # bytes of T x T patterns kept by default (keep_patterns=None)
+# The one place that decides what T x T memory headscope spends:
+PATTERN_BUDGET = 256 * 2**20  # bytes of kept float32 T x T patterns (heatmaps) by default (keep_patterns=None)
+WORK_BUDGET = {"cpu": 48 * 2**20, "cuda": 384 * 2**20}  # bytes of float32 temporaries of one block of query rows
+# "auto": the fused sdpa kernel on a GPU, where eager attention's T x T weights cost time and memory, and the
+# model's own eager attention on the CPU, where it costs little and keeps every number bit-equal to the
+# notebook's eager model (sdpa's different rounding reaches later layers' q and k at ~1e-5).
+ATTENTION_ROUTES = ("auto", "eager", "sdpa")
+BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTION_ROUTES) + "."
+READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
 
 _RECORDER: ContextVar[_Recorder | None] = ContextVar("headscope_recorder", default=None)
+
+
+def patterns_fit(n_heads: int, n_tokens: int, n_layers: int) -> bool:
+    """Whether `n_layers` float32 T x T patterns fit PATTERN_BUDGET (the default of keep_patterns)."""
+    return pattern_bytes(n_heads, n_tokens, n_layers) <= PATTERN_BUDGET
+
+
+def work_budget(device) -> int:
+    return WORK_BUDGET["cuda" if torch.device(device).type == "cuda" else "cpu"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,47 +66,97 @@ class Capture:
     special: np.ndarray  # [pos] bool: BOS/CLS/SEP and other special tokens
     q: tuple[np.ndarray, ...]  # per layer [head, pos, d_head] float32
     k: tuple[np.ndarray, ...]  # per layer [kv_head, pos, d_head] float32
-    summaries: dict[int, dict[str, np.ndarray]]  # requested layers: the pattern's read-outs (metrics.SUMMARIES)
-    parity: dict[int, float]  # requested layers: max |pattern - the model's own weights|
+    summaries: dict[int, dict[str, np.ndarray]]  # requested layers: the pattern's read-outs (READOUTS)
+    parity: dict[int, float]  # requested layers: max |rebuild - the model's own weights or output|
     patterns: dict[int, np.ndarray]  # requested layers when kept: [head, q_pos, k_pos] float32
     score_parts: np.ndarray | None = None  # every layer: [layer, head, 4, 4] float64, see head_scores.PARTS
     score_fixed: np.ndarray | None = None  # every layer: [layer, head, 3] float64: sink, self, entropy
 
 
 @dataclass
-class _Recorder:
-    pattern_layers: frozenset[int] | None  # None: every layer
-    keep_patterns: bool = True  # False: reduce each pattern to its read-outs and let it go
-    token_ids: np.ndarray | None = None  # [pos]: for the head scores' detection patterns; None: no scores
-    q: list[np.ndarray] = field(default_factory=list)
-    k: list[np.ndarray] = field(default_factory=list)
-    summaries: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-    parity: dict[int, float] = field(default_factory=dict)
-    patterns: dict[int, np.ndarray] = field(default_factory=dict)
-    score_parts: list[torch.Tensor] = field(default_factory=list)  # per layer [head, 4, 4], on the device
-    score_fixed: list[torch.Tensor] = field(default_factory=list)  # per layer [head, 3], on the device
-    plan: ScorePlan | None = None
+class TextInput:
+    """One text ready for the model: its token ids [pos], special-token flags [pos] and other model inputs."""
 
-    def record(self, query, key, attention_mask, scaling, softcap, weights) -> None:
-        layer = len(self.q)  # attention modules run once each, in layer order
-        q = query[0].detach().float()  # [head, pos, d_head]
-        k = key[0].detach().float()  # [kv_head, pos, d_head]
-        self.q.append(q.cpu().numpy().copy())  # [head, pos, d_head], detached from the model
-        self.k.append(k.cpu().numpy().copy())  # [kv_head, pos, d_head]
-        if self.pattern_layers is None or layer in self.pattern_layers:
-            mask = None if attention_mask is None else attention_mask[0, :, :, : k.shape[-2]]  # [1, q_pos, k_pos]
-            pattern = compute_pattern(q, k, scaling, mask, softcap)  # [head, q_pos, k_pos]
-            self.parity[layer] = float(torch.sub(pattern, weights[0]).abs_().max())  # one temporary
-            pattern = pattern.cpu().numpy()  # [head, q_pos, k_pos]
-            self.summaries[layer] = compute_attention_summaries(pattern)  # small copies
-            if self.keep_patterns:
-                self.patterns[layer] = pattern
-        if self.token_ids is not None:
-            if self.plan is None or self.plan.q_index.device != weights.device:
-                self.plan = ScorePlan.build(self.token_ids, weights.device)
-            parts, fixed = compute_score_parts(weights[0].detach(), self.plan)  # [head, 4, 4], [head, 3]
-            self.score_parts.append(parts)
-            self.score_fixed.append(fixed)
+    text: str
+    ids: np.ndarray  # [pos] int64
+    special: np.ndarray  # [pos] bool
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. token_type_ids [pos]
+
+
+@dataclass
+class _Text:
+    """What the pass records for one text of the batch."""
+
+    index: int  # row in the batch
+    span: tuple[int, int]  # its positions in the padded row
+    ids: np.ndarray  # [pos]
+    keep_patterns: bool
+    plan: ScorePlan | None = None
+    q: list[np.ndarray] = field(default_factory=list)  # capture mode: per layer [head, pos, d_head] float32
+    k: list[np.ndarray] = field(default_factory=list)
+    device: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, name) -> small tensor
+    host: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # the same, moved layer by layer
+    patterns: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class _Recorder:
+    texts: list[_Text]
+    pattern_layers: frozenset[int] | None  # None: every layer
+    keep_qk: bool = True  # capture mode: q and k to the host
+    measure: bool = False  # analyze mode: the q/k measurements in the pass, on the device
+    exclude_first_token: bool = True
+    query_position: int = -1
+    attention: str = "auto"  # ATTENTION_ROUTES
+    n_layers: int = 0
+
+    def fused(self, device) -> bool:
+        return self.attention == "sdpa" or (self.attention == "auto" and torch.device(device).type == "cuda")
+
+    def record(self, query, key, value, attention_mask, scaling, softcap, weights, output) -> None:
+        layer = self.n_layers  # attention modules run once each, in layer order
+        self.n_layers += 1
+        wanted = self.pattern_layers is None or layer in self.pattern_layers
+        budget = work_budget(query.device)
+        for text in self.texts:
+            b, (start, stop) = text.index, text.span
+            q = query[b, :, start:stop].detach()  # [head, pos, d_head]
+            k = key[b, :, start:stop].detach()  # [kv_head, pos, d_head]
+            if self.keep_qk:
+                text.q.append(q.float().cpu().numpy().copy())  # [head, pos, d_head], detached from the model
+                text.k.append(k.float().cpu().numpy().copy())  # [kv_head, pos, d_head]
+            mask = None
+            if attention_mask is not None:
+                row = attention_mask[b if attention_mask.shape[0] > 1 else 0]  # [1, q_pos, k_pos]
+                mask = row[:, start:stop, start:stop]  # [1, pos, pos]
+            if text.plan is None or text.plan.q_index.device != query.device:
+                text.plan = ScorePlan.build(text.ids, query.device)
+            reduced = reduce_pattern(
+                q, k, scaling, mask, softcap, text.plan, budget, readouts=wanted, query_position=self.query_position,
+                weights=None if not wanted or weights is None else weights[b, :, start:stop, start:stop],
+                value=None if not wanted else value[b, :, start:stop],
+                output=None if not wanted or output is None else output[b, start:stop].transpose(0, 1),
+                keep=wanted and text.keep_patterns)
+            found = {"parts": reduced.parts, "fixed": reduced.fixed}
+            if wanted:
+                found.update(reduced.readouts)
+                if reduced.parity is not None:
+                    found["parity"] = reduced.parity
+                if reduced.pattern is not None:
+                    text.patterns[layer] = reduced.pattern
+                if self.measure:
+                    found.update(compute_layer_measures_t(q, k, reduced.readouts, self.exclude_first_token,
+                                                          self.query_position))
+            text.device.update({(layer, name): tensor for name, tensor in found.items()})
+        if query.device.type != "cpu" and self.measure:  # bounded device memory: this layer's numbers go now
+            for text in self.texts:
+                text.host.update(to_host(text.device))
+                text.device.clear()
+
+    def finish(self) -> None:
+        for text in self.texts:
+            text.host.update(to_host(text.device))
+            text.device.clear()
 
 
 _EAGER: dict[type, object] = {}
@@ -99,12 +173,27 @@ def _eager_for(module: torch.nn.Module):
     return _EAGER[cls]
 
 
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
 def capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    output, weights = _eager_for(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    """Idle: the model's own eager attention (output_attentions works). Recording: the fused sdpa kernel where the
+    recorder's route says so (ATTENTION_ROUTES), unless the layer soft-caps its scores (sdpa cannot); the
+    recorder gets what the kernel returned."""
     recorder = _RECORDER.get()
+    softcap = kwargs.get("softcap")
+    if recorder is None or softcap or not recorder.fused(query.device):
+        output, weights = _eager_for(module)(module, query, key, value, attention_mask, scaling=scaling,
+                                             dropout=dropout, **kwargs)
+    else:
+        output, weights = _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
     if recorder is not None:
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        recorder.record(query, key, attention_mask, scale, kwargs.get("softcap"), weights)
+        recorder.record(query, key, value, attention_mask, scale, softcap, weights, output)
     return output, weights
 
 
@@ -135,60 +224,123 @@ def pattern_bytes(n_heads: int, n_tokens: int, n_layers: int) -> int:
     return n_layers * n_heads * n_tokens * n_tokens * 4
 
 
-def capture(loaded, text: str, pattern_layers=None, keep_patterns: bool | None = None) -> Capture:
-    """Run the model once on `text`: q/k for every layer; for `pattern_layers` (None: all) the pattern's
-    read-outs and parity, and the T x T patterns themselves when `keep_patterns` (None: if they fit in
-    PATTERN_BUDGET)."""
+def text_input(loaded, text: str) -> TextInput:
+    """Tokenize one text (special tokens added) and check it, or raise HeadscopeError."""
     encoded = tokenize(loaded, text)
     special = encoded.pop("special_tokens_mask")[0].numpy().astype(bool)  # [pos]: the ones the tokenizer added
-    special |= np.isin(encoded["input_ids"][0].numpy(), loaded.tokenizer.all_special_ids)  # [pos]: typed ones too
-    return _run(loaded, text, encoded, special, pattern_layers, keep_patterns)
+    ids = encoded.pop("input_ids")[0].numpy()  # [pos]
+    special |= np.isin(ids, loaded.tokenizer.all_special_ids)  # [pos]: typed ones too
+    extra = {name: t[0].numpy() for name, t in encoded.items() if name != "attention_mask"}  # each [pos]
+    return TextInput(text, ids, special, extra)
 
 
-def capture_ids(loaded, token_ids, pattern_layers=None, keep_patterns: bool | None = None) -> Capture:
-    """As `capture`, for token ids given as they are (no special tokens added), e.g. the induction probe."""
-    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64)).reshape(1, -1)  # [batch=1, pos]
-    n, limit = ids.shape[1], loaded.info.max_positions
+def ids_input(loaded, token_ids) -> TextInput:
+    """Token ids taken as they are (no special tokens added), e.g. the induction probe."""
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)  # [pos]
+    n, limit = ids.size, loaded.info.max_positions
     if n == 0:
         raise HeadscopeError(EMPTY_TEXT)
     if n > limit:
         raise HeadscopeError(TOO_LONG.format(n=n, model=loaded.info.id, limit=limit))
-    special = np.isin(ids[0].numpy(), loaded.tokenizer.all_special_ids)  # [pos]
-    text = loaded.tokenizer.decode(ids[0].tolist(), clean_up_tokenization_spaces=False)
-    encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return _run(loaded, text, encoded, special, pattern_layers, keep_patterns)
+    special = np.isin(ids, loaded.tokenizer.all_special_ids)  # [pos]
+    text = loaded.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False)
+    return TextInput(text, ids, special)
 
 
-def _run(loaded, text: str, encoded: dict, special: np.ndarray, pattern_layers, keep_patterns) -> Capture:
-    ids = encoded["input_ids"][0]  # [pos]
-    if keep_patterns is None:
-        n_pattern_layers = loaded.info.n_layers if pattern_layers is None else len(set(pattern_layers))
-        keep_patterns = pattern_bytes(loaded.info.n_heads, ids.numel(), n_pattern_layers) <= PATTERN_BUDGET
-    recorder = _Recorder(None if pattern_layers is None else frozenset(pattern_layers), keep_patterns,
-                         token_ids=ids.numpy())
+def capture(loaded, text: str, pattern_layers=None, keep_patterns: bool | None = None) -> Capture:
+    """Run the model once on `text`: q/k for every layer; for `pattern_layers` (None: all) the pattern's
+    read-outs and parity, and the T x T patterns themselves when `keep_patterns` (None: if they fit in
+    PATTERN_BUDGET)."""
+    return capture_input(loaded, text_input(loaded, text), pattern_layers, keep_patterns)
+
+
+def capture_ids(loaded, token_ids, pattern_layers=None, keep_patterns: bool | None = None) -> Capture:
+    """As `capture`, for token ids given as they are (no special tokens added), e.g. the induction probe."""
+    return capture_input(loaded, ids_input(loaded, token_ids), pattern_layers, keep_patterns)
+
+
+def capture_input(loaded, item: TextInput, pattern_layers=None, keep_patterns: bool | None = None,
+                  attention: str = "auto") -> Capture:
+    [text] = run_pass(loaded, [item], pattern_layers, keep_patterns, keep_qk=True, attention=attention)
+    return to_capture(loaded, item, text)
+
+
+def to_capture(loaded, item: TextInput, text: _Text) -> Capture:
+    layers = sorted({layer for layer, _ in text.host})
+    summaries = {layer: {name: text.host[layer, name] for name in READOUTS} for layer in layers
+                 if (layer, "final_to_prev") in text.host}
+    return Capture(
+        text=item.text,
+        tokens=token_strings(loaded.tokenizer, item.ids),
+        token_ids=item.ids,
+        special=item.special,
+        q=tuple(text.q),
+        k=tuple(text.k),
+        summaries=summaries,
+        parity={layer: float(text.host[layer, "parity"]) for layer in summaries},
+        patterns=text.patterns,
+        score_parts=np.stack([text.host[layer, "parts"] for layer in layers]),  # [layer, head, 4, 4]
+        score_fixed=np.stack([text.host[layer, "fixed"] for layer in layers]),  # [layer, head, 3]
+    )
+
+
+def token_strings(tokenizer, ids: np.ndarray) -> tuple[str, ...]:
+    return tuple(tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids.tolist())
+
+
+def _accepts_position_ids(model) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def pad_batch(loaded, items: list[TextInput]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """The model inputs of a padded batch ({name: [batch, pos]}) and each text's (start, stop) in its row.
+
+    Padding goes on the tokenizer's padding side, with its pad token (else EOS, else 0); with left padding
+    the position ids count from each text's first token, so every text sees the positions of its single run.
+    """
+    tokenizer = loaded.tokenizer
+    width = max(item.ids.size for item in items)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    names = ["input_ids", "attention_mask", *sorted({name for item in items for name in item.extra})]
+    batch = {name: np.full((len(items), width), pad if name == "input_ids" else 0, dtype=np.int64) for name in names}
+    spans = []
+    for row, item in enumerate(items):
+        n = item.ids.size
+        start = width - n if left else 0
+        spans.append((start, start + n))
+        batch["input_ids"][row, start:start + n] = item.ids
+        batch["attention_mask"][row, start:start + n] = 1
+        for name, values in item.extra.items():
+            batch[name][row, start:start + n] = values
+    encoded = {name: torch.from_numpy(values) for name, values in batch.items()}  # each [batch, pos]
+    if left and len({item.ids.size for item in items}) > 1 and _accepts_position_ids(loaded.model):
+        encoded["position_ids"] = (encoded["attention_mask"].cumsum(-1) - 1).clamp_(min=0)  # [batch, pos]
+    return encoded, spans
+
+
+def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns: bool | None = None,
+             keep_qk: bool = False, measure: bool = False, exclude_first_token: bool = True,
+             query_position: int = -1, attention: str = "auto") -> list[_Text]:
+    """One forward pass over `items` as a padded batch; what each text recorded, its numbers on the host."""
+    if attention not in ATTENTION_ROUTES:
+        raise HeadscopeError(BAD_ROUTE.format(route=attention))
+    encoded, spans = pad_batch(loaded, items)
+    n_pattern_layers = loaded.info.n_layers if pattern_layers is None else len(set(pattern_layers))
+    texts = [_Text(index=row, span=span, ids=item.ids,
+                   keep_patterns=patterns_fit(loaded.info.n_heads, item.ids.size, n_pattern_layers)
+                   if keep_patterns is None else bool(keep_patterns))
+             for row, (item, span) in enumerate(zip(items, spans))]
+    recorder = _Recorder(texts, None if pattern_layers is None else frozenset(pattern_layers), keep_qk=keep_qk,
+                         measure=measure, exclude_first_token=exclude_first_token, query_position=query_position,
+                         attention=attention)
     token = _RECORDER.set(recorder)
     try:
         with torch.inference_mode():
             loaded.model(**{name: t.to(loaded.info.device) for name, t in encoded.items()})
     finally:
         _RECORDER.reset(token)
-    if len(recorder.q) != loaded.info.n_layers:
-        raise HeadscopeError(f"Captured {len(recorder.q)} attention calls for {loaded.info.n_layers} layers.")
-    tokenizer = loaded.tokenizer
-    return Capture(
-        text=text,
-        tokens=tuple(tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids.tolist()),
-        token_ids=ids.numpy(),
-        special=special,
-        q=tuple(recorder.q),
-        k=tuple(recorder.k),
-        summaries=recorder.summaries,
-        parity=recorder.parity,
-        patterns=recorder.patterns,
-        score_parts=_stacked(recorder.score_parts),  # [layer, head, 4, 4]
-        score_fixed=_stacked(recorder.score_fixed),  # [layer, head, 3]
-    )
-
-
-def _stacked(per_layer: list[torch.Tensor]) -> np.ndarray | None:
-    return torch.stack(per_layer).cpu().numpy() if per_layer else None  # one transfer for all layers
+    if recorder.n_layers != loaded.info.n_layers:
+        raise HeadscopeError(f"Captured {recorder.n_layers} attention calls for {loaded.info.n_layers} layers.")
+    recorder.finish()
+    return texts

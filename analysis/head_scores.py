@@ -54,9 +54,14 @@ class ScorePlan:
     """
 
     n: int
-    q_index: torch.Tensor  # [pair]: query positions of the previous, duplicate and induction pairs, concatenated
+    q_index: torch.Tensor  # [pair]: query positions of the previous, duplicate and induction pairs, by query
     k_index: torch.Tensor  # [pair]
     parts: torch.Tensor  # [pair, score * part]: pair p counts towards (score, part) where 1
+    q_host: np.ndarray | None = None  # [pair]: q_index on the host, sorted, to find a block of query rows' pairs
+
+    def rows(self, start: int, stop: int) -> slice:
+        """The pairs whose query lies in rows start..stop-1 (the pairs are sorted by query)."""
+        return slice(int(np.searchsorted(self.q_host, start)), int(np.searchsorted(self.q_host, stop)))
 
     @classmethod
     def build(cls, token_ids, device="cpu") -> ScorePlan:
@@ -74,8 +79,11 @@ class ScorePlan:
             parts[rows, score] = np.stack([np.ones(q.size), k == 0, q == k, (q == 0) & (k == 0)], axis=1)
             start += q.size
         parts = parts.reshape(q_index.size, len(DETECTION_SCORES) * len(PARTS))  # [pair, score * part]
+        order = np.argsort(q_index, kind="stable")  # [pair]: by query row, so a block of rows is one slice
+        q_index, k_index, parts = q_index[order], k_index[order], parts[order]
         return cls(n=n, q_index=torch.as_tensor(q_index, device=device),
-                   k_index=torch.as_tensor(k_index, device=device), parts=torch.as_tensor(parts, device=device))
+                   k_index=torch.as_tensor(k_index, device=device), parts=torch.as_tensor(parts, device=device),
+                   q_host=q_index)
 
 
 def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,67 +145,6 @@ def compute_head_scores(patterns, token_ids, exclude_bos: bool = False,
     return combine_score_parts(parts.numpy(), fixed.numpy(), exclude_bos, exclude_current_token)
 
 
-# ---- the notebook's same-head vs different-head comparison as a statistic -----------------------------------------
+# ---- moved to analysis.metrics (the other measurements); re-exported for old imports -------------------------------
 
-def compute_centered_dot_products(q: np.ndarray, k: np.ndarray, exclude_first_token: bool = True,
-                                  dots: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The notebook's dot products with each key head's mean key (over the compared positions) removed.
-
-    Adding one vector c to every key adds q.c to every score of a query row, and softmax ignores a constant
-    added to a whole row: the mean key changes no attention weight. Yet q.mean_key is usually most of the raw
-    dot product, so comparing raw same-head and different-head means mostly compares that constant. After
-    centering, each (query head, key head) group of dot products has mean zero and what remains, the spread
-    across keys, is what decides where the final token attends.
-
-    `dots`: the raw (same, diff) of compute_dot_products, if already computed; q.(k - mean) = q.k - q.mean.
-    """
-    from analysis.metrics import compute_dot_products, key_head_of
-
-    start = 1 if exclude_first_token else 0
-    compared = k[:, start:-1]  # [kv_head, k_pos, d_head]: the keys compute_dot_products uses
-    n_heads, n_kv, n_keys = q.shape[0], k.shape[0], compared.shape[1]
-    if n_keys == 0:
-        return np.empty(0), np.empty(0)
-    same, diff = compute_dot_products(q, k, exclude_first_token) if dots is None else dots
-    mean_key = compared.mean(axis=1, dtype=np.float64)  # [kv_head, d_head]
-    offset = q[:, -1].astype(np.float64) @ mean_key.T  # [head, d] @ [d, kv_head] -> [head, kv_head]
-    own = key_head_of(n_heads, n_kv)[:, None] == np.arange(n_kv)[None, :]  # [head, kv_head]
-    same = same.reshape(n_heads, n_keys) - offset[own][:, None]  # [head, k_pos]
-    diff = diff.reshape(n_heads, n_kv - 1, n_keys) - offset[~own].reshape(n_heads, n_kv - 1)[..., None]  # [h, g-1, k]
-    return same.reshape(-1), diff.reshape(-1)
-
-
-def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | None, float | None]:
-    """Two-sided Mann-Whitney U p-value and rank-biserial effect size r = 2U/(n1 n2) - 1 of same vs diff.
-
-    r > 0: same-head dot products tend to exceed different-head ones (r = 1: every one does). None where
-    either group is empty (fewer than 3 tokens, or a single key head). Equal to scipy.stats.mannwhitneyu
-    (method "auto", two-sided, continuity correction): scipy itself for small groups (its exact test), and
-    for groups of more than 8 its normal approximation with tie correction computed from one sort, several
-    times faster than scipy's general ranking on the tens of thousands of values a layer gives.
-    """
-    same, diff = np.asarray(same, dtype=np.float64), np.asarray(diff, dtype=np.float64)
-    n1, n2 = same.size, diff.size
-    if n1 == 0 or n2 == 0:
-        return None, None
-    if n1 <= 8 or n2 <= 8:
-        from scipy.stats import mannwhitneyu
-
-        result = mannwhitneyu(same, diff, alternative="two-sided")
-        u1, p = float(result.statistic), float(result.pvalue)
-    else:
-        from scipy.special import ndtr
-
-        pooled = np.sort(np.concatenate([same, diff]))  # [n]
-        below = np.searchsorted(pooled, same, side="left")  # [n1]: values smaller than each same-head value
-        upto = np.searchsorted(pooled, same, side="right")  # [n1]: values smaller or equal
-        u1 = float((below + upto + 1).sum() / 2 - n1 * (n1 + 1) / 2)  # average 1-based ranks, minus their minimum
-        bounds = np.concatenate([[0], np.flatnonzero(pooled[1:] != pooled[:-1]) + 1, [pooled.size]])
-        ties = np.diff(bounds).astype(np.float64)  # [group]: size of each run of equal values
-        n = n1 + n2
-        spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - (ties ** 3 - ties).sum() / (n * (n - 1))))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = (max(u1, n1 * n2 - u1) - n1 * n2 / 2 - 0.5) / spread
-        p = float(np.clip(2 * ndtr(-z), 0.0, 1.0))
-    r = 2.0 * u1 / (n1 * n2) - 1.0
-    return (p if np.isfinite(p) else None), (r if np.isfinite(r) else None)
+from analysis.metrics import compute_centered_dot_products, compute_mannwhitney  # noqa: F401

@@ -2,12 +2,19 @@
 
 Shapes: q [head, pos, d_head], k [kv_head, pos, d_head], pattern [head, q_pos, k_pos]. Query head h
 reads key head h // (H / G); for models without grouped-query attention G == H.
+
+Two forms of each measurement: the numpy functions (`compute_head_stats`, `compute_dot_products`,
+`compute_kde`, `compute_mannwhitney`, ...) are the readable definitions, and the `*_t` functions compute the
+same numbers in torch on whatever device the tensors live on (the model's), batched over heads, so only
+per-head results cross to the host. The tests hold the two forms equal.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from analysis.heads import key_head_of
 
 KDE_POINTS = 300
 KDE_CHUNK = 8192
@@ -32,9 +39,6 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
 
 
-def key_head_of(n_heads: int, n_kv_heads: int) -> np.ndarray:
-    """[head] -> the key head each query head reads."""
-    return np.arange(n_heads) // (n_heads // n_kv_heads)
 
 
 def compute_head_stats(x: np.ndarray, exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -94,3 +98,173 @@ def compute_kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
 
 def kde_grid() -> np.ndarray:
     return np.linspace(0, 1, KDE_POINTS)
+
+
+# ---- the notebook's same-head vs different-head comparison as a statistic -----------------------------------------
+
+def compute_centered_dot_products(q: np.ndarray, k: np.ndarray, exclude_first_token: bool = True,
+                                  dots: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The notebook's dot products with each key head's mean key (over the compared positions) removed.
+
+    Adding one vector c to every key adds q.c to every score of a query row, and softmax ignores a constant
+    added to a whole row: the mean key changes no attention weight. Yet q.mean_key is usually most of the raw
+    dot product, so comparing raw same-head and different-head means mostly compares that constant. After
+    centering, each (query head, key head) group of dot products has mean zero and what remains, the spread
+    across keys, is what decides where the final token attends.
+
+    `dots`: the raw (same, diff) of compute_dot_products, if already computed; q.(k - mean) = q.k - q.mean.
+    """
+    start = 1 if exclude_first_token else 0
+    compared = k[:, start:-1]  # [kv_head, k_pos, d_head]: the keys compute_dot_products uses
+    n_heads, n_kv, n_keys = q.shape[0], k.shape[0], compared.shape[1]
+    if n_keys == 0:
+        return np.empty(0), np.empty(0)
+    same, diff = compute_dot_products(q, k, exclude_first_token) if dots is None else dots
+    mean_key = compared.mean(axis=1, dtype=np.float64)  # [kv_head, d_head]
+    offset = q[:, -1].astype(np.float64) @ mean_key.T  # [head, d] @ [d, kv_head] -> [head, kv_head]
+    own = key_head_of(n_heads, n_kv)[:, None] == np.arange(n_kv)[None, :]  # [head, kv_head]
+    same = same.reshape(n_heads, n_keys) - offset[own][:, None]  # [head, k_pos]
+    diff = diff.reshape(n_heads, n_kv - 1, n_keys) - offset[~own].reshape(n_heads, n_kv - 1)[..., None]  # [h, g-1, k]
+    return same.reshape(-1), diff.reshape(-1)
+
+
+def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | None, float | None]:
+    """Two-sided Mann-Whitney U p-value and rank-biserial effect size r = 2U/(n1 n2) - 1 of same vs diff.
+
+    r > 0: same-head dot products tend to exceed different-head ones (r = 1: every one does). None where
+    either group is empty (fewer than 3 tokens, or a single key head). Equal to scipy.stats.mannwhitneyu
+    (method "auto", two-sided, continuity correction): scipy itself for small groups (its exact test), and
+    for groups of more than 8 its normal approximation with tie correction computed from one sort, several
+    times faster than scipy's general ranking on the tens of thousands of values a layer gives.
+    """
+    same, diff = np.asarray(same, dtype=np.float64), np.asarray(diff, dtype=np.float64)
+    n1, n2 = same.size, diff.size
+    if n1 == 0 or n2 == 0:
+        return None, None
+    if n1 <= 8 or n2 <= 8:
+        from scipy.stats import mannwhitneyu
+
+        result = mannwhitneyu(same, diff, alternative="two-sided")
+        u1, p = float(result.statistic), float(result.pvalue)
+    else:
+        from scipy.special import ndtr
+
+        pooled = np.sort(np.concatenate([same, diff]))  # [n]
+        below = np.searchsorted(pooled, same, side="left")  # [n1]: values smaller than each same-head value
+        upto = np.searchsorted(pooled, same, side="right")  # [n1]: values smaller or equal
+        u1 = float((below + upto + 1).sum() / 2 - n1 * (n1 + 1) / 2)  # average 1-based ranks, minus their minimum
+        bounds = np.concatenate([[0], np.flatnonzero(pooled[1:] != pooled[:-1]) + 1, [pooled.size]])
+        ties = np.diff(bounds).astype(np.float64)  # [group]: size of each run of equal values
+        n = n1 + n2
+        spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - (ties ** 3 - ties).sum() / (n * (n - 1))))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (max(u1, n1 * n2 - u1) - n1 * n2 / 2 - 0.5) / spread
+        p = float(np.clip(2 * ndtr(-z), 0.0, 1.0))
+    r = 2.0 * u1 / (n1 * n2) - 1.0
+    return (p if np.isfinite(p) else None), (r if np.isfinite(r) else None)
+
+
+# ---- the same measurements in torch, on the tensors' own device (the model's), batched over heads ----------------
+
+def compared_keys(n: int, exclude_first_token: bool = True, query_position: int = -1) -> tuple[int, slice]:
+    """(query position P, the key positions it is compared with): P = T-1 by default, keys start..P-1 (start 1
+    when the first token is excluded). The one place that decides both, so a chosen query position plugs in."""
+    p = query_position % n
+    return p, slice(1 if exclude_first_token else 0, max(p, 1 if exclude_first_token else 0))
+
+
+def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """As compute_head_stats, in torch on x's device: x [head, pos, d_head] -> (mean, std) [head] float64."""
+    x = x[:, 1:] if exclude_first_token else x  # [head, pos, d_head], a view
+    flat = x.reshape(x.shape[0], -1)  # [head, pos * d_head]
+    if flat.shape[1] < 2:
+        empty = flat.new_empty(0, dtype=torch.float64)
+        return empty, empty
+    var, mean = torch.var_mean(flat.double(), dim=1, correction=1)  # [head] each
+    return mean, var.sqrt_()
+
+
+def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
+                           query_position: int = -1, centered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """As compute_dot_products (centered=False) or compute_centered_dot_products (True), in float64 on the
+    tensors' device: (same [head * keys], diff [head * (kv_head - 1) * keys]) in the notebook's loop order."""
+    n_heads, n_kv = q.shape[0], k.shape[0]
+    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position)
+    final_q = q[:, p].double()  # [head, d_head]
+    keys = k[:, keys_at].double()  # [kv_head, k_pos, d_head]
+    n_keys = keys.shape[1]
+    dots = torch.einsum("hd,gkd->hgk", final_q, keys)  # [head, d] . [kv_head, k, d] -> [head, kv_head, k]
+    if centered and n_keys:
+        offset = final_q @ keys.mean(dim=1).T  # [head, d] @ [d, kv_head] -> [head, kv_head]: q . mean key
+        dots = dots - offset[..., None]  # [head, kv_head, k_pos]
+    own = torch.as_tensor(key_head_of(n_heads, n_kv), device=q.device)[:, None] == torch.arange(
+        n_kv, device=q.device)[None, :]  # [head, kv_head]
+    return dots[own].reshape(-1), dots[~own].reshape(-1)  # [head * k], [head * (kv_head-1) * k]
+
+
+def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """The Mann-Whitney U of same vs diff and its tie term sum(t^3 - t), from one sort on the device: [2] float64.
+
+    compute_mannwhitney's large-sample route, split so the device does the sorting and ranking and the host
+    only turns two numbers into a p-value (mannwhitney_from_parts)."""
+    n1 = same.numel()
+    pooled, _ = torch.sort(torch.cat([same, diff]))  # [n]
+    below = torch.searchsorted(pooled, same, right=False)  # [n1]: values smaller than each same-head value
+    upto = torch.searchsorted(pooled, same, right=True)  # [n1]: values smaller or equal
+    u1 = (below + upto + 1).sum().double() / 2 - n1 * (n1 + 1) / 2  # average 1-based ranks, minus their minimum
+    ties = torch.unique_consecutive(pooled, return_counts=True)[1].double()  # [group]: each run of equal values
+    return torch.stack([u1, (ties ** 3 - ties).sum()])  # [2]
+
+
+def mannwhitney_from_parts(u1: float, tie_sum: float, n1: int, n2: int) -> tuple[float | None, float | None]:
+    """Two-sided p (normal approximation, tie and continuity corrected, as scipy's) and rank-biserial r."""
+    from scipy.special import ndtr
+
+    n = n1 + n2
+    spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - tie_sum / (n * (n - 1))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (max(u1, n1 * n2 - u1) - n1 * n2 / 2 - 0.5) / spread
+    p = float(np.clip(2 * ndtr(-z), 0.0, 1.0))
+    r = 2.0 * u1 / (n1 * n2) - 1.0
+    return (p if np.isfinite(p) else None), (r if np.isfinite(r) else None)
+
+
+def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int = KDE_CHUNK) -> torch.Tensor:
+    """As compute_kde, on values' device: [grid] float64 normalised to its peak, all NaN where degenerate
+    (fewer than 2 values, or all equal): the host turns that into None without a device sync here."""
+    values = values.double()  # [n]
+    grid = grid.to(values.device, torch.float64)  # [grid]
+    if values.numel() < 2:
+        return torch.full_like(grid, float("nan"))
+    bandwidth = values.std(correction=1) * values.numel() ** (-1 / 5)  # a 0-d tensor: no sync
+    scaled_grid = (grid / bandwidth).float()  # [grid]
+    scaled = (values / bandwidth).float()  # [n]
+    density = torch.zeros_like(grid)  # [grid]
+    for start in range(0, scaled.numel(), chunk):  # bounded memory: one [grid, chunk] float32 block at a time
+        z = scaled_grid[:, None] - scaled[None, start:start + chunk]  # [grid, chunk]
+        density += z.square_().mul_(-0.5).exp_().sum(dim=1, dtype=torch.float64)  # float32 kernels, float64 sums
+    degenerate = values.max() == values.min()  # 0-d bool
+    return torch.where(degenerate, torch.full_like(density, float("nan")), density / density.max())
+
+
+def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[str, torch.Tensor],
+                             exclude_first_token: bool = True, query_position: int = -1) -> dict[str, torch.Tensor]:
+    """Every q/k measurement of one layer on q's device, plus the KDEs of its read-outs: {name: tensor}.
+
+    q [head, pos, d_head], k [kv_head, pos, d_head] in the model's dtype (promoted to float64 here, exactly);
+    readouts as patterns.reduce_pattern gives them. "mannwhitney*" ([2]: U and the tie term) only where both
+    groups have more than 8 values (the host asks scipy's exact test otherwise); "kde_*" only from 3 tokens.
+    """
+    out = {}
+    out["q_means"], out["q_stds"] = compute_head_stats_t(q, exclude_first_token)
+    out["k_means"], out["k_stds"] = compute_head_stats_t(k, exclude_first_token)
+    for suffix, centered in (("", False), ("_centered", True)):
+        same, diff = compute_dot_products_t(q, k, exclude_first_token, query_position, centered=centered)
+        out["same_head_dp" + suffix], out["diff_head_dp" + suffix] = same, diff
+        if same.numel() > 8 and diff.numel() > 8:
+            out["mannwhitney" + suffix] = compute_mannwhitney_parts_t(same, diff)  # [2]
+    if q.shape[1] >= 3:
+        grid = torch.from_numpy(kde_grid()).to(q.device)  # [300]
+        for name in ("final_to_prev", "self_attention"):
+            out["kde_" + name] = compute_kde_t(readouts[name], grid)  # [300]
+    return out

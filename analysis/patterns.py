@@ -1,0 +1,120 @@
+"""One layer's attention pattern, rebuilt from its q, k and mask a block of query rows at a time, and reduced on
+the device to what the measurements read: the read-outs, the head scores' sums and the parity figure.
+
+No [head, T, T] tensor of a whole layer is made unless the pattern is kept for the heatmaps: a block holds
+`rows_per_block` query rows of every head, sized to WORK_BUDGET (analysis.capture decides both budgets).
+Parity proves the rebuild is what the model used: against the model's own weights where eager attention ran,
+else (a fused kernel such as sdpa) the rebuilt pattern times v against the attention output the kernel returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, ScorePlan
+from analysis.metrics import compute_pattern
+
+TEMPORARIES = 3  # [head, rows, T] float32 tensors alive at once in a block: the pattern, xlogy, a parity difference
+
+
+@dataclass(eq=False)
+class PatternReduction:
+    """Device tensors, except `pattern` (host numpy, only when kept)."""
+
+    parts: torch.Tensor  # [head, 4, 4] float64: head_scores.compute_score_parts's detection sums
+    fixed: torch.Tensor  # [head, 3] float64: sink, self, entropy
+    readouts: dict[str, torch.Tensor] | None  # metrics.compute_attention_summaries's fields, flattened
+    parity: torch.Tensor | None  # 0-d float32: max abs error against the model's weights or output
+    pattern: np.ndarray | None  # [head, q_pos, k_pos] float32
+
+
+def rows_per_block(n_heads: int, n: int, budget: int) -> int:
+    """Query rows of every head whose float32 temporaries fit `budget` bytes (at least one row)."""
+    return int(min(n, max(1, budget // (TEMPORARIES * 4 * n_heads * n))))
+
+
+def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None,
+                   softcap: float | None, plan: ScorePlan, budget: int, *, readouts: bool = True,
+                   query_position: int = -1, weights: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                   output: torch.Tensor | None = None, keep: bool = False) -> PatternReduction:
+    """q [head, T, d_head], k [kv_head, T, d_head] as the model used them, mask [1, T, T] (additive or bool).
+
+    Parity against `weights` [head, T, T] (eager) if given, else `value` [kv_head, T, d_v] and the kernel's
+    `output` [head, T, d_v]; neither: no parity. Everything is float32 from the model's q and k, whatever its
+    dtype; sums over rows are float64 as in head_scores.compute_score_parts.
+    """
+    q, k = q.float(), k.float()  # [head, T, d_head], [kv_head, T, d_head]
+    n_heads, n, n_kv = q.shape[0], q.shape[1], k.shape[0]
+    rep = n_heads // n_kv
+    v = value.float() if value is not None and weights is None else None  # [kv_head, T, d_v]
+    rows = rows_per_block(n_heads, n, budget)
+    p_query = query_position % n
+    f64 = {"dtype": torch.float64, "device": q.device}
+    numerators = torch.zeros(n_heads, len(DETECTION_SCORES) * len(PARTS), **f64)  # [head, 3 * 4]
+    total = torch.zeros(n_heads, **f64)  # [head]: sum of every entry
+    parity = torch.zeros((), dtype=torch.float32, device=q.device) if weights is not None or v is not None else None
+    first_key, diagonal, entropy, final_row = [], [], [], None  # blocks of [head, rows] float32
+    kept = np.empty((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block_mask = None if mask is None else mask[:, start:stop]  # [1, rows, k_pos]
+        pattern = compute_pattern(q[:, start:stop], k, scaling, block_mask, softcap)  # [head, rows, k_pos]
+        pairs = plan.rows(start, stop)
+        if pairs.stop > pairs.start:
+            gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
+            numerators += gathered @ plan.parts[pairs]  # [h, pair] @ [pair, 3*4] -> [h, 3*4]
+        total += pattern.sum(dim=-1, dtype=torch.float32).sum(dim=-1, dtype=torch.float64)  # rows in float32
+        first_key.append(pattern[:, :, 0].clone())  # [head, rows]
+        diagonal.append(pattern.diagonal(offset=start, dim1=-2, dim2=-1).clone())  # [head, rows]: A[h, i, i]
+        entropy.append(torch.xlogy(pattern, pattern).sum(dim=-1).neg_())  # [head, rows]; 0 log 0 = 0
+        if readouts and start <= p_query < stop:
+            final_row = pattern[:, p_query - start].clone()  # [head, k_pos]
+        if weights is not None:
+            parity = torch.maximum(parity, (pattern - weights[:, start:stop]).abs_().max())
+        elif v is not None:
+            mixed = pattern.view(n_kv, rep * (stop - start), n) @ v  # [g, rep*rows, T] @ [g, T, d_v] -> [g, rep*rows, d_v]
+            mixed = mixed.view(n_heads, stop - start, -1)  # [head, rows, d_v]
+            parity = torch.maximum(parity, (mixed - output[:, start:stop].float()).abs_().max())
+        if kept is not None:
+            kept[:, start:stop] = pattern.cpu().numpy()
+        del pattern
+    first_key = torch.cat(first_key, dim=1)  # [head, T]
+    diagonal = torch.cat(diagonal, dim=1)  # [head, T]
+    entropy = torch.cat(entropy, dim=1)  # [head, T]
+    denominator = torch.stack([total, first_key.sum(dim=-1, dtype=torch.float64),
+                               diagonal.sum(dim=-1, dtype=torch.float64), diagonal[:, 0].double()], dim=-1)  # [h, 4]
+    parts = torch.cat([numerators.view(n_heads, len(DETECTION_SCORES), len(PARTS)), denominator[:, None]],
+                      dim=1)  # [head, 4, 4 parts]
+    if n < 2:
+        fixed = torch.full((n_heads, len(PATTERN_SCORES)), float("nan"), **f64)  # [head, 3]
+    else:
+        fixed = torch.stack([first_key[:, 1:].mean(dim=-1, dtype=torch.float64),
+                             diagonal[:, 1:].mean(dim=-1, dtype=torch.float64),
+                             entropy[:, 1:].mean(dim=-1, dtype=torch.float64)], dim=-1)  # [head, 3]
+    out = None
+    if readouts:
+        out = {
+            "final_to_prev": final_row[:, :p_query].reshape(-1),  # [head * P]: query P to every earlier key
+            "self_attention": diagonal[:, 1:].reshape(-1),  # [head * (T-1)]
+            "first_self": diagonal[:, 0],  # [head]
+            "sink_mass": fixed[:, 0] if n > 1 else first_key.new_empty(0, dtype=torch.float64),  # [head]
+        }
+    return PatternReduction(parts=parts, fixed=fixed, readouts=out, parity=parity, pattern=kept)
+
+
+def to_host(tensors: dict) -> dict[object, np.ndarray]:
+    """{key: device tensor} -> {key: float64 numpy array of the same shape}, in one device-to-host copy."""
+    if not tensors:
+        return {}
+    values = list(tensors.values())
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in values])  # [total]
+    host = flat.cpu().numpy()
+    out, offset = {}, 0
+    for key, t in zip(tensors, values):
+        size = t.numel()
+        out[key] = host[offset:offset + size].reshape(tuple(t.shape))
+        offset += size
+    return out

@@ -1,0 +1,298 @@
+"""The pipeline: texts -> one forward pass per batch -> AnalysisResult per text.
+
+`analyze`/`analyze_ids`/`analyze_batch` measure inside the pass on the model's device (analysis.capture in
+measuring mode); `summarize` measures a kept `Capture` (q and k on the host) with the same torch functions on
+the CPU, for the app's layer changes without a model call. Both end in `layer_result`, so both give the same
+numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from analysis.capture import (
+    READOUTS,
+    Capture,
+    TextInput,
+    _Text,
+    ids_input,
+    pattern_bytes,
+    run_pass,
+    text_input,
+    token_strings,
+)
+from analysis.errors import HeadscopeError
+from analysis.head_scores import combine_score_parts
+from analysis.loading import LoadedModel
+from analysis.metrics import compute_layer_measures_t, compute_mannwhitney, kde_grid, mannwhitney_from_parts
+from analysis.patterns import to_host
+from analysis.results import MODEL_KEYS, AnalysisResult, DpStats, LayerResult
+
+SHORT_TEXT = ("The text has only {n} token(s): the dot products need at least 3 tokens and the KDE at least 3, "
+              "so those fields are empty.")
+LAYER_RANGE = "Layer {layer} is out of range: this model has layers 0..{last}."
+PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only their read-outs: pass "
+                    "keep_patterns=True, or fewer layers, for heatmaps.")
+BAD_BATCH_SIZE = "The batch size must be at least 1, not {size}."
+OUT_OF_MEMORY = "The text of {n} tokens does not fit in the device's memory even alone: shorten it."
+BATCH_SIZE = 16  # texts per forward pass by default
+PROBE_LENGTH = 50
+PROBE_TOO_LONG = ("An induction probe of {length} tokens repeated twice ({n} tokens with special tokens) is longer "
+                  "than the {limit} positions {model} accepts: choose a length of at most {most}.")
+PROBE_TOO_SHORT = "The induction probe needs a length of at least 2 tokens, not {length}."
+
+
+def default_layer(n_layers: int) -> int:
+    """The notebook's layer 6, or the middle layer of a model with 6 layers or fewer."""
+    return 6 if n_layers > 6 else n_layers // 2
+
+
+def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+    """The requested layers, sorted and deduplicated; None means every layer."""
+    if layers is None:
+        return list(range(n_layers))
+    chosen = sorted(set(layers))
+    for layer in chosen:
+        if not 0 <= layer < n_layers:
+            raise HeadscopeError(LAYER_RANGE.format(layer=layer, last=n_layers - 1))
+    return chosen
+
+
+def _mannwhitney(host: dict, key, same: np.ndarray, diff: np.ndarray) -> tuple[float | None, float | None]:
+    if same.size == 0 or diff.size == 0:
+        return None, None
+    if key in host:  # large groups: U and the tie term came from the device
+        u1, tie_sum = host[key]
+        return mannwhitney_from_parts(float(u1), float(tie_sum), same.size, diff.size)
+    return compute_mannwhitney(same, diff)  # small groups: scipy's exact test
+
+
+def layer_result(host: dict, layer: int, parity: float, pattern: np.ndarray | None = None) -> LayerResult:
+    """One layer's LayerResult from its host numbers {(layer, name): array} (metrics.compute_layer_measures_t's
+    names and the READOUTS)."""
+    get = {name: host[key] for key, name in ((key, key[1]) for key in host) if key[0] == layer}
+    p, r = _mannwhitney(host, (layer, "mannwhitney"), get["same_head_dp"], get["diff_head_dp"])
+    p_c, r_c = _mannwhitney(host, (layer, "mannwhitney_centered"), get["same_head_dp_centered"],
+                            get["diff_head_dp_centered"])
+    dp_stats = DpStats(mannwhitney_p=p, rank_biserial=r, same_head_dp_centered=get["same_head_dp_centered"],
+                       diff_head_dp_centered=get["diff_head_dp_centered"], mannwhitney_p_centered=p_c,
+                       rank_biserial_centered=r_c)
+    kde = None
+    curves = {name: get.get("kde_" + name) for name in ("final_to_prev", "self_attention")}
+    if all(curve is not None and np.isfinite(curve).all() for curve in curves.values()):
+        kde = {"grid": kde_grid(), **curves}
+    return LayerResult(q_means=get["q_means"], q_stds=get["q_stds"], k_means=get["k_means"], k_stds=get["k_stds"],
+                       same_head_dp=get["same_head_dp"], diff_head_dp=get["diff_head_dp"],
+                       **{name: get[name] for name in READOUTS}, parity_max_abs_err=float(parity), kde=kde,
+                       patterns=pattern, dp_stats=dp_stats)
+
+
+def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_token: bool,
+                         pattern=None) -> LayerResult:
+    """Every measurement of one layer from its captured q [head, pos, d], k [kv_head, pos, d] (numpy) and the
+    read-outs of its pattern; computed by the device functions on the CPU. `pattern` is kept if given."""
+    readouts = {name: torch.from_numpy(np.asarray(values)) for name, values in summaries.items()}
+    found = compute_layer_measures_t(torch.from_numpy(np.asarray(q)), torch.from_numpy(np.asarray(k)), readouts,
+                                     exclude_first_token)
+    host = {(0, name): values for (_, name), values in to_host({(0, n): t for n, t in found.items()}).items()}
+    host.update({(0, name): np.asarray(values, dtype=np.float64) for name, values in summaries.items()})
+    return layer_result(host, 0, parity, pattern)
+
+
+def _result(model: dict, text: str, tokens, token_ids, special, layers: dict[int, LayerResult], n_dropped_mib,
+            score_parts, score_fixed, exclude_first_token, exclude_current_token, induction_probe) -> AnalysisResult:
+    n = len(tokens)
+    warnings = [SHORT_TEXT.format(n=n)] if n < 3 else []
+    if n_dropped_mib is not None:
+        warnings.append(PATTERNS_DROPPED.format(mib=n_dropped_mib))
+    return AnalysisResult(
+        model={key: model[key] for key in MODEL_KEYS},
+        text=text,
+        tokens=tokens,
+        token_ids=token_ids,
+        special_positions=tuple(int(i) for i in np.asarray(special).nonzero()[0]),
+        exclude_first_token=exclude_first_token,
+        layers=layers,
+        warnings=tuple(warnings),
+        head_scores={} if score_parts is None else combine_score_parts(
+            score_parts, score_fixed, exclude_first_token, exclude_current_token),
+        exclude_current_token=exclude_current_token,
+        induction_probe=induction_probe,
+    )
+
+
+def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = None,
+              exclude_first_token: bool = True, exclude_current_token: bool = False,
+              induction_probe: dict | None = None) -> AnalysisResult:
+    """Measurements for `layers` (default: every layer whose pattern was read); no model call.
+
+    The head scores cover every layer whatever `layers` is; `exclude_first_token` is also the head
+    detector's exclude_bos, and both exclusions are applied here, so changing them needs no new forward pass.
+    """
+    chosen = sorted(captured.summaries) if layers is None else check_layers(layers, len(captured.q))
+    missing = [layer for layer in chosen if layer not in captured.summaries]
+    if missing:
+        raise HeadscopeError(f"Layer(s) {missing} were not captured with attention patterns.")
+    dropped = any(layer not in captured.patterns for layer in chosen)
+    n = len(captured.tokens)
+    return _result(model, captured.text, captured.tokens, captured.token_ids, captured.special,
+                   {layer: compute_layer_result(captured.q[layer], captured.k[layer], captured.summaries[layer],
+                                                captured.parity[layer], exclude_first_token,
+                                                captured.patterns.get(layer)) for layer in chosen},
+                   pattern_bytes(model["n_heads"], n, len(chosen)) / 2**20 if dropped else None,
+                   captured.score_parts, captured.score_fixed, exclude_first_token, exclude_current_token,
+                   induction_probe)
+
+
+def _measured(loaded: LoadedModel, item: TextInput, text: _Text, chosen: list[int], exclude_first_token: bool,
+              exclude_current_token: bool, induction_probe: dict | None) -> AnalysisResult:
+    host, n_layers = text.host, loaded.info.n_layers
+    model = loaded.info.to_dict()
+    dropped = any(layer not in text.patterns for layer in chosen)
+    return _result(model, item.text, token_strings(loaded.tokenizer, item.ids), item.ids, item.special,
+                   {layer: layer_result(host, layer, host[layer, "parity"], text.patterns.get(layer))
+                    for layer in chosen},
+                   pattern_bytes(model["n_heads"], item.ids.size, len(chosen)) / 2**20 if dropped else None,
+                   np.stack([host[layer, "parts"] for layer in range(n_layers)]),  # [layer, head, 4, 4]
+                   np.stack([host[layer, "fixed"] for layer in range(n_layers)]),  # [layer, head, 3]
+                   exclude_first_token, exclude_current_token, induction_probe)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _measure_inputs(loaded: LoadedModel, items: list[TextInput], chosen: list[int], exclude_first_token: bool,
+                    exclude_current_token: bool, keep_patterns: bool | None, induction_probe: dict | None = None,
+                    attention: str = "auto") -> list[AnalysisResult | HeadscopeError]:
+    """One padded pass over `items`; a batch the device cannot hold is split in halves, not crashed."""
+    try:
+        texts = run_pass(loaded, items, chosen, keep_patterns, keep_qk=False, measure=True,
+                         exclude_first_token=exclude_first_token, attention=attention)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) == 1:
+            return [HeadscopeError(OUT_OF_MEMORY.format(n=items[0].ids.size))]
+        half = len(items) // 2
+        return [*_measure_inputs(loaded, items[:half], chosen, exclude_first_token, exclude_current_token,
+                                 keep_patterns, induction_probe, attention),
+                *_measure_inputs(loaded, items[half:], chosen, exclude_first_token, exclude_current_token,
+                                 keep_patterns, induction_probe, attention)]
+    return [_measured(loaded, item, text, chosen, exclude_first_token, exclude_current_token, induction_probe)
+            for item, text in zip(items, texts)]
+
+
+def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = BATCH_SIZE,
+                  layers: Iterable[int] | None = None, exclude_first_token: bool = True,
+                  exclude_current_token: bool = False, keep_patterns: bool | None = False,
+                  attention: str = "auto") -> list[AnalysisResult | HeadscopeError]:
+    """`analyze` of many texts, `batch_size` texts per forward pass: one result per text, in order, or the
+    HeadscopeError of a text that cannot be analysed (empty, too long, ...); the others are unaffected.
+
+    Texts are grouped by length (less padding) and padded on the tokenizer's padding side; each text is measured
+    on its own positions only, so its result equals its single-text `analyze` (to float rounding). Patterns are
+    not kept by default (keep_patterns=None: while they fit PATTERN_BUDGET, per text). `attention`: the route of
+    the pass (capture.ATTENTION_ROUTES; "auto": sdpa on a GPU, eager on the CPU).
+    """
+    if batch_size < 1:
+        raise HeadscopeError(BAD_BATCH_SIZE.format(size=batch_size))
+    chosen = check_layers(layers, loaded.info.n_layers)
+    out: list[AnalysisResult | HeadscopeError | None] = [None] * len(texts)
+    items = {}
+    for index, text in enumerate(texts):
+        try:
+            items[index] = text_input(loaded, text)
+        except HeadscopeError as exc:
+            out[index] = exc
+    order = sorted(items, key=lambda index: items[index].ids.size)  # similar lengths share a batch
+    for start in range(0, len(order), batch_size):
+        group = order[start:start + batch_size]
+        results = _measure_inputs(loaded, [items[index] for index in group], chosen, exclude_first_token,
+                                  exclude_current_token, keep_patterns, attention=attention)
+        for index, result in zip(group, results):
+            out[index] = result
+    return out
+
+
+def _one(result: AnalysisResult | HeadscopeError) -> AnalysisResult:
+    if isinstance(result, HeadscopeError):
+        raise result
+    return result
+
+
+def analyze(loaded: LoadedModel, text: str, layers: Iterable[int] | None = None,
+            exclude_first_token: bool = True, exclude_current_token: bool = False,
+            keep_patterns: bool | None = None, attention: str = "auto") -> AnalysisResult:
+    """One forward pass, then every measurement for `layers` (None: every layer) and every head's scores.
+
+    Measured on the model's device inside the pass; each requested layer's T x T pattern is rebuilt in blocks
+    of query rows and reduced to its read-outs; the patterns themselves (heatmaps, --patterns) are kept when
+    `keep_patterns`, by default (None) while they fit in PATTERN_BUDGET.
+    """
+    chosen = check_layers(layers, loaded.info.n_layers)
+    [result] = _measure_inputs(loaded, [text_input(loaded, text)], chosen, exclude_first_token,
+                               exclude_current_token, keep_patterns, attention=attention)
+    return _one(result)
+
+
+def analyze_ids(loaded: LoadedModel, token_ids, layers: Iterable[int] | None = None,
+                exclude_first_token: bool = True, exclude_current_token: bool = False,
+                induction_probe: dict | None = None, keep_patterns: bool | None = None) -> AnalysisResult:
+    """As `analyze`, for token ids fed to the model as they are (no special tokens added)."""
+    chosen = check_layers(layers, loaded.info.n_layers)
+    [result] = _measure_inputs(loaded, [ids_input(loaded, token_ids)], chosen, exclude_first_token,
+                               exclude_current_token, keep_patterns, induction_probe)
+    return _one(result)
+
+
+def _special_ends(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text, e.g. ([CLS], [SEP]) or ([<s>], [])."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []
+
+
+def induction_probe_ids(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: int = 0) -> np.ndarray:
+    """A seeded random sequence of `length` tokens, repeated twice: [pos] token ids.
+
+    As TransformerLens's induction benchmark: an induction head, at a token of the second copy, attends to
+    the token that followed the same token in the first copy, which on random tokens only induction can
+    predict. The tokens are drawn without replacement from the vocabulary less its special tokens (with
+    replacement only if the vocabulary is smaller than `length`), so each token of the second copy has
+    exactly one earlier occurrence. The tokenizer's own special tokens go around the repeat ([CLS] ... [SEP]
+    for BERT, <s> for Llama); a tokenizer that adds none but has a BOS token gets it first, as
+    TransformerLens prepends BOS to GPT-2's input.
+    """
+    if length < 2:
+        raise HeadscopeError(PROBE_TOO_SHORT.format(length=length))
+    tokenizer = loaded.tokenizer
+    before, after = _special_ends(tokenizer)
+    if not before and not after and tokenizer.bos_token_id is not None:
+        before = [tokenizer.bos_token_id]
+    n = 2 * length + len(before) + len(after)
+    limit = loaded.info.max_positions
+    if n > limit:
+        raise HeadscopeError(PROBE_TOO_LONG.format(length=length, n=n, limit=limit, model=loaded.info.id,
+                                                   most=(limit - len(before) - len(after)) // 2))
+    vocab = min(len(tokenizer), loaded.model.get_input_embeddings().num_embeddings)
+    candidates = np.setdiff1d(np.arange(vocab), tokenizer.all_special_ids)  # [vocab - special]
+    half = np.random.default_rng(seed).choice(candidates, size=length, replace=candidates.size < length)  # [length]
+    return np.concatenate([before, half, half, after]).astype(np.int64)  # [pos]
+
+
+def analyze_induction_probe(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: int = 0,
+                            layers: Iterable[int] | None = None, exclude_first_token: bool = True,
+                            exclude_current_token: bool = False, keep_patterns: bool | None = None) -> AnalysisResult:
+    """`analyze_ids` on `induction_probe_ids(loaded, length, seed)`; the result records length and seed."""
+    ids = induction_probe_ids(loaded, length, seed)
+    return analyze_ids(loaded, ids, layers, exclude_first_token, exclude_current_token,
+                       induction_probe={"length": length, "seed": seed}, keep_patterns=keep_patterns)
