@@ -108,6 +108,7 @@ class _Recorder:
     exclude_first_token: bool = True
     query_position: int = -1
     attention: str = "auto"  # ATTENTION_ROUTES
+    keep_layers: frozenset[int] | None = None  # whose patterns are kept (None: every pattern layer)
     n_layers: int = 0
 
     def fused(self, device) -> bool:
@@ -136,7 +137,7 @@ class _Recorder:
                 weights=None if not wanted or weights is None else weights[b, :, start:stop, start:stop],
                 value=None if not wanted else value[b, :, start:stop],
                 output=None if not wanted or output is None else output[b, start:stop].transpose(0, 1),
-                keep=wanted and text.keep_patterns)
+                keep=wanted and text.keep_patterns and (self.keep_layers is None or layer in self.keep_layers))
             found = {"parts": reduced.parts, "fixed": reduced.fixed}
             if wanted:
                 found.update(reduced.readouts)
@@ -321,19 +322,22 @@ def pad_batch(loaded, items: list[TextInput]) -> tuple[dict[str, torch.Tensor], 
 
 def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns: bool | None = None,
              keep_qk: bool = False, measure: bool = False, exclude_first_token: bool = True,
-             query_position: int = -1, attention: str = "auto") -> list[_Text]:
-    """One forward pass over `items` as a padded batch; what each text recorded, its numbers on the host."""
+             query_position: int = -1, attention: str = "auto", keep_layers=None) -> list[_Text]:
+    """One forward pass over `items` as a padded batch; what each text recorded, its numbers on the host.
+
+    `keep_layers`: the pattern layers whose T x T patterns are kept when keep_patterns allows (None: all)."""
     if attention not in ATTENTION_ROUTES:
         raise HeadscopeError(BAD_ROUTE.format(route=attention))
     encoded, spans = pad_batch(loaded, items)
-    n_pattern_layers = loaded.info.n_layers if pattern_layers is None else len(set(pattern_layers))
+    kept_layers = pattern_layers if keep_layers is None else keep_layers
+    n_pattern_layers = loaded.info.n_layers if kept_layers is None else len(set(kept_layers))
     texts = [_Text(index=row, span=span, ids=item.ids,
                    keep_patterns=patterns_fit(loaded.info.n_heads, item.ids.size, n_pattern_layers)
                    if keep_patterns is None else bool(keep_patterns))
              for row, (item, span) in enumerate(zip(items, spans))]
     recorder = _Recorder(texts, None if pattern_layers is None else frozenset(pattern_layers), keep_qk=keep_qk,
                          measure=measure, exclude_first_token=exclude_first_token, query_position=query_position,
-                         attention=attention)
+                         attention=attention, keep_layers=None if keep_layers is None else frozenset(keep_layers))
     token = _RECORDER.set(recorder)
     try:
         with torch.inference_mode():

@@ -1,8 +1,8 @@
 """Many texts at once: stream them through the engine, keep only small per-head numbers, bootstrap the means.
 
-Each text gets one forward pass (`capture` with `pattern_layers=[]`: no T x T pattern is kept, the head scores
-are reduced inside the pass) and is then reduced to a few numbers per layer x head (CORPUS_MEASURES) and per
-layer (LAYER_MEASURES); its q and k are dropped before the next text. What grows with the corpus is only
+Texts go through the engine `batch_size` at a time, one padded forward pass per batch (`analyze_batch`: every
+measurement on the model's device inside the pass, no T x T pattern kept), and each is reduced to a few numbers
+per layer x head (CORPUS_MEASURES) and per layer (LAYER_MEASURES) before the next batch. What grows with the corpus is only
 those numbers, (len(CORPUS_MEASURES) * layers * heads + len(LAYER_MEASURES) * layers) float64 per text
 (about 11 KB for GPT-2 small), kept so the means can be bootstrapped over texts.
 
@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis import summarize
-from analysis.capture import capture
 from analysis.errors import HeadscopeError
 from analysis.head_scores import compute_centered_dot_products, compute_mannwhitney
 from analysis.loading import LoadedModel
 from analysis.metrics import compute_dot_products, compute_head_stats, key_head_of
+from analysis.pipeline import BATCH_SIZE, analyze_batch, summarize
 from analysis.results import HEAD_SCORE_NAMES, MODEL_KEYS, json_floats
 
 SCHEMA = "headscope.corpus/1"
@@ -136,6 +135,25 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
     return {**heads, **qk}, layer_values
 
 
+def compute_result_values(result, exclude_first_token: bool = True) -> tuple[dict[str, np.ndarray],
+                                                                          dict[str, np.ndarray]]:
+    """As compute_text_values, from an AnalysisResult of every layer (analyze/analyze_batch with the same
+    exclusions): the same numbers without q and k on the host."""
+    n_layers, n_heads = int(result.model["n_layers"]), int(result.model["n_heads"])
+    heads = {name: result.head_scores.get(name, np.full((n_layers, n_heads), np.nan)) for name in HEAD_SCORE_NAMES}
+    qk = {name: np.full((n_layers, n_heads), np.nan) for name in QK_MEASURES}  # [layer, head] each
+    layer_values = {name: np.full(n_layers, np.nan) for name in LAYER_MEASURES}  # [layer] each
+    groups = key_head_of(n_heads, int(result.model["n_kv_heads"]))  # [head] -> kv_head
+    for layer, measured in result.layers.items():
+        if measured.q_means.size:
+            qk["q_mean"][layer], qk["q_std"][layer] = measured.q_means, measured.q_stds
+            qk["k_mean"][layer], qk["k_std"][layer] = measured.k_means[groups], measured.k_stds[groups]  # [head]
+        stats = measured.dp_stats
+        for name, r in zip(LAYER_MEASURES, (stats.rank_biserial, stats.rank_biserial_centered)):
+            layer_values[name][layer] = np.nan if r is None else r
+    return {**heads, **qk}, layer_values
+
+
 def compute_bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED,
                          level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean over texts and its percentile bootstrap interval: values [text, ...] -> (mean, low, high) [...].
@@ -229,7 +247,16 @@ class CorpusAccumulator:
     layers: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))  # [capacity, measure * layer]
 
     def add(self, captured) -> None:
+        """A text's Capture (q and k on the host)."""
         heads, layers = compute_text_values(captured, self.model, self.exclude_first_token, self.exclude_current_token)
+        self._add_row(heads, layers, captured.text, len(captured.tokens))
+
+    def add_result(self, result) -> None:
+        """A text's AnalysisResult of every layer, analysed with this accumulator's exclusions."""
+        heads, layers = compute_result_values(result, self.exclude_first_token)
+        self._add_row(heads, layers, result.text, result.n_tokens)
+
+    def _add_row(self, heads: dict, layers: dict, text: str, n_tokens: int) -> None:
         row = np.concatenate([heads[name].ravel() for name in CORPUS_MEASURES])  # [measure * layer * head]
         layer_row = np.concatenate([layers[name] for name in LAYER_MEASURES])  # [measure * layer]
         if self.n_rows == len(self.heads):  # full: double the capacity
@@ -238,7 +265,7 @@ class CorpusAccumulator:
             self.layers = np.resize(self.layers, (capacity, layer_row.size))
         self.heads[self.n_rows], self.layers[self.n_rows] = row, layer_row
         self.n_rows += 1
-        self.records.append(TextRecord(len(self.records) + 1, excerpt(captured.text), len(captured.tokens)))
+        self.records.append(TextRecord(len(self.records) + 1, excerpt(text), n_tokens))
 
     def add_failure(self, text: str, error: str) -> None:
         self.records.append(TextRecord(len(self.records) + 1, excerpt(text), error=error))
@@ -260,8 +287,8 @@ class CorpusAccumulator:
 
 def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclude_first_token: bool = True,
                    exclude_current_token: bool = False, progress: Progress | None = None, n_boot: int = N_BOOT,
-                   seed: int = SEED, total: int | None = None) -> CorpusResult:
-    """Stream `texts` through the model one at a time and bootstrap the means of their per-head numbers.
+                   seed: int = SEED, total: int | None = None, batch_size: int = BATCH_SIZE) -> CorpusResult:
+    """Stream `texts` through the model `batch_size` at a time and bootstrap the means of their per-head numbers.
 
     An item that is an exception (e.g. a bad JSONL line from `parse_texts`) and a text that fails (empty, too
     long, ...) are recorded with their error and skipped. `progress(done, total)` is called after each text;
@@ -271,16 +298,35 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
         total = len(texts)
     model = loaded.info.to_dict()
     acc = CorpusAccumulator(model, exclude_first_token, exclude_current_token)
-    for done, text in enumerate(texts, 1):
-        if isinstance(text, Exception):
-            acc.add_failure("", str(text))
-        else:
-            try:
-                acc.add(capture(loaded, text, pattern_layers=[]))  # no T x T pattern kept
-            except HeadscopeError as exc:
-                acc.add_failure(text, str(exc))
-            except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
-                acc.add_failure(text, UNEXPECTED.format(kind=type(exc).__name__, message=exc))
-        if progress is not None:
-            progress(done, total)
+    done = 0
+    buffer: list[str | Exception] = []
+
+    def flush() -> None:
+        nonlocal done
+        strings = [text for text in buffer if not isinstance(text, Exception)]
+        try:
+            results = iter(analyze_batch(loaded, strings, batch_size, None, exclude_first_token,
+                                         exclude_current_token, keep_patterns=False))
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not lose the others
+            failure = UNEXPECTED.format(kind=type(exc).__name__, message=exc)
+            results = iter([HeadscopeError(failure)] * len(strings))
+        for text in buffer:
+            if isinstance(text, Exception):
+                acc.add_failure("", str(text))
+            else:
+                result = next(results)
+                if isinstance(result, Exception):
+                    acc.add_failure(text, str(result))
+                else:
+                    acc.add_result(result)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        buffer.clear()
+
+    for text in texts:
+        buffer.append(text)
+        if sum(not isinstance(item, Exception) for item in buffer) >= batch_size:
+            flush()
+    flush()
     return acc.finish(n_boot, seed)

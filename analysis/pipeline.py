@@ -148,14 +148,15 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
 
 
 def _measured(loaded: LoadedModel, item: TextInput, text: _Text, chosen: list[int], exclude_first_token: bool,
-              exclude_current_token: bool, induction_probe: dict | None) -> AnalysisResult:
+              exclude_current_token: bool, induction_probe: dict | None, keep_layers=None) -> AnalysisResult:
     host, n_layers = text.host, loaded.info.n_layers
     model = loaded.info.to_dict()
-    dropped = any(layer not in text.patterns for layer in chosen)
+    shown = chosen if keep_layers is None else sorted(set(keep_layers))
+    dropped = any(layer not in text.patterns for layer in shown)
     return _result(model, item.text, token_strings(loaded.tokenizer, item.ids), item.ids, item.special,
                    {layer: layer_result(host, layer, host[layer, "parity"], text.patterns.get(layer))
                     for layer in chosen},
-                   pattern_bytes(model["n_heads"], item.ids.size, len(chosen)) / 2**20 if dropped else None,
+                   pattern_bytes(model["n_heads"], item.ids.size, len(shown)) / 2**20 if dropped else None,
                    np.stack([host[layer, "parts"] for layer in range(n_layers)]),  # [layer, head, 4, 4]
                    np.stack([host[layer, "fixed"] for layer in range(n_layers)]),  # [layer, head, 3]
                    exclude_first_token, exclude_current_token, induction_probe)
@@ -167,11 +168,11 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def _measure_inputs(loaded: LoadedModel, items: list[TextInput], chosen: list[int], exclude_first_token: bool,
                     exclude_current_token: bool, keep_patterns: bool | None, induction_probe: dict | None = None,
-                    attention: str = "auto") -> list[AnalysisResult | HeadscopeError]:
+                    attention: str = "auto", keep_layers=None) -> list[AnalysisResult | HeadscopeError]:
     """One padded pass over `items`; a batch the device cannot hold is split in halves, not crashed."""
     try:
         texts = run_pass(loaded, items, chosen, keep_patterns, keep_qk=False, measure=True,
-                         exclude_first_token=exclude_first_token, attention=attention)
+                         exclude_first_token=exclude_first_token, attention=attention, keep_layers=keep_layers)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
@@ -181,28 +182,31 @@ def _measure_inputs(loaded: LoadedModel, items: list[TextInput], chosen: list[in
             return [HeadscopeError(OUT_OF_MEMORY.format(n=items[0].ids.size))]
         half = len(items) // 2
         return [*_measure_inputs(loaded, items[:half], chosen, exclude_first_token, exclude_current_token,
-                                 keep_patterns, induction_probe, attention),
+                                 keep_patterns, induction_probe, attention, keep_layers),
                 *_measure_inputs(loaded, items[half:], chosen, exclude_first_token, exclude_current_token,
-                                 keep_patterns, induction_probe, attention)]
-    return [_measured(loaded, item, text, chosen, exclude_first_token, exclude_current_token, induction_probe)
-            for item, text in zip(items, texts)]
+                                 keep_patterns, induction_probe, attention, keep_layers)]
+    return [_measured(loaded, item, text, chosen, exclude_first_token, exclude_current_token, induction_probe,
+                      keep_layers) for item, text in zip(items, texts)]
 
 
 def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = BATCH_SIZE,
                   layers: Iterable[int] | None = None, exclude_first_token: bool = True,
                   exclude_current_token: bool = False, keep_patterns: bool | None = False,
-                  attention: str = "auto") -> list[AnalysisResult | HeadscopeError]:
+                  attention: str = "auto", keep_layers: Iterable[int] | None = None,
+                  progress=None) -> list[AnalysisResult | HeadscopeError]:
     """`analyze` of many texts, `batch_size` texts per forward pass: one result per text, in order, or the
     HeadscopeError of a text that cannot be analysed (empty, too long, ...); the others are unaffected.
 
     Texts are grouped by length (less padding) and padded on the tokenizer's padding side; each text is measured
     on its own positions only, so its result equals its single-text `analyze` (to float rounding). Patterns are
     not kept by default (keep_patterns=None: while they fit PATTERN_BUDGET, per text). `attention`: the route of
-    the pass (capture.ATTENTION_ROUTES; "auto": sdpa on a GPU, eager on the CPU).
+    the pass (capture.ATTENTION_ROUTES; "auto": sdpa on a GPU, eager on the CPU). `keep_layers`: of `layers`,
+    those whose patterns are kept (default: all of them). `progress(done, total)` after each batch.
     """
     if batch_size < 1:
         raise HeadscopeError(BAD_BATCH_SIZE.format(size=batch_size))
     chosen = check_layers(layers, loaded.info.n_layers)
+    kept = None if keep_layers is None else check_layers(keep_layers, loaded.info.n_layers)
     out: list[AnalysisResult | HeadscopeError | None] = [None] * len(texts)
     items = {}
     for index, text in enumerate(texts):
@@ -214,9 +218,12 @@ def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     for start in range(0, len(order), batch_size):
         group = order[start:start + batch_size]
         results = _measure_inputs(loaded, [items[index] for index in group], chosen, exclude_first_token,
-                                  exclude_current_token, keep_patterns, attention=attention)
+                                  exclude_current_token, keep_patterns, attention=attention,
+                                  keep_layers=kept)
         for index, result in zip(group, results):
             out[index] = result
+        if progress is not None:
+            progress(min(len(order), start + batch_size), len(order))
     return out
 
 
