@@ -192,11 +192,9 @@ def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token
     p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position)
     final_q = q[:, p].double()  # [head, d_head]
     keys = k[:, keys_at].double()  # [kv_head, k_pos, d_head]
-    n_keys = keys.shape[1]
+    if centered and keys.shape[1]:  # q . (k - mean k): exactly 0 for a single key, where q.k - q.mean would be noise
+        keys = keys - keys.mean(dim=1, keepdim=True)  # [kv_head, k_pos, d_head]
     dots = torch.einsum("hd,gkd->hgk", final_q, keys)  # [head, d] . [kv_head, k, d] -> [head, kv_head, k]
-    if centered and n_keys:
-        offset = final_q @ keys.mean(dim=1).T  # [head, d] @ [d, kv_head] -> [head, kv_head]: q . mean key
-        dots = dots - offset[..., None]  # [head, kv_head, k_pos]
     own = torch.as_tensor(key_head_of(n_heads, n_kv), device=q.device)[:, None] == torch.arange(
         n_kv, device=q.device)[None, :]  # [head, kv_head]
     return dots[own].reshape(-1), dots[~own].reshape(-1)  # [head * k], [head * (kv_head-1) * k]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from analysis import analyze
+from analysis.results import ARRAY_FIELDS
 from tests.conftest import FIJI, REPEATS
 from tests.notebook import run_notebook
 
@@ -103,3 +104,98 @@ def test_patterns_beyond_the_budget_are_reduced_to_read_outs(gpt2, monkeypatch):
     assert kept.layers[6].patterns is not None and forced.layers[6].patterns is not None
     assert reduced.layers[6].patterns is None and "were not kept" in reduced.warnings[-1]
     assert reduced.to_dict() == {**kept.to_dict(), "warnings": list(reduced.warnings)}
+
+
+# ---- batches: each text's numbers equal its single-text run ---------------------------------------------------------
+
+BATCH_TEXTS = [FIJI, "the cat", REPEATS, "", "cat", "Mary and John went to the store. John gave a drink to Mary."]
+
+
+def assert_same_result(batched, single, tolerance=1e-5):
+    """Equal to `tolerance` relative to each field's scale: a padded batch's matrix products round differently
+    from a single text's (~1e-7 relative per layer), which unscaled dot products of magnitude ~10 carry as ~1e-5."""
+    assert batched.tokens == single.tokens and batched.special_positions == single.special_positions
+    np.testing.assert_array_equal(batched.token_ids, single.token_ids)
+    assert sorted(batched.layers) == sorted(single.layers) and batched.warnings == single.warnings
+    for name, scores in single.head_scores.items():
+        np.testing.assert_allclose(batched.head_scores[name], scores, rtol=tolerance, atol=tolerance, err_msg=name)
+    for layer, want in single.layers.items():
+        got = batched.layers[layer]
+        for name in ARRAY_FIELDS:
+            assert getattr(got, name).shape == getattr(want, name).shape, (layer, name)
+            scale = max(1.0, float(np.abs(getattr(want, name)).max(initial=0)))
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=0, atol=tolerance * scale,
+                                       err_msg=f"layer {layer} {name}")
+        assert (got.kde is None) == (want.kde is None)
+        if want.kde is not None:
+            for name, curve in want.kde.items():
+                np.testing.assert_allclose(got.kde[name], curve, atol=tolerance)
+        for name in ("rank_biserial", "rank_biserial_centered", "mannwhitney_p"):
+            assert getattr(got.dp_stats, name) == pytest.approx(getattr(want.dp_stats, name), abs=tolerance,
+                                                                rel=tolerance), name
+        assert got.parity_max_abs_err <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def left_padded_llama(tmp_path_factory):
+    from analysis import load_model
+    from tests.checkpoints import tiny_llama
+
+    loaded = load_model(str(tiny_llama(tmp_path_factory.mktemp("tiny-llama-batch"))))
+    loaded.tokenizer.padding_side = "left"
+    return loaded
+
+
+@pytest.mark.parametrize("fixture, side", [("gpt2", "right"), ("left_padded_llama", "left"), ("minilm", "right")])
+def test_a_padded_batch_gives_each_text_its_single_run(request, fixture, side):
+    from analysis import HeadscopeError, analyze_batch
+    from analysis.capture import pad_batch, text_input
+
+    loaded = request.getfixturevalue(fixture)
+    assert loaded.tokenizer.padding_side == side
+    items = [text_input(loaded, text) for text in BATCH_TEXTS if text]
+    encoded, spans = pad_batch(loaded, items)
+    mask = encoded["attention_mask"].numpy()
+    assert all(mask[row, start:stop].all() and mask[row].sum() == stop - start for row, (start, stop) in
+               enumerate(spans))  # padding is never a text position
+    assert (max(start for start, _ in spans) > 0) == (side == "left")  # shorter texts start later
+    batched = analyze_batch(loaded, BATCH_TEXTS, batch_size=8, keep_patterns=True)
+    assert isinstance(batched[3], HeadscopeError) and "empty" in str(batched[3])
+    for text, result in zip(BATCH_TEXTS, batched):
+        if text:
+            single = analyze(loaded, text, keep_patterns=True)
+            assert_same_result(result, single)
+            for layer, want in single.layers.items():
+                np.testing.assert_allclose(result.layers[layer].patterns, want.patterns, atol=1e-5)
+
+
+def test_batch_size_splits_and_keeps_order(gpt2):
+    from analysis import analyze_batch
+
+    texts = [FIJI, REPEATS, "the cat sat", FIJI[:40]]
+    by_two = analyze_batch(gpt2, texts, batch_size=2, layers=[6])
+    by_four = analyze_batch(gpt2, texts, batch_size=4, layers=[6])
+    assert [r.text for r in by_two] == [r.text for r in by_four] == texts
+    for a, b in zip(by_two, by_four):
+        assert_same_result(a, b)
+
+
+def test_a_batch_larger_than_memory_is_split(gpt2, monkeypatch):
+    """An out-of-memory pass is retried in halves; a single text that cannot fit becomes its error."""
+    from analysis import HeadscopeError, analyze_batch, pipeline
+
+    real, sizes = pipeline.run_pass, []
+
+    def tight(loaded, items, *args, **kwargs):
+        sizes.append(len(items))
+        if len(items) > 1 or items[0].ids.size > 10:  # FIJI is longer than 10 tokens, the others shorter
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(loaded, items, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_pass", tight)
+    results = analyze_batch(gpt2, ["the cat sat", "the dog ran far", FIJI], batch_size=4, layers=[0])
+    assert sizes[0] == 3 and max(sizes[1:]) <= 2
+    assert [type(r).__name__ for r in results] == ["AnalysisResult", "AnalysisResult", "HeadscopeError"]
+    assert "does not fit" in str(results[2])
+    with pytest.raises(HeadscopeError, match="at least 1"):
+        analyze_batch(gpt2, ["x"], batch_size=0)
