@@ -98,3 +98,98 @@ def test_kde_is_scipys_scott_kde_normalised_to_its_peak():
     assert grid.shape == (300,) and grid[0] == 0 and grid[-1] == 1
     assert compute_kde(np.array([0.5, 0.5]), grid) is None
     assert compute_kde(np.array([0.5]), grid) is None
+
+
+# ---- the device-side forms equal the numpy definitions (here on the CPU; the same code runs on a GPU) ---------------
+
+def test_device_head_stats_and_dot_products_equal_numpy(qk):
+    from analysis.metrics import compute_centered_dot_products, compute_dot_products_t, compute_head_stats_t
+
+    q, k = qk
+    for exclude in (True, False):
+        for x in (q, k):
+            means, stds = compute_head_stats(x, exclude)
+            means_t, stds_t = compute_head_stats_t(torch.from_numpy(x), exclude)
+            np.testing.assert_allclose(means_t.numpy(), means, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(stds_t.numpy(), stds, rtol=1e-12)
+        same, diff = compute_dot_products(q, k, exclude)
+        same_t, diff_t = compute_dot_products_t(torch.from_numpy(q), torch.from_numpy(k), exclude)
+        np.testing.assert_allclose(same_t.numpy(), same, rtol=1e-12)
+        np.testing.assert_allclose(diff_t.numpy(), diff, rtol=1e-12)
+        same_c, diff_c = compute_centered_dot_products(q, k, exclude)
+        same_ct, diff_ct = compute_dot_products_t(torch.from_numpy(q), torch.from_numpy(k), exclude, centered=True)
+        np.testing.assert_allclose(same_ct.numpy(), same_c, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(diff_ct.numpy(), diff_c, rtol=1e-9, atol=1e-12)
+
+
+def test_a_chosen_query_position_compares_it_with_the_keys_before_it(qk):
+    from analysis.metrics import compared_keys, compute_dot_products_t
+
+    q, k = qk
+    assert compared_keys(POS) == (POS - 1, slice(1, POS - 1))
+    assert compared_keys(POS, exclude_first_token=False, query_position=3) == (3, slice(0, 3))
+    same, _ = compute_dot_products_t(torch.from_numpy(q), torch.from_numpy(k), True, query_position=3)
+    expected = [q[h, 3].astype(np.float64) @ k[h // 4, pos].astype(np.float64) for h in range(N_HEADS)
+                for pos in (1, 2)]
+    np.testing.assert_allclose(same.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n1, n2, ties", [(40, 300, False), (50, 200, True), (5, 30, False)])
+def test_device_mannwhitney_equals_scipy(n1, n2, ties):
+    from analysis.metrics import compute_mannwhitney, compute_mannwhitney_parts_t, mannwhitney_from_parts
+
+    rng = np.random.default_rng(n1)
+    same, diff = rng.normal(0.3, 1, n1), rng.normal(0, 1, n2)
+    if ties:  # many equal values across and within the groups
+        same, diff = np.round(same, 1), np.round(diff, 1)
+    expected = stats.mannwhitneyu(same, diff, alternative="two-sided")
+    p_ref, r_ref = compute_mannwhitney(same, diff)
+    assert p_ref == pytest.approx(expected.pvalue, rel=1e-9)
+    if n1 > 8:
+        u1, tie_sum = compute_mannwhitney_parts_t(torch.from_numpy(same), torch.from_numpy(diff)).tolist()
+        assert u1 == pytest.approx(expected.statistic, abs=1e-9)
+        p, r = mannwhitney_from_parts(u1, tie_sum, n1, n2)
+        assert p == pytest.approx(expected.pvalue, rel=1e-9) and r == pytest.approx(r_ref, abs=1e-12)
+
+
+def test_device_kde_equals_scipy():
+    from analysis.metrics import compute_kde_t
+
+    rng = np.random.default_rng(3)
+    values = rng.beta(0.5, 3, 5000)  # [n]: attention-like values piled near 0
+    grid = kde_grid()
+    expected = stats.gaussian_kde(values)(grid)
+    got = compute_kde_t(torch.from_numpy(values), torch.from_numpy(grid), chunk=777).numpy()  # several chunks
+    np.testing.assert_allclose(got, expected / expected.max(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, compute_kde(values, grid), rtol=0, atol=1e-6)
+    assert np.isnan(compute_kde_t(torch.tensor([0.5, 0.5]), torch.from_numpy(grid)).numpy()).all()  # degenerate
+
+
+def test_pattern_reduction_in_blocks_of_one_row_equals_one_block():
+    """The budget only decides the block size: a one-row block gives the same numbers as the whole pattern."""
+    from analysis.head_scores import ScorePlan, compute_score_parts
+    from analysis.patterns import reduce_pattern, rows_per_block
+
+    rng = np.random.default_rng(5)
+    n = 9
+    q = torch.from_numpy(rng.normal(size=(N_HEADS, n, D_HEAD)).astype(np.float32))  # [head, pos, d_head]
+    k = torch.from_numpy(rng.normal(size=(N_KV_HEADS, n, D_HEAD)).astype(np.float32))  # [kv_head, pos, d_head]
+    v = torch.from_numpy(rng.normal(size=(N_KV_HEADS, n, 3)).astype(np.float32))  # [kv_head, pos, d_v]
+    mask = torch.ones(1, n, n, dtype=torch.bool).tril()  # [1, q_pos, k_pos]
+    full = compute_pattern(q, k, 0.5, mask)  # [head, q_pos, k_pos]
+    output = full @ v.repeat_interleave(N_HEADS // N_KV_HEADS, dim=0)  # [h, q, k] @ [h, k, d_v] -> [h, q, d_v]
+    plan = ScorePlan.build(rng.integers(0, 4, n))
+    assert rows_per_block(N_HEADS, n, budget=1) == 1 and rows_per_block(N_HEADS, n, budget=2**30) == n
+    one = reduce_pattern(q, k, 0.5, mask, None, plan, budget=1, value=v, output=output, keep=True)
+    whole = reduce_pattern(q, k, 0.5, mask, None, plan, budget=2**30, weights=full, keep=True)
+    parts, fixed = compute_score_parts(full, plan)
+    for reduced in (one, whole):
+        np.testing.assert_allclose(reduced.parts.numpy(), parts.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(reduced.fixed.numpy(), fixed.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(reduced.pattern, full.numpy(), atol=1e-7)
+        summaries = compute_attention_summaries(full.numpy())
+        for name, values in summaries.items():
+            np.testing.assert_allclose(reduced.readouts[name].numpy(), values, atol=1e-7)
+        assert float(reduced.parity) <= 1e-6
+    wrong = reduce_pattern(q, k, 0.6, mask, None, plan, budget=1, value=v, output=output)  # not the model's scale
+    assert float(wrong.parity) > 1e-3  # parity through the output notices a rebuild that is not the model's
