@@ -232,6 +232,9 @@ def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int = KDE_CHU
     (fewer than 2 values, or all equal): the host turns that into None without a device sync here."""
     values = values.double()  # [n]
     grid = grid.to(values.device, torch.float64)  # [grid]
+    if values.device.type == "cpu":  # numpy's vectorised exp is ~10x faster than torch's small CPU ops here
+        curve = compute_kde(values.numpy(), grid.numpy())
+        return torch.full_like(grid, float("nan")) if curve is None else torch.from_numpy(curve)
     if values.numel() < 2:
         return torch.full_like(grid, float("nan"))
     bandwidth = values.std(correction=1) * values.numel() ** (-1 / 5)  # a 0-d tensor: no sync
@@ -251,7 +254,8 @@ def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[st
 
     q [head, pos, d_head], k [kv_head, pos, d_head] in the model's dtype (promoted to float64 here, exactly);
     readouts as patterns.reduce_pattern gives them. "mannwhitney*" ([2]: U and the tie term) only where both
-    groups have more than 8 values (the host asks scipy's exact test otherwise); "kde_*" only from 3 tokens.
+    groups have more than 8 values (the host asks scipy's exact test otherwise) and off the CPU (there the host
+    runs compute_mannwhitney, faster on the CPU than torch's small ops); "kde_*" only from 3 tokens.
     """
     out = {}
     out["q_means"], out["q_stds"] = compute_head_stats_t(q, exclude_first_token)
@@ -259,7 +263,7 @@ def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[st
     for suffix, centered in (("", False), ("_centered", True)):
         same, diff = compute_dot_products_t(q, k, exclude_first_token, query_position, centered=centered)
         out["same_head_dp" + suffix], out["diff_head_dp" + suffix] = same, diff
-        if same.numel() > 8 and diff.numel() > 8:
+        if same.numel() > 8 and diff.numel() > 8 and same.device.type != "cpu":  # CPU: the host runs numpy
             out["mannwhitney" + suffix] = compute_mannwhitney_parts_t(same, diff)  # [2]
     if q.shape[1] >= 3:
         grid = torch.from_numpy(kde_grid()).to(q.device)  # [300]

@@ -70,13 +70,11 @@ def _mannwhitney(host: dict, key, same: np.ndarray, diff: np.ndarray) -> tuple[f
     return compute_mannwhitney(same, diff)  # small groups: scipy's exact test
 
 
-def layer_result(host: dict, layer: int, parity: float, pattern: np.ndarray | None = None) -> LayerResult:
-    """One layer's LayerResult from its host numbers {(layer, name): array} (metrics.compute_layer_measures_t's
-    names and the READOUTS)."""
-    get = {name: host[key] for key, name in ((key, key[1]) for key in host) if key[0] == layer}
-    p, r = _mannwhitney(host, (layer, "mannwhitney"), get["same_head_dp"], get["diff_head_dp"])
-    p_c, r_c = _mannwhitney(host, (layer, "mannwhitney_centered"), get["same_head_dp_centered"],
-                            get["diff_head_dp_centered"])
+def layer_result(get: dict, parity: float, pattern: np.ndarray | None = None) -> LayerResult:
+    """One layer's LayerResult from its host numbers {name: array} (metrics.compute_layer_measures_t's names
+    and the READOUTS)."""
+    p, r = _mannwhitney(get, "mannwhitney", get["same_head_dp"], get["diff_head_dp"])
+    p_c, r_c = _mannwhitney(get, "mannwhitney_centered", get["same_head_dp_centered"], get["diff_head_dp_centered"])
     dp_stats = DpStats(mannwhitney_p=p, rank_biserial=r, same_head_dp_centered=get["same_head_dp_centered"],
                        diff_head_dp_centered=get["diff_head_dp_centered"], mannwhitney_p_centered=p_c,
                        rank_biserial_centered=r_c)
@@ -97,9 +95,9 @@ def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_tok
     readouts = {name: torch.from_numpy(np.asarray(values)) for name, values in summaries.items()}
     found = compute_layer_measures_t(torch.from_numpy(np.asarray(q)), torch.from_numpy(np.asarray(k)), readouts,
                                      exclude_first_token)
-    host = {(0, name): values for (_, name), values in to_host({(0, n): t for n, t in found.items()}).items()}
-    host.update({(0, name): np.asarray(values, dtype=np.float64) for name, values in summaries.items()})
-    return layer_result(host, 0, parity, pattern)
+    host = to_host(found)
+    host.update({name: np.asarray(values, dtype=np.float64) for name, values in summaries.items()})
+    return layer_result(host, parity, pattern)
 
 
 def _result(model: dict, text: str, tokens, token_ids, special, layers: dict[int, LayerResult], n_dropped_mib,
@@ -150,11 +148,14 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
 def _measured(loaded: LoadedModel, item: TextInput, text: _Text, chosen: list[int], exclude_first_token: bool,
               exclude_current_token: bool, induction_probe: dict | None, keep_layers=None) -> AnalysisResult:
     host, n_layers = text.host, loaded.info.n_layers
+    by_layer: dict[int, dict[str, np.ndarray]] = {}
+    for (layer, name), values in host.items():
+        by_layer.setdefault(layer, {})[name] = values
     model = loaded.info.to_dict()
     shown = chosen if keep_layers is None else sorted(set(keep_layers))
     dropped = any(layer not in text.patterns for layer in shown)
     return _result(model, item.text, token_strings(loaded.tokenizer, item.ids), item.ids, item.special,
-                   {layer: layer_result(host, layer, host[layer, "parity"], text.patterns.get(layer))
+                   {layer: layer_result(by_layer[layer], host[layer, "parity"], text.patterns.get(layer))
                     for layer in chosen},
                    pattern_bytes(model["n_heads"], item.ids.size, len(shown)) / 2**20 if dropped else None,
                    np.stack([host[layer, "parts"] for layer in range(n_layers)]),  # [layer, head, 4, 4]
