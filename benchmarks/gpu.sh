@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, as one script for an offline GPU machine (../shared/GPU.md): run from the
+# project root with the .whl folder carried (transformers==5.23.0); writes everything under $OUT.
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target gpu-site .whl/*.whl && export PYTHONPATH=$PWD/gpu-site
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+timeout 90 python3 -m benchmarks.gpu_check 2>&1 | grep -v Warning | tee "$OUT/check.txt"
+timeout 150 python3 -m benchmarks.bench_analysis --device cuda --shape llama-0.7b --tokens 1024 2048 4096 \
+  --runs 3 --corpus-texts 1000 2>&1 | grep -v Warning | tee "$OUT/bench_llama.txt"
+timeout 120 python3 -m benchmarks.bench_analysis --device cuda --shape gpt2-small --tokens 256 1024 \
+  --runs 3 --corpus-texts 1000 2>&1 | grep -v Warning | tee "$OUT/bench_gpt2.txt"

@@ -1,0 +1,74 @@
+"""On a GPU: the device-side engine gives the CPU's numbers. Prints one JSON line per check, "ok" true/false.
+
+    python -m benchmarks.gpu_check
+
+Tiny random GPT-2 (8 layers, 12 heads) and Llama (8 query heads, 2 key heads) checkpoints from the tests'
+builders, analysed on the CPU (eager, the reference) and on cuda: with the model's eager attention (every
+field within 1e-5 of the CPU's, relative to its scale), with the fused sdpa kernel (parity <= 1e-5 on every
+layer, fields within 1e-4), and as a padded batch on cuda (each text equal to its single cuda run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TEXTS = ["The majority of Fiji's islands were formed by volcanic activity starting around 150 million years ago.",
+         "The cat sat on the mat. The cat sat on the mat again, and the dog watched the cat.", "the cat", "cat"]
+
+
+def worst(a, b) -> float:
+    """Largest difference between two results' fields, relative to each field's scale (at least 1)."""
+    import numpy as np
+
+    from analysis.results import ARRAY_FIELDS
+
+    out = 0.0
+    for layer, want in b.layers.items():
+        got = a.layers[layer]
+        for name in ARRAY_FIELDS:
+            x, y = getattr(got, name), getattr(want, name)
+            if y.size:
+                out = max(out, float(np.abs(x - y).max() / max(1.0, np.abs(y).max())))
+        if want.kde is not None:
+            out = max(out, max(float(np.abs(got.kde[n] - want.kde[n]).max()) for n in want.kde))
+    for name, values in b.head_scores.items():
+        out = max(out, float(np.nanmax(np.abs(a.head_scores[name] - values))))
+    return out
+
+
+def main() -> None:
+    from analysis import analyze, analyze_batch, load_model
+    from tests.checkpoints import tiny_gpt2, tiny_llama
+
+    root = Path(tempfile.mkdtemp(prefix="headscope-gpu-check-"))
+    ok_all = True
+    for name, build in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
+        path = str(build(root / name))
+        cpu, cuda = load_model(path), load_model(path, device="cuda")
+        for text in TEXTS[:2]:
+            ref = analyze(cpu, text)
+            eager = analyze(cuda, text, attention="eager")
+            fused = analyze(cuda, text)  # auto: sdpa on cuda
+            parity = max(layer.parity_max_abs_err for layer in fused.layers.values())
+            row = {"model": name, "tokens": ref.n_tokens, "cuda_eager_vs_cpu": worst(eager, ref),
+                   "cuda_sdpa_vs_cpu": worst(fused, ref), "sdpa_parity_max": parity}
+            row["ok"] = row["cuda_eager_vs_cpu"] <= 1e-5 and row["cuda_sdpa_vs_cpu"] <= 1e-4 and parity <= 1e-5
+            ok_all &= row["ok"]
+            print(json.dumps(row), flush=True)
+        batched = analyze_batch(cuda, TEXTS, batch_size=4)
+        diffs = [worst(result, analyze(cuda, text)) for text, result in zip(TEXTS, batched)]
+        row = {"model": name, "batch_vs_single_cuda": max(diffs), "ok": max(diffs) <= 1e-5}
+        ok_all &= row["ok"]
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"all_ok": ok_all}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
