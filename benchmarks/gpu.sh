@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, as one script for an offline GPU machine (../shared/GPU.md): run from the
-# project root with the .whl folder carried (transformers==5.23.0); writes everything under $OUT.
+# project root with the .whl folder carried (transformers==5.23.0 is all it needs); writes under $OUT.
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target gpu-site .whl/*.whl && export PYTHONPATH=$PWD/gpu-site
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-site .whl/transformers-5.23.0-*.whl && export PYTHONPATH=/tmp/gpu-site || exit 1
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 90 python3 -m benchmarks.gpu_check 2>&1 | grep -v Warning | tee "$OUT/check.txt"
