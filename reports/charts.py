@@ -15,7 +15,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import key_head_of
+from analysis.heads import key_head_of
 from analysis.results import AnalysisResult
 from reports.untrusted import visible
 

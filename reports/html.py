@@ -23,7 +23,7 @@ from markupsafe import Markup
 
 from analysis import __version__
 from analysis.errors import HeadscopeError
-from analysis.metrics import key_head_of
+from analysis.heads import key_head_of
 from analysis.parity import parity_tolerance, result_parity_failures
 from analysis.results import AnalysisResult
 from analysis.schema import parse_json, validate_results
