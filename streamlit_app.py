@@ -33,7 +33,7 @@ from analysis import (
     summarize,
 )
 from analysis.cache import ByteBudgetCache
-from analysis.capture import PATTERN_BUDGET, pattern_bytes
+from analysis.capture import patterns_fit
 from analysis.corpus import CorpusResult, analyze_corpus, parse_texts
 from analysis.loading import MODEL_DIRS_ENV, allowed_model_dirs, check_app_dir
 from analysis.parity import parity_tolerance, result_parity_failures
@@ -274,7 +274,7 @@ def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int,
     """Every layer's T x T patterns when they fit PATTERN_BUDGET (layer changes are then free), else just `layer`."""
     info = loaded.info
     n = len(loaded.tokenizer(text)["input_ids"]) if text.strip() else 0
-    return None if pattern_bytes(info.n_heads, n, info.n_layers) <= PATTERN_BUDGET else (layer,)
+    return None if patterns_fit(info.n_heads, n, info.n_layers) else (layer,)
 
 
 def load(settings: dict, slot) -> LoadedModel:

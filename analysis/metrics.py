@@ -18,6 +18,9 @@ from analysis.heads import key_head_of
 
 KDE_POINTS = 300
 KDE_CHUNK = 8192
+# On the CPU the KDE and the Mann-Whitney test run as their numpy definitions (faster there than torch's small
+# ops); False runs the torch route a GPU runs, on the CPU too (the tests do, to hold it to the notebook).
+NUMPY_ON_CPU = True
 
 
 def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
@@ -195,9 +198,12 @@ def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token
     if centered and keys.shape[1]:  # q . (k - mean k): exactly 0 for a single key, where q.k - q.mean would be noise
         keys = keys - keys.mean(dim=1, keepdim=True)  # [kv_head, k_pos, d_head]
     dots = torch.einsum("hd,gkd->hgk", final_q, keys)  # [head, d] . [kv_head, k, d] -> [head, kv_head, k]
-    own = torch.as_tensor(key_head_of(n_heads, n_kv), device=q.device)[:, None] == torch.arange(
-        n_kv, device=q.device)[None, :]  # [head, kv_head]
-    return dots[own].reshape(-1), dots[~own].reshape(-1)  # [head * k], [head * (kv_head-1) * k]
+    own = key_head_of(n_heads, n_kv)  # [head]
+    others = np.array([[g for g in range(n_kv) if g != own[h]] for h in range(n_heads)]).reshape(n_heads, n_kv - 1)
+    heads = torch.arange(n_heads, device=q.device)  # [head]
+    same = dots[heads, torch.as_tensor(own, device=q.device)]  # [head, k]: index tensors, no device sync
+    diff = dots[heads[:, None], torch.as_tensor(others, device=q.device)]  # [head, kv_head - 1, k]
+    return same.reshape(-1), diff.reshape(-1)  # [head * k], [head * (kv_head-1) * k]
 
 
 def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
@@ -210,8 +216,10 @@ def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor) -> torch
     below = torch.searchsorted(pooled, same, right=False)  # [n1]: values smaller than each same-head value
     upto = torch.searchsorted(pooled, same, right=True)  # [n1]: values smaller or equal
     u1 = (below + upto + 1).sum().double() / 2 - n1 * (n1 + 1) / 2  # average 1-based ranks, minus their minimum
-    ties = torch.unique_consecutive(pooled, return_counts=True)[1].double()  # [group]: each run of equal values
-    return torch.stack([u1, (ties ** 3 - ties).sum()])  # [2]
+    # each value's run of equal values has t = (equal or smaller) - (smaller) members; summing t^2 - 1 over the
+    # values sums t (t^2 - 1) = t^3 - t over the runs, with no device sync (unlike unique_consecutive)
+    runs = torch.searchsorted(pooled, pooled, right=True) - torch.searchsorted(pooled, pooled, right=False)  # [n]
+    return torch.stack([u1, (runs.double().square_() - 1).sum()])  # [2]
 
 
 def mannwhitney_from_parts(u1: float, tie_sum: float, n1: int, n2: int) -> tuple[float | None, float | None]:
@@ -227,12 +235,14 @@ def mannwhitney_from_parts(u1: float, tie_sum: float, n1: int, n2: int) -> tuple
     return (p if np.isfinite(p) else None), (r if np.isfinite(r) else None)
 
 
-def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int = KDE_CHUNK) -> torch.Tensor:
+def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = None,
+                  numpy_on_cpu: bool | None = None) -> torch.Tensor:
     """As compute_kde, on values' device: [grid] float64 normalised to its peak, all NaN where degenerate
-    (fewer than 2 values, or all equal): the host turns that into None without a device sync here."""
+    (fewer than 2 values, or all equal): the host turns that into None without a device sync here. On the CPU
+    it is compute_kde itself unless numpy_on_cpu=False (the tests run the torch route there too)."""
     values = values.double()  # [n]
     grid = grid.to(values.device, torch.float64)  # [grid]
-    if values.device.type == "cpu":  # numpy's vectorised exp is ~10x faster than torch's small CPU ops here
+    if (NUMPY_ON_CPU if numpy_on_cpu is None else numpy_on_cpu) and values.device.type == "cpu":  # numpy's exp is ~10x faster than torch's small CPU ops
         curve = compute_kde(values.numpy(), grid.numpy())
         return torch.full_like(grid, float("nan")) if curve is None else torch.from_numpy(curve)
     if values.numel() < 2:
@@ -241,6 +251,8 @@ def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int = KDE_CHU
     scaled_grid = (grid / bandwidth).float()  # [grid]
     scaled = (values / bandwidth).float()  # [n]
     density = torch.zeros_like(grid)  # [grid]
+    if chunk is None:  # a GPU takes [300, 131072] float32 (150 MiB) in one go
+        chunk = KDE_CHUNK if values.device.type == "cpu" else 2**17
     for start in range(0, scaled.numel(), chunk):  # bounded memory: one [grid, chunk] float32 block at a time
         z = scaled_grid[:, None] - scaled[None, start:start + chunk]  # [grid, chunk]
         density += z.square_().mul_(-0.5).exp_().sum(dim=1, dtype=torch.float64)  # float32 kernels, float64 sums
@@ -263,7 +275,7 @@ def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[st
     for suffix, centered in (("", False), ("_centered", True)):
         same, diff = compute_dot_products_t(q, k, exclude_first_token, query_position, centered=centered)
         out["same_head_dp" + suffix], out["diff_head_dp" + suffix] = same, diff
-        if same.numel() > 8 and diff.numel() > 8 and same.device.type != "cpu":  # CPU: the host runs numpy
+        if same.numel() > 8 and diff.numel() > 8 and not (NUMPY_ON_CPU and same.device.type == "cpu"):
             out["mannwhitney" + suffix] = compute_mannwhitney_parts_t(same, diff)  # [2]
     if q.shape[1] >= 3:
         grid = torch.from_numpy(kde_grid()).to(q.device)  # [300]

@@ -33,6 +33,28 @@ def test_every_field_equals_the_notebook(gpt2, text, layer):
     assert result.parity_max_abs_err <= 1e-5
 
 
+@pytest.mark.parametrize("text", [FIJI, REPEATS])
+def test_the_gpu_route_equals_the_notebook_too(gpt2, text, monkeypatch):
+    """What a GPU runs (the KDE and the Mann-Whitney ranks in torch, the fused sdpa kernel), here on the CPU."""
+    import importlib
+
+    from analysis.metrics import compute_mannwhitney
+
+    monkeypatch.setattr(importlib.import_module("analysis.metrics"), "NUMPY_ON_CPU", False)
+    result = analyze(gpt2, text, layers=[0, 6], attention="sdpa")
+    for layer in (0, 6):
+        measured, notebook = result.layers[layer], run_notebook(gpt2.model, gpt2.tokenizer, text, layer)
+        for name in FIELDS:
+            scale = max(1.0, float(np.abs(notebook[name]).max()))  # sdpa rounds differently: to 1e-5 of the scale
+            np.testing.assert_allclose(getattr(measured, name), notebook[name], rtol=0, atol=1e-5 * scale)
+        for name in ("final_to_prev", "self_attention"):
+            close(measured.kde[name], notebook["kde"][name])
+        p, r = compute_mannwhitney(measured.same_head_dp, measured.diff_head_dp)
+        assert measured.dp_stats.mannwhitney_p == pytest.approx(p, rel=1e-9)
+        assert measured.dp_stats.rank_biserial == pytest.approx(r, abs=1e-12)
+        assert measured.parity_max_abs_err <= 1e-5
+
+
 def _eager_attentions(path, text, tokenizer):
     from transformers import AutoModel
 

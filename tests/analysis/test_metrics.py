@@ -159,10 +159,13 @@ def test_device_kde_equals_scipy():
     values = rng.beta(0.5, 3, 5000)  # [n]: attention-like values piled near 0
     grid = kde_grid()
     expected = stats.gaussian_kde(values)(grid)
-    got = compute_kde_t(torch.from_numpy(values), torch.from_numpy(grid), chunk=777).numpy()  # several chunks
-    np.testing.assert_allclose(got, expected / expected.max(), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(got, compute_kde(values, grid), rtol=0, atol=1e-6)
-    assert np.isnan(compute_kde_t(torch.tensor([0.5, 0.5]), torch.from_numpy(grid)).numpy()).all()  # degenerate
+    for chunk in (777, None):  # several chunks, one chunk
+        got = compute_kde_t(torch.from_numpy(values), torch.from_numpy(grid), chunk, numpy_on_cpu=False).numpy()
+        np.testing.assert_allclose(got, expected / expected.max(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, compute_kde(values, grid), rtol=0, atol=1e-6)
+    for numpy_on_cpu in (True, False):  # degenerate: NaN, which the host turns into None
+        assert np.isnan(compute_kde_t(torch.tensor([0.5, 0.5]), torch.from_numpy(grid),
+                                      numpy_on_cpu=numpy_on_cpu).numpy()).all()
 
 
 def test_pattern_reduction_in_blocks_of_one_row_equals_one_block():
