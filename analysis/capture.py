@@ -27,7 +27,7 @@ import torch
 
 from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan
-from analysis.metrics import compute_layer_measures_t
+from analysis.metrics import compute_layer_measures_t, compute_pattern
 from analysis.patterns import reduce_pattern, to_host
 
 CAPTURE_ATTENTION = "headscope"
@@ -137,7 +137,8 @@ class _Recorder:
                 weights=None if not wanted or weights is None else weights[b, :, start:stop, start:stop],
                 value=None if not wanted else value[b, :, start:stop],
                 output=None if not wanted or output is None else output[b, start:stop].transpose(0, 1),
-                keep=wanted and text.keep_patterns and (self.keep_layers is None or layer in self.keep_layers))
+                keep=wanted and text.keep_patterns and (self.keep_layers is None or layer in self.keep_layers),
+                rebuild=compute_pattern)  # looked up here, so a test can replace headscope's rebuild
             found = {"parts": reduced.parts, "fixed": reduced.fixed}
             if wanted:
                 found.update(reduced.readouts)

@@ -2,8 +2,8 @@
 
 Texts go through the engine `batch_size` at a time, one padded forward pass per batch (`analyze_batch`: every
 measurement on the model's device inside the pass, no T x T pattern kept), and each is reduced to a few numbers
-per layer x head (CORPUS_MEASURES) and per layer (LAYER_MEASURES) before the next batch. What grows with the corpus is only
-those numbers, (len(CORPUS_MEASURES) * layers * heads + len(LAYER_MEASURES) * layers) float64 per text
+per layer x head (CORPUS_MEASURES) and per layer (LAYER_MEASURES) before the next batch. What grows with the
+corpus is only those numbers, (len(CORPUS_MEASURES) * layers * heads + len(LAYER_MEASURES) * layers) float64 per text
 (about 11 KB for GPT-2 small), kept so the means can be bootstrapped over texts.
 
 Confidence intervals are percentile bootstrap intervals over texts: `n_boot` resamples of the texts with

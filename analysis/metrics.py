@@ -53,7 +53,8 @@ def compute_head_stats(x: np.ndarray, exclude_first_token: bool = True) -> tuple
     return flat.mean(axis=1), flat.std(axis=1, ddof=1)
 
 
-def compute_dot_products(q: np.ndarray, k: np.ndarray, exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def compute_dot_products(q: np.ndarray, k: np.ndarray,
+                         exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Unscaled q.k of the final query with the previous keys: (same head, different heads).
 
     Ordered as the notebook's loops: query head outer, key head inner, key position innermost.
@@ -242,7 +243,7 @@ def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = 
     it is compute_kde itself unless numpy_on_cpu=False (the tests run the torch route there too)."""
     values = values.double()  # [n]
     grid = grid.to(values.device, torch.float64)  # [grid]
-    if (NUMPY_ON_CPU if numpy_on_cpu is None else numpy_on_cpu) and values.device.type == "cpu":  # numpy's exp is ~10x faster than torch's small CPU ops
+    if (NUMPY_ON_CPU if numpy_on_cpu is None else numpy_on_cpu) and values.device.type == "cpu":
         curve = compute_kde(values.numpy(), grid.numpy())
         return torch.full_like(grid, float("nan")) if curve is None else torch.from_numpy(curve)
     if values.numel() < 2:

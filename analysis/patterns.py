@@ -39,12 +39,12 @@ def rows_per_block(n_heads: int, n: int, budget: int) -> int:
 def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None,
                    softcap: float | None, plan: ScorePlan, budget: int, *, readouts: bool = True,
                    query_position: int = -1, weights: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                   output: torch.Tensor | None = None, keep: bool = False) -> PatternReduction:
+                   output: torch.Tensor | None = None, keep: bool = False, rebuild=compute_pattern) -> PatternReduction:
     """q [head, T, d_head], k [kv_head, T, d_head] as the model used them, mask [1, T, T] (additive or bool).
 
     Parity against `weights` [head, T, T] (eager) if given, else `value` [kv_head, T, d_v] and the kernel's
     `output` [head, T, d_v]; neither: no parity. Everything is float32 from the model's q and k, whatever its
-    dtype; sums over rows are float64 as in head_scores.compute_score_parts.
+    dtype; sums over rows are float64 as in head_scores.compute_score_parts. `rebuild`: metrics.compute_pattern.
     """
     q, k = q.float(), k.float()  # [head, T, d_head], [kv_head, T, d_head]
     n_heads, n, n_kv = q.shape[0], q.shape[1], k.shape[0]
@@ -61,7 +61,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         block_mask = None if mask is None else mask[:, start:stop]  # [1, rows, k_pos]
-        pattern = compute_pattern(q[:, start:stop], k, scaling, block_mask, softcap)  # [head, rows, k_pos]
+        pattern = rebuild(q[:, start:stop], k, scaling, block_mask, softcap)  # [head, rows, k_pos]
         pairs = plan.rows(start, stop)
         if pairs.stop > pairs.start:
             gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
@@ -75,7 +75,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         if weights is not None:
             parity = torch.maximum(parity, (pattern - weights[:, start:stop]).abs_().max())
         elif v is not None:
-            mixed = pattern.view(n_kv, rep * (stop - start), n) @ v  # [g, rep*rows, T] @ [g, T, d_v] -> [g, rep*rows, d_v]
+            mixed = pattern.view(n_kv, rep * (stop - start), n) @ v  # [g, r*rows, T] @ [g, T, d_v] -> [g, r*rows, d_v]
             mixed = mixed.view(n_heads, stop - start, -1)  # [head, rows, d_v]
             parity = torch.maximum(parity, (mixed - output[:, start:stop].float()).abs_().max())
         if kept is not None:

@@ -28,14 +28,16 @@ from analysis.errors import HeadscopeError
 from analysis.head_scores import combine_score_parts
 from analysis.loading import LoadedModel
 from analysis.metrics import compute_layer_measures_t, compute_mannwhitney, kde_grid, mannwhitney_from_parts
+from analysis.parity import parity_warning
 from analysis.patterns import to_host
 from analysis.results import MODEL_KEYS, AnalysisResult, DpStats, LayerResult
 
 SHORT_TEXT = ("The text has only {n} token(s): the dot products need at least 3 tokens and the KDE at least 3, "
               "so those fields are empty.")
 LAYER_RANGE = "Layer {layer} is out of range: this model has layers 0..{last}."
-PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only their read-outs: pass "
-                    "keep_patterns=True, or fewer layers, for heatmaps.")
+PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only their read-outs, so there are no "
+                    "heatmaps: ask for them with --patterns or --html (then kept whatever their size), or analyse "
+                    "fewer layers.")
 BAD_BATCH_SIZE = "The batch size must be at least 1, not {size}."
 OUT_OF_MEMORY = "The text of {n} tokens does not fit in the device's memory even alone: shorten it."
 BATCH_SIZE = 16  # texts per forward pass by default
@@ -100,14 +102,23 @@ def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_tok
     return layer_result(host, parity, pattern)
 
 
+def check_parity(errors: dict[int, float], dtype: str) -> tuple[str, ...]:
+    """The parity warning naming the layers above PARITY_TOLERANCE (analysis.parity), if any."""
+    warning = parity_warning(errors, dtype)
+    return () if warning is None else (warning,)
+
+
 def _result(model: dict, text: str, tokens, token_ids, special, layers: dict[int, LayerResult], n_dropped_mib,
             score_parts, score_fixed, exclude_first_token, exclude_current_token, induction_probe) -> AnalysisResult:
+    """`n_dropped_mib`: the size of the patterns that were wanted but not kept (a warning), else None."""
     n = len(tokens)
     warnings = [SHORT_TEXT.format(n=n)] if n < 3 else []
     if n_dropped_mib is not None:
         warnings.append(PATTERNS_DROPPED.format(mib=n_dropped_mib))
+    warnings.extend(check_parity({layer: data.parity_max_abs_err for layer, data in layers.items()},
+                                 model["dtype"]))
     return AnalysisResult(
-        model={key: model[key] for key in MODEL_KEYS},
+        model={key: model.get(key) for key in MODEL_KEYS},
         text=text,
         tokens=tokens,
         token_ids=token_ids,
@@ -124,8 +135,10 @@ def _result(model: dict, text: str, tokens, token_ids, special, layers: dict[int
 
 def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = None,
               exclude_first_token: bool = True, exclude_current_token: bool = False,
-              induction_probe: dict | None = None) -> AnalysisResult:
+              induction_probe: dict | None = None, patterns_wanted: bool = False) -> AnalysisResult:
     """Measurements for `layers` (default: every layer whose pattern was read); no model call.
+
+    A warning says when patterns were wanted (`patterns_wanted`) but not kept, and when a layer fails parity.
 
     The head scores cover every layer whatever `layers` is; `exclude_first_token` is also the head
     detector's exclude_bos, and both exclusions are applied here, so changing them needs no new forward pass.
@@ -134,7 +147,7 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
     missing = [layer for layer in chosen if layer not in captured.summaries]
     if missing:
         raise HeadscopeError(f"Layer(s) {missing} were not captured with attention patterns.")
-    dropped = any(layer not in captured.patterns for layer in chosen)
+    dropped = patterns_wanted and any(layer not in captured.patterns for layer in chosen)
     n = len(captured.tokens)
     return _result(model, captured.text, captured.tokens, captured.token_ids, captured.special,
                    {layer: compute_layer_result(captured.q[layer], captured.k[layer], captured.summaries[layer],
@@ -146,14 +159,15 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
 
 
 def _measured(loaded: LoadedModel, item: TextInput, text: _Text, chosen: list[int], exclude_first_token: bool,
-              exclude_current_token: bool, induction_probe: dict | None, keep_layers=None) -> AnalysisResult:
+              exclude_current_token: bool, induction_probe: dict | None, keep_layers=None,
+              keep_patterns: bool | None = None) -> AnalysisResult:
     host, n_layers = text.host, loaded.info.n_layers
     by_layer: dict[int, dict[str, np.ndarray]] = {}
     for (layer, name), values in host.items():
         by_layer.setdefault(layer, {})[name] = values
     model = loaded.info.to_dict()
     shown = chosen if keep_layers is None else sorted(set(keep_layers))
-    dropped = any(layer not in text.patterns for layer in shown)
+    dropped = keep_patterns is None and any(layer not in text.patterns for layer in shown)  # None: kept if they fit
     return _result(model, item.text, token_strings(loaded.tokenizer, item.ids), item.ids, item.special,
                    {layer: layer_result(by_layer[layer], host[layer, "parity"], text.patterns.get(layer))
                     for layer in chosen},
@@ -187,7 +201,7 @@ def _measure_inputs(loaded: LoadedModel, items: list[TextInput], chosen: list[in
                 *_measure_inputs(loaded, items[half:], chosen, exclude_first_token, exclude_current_token,
                                  keep_patterns, induction_probe, attention, keep_layers)]
     return [_measured(loaded, item, text, chosen, exclude_first_token, exclude_current_token, induction_probe,
-                      keep_layers) for item, text in zip(items, texts)]
+                      keep_layers, keep_patterns) for item, text in zip(items, texts)]
 
 
 def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = BATCH_SIZE,
