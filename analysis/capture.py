@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from analysis import metrics
 from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan
 from analysis.metrics import compute_layer_measures_t, compute_pattern
@@ -138,7 +139,8 @@ class _Recorder:
                 value=None if not wanted else value[b, :, start:stop],
                 output=None if not wanted or output is None else output[b, start:stop].transpose(0, 1),
                 keep=wanted and text.keep_patterns and (self.keep_layers is None or layer in self.keep_layers),
-                rebuild=compute_pattern)  # looked up here, so a test can replace headscope's rebuild
+                rebuild=compute_pattern if wanted else metrics.compute_pattern)  # the analysed layers' rebuild is
+            # looked up here, so a test can replace it and see parity fail on those layers alone
             found = {"parts": reduced.parts, "fixed": reduced.fixed}
             if wanted:
                 found.update(reduced.readouts)

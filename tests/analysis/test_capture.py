@@ -43,7 +43,7 @@ def test_idle_model_is_a_plain_eager_model(gpt2, monkeypatch):
     recorded, record = [], capture_module._Recorder.record
 
     def counting_record(self, *args):
-        recorded.append(len(self.q))
+        recorded.append(self.n_layers)
         record(self, *args)
 
     monkeypatch.setattr(capture_module._Recorder, "record", counting_record)
