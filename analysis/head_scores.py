@@ -21,9 +21,10 @@ A score whose denominator is zero (e.g. one token with the first excluded) is Na
 the mean of the diagonal over rows 1..T-1, and the mean Shannon entropy (nats) of rows 1..T-1. Row 0 is left
 out of all three because under a causal mask it can only attend to itself.
 
-Inside the forward pass the recorder calls `compute_score_parts`, which for one layer's weights keeps, per head,
-each detection sum split into what the exclusions would remove (so the exclusions can be chosen later without
-running the model again), plus the three pattern-free scores; `combine_score_parts` turns those into scores.
+`compute_score_parts` keeps, for one layer's weights and per head, each detection sum split into what the
+exclusions would remove (so the exclusions can be chosen later without running the model again), plus the three
+pattern-free scores; `combine_score_parts` turns those into scores. Inside the forward pass
+analysis.patterns.reduce_pattern accumulates the same parts a block of query rows at a time (ScorePlan.rows).
 The dense numpy definitions (`compute_previous_token_score`, ...) live with the tests (tests/reference.py), which
 hold the two routes equal.
 """
