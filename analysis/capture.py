@@ -39,8 +39,9 @@ NO_EAGER = "{cls} has no eager attention function to capture through."
 PATTERN_BUDGET = 256 * 2**20  # bytes of kept float32 T x T patterns (heatmaps) by default (keep_patterns=None)
 WORK_BUDGET = {"cpu": 48 * 2**20, "cuda": 384 * 2**20}  # bytes of float32 temporaries of one block of query rows
 # "auto": the fused sdpa kernel on a GPU, where eager attention's T x T weights cost time and memory, and the
-# model's own eager attention on the CPU, where it costs little and keeps every number bit-equal to the
-# notebook's eager model (sdpa's different rounding reaches later layers' q and k at ~1e-5).
+# model's own eager attention on the CPU while one layer's weights fit EAGER_BUDGET (every number then bit-equal
+# to the notebook's eager model; sdpa's different rounding reaches later layers' q and k at ~1e-5), sdpa beyond.
+EAGER_BUDGET = 16 * 2**20  # bytes of one layer's float32 [batch, head, T, T] eager weights on the CPU
 ATTENTION_ROUTES = ("auto", "eager", "sdpa")
 BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTION_ROUTES) + "."
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
@@ -112,8 +113,12 @@ class _Recorder:
     keep_layers: frozenset[int] | None = None  # whose patterns are kept (None: every pattern layer)
     n_layers: int = 0
 
-    def fused(self, device) -> bool:
-        return self.attention == "sdpa" or (self.attention == "auto" and torch.device(device).type == "cuda")
+    def fused(self, query: torch.Tensor) -> bool:
+        """Whether this layer runs the fused sdpa kernel; query [batch, head, T, d_head]."""
+        if self.attention != "auto":
+            return self.attention == "sdpa"
+        batch, heads, n = query.shape[0], query.shape[1], query.shape[2]
+        return query.device.type != "cpu" or batch * heads * n * n * 4 > EAGER_BUDGET
 
     def record(self, query, key, value, attention_mask, scaling, softcap, weights, output) -> None:
         layer = self.n_layers  # attention modules run once each, in layer order
@@ -189,7 +194,7 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
     recorder gets what the kernel returned."""
     recorder = _RECORDER.get()
     softcap = kwargs.get("softcap")
-    if recorder is None or softcap or not recorder.fused(query.device):
+    if recorder is None or softcap or not recorder.fused(query):
         output, weights = _eager_for(module)(module, query, key, value, attention_mask, scaling=scaling,
                                              dropout=dropout, **kwargs)
     else:

@@ -215,7 +215,8 @@ def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     Texts are grouped by length (less padding) and padded on the tokenizer's padding side; each text is measured
     on its own positions only, so its result equals its single-text `analyze` (to float rounding). Patterns are
     not kept by default (keep_patterns=None: while they fit PATTERN_BUDGET, per text). `attention`: the route of
-    the pass (capture.ATTENTION_ROUTES; "auto": sdpa on a GPU, eager on the CPU). `keep_layers`: of `layers`,
+    the pass (capture.ATTENTION_ROUTES; "auto": sdpa on a GPU, eager on the CPU up to capture.EAGER_BUDGET).
+    `keep_layers`: of `layers`,
     those whose patterns are kept (default: all of them). `progress(done, total)` after each batch.
     """
     if batch_size < 1:
@@ -265,11 +266,12 @@ def analyze(loaded: LoadedModel, text: str, layers: Iterable[int] | None = None,
 
 def analyze_ids(loaded: LoadedModel, token_ids, layers: Iterable[int] | None = None,
                 exclude_first_token: bool = True, exclude_current_token: bool = False,
-                induction_probe: dict | None = None, keep_patterns: bool | None = None) -> AnalysisResult:
+                induction_probe: dict | None = None, keep_patterns: bool | None = None,
+                attention: str = "auto") -> AnalysisResult:
     """As `analyze`, for token ids fed to the model as they are (no special tokens added)."""
     chosen = check_layers(layers, loaded.info.n_layers)
     [result] = _measure_inputs(loaded, [ids_input(loaded, token_ids)], chosen, exclude_first_token,
-                               exclude_current_token, keep_patterns, induction_probe)
+                               exclude_current_token, keep_patterns, induction_probe, attention=attention)
     return _one(result)
 
 
