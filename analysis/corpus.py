@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from analysis.capture import capture
 from analysis.errors import HeadscopeError
 from analysis.head_scores import compute_centered_dot_products, compute_mannwhitney
 from analysis.loading import LoadedModel
 from analysis.metrics import compute_dot_products, compute_head_stats, key_head_of
-from analysis.pipeline import BATCH_SIZE, analyze_batch, summarize
+from analysis.pipeline import analyze_batch, summarize
 from analysis.results import HEAD_SCORE_NAMES, MODEL_KEYS, json_floats
 
 SCHEMA = "headscope.corpus/1"
@@ -287,8 +288,12 @@ class CorpusAccumulator:
 
 def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclude_first_token: bool = True,
                    exclude_current_token: bool = False, progress: Progress | None = None, n_boot: int = N_BOOT,
-                   seed: int = SEED, total: int | None = None, batch_size: int = BATCH_SIZE) -> CorpusResult:
+                   seed: int = SEED, total: int | None = None, batch_size: int = 1) -> CorpusResult:
     """Stream `texts` through the model `batch_size` at a time and bootstrap the means of their per-head numbers.
+
+    batch_size 1 (the default) runs one `capture` per text, the numbers analysis.corpus_store's rows hold
+    bit for bit; larger batches run `analyze_batch` (padded passes, every measurement on the model's device:
+    much faster on a GPU, the same numbers to ~1e-7 relative, see analyze_batch).
 
     An item that is an exception (e.g. a bad JSONL line from `parse_texts`) and a text that fails (empty, too
     long, ...) are recorded with their error and skipped. `progress(done, total)` is called after each text;
@@ -301,9 +306,28 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
     done = 0
     buffer: list[str | Exception] = []
 
+    def one(text: str) -> None:
+        try:
+            acc.add(capture(loaded, text, pattern_layers=[]))  # no T x T pattern kept
+        except HeadscopeError as exc:
+            acc.add_failure(text, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
+            acc.add_failure(text, UNEXPECTED.format(kind=type(exc).__name__, message=exc))
+
     def flush() -> None:
         nonlocal done
         strings = [text for text in buffer if not isinstance(text, Exception)]
+        if batch_size == 1:
+            for text in buffer:
+                if isinstance(text, Exception):
+                    acc.add_failure("", str(text))
+                else:
+                    one(text)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            buffer.clear()
+            return
         try:
             results = iter(analyze_batch(loaded, strings, batch_size, None, exclude_first_token,
                                          exclude_current_token, keep_patterns=False))
