@@ -132,27 +132,3 @@ def test_to_dict_is_json_ready(spied):
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["schema"] == "headscope.corpus/1" and data["n_analysed"] == 200
     assert len(data["stats"]["induction"]["mean"]) == 8 and data["settings"]["n_boot"] == 1000
-
-
-def test_cli_batch_size_batches_the_reports_and_the_means(gpt2_path, tmp_path):
-    """--batch with --batch-size 4: the same reports as one text per pass, their numbers equal up to rounding."""
-    from reports.__main__ import main
-    from reports.html import read_report_results
-
-    batch = tmp_path / "texts.txt"
-    batch.write_text("\n".join([*short_texts(5), "the cat sat on the mat"]) + "\n", encoding="utf-8")
-    for size in (1, 4):
-        assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(tmp_path / f"b{size}"),
-                     "--batch-size", str(size)]) == 0
-    for number in range(1, 7):
-        one, four = (read_report_results(tmp_path / f"b{size}" / f"report-{number:04d}.html") for size in (1, 4))
-        assert one["tokens"] == four["tokens"] and list(one["layers"]) == list(four["layers"]) == ["6"]
-        for name, values in one["head_scores"].items():
-            np.testing.assert_allclose(np.array(four["head_scores"][name], dtype=float),
-                                       np.array(values, dtype=float), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(four["layers"]["6"]["q_means"], one["layers"]["6"]["q_means"], rtol=1e-5,
-                                   atol=1e-6)
-    assert (tmp_path / "b4" / "corpus.html").exists()
-    with pytest.raises(SystemExit) as stop:
-        main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(tmp_path / "x"), "--batch-size", "0"])
-    assert stop.value.code == 2
