@@ -23,6 +23,12 @@ def lm_paths(tmp_path_factory):
     return [tiny_gpt2_lm(tmp_path_factory.mktemp(f"app-seed{seed}"), seed=seed) for seed in (0, 1)]
 
 
+@pytest.fixture(autouse=True)
+def model_dirs(tmp_path_factory, monkeypatch):
+    """The app loads local checkpoints only under the operator's directories: list this session's temp dir."""
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(tmp_path_factory.getbasetemp()))
+
+
 @pytest.fixture
 def app(lm_paths, monkeypatch):
     monkeypatch.setenv("HEADSCOPE_MODEL", str(lm_paths[0]))
