@@ -10,24 +10,16 @@ import json
 import sys
 from pathlib import Path
 
-from analysis import (
-    HeadscopeError,
-    analyze,
-    analyze_induction_probe,
-    check_layers,
-    default_layer,
-    load_model,
-    summarize,
-)
-from analysis.capture import capture
-from analysis.corpus import UNEXPECTED, CorpusAccumulator, excerpt, parse_texts
-from analysis.loading import DEVICE_MAPS, DTYPES, one_line
+from analysis.choices import DEVICE_MAPS, DTYPE_NAMES
+from analysis.errors import HeadscopeError
 from analysis.presets import FIJI
 from reports import beyond_cli
-from reports.figures import FORMATS, write_figures
-from reports.html import read_report_results, render_corpus_report, render_index, render_report, write_shared_assets
+from reports.choices import FORMATS
 from reports.provenance import TEXT_FILE, results_json
 from reports.untrusted import needs_text_file
+
+# torch (analysis.pipeline, .capture, .corpus, .loading) and altair/pandas (reports.figures, reports.html) are
+# imported inside the functions that use them: --help and bad flags answer without them (issue 10: under a second).
 
 EXIT_BAD_INPUT = 2
 CORPUS_FILE = "corpus.html"
@@ -72,7 +64,7 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
     parser.add_argument("--include-first-token", action="store_true",
                         help="keep the first token in the means, stds and dot products")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES),
                         help="precision the model runs in; the measurements are computed in float32 either way")
     parser.add_argument("--device-map", choices=list(DEVICE_MAPS),
                         help="'auto': spread a model too large for one device over the GPUs and CPU memory "
@@ -188,6 +180,8 @@ def read_text(args) -> str:
 def read_batch(path: Path) -> list[str | HeadscopeError]:
     """Texts of a batch file: plain lines, or JSONL objects with a "text" field (a bad line becomes its error,
     a line that is not UTF-8 too)."""
+    from analysis.corpus import parse_texts
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -223,6 +217,8 @@ def write_text_beside(out: Path, result) -> None:
 
 def write_report(out: Path, result, head: int, assets: str | None = None) -> None:
     """The HTML report, and beside it the text when its reproduce command cannot quote it."""
+    from reports.html import render_report
+
     write_text(out, render_report(result, head=head, text_file=text_file_beside(out).name, assets=assets))
     write_text_beside(out, result)
 
@@ -245,6 +241,8 @@ def check_head(head: int, n_heads: int) -> None:
 
 def analyse(loaded, text: str, args):
     """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
+    from analysis import analyze, analyze_induction_probe, default_layer
+
     layers = None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)])
     keep = args.patterns or args.html is not None or args.batch is not None or args.figures is not None
     options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep}
@@ -254,6 +252,9 @@ def analyse(loaded, text: str, args):
 
 
 def run_single(args) -> None:
+    from analysis import load_model
+    from reports.figures import write_figures
+
     text = read_text(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                         **beyond_cli.load_kwargs(args))
@@ -289,6 +290,13 @@ def run_batch(args) -> None:
 
     A text that fails is listed in index.html and corpus.html with its error; the rest are written and counted.
     """
+    from analysis import check_layers, default_layer, load_model, summarize
+    from analysis.capture import capture
+    from analysis.corpus import UNEXPECTED, CorpusAccumulator, excerpt
+    from analysis.loading import one_line
+    from reports.figures import write_figures
+    from reports.html import render_corpus_report, render_index, write_shared_assets
+
     texts = read_batch(args.batch)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     check_head(args.head, loaded.info.n_heads)
@@ -335,6 +343,7 @@ def run_batch(args) -> None:
 def write_corpus_outputs(results: Path, args) -> None:
     """--html: the corpus report, --json: its means and intervals, both from the results folder's rows."""
     from analysis.corpus_store import load_results
+    from reports.html import render_corpus_report
 
     corpus = load_results(results)
     if args.html is not None:
@@ -348,6 +357,7 @@ def write_corpus_outputs(results: Path, args) -> None:
 
 def run_results(args) -> None:
     """--batch FILE --results DIR: the per-text rows go to DIR as Parquet, on this process or on Ray."""
+    from analysis import load_model
     from analysis.corpus_io import detect_kind, iter_records
     from analysis.corpus_store import run_local
 
@@ -376,6 +386,8 @@ def run(args) -> None:
     elif args.results is not None:
         run_results(args)
     elif args.from_report is not None:
+        from reports.html import read_report_results
+
         write_json(read_report_results(args.from_report), args.json)
     elif args.batch is not None:
         run_batch(args)
