@@ -30,11 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from analysis.choices import ABLATION_BATCH, ABLATION_MODES
 from analysis.errors import HeadscopeError
 
-MODES = ("zero", "mean")
+MODES = ABLATION_MODES
 MASK_FRACTION = 0.15
-DEFAULT_BATCH = 16
+DEFAULT_BATCH = ABLATION_BATCH
 ROW_BUDGET = 512 * 2**20  # bytes of logits or eager attention weights per batch, for the automatic batch size
 MEASURES = {
     "next_token_loss": "change in mean next-token cross-entropy (nats)",

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import torch
 
 from analysis.capture import CAPTURE_ATTENTION, register_capture_attention
+from analysis.choices import DEVICE_MAPS, DTYPE_NAMES
 from analysis.errors import HeadscopeError
 from analysis.parity import PARITY_TOLERANCE  # noqa: F401 (defined with the check that uses it)
 
@@ -34,8 +35,7 @@ FAMILIES = {
     "qwen3": ("Qwen3", True),
     "gemma2": ("Gemma 2", True),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICE_MAPS = ("auto",)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 

@@ -6,28 +6,21 @@ Bad input ends with one line on stderr and a non-zero exit status, never a trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from analysis import (
-    HeadscopeError,
-    analyze,
-    analyze_induction_probe,
-    check_layers,
-    default_layer,
-    load_model,
-    summarize,
-)
-from analysis.capture import capture
-from analysis.corpus import UNEXPECTED, CorpusAccumulator, excerpt, parse_texts
-from analysis.loading import DEVICE_MAPS, DTYPES, one_line
+from analysis.choices import DEVICE_MAPS, DTYPE_NAMES
+from analysis.errors import HeadscopeError
 from analysis.presets import FIJI
 from reports import beyond_cli
-from reports.figures import FORMATS, write_figures
-from reports.html import read_report_results, render_corpus_report, render_index, render_report, write_shared_assets
+from reports.choices import FORMATS
 from reports.provenance import TEXT_FILE, results_json
 from reports.untrusted import needs_text_file
+
+# torch (analysis.pipeline, .capture, .corpus, .loading) and altair/pandas (reports.figures, reports.html) are
+# imported inside the functions that use them: --help and bad flags answer without them (issue 10: under a second).
 
 EXIT_BAD_INPUT = 2
 CORPUS_FILE = "corpus.html"
@@ -36,6 +29,7 @@ NOT_UTF8_ARG = "--text is not UTF-8 text (bad byte at character {offset}): save 
 
 
 MAX_SEED = 2**32 - 1
+RESULTS_BATCH_SIZE = 16  # --batch-size of --results (Parquet rows); --out-dir's is 1
 
 
 def seed_value(text: str) -> int:
@@ -72,7 +66,7 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
     parser.add_argument("--include-first-token", action="store_true",
                         help="keep the first token in the means, stds and dot products")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES),
                         help="precision the model runs in; the measurements are computed in float32 either way")
     parser.add_argument("--device-map", choices=list(DEVICE_MAPS),
                         help="'auto': spread a model too large for one device over the GPUs and CPU memory "
@@ -112,7 +106,9 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "machine belongs to); implies --engine ray")
     group.add_argument("--ray-workers", type=int, metavar="N",
                        help="model workers on Ray (default: one per GPU, or 1 without GPUs)")
-    group.add_argument("--batch-size", type=int, default=16, metavar="N", help="texts per batch (default 16)")
+    group.add_argument("--batch-size", type=int, metavar="N",
+                       help=f"texts per forward pass (default: {RESULTS_BATCH_SIZE} with --results; 1 with --out-dir, "
+                            "each report then exactly its single-text run's numbers)")
     group.add_argument("--text-column", default="text", metavar="NAME",
                        help="the text field of .jsonl, Parquet and saved datasets (default: text)")
     group.add_argument("--from-results", type=Path, metavar="DIR",
@@ -124,6 +120,8 @@ def check_results_arguments(parser, args) -> None:
         args.engine = "ray"
     if args.engine == "ray" and args.ray_address is None and args.device_map is not None:
         parser.error("--device-map is not used with --engine ray")
+    if args.batch_size is None:
+        args.batch_size = RESULTS_BATCH_SIZE if args.results is not None or args.from_results is not None else 1
     if args.batch_size < 1 or (args.ray_workers is not None and args.ray_workers < 1):
         parser.error("--batch-size and --ray-workers must be at least 1")
     if args.from_results is not None:
@@ -188,6 +186,8 @@ def read_text(args) -> str:
 def read_batch(path: Path) -> list[str | HeadscopeError]:
     """Texts of a batch file: plain lines, or JSONL objects with a "text" field (a bad line becomes its error,
     a line that is not UTF-8 too)."""
+    from analysis.corpus import parse_texts
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -223,6 +223,8 @@ def write_text_beside(out: Path, result) -> None:
 
 def write_report(out: Path, result, head: int, assets: str | None = None) -> None:
     """The HTML report, and beside it the text when its reproduce command cannot quote it."""
+    from reports.html import render_report
+
     write_text(out, render_report(result, head=head, text_file=text_file_beside(out).name, assets=assets))
     write_text_beside(out, result)
 
@@ -245,6 +247,8 @@ def check_head(head: int, n_heads: int) -> None:
 
 def analyse(loaded, text: str, args):
     """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
+    from analysis import analyze, analyze_induction_probe, default_layer
+
     layers = None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)])
     keep = args.patterns or args.html is not None or args.batch is not None or args.figures is not None
     options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep}
@@ -254,6 +258,9 @@ def analyse(loaded, text: str, args):
 
 
 def run_single(args) -> None:
+    from analysis import load_model
+    from reports.figures import write_figures
+
     text = read_text(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                         **beyond_cli.load_kwargs(args))
@@ -285,10 +292,17 @@ def run_single(args) -> None:
 
 
 def run_batch(args) -> None:
-    """One report per text, and corpus.html with the means over all texts (one forward pass per text for both).
+    """One report per text, and corpus.html with the means over all texts, from the same passes.
 
+    The texts go through `analyze_batch` --batch-size at a time in file order (1, the default: each report holds
+    exactly the numbers of its single-text run; more: padded passes, the same numbers to float rounding). Every
+    layer is measured, for the corpus means; the report shows the chosen layers, whose patterns alone are kept.
     A text that fails is listed in index.html and corpus.html with its error; the rest are written and counted.
     """
+    from analysis import check_layers, default_layer, load_model
+    from analysis.corpus import CorpusAccumulator
+    from reports.html import render_corpus_report, render_index, write_shared_assets
+
     texts = read_batch(args.batch)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     check_head(args.head, loaded.info.n_heads)
@@ -301,30 +315,16 @@ def run_batch(args) -> None:
     model = loaded.info.to_dict()
     exclude_first_token = not args.include_first_token
     acc = CorpusAccumulator(model, exclude_first_token)
-    for number, text in enumerate(texts, 1):
-        entry = {"number": number, "excerpt": excerpt(text) if isinstance(text, str) else "", "error": None}
-        try:
-            if isinstance(text, HeadscopeError):
-                raise text
-            layers = check_layers(None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)]),
-                                  loaded.info.n_layers)
-            captured = capture(loaded, text, pattern_layers=layers, keep_patterns=True)  # the report's heatmaps
-            result = summarize(captured, model, layers, exclude_first_token)  # = analyse(), sharing the pass
-            acc.add(captured)
-            entry["file"] = f"report-{number:04d}.html"
-            write_report(args.out_dir / entry["file"], result, args.head, assets)
-            if args.figures is not None:
-                write_figures(result, args.figures / f"text-{number:04d}", args.format or "pdf", head=args.head)
-            entry["n_tokens"] = result.n_tokens
-            entry["parity"] = max(layer.parity_max_abs_err for layer in result.layers.values())
-        except Exception as exc:  # noqa: BLE001 - a text's error is that text's: the others go on
-            message = str(exc) if isinstance(exc, HeadscopeError) else UNEXPECTED.format(kind=type(exc).__name__,
-                                                                                        message=one_line(exc))
-            entry["error"] = message
-            if len(acc.records) < number:
-                acc.add_failure(text if isinstance(text, str) else "", message)
-            print(f"headscope: warning: text {number} failed: {message}", file=sys.stderr)
-        entries.append(entry)
+    try:
+        layers = check_layers(None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)]),
+                              loaded.info.n_layers)
+    except HeadscopeError as exc:
+        layers = exc  # every text fails with it, as before: listed, not a crash
+    for first in range(0, len(texts), args.batch_size):
+        chunk = texts[first:first + args.batch_size]
+        for number, text, result in zip(range(first + 1, first + len(chunk) + 1), chunk,
+                                        _analyse_chunk(loaded, chunk, layers, args)):
+            entries.append(_write_batch_entry(number, text, result, layers, acc, assets, args))
     write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish(), assets=assets))
     write_text(args.out_dir / "index.html", render_index(entries, model, corpus_file=CORPUS_FILE))
     failed = sum(entry["error"] is not None for entry in entries)
@@ -332,9 +332,77 @@ def run_batch(args) -> None:
           f"means over the texts -> {args.out_dir / CORPUS_FILE}", file=sys.stderr)
 
 
+def _unexpected(exc: Exception) -> HeadscopeError:
+    from analysis.corpus import UNEXPECTED
+    from analysis.loading import one_line
+
+    if isinstance(exc, HeadscopeError):
+        return exc
+    return HeadscopeError(UNEXPECTED.format(kind=type(exc).__name__, message=one_line(exc)))
+
+
+def _analyse_chunk(loaded, chunk: list, layers, args) -> list:
+    """Each item's AnalysisResult of every layer (patterns of `layers` kept) or its HeadscopeError. A pass that
+    fails as a whole is retried text by text, so one bad text never fails its neighbours."""
+    from analysis import analyze_batch
+
+    if isinstance(layers, HeadscopeError):
+        return [text if isinstance(text, HeadscopeError) else layers for text in chunk]
+    strings = [text for text in chunk if isinstance(text, str)]
+    options = {"exclude_first_token": not args.include_first_token, "keep_patterns": True, "keep_layers": layers}
+    try:
+        results = iter(analyze_batch(loaded, strings, args.batch_size, None, **options))
+    except Exception as exc:  # noqa: BLE001 - retried alone below, or that text's error
+        if len(strings) == 1:
+            results = iter([_unexpected(exc)])
+        else:
+            results = iter([_analyse_chunk(loaded, [text], layers, args)[0] for text in strings])
+    return [text if isinstance(text, HeadscopeError) else next(results) for text in chunk]
+
+
+def _report_result(result, layers: list[int]):
+    """The result restricted to the report's layers, its parity warning about those layers only."""
+    from analysis.pipeline import check_parity
+    from reports.html import select_layers
+
+    every = set(check_parity({layer: data.parity_max_abs_err for layer, data in result.layers.items()},
+                             result.model["dtype"]))
+    shown = select_layers(result, layers)
+    warnings = tuple(w for w in result.warnings if w not in every) + check_parity(
+        {layer: data.parity_max_abs_err for layer, data in shown.layers.items()}, result.model["dtype"])
+    return dataclasses.replace(shown, warnings=warnings)
+
+
+def _write_batch_entry(number: int, text, result, layers, acc, assets, args) -> dict:
+    """Text `number`'s report (and figures), its row of the corpus, and its index.html entry."""
+    from analysis.corpus import excerpt
+    from reports.figures import write_figures
+
+    entry = {"number": number, "excerpt": excerpt(text) if isinstance(text, str) else "", "error": None}
+    try:
+        if isinstance(result, HeadscopeError):
+            raise result
+        acc.add_result(result)
+        shown = _report_result(result, layers)
+        entry["file"] = f"report-{number:04d}.html"
+        write_report(args.out_dir / entry["file"], shown, args.head, assets)
+        if args.figures is not None:
+            write_figures(shown, args.figures / f"text-{number:04d}", args.format or "pdf", head=args.head)
+        entry["n_tokens"] = shown.n_tokens
+        entry["parity"] = max(layer.parity_max_abs_err for layer in shown.layers.values())
+    except Exception as exc:  # noqa: BLE001 - a text's error is that text's: the others go on
+        message = str(_unexpected(exc))
+        entry["error"] = message
+        if len(acc.records) < number:
+            acc.add_failure(text if isinstance(text, str) else "", message)
+        print(f"headscope: warning: text {number} failed: {message}", file=sys.stderr)
+    return entry
+
+
 def write_corpus_outputs(results: Path, args) -> None:
     """--html: the corpus report, --json: its means and intervals, both from the results folder's rows."""
     from analysis.corpus_store import load_results
+    from reports.html import render_corpus_report
 
     corpus = load_results(results)
     if args.html is not None:
@@ -348,6 +416,7 @@ def write_corpus_outputs(results: Path, args) -> None:
 
 def run_results(args) -> None:
     """--batch FILE --results DIR: the per-text rows go to DIR as Parquet, on this process or on Ray."""
+    from analysis import load_model
     from analysis.corpus_io import detect_kind, iter_records
     from analysis.corpus_store import run_local
 
@@ -376,6 +445,8 @@ def run(args) -> None:
     elif args.results is not None:
         run_results(args)
     elif args.from_report is not None:
+        from reports.html import read_report_results
+
         write_json(read_report_results(args.from_report), args.json)
     elif args.batch is not None:
         run_batch(args)

@@ -6,10 +6,7 @@ Kept apart from reports/__main__.py, which only calls `add_arguments`, `check_ar
 
 from __future__ import annotations
 
-from analysis import default_layer, load_model
-from analysis.ablation import DEFAULT_BATCH, MODES, compute_ablation
-from analysis.compare import compare_models
-from analysis.neuron import neuron_view
+from analysis.choices import ABLATION_BATCH, ABLATION_MODES
 
 NEEDS_TEXT = "{flag} works on one text or the induction probe, not on --batch: drop one of them."
 COMPARE_PROBE = "--compare runs both models on a text: drop --induction-probe (or --compare)."
@@ -17,14 +14,14 @@ COMPARE_PROBE = "--compare runs both models on a text: drop --induction-probe (o
 
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("beyond observation")
-    group.add_argument("--ablation", choices=MODES,
+    group.add_argument("--ablation", choices=ABLATION_MODES,
                        help="add the ablation atlas: each head's output removed in turn (zero, or its mean over "
                             "positions) and the change in the text's loss measured (hidden-state change without an "
                             "LM head)")
     group.add_argument("--mask-seed", type=int, default=0,
                        help="seed of the 15%% of positions an encoder's masked-token loss scores (default 0)")
     group.add_argument("--ablation-batch", type=int, metavar="N",
-                       help=f"copies of the text per ablation pass (default: up to {DEFAULT_BATCH}, fewer for long "
+                       help=f"copies of the text per ablation pass (default: up to {ABLATION_BATCH}, fewer for long "
                             "texts)")
     group.add_argument("--neuron", type=int, nargs=2, metavar=("QUERY", "KEY"),
                        help="add the neuron view of --head on the first --layer: q_i*k_i per dimension for the "
@@ -56,6 +53,11 @@ def load_kwargs(args) -> dict:
 
 def compute(loaded, text: str, result, args) -> dict:
     """{"ablation", "neuron", "compare"}: those asked for (the others None)."""
+    from analysis import default_layer, load_model  # torch: imported when a flag needs it, not for --help
+    from analysis.ablation import compute_ablation
+    from analysis.compare import compare_models
+    from analysis.neuron import neuron_view
+
     source = result.token_ids if result.induction_probe else text
     extras = {"ablation": None, "neuron": None, "compare": None}
     if args.neuron is not None:

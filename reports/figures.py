@@ -22,8 +22,8 @@ from pathlib import Path
 from analysis.errors import HeadscopeError
 from analysis.results import AnalysisResult
 from reports.charts import SCORE_TITLES, build_atlas_chart, build_layer_charts
+from reports.choices import FORMATS
 
-FORMATS = ("png", "svg", "pdf")
 COLUMN_PT = 241  # one column of a two-column paper: 3.35 in (1 pt = 1/72 in)
 TEXT_PT = 505  # both columns (a figure* in LaTeX): 7.0 in
 WIDE = {"dot_products", "softmax", "heatmap"}  # figures drawn at the text width; the rest at one column

@@ -158,3 +158,21 @@ def test_induction_probe_instead_of_a_text(gpt2_path, tmp_path, capsys):
     ids = data["token_ids"]
     assert len(ids) == 41 and ids[1:21] == ids[21:]  # BOS, then the seeded tokens twice
     assert "--induction-probe 20 --probe-seed 3" in html_out.read_text()
+
+
+def test_help_imports_neither_torch_nor_altair_nor_pandas():
+    """--help answers in well under a second (issue 10) because building the parser imports no heavy library:
+    checked by what is imported, not by a timing that a busy machine would make flaky."""
+    heavy = ("torch", "altair", "pandas", "transformers")
+    script = ("import sys\nimport reports.__main__ as cli\ncli.build_parser().format_help()\n"
+              f"print(','.join(name for name in {heavy!r} if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == ""
+    helped = subprocess.run([sys.executable, "-X", "importtime", "-m", "reports", "--help"], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert helped.returncode == 0 and "--batch-size" in helped.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in helped.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & set(heavy), sorted(imported & set(heavy))

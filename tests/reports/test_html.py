@@ -243,3 +243,51 @@ def test_report_ratio_to_its_results_and_javascript(gpt2):
     results = len(json.dumps(result.to_dict(), allow_nan=False).encode())
     javascript = sum(len(script.encode()) for script in re.findall(r"<script>(.*?)</script>", page.decode(), re.DOTALL))
     assert len(page) <= 1.2 * (results + javascript), (len(page), results, javascript)
+
+
+def _assert_same_numbers(got, want, where="", tolerance=1e-5):
+    """Equal to `tolerance` relative to each field's scale, as tests/analysis/test_analyze.py's
+    assert_same_result: a padded batch's matrix products round differently from a single text's."""
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for key in want:
+            _assert_same_numbers(got[key], want[key], f"{where}/{key}", tolerance)
+    elif isinstance(want, list) and want and not any(isinstance(v, (str, dict)) for v in np.ravel(want)):
+        got_a, want_a = np.asarray(got, dtype=float), np.asarray(want, dtype=float)
+        assert got_a.shape == want_a.shape, where
+        scale = max(1.0, float(np.nanmax(np.abs(want_a), initial=0)))
+        np.testing.assert_allclose(got_a, want_a, rtol=0, atol=tolerance * scale, err_msg=where)
+    elif isinstance(want, float) and isinstance(got, float):
+        assert got == pytest.approx(want, rel=tolerance, abs=tolerance, nan_ok=True), where
+    else:
+        assert got == want, where
+
+
+def test_batch_size_four_writes_each_texts_single_numbers(gpt2_path, tmp_path, capsys):
+    texts = [FIJI, "the cat", "   ", REPEATS, "A cat sat.",
+             "Mary and John went to the store. John gave a drink to Mary.", "A dog."]
+    batch = tmp_path / "texts.jsonl"
+    batch.write_text("\n".join([json.dumps({"text": text}) for text in texts] + ["not json"]) + "\n")
+    docs = {}
+    for size in (1, 4):
+        out = tmp_path / f"size-{size}"
+        assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(out), "--layer", "1",
+                     "--layer", "6", "--batch-size", str(size)]) == 0
+        err = capsys.readouterr().err
+        assert "6 reports, 2 failed" in err
+        index = (out / "index.html").read_text()
+        assert "failed: The text is empty" in index and "failed: line 8 is not a JSON object." in index
+        docs[size] = {path.name: read_report_results(path) for path in sorted(out.glob("report-*.html"))}
+    assert sorted(docs[4]) == sorted(docs[1]) == [f"report-{n:04d}.html" for n in (1, 2, 4, 5, 6, 7)]
+    for name, want in docs[1].items():
+        got = docs[4][name]
+        assert list(got["layers"]) == ["1", "6"] and got["text"] == want["text"]
+        _assert_same_numbers({k: v for k, v in got.items() if k != "provenance"},
+                             {k: v for k, v in want.items() if k != "provenance"}, name)
+    # --batch-size 1: each report holds exactly the numbers of its text's single run
+    single = tmp_path / "single.html"
+    assert main(["--model", str(gpt2_path), "--text", REPEATS, "--layer", "1", "--layer", "6", "--html",
+                 str(single)]) == 0
+    alone = read_report_results(single)
+    assert {k: v for k, v in docs[1]["report-0004.html"].items() if k != "provenance"} == {
+        k: v for k, v in alone.items() if k != "provenance"}
