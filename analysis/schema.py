@@ -143,7 +143,8 @@ def _check_sizes(data: dict, what: str) -> None:
     for key, layer in data["layers"].items():
         if int(key) >= n_layers:
             problems.append(f"layer {key} but the model has {n_layers} layers")
-        for name, size in (("first_self", n_heads), ("sink_mass", n_heads)):
+        sinks = n_heads if len(data["tokens"]) > 1 else 0  # a one-token text has no query after the first
+        for name, size in (("first_self", n_heads), ("sink_mass", sinks)):
             if len(layer[name]) != size:
                 problems.append(f"layer {key} has {len(layer[name])} {name} values for {size} heads")
         for name, size in (("q_means", n_heads), ("q_stds", n_heads), ("k_means", n_kv), ("k_stds", n_kv)):

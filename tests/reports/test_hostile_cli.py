@@ -57,6 +57,19 @@ def test_an_untouched_report_reads_back_equal_to_its_json(report, tmp_path, caps
     assert back == {key: value for key, value in written.items() if key != "provenance" or key in back}
 
 
+
+def test_a_one_token_report_reads_back_equal_to_its_json(gpt2_path, tmp_path, capsys):
+    """One token has no query after the first, so no sink mass: the reader accepts what the writer wrote."""
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", "cat", "--html", tmp_path / "one.html",
+                          "--json", tmp_path / "one.json")
+    assert code == 0, lines
+    written = json.loads((tmp_path / "one.json").read_text())
+    assert len(written["tokens"]) == 1 and all(not layer["sink_mass"] for layer in written["layers"].values())
+    code, lines = run_cli(capsys, "--from-report", tmp_path / "one.html", "--json", tmp_path / "back.json")
+    assert code == 0, lines
+    back = json.loads((tmp_path / "back.json").read_text())
+    assert back == {key: value for key, value in written.items() if key != "provenance"}
+
 def _edit(results: dict, change) -> str:
     data = json.loads(json.dumps(results))
     change(data)
