@@ -4,27 +4,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from analysis import HeadscopeError, corpus_store
 from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, analyze_corpus
 from analysis.corpus_io import iter_records
 from analysis.corpus_store import ROW_SCHEMA, ResultsFolder, load_results, run_local
+from tests.analysis import test_corpus
+from tests.analysis.test_corpus import short_texts
 
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "from", "home", "in", "rain"]
-
-
-def short_texts(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, 6)) for _ in range(n)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = test_corpus.one_thread  # autouse: the tiny model runs fastest on one thread
 
 
 @pytest.fixture

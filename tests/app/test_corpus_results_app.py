@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from analysis.corpus_io import iter_records
 from analysis.corpus_store import load_results, run_local
+from tests.app import test_app
+from tests.app.test_app import APP
 
-APP = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")
-
-
-@pytest.fixture(autouse=True)
-def clear_caches():
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
+clear_caches = test_app.clear_caches  # autouse: every test starts with cold caches
 
 
 def test_a_results_folder_opens_with_its_means_and_failures(gpt2, tmp_path, monkeypatch):
