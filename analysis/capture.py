@@ -45,6 +45,10 @@ EAGER_BUDGET = 16 * 2**20  # bytes of one layer's float32 [batch, head, T, T] ea
 ATTENTION_ROUTES = ("auto", "eager", "sdpa")
 BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTION_ROUTES) + "."
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
+QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), so use 0..{last} (or -1..-{n} "
+               "counting from the end).")
+QUERY_DEFAULTS = {True: "the final token (default for causal models)",
+                  False: "the last non-special token (default for encoders)"}
 
 _RECORDER: ContextVar[_Recorder | None] = ContextVar("headscope_recorder", default=None)
 
@@ -52,6 +56,24 @@ _RECORDER: ContextVar[_Recorder | None] = ContextVar("headscope_recorder", defau
 def patterns_fit(n_heads: int, n_tokens: int, n_layers: int) -> bool:
     """Whether `n_layers` float32 T x T patterns fit PATTERN_BUDGET (the default of keep_patterns)."""
     return pattern_bytes(n_heads, n_tokens, n_layers) <= PATTERN_BUDGET
+
+
+def resolve_query(special, causal: bool, query_position: int | None = None) -> tuple[int, str]:
+    """(the absolute query position P, how it was chosen) for a text with special-token flags `special` [pos].
+
+    None: the final token on a causal model (the notebook's choice), on an encoder the last token that is not a
+    special one ([SEP] is appended by the tokenizer), or the final token if every token is special. An int
+    counts from the end when negative; out of range raises HeadscopeError."""
+    special = np.asarray(special, dtype=bool)  # [pos]
+    n = special.size
+    if query_position is None:
+        words = np.flatnonzero(~special)  # [pos]
+        p = n - 1 if causal or words.size == 0 else int(words[-1])
+        return p, QUERY_DEFAULTS[causal]
+    if isinstance(query_position, bool) or not isinstance(query_position, int | np.integer) \
+            or not -n <= query_position < n:
+        raise HeadscopeError(QUERY_RANGE.format(p=query_position, n=n, last=n - 1))
+    return int(query_position) % n, "chosen"
 
 
 def work_budget(device) -> int:
@@ -73,6 +95,8 @@ class Capture:
     patterns: dict[int, np.ndarray]  # requested layers when kept: [head, q_pos, k_pos] float32
     score_parts: np.ndarray | None = None  # every layer: [layer, head, 4, 4] float64, see head_scores.PARTS
     score_fixed: np.ndarray | None = None  # every layer: [layer, head, 3] float64: sink, self, entropy
+    query_position: int | None = None  # the absolute row P whose read-out `summaries` hold (None: the final one)
+    key_skip: np.ndarray | None = None  # [pos] bool: keys left out of that read-out (None: none)
 
 
 @dataclass
@@ -94,6 +118,8 @@ class _Text:
     ids: np.ndarray  # [pos]
     keep_patterns: bool
     plan: ScorePlan | None = None
+    query_position: int | None = None  # absolute; None: the recorder's
+    skip: np.ndarray | None = None  # [pos] bool: keys left out of the query's dot products and read-out
     q: list[np.ndarray] = field(default_factory=list)  # capture mode: per layer [head, pos, d_head] float32
     k: list[np.ndarray] = field(default_factory=list)
     device: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, name) -> small tensor
@@ -112,6 +138,7 @@ class _Recorder:
     attention: str = "auto"  # ATTENTION_ROUTES
     keep_layers: frozenset[int] | None = None  # whose patterns are kept (None: every pattern layer)
     n_layers: int = 0
+    causal: bool = True  # the query's keys: earlier ones (causal) or every other one
 
     def fused(self, query: torch.Tensor) -> bool:
         """Whether this layer runs the fused sdpa kernel; query [batch, head, T, d_head]."""
@@ -138,8 +165,10 @@ class _Recorder:
                 mask = row[:, start:stop, start:stop]  # [1, pos, pos]
             if text.plan is None or text.plan.q_index.device != query.device:
                 text.plan = ScorePlan.build(text.ids, query.device)
+            p = self.query_position if text.query_position is None else text.query_position
             reduced = reduce_pattern(
-                q, k, scaling, mask, softcap, text.plan, budget, readouts=wanted, query_position=self.query_position,
+                q, k, scaling, mask, softcap, text.plan, budget, readouts=wanted, query_position=p,
+                causal=self.causal, skip=text.skip,
                 weights=None if not wanted or weights is None else weights[b, :, start:stop, start:stop],
                 value=None if not wanted else value[b, :, start:stop],
                 output=None if not wanted or output is None else output[b, start:stop].transpose(0, 1),
@@ -154,8 +183,8 @@ class _Recorder:
                 if reduced.pattern is not None:
                     text.patterns[layer] = reduced.pattern
                 if self.measure:
-                    found.update(compute_layer_measures_t(q, k, reduced.readouts, self.exclude_first_token,
-                                                          self.query_position))
+                    found.update(compute_layer_measures_t(q, k, reduced.readouts, self.exclude_first_token, p,
+                                                          causal=self.causal, skip=text.skip))
             text.device.update({(layer, name): tensor for name, tensor in found.items()})
         if query.device.type != "cpu" and self.measure:  # bounded device memory: this layer's numbers go now
             for text in self.texts:
@@ -256,11 +285,14 @@ def ids_input(loaded, token_ids) -> TextInput:
     return TextInput(text, ids, special)
 
 
-def capture(loaded, text: str, pattern_layers=None, keep_patterns: bool | None = None) -> Capture:
+def capture(loaded, text: str, pattern_layers=None, keep_patterns: bool | None = None, *,
+            query_position: int | None = None, exclude_special_keys: bool = False) -> Capture:
     """Run the model once on `text`: q/k for every layer; for `pattern_layers` (None: all) the pattern's
     read-outs and parity, and the T x T patterns themselves when `keep_patterns` (None: if they fit in
-    PATTERN_BUDGET)."""
-    return capture_input(loaded, text_input(loaded, text), pattern_layers, keep_patterns)
+    PATTERN_BUDGET). The query read-out is row `query_position` (resolve_query; None: the default row);
+    pipeline.summarize measures any other row from the kept patterns."""
+    return capture_input(loaded, text_input(loaded, text), pattern_layers, keep_patterns,
+                         query_position=query_position, exclude_special_keys=exclude_special_keys)
 
 
 def capture_ids(loaded, token_ids, pattern_layers=None, keep_patterns: bool | None = None) -> Capture:
@@ -269,8 +301,12 @@ def capture_ids(loaded, token_ids, pattern_layers=None, keep_patterns: bool | No
 
 
 def capture_input(loaded, item: TextInput, pattern_layers=None, keep_patterns: bool | None = None,
-                  attention: str = "auto") -> Capture:
-    [text] = run_pass(loaded, [item], pattern_layers, keep_patterns, keep_qk=True, attention=attention)
+                  attention: str = "auto", *, query_position: int | None = None,
+                  exclude_special_keys: bool = False) -> Capture:
+    p, _ = resolve_query(item.special, loaded.info.causal, query_position)
+    skip = item.special.copy() if exclude_special_keys else None  # [pos]
+    [text] = run_pass(loaded, [item], pattern_layers, keep_patterns, keep_qk=True, attention=attention,
+                      queries=[(p, skip)])
     return to_capture(loaded, item, text)
 
 
@@ -290,6 +326,8 @@ def to_capture(loaded, item: TextInput, text: _Text) -> Capture:
         patterns=text.patterns,
         score_parts=np.stack([text.host[layer, "parts"] for layer in layers]),  # [layer, head, 4, 4]
         score_fixed=np.stack([text.host[layer, "fixed"] for layer in layers]),  # [layer, head, 3]
+        query_position=text.query_position,
+        key_skip=text.skip,
     )
 
 
@@ -330,22 +368,27 @@ def pad_batch(loaded, items: list[TextInput]) -> tuple[dict[str, torch.Tensor], 
 
 def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns: bool | None = None,
              keep_qk: bool = False, measure: bool = False, exclude_first_token: bool = True,
-             query_position: int = -1, attention: str = "auto", keep_layers=None) -> list[_Text]:
+             query_position: int = -1, attention: str = "auto", keep_layers=None, *,
+             queries: list | None = None) -> list[_Text]:
     """One forward pass over `items` as a padded batch; what each text recorded, its numbers on the host.
 
-    `keep_layers`: the pattern layers whose T x T patterns are kept when keep_patterns allows (None: all)."""
+    `keep_layers`: the pattern layers whose T x T patterns are kept when keep_patterns allows (None: all).
+    `queries`: per text (absolute query position, [pos] bool keys to skip or None); None: `query_position` for
+    every text, no keys skipped. The query's keys follow the model: earlier ones if causal, else every other."""
     if attention not in ATTENTION_ROUTES:
         raise HeadscopeError(BAD_ROUTE.format(route=attention))
     encoded, spans = pad_batch(loaded, items)
     kept_layers = pattern_layers if keep_layers is None else keep_layers
     n_pattern_layers = loaded.info.n_layers if kept_layers is None else len(set(kept_layers))
+    queries = [(None, None)] * len(items) if queries is None else queries
     texts = [_Text(index=row, span=span, ids=item.ids,
                    keep_patterns=patterns_fit(loaded.info.n_heads, item.ids.size, n_pattern_layers)
-                   if keep_patterns is None else bool(keep_patterns))
-             for row, (item, span) in enumerate(zip(items, spans))]
+                   if keep_patterns is None else bool(keep_patterns), query_position=query, skip=skip)
+             for row, (item, span, (query, skip)) in enumerate(zip(items, spans, queries))]
     recorder = _Recorder(texts, None if pattern_layers is None else frozenset(pattern_layers), keep_qk=keep_qk,
                          measure=measure, exclude_first_token=exclude_first_token, query_position=query_position,
-                         attention=attention, keep_layers=None if keep_layers is None else frozenset(keep_layers))
+                         attention=attention, keep_layers=None if keep_layers is None else frozenset(keep_layers),
+                         causal=bool(getattr(loaded.info, "causal", True)))
     token = _RECORDER.set(recorder)
     try:
         with torch.inference_mode():

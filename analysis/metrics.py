@@ -53,15 +53,15 @@ def compute_head_stats(x: np.ndarray, exclude_first_token: bool = True) -> tuple
     return flat.mean(axis=1), flat.std(axis=1, ddof=1)
 
 
-def compute_dot_products(q: np.ndarray, k: np.ndarray,
-                         exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Unscaled q.k of the final query with the previous keys: (same head, different heads).
+def compute_dot_products(q: np.ndarray, k: np.ndarray, exclude_first_token: bool = True, query_position: int = -1,
+                         *, causal: bool = True, skip=None) -> tuple[np.ndarray, np.ndarray]:
+    """Unscaled q.k of the query (default the final one) with its keys (compared_keys): (same head, different heads).
 
     Ordered as the notebook's loops: query head outer, key head inner, key position innermost.
     """
-    start = 1 if exclude_first_token else 0
-    final_q = q[:, -1].astype(np.float64)  # [head, d_head]
-    keys = k[:, start:-1].astype(np.float64)  # [kv_head, k_pos, d_head]
+    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
+    final_q = q[:, p].astype(np.float64)  # [head, d_head]
+    keys = k[:, keys_at].astype(np.float64)  # [kv_head, k_pos, d_head]
     dots = np.einsum("hd,gkd->hgk", final_q, keys)  # [head, d] . [kv_head, k, d] -> [head, kv_head, k]
     same = key_head_of(q.shape[0], k.shape[0])[:, None] == np.arange(k.shape[0])[None, :]  # [head, kv_head]
     return dots[same].reshape(-1), dots[~same].reshape(-1)
@@ -107,7 +107,8 @@ def kde_grid() -> np.ndarray:
 # ---- the notebook's same-head vs different-head comparison as a statistic -----------------------------------------
 
 def compute_centered_dot_products(q: np.ndarray, k: np.ndarray, exclude_first_token: bool = True,
-                                  dots: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                                  dots: tuple[np.ndarray, np.ndarray] | None = None, query_position: int = -1, *,
+                                  causal: bool = True, skip=None) -> tuple[np.ndarray, np.ndarray]:
     """The notebook's dot products with each key head's mean key (over the compared positions) removed.
 
     Adding one vector c to every key adds q.c to every score of a query row, and softmax ignores a constant
@@ -118,14 +119,16 @@ def compute_centered_dot_products(q: np.ndarray, k: np.ndarray, exclude_first_to
 
     `dots`: the raw (same, diff) of compute_dot_products, if already computed; q.(k - mean) = q.k - q.mean.
     """
-    start = 1 if exclude_first_token else 0
-    compared = k[:, start:-1]  # [kv_head, k_pos, d_head]: the keys compute_dot_products uses
+    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
+    compared = k[:, keys_at]  # [kv_head, k_pos, d_head]: the keys compute_dot_products uses
     n_heads, n_kv, n_keys = q.shape[0], k.shape[0], compared.shape[1]
     if n_keys == 0:
         return np.empty(0), np.empty(0)
-    same, diff = compute_dot_products(q, k, exclude_first_token) if dots is None else dots
+    if dots is None:
+        dots = compute_dot_products(q, k, exclude_first_token, query_position, causal=causal, skip=skip)
+    same, diff = dots
     mean_key = compared.mean(axis=1, dtype=np.float64)  # [kv_head, d_head]
-    offset = q[:, -1].astype(np.float64) @ mean_key.T  # [head, d] @ [d, kv_head] -> [head, kv_head]
+    offset = q[:, p].astype(np.float64) @ mean_key.T  # [head, d] @ [d, kv_head] -> [head, kv_head]
     own = key_head_of(n_heads, n_kv)[:, None] == np.arange(n_kv)[None, :]  # [head, kv_head]
     same = same.reshape(n_heads, n_keys) - offset[own][:, None]  # [head, k_pos]
     diff = diff.reshape(n_heads, n_kv - 1, n_keys) - offset[~own].reshape(n_heads, n_kv - 1)[..., None]  # [h, g-1, k]
@@ -170,11 +173,28 @@ def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | Non
 
 # ---- the same measurements in torch, on the tensors' own device (the model's), batched over heads ----------------
 
-def compared_keys(n: int, exclude_first_token: bool = True, query_position: int = -1) -> tuple[int, slice]:
-    """(query position P, the key positions it is compared with): P = T-1 by default, keys start..P-1 (start 1
-    when the first token is excluded). The one place that decides both, so a chosen query position plugs in."""
+def compared_keys(n: int, exclude_first_token: bool = True, query_position: int = -1, *, causal: bool = True,
+                  skip=None) -> tuple[int, slice | np.ndarray]:
+    """(query position P, the key positions its dot products use): P = T-1 by default. Causal models compare
+    keys start..P-1, bidirectional ones every position but P from start on (start 1 when the first token is
+    excluded); `skip` ([pos] bool, e.g. the special tokens) leaves more out. A slice where no position is
+    skipped inside the range (a view, the notebook's `1:-1`), else the positions as an int64 array."""
     p = query_position % n
-    return p, slice(1 if exclude_first_token else 0, max(p, 1 if exclude_first_token else 0))
+    start = 1 if exclude_first_token else 0
+    if causal and skip is None:
+        return p, slice(start, max(p, start))
+    keep = np.zeros(n, dtype=bool)  # [pos]
+    keep[start:] = True
+    keep[p if not causal else slice(p, None)] = False
+    if skip is not None:
+        keep &= ~np.asarray(skip, dtype=bool)
+    return p, np.flatnonzero(keep)
+
+
+def query_keys(n: int, query_position: int = -1, *, causal: bool = True, skip=None) -> tuple[int, slice | np.ndarray]:
+    """(P, the keys of its softmax read-out): "query to earlier keys" 0..P-1 (causal, the notebook's
+    `attn_sm[-1, :-1]` at P = T-1) or "query to other tokens" (every position but P), less `skip`."""
+    return compared_keys(n, False, query_position, causal=causal, skip=skip)
 
 
 def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +209,15 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
 
 
 def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
-                           query_position: int = -1, centered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           query_position: int = -1, centered: bool = False, *, causal: bool = True,
+                           skip=None) -> tuple[torch.Tensor, torch.Tensor]:
     """As compute_dot_products (centered=False) or compute_centered_dot_products (True), in float64 on the
-    tensors' device: (same [head * keys], diff [head * (kv_head - 1) * keys]) in the notebook's loop order."""
+    tensors' device: (same [head * keys], diff [head * (kv_head - 1) * keys]) in the notebook's loop order.
+    The query at `query_position`, its keys as compared_keys(causal=, skip=) says."""
     n_heads, n_kv = q.shape[0], k.shape[0]
-    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position)
+    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
+    if not isinstance(keys_at, slice):
+        keys_at = torch.as_tensor(keys_at, device=k.device)  # [k_pos] index
     final_q = q[:, p].double()  # [head, d_head]
     keys = k[:, keys_at].double()  # [kv_head, k_pos, d_head]
     if centered and keys.shape[1]:  # q . (k - mean k): exactly 0 for a single key, where q.k - q.mean would be noise
@@ -262,11 +286,13 @@ def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = 
 
 
 def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[str, torch.Tensor],
-                             exclude_first_token: bool = True, query_position: int = -1) -> dict[str, torch.Tensor]:
+                             exclude_first_token: bool = True, query_position: int = -1, *, causal: bool = True,
+                             skip=None) -> dict[str, torch.Tensor]:
     """Every q/k measurement of one layer on q's device, plus the KDEs of its read-outs: {name: tensor}.
 
     q [head, pos, d_head], k [kv_head, pos, d_head] in the model's dtype (promoted to float64 here, exactly);
-    readouts as patterns.reduce_pattern gives them. "mannwhitney*" ([2]: U and the tie term) only where both
+    readouts as patterns.reduce_pattern gives them; the dot products' query and keys: compared_keys's
+    `query_position`, `causal` and `skip`. "mannwhitney*" ([2]: U and the tie term) only where both
     groups have more than 8 values (the host asks scipy's exact test otherwise) and off the CPU (there the host
     runs compute_mannwhitney, faster on the CPU than torch's small ops); "kde_*" only from 3 tokens.
     """
@@ -274,7 +300,8 @@ def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[st
     out["q_means"], out["q_stds"] = compute_head_stats_t(q, exclude_first_token)
     out["k_means"], out["k_stds"] = compute_head_stats_t(k, exclude_first_token)
     for suffix, centered in (("", False), ("_centered", True)):
-        same, diff = compute_dot_products_t(q, k, exclude_first_token, query_position, centered=centered)
+        same, diff = compute_dot_products_t(q, k, exclude_first_token, query_position, centered=centered,
+                                            causal=causal, skip=skip)
         out["same_head_dp" + suffix], out["diff_head_dp" + suffix] = same, diff
         if same.numel() > 8 and diff.numel() > 8 and not (NUMPY_ON_CPU and same.device.type == "cpu"):
             out["mannwhitney" + suffix] = compute_mannwhitney_parts_t(same, diff)  # [2]

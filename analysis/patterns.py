@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, ScorePlan
-from analysis.metrics import compute_pattern
+from analysis.metrics import compute_pattern, query_keys
 
 TEMPORARIES = 3  # [head, rows, T] float32 tensors alive at once in a block: the pattern, xlogy, a parity difference
 
@@ -39,12 +39,15 @@ def rows_per_block(n_heads: int, n: int, budget: int) -> int:
 def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None,
                    softcap: float | None, plan: ScorePlan, budget: int, *, readouts: bool = True,
                    query_position: int = -1, weights: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                   output: torch.Tensor | None = None, keep: bool = False, rebuild=compute_pattern) -> PatternReduction:
+                   output: torch.Tensor | None = None, keep: bool = False, rebuild=compute_pattern,
+                   causal: bool = True, skip=None) -> PatternReduction:
     """q [head, T, d_head], k [kv_head, T, d_head] as the model used them, mask [1, T, T] (additive or bool).
 
     Parity against `weights` [head, T, T] (eager) if given, else `value` [kv_head, T, d_v] and the kernel's
     `output` [head, T, d_v]; neither: no parity. Everything is float32 from the model's q and k, whatever its
     dtype; sums over rows are float64 as in head_scores.compute_score_parts. `rebuild`: metrics.compute_pattern.
+    The read-outs and the head scores' sums come from this one float32 rebuild, whatever the model's dtype.
+    "final_to_prev" is row `query_position` at metrics.query_keys(causal=, skip=): earlier keys, or every other.
     """
     q, k = q.float(), k.float()  # [head, T, d_head], [kv_head, T, d_head]
     n_heads, n, n_kv = q.shape[0], q.shape[1], k.shape[0]
@@ -96,8 +99,11 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
                              entropy[:, 1:].mean(dim=-1, dtype=torch.float64)], dim=-1)  # [head, 3]
     out = None
     if readouts:
+        _, keys = query_keys(n, p_query, causal=causal, skip=skip)
+        if not isinstance(keys, slice):
+            keys = torch.as_tensor(keys, device=q.device)  # [k_pos] index
         out = {
-            "final_to_prev": final_row[:, :p_query].reshape(-1),  # [head * P]: query P to every earlier key
+            "final_to_prev": final_row[:, keys].reshape(-1),  # [head * keys]: query P to its earlier (or other) keys
             "self_attention": diagonal[:, 1:].reshape(-1),  # [head * (T-1)]
             "first_self": diagonal[:, 0],  # [head]
             "sink_mass": fixed[:, 0] if n > 1 else first_key.new_empty(0, dtype=torch.float64),  # [head]
