@@ -20,6 +20,7 @@ from analysis.capture import (
     _Text,
     ids_input,
     pattern_bytes,
+    resolve_query,
     run_pass,
     text_input,
     token_strings,
@@ -27,7 +28,14 @@ from analysis.capture import (
 from analysis.errors import HeadscopeError
 from analysis.head_scores import combine_score_parts
 from analysis.loading import LoadedModel
-from analysis.metrics import compute_layer_measures_t, compute_mannwhitney, kde_grid, mannwhitney_from_parts
+from analysis.metrics import (
+    compared_keys,
+    compute_layer_measures_t,
+    compute_mannwhitney,
+    kde_grid,
+    mannwhitney_from_parts,
+    query_keys,
+)
 from analysis.parity import parity_warning
 from analysis.patterns import to_host
 from analysis.results import MODEL_KEYS, AnalysisResult, DpStats, LayerResult
@@ -38,6 +46,10 @@ LAYER_RANGE = "Layer {layer} is out of range: this model has layers 0..{last}."
 PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only their read-outs, so there are no "
                     "heatmaps: ask for them with --patterns or --html (then kept whatever their size), or analyse "
                     "fewer layers.")
+NO_QUERY_KEYS = ("The query token {p} ({token}) has no keys to compare with (the first token, the query "
+                 "itself{special} are left out), so the dot products are empty: choose a later query token.")
+QUERY_NEEDS_PATTERN = ("Layer {layer}'s pattern was not kept, so its read-out for query token {p} cannot be computed "
+                       "without running the model again: capture with query_position={p}.")
 BAD_BATCH_SIZE = "The batch size must be at least 1, not {size}."
 OUT_OF_MEMORY = "The text of {n} tokens does not fit in the device's memory even alone: shorten it."
 BATCH_SIZE = 16  # texts per forward pass by default
@@ -91,12 +103,13 @@ def layer_result(get: dict, parity: float, pattern: np.ndarray | None = None) ->
 
 
 def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_token: bool,
-                         pattern=None) -> LayerResult:
+                         pattern=None, *, query_position: int = -1, causal: bool = True, skip=None) -> LayerResult:
     """Every measurement of one layer from its captured q [head, pos, d], k [kv_head, pos, d] (numpy) and the
-    read-outs of its pattern; computed by the device functions on the CPU. `pattern` is kept if given."""
+    read-outs of its pattern; computed by the device functions on the CPU. `pattern` is kept if given. The dot
+    products' query and keys: metrics.compared_keys(query_position, causal=, skip=)."""
     readouts = {name: torch.from_numpy(np.asarray(values)) for name, values in summaries.items()}
     found = compute_layer_measures_t(torch.from_numpy(np.asarray(q)), torch.from_numpy(np.asarray(k)), readouts,
-                                     exclude_first_token)
+                                     exclude_first_token, query_position, causal=causal, skip=skip)
     host = to_host(found)
     host.update({name: np.asarray(values, dtype=np.float64) for name, values in summaries.items()})
     return layer_result(host, parity, pattern)
@@ -108,11 +121,28 @@ def check_parity(errors: dict[int, float], dtype: str) -> tuple[str, ...]:
     return () if warning is None else (warning,)
 
 
+def bos_present(special) -> bool:
+    """Whether position 0 is a special token (BOS, CLS, <|endoftext|>): what exclude_bos leaves out. A GPT-2 text
+    starts with its first word, which stays."""
+    special = np.asarray(special, dtype=bool)  # [pos]
+    return bool(special.size and special[0])
+
+
 def _result(model: dict, text: str, tokens, token_ids, special, layers: dict[int, LayerResult], n_dropped_mib,
-            score_parts, score_fixed, exclude_first_token, exclude_current_token, induction_probe) -> AnalysisResult:
-    """`n_dropped_mib`: the size of the patterns that were wanted but not kept (a warning), else None."""
+            score_parts, score_fixed, exclude_first_token, exclude_current_token, induction_probe, *,
+            query: tuple[int, str] | None = None, exclude_special_keys: bool = False,
+            exclude_bos: bool = True) -> AnalysisResult:
+    """`n_dropped_mib`: the size of the patterns that were wanted but not kept (a warning), else None.
+    `query`: (absolute query position, how it was chosen); None: the final token."""
     n = len(tokens)
+    p, how = (n - 1, "the final token") if query is None else query
     warnings = [SHORT_TEXT.format(n=n)] if n < 3 else []
+    _, keys = compared_keys(n, exclude_first_token, p, causal=bool(model.get("causal", True)),
+                            skip=np.asarray(special, dtype=bool) if exclude_special_keys else None)
+    if n >= 3 and len(range(n)[keys] if isinstance(keys, slice) else keys) == 0:
+        warnings.append(NO_QUERY_KEYS.format(p=p, token=repr(tokens[p]),
+                                             special=", the special tokens" if exclude_special_keys else ""))
+    bos_excluded = exclude_bos and bos_present(special)
     if n_dropped_mib is not None:
         warnings.append(PATTERNS_DROPPED.format(mib=n_dropped_mib))
     warnings.extend(check_parity({layer: data.parity_max_abs_err for layer, data in layers.items()},
@@ -127,21 +157,31 @@ def _result(model: dict, text: str, tokens, token_ids, special, layers: dict[int
         layers=layers,
         warnings=tuple(warnings),
         head_scores={} if score_parts is None else combine_score_parts(
-            score_parts, score_fixed, exclude_first_token, exclude_current_token),
+            score_parts, score_fixed, bos_excluded, exclude_current_token),
         exclude_current_token=exclude_current_token,
         induction_probe=induction_probe,
+        query_position=p,
+        query_choice=how,
+        exclude_special_keys=exclude_special_keys,
+        exclude_bos=exclude_bos,
+        bos_excluded=bos_excluded,
     )
 
 
 def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = None,
               exclude_first_token: bool = True, exclude_current_token: bool = False,
-              induction_probe: dict | None = None, patterns_wanted: bool = False) -> AnalysisResult:
+              induction_probe: dict | None = None, patterns_wanted: bool = False, *,
+              query_position: int | None = None, exclude_special_keys: bool = False,
+              exclude_bos: bool = True) -> AnalysisResult:
     """Measurements for `layers` (default: every layer whose pattern was read); no model call.
 
     A warning says when patterns were wanted (`patterns_wanted`) but not kept, and when a layer fails parity.
 
-    The head scores cover every layer whatever `layers` is; `exclude_first_token` is also the head
-    detector's exclude_bos, and both exclusions are applied here, so changing them needs no new forward pass.
+    The head scores cover every layer whatever `layers` is; `exclude_bos` leaves position 0 out of them when it
+    is a special token. The query token (`query_position`, capture.resolve_query) and the exclusions are all
+    applied here, so changing them needs no new forward pass: the dot products come from the kept q and k, the
+    query's read-out from the capture's own row or, for another row, from the kept pattern (HeadscopeError if
+    that layer's pattern was not kept).
     """
     chosen = sorted(captured.summaries) if layers is None else check_layers(layers, len(captured.q))
     missing = [layer for layer in chosen if layer not in captured.summaries]
@@ -149,18 +189,38 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
         raise HeadscopeError(f"Layer(s) {missing} were not captured with attention patterns.")
     dropped = patterns_wanted and any(layer not in captured.patterns for layer in chosen)
     n = len(captured.tokens)
+    causal = bool(model.get("causal", True))
+    p, how = resolve_query(captured.special, causal, query_position)
+    skip = np.asarray(captured.special, dtype=bool) if exclude_special_keys else None  # [pos]
+    captured_p = n - 1 if captured.query_position is None else captured.query_position
+    same_row = p == captured_p and (skip is None) == (captured.key_skip is None) and (
+        skip is None or np.array_equal(skip, captured.key_skip))
+
+    def readouts(layer: int) -> dict:
+        summary = captured.summaries[layer]
+        if same_row:
+            return summary
+        if layer not in captured.patterns:
+            raise HeadscopeError(QUERY_NEEDS_PATTERN.format(layer=layer, p=p))
+        _, keys = query_keys(n, p, causal=causal, skip=skip)
+        row = captured.patterns[layer][:, p]  # [head, k_pos]
+        return {**summary, "final_to_prev": row[:, keys].reshape(-1)}  # [head * keys]
+
     return _result(model, captured.text, captured.tokens, captured.token_ids, captured.special,
-                   {layer: compute_layer_result(captured.q[layer], captured.k[layer], captured.summaries[layer],
+                   {layer: compute_layer_result(captured.q[layer], captured.k[layer], readouts(layer),
                                                 captured.parity[layer], exclude_first_token,
-                                                captured.patterns.get(layer)) for layer in chosen},
+                                                captured.patterns.get(layer), query_position=p, causal=causal,
+                                                skip=skip) for layer in chosen},
                    pattern_bytes(model["n_heads"], n, len(chosen)) / 2**20 if dropped else None,
                    captured.score_parts, captured.score_fixed, exclude_first_token, exclude_current_token,
-                   induction_probe)
+                   induction_probe, query=(p, how), exclude_special_keys=exclude_special_keys,
+                   exclude_bos=exclude_bos)
 
 
 def _measured(loaded: LoadedModel, item: TextInput, text: _Text, chosen: list[int], exclude_first_token: bool,
               exclude_current_token: bool, induction_probe: dict | None, keep_layers=None,
-              keep_patterns: bool | None = None) -> AnalysisResult:
+              keep_patterns: bool | None = None, query: tuple[int, str] | None = None,
+              exclude_special_keys: bool = False, exclude_bos: bool = True) -> AnalysisResult:
     host, n_layers = text.host, loaded.info.n_layers
     by_layer: dict[int, dict[str, np.ndarray]] = {}
     for (layer, name), values in host.items():
@@ -174,7 +234,8 @@ def _measured(loaded: LoadedModel, item: TextInput, text: _Text, chosen: list[in
                    pattern_bytes(model["n_heads"], item.ids.size, len(shown)) / 2**20 if dropped else None,
                    np.stack([host[layer, "parts"] for layer in range(n_layers)]),  # [layer, head, 4, 4]
                    np.stack([host[layer, "fixed"] for layer in range(n_layers)]),  # [layer, head, 3]
-                   exclude_first_token, exclude_current_token, induction_probe)
+                   exclude_first_token, exclude_current_token, induction_probe, query=query,
+                   exclude_special_keys=exclude_special_keys, exclude_bos=exclude_bos)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -183,11 +244,18 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def _measure_inputs(loaded: LoadedModel, items: list[TextInput], chosen: list[int], exclude_first_token: bool,
                     exclude_current_token: bool, keep_patterns: bool | None, induction_probe: dict | None = None,
-                    attention: str = "auto", keep_layers=None) -> list[AnalysisResult | HeadscopeError]:
+                    attention: str = "auto", keep_layers=None, *, query_position: int | None = None,
+                    exclude_special_keys: bool = False,
+                    exclude_bos: bool = True) -> list[AnalysisResult | HeadscopeError]:
     """One padded pass over `items`; a batch the device cannot hold is split in halves, not crashed."""
+    queries = [resolve_query(item.special, loaded.info.causal, query_position) for item in items]
+    options = {"query_position": query_position, "exclude_special_keys": exclude_special_keys,
+               "exclude_bos": exclude_bos}
     try:
         texts = run_pass(loaded, items, chosen, keep_patterns, keep_qk=False, measure=True,
-                         exclude_first_token=exclude_first_token, attention=attention, keep_layers=keep_layers)
+                         exclude_first_token=exclude_first_token, attention=attention, keep_layers=keep_layers,
+                         queries=[(p, item.special.copy() if exclude_special_keys else None)
+                                  for item, (p, _) in zip(items, queries)])
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
@@ -197,18 +265,20 @@ def _measure_inputs(loaded: LoadedModel, items: list[TextInput], chosen: list[in
             return [HeadscopeError(OUT_OF_MEMORY.format(n=items[0].ids.size))]
         half = len(items) // 2
         return [*_measure_inputs(loaded, items[:half], chosen, exclude_first_token, exclude_current_token,
-                                 keep_patterns, induction_probe, attention, keep_layers),
+                                 keep_patterns, induction_probe, attention, keep_layers, **options),
                 *_measure_inputs(loaded, items[half:], chosen, exclude_first_token, exclude_current_token,
-                                 keep_patterns, induction_probe, attention, keep_layers)]
+                                 keep_patterns, induction_probe, attention, keep_layers, **options)]
     return [_measured(loaded, item, text, chosen, exclude_first_token, exclude_current_token, induction_probe,
-                      keep_layers, keep_patterns) for item, text in zip(items, texts)]
+                      keep_layers, keep_patterns, query, exclude_special_keys, exclude_bos)
+            for item, text, query in zip(items, texts, queries)]
 
 
 def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = BATCH_SIZE,
                   layers: Iterable[int] | None = None, exclude_first_token: bool = True,
                   exclude_current_token: bool = False, keep_patterns: bool | None = False,
                   attention: str = "auto", keep_layers: Iterable[int] | None = None,
-                  progress=None) -> list[AnalysisResult | HeadscopeError]:
+                  progress=None, *, query_position: int | None = None, exclude_special_keys: bool = False,
+                  exclude_bos: bool = True) -> list[AnalysisResult | HeadscopeError]:
     """`analyze` of many texts, `batch_size` texts per forward pass: one result per text, in order, or the
     HeadscopeError of a text that cannot be analysed (empty, too long, ...); the others are unaffected.
 
@@ -218,6 +288,8 @@ def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     the pass (capture.ATTENTION_ROUTES; "auto": sdpa on a GPU, eager on the CPU up to capture.EAGER_BUDGET).
     `keep_layers`: of `layers`,
     those whose patterns are kept (default: all of them). `progress(done, total)` after each batch.
+    `query_position`, `exclude_special_keys`, `exclude_bos`: as `analyze`, per text (a negative position counts
+    from each text's end; a text too short for it gets its HeadscopeError).
     """
     if batch_size < 1:
         raise HeadscopeError(BAD_BATCH_SIZE.format(size=batch_size))
@@ -228,14 +300,17 @@ def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     for index, text in enumerate(texts):
         try:
             items[index] = text_input(loaded, text)
+            resolve_query(items[index].special, loaded.info.causal, query_position)
         except HeadscopeError as exc:
+            items.pop(index, None)
             out[index] = exc
     order = sorted(items, key=lambda index: items[index].ids.size)  # similar lengths share a batch
     for start in range(0, len(order), batch_size):
         group = order[start:start + batch_size]
         results = _measure_inputs(loaded, [items[index] for index in group], chosen, exclude_first_token,
                                   exclude_current_token, keep_patterns, attention=attention,
-                                  keep_layers=kept)
+                                  keep_layers=kept, query_position=query_position,
+                                  exclude_special_keys=exclude_special_keys, exclude_bos=exclude_bos)
         for index, result in zip(group, results):
             out[index] = result
         if progress is not None:
@@ -251,27 +326,39 @@ def _one(result: AnalysisResult | HeadscopeError) -> AnalysisResult:
 
 def analyze(loaded: LoadedModel, text: str, layers: Iterable[int] | None = None,
             exclude_first_token: bool = True, exclude_current_token: bool = False,
-            keep_patterns: bool | None = None, attention: str = "auto") -> AnalysisResult:
+            keep_patterns: bool | None = None, attention: str = "auto", *, query_position: int | None = None,
+            exclude_special_keys: bool = False, exclude_bos: bool = True) -> AnalysisResult:
     """One forward pass, then every measurement for `layers` (None: every layer) and every head's scores.
 
     Measured on the model's device inside the pass; each requested layer's T x T pattern is rebuilt in blocks
     of query rows and reduced to its read-outs; the patterns themselves (heatmaps, --patterns) are kept when
     `keep_patterns`, by default (None) while they fit in PATTERN_BUDGET.
+
+    `query_position`: the query token of the dot products and the query read-out (negative: from the end; None:
+    the final token of a causal model, the last non-special token of an encoder). `exclude_first_token` leaves
+    position 0 out of the Q/K statistics and the dot products (the notebook's switch); `exclude_special_keys`
+    leaves the special tokens out of the query's keys (dot products and read-out); `exclude_bos` leaves
+    position 0 out of the head scores when it is a special token (BOS, CLS), as TransformerLens's exclude_bos.
     """
     chosen = check_layers(layers, loaded.info.n_layers)
     [result] = _measure_inputs(loaded, [text_input(loaded, text)], chosen, exclude_first_token,
-                               exclude_current_token, keep_patterns, attention=attention)
+                               exclude_current_token, keep_patterns, attention=attention,
+                               query_position=query_position, exclude_special_keys=exclude_special_keys,
+                               exclude_bos=exclude_bos)
     return _one(result)
 
 
 def analyze_ids(loaded: LoadedModel, token_ids, layers: Iterable[int] | None = None,
                 exclude_first_token: bool = True, exclude_current_token: bool = False,
                 induction_probe: dict | None = None, keep_patterns: bool | None = None,
-                attention: str = "auto") -> AnalysisResult:
+                attention: str = "auto", *, query_position: int | None = None, exclude_special_keys: bool = False,
+                exclude_bos: bool = True) -> AnalysisResult:
     """As `analyze`, for token ids fed to the model as they are (no special tokens added)."""
     chosen = check_layers(layers, loaded.info.n_layers)
     [result] = _measure_inputs(loaded, [ids_input(loaded, token_ids)], chosen, exclude_first_token,
-                               exclude_current_token, keep_patterns, induction_probe, attention=attention)
+                               exclude_current_token, keep_patterns, induction_probe, attention=attention,
+                               query_position=query_position, exclude_special_keys=exclude_special_keys,
+                               exclude_bos=exclude_bos)
     return _one(result)
 
 
@@ -315,8 +402,10 @@ def induction_probe_ids(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: i
 
 def analyze_induction_probe(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: int = 0,
                             layers: Iterable[int] | None = None, exclude_first_token: bool = True,
-                            exclude_current_token: bool = False, keep_patterns: bool | None = None) -> AnalysisResult:
+                            exclude_current_token: bool = False, keep_patterns: bool | None = None, *,
+                            exclude_bos: bool = True) -> AnalysisResult:
     """`analyze_ids` on `induction_probe_ids(loaded, length, seed)`; the result records length and seed."""
     ids = induction_probe_ids(loaded, length, seed)
     return analyze_ids(loaded, ids, layers, exclude_first_token, exclude_current_token,
-                       induction_probe={"length": length, "seed": seed}, keep_patterns=keep_patterns)
+                       induction_probe={"length": length, "seed": seed}, keep_patterns=keep_patterns,
+                       exclude_bos=exclude_bos)

@@ -110,12 +110,26 @@ class AnalysisResult:
     layers: dict[int, LayerResult]
     warnings: tuple[str, ...] = field(default=())
     head_scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [layer, head], NaN where undefined
-    exclude_current_token: bool = False  # the head detector's option; exclude_first_token is its exclude_bos
+    exclude_current_token: bool = False  # the head detector's option (TransformerLens's)
     induction_probe: dict | None = None  # {"length", "seed"} when the input was the induction probe
+    query_position: int | None = None  # absolute position of the query token (None: the final token, n_tokens - 1)
+    query_choice: str = "the final token"  # how it was chosen: "chosen", or the default that applied
+    exclude_special_keys: bool = False  # special tokens left out of the query's keys (dot products and read-out)
+    exclude_bos: bool = True  # the head detector's exclude_bos setting: drop position 0 if it is a special token
+    bos_excluded: bool | None = None  # whether position 0 was actually left out of the head scores
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def query(self) -> int:
+        """The absolute position of the query token."""
+        return self.n_tokens - 1 if self.query_position is None else self.query_position
+
+    @property
+    def query_token(self) -> str:
+        return self.tokens[self.query]
 
     @property
     def first_token(self) -> str:
@@ -132,7 +146,10 @@ class AnalysisResult:
             "special_positions": list(self.special_positions),
             "settings": {"exclude_first_token": self.exclude_first_token,
                          "exclude_current_token": self.exclude_current_token,
-                         "induction_probe": self.induction_probe},
+                         "induction_probe": self.induction_probe,
+                         "query_position": self.query, "query_token": self.query_token,
+                         "query_choice": self.query_choice, "exclude_special_keys": self.exclude_special_keys,
+                         "exclude_bos": self.exclude_bos, "bos_excluded": bool(self.bos_excluded)},
             "warnings": list(self.warnings),
             "layers": {str(layer): result.to_dict(include_patterns) for layer, result in sorted(self.layers.items())},
             "head_scores": {name: json_floats(values) for name, values in self.head_scores.items()},
@@ -142,10 +159,13 @@ class AnalysisResult:
     def from_dict(cls, data: dict) -> AnalysisResult:
         if data.get("schema") != SCHEMA:
             raise HeadscopeError(f"Not a {SCHEMA} document (schema: {data.get('schema')!r}).")
+        settings = data["settings"]
+        tokens = tuple(data["tokens"])
+        old_bos = bool(settings["exclude_first_token"])  # before exclude_bos existed, it was exclude_first_token
         return cls(
             model=dict(data["model"]),
             text=data["text"],
-            tokens=tuple(data["tokens"]),
+            tokens=tokens,
             token_ids=np.asarray(data["token_ids"], dtype=np.int64),
             special_positions=tuple(data.get("special_positions", ())),
             exclude_first_token=bool(data["settings"]["exclude_first_token"]),
@@ -153,6 +173,11 @@ class AnalysisResult:
             warnings=tuple(data.get("warnings", ())),
             head_scores={name: np.asarray(values, dtype=np.float64).reshape(len(values), -1)
                          for name, values in data.get("head_scores", {}).items()},
-            exclude_current_token=bool(data["settings"].get("exclude_current_token", False)),
-            induction_probe=data["settings"].get("induction_probe"),
+            exclude_current_token=bool(settings.get("exclude_current_token", False)),
+            induction_probe=settings.get("induction_probe"),
+            query_position=int(settings.get("query_position", len(tokens) - 1)),
+            query_choice=str(settings.get("query_choice", "the final token")),
+            exclude_special_keys=bool(settings.get("exclude_special_keys", False)),
+            exclude_bos=bool(settings.get("exclude_bos", old_bos)),
+            bos_excluded=bool(settings.get("bos_excluded", old_bos)),
         )

@@ -140,6 +140,8 @@ def _check_sizes(data: dict, what: str) -> None:
         problems.append(f"{len(data['tokens'])} tokens but {len(data['token_ids'])} token ids")
     if any(position >= len(data["tokens"]) for position in data.get("special_positions", [])):
         problems.append("a special position lies past the last token")
+    if data["settings"].get("query_position", 0) >= len(data["tokens"]):
+        problems.append("the query position lies past the last token")
     for key, layer in data["layers"].items():
         if int(key) >= n_layers:
             problems.append(f"layer {key} but the model has {n_layers} layers")

@@ -224,7 +224,8 @@ def test_special_tokens_typed_in_the_text_are_marked(llama):
     assert 0 in result.special_positions
 
 
-def half_precision_tolerances(q, k, q_half, k_half, pattern) -> dict[str, np.ndarray | float]:
+def half_precision_tolerances(q, k, q_half, k_half, pattern, query: int = -1,
+                              causal: bool = True) -> dict[str, np.ndarray | float]:
     """{field: bound on |half - float32|} for one layer, from the float32 q [head, pos, d], k [kv_head, pos, d], the
     half model's (captured in float32 from the half-precision tensors) and the float32 pattern [head, q_pos, k_pos].
 
@@ -237,7 +238,8 @@ def half_precision_tolerances(q, k, q_half, k_half, pattern) -> dict[str, np.nda
       d_head 16; its tanh soft-cap only shrinks differences). Each weight p of the row then becomes
       p' in [p exp(-2 delta), min(p exp(2 delta), 1)], so |p' - p| <= max(p (1 - exp(-2 delta)),
       min(p (exp(2 delta) - 1), 1 - p)), plus a few float32 roundings (8 u32) for exp and the normalisation.
-      The read-outs take the same entries (final_to_prev, self_attention, first_self) or their mean (sink_mass).
+      The read-outs take the same entries (final_to_prev: row `query`, its earlier keys if `causal`, else every
+      other key; self_attention, first_self) or their mean (sink_mass).
     """
     u32 = EPS32 / 2
     q, k, q_half, k_half = (np.asarray(x, dtype=np.float64) for x in (q, k, q_half, k_half))
@@ -259,7 +261,8 @@ def half_precision_tolerances(q, k, q_half, k_half, pattern) -> dict[str, np.nda
     return {
         "q_means": stats, "q_stds": stats, "k_means": stats, "k_stds": stats, "same_head_dp": float(every.max()),
         "diff_head_dp": float(every.max()), "patterns": entry,
-        "final_to_prev": entry[:, -1, :-1].reshape(-1),  # [head * (pos - 1)], as analysis.metrics reads them
+        "final_to_prev": np.delete(entry[:, query], np.s_[query % p.shape[1]:] if causal else query % p.shape[1],
+                                   axis=-1).reshape(-1),  # [head * keys]: the query row less itself (and later)
         "self_attention": np.diagonal(entry[:, 1:, 1:], axis1=1, axis2=2).reshape(-1),  # [head * (pos - 1)]
         "first_self": entry[:, 0, 0], "sink_mass": entry[:, 1:, 0].mean(axis=1),  # [head], [head]
     }
@@ -285,7 +288,9 @@ def test_half_precision_measures_in_float32_within_tolerance(family_path, dtype)
         for ours, theirs in ((q_half, q), (k_half, k)):  # the half model's own rounding, counted above
             bound = (ROUNDINGS_PER_LAYER * layer + ROUNDINGS_OWN) * u * np.abs(theirs).max()
             assert np.abs(ours - theirs).max() <= bound, (name, dtype, layer, bound)
-        tolerances = half_precision_tolerances(q, k, q_half, k_half, expected.patterns)
+        assert half.query == full.query  # the same query token: the last word of an encoder, else the final token
+        tolerances = half_precision_tolerances(q, k, q_half, k_half, expected.patterns, full.query,
+                                               loaded.info.causal)
         assert sorted(tolerances) == sorted(ARRAY_FIELDS + ("patterns",))
         for field, tolerance in tolerances.items():
             want, got = getattr(expected, field), getattr(measured, field)

@@ -262,9 +262,13 @@ def test_scores_equal_transformer_lens_formula_on_the_models_eager_attention(req
     ids = captured.token_ids
     patterns = eager_attentions(loaded.info.path, torch.as_tensor(ids)[None])
     expected_fixed = loop_pattern_scores(patterns)
+    has_bos = bool(captured.special[0])  # MiniLM's [CLS]; the GPT-2 sentence starts with its first word
+    assert has_bos == (fixture == "minilm")
     for exclude_bos, exclude_current_token in OPTIONS:  # one capture, every option: no new forward pass
-        result = summarize(captured, loaded.info.to_dict(), [0], exclude_bos, exclude_current_token)
-        expected = tl_scores(patterns, ids, exclude_bos, exclude_current_token) | expected_fixed
+        result = summarize(captured, loaded.info.to_dict(), [0], exclude_current_token=exclude_current_token,
+                           exclude_bos=exclude_bos)
+        assert result.exclude_bos is exclude_bos and result.bos_excluded is (exclude_bos and has_bos)
+        expected = tl_scores(patterns, ids, exclude_bos and has_bos, exclude_current_token) | expected_fixed
         for name in HEAD_SCORES:
             assert result.head_scores[name].shape == (loaded.info.n_layers, loaded.info.n_heads)
             np.testing.assert_allclose(result.head_scores[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -399,12 +403,17 @@ def test_detection_scores_equal_transformer_lens_detect_head(gpt2, compared, exc
     """TransformerLens's own detect_head (its tokenizer, detection patterns, forward pass and "mul" score) against
     headscope's scores from one capture, every option, within score_error_bound."""
     captured, model, seq, cache = compared
-    result = summarize(captured, gpt2.info.to_dict(), [], exclude_bos, exclude_current_token)
+    result = summarize(captured, gpt2.info.to_dict(), [], exclude_current_token=exclude_current_token,
+                       exclude_bos=exclude_bos)
+    # TransformerLens drops column 0 whatever it holds (it prepends BOS itself); headscope only when it is a
+    # special token: the probe's BOS, not the sentence's first word
+    applied = exclude_bos and bool(captured.special[0])
+    assert applied == (exclude_bos and seq == "(token ids)") == result.bos_excluded
     for name in DETECTION:
         with torch.no_grad():
-            expected = detect_head(model, seq, TL_NAMES[name], exclude_bos=exclude_bos,
+            expected = detect_head(model, seq, TL_NAMES[name], exclude_bos=applied,
                                    exclude_current_token=exclude_current_token).numpy()  # [layer, head]
-        bound = score_error_bound(captured, cache, name, exclude_bos, exclude_current_token)
+        bound = score_error_bound(captured, cache, name, applied, exclude_current_token)
         ours = result.head_scores[name]
         assert ours.shape == expected.shape == (8, 12)
         assert np.all(np.abs(ours - expected) <= bound), (name, np.abs(ours - expected).max(), bound.max())
@@ -447,7 +456,8 @@ def test_json_round_trip_with_head_scores_and_dp_stats(gpt2):
 
 
 def test_undefined_values_are_json_null(gpt2):
-    result = analyze(gpt2, "cat", layers=[0])  # one token, first excluded: nothing left to score
+    # one token, its own attention excluded: nothing left to score (exclude_bos keeps a first word)
+    result = analyze(gpt2, "cat", layers=[0], exclude_current_token=True)
     assert result.n_tokens == 1
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["head_scores"]["previous_token"][0][0] is None and data["head_scores"]["sink"][0][0] is None
