@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from analysis.heads import key_head_of
+from analysis.keys import compared_keys, query_keys  # noqa: F401  (torch-free, shared with reports)
 
 KDE_POINTS = 300
 KDE_CHUNK = 8192
@@ -172,30 +173,6 @@ def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | Non
 
 
 # ---- the same measurements in torch, on the tensors' own device (the model's), batched over heads ----------------
-
-def compared_keys(n: int, exclude_first_token: bool = True, query_position: int = -1, *, causal: bool = True,
-                  skip=None) -> tuple[int, slice | np.ndarray]:
-    """(query position P, the key positions its dot products use): P = T-1 by default. Causal models compare
-    keys start..P-1, bidirectional ones every position but P from start on (start 1 when the first token is
-    excluded); `skip` ([pos] bool, e.g. the special tokens) leaves more out. A slice where no position is
-    skipped inside the range (a view, the notebook's `1:-1`), else the positions as an int64 array."""
-    p = query_position % n
-    start = 1 if exclude_first_token else 0
-    if causal and skip is None:
-        return p, slice(start, max(p, start))
-    keep = np.zeros(n, dtype=bool)  # [pos]
-    keep[start:] = True
-    keep[p if not causal else slice(p, None)] = False
-    if skip is not None:
-        keep &= ~np.asarray(skip, dtype=bool)
-    return p, np.flatnonzero(keep)
-
-
-def query_keys(n: int, query_position: int = -1, *, causal: bool = True, skip=None) -> tuple[int, slice | np.ndarray]:
-    """(P, the keys of its softmax read-out): "query to earlier keys" 0..P-1 (causal, the notebook's
-    `attn_sm[-1, :-1]` at P = T-1) or "query to other tokens" (every position but P), less `skip`."""
-    return compared_keys(n, False, query_position, causal=causal, skip=skip)
-
 
 def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """As compute_head_stats, in torch on x's device: x [head, pos, d_head] -> (mean, std) [head] float64."""

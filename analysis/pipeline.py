@@ -403,9 +403,11 @@ def induction_probe_ids(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: i
 def analyze_induction_probe(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: int = 0,
                             layers: Iterable[int] | None = None, exclude_first_token: bool = True,
                             exclude_current_token: bool = False, keep_patterns: bool | None = None, *,
+                            query_position: int | None = None, exclude_special_keys: bool = False,
                             exclude_bos: bool = True) -> AnalysisResult:
     """`analyze_ids` on `induction_probe_ids(loaded, length, seed)`; the result records length and seed."""
     ids = induction_probe_ids(loaded, length, seed)
     return analyze_ids(loaded, ids, layers, exclude_first_token, exclude_current_token,
                        induction_probe={"length": length, "seed": seed}, keep_patterns=keep_patterns,
+                       query_position=query_position, exclude_special_keys=exclude_special_keys,
                        exclude_bos=exclude_bos)

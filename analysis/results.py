@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analysis.errors import HeadscopeError
+from analysis.keys import compared_keys, query_keys
 
 SCHEMA = "headscope.results/1"
 MODEL_KEYS = ("id", "revision", "architecture", "family", "n_layers", "n_heads", "n_kv_heads", "d_head", "causal",
@@ -130,6 +131,34 @@ class AnalysisResult:
     @property
     def query_token(self) -> str:
         return self.tokens[self.query]
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.model.get("causal", True))
+
+    def _positions(self, found) -> np.ndarray:
+        _, keys = found
+        return np.arange(self.n_tokens)[keys]  # [keys]
+
+    def dot_key_positions(self) -> np.ndarray:
+        """The key positions of the dot products, in the engine's order (analysis.keys.compared_keys)."""
+        if not self.n_tokens:
+            return np.empty(0, dtype=np.int64)
+        skip = self._special_mask() if self.exclude_special_keys else None
+        return self._positions(compared_keys(self.n_tokens, self.exclude_first_token, self.query, causal=self.causal,
+                                             skip=skip))
+
+    def readout_key_positions(self) -> np.ndarray:
+        """The key positions of the query's read-out (final_to_prev): earlier keys, or every other key."""
+        if not self.n_tokens:
+            return np.empty(0, dtype=np.int64)
+        skip = self._special_mask() if self.exclude_special_keys else None
+        return self._positions(query_keys(self.n_tokens, self.query, causal=self.causal, skip=skip))
+
+    def _special_mask(self) -> np.ndarray:
+        mask = np.zeros(self.n_tokens, dtype=bool)  # [pos]
+        mask[list(self.special_positions)] = True
+        return mask
 
     @property
     def first_token(self) -> str:

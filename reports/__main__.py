@@ -65,6 +65,15 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
     layers.add_argument("--all-layers", action="store_true", help="analyse every layer")
     parser.add_argument("--include-first-token", action="store_true",
                         help="keep the first token in the means, stds and dot products")
+    parser.add_argument("--query-position", type=int, metavar="P",
+                        help="the query token of the dot products and the query read-out, 0-based; negative counts "
+                             "from the end (default: the final token of a causal model, the last non-special "
+                             "token of an encoder)")
+    parser.add_argument("--exclude-special-keys", action="store_true",
+                        help="leave the special tokens (BOS, CLS, SEP, ...) out of the query's keys")
+    parser.add_argument("--include-bos", action="store_true",
+                        help="keep a BOS/CLS token at position 0 in the head scores (by default it is left out, as "
+                             "TransformerLens's exclude_bos; a first word is always kept)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES),
                         help="precision the model runs in; the measurements are computed in float32 either way")
@@ -245,13 +254,20 @@ def check_head(head: int, n_heads: int) -> None:
         raise HeadscopeError(f"Head {head} is out of range: this model has heads 0..{n_heads - 1}.")
 
 
+def query_options(args) -> dict:
+    """The query token and the two exclusions of issue 12, as analyze's keyword arguments."""
+    return {"query_position": args.query_position, "exclude_special_keys": args.exclude_special_keys,
+            "exclude_bos": not args.include_bos}
+
+
 def analyse(loaded, text: str, args):
     """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
     from analysis import analyze, analyze_induction_probe, default_layer
 
     layers = None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)])
     keep = args.patterns or args.html is not None or args.batch is not None or args.figures is not None
-    options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep}
+    options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep,
+               **query_options(args)}
     if args.induction_probe is not None:
         return analyze_induction_probe(loaded, args.induction_probe, args.probe_seed, layers, **options)
     return analyze(loaded, text, layers, **options)
@@ -349,7 +365,8 @@ def _analyse_chunk(loaded, chunk: list, layers, args) -> list:
     if isinstance(layers, HeadscopeError):
         return [text if isinstance(text, HeadscopeError) else layers for text in chunk]
     strings = [text for text in chunk if isinstance(text, str)]
-    options = {"exclude_first_token": not args.include_first_token, "keep_patterns": True, "keep_layers": layers}
+    options = {"exclude_first_token": not args.include_first_token, "keep_patterns": True, "keep_layers": layers,
+               **query_options(args)}
     try:
         results = iter(analyze_batch(loaded, strings, args.batch_size, None, **options))
     except Exception as exc:  # noqa: BLE001 - retried alone below, or that text's error

@@ -25,6 +25,7 @@ WIDTH = 560
 HEIGHT = 300
 COLORS = {"Q": "#2f8f4e", "K": "#c0392b", "same": "#2f8f4e", "diff": "#c0392b", "first": "#3b6fb6"}
 STRIP_GROUPS = ("Final to previous", "Self-attention, other tokens", "Self-attention, first token")
+QUERY_GROUPS = {True: "Query to earlier keys", False: "Query to other tokens"}  # the read-out, causal or not
 CAUSAL_NOTE = ("Under a causal mask the first token can attend only to itself, so its self-attention is always "
                "exactly 1.")
 BIDIRECTIONAL_NOTE = ("This model is bidirectional: the first token attends to every token, so its self-attention is "
@@ -53,6 +54,30 @@ def display_token(token: str) -> str:
     """A token with its whitespace made visible: a leading space as '␣', a newline as '↵', control characters as
     reports.untrusted.visible draws them (␀, ⟨U+202E⟩, ...)."""
     return visible(token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")) or "∅"
+
+
+def query_name(result: AnalysisResult) -> str:
+    """The query token as titles and captions name it: "query token 7 'cat'"."""
+    if not result.tokens:
+        return "query token"
+    return f"query token {result.query} '{display_token(result.query_token)}'"
+
+
+def query_group(result: AnalysisResult) -> str:
+    """The read-out's name: "Query to earlier keys" (causal) or "Query to other tokens" (bidirectional)."""
+    return QUERY_GROUPS[result.causal]
+
+
+def strip_groups(result: AnalysisResult) -> tuple[str, str, str]:
+    return (query_group(result), *STRIP_GROUPS[1:])
+
+
+def keys_description(result: AnalysisResult) -> str:
+    """Which keys the dot products use, in words."""
+    where = "earlier positions" if result.causal else "every other position"
+    left_out = [name for name, on in (("the first", result.exclude_first_token),
+                                      ("special tokens", result.exclude_special_keys)) if on]
+    return where + (" except " + " and ".join(left_out) if left_out else "")
 
 
 def _title(result: AnalysisResult, layer: int, what: str, subtitle: str | list[str] = "") -> alt.TitleParams:
@@ -174,13 +199,12 @@ def build_qk_stds_chart(result: AnalysisResult, layer: int) -> alt.Chart:
 def _dot_product_frame(result: AnalysisResult, layer: int) -> pd.DataFrame:
     """Every same-head and cross-head dot product with its query head, key head and key token.
 
-    The engine orders them query head outer, key head inner, key position innermost (positions start..T-2).
+    The engine orders them query head outer, key head inner, key position innermost (result.dot_key_positions).
     """
     data = _layer(result, layer)
     n_heads, groups = _n_heads(result), _groups(result)
     n_kv = int(result.model["n_kv_heads"])
-    start = 1 if result.exclude_first_token else 0
-    positions = np.arange(start, max(result.n_tokens - 1, start))
+    positions = result.dot_key_positions()
     pairs = [(h, g) for h in range(n_heads) for g in range(n_kv)]
     frames = []
     for name, values, keep in (("Same head", data.same_head_dp, lambda h, g: groups[h] == g),
@@ -198,7 +222,7 @@ def _dot_product_frame(result: AnalysisResult, layer: int) -> pd.DataFrame:
 
 
 def build_dot_products_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
-    """The notebook's 'Raw attention scores': unscaled q·k of the final query, same head vs different heads."""
+    """The notebook's 'Raw attention scores': unscaled q·k of the query token, same head vs different heads."""
     frame = _dot_product_frame(result, layer)
     parts, notes = [], []
     for name in ("Same head", "Different heads"):
@@ -207,14 +231,12 @@ def build_dot_products_chart(result: AnalysisResult, layer: int) -> alt.LayerCha
         if note:
             notes.append(f"{name}: {note} points shown, evenly spaced by rank")
     frame = pd.concat(parts, ignore_index=True)
-    final = f"final token {display_token(result.tokens[-1])}" if result.tokens else "final token"
     tooltip = [alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="q·k", format=".3f"),
                alt.Tooltip("query_head:N", title="query head"), alt.Tooltip("key_head:N", title="key head"),
                alt.Tooltip("key_token:N", title="key token")]
     chart = _strip(frame, ["Same head", "Different heads"], [COLORS["same"], COLORS["diff"]], "q·kᵀ dot product",
                    tooltip)
-    subtitle = [f"Query: the {final}; keys: earlier positions"
-                + (" except the first" if result.exclude_first_token else "")]
+    subtitle = [f"Query: {query_name(result)} ({result.query_choice}); keys: {keys_description(result)}"]
     return chart.properties(title=_title(result, layer, "Raw attention scores (q·k)", subtitle + notes))
 
 
@@ -252,12 +274,13 @@ def _softmax_frame(result: AnalysisResult, layer: int) -> pd.DataFrame:
     data = _layer(result, layer)
     n_heads, n = _n_heads(result), result.n_tokens
     tok = [f"{p}: {display_token(t)}" for p, t in enumerate(result.tokens)]
-    final = tok[-1] if tok else ""
     heads = [head_label(layer, h) for h in range(n_heads)]
     frames = []
-    if n >= 2 and len(data.final_to_prev) == n_heads * (n - 1):
-        frames.append(pd.DataFrame({"group": STRIP_GROUPS[0], "value": data.final_to_prev,
-                                    "head": np.repeat(heads, n - 1), "query": final, "key": tok[:-1] * n_heads}))
+    keys = result.readout_key_positions()  # [keys]
+    if keys.size and len(data.final_to_prev) == n_heads * keys.size:
+        frames.append(pd.DataFrame({"group": query_group(result), "value": data.final_to_prev,
+                                    "head": np.repeat(heads, keys.size), "query": tok[result.query],
+                                    "key": [tok[j] for j in keys] * n_heads}))
     if n >= 2 and len(data.self_attention) == n_heads * (n - 1):
         frames.append(pd.DataFrame({"group": STRIP_GROUPS[1], "value": data.self_attention,
                                     "head": np.repeat(heads, n - 1), "query": tok[1:] * n_heads,
@@ -270,10 +293,12 @@ def _softmax_frame(result: AnalysisResult, layer: int) -> pd.DataFrame:
 
 
 def build_softmax_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
-    """The notebook's softmax strip: final-to-previous, self-attention of other tokens, of the first token."""
+    """The notebook's softmax strip: the query to its keys (the notebook's final-to-previous), self-attention of
+    other tokens, of the first token."""
     frame = _softmax_frame(result, layer)
     parts, notes = [], []
-    for name in STRIP_GROUPS:
+    groups = strip_groups(result)
+    for name in groups:
         part, note = _thin(frame[frame["group"] == name], "value")
         parts.append(part)
         if note:
@@ -282,10 +307,11 @@ def build_softmax_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
     tooltip = [alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="weight", format=".4f"),
                alt.Tooltip("head:N", title="head"), alt.Tooltip("query:N", title="query token"),
                alt.Tooltip("key:N", title="key token")]
-    chart = _strip(frame, list(STRIP_GROUPS), [COLORS["same"], COLORS["diff"], COLORS["first"]],
+    chart = _strip(frame, list(groups), [COLORS["same"], COLORS["diff"], COLORS["first"]],
                    "Softmax attention weight", tooltip)
     note = CAUSAL_NOTE if result.model.get("causal") else BIDIRECTIONAL_NOTE
-    return chart.properties(title=_title(result, layer, "Softmax attention weights", [note] + notes))
+    return chart.properties(title=_title(result, layer, "Softmax attention weights",
+                                         [f"{groups[0]}: {query_name(result)}. {note}"] + notes))
 
 
 def build_sink_mass_chart(result: AnalysisResult, layer: int) -> alt.Chart:
@@ -304,17 +330,18 @@ def build_sink_mass_chart(result: AnalysisResult, layer: int) -> alt.Chart:
 
 
 def build_kde_chart(result: AnalysisResult, layer: int) -> alt.Chart:
-    """The notebook's KDE of final-to-previous and self-attention weights: scipy's curves from the results."""
+    """The notebook's KDE of the query's weights (final-to-previous) and self-attention: scipy's curves."""
     data = _layer(result, layer)
-    series = {"final_to_prev": "Final to previous", "self_attention": "Self-attention"}
+    series = {"final_to_prev": query_group(result), "self_attention": "Self-attention"}
     if data.kde is None:
         frame = pd.DataFrame(columns=["weight", "density", "series"])
         subtitle = "Too few tokens for a density estimate"
     else:
         frame = pd.concat([pd.DataFrame({"weight": data.kde["grid"], "density": data.kde[name], "series": label})
                            for name, label in series.items()], ignore_index=True)
-        subtitle = ("scipy gaussian_kde (Scott's bandwidth), each curve over its maximum; square-root y axis shows "
-                    "the tails")
+        subtitle = [f"{query_group(result)}: {query_name(result)}",
+                    ("scipy gaussian_kde (Scott's bandwidth), each curve over its maximum; square-root y axis shows "
+                     "the tails")]
     domain = list(series.values())
     return alt.Chart(frame).mark_line(strokeWidth=2.5).encode(
         x=alt.X("weight:Q", title="Softmax attention weight", scale=alt.Scale(domain=[0, 1])),
@@ -395,7 +422,8 @@ def build_layer_charts(result: AnalysisResult, layer: int, head: int = 0,
 
     `keys` (an iterable of LayerChart keys), if given, builds only those (the app builds only what it draws).
     """
-    causal_hint = ("final-to-previous spikes point to previous-token heads" if result.model.get("causal")
+    causal_hint = ("spikes of the query's weights on earlier keys point to previous-token heads"
+                   if result.model.get("causal")
                    else "a bidirectional model spreads weight both ways")
     plan = [
         ("means", "Q and K means ± std per head",

@@ -33,6 +33,8 @@ from reports.charts import (
     build_atlas_chart,
     build_corpus_atlas_chart,
     build_layer_charts,
+    keys_description,
+    query_name,
 )
 from reports.provenance import (  # noqa: F401 (LIBRARIES, reproduce_command: kept importable from here)
     LIBRARIES,
@@ -616,6 +618,11 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "tokens": [{"position": i, "text": token, "special": i in special} for i, token in enumerate(result.tokens)],
         "first_token": result.tokens[0] if result.tokens else "",
         "exclude_first_token": result.exclude_first_token,
+        "query": {"position": result.query, "token": result.query_token, "choice": result.query_choice,
+                  "name": query_name(result), "compared": keys_description(result)} if result.tokens else None,
+        "exclude_special_keys": result.exclude_special_keys,
+        "exclude_bos": result.exclude_bos,
+        "bos_excluded": bool(result.bos_excluded),
         "warnings": list(result.warnings),
         "head": head,
         "layers": layers,

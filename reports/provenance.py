@@ -91,6 +91,12 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
     argv += ["--head", str(head), *device_options(result.model), "--dtype", result.model["dtype"]]
     if not result.exclude_first_token:
         argv.append("--include-first-token")
+    if result.query_choice == "chosen":
+        argv += ["--query-position", str(result.query)]
+    if result.exclude_special_keys:
+        argv.append("--exclude-special-keys")
+    if not result.exclude_bos:
+        argv.append("--include-bos")
     return shlex.join(argv + list(outputs))
 
 

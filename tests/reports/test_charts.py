@@ -103,11 +103,11 @@ def test_charts_hold_the_results_numbers(gpt2_result):
     np.testing.assert_allclose(values(build_means_chart(gpt2_result, 6), "std", kind="K"), data.k_stds)
     np.testing.assert_allclose(values(build_qk_means_chart(gpt2_result, 6), "k"), data.k_means)
     kde = build_kde_chart(gpt2_result, 6)
-    np.testing.assert_allclose(values(kde, "density", series="Final to previous"), data.kde["final_to_prev"])
+    np.testing.assert_allclose(values(kde, "density", series="Query to earlier keys"), data.kde["final_to_prev"])
     np.testing.assert_allclose(values(kde, "weight", series="Self-attention"), data.kde["grid"])
     softmax = build_softmax_chart(gpt2_result, 6)
     np.testing.assert_allclose(values(softmax, "value", group="Self-attention, first token"), data.first_self)
-    np.testing.assert_allclose(values(softmax, "value", group="Final to previous"), data.final_to_prev, rtol=1e-6)
+    np.testing.assert_allclose(values(softmax, "value", group="Query to earlier keys"), data.final_to_prev, rtol=1e-6)
     heatmap = build_heatmap_chart(gpt2_result, 6, 3)
     np.testing.assert_allclose(values(heatmap, "weight"), data.patterns[3].ravel(), rtol=1e-6)
     labels = {row["query"] for row in rows(heatmap)}
@@ -197,7 +197,7 @@ def test_short_texts_draw_what_there_is_and_say_what_is_missing():
     assert rows(charts["kde"]) == [] and "Too few tokens" in json.dumps(charts["kde"].to_dict()["title"])
     np.testing.assert_allclose(values(charts["means"], "mean", kind="Q"), layer.q_means)
     np.testing.assert_allclose(values(charts["sink_mass"], "sink_mass"), layer.sink_mass, rtol=1e-6)
-    np.testing.assert_allclose(values(charts["softmax"], "value", group="Final to previous"), layer.final_to_prev,
+    np.testing.assert_allclose(values(charts["softmax"], "value", group="Query to earlier keys"), layer.final_to_prev,
                                rtol=1e-6)
     np.testing.assert_allclose(values(charts["heatmap"], "weight"), layer.patterns[0].ravel(), rtol=1e-6)
 
