@@ -10,7 +10,7 @@ sidebar, the atlas outline, the figures and the link (written last, from the sam
 
 from __future__ import annotations
 
-import html
+import hashlib
 import json
 import logging
 import os
@@ -78,6 +78,8 @@ APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults",
 RESULTS_DIR = "corpus_results_dir"  # session-state key of the results folder's path
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
+SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+QUERY = "query"  # the query token's position (None: the model's default), from the link or a click on the strip
 SCORE_PARAM = re.compile(r"(text|probe):[a-z_]+")  # ?score=text:induction
 MAX_UPLOAD_MB, MAX_UPLOAD_TEXTS = 5, 1000  # the corpus upload's limits (Streamlit's MB are MiB)
 UPLOAD_TOO_LARGE = "{name} is {size:.1f} MB; the app takes files up to {max} MB: use python -m reports --batch instead."
@@ -133,12 +135,17 @@ def get_capture(model: str, device: str, dtype: str, text: str, pattern_layers: 
 
 
 def get_result(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None, layer: int,
-               exclude_first_token: bool) -> AnalysisResult:
+               exclude_first_token: bool, query: int | None = None, special_keys: bool = False,
+               exclude_bos: bool = True) -> AnalysisResult:
+    """A layer's measurements from the cached capture: the query token and the exclusions change no forward pass
+    (the capture keeps the shown layer's pattern, whose rows give any query's read-out)."""
     def make() -> AnalysisResult:
         captured = get_capture(model, device, dtype, text, pattern_layers)
-        return summarize(captured, get_model(model, device, dtype).info.to_dict(), [layer], exclude_first_token)
+        return summarize(captured, get_model(model, device, dtype).info.to_dict(), [layer], exclude_first_token,
+                         query_position=query, exclude_special_keys=special_keys, exclude_bos=exclude_bos)
 
-    return result_cache().get(("result", model, device, dtype, text, pattern_layers, layer, exclude_first_token), make)
+    return result_cache().get(("result", model, device, dtype, text, pattern_layers, layer, exclude_first_token,
+                               query, special_keys, exclude_bos), make)
 
 
 def get_probe(model: str, device: str, dtype: str, exclude_first_token: bool) -> AnalysisResult:
@@ -164,7 +171,8 @@ def init_state() -> None:
     known = model in MODELS
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
                 "dtype": "float32", "text": FIJI if link["text"] is None else link["text"], LAYER: link["layer"],
-                HEAD: link["head"] or 0, "exclude": True, PROBE: params.get(PROBE) == "1"}
+                HEAD: link["head"] or 0, "exclude": True, PROBE: params.get(PROBE) == "1",
+                "special_keys": link["special_keys"], "exclude_bos": not link["keep_bos"], QUERY: link["query"]}
     st.session_state[DEFAULTS], st.session_state[TEXT_VERSION], st.session_state[HEAD_VERSION] = defaults, 0, 0
     st.session_state[APPLIED] = settings_from(defaults)
     score = params.get("score")
@@ -175,7 +183,9 @@ def init_state() -> None:
 def settings_from(values: dict) -> dict:
     return {"model": values["model_typed"].strip() or values["model_choice"], "device": values["device"],
             "dtype": values["dtype"], "text": values["text"], "layer": values[LAYER],
-            "head": int(values[HEAD] or 0), "exclude": bool(values["exclude"])}
+            "head": int(values[HEAD] or 0), "exclude": bool(values["exclude"]),
+            "special_keys": bool(values.get("special_keys", False)),
+            "exclude_bos": bool(values.get("exclude_bos", True)), "query": values.get(QUERY)}
 
 
 def widget_key(name: str) -> str:
@@ -198,9 +208,13 @@ def show_head(layer: int, head: int) -> None:
 def apply_form() -> None:
     """Analyse: the form's values become the applied settings (a callback, so it runs before anything is drawn)."""
     state = st.session_state
-    values = {key: state[key] for key in ("model_choice", "model_typed", "device", "dtype", "exclude")}
+    values = {key: state[key] for key in ("model_choice", "model_typed", "device", "dtype", "exclude", "special_keys",
+                                          "exclude_bos")}
     values.update({LAYER: state[widget_key(LAYER)], HEAD: state[widget_key(HEAD)]})
     values["text"] = state[f"text-{state[TEXT_VERSION]}"]
+    before = state[APPLIED]
+    same_input = settings_from(values)["model"] == before["model"] and values["text"] == before["text"]
+    values[QUERY] = before.get("query") if same_input else None  # a new text or model: its default query token
     state[DEFAULTS].update(values)
     state[APPLIED] = settings_from(values)
     state[LINK_NOTICES] = []  # the link's bad values no longer matter
@@ -211,6 +225,12 @@ def fill_preset() -> None:
     if st.session_state.preset:
         st.session_state[DEFAULTS]["text"] = PRESETS[st.session_state.preset]
         st.session_state[TEXT_VERSION] += 1
+
+
+def choose_query(key: str) -> None:
+    """on_change of the token strip: the clicked token becomes the query token (clicked again: the default)."""
+    st.session_state[APPLIED] = {**st.session_state[APPLIED], "query": st.session_state[key]}
+    st.session_state[DEFAULTS][QUERY] = st.session_state[key]
 
 
 def select_head(key: str) -> None:
@@ -232,6 +252,12 @@ def share_link(settings: dict) -> None:
         params.update(layer=str(settings["layer"]), head=str(settings["head"]))
     if len(settings["text"]) <= MAX_URL_TEXT:
         params["text"] = settings["text"]
+    if settings.get("query") is not None:
+        params["query"] = str(settings["query"])
+    if settings.get("special_keys"):
+        params["special_keys"] = "1"
+    if not settings.get("exclude_bos", True):
+        params["keep_bos"] = "1"
     if st.session_state.get(PROBE):
         params[PROBE] = "1"
     if st.session_state.get(ATLAS_SCORE):
@@ -264,6 +290,11 @@ def sidebar_ui() -> None:
             head.number_input("Head", min_value=0, value=d[HEAD], step=1, key=widget_key(HEAD))
             st.toggle("Exclude first token", d["exclude"], key="exclude",
                       help="Leave position 0 out of the Q/K statistics and the dot products, as the notebook does.")
+            st.toggle("Exclude special keys", d["special_keys"], key="special_keys",
+                      help="Leave the special tokens (BOS, CLS, SEP, ...) out of the query token's keys.")
+            st.toggle("Exclude BOS from the head scores", d["exclude_bos"], key="exclude_bos",
+                      help="Leave position 0 out of the head scores when it is a special token (BOS, CLS), as "
+                           "TransformerLens's exclude_bos; a first word is always kept.")
             st.form_submit_button("Analyse", type="primary", width="stretch", on_click=apply_form)
 
 
@@ -294,10 +325,22 @@ def load(settings: dict, slot) -> LoadedModel:
 
 def analyse(settings: dict, loaded: LoadedModel, slot) -> AnalysisResult:
     keys, text, layer = (settings["model"], settings["device"], settings["dtype"]), settings["text"], settings["layer"]
+    options = {"special_keys": settings.get("special_keys", False), "exclude_bos": settings.get("exclude_bos", True)}
     with slot.status(f"Analysing the text with {plain(loaded.info.id)}…", expanded=False) as status:
-        result = get_result(*keys, text, pattern_layers_for(loaded, text, layer), layer, settings["exclude"])
+        patterns = pattern_layers_for(loaded, text, layer)
+        bad_query = None
+        try:
+            result = get_result(*keys, text, patterns, layer, settings["exclude"], settings.get("query"), **options)
+        except HeadscopeError as exc:
+            if settings.get("query") is None or not str(exc).startswith("Query position"):
+                raise
+            bad_query = f"{exc} The default query token is shown instead."  # e.g. a link's ?query=
+            show_query(None)
+            result = get_result(*keys, text, patterns, layer, settings["exclude"], None, **options)
         status.update(label=f"Analysed {result.n_tokens} tokens with {plain(loaded.info.id)}", state="complete")
     slot.empty()  # the model line below says what was analysed
+    if bad_query:
+        st.error(plain(bad_query))
     return result
 
 
@@ -329,22 +372,37 @@ def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int
         st.warning(plain(warning))
 
 
+def show_query(query: int | None) -> None:
+    """Make `query` (None: the default) the applied query token."""
+    st.session_state[APPLIED] = {**st.session_state[APPLIED], "query": query}
+    st.session_state[DEFAULTS][QUERY] = query
+
+
 def tokens_ui(result: AnalysisResult) -> None:
-    """The token strip. Choosing a query token here is left for when the engine takes a query position (#12)."""
+    """The token strip: one pill per token; clicking one makes it the query token (no new forward pass)."""
     special = set(result.special_positions)
-    spans = []
-    for pos, token in enumerate(result.tokens):
-        style = SPECIAL_CSS if pos in special else "background:#eef0f2;"
-        title = f"position {pos}, id {int(result.token_ids[pos])}" + (", special token" if pos in special else "")
-        spans.append(f'<span title="{html.escape(title)}" style="{TOKEN_CSS}{style}">'
-                     f'{html.escape(display_token(token))}</span>')
     first = literal(display_token(result.tokens[0])) + (" (a special token)" if 0 in special else "")
     effect = ("is left out of the Q/K statistics and the dot products" if result.exclude_first_token
               else "is included in the Q/K statistics and the dot products")
-    st.markdown(f"**Tokens** ({result.n_tokens}; special tokens outlined in blue). The first token is {first} at "
-                f"position 0; with the current setting it {effect}.", help="Hover a token for its position and id.")
-    strip = st.container(height=96 if result.n_tokens > 90 else "content", border=False)
-    strip.markdown("".join(spans), unsafe_allow_html=True)
+    bos = ("left out of the head scores (exclude BOS)" if result.bos_excluded else
+           "kept in the head scores" + (" (not a special token)" if result.exclude_bos else " (exclude BOS off)"))
+    keys = ("earlier tokens" if result.causal else "every other token") + (
+        ", special tokens left out" if result.exclude_special_keys else "")
+    query = (f"query token {result.query} {literal(display_token(result.query_token))} ({plain(result.query_choice)}), "
+             f"compared with {keys}")
+    st.markdown(f"**Tokens** ({result.n_tokens}; subscripts are positions, special tokens marked ◆). The first "
+                f"token is {first} at position 0; with the current setting it {effect}, and it is {bos}. The figures "
+                f"use the {query}: click a token to choose another.",
+                help="Click a token to make it the query token; click it again for the default.")
+    strip = st.container(height=110 if result.n_tokens > 90 else "content", border=False)
+    text_id = f"{result.model['id']}\0{result.text}".encode("utf-8", "surrogatepass")
+    key = "query-" + hashlib.sha256(text_id).hexdigest()[:16]  # a new text or model: a fresh strip
+    # unique labels (Streamlit tells options apart by their labels): the position as subscript digits
+    labels = [plain(display_token(token)) + str(pos).translate(SUBSCRIPTS) + ("◆" if pos in special else "")
+              for pos, token in enumerate(result.tokens)]
+    strip.pills("Query token", list(range(result.n_tokens)), selection_mode="single", default=result.query,
+                format_func=labels.__getitem__, key=key, on_change=choose_query, args=(key,),
+                label_visibility="collapsed")
 
 
 def atlas_ui(result: AnalysisResult, settings: dict) -> None:

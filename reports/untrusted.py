@@ -7,7 +7,7 @@ Pure functions shared by the HTML reports and the app (no Streamlit here):
 - `literal(text)`: a Markdown code span that Streamlit shows as the literal characters (no link, image,
   emoji, colour or LaTeX can come out of it), for quoting a value;
 - `plain(text)`: a whole sentence escaped for Markdown, for messages that quote user input (st.error);
-- `parse_link(params)`: the app's link values (model, layer, head, text) with a notice for each bad one.
+- `parse_link(params)`: the app's link values (model, layer, head, text, query) with a notice for each bad one.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def link_str(params, name: str, limit: int, notices: list[str]) -> str | None:
 
 
 def parse_link(params) -> tuple[dict, list[str]]:
-    """The app's link values: {"model", "layer", "head", "text"} (None where absent or bad) and the notices.
+    """The app's link values: {"model", "layer", "head", "text", "query"} (None where absent or bad), the switches
+    {"special_keys", "keep_bos"} (True only for "1") and the notices.
 
     `params` is st.query_params or any mapping of str to str. A bad value never reaches a widget: it is
     dropped and a notice (user text quoted with `literal`) says which one and why.
@@ -111,7 +112,9 @@ def parse_link(params) -> tuple[dict, list[str]]:
     notices: list[str] = []
     settings = {"model": link_str(params, "model", LINK_MODEL_MAX, notices),
                 "layer": link_int(params, "layer", notices), "head": link_int(params, "head", notices),
-                "text": link_str(params, "text", LINK_TEXT_MAX, notices)}
+                "text": link_str(params, "text", LINK_TEXT_MAX, notices),
+                "query": link_int(params, "query", notices),  # the query token's position (range: the app checks)
+                "special_keys": params.get("special_keys") == "1", "keep_bos": params.get("keep_bos") == "1"}
     if settings["model"] is not None and not settings["model"].strip():
         settings["model"] = None
     return settings, notices
