@@ -148,10 +148,13 @@ def get_result(model: str, device: str, dtype: str, text: str, pattern_layers: t
                                query, special_keys, exclude_bos), make)
 
 
-def get_probe(model: str, device: str, dtype: str, exclude_first_token: bool) -> AnalysisResult:
+def get_probe(model: str, device: str, dtype: str, exclude_first_token: bool,
+              exclude_bos: bool = True) -> AnalysisResult:
     """The induction probe's head scores (every layer, no per-layer figures): one forward pass per model."""
-    return result_cache().get(("probe", model, device, dtype, exclude_first_token), lambda: analyze_induction_probe(
-        get_model(model, device, dtype), layers=[], exclude_first_token=exclude_first_token))
+    return result_cache().get(("probe", model, device, dtype, exclude_first_token, exclude_bos),
+                              lambda: analyze_induction_probe(get_model(model, device, dtype), layers=[],
+                                                              exclude_first_token=exclude_first_token,
+                                                              exclude_bos=exclude_bos))
 
 
 # ----------------------------------------------------------------------------------------- state
@@ -416,7 +419,7 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
         try:
             with st.spinner("Running the induction probe…"):
                 sources["probe"] = get_probe(settings["model"], settings["device"], settings["dtype"],
-                                             settings["exclude"])
+                                             settings["exclude"], settings.get("exclude_bos", True))
         except HeadscopeError as exc:
             st.error(plain(exc))
     options = [f"{source}:{score}" for source, found in sources.items() for score in found.head_scores]

@@ -114,9 +114,11 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
 
     `k_mean`/`k_std` are those of the key head each query head reads (equal to the key head's own with
     grouped-query attention). The rank-biserial effect sizes are the same-vs-different-head comparison of the
-    final token's dot products (analysis.head_scores), raw and with each key head's mean key removed.
+    default query token's dot products (analysis.head_scores), raw and with each key head's mean key removed.
     """
     n_layers, n_heads = len(captured.q), int(model["n_heads"])
+    causal = bool(model.get("causal", True))  # the default query token, as analyze_batch uses (capture resolved it)
+    query = -1 if captured.query_position is None else captured.query_position
     scores = summarize(captured, model, [], exclude_first_token, exclude_current_token).head_scores
     heads = {name: scores.get(name, np.full((n_layers, n_heads), np.nan)) for name in HEAD_SCORE_NAMES}
     qk = {name: np.full((n_layers, n_heads), np.nan) for name in QK_MEASURES}  # [layer, head] each
@@ -128,8 +130,8 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
         if q_means.size:
             qk["q_mean"][layer], qk["q_std"][layer] = q_means, q_stds
             qk["k_mean"][layer], qk["k_std"][layer] = k_means[groups], k_stds[groups]  # [head]
-        same, diff = compute_dot_products(q, k, exclude_first_token)
-        same_c, diff_c = compute_centered_dot_products(q, k, exclude_first_token, dots=(same, diff))
+        same, diff = compute_dot_products(q, k, exclude_first_token, query, causal=causal)
+        same_c, diff_c = compute_centered_dot_products(q, k, exclude_first_token, (same, diff), query, causal=causal)
         for name, (a, b) in zip(LAYER_MEASURES, ((same, diff), (same_c, diff_c))):
             _, r = compute_mannwhitney(a, b)
             layer_values[name][layer] = np.nan if r is None else r
