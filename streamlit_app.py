@@ -295,8 +295,8 @@ def sidebar_ui() -> None:
                       help="Leave position 0 out of the Q/K statistics and the dot products, as the notebook does.")
             st.toggle("Exclude special keys", d["special_keys"], key="special_keys",
                       help="Leave the special tokens (BOS, CLS, SEP, ...) out of the query token's keys.")
-            st.toggle("Exclude BOS from the head scores", d["exclude_bos"], key="exclude_bos",
-                      help="Leave position 0 out of the head scores when it is a special token (BOS, CLS), as "
+            st.toggle("Exclude BOS (atlas scores)", d["exclude_bos"], key="exclude_bos",
+                      help="Leave position 0 out of the atlas's scores when it is a special token (BOS, CLS), as "
                            "TransformerLens's exclude_bos; a first word is always kept.")
             st.form_submit_button("Analyse", type="primary", width="stretch", on_click=apply_form)
 

@@ -263,7 +263,7 @@ def build_dot_distributions_chart(result: AnalysisResult, layer: int) -> alt.Lay
     zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(x="value:Q")
     return alt.layer(zero, lines).properties(
         title=_title(result, layer, "Distributions of q·k",
-                     "Histograms: 30 bins (same head), 80 bins (different heads)"),
+                     f"Query: {query_name(result)}; histograms: 30 bins (same head), 80 bins (different heads)"),
         width=WIDTH, height=HEIGHT)
 
 
@@ -436,14 +436,17 @@ def build_layer_charts(result: AnalysisResult, layer: int, head: int = 0,
          "Heads with large Q and K spreads produce large dot products and therefore sharp, peaked attention.",
          lambda: build_qk_stds_chart(result, layer)),
         ("dot_products", "Raw attention scores (q·k)",
-         ("If same-head dot products spread wider than cross-head ones, each head's queries are tuned to its "
-         "own keys, which is why attention is computed within heads."),
+         (f"The {query_name(result)} against {keys_description(result)}. If same-head dot products spread wider "
+          "than cross-head ones, each head's queries are tuned to its own keys, which is why attention is computed "
+          "within heads."),
          lambda: build_dot_products_chart(result, layer)),
         ("dot_distributions", "Distributions of q·k",
-         ("Compare the widths: a wider same-head curve means queries line up with their own head's keys more "
-         "than with other heads' keys."), lambda: build_dot_distributions_chart(result, layer)),
+         (f"The {query_name(result)}'s dot products. Compare the widths: a wider same-head curve means queries "
+          "line up with their own head's keys more than with other heads' keys."),
+         lambda: build_dot_distributions_chart(result, layer)),
         ("softmax", "Softmax attention weights",
-         f"Most weights sit near 0; the few large ones are where a head actually looks ({causal_hint}).",
+         (f"{query_group(result)}: the {query_name(result)}. Most weights sit near 0; the few large ones are where "
+          f"a head actually looks ({causal_hint})."),
          lambda: build_softmax_chart(result, layer)),
         ("sink_mass", "Sink mass per head",
          ("A head with sink mass near 1 parks its attention on the first token (an attention sink) and reads "
