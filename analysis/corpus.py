@@ -108,8 +108,8 @@ class TextRecord:
     error: str | None = None
 
 
-def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
-                        exclude_current_token: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def compute_text_values(captured, model: dict, exclude_first_token: bool = True, exclude_current_token: bool = False,
+                        exclude_bos: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One text's small numbers: ({CORPUS_MEASURES: [layer, head]}, {LAYER_MEASURES: [layer]}), NaN if undefined.
 
     `k_mean`/`k_std` are those of the key head each query head reads (equal to the key head's own with
@@ -119,7 +119,8 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
     n_layers, n_heads = len(captured.q), int(model["n_heads"])
     causal = bool(model.get("causal", True))  # the default query token, as analyze_batch uses (capture resolved it)
     query = -1 if captured.query_position is None else captured.query_position
-    scores = summarize(captured, model, [], exclude_first_token, exclude_current_token).head_scores
+    scores = summarize(captured, model, [], exclude_first_token, exclude_current_token,
+                       exclude_bos=exclude_bos).head_scores
     heads = {name: scores.get(name, np.full((n_layers, n_heads), np.nan)) for name in HEAD_SCORE_NAMES}
     qk = {name: np.full((n_layers, n_heads), np.nan) for name in QK_MEASURES}  # [layer, head] each
     layer_values = {name: np.full(n_layers, np.nan) for name in LAYER_MEASURES}  # [layer] each

@@ -69,6 +69,8 @@ NOT_RESULTS = ("{path} is not a headscope results folder (no {manifest}): run py
 OTHER_MODEL = ("{path} holds results of {old} ({key} {old_value!r}), not {new_value!r}: use a new --results folder "
                "or the same model and settings.")
 BAD_MANIFEST = "{path} is not a readable headscope manifest: {reason}."
+OLD_BOS = ("{path} holds head scores from before exclude_bos (position 0 was always left out of them; now only a "
+           "BOS/CLS token is): use a new --results folder.")
 
 Progress = Callable[[int, int], None]  # (records seen, rows written this run)
 
@@ -87,7 +89,7 @@ def versions() -> dict[str, str | None]:
 
 
 def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_token: bool = True,
-                    exclude_current_token: bool = False) -> list[dict]:
+                    exclude_current_token: bool = False, exclude_bos: bool = True) -> list[dict]:
     """Per-text rows (ROW_SCHEMA) for a batch of records (analysis.corpus_io): the one place both engines analyse.
 
     Today one forward pass per text (`capture` with no T x T pattern kept, then corpus.compute_text_values); a
@@ -103,7 +105,8 @@ def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_
         if record["error"] is None:
             try:
                 captured = capture(loaded, record["text"], pattern_layers=[])  # no T x T pattern kept
-                heads, layers = compute_text_values(captured, model, exclude_first_token, exclude_current_token)
+                heads, layers = compute_text_values(captured, model, exclude_first_token, exclude_current_token,
+                                                    exclude_bos)
                 row["n_tokens"] = len(captured.tokens)
                 row.update({name: heads[name].ravel().tolist() for name in CORPUS_MEASURES})  # [layer * head]
                 row.update({name: layers[name].tolist() for name in LAYER_MEASURES})  # [layer]
@@ -120,7 +123,10 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
 
 
 def result_settings(exclude_first_token: bool = True, exclude_current_token: bool = False) -> dict:
-    return {"exclude_first_token": exclude_first_token, "exclude_current_token": exclude_current_token}
+    """What the manifest records; exclude_bos (the head scores leave out position 0 only when it is a special
+    token, issue 12) is always on here, and a folder written before it existed is not resumed."""
+    return {"exclude_first_token": exclude_first_token, "exclude_current_token": exclude_current_token,
+            "exclude_bos": True}
 
 
 def _now() -> str:
@@ -190,6 +196,8 @@ class ResultsFolder:
                     raise HeadscopeError(OTHER_MODEL.format(path=self.path, old=manifest["model"].get("id"), key=key,
                                                             old_value=manifest["settings"].get(key),
                                                             new_value=settings.get(key)))
+            if manifest["settings"].get("exclude_bos") != settings.get("exclude_bos", True):
+                raise HeadscopeError(OLD_BOS.format(path=self.path))
             return manifest
         manifest = {"schema": MANIFEST_SCHEMA, "model": {key: model[key] for key in MODEL_KEYS},
                     "settings": {**settings, "text_column": text_column}, "source": source,

@@ -70,7 +70,8 @@ def test_rows_and_aggregates_equal_the_in_memory_corpus(gpt2, tmp_path, counted)
     assert manifest["model"]["revision"] == gpt2.info.revision and manifest["model"]["n_layers"] == 8
     assert manifest["counts"] == {"rows": 31, "analysed": 30, "failed": 1}
     assert manifest["versions"]["pyarrow"] and manifest["versions"]["torch"]
-    assert manifest["settings"] == {"exclude_first_token": True, "exclude_current_token": False, "text_column": "text"}
+    assert manifest["settings"] == {"exclude_first_token": True, "exclude_current_token": False, "exclude_bos": True,
+                                    "text_column": "text"}
 
 
 class Interrupted(Exception):
@@ -129,6 +130,13 @@ def test_a_results_folder_refuses_another_model_or_settings(gpt2, bert, tmp_path
         run_local(gpt2, iter_records(path), tmp_path / "res", exclude_first_token=False)
     with pytest.raises(HeadscopeError, match="not a headscope results folder"):
         load_results(tmp_path)
+    manifest_path = tmp_path / "res" / "corpus.json"  # a folder written before exclude_bos (issue 12)
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["settings"]["exclude_bos"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(HeadscopeError, match="from before exclude_bos .* use a new --results folder"):
+        run_local(gpt2, iter_records(path), tmp_path / "res")
+    assert len(load_results(tmp_path / "res").texts) == 1  # still readable
 
 
 @pytest.fixture(scope="module")
