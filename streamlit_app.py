@@ -15,10 +15,14 @@ import json
 import logging
 import os
 import re
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import altair as alt
 import numpy as np
 import streamlit as st
+from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec  # what st.altair_chart sends
 
 from analysis import (
     AnalysisResult,
@@ -67,6 +71,7 @@ DTYPES = ["float32", "bfloat16", "float16"]
 DEFAULT_MODEL_ENV = "HEADSCOPE_MODEL"  # the model a link without ?model= opens (a Community Cloud secret can set it)
 CACHE_MB_ENV = "HEADSCOPE_CACHE_MB"  # byte budget of the shared result cache, in MiB
 CACHE_BUDGET = int(os.environ.get(CACHE_MB_ENV, "640")) * 2**20
+SPEC_BUDGET = 64 * 2**20  # the converted chart specs (their data as Arrow bytes), shared by every session
 MAX_URL_TEXT = 1500  # longer texts are left out of the shareable link
 APP_HEATMAP_SIDE = 360  # px: the heatmap shares a row with the atlas
 FIGURES = "figures"  # the tabs of the notebook's figures: only the open one is computed and drawn
@@ -129,9 +134,47 @@ def result_cache() -> ByteBudgetCache:
     return ByteBudgetCache(CACHE_BUDGET)
 
 
+@st.cache_resource(show_spinner=False)
+def spec_cache() -> ByteBudgetCache:
+    """Charts as st.altair_chart sends them, made once per result and view and shared by every session.
+
+    Building a chart and Altair's schema validation of it (inside to_dict) took 40-130 ms a chart on every rerun.
+    """
+    return ByteBudgetCache(SPEC_BUDGET)
+
+
+def shared(source, view: tuple, make: Callable[[], Any]) -> Any:
+    """make()'s value for `source` (a result) and `view` (what else it depends on), made once for every session.
+
+    The key holds id(source) and the entry a weak reference to it: an object born at a freed one's address is not
+    handed the freed one's value."""
+    ref, value = spec_cache().get((id(source), *view), lambda: (weakref.ref(source), make()))
+    return value if ref() is source else make()
+
+
+def frozen_spec(chart: alt.TopLevelMixin) -> tuple[str, dict]:
+    """What st.altair_chart would send for `chart`: the spec as JSON, and its datasets as Arrow bytes."""
+    spec = _convert_altair_to_vega_lite_spec(chart)
+    datasets = spec.pop("datasets")
+    return json.dumps(spec), datasets
+
+
+def vega_spec(frozen: tuple[str, dict]) -> dict:
+    """A fresh spec dict from a frozen one, for st.vega_lite_chart (it edits the dict it is given)."""
+    text, datasets = frozen
+    return {**json.loads(text), "datasets": dict(datasets)}
+
+
 def get_capture(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None) -> Capture:
     return result_cache().get(("capture", model, device, dtype, text, pattern_layers), lambda: capture(
         get_model(model, device, dtype), text, pattern_layers, keep_patterns=True))
+
+
+def result_key(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None, layer: int,
+               exclude_first_token: bool, query: int | None = None, special_keys: bool = False,
+               exclude_bos: bool = True) -> tuple:
+    return ("result", model, device, dtype, text, pattern_layers, layer, exclude_first_token, query, special_keys,
+            exclude_bos)
 
 
 def get_result(model: str, device: str, dtype: str, text: str, pattern_layers: tuple[int, ...] | None, layer: int,
@@ -144,8 +187,8 @@ def get_result(model: str, device: str, dtype: str, text: str, pattern_layers: t
         return summarize(captured, get_model(model, device, dtype).info.to_dict(), [layer], exclude_first_token,
                          query_position=query, exclude_special_keys=special_keys, exclude_bos=exclude_bos)
 
-    return result_cache().get(("result", model, device, dtype, text, pattern_layers, layer, exclude_first_token,
-                               query, special_keys, exclude_bos), make)
+    return result_cache().get(result_key(model, device, dtype, text, pattern_layers, layer, exclude_first_token, query,
+                                         special_keys, exclude_bos), make)
 
 
 def get_probe(model: str, device: str, dtype: str, exclude_first_token: bool,
@@ -313,8 +356,13 @@ def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int,
 
 def load(settings: dict, slot) -> LoadedModel:
     """The model, and the settings' layer resolved (a link without ?layer= shows the default layer, named)."""
-    with slot.status(f"Loading {plain(settings['model'])}…", expanded=False):
-        loaded = get_model(settings["model"], settings["device"], settings["dtype"])
+    keys = settings["model"], settings["device"], settings["dtype"]
+    good = st.session_state.get(LAST_GOOD)
+    if good is not None and keys == tuple(good[2][name] for name in ("model", "device", "dtype")):
+        loaded = get_model(*keys)  # loaded already: no status box (st.status sleeps 50 ms as it opens and closes)
+    else:
+        with slot.status(f"Loading {plain(settings['model'])}…", expanded=False):
+            loaded = get_model(*keys)
     info = loaded.info
     if settings["layer"] is None:
         show_head(default_layer(info.n_layers), settings["head"])
@@ -329,18 +377,21 @@ def load(settings: dict, slot) -> LoadedModel:
 def analyse(settings: dict, loaded: LoadedModel, slot) -> AnalysisResult:
     keys, text, layer = (settings["model"], settings["device"], settings["dtype"]), settings["text"], settings["layer"]
     options = {"special_keys": settings.get("special_keys", False), "exclude_bos": settings.get("exclude_bos", True)}
-    with slot.status(f"Analysing the text with {plain(loaded.info.id)}…", expanded=False) as status:
-        patterns = pattern_layers_for(loaded, text, layer)
-        bad_query = None
-        try:
-            result = get_result(*keys, text, patterns, layer, settings["exclude"], settings.get("query"), **options)
-        except HeadscopeError as exc:
-            if settings.get("query") is None or not str(exc).startswith("Query position"):
-                raise
-            bad_query = f"{exc} The default query token is shown instead."  # e.g. a link's ?query=
-            show_query(None)
-            result = get_result(*keys, text, patterns, layer, settings["exclude"], None, **options)
-        status.update(label=f"Analysed {result.n_tokens} tokens with {plain(loaded.info.id)}", state="complete")
+    arguments = (*keys, text, pattern_layers_for(loaded, text, layer), layer, settings["exclude"])
+    query, bad_query = settings.get("query"), None
+    if result_key(*arguments, query, **options) in result_cache():  # analysed already: no status box, no sleeps
+        result = get_result(*arguments, query, **options)
+    else:
+        with slot.status(f"Analysing the text with {plain(loaded.info.id)}…", expanded=False) as status:
+            try:
+                result = get_result(*arguments, query, **options)
+            except HeadscopeError as exc:
+                if query is None or not str(exc).startswith("Query position"):
+                    raise
+                bad_query = f"{exc} The default query token is shown instead."  # e.g. a link's ?query=
+                show_query(None)
+                result = get_result(*arguments, None, **options)
+            status.update(label=f"Analysed {result.n_tokens} tokens with {plain(loaded.info.id)}", state="complete")
     slot.empty()  # the model line below says what was analysed
     if bad_query:
         st.error(plain(bad_query))
@@ -433,11 +484,16 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
     source, score = choice.split(":")
     layer, head = settings["layer"], settings["head"]
     key = f"{ATLAS}-L{layer}H{head}"  # a new chart per shown head: its selection starts at that head, outlined
-    chart = build_atlas_chart(sources[source], score, selected=(layer, head))
-    chart.title.text = chart.title.text.split(" · ")[0]  # the model line above names the model
-    st.altair_chart(padded(chart), key=key,
-                    on_select=lambda: select_head(key), selection_mode=ATLAS_SELECTION, width="content")
-    figure_downloads_ui(chart, "atlas", sources[source].model["id"], figure_name(f"atlas_{score}"))
+
+    def atlas() -> alt.TopLevelMixin:
+        chart = build_atlas_chart(sources[source], score, selected=(layer, head))
+        chart.title.text = chart.title.text.split(" · ")[0]  # the model line above names the model
+        return chart
+
+    spec = vega_spec(shared(sources[source], ("atlas", score, layer, head), lambda: frozen_spec(padded(atlas()))))
+    st.vega_lite_chart(spec, key=key, on_select=lambda: select_head(key), selection_mode=ATLAS_SELECTION,
+                       width="content")
+    figure_downloads_ui(atlas, "atlas", sources[source].model["id"], figure_name(f"atlas_{score}"))
     st.caption(SCORE_EXPLANATIONS.get(score, "") + " Click a cell to show that head's pattern and its layer's figures.")
     if "probe" in sources:  # the probe's own report: its atlases, and the command line (--induction-probe) behind it
         st.download_button("Probe report (HTML)", lambda: render_report(sources["probe"]), mime="text/html",
@@ -451,13 +507,19 @@ def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:
         positions = st.slider("Heatmap window (token positions)", 0, result.n_tokens, (0, result.n_tokens),
                               key=f"window-{result.n_tokens}",
                               help=f"Narrow the window to {MAX_AXIS_CELLS} tokens or fewer to see single tokens.")
-    chart = build_heatmap_chart(result, layer, head, positions)
-    if chart is None:
+    if result.layers[layer].patterns is None:
         st.caption("The attention patterns were not kept for this text (see the warning above).")
         return
-    side = min(chart.width, APP_HEATMAP_SIDE)
-    st.altair_chart(padded(chart.properties(width=side, height=side)), width="content")
-    figure_downloads_ui(chart, "heatmap", result.model["id"], figure_name("heatmap", layer, head))
+
+    def heatmap() -> alt.TopLevelMixin:
+        chart = build_heatmap_chart(result, layer, head, positions)
+        side = min(chart.width, APP_HEATMAP_SIDE)
+        return padded(chart.properties(width=side, height=side))
+
+    st.vega_lite_chart(vega_spec(shared(result, ("heatmap", layer, head, positions), lambda: frozen_spec(heatmap()))),
+                       width="content")
+    figure_downloads_ui(lambda: build_heatmap_chart(result, layer, head, positions), "heatmap", result.model["id"],
+                        figure_name("heatmap", layer, head))
     st.caption("Bright cells show which tokens each query reads: a bright first column is an attention sink, a bright "
                "line just below the diagonal a previous-token head.")
 
@@ -466,22 +528,29 @@ def figures_ui(result: AnalysisResult, layer: int, head: int) -> None:
     """The notebook's figures of the shown layer in tabs, two per row; only the open tab's charts are built."""
     st.markdown(f"**The notebook's figures, layer {layer}**")
     tabs = st.tabs(list(FIGURE_TABS), key=FIGURES, on_change="rerun")
-    charts = {item.key: item for item in build_layer_charts(result, layer, head, keys=open_figures(tabs))}
     for tab, keys in zip(tabs, FIGURE_TABS.values()):
         if tab.open is False:
             continue
         with tab:
-            items = [charts[key] for key in keys if key in charts]
-            for pair in range(0, len(items), 2):
-                for column, item in zip(st.columns(2, gap="medium"), items[pair:pair + 2]):
+            for pair in range(0, len(keys), 2):
+                for column, key in zip(st.columns(2, gap="medium"), keys[pair:pair + 2]):
                     with column:
-                        st.altair_chart(padded(item.chart, "fit-x"), width="stretch")
-                        figure_downloads_ui(item.chart, item.key, result.model["id"], figure_name(item.key, layer))
-                        st.caption(item.explanation)
+                        figure_ui(result, layer, key)
 
 
-def open_figures(tabs) -> tuple[str, ...]:
-    return tuple(key for tab, keys in zip(tabs, FIGURE_TABS.values()) if tab.open is not False for key in keys)
+def figure_ui(result: AnalysisResult, layer: int, key: str) -> None:
+    """One of the notebook's figures (none of them depends on the head): built and converted once per layer."""
+    def build() -> alt.TopLevelMixin:
+        return build_layer_charts(result, layer, keys=(key,))[0].chart
+
+    def make() -> tuple:
+        item = build_layer_charts(result, layer, keys=(key,))[0]
+        return frozen_spec(padded(item.chart, "fit-x")), item.explanation
+
+    frozen, explanation = shared(result, ("figure", layer, key), make)
+    st.vega_lite_chart(vega_spec(frozen), width="stretch")
+    figure_downloads_ui(build, key, result.model["id"], figure_name(key, layer))
+    st.caption(explanation)
 
 
 def results_ui(result: AnalysisResult, info: ModelInfo, settings: dict) -> None:
@@ -602,14 +671,14 @@ def corpus_results_ui(corpus: CorpusResult) -> None:
 
 
 
-def figure_downloads_ui(chart: alt.TopLevelMixin, key: str, model_id: str, stem: str) -> None:
-    """PNG and SVG of one chart, drawn for a paper by vl-convert (reports.figures) only when clicked.
+def figure_downloads_ui(build: Callable[[], alt.TopLevelMixin], key: str, model_id: str, stem: str) -> None:
+    """PNG and SVG of build()'s chart, built and drawn for a paper by vl-convert (reports.figures) only when clicked.
 
     Streamlit's own chart toolbar offers a PNG only (its vega-embed menu, with SVG, is gone since 1.5x).
     """
     slug = re.sub(r"[^A-Za-z0-9]+", "-", model_id).strip("-")
     for column, fmt, mime in zip(st.columns(2, width=300), ("png", "svg"), ("image/png", "image/svg+xml")):
-        column.download_button(f"{fmt.upper()}", lambda fmt=fmt: render_figure(chart.to_dict(), key, fmt)[0],
+        column.download_button(f"{fmt.upper()}", lambda fmt=fmt: render_figure(build().to_dict(), key, fmt)[0],
                                file_name=f"headscope-{slug}-{stem}.{fmt}", mime=mime, on_click="ignore",
                                key=f"figure-{stem}-{fmt}", help=FIGURE_HELP.format(fmt=fmt.upper()))
 
