@@ -129,6 +129,13 @@ def get_model(model: str, device: str, dtype: str) -> LoadedModel:
 
 
 @st.cache_resource(show_spinner=False)
+def models_loaded() -> set:
+    """(model, device, dtype) of every model get_model has loaded, in any session (one evicted since loads again,
+    only without the status box)."""
+    return set()
+
+
+@st.cache_resource(show_spinner=False)
 def result_cache() -> ByteBudgetCache:
     """Captures and results, shared by every session without copies, least recently used out past CACHE_BUDGET."""
     return ByteBudgetCache(CACHE_BUDGET)
@@ -357,12 +364,12 @@ def pattern_layers_for(loaded: LoadedModel, text: str, layer: int) -> tuple[int,
 def load(settings: dict, slot) -> LoadedModel:
     """The model, and the settings' layer resolved (a link without ?layer= shows the default layer, named)."""
     keys = settings["model"], settings["device"], settings["dtype"]
-    good = st.session_state.get(LAST_GOOD)
-    if good is not None and keys == tuple(good[2][name] for name in ("model", "device", "dtype")):
-        loaded = get_model(*keys)  # loaded already: no status box (st.status sleeps 50 ms as it opens and closes)
+    if keys in models_loaded():
+        loaded = get_model(*keys)  # no status box: st.status sleeps 50 ms as it opens and again as it closes
     else:
         with slot.status(f"Loading {plain(settings['model'])}…", expanded=False):
             loaded = get_model(*keys)
+        models_loaded().add(keys)
     info = loaded.info
     if settings["layer"] is None:
         show_head(default_layer(info.n_layers), settings["head"])
