@@ -405,7 +405,8 @@ def analyse(settings: dict, loaded: LoadedModel, slot) -> AnalysisResult:
     return result
 
 
-def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int) -> None:
+def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int,
+                  probe: AnalysisResult | None = None) -> None:
     kv = f", {info.n_kv_heads} key heads" if info.n_kv_heads != info.n_heads else ""
     err = result.layers[layer].parity_max_abs_err
     text, json_button, html_button = st.columns([8, 1, 1], vertical_alignment="center")
@@ -422,10 +423,11 @@ def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int
     json_button.download_button("JSON", lambda: json.dumps(results_json(result, head)),  # with provenance
                                 file_name=f"headscope-{slug}-L{layer}.json", mime="application/json",
                                 on_click="ignore", help="Download the results (JSON)")
-    # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html
-    html_button.download_button("Report", lambda: render_report(result, head=head), mime="text/html",
+    # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html; with
+    # the probe on, its atlases are a section of the report
+    html_button.download_button("Report", lambda: render_report(result, head=head, probe=probe), mime="text/html",
                                 file_name=f"headscope-{slug}-L{layer}.html", on_click="ignore",
-                                help="Download the HTML report")
+                                help="Download the HTML report" + (" (with the induction probe)" if probe else ""))
     if needs_text_file(result.text):  # the report's reproduce command reads such a text from this file
         text.download_button("Download the text (report.text.txt)", result.text.encode("utf-8"),
                              file_name="report.text.txt", mime="text/plain", on_click="ignore")
@@ -466,20 +468,26 @@ def tokens_ui(result: AnalysisResult) -> None:
                 label_visibility="collapsed")
 
 
-def atlas_ui(result: AnalysisResult, settings: dict) -> None:
-    sources = {"text": result}
+def probe_ui(settings: dict) -> AnalysisResult | None:
+    """The induction probe's results when "Run the induction probe" is on (None when off, or failed: said why)."""
+    if not st.session_state.get(PROBE, st.session_state[DEFAULTS][PROBE]):  # before its checkbox: its last value
+        return None
+    try:
+        with st.spinner("Running the induction probe…"):
+            return get_probe(settings["model"], settings["device"], settings["dtype"], settings["exclude"],
+                             settings.get("exclude_bos", True))
+    except HeadscopeError as exc:
+        st.error(plain(exc))
+    return None
+
+
+def atlas_ui(result: AnalysisResult, settings: dict, probe: AnalysisResult | None = None) -> None:
+    sources = {"text": result} if probe is None else {"text": result, "probe": probe}
     score_box, probe_box = st.columns([1, 1], vertical_alignment="bottom")
-    probe_on = probe_box.checkbox("Run the induction probe", key=PROBE, on_change=probe_toggled,
-                                  help="Analyse a seeded random token sequence written twice (once per model, then "
-                                       "cached): on it, induction scores mean something whatever your text repeats.",
-                                  value=st.session_state[DEFAULTS][PROBE])
-    if probe_on:
-        try:
-            with st.spinner("Running the induction probe…"):
-                sources["probe"] = get_probe(settings["model"], settings["device"], settings["dtype"],
-                                             settings["exclude"], settings.get("exclude_bos", True))
-        except HeadscopeError as exc:
-            st.error(plain(exc))
+    probe_box.checkbox("Run the induction probe", key=PROBE, on_change=probe_toggled,
+                       help="Analyse a seeded random token sequence written twice (once per model, then cached): on "
+                            "it, induction scores mean something whatever your text repeats. The report then "
+                            "carries its atlases too.", value=st.session_state[DEFAULTS][PROBE])
     options = [f"{source}:{score}" for source, found in sources.items() for score in found.head_scores]
     if not options:
         return
@@ -502,10 +510,6 @@ def atlas_ui(result: AnalysisResult, settings: dict) -> None:
                        width="content")
     figure_downloads_ui(atlas, "atlas", sources[source].model["id"], figure_name(f"atlas_{score}"))
     st.caption(SCORE_EXPLANATIONS.get(score, "") + " Click a cell to show that head's pattern and its layer's figures.")
-    if "probe" in sources:  # the probe's own report: its atlases, and the command line (--induction-probe) behind it
-        st.download_button("Probe report (HTML)", lambda: render_report(sources["probe"]), mime="text/html",
-                           file_name="headscope-induction-probe.html", on_click="ignore",
-                           help="Download the induction probe's head atlas as an HTML report")
 
 
 def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:
@@ -562,11 +566,12 @@ def figure_ui(result: AnalysisResult, layer: int, key: str) -> None:
 
 def results_ui(result: AnalysisResult, info: ModelInfo, settings: dict) -> None:
     layer, head = settings["layer"], settings["head"]
-    model_line_ui(result, info, layer, head)
+    probe = probe_ui(settings)
+    model_line_ui(result, info, layer, head, probe)
     tokens_ui(result)
     left, right = st.columns([5, 6], gap="medium")
     with left:
-        atlas_ui(result, settings)
+        atlas_ui(result, settings, probe)
     with right:
         heatmap_ui(result, layer, head)
     figures_ui(result, layer, head)

@@ -55,6 +55,7 @@ CORPUS_ID = "headscope-corpus"
 VEGA_LITE_VERSION = "6.4"
 CANVAS_ROWS = 1000  # charts with more data rows than this draw on canvas (faster to draw), not SVG
 DATA_ID = "headscope-datasets"
+PROBE_ID = "headscope-probe-results"  # the induction probe's results, when the report carries its atlases
 ASSETS_DIR = "assets"
 VIA_CHARS = 200  # label columns shorter than this (as JSON) are not worth looking up through another column
 FRAGMENT_CHARS = 60  # parts of chart specs at least this long (as JSON) that two specs share are stored once
@@ -241,6 +242,22 @@ def _atlas_context(result: AnalysisResult, pool: DataPool) -> list[dict]:
              "rows": _score_grid(values), "n_heads": values.shape[1] if values.ndim == 2 else 0,
              **_chart_context(build_atlas_chart(result, score), f"chart-atlas-{score}", pool)}
             for score, values in result.head_scores.items()]
+
+
+def build_probe_context(probe: AnalysisResult) -> dict:
+    """The induction probe run beside the text: its length, seed and command, one atlas per head score (with the
+    same numbers as tables) and its results, embedded as JSON under PROBE_ID."""
+    if not probe.induction_probe:
+        raise ValueError("build_probe_context takes the results of the induction probe (analyze_induction_probe).")
+    atlas = [{"score": score, "title": SCORE_TITLES.get(score, score),
+              "explanation": SCORE_EXPLANATIONS.get(score, ""), "rows": _score_grid(values),
+              "n_heads": values.shape[1] if values.ndim == 2 else 0,
+              **_chart_context(build_atlas_chart(probe, score), f"chart-probe-atlas-{score}")}
+             for score, values in probe.head_scores.items()]
+    return {"length": probe.induction_probe["length"], "seed": probe.induction_probe["seed"],
+            "n_tokens": probe.n_tokens, "model": probe.model, "exclude_first_token": probe.exclude_first_token,
+            "command": reproduce_command(probe, outputs=("--html", "probe.html")), "atlas": atlas,
+            "results": probe.to_dict(), "results_id": PROBE_ID}
 
 
 def _mean(values) -> float | None:
@@ -592,8 +609,10 @@ def _chart_context(chart, chart_id: str, pool: DataPool | None = None) -> dict:
 
 
 def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None,
-                         text_file: str = TEXT_FILE, assets: str | None = None) -> dict:
-    """Everything the template shows, as plain values; no rendering."""
+                         text_file: str = TEXT_FILE, assets: str | None = None,
+                         probe: AnalysisResult | None = None) -> dict:
+    """Everything the template shows, as plain values; no rendering. `probe`: the induction probe's results on
+    the same model (analyze_induction_probe), drawn as a section of their own."""
     generated_at = generated_at or datetime.now(UTC)
     provenance = build_provenance(result, head, generated_at=generated_at, text_file=text_file)  # = the JSON's
     parity_failed = result_parity_failures(result)  # {layer: error} above PARITY_TOLERANCE
@@ -628,6 +647,7 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "layers": layers,
         "atlas": atlas,
         "induction_probe": result.induction_probe,
+        "probe": None if probe is None else build_probe_context(probe),
         "dp_rows": _dp_rows(result),
         "parity": max((layer["parity"] for layer in layers), default=0.0),
         "parity_failed": sorted(parity_failed),
@@ -643,15 +663,17 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
 
 
 def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_at: datetime | None = None,
-                  text_file: str = TEXT_FILE, assets: str | None = None) -> str:
+                  text_file: str = TEXT_FILE, assets: str | None = None, probe: AnalysisResult | None = None) -> str:
     """The standalone HTML report for `layers` of `result` (None: every layer it holds).
 
     `text_file`: the name its reproduce command reads the text from when the text cannot be quoted (see
     reproduce_command); whoever writes the report writes the text there (`text_file_for`).
     `assets`: the path, relative to the page, of a shared Vega bundle (write_shared_assets) to load instead of
     inlining it; None (the default) makes a page that needs no other file.
+    `probe`: the induction probe's results (analyze_induction_probe) on the same model, added as a section with
+    its own atlases, length, seed and command.
     """
-    context = build_report_context(select_layers(result, layers), head, generated_at, text_file, assets)
+    context = build_report_context(select_layers(result, layers), head, generated_at, text_file, assets, probe)
     return ENV.get_template("report.html").render(context)
 
 

@@ -57,7 +57,7 @@ def test_the_induction_probe_runs_once_and_offers_its_scores(minilm, forward_cal
     assert not at.exception
     assert forward_calls == ["BertModel", "BertModel"]  # the text once, the probe once (cached)
     helps = [button.proto.help for button in at.get("download_button")]
-    assert "Download the induction probe's head atlas as an HTML report" in helps
+    assert "Download the HTML report (with the induction probe)" in helps  # its atlases are a section of the report
 
 
 def test_a_corpus_upload_shows_means_with_intervals(gpt2_path, monkeypatch):

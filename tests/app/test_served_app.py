@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reports.__main__ import build_parser
@@ -95,6 +97,7 @@ def test_served_app_draws_the_charts_after_analyse(served_app, chromium, tmp_pat
         assert_json_download_carries_provenance(page)
         assert_atlas_click_shows_that_head(page)
         assert_analyse_keeps_the_clicked_head(page)
+        assert_the_report_carries_the_probe(page, chromium, tmp_path)
         assert_the_corpus_tab_opens(page)
     finally:
         page.close()
@@ -159,6 +162,45 @@ def assert_analyse_keeps_the_clicked_head(page):
     assert any(title.startswith("Attention pattern of L1H9 · layer 1") for title in chart_titles(page))
     assert sidebar_head(page) == ("1", "9")
     assert "layer=1" in page.url and "head=9" in page.url
+
+
+def assert_the_report_carries_the_probe(page, chromium, tmp_path):
+    """With the induction probe on, the downloaded report carries the probe's atlases (drawn, offline) and numbers
+    equal to the probe run here, outside the app."""
+    from analysis import PROBE_LENGTH, analyze_induction_probe, load_model
+    from reports.html import PROBE_ID
+    from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
+
+    page.get_by_text("Run the induction probe").click()
+    wait_for_title(page, "Induction score per head")
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"] svg .role-title-subtitle')]
+               .some((t) => t.textContent.includes('induction probe'))""", timeout=60_000)
+    assert "probe=1" in page.url and "score=probe:induction" in urllib.parse.unquote(page.url)  # the link has both
+    labels = page.locator('[data-testid="stVegaLiteChart"]').first.locator("svg .role-legend-label text")
+    assert labels.first.text_content() == "0" and labels.last.text_content() == "1"  # not 0-0.011: a fixed [0, 1]
+    with page.expect_download(timeout=60_000) as download_info:
+        page.get_by_role("button", name="Report", exact=True).click()
+    path = tmp_path / "with-probe.html"
+    path.write_text(Path(download_info.value.path()).read_text(encoding="utf-8"), encoding="utf-8")
+    embedded = json.loads(path.read_text(encoding="utf-8").split(f'<script type="application/json" id="{PROBE_ID}">')[1]
+                          .split("</script>")[0])
+    assert embedded["settings"]["induction_probe"] == {"length": PROBE_LENGTH, "seed": 0}
+    exclude = embedded["settings"]["exclude_first_token"]
+    assert exclude is False  # the toggle above turned it off: the probe follows the sidebar
+    expected = analyze_induction_probe(load_model("minilm"), layers=[], exclude_first_token=exclude).head_scores
+    np.testing.assert_allclose(np.array(embedded["head_scores"]["induction"], dtype=float), expected["induction"],
+                               rtol=1e-5, atol=1e-7, equal_nan=True)
+    context, report, events = open_offline(chromium, path)
+    try:
+        wait_for_charts(report)
+        charts = report.query_selector_all("#induction-probe [data-chart]")
+        assert len(charts) == len(expected) and all(chart.evaluate(DRAWN) > 0 for chart in charts)
+        assert f"{PROBE_LENGTH} random" in report.inner_text("#induction-probe") and events["errors"] == []
+    finally:
+        context.close()
+    page.get_by_text("Run the induction probe").click()  # off again: the text's scores
+    wait_for_title(page, "Previous-token score per head")
 
 
 def assert_the_corpus_tab_opens(page):

@@ -1,0 +1,66 @@
+"""A report with the induction probe beside the text (the app's report with "Run the induction probe" on)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from analysis import analyze, analyze_induction_probe
+from reports.html import PROBE_ID, render_report
+from tests.conftest import FIJI
+from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
+
+
+def section(page: str) -> str:
+    start = page.index('<section id="induction-probe">')
+    return page[start:page.index("</section>", start)]
+
+
+def table_cells(block: str, score: str) -> np.ndarray:
+    """The numbers of one probe atlas's table, [layer, head], NaN for "–"."""
+    part = block[block.index(f'id="probe-atlas-{score}"'):]
+    part = part[:part.index("</table>")]
+    rows = re.findall(r'<tr><th class="label">L\d+</th>(.*?)</tr>', part)
+    return np.array([[np.nan if cell == "–" else float(cell) for cell in re.findall(r"<td>(.*?)</td>", row)]
+                     for row in rows])
+
+
+def test_the_report_carries_the_probe_atlases_with_length_seed_and_command(gpt2, chromium, tmp_path):
+    result = analyze(gpt2, FIJI, layers=[6])
+    probe = analyze_induction_probe(gpt2, length=24, seed=5, layers=[])
+    page = render_report(result, head=2, probe=probe)
+    assert render_report(result, head=2).count('id="induction-probe"') == 0  # only when asked for
+    block = section(page)
+    assert "24 random\ntokens (seed 5) written twice" in block
+    assert "--induction-probe 24 --probe-seed 5" in block  # the command that recomputes it alone
+    assert page.index('<section id="atlas">') < page.index('<section id="induction-probe">')
+    assert '<a href="#induction-probe">Induction probe</a>' in page
+    embedded = json.loads(re.search(rf'<script type="application/json" id="{PROBE_ID}">(.*?)</script>', page,
+                                    re.DOTALL).group(1))
+    assert embedded["settings"]["induction_probe"] == {"length": 24, "seed": 5}
+    for score, values in probe.head_scores.items():  # every score: a chart, and its numbers as a table (4 digits)
+        assert page.count(f'data-chart="chart-probe-atlas-{score}"') == 1
+        np.testing.assert_allclose(table_cells(block, score), values, rtol=1e-3, atol=1e-4, equal_nan=True)
+        np.testing.assert_allclose(np.array(embedded["head_scores"][score], dtype=float), values, equal_nan=True)
+    # the probe's induction atlas differs from the text's: the section shows the probe's numbers, not the text's
+    assert not np.allclose(probe.head_scores["induction"], result.head_scores["induction"], equal_nan=True)
+
+    path = tmp_path / "report.html"
+    path.write_text(page, encoding="utf-8")
+    context, browser_page, events = open_offline(chromium, path)
+    try:
+        wait_for_charts(browser_page)
+        probe_charts = browser_page.query_selector_all('#induction-probe [data-chart]')
+        assert len(probe_charts) == len(probe.head_scores)
+        for container in probe_charts:
+            assert container.evaluate(DRAWN) > 0, container.get_attribute("data-chart")
+        induction = browser_page.locator('[data-chart="chart-probe-atlas-induction"]')
+        subtitle = " ".join(induction.locator("svg .role-title-subtitle text").all_text_contents())
+        assert "induction probe: 24 random tokens, repeated, seed 5" in subtitle
+        legend = induction.locator("svg .role-legend-label text").all_text_contents()
+        assert legend[0] == "0" and legend[-1] == "1", legend  # a share: the fixed [0, 1] scale
+        assert events["errors"] == [] and events["requests"] == [path.as_uri()]
+    finally:
+        context.close()
