@@ -58,7 +58,11 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
     source.add_argument("--induction-probe", type=int, metavar="LENGTH",
                         help="instead of a text, seeded random tokens of LENGTH repeated twice (induction scores "
                              "then mean something whatever the model)")
-    parser.add_argument("--probe-seed", type=seed_value, default=0, help="seed of --induction-probe (default 0)")
+    parser.add_argument("--probe-seed", type=seed_value, default=0,
+                        help="seed of --induction-probe or --with-probe (default 0)")
+    parser.add_argument("--with-probe", type=int, nargs="?", const=0, metavar="LENGTH",
+                        help="beside the text, run the induction probe too (LENGTH random tokens written twice; "
+                             "default 50) and add its atlases to the --html report")
     layers = parser.add_mutually_exclusive_group()
     layers.add_argument("--layer", type=int, action="append", metavar="N",
                         help="layer to analyse, 0-based; repeat for several (default: 6, or n_layers // 2)")
@@ -168,6 +172,21 @@ def check_outputs(parser, args) -> None:
     elif args.json is None and args.html is None and args.figures is None:
         parser.error("say where to write: --json OUT and/or --html OUT (or --batch FILE --out-dir DIR)")
     beyond_cli.check_arguments(parser, args)
+    check_with_probe(parser, args)
+
+
+def check_with_probe(parser, args) -> None:
+    """--with-probe: one text's --html report, beside the text (not instead of it), no other extra section."""
+    if args.with_probe is None:
+        return
+    if args.induction_probe is not None:
+        parser.error("--with-probe runs the probe beside a text; --induction-probe analyses the probe instead of one")
+    if args.batch is not None or args.from_report is not None or args.from_results is not None:
+        parser.error("--with-probe adds the probe to one text's report: drop --batch/--from-report/--from-results")
+    if args.html is None:
+        parser.error("--with-probe adds the probe's atlases to the HTML report: add --html OUT")
+    if beyond_cli.any_requested(args):
+        parser.error("--with-probe and --ablation/--neuron/--compare: one extra section at a time")
 
 
 def read_utf8(path: Path) -> str:
@@ -230,11 +249,13 @@ def write_text_beside(out: Path, result) -> None:
         raise HeadscopeError(f"Cannot write {text_file}: {exc.strerror}.") from None
 
 
-def write_report(out: Path, result, head: int, assets: str | None = None) -> None:
-    """The HTML report, and beside it the text when its reproduce command cannot quote it."""
+def write_report(out: Path, result, head: int, assets: str | None = None, probe=None) -> None:
+    """The HTML report (with the induction probe's section when `probe`), and beside it the text when its
+    reproduce command cannot quote it."""
     from reports.html import render_report
 
-    write_text(out, render_report(result, head=head, text_file=text_file_beside(out).name, assets=assets))
+    write_text(out, render_report(result, head=head, text_file=text_file_beside(out).name, assets=assets,
+                                  probe=probe))
     write_text_beside(out, result)
 
 
@@ -273,6 +294,16 @@ def analyse(loaded, text: str, args):
     return analyze(loaded, text, layers, **options)
 
 
+def with_probe(loaded, args):
+    """The induction probe's results for --with-probe (every layer's head scores, no per-layer figures), or None."""
+    if args.with_probe is None:
+        return None
+    from analysis import PROBE_LENGTH, analyze_induction_probe
+
+    return analyze_induction_probe(loaded, args.with_probe or PROBE_LENGTH, args.probe_seed, layers=[],
+                                   exclude_first_token=not args.include_first_token)
+
+
 def run_single(args) -> None:
     from analysis import load_model
     from reports.figures import write_figures
@@ -292,7 +323,7 @@ def run_single(args) -> None:
         write_text_beside(args.json, result)
     if args.html is not None:
         if extras is None:
-            write_report(args.html, result, args.head)
+            write_report(args.html, result, args.head, probe=with_probe(loaded, args))
         else:
             from reports.beyond import render_report_with
 

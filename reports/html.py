@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -242,6 +243,15 @@ def _atlas_context(result: AnalysisResult, pool: DataPool) -> list[dict]:
              "rows": _score_grid(values), "n_heads": values.shape[1] if values.ndim == 2 else 0,
              **_chart_context(build_atlas_chart(result, score), f"chart-atlas-{score}", pool)}
             for score, values in result.head_scores.items()]
+
+
+def _with_probe(command: str, probe: AnalysisResult) -> str:
+    """The report's recompute command with --with-probe LENGTH --probe-seed SEED (before its outputs)."""
+    argv = shlex.split(command)
+    outputs = [i for i, arg in enumerate(argv) if arg in ("--html", "--json", "--patterns")]
+    at = outputs[0] if outputs else len(argv)
+    flags = ["--with-probe", str(probe.induction_probe["length"]), "--probe-seed", str(probe.induction_probe["seed"])]
+    return shlex.join(argv[:at] + flags + argv[at:])
 
 
 def build_probe_context(probe: AnalysisResult) -> dict:
@@ -657,6 +667,7 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "datasets": pool.to_dict(),
         "datasets_id": DATA_ID,
         "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items()),
+                       "command": provenance["command"] if probe is None else _with_probe(provenance["command"], probe),
                        "text_file": text_file if not result.induction_probe and needs_text_file(result.text) else None},
         **_script_context(assets),
     }

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+from html import unescape
 
 import numpy as np
+import pytest
 
 from analysis import analyze, analyze_induction_probe
+from reports.__main__ import build_parser, main
 from reports.html import PROBE_ID, render_report
 from tests.conftest import FIJI
+from tests.reports.test_cli import run_cli
 from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
 
 
@@ -64,3 +69,34 @@ def test_the_report_carries_the_probe_atlases_with_length_seed_and_command(gpt2,
         assert events["errors"] == [] and events["requests"] == [path.as_uri()]
     finally:
         context.close()
+
+
+def test_the_command_line_writes_the_same_report_with_probe_and_says_how(gpt2, gpt2_path, tmp_path, capsys):
+    """--with-probe 24 --probe-seed 5: the report the app downloads with the probe on, apart from the time; its
+    recompute command carries both flags."""
+    out = tmp_path / "cli.html"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", FIJI, "--layer", "6", "--head", "2",
+                          "--with-probe", "24", "--probe-seed", "5", "--html", out)
+    assert code == 0, lines
+    expected = render_report(analyze(gpt2, FIJI, layers=[6]), head=2,
+                             probe=analyze_induction_probe(gpt2, length=24, seed=5, layers=[]))
+    cli_lines, expected_lines = out.read_text(encoding="utf-8").splitlines(), expected.splitlines()
+    assert len(cli_lines) == len(expected_lines)
+    differing = [(a, b) for a, b in zip(cli_lines, expected_lines) if a != b]
+    assert len(differing) <= 1 and all("UTC" in a for a, _ in differing), differing[:2]
+    command = re.search(r"<dt>Reproduce with</dt><dd><pre>(.*?)</pre>", expected, re.DOTALL).group(1)
+    assert "--with-probe 24 --probe-seed 5 --html report.html" in command
+    args = build_parser().parse_args(shlex.split(unescape(command))[3:])
+    assert (args.with_probe, args.probe_seed, args.text, args.layer) == (24, 5, FIJI, [6])
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--induction-probe", "20", "--with-probe", "--html", "x.html"], "--with-probe runs the probe beside a text"),
+    (["--with-probe", "--json", "x.json"], "add --html OUT"),
+    (["--with-probe", "--ablation", "zero", "--html", "x.html"], "one extra section at a time"),
+])
+def test_with_probe_misuse_is_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
