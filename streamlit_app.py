@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import textwrap
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -105,6 +106,17 @@ TOKEN_CSS = ("display:inline-block;margin:1px;padding:0 4px;border-radius:4px;wh
              "font-family:monospace;font-size:0.85em;")
 
 log = logging.getLogger("headscope.app")
+
+
+def fit_title(chart: alt.TopLevelMixin, model_id: str, chars: int) -> alt.TopLevelMixin:
+    """The chart (changed in place) without " · model" in its title, since the model line above names the model,
+    and with its subtitle lines wrapped at `chars` characters: Vega cuts a title line off at the chart's width."""
+    title = chart.title
+    title.text = title.text.removesuffix(f" · {model_id}")
+    subtitle = [] if title.subtitle is alt.Undefined else [title.subtitle] if isinstance(title.subtitle, str) \
+        else list(title.subtitle)
+    title.subtitle = [line for part in subtitle for line in textwrap.wrap(part, chars) or [""]]
+    return chart
 
 
 def padded(chart: alt.TopLevelMixin, kind: str = "pad") -> alt.TopLevelMixin:
@@ -501,9 +513,8 @@ def atlas_ui(result: AnalysisResult, settings: dict, probe: AnalysisResult | Non
     key = f"{ATLAS}-L{layer}H{head}"  # a new chart per shown head: its selection starts at that head, outlined
 
     def atlas() -> alt.TopLevelMixin:
-        chart = build_atlas_chart(sources[source], score, selected=(layer, head))
-        chart.title.text = chart.title.text.split(" · ")[0]  # the model line above names the model
-        return chart
+        return fit_title(build_atlas_chart(sources[source], score, selected=(layer, head)),
+                         sources[source].model["id"], 60)
 
     spec = vega_spec(shared(sources[source], ("atlas", score, layer, head), lambda: frozen_spec(padded(atlas()))))
     st.vega_lite_chart(spec, key=key, on_select=lambda: select_head(key), selection_mode=ATLAS_SELECTION,
@@ -523,7 +534,7 @@ def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:
         return
 
     def heatmap() -> alt.TopLevelMixin:
-        chart = build_heatmap_chart(result, layer, head, positions)
+        chart = fit_title(build_heatmap_chart(result, layer, head, positions), result.model["id"], 60)
         side = min(chart.width, APP_HEATMAP_SIDE)
         return padded(chart.properties(width=side, height=side))
 
@@ -556,7 +567,7 @@ def figure_ui(result: AnalysisResult, layer: int, key: str) -> None:
 
     def make() -> tuple:
         item = build_layer_charts(result, layer, keys=(key,))[0]
-        return frozen_spec(padded(item.chart, "fit-x")), item.explanation
+        return frozen_spec(padded(fit_title(item.chart, result.model["id"], 70), "fit-x")), item.explanation
 
     frozen, explanation = shared(result, ("figure", layer, key), make)
     st.vega_lite_chart(vega_spec(frozen), width="stretch")

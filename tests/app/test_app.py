@@ -141,7 +141,11 @@ def test_default_run_shows_the_notebook_figures_with_the_results_numbers(minilm,
     atlas, layer_charts = split_atlas(specs)
     assert "layer" not in atlas["title"]["text"]  # every layer; the model line above the atlas names the model
     titles = [item.chart.to_dict()["title"]["text"] for item in build_layer_charts(result, layer, head=0)]
+    assert all(title.endswith(f" · {minilm.info.id}") for title in titles)  # the report's titles name the model
+    titles = [title.removesuffix(f" · {minilm.info.id}") for title in titles]  # the app's: its model line does
     assert sorted(spec["title"]["text"] for spec in layer_charts) == sorted(titles)  # every chart of the layer
+    for spec in layer_charts:  # Vega cuts a title line at the chart's width: the app wraps long subtitles
+        assert all(len(line) <= 70 for line in spec["title"].get("subtitle", [])), spec["title"]
     means = chart_titled(specs, "Q and K means")
     np.testing.assert_allclose(sorted(column(means, "mean")), sorted(np.r_[expected.q_means, expected.k_means]),
                                rtol=1e-6)
@@ -186,7 +190,7 @@ def test_changing_layer_head_and_toggle_redraws_without_running_the_model(forwar
     after = charts(at)
     assert forward_calls == ["BertModel"]  # no second forward pass
     (atlas_before, layer_before), (atlas_after, layer_after) = split_atlas(before), split_atlas(after)
-    assert all(" · layer 1 · " in spec["title"]["text"] for spec in layer_after)
+    assert all(spec["title"]["text"].endswith(" · layer 1") for spec in layer_after)
     assert chart_titled(after, "Attention pattern of L1H5")
     before, after = by_chart(layer_before), by_chart(layer_after)
     assert sorted(before) == sorted(after) and len(after) == 9
