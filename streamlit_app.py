@@ -83,6 +83,7 @@ PAGE_CSS = "<style>[data-testid='stMainBlockContainer']{padding-top:4rem;}</styl
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 RESULTS_DIR = "corpus_results_dir"  # session-state key of the results folder's path
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
+ATLAS_DRAWN = "atlas_drawn"  # session state: (what its scores depend on, (layer, head) outlined) of the atlas sent
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
 SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 QUERY = "query"  # the query token's position (None: the model's default), from the link or a click on the strip
@@ -510,17 +511,36 @@ def atlas_ui(result: AnalysisResult, settings: dict, probe: AnalysisResult | Non
     choice = score_box.selectbox("Head atlas: score", options, format_func=label, key=ATLAS_SCORE)
     source, score = choice.split(":")
     layer, head = settings["layer"], settings["head"]
-    key = f"{ATLAS}-L{layer}H{head}"  # a new chart per shown head: its selection starts at that head, outlined
+    # what the atlas's numbers depend on (the results of every layer of one text share them), as plain values
+    scores = (choice, settings["model"], settings["device"], settings["dtype"], settings["exclude"],
+              settings["text"] if source == "text" else None)
+    outlined = atlas_outline(scores, layer, head)
+    key = f"{ATLAS}-L{outlined[0]}H{outlined[1]}"  # a new chart per outlined head: its selection starts there
 
-    def atlas() -> alt.TopLevelMixin:
-        return fit_title(build_atlas_chart(sources[source], score, selected=(layer, head)),
-                         sources[source].model["id"], 60)
+    def atlas(selected: tuple[int, int] = (layer, head)) -> alt.TopLevelMixin:
+        return fit_title(build_atlas_chart(sources[source], score, selected=selected), sources[source].model["id"], 60)
 
-    spec = vega_spec(shared(sources[source], ("atlas", score, layer, head), lambda: frozen_spec(padded(atlas()))))
+    spec = vega_spec(spec_cache().get(("atlas", scores, *outlined), lambda: frozen_spec(padded(atlas(outlined)))))
     st.vega_lite_chart(spec, key=key, on_select=lambda: select_head(key), selection_mode=ATLAS_SELECTION,
                        width="content")
     figure_downloads_ui(atlas, "atlas", sources[source].model["id"], figure_name(f"atlas_{score}"))
     st.caption(SCORE_EXPLANATIONS.get(score, "") + " Click a cell to show that head's pattern and its layer's figures.")
+
+
+def atlas_outline(scores: tuple, layer: int, head: int) -> tuple[int, int]:
+    """The head the atlas chart is sent outlined: (layer, head), except after a click on the atlas itself.
+
+    A click outlines the clicked cell in the browser already; sending the chart again, outlined there, would only
+    redraw it (a Vega compile and render on every click). So while the atlas shows the `scores` last sent and the
+    chart's own selection is the shown head, the chart goes out unchanged.
+    """
+    drawn, shown = st.session_state.get(ATLAS_DRAWN), (layer, head)
+    if drawn is not None and drawn[0] == scores and drawn[1] != shown:
+        state = st.session_state.get(f"{ATLAS}-L{drawn[1][0]}H{drawn[1][1]}")
+        if state is not None and selected_head(state.selection) == shown:
+            shown = drawn[1]
+    st.session_state[ATLAS_DRAWN] = (scores, shown)
+    return shown
 
 
 def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:

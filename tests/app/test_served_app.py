@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from reports.__main__ import build_parser
+from reports.charts import SELECTED_OUTLINE
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60  # seconds for the server to answer its health endpoint
@@ -141,14 +142,27 @@ def assert_atlas_click_shows_that_head(page):
     assert sidebar_head(page) == ("3", "0")
     atlas = page.locator('[data-testid="stVegaLiteChart"]').first
     atlas.scroll_into_view_if_needed()
+    assert outlined_cells(page) == [3 * 12 + 0]
+    atlas.locator("svg").first.evaluate("(svg) => { svg.__before = true; }")
     cell = atlas.locator("svg .mark-rect").first.locator("path").nth(1 * 12 + 9).bounding_box()  # grey cells: L1H9
     page.mouse.click(cell["x"] + cell["width"] / 2, cell["y"] + cell["height"] / 2)
     wait_for_title(page, "Attention pattern of L1H9 · layer 1")
+    assert outlined_cells(page) == [1 * 12 + 9]  # the clicked cell, outlined by the browser
+    assert atlas.locator("svg").first.evaluate("(svg) => svg.__before === true")  # the atlas was not redrawn
     titles = chart_titles(page)
     assert not any("L3H0" in title for title in titles)
     assert any(title.startswith("Q and K means ± std per head · layer 1") for title in titles)
     assert sidebar_head(page) == ("1", "9")
     assert "layer=1" in page.url and "head=9" in page.url
+
+
+def outlined_cells(page) -> list[int]:
+    """Indexes (layer * 12 + head) of the atlas cells drawn with the selection's outline."""
+    return page.evaluate(
+        """(colour) => [...document.querySelector('[data-testid="stVegaLiteChart"] svg .mark-rect')
+               .querySelectorAll('path')].map((p, i) => [p.getAttribute('stroke'), i])
+               .filter(([stroke]) => stroke && stroke.toLowerCase() === colour.toLowerCase()).map(([, i]) => i)""",
+        SELECTED_OUTLINE)
 
 
 def assert_analyse_keeps_the_clicked_head(page):
@@ -162,6 +176,7 @@ def assert_analyse_keeps_the_clicked_head(page):
     assert any(title.startswith("Attention pattern of L1H9 · layer 1") for title in chart_titles(page))
     assert sidebar_head(page) == ("1", "9")
     assert "layer=1" in page.url and "head=9" in page.url
+    assert outlined_cells(page) == [1 * 12 + 9]  # the atlas, drawn afresh for the new results, outlines L1H9
 
 
 def assert_the_report_carries_the_probe(page, chromium, tmp_path):
