@@ -5,7 +5,8 @@
 Measures, in one served app on 127.0.0.1 (a free port, its own temp dir):
   - the cold first page and a warm page reload: navigation start to the last chart drawn;
   - clicks that run no model (an atlas cell in the same layer: a head change; one in another layer: a layer
-    change): click to the last chart drawn;
+    change; another score in the atlas's selectbox; another tab of the notebook's figures): click to the last
+    chart drawn;
   - the server's resident memory after four sessions (four browser pages) analysed four different texts of
     512 MiniLM tokens each (the model's limit), with the result cache holding all four.
 "The last chart drawn" is the last DOM change inside the page's main block, found with a MutationObserver
@@ -124,6 +125,21 @@ def click(page, box, min_charts: int) -> float:
     return settled(page, start, min_charts)
 
 
+def timed(page, action, min_charts: int) -> float:
+    """Run `action` (a click that reruns the app); seconds to the last chart drawn."""
+    page.evaluate(WATCH)
+    start = page.evaluate("() => performance.now()")
+    action()
+    page.mouse.move(5, VIEWPORT["height"] - 5)
+    return settled(page, start, min_charts)
+
+
+def pick_score(page, option: str):
+    """The atlas's score selectbox: open it (not timed), then return the click on `option` (timed)."""
+    page.locator('[data-testid="stSelectbox"]', has_text="Head atlas: score").locator("input").click()
+    return lambda: page.get_by_role("option", name=option).click()
+
+
 def rss_mib(pid: int) -> tuple[float, float]:
     """(current, peak) resident memory of a process, MiB, from /proc."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -185,11 +201,17 @@ def main(argv: list[str] | None = None) -> None:
             heads.append(click(page, atlas_cell(page, 3, (i + 5) % n_heads, n_heads), figures))
             layers.append(click(page, atlas_cell(page, 1 + i % 2, 9, n_heads), figures))
             layers.append(click(page, atlas_cell(page, 3, 0, n_heads), figures))
+        scores, tabs = [], []
+        for i in range(args.repeat):
+            for option in ("Sink score (your text)", "Previous-token score (your text)"):
+                scores.append(timed(page, pick_score(page, option), figures))
+            for tab in ("Softmax weights", "Q and K"):  # the figures' tabs: the open one's charts are drawn
+                tabs.append(timed(page, page.get_by_role("tab", name=tab).click, figures))
         shot("2-atlas-click-L3H0")
         click(page, atlas_cell(page, 1, 9, n_heads), figures)
         shot("3-atlas-click-L1H9")
         report = {"cold first page": [cold], "warm reload": reloads, "head change (atlas click)": heads,
-                  "layer change (atlas click)": layers}
+                  "layer change (atlas click)": layers, "atlas score change": scores, "figures tab switch": tabs}
         print(f"MiniLM, Fiji text (41 tokens), viewport {VIEWPORT['width']}x{VIEWPORT['height']}; seconds:")
         for name, values in report.items():
             print(f"  {name:28s} median {statistics.median(values):.2f}  (min {min(values):.2f}, max {max(values):.2f},"
