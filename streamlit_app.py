@@ -513,7 +513,7 @@ def atlas_ui(result: AnalysisResult, settings: dict, probe: AnalysisResult | Non
     layer, head = settings["layer"], settings["head"]
     # what the atlas's numbers depend on (the results of every layer of one text share them), as plain values
     scores = (choice, settings["model"], settings["device"], settings["dtype"], settings["exclude"],
-              settings["text"] if source == "text" else None)
+              settings.get("exclude_bos", True), settings["text"] if source == "text" else None)
     outlined = atlas_outline(scores, layer, head)
     key = f"{ATLAS}-L{outlined[0]}H{outlined[1]}"  # a new chart per outlined head: its selection starts there
 

@@ -301,7 +301,7 @@ def with_probe(loaded, args):
     from analysis import PROBE_LENGTH, analyze_induction_probe
 
     return analyze_induction_probe(loaded, args.with_probe or PROBE_LENGTH, args.probe_seed, layers=[],
-                                   exclude_first_token=not args.include_first_token)
+                                   exclude_first_token=not args.include_first_token, exclude_bos=not args.include_bos)
 
 
 def run_single(args) -> None:
