@@ -194,6 +194,7 @@ def assert_the_report_carries_the_probe(page, chromium, tmp_path):
     assert "probe=1" in page.url and "score=probe:induction" in urllib.parse.unquote(page.url)  # the link has both
     labels = page.locator('[data-testid="stVegaLiteChart"]').first.locator("svg .role-legend-label text")
     assert labels.first.text_content() == "0" and labels.last.text_content() == "1"  # not 0-0.011: a fixed [0, 1]
+    assert outlined_cells(page) == [1 * 12 + 9]  # another score's atlas, sent afresh, outlines the shown head
     with page.expect_download(timeout=60_000) as download_info:
         page.get_by_role("button", name="Report", exact=True).click()
     path = tmp_path / "with-probe.html"
