@@ -12,7 +12,9 @@ def test_clicking_a_token_in_the_strip_chooses_the_query(served_app, chromium): 
         caption = page.get_by_text("The figures use the query token 39")  # Fiji: the last word, '.' before [SEP]
         caption.wait_for(state="visible", timeout=DRAW_TIMEOUT_MS)
         strip = page.locator('[role=radiogroup][aria-label="Query token"]')  # one pill (role radio) per token
-        assert strip.get_by_role("radio", name="[SEP]₄₀◆", exact=True).count() == 1  # special: marked, unescaped
+        sep = strip.get_by_role("radio", name="[SEP]₄₀◆", exact=True)  # special: marked, unescaped
+        sep.wait_for(state="visible", timeout=60_000)  # the strip may draw after the caption: count() does not wait
+        assert sep.count() == 1
         assert strip.get_by_role("radio", name=".₃₉", exact=True).get_attribute("aria-checked") == "true"
         strip.get_by_role("radio", name="of₃", exact=True).click()  # the first 'of' (30 is another)
         page.get_by_text("The figures use the query token 3 ").wait_for(state="visible", timeout=60_000)
