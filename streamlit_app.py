@@ -102,9 +102,6 @@ UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another
               "shorter text; the server log has the details.")
 HEAD_RANGE = "Head {head} is out of range: {model} has heads 0..{last} in each layer."
 LAYER_RANGE = "Layer {layer} is out of range: {model} has layers 0..{last}."
-SPECIAL_CSS = "background:#dbe7f7;border:1px solid #3b6fb6;font-weight:600;"
-TOKEN_CSS = ("display:inline-block;margin:1px;padding:0 4px;border-radius:4px;white-space:pre;"
-             "font-family:monospace;font-size:0.85em;")
 
 log = logging.getLogger("headscope.app")
 
