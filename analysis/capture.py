@@ -339,14 +339,16 @@ def _accepts_position_ids(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
-def pad_batch(loaded, items: list[TextInput]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+def pad_batch(loaded, items: list[TextInput], width: int | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                              list[tuple[int, int]]]:
     """The model inputs of a padded batch ({name: [batch, pos]}) and each text's (start, stop) in its row.
 
     Padding goes on the tokenizer's padding side, with its pad token (else EOS, else 0); with left padding
     the position ids count from each text's first token, so every text sees the positions of its single run.
+    `width`: pad every row to at least this many positions (default: the longest text's).
     """
     tokenizer = loaded.tokenizer
-    width = max(item.ids.size for item in items)
+    width = max(width or 0, *(item.ids.size for item in items))
     left = getattr(tokenizer, "padding_side", "right") == "left"
     pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     names = ["input_ids", "attention_mask", *sorted({name for item in items for name in item.extra})]
@@ -361,7 +363,7 @@ def pad_batch(loaded, items: list[TextInput]) -> tuple[dict[str, torch.Tensor], 
         for name, values in item.extra.items():
             batch[name][row, start:start + n] = values
     encoded = {name: torch.from_numpy(values) for name, values in batch.items()}  # each [batch, pos]
-    if left and len({item.ids.size for item in items}) > 1 and _accepts_position_ids(loaded.model):
+    if left and any(item.ids.size < width for item in items) and _accepts_position_ids(loaded.model):
         encoded["position_ids"] = (encoded["attention_mask"].cumsum(-1) - 1).clamp_(min=0)  # [batch, pos]
     return encoded, spans
 
@@ -369,15 +371,16 @@ def pad_batch(loaded, items: list[TextInput]) -> tuple[dict[str, torch.Tensor], 
 def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns: bool | None = None,
              keep_qk: bool = False, measure: bool = False, exclude_first_token: bool = True,
              query_position: int = -1, attention: str = "auto", keep_layers=None, *,
-             queries: list | None = None) -> list[_Text]:
+             queries: list | None = None, width: int | None = None) -> list[_Text]:
     """One forward pass over `items` as a padded batch; what each text recorded, its numbers on the host.
 
     `keep_layers`: the pattern layers whose T x T patterns are kept when keep_patterns allows (None: all).
     `queries`: per text (absolute query position, [pos] bool keys to skip or None); None: `query_position` for
-    every text, no keys skipped. The query's keys follow the model: earlier ones if causal, else every other."""
+    every text, no keys skipped. The query's keys follow the model: earlier ones if causal, else every other.
+    `width`: the padded length of every row (pad_batch; default the longest text's)."""
     if attention not in ATTENTION_ROUTES:
         raise HeadscopeError(BAD_ROUTE.format(route=attention))
-    encoded, spans = pad_batch(loaded, items)
+    encoded, spans = pad_batch(loaded, items, width)
     kept_layers = pattern_layers if keep_layers is None else keep_layers
     n_pattern_layers = loaded.info.n_layers if kept_layers is None else len(set(kept_layers))
     queries = [(None, None)] * len(items) if queries is None else queries

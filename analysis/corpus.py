@@ -15,17 +15,19 @@ one-token text) is left out of that text's contribution, so each mean is over th
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 import numpy as np
+import torch
 
-from analysis.capture import capture
+from analysis.capture import EAGER_BUDGET, Capture, TextInput, run_pass, text_input, to_capture
 from analysis.errors import HeadscopeError
 from analysis.head_scores import compute_centered_dot_products, compute_mannwhitney
 from analysis.loading import LoadedModel
 from analysis.metrics import compute_dot_products, compute_head_stats, key_head_of
-from analysis.pipeline import analyze_batch, summarize
+from analysis.pipeline import BAD_BATCH_SIZE, BATCH_SIZE, OUT_OF_MEMORY, _is_out_of_memory, summarize
 from analysis.results import HEAD_SCORE_NAMES, MODEL_KEYS, json_floats
 
 SCHEMA = "headscope.corpus/1"
@@ -43,21 +45,36 @@ NOT_UTF8_LINE = "line {number} is not UTF-8 text (bad byte at offset {offset} of
 TOO_DEEP = "line {number} is JSON nested too deeply to read."
 BAD_UNICODE = "line {number} holds a lone surrogate (U+{code:04X}), which is not text: fix the JSON escape."
 UNEXPECTED = "unexpected {kind}: {message}"
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # as corpus_io.detect_kind
+TXT_SUFFIXES = (".txt", ".text")
+PAD_MULTIPLE = 16  # a text's padded width: the next multiple of this above its length, whatever batch it is in
 
 Progress = Callable[[int, int | None], None]  # (texts done, total or None when unknown)
 
 
-def parse_texts(data: str | bytes, source: str = "The file") -> list[str | HeadscopeError]:
-    """Texts of a corpus file: one per non-empty line, or JSONL objects with a "text" field.
+def text_kind(name: str) -> str | None:
+    """'jsonl' or 'txt' by a file name's extension (as corpus_io.detect_kind), None for a name without a known one."""
+    suffix = PurePath(str(name)).suffix.lower()
+    return "jsonl" if suffix in JSONL_SUFFIXES else "txt" if suffix in TXT_SUFFIXES else None
 
-    Every problem is its own line's: a line that is not UTF-8 (when `data` is bytes), not a JSON object, nested
-    too deeply, or without a string "text" becomes a HeadscopeError in its place, so it is reported, not dropped,
-    and the other lines go on. Only a file with no text at all is an error of the whole file.
+
+def parse_texts(data: str | bytes, source: str = "The file", kind: str | None = None) -> list[str | HeadscopeError]:
+    """Texts of a corpus file: one per non-empty line (kind "txt"), or JSONL objects with a "text" field ("jsonl").
+
+    The kind is `kind`, else the extension of `source` (the file's name: .txt is one text per line whatever its
+    lines look like, .jsonl/.json/.ndjson JSON lines), else, for a name without either, JSONL when the first line
+    starts with "{". Every problem is its own line's: a line that is not UTF-8 (when `data` is bytes), not a JSON
+    object, nested too deeply, or without a string "text" becomes a HeadscopeError in its place, so it is reported,
+    not dropped, and the other lines go on. Only a file with no text at all is an error of the whole file.
     """
     lines = [line for line in data.splitlines() if line.strip()]
     if not lines:
         raise HeadscopeError(NO_TEXTS.format(source=source))
-    jsonl = lines[0].lstrip().startswith(b"{" if isinstance(lines[0], bytes) else "{")
+    kind = kind or text_kind(source)
+    if kind is None:
+        jsonl = lines[0].lstrip().startswith(b"{" if isinstance(lines[0], bytes) else "{")
+    else:
+        jsonl = kind == "jsonl"
     texts: list[str | HeadscopeError] = []
     for number, line in enumerate(lines, 1):
         if isinstance(line, bytes):
@@ -137,6 +154,83 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
             _, r = compute_mannwhitney(a, b)
             layer_values[name][layer] = np.nan if r is None else r
     return {**heads, **qk}, layer_values
+
+
+def padded_width(n_tokens: int) -> int:
+    """The width a text of `n_tokens` is padded to in every corpus pass: the next multiple of PAD_MULTIPLE strictly
+    above it, so every row has padding (its attention mask is never dropped as all ones)."""
+    return (n_tokens // PAD_MULTIPLE + 1) * PAD_MULTIPLE
+
+
+def corpus_route(loaded: LoadedModel, width: int, batch_size: int) -> tuple[str, int]:
+    """(attention route, texts per pass) for texts of padded `width`: decided by the width alone, never by what
+    else is in the batch (capture's "auto" looks at the whole batch). On the CPU the model's eager attention while
+    one text's [head, T, T] weights fit capture.EAGER_BUDGET, with at most as many texts per pass as fit it
+    together; sdpa beyond, and on a GPU."""
+    if torch.device(loaded.info.device).type != "cpu":
+        return "sdpa", batch_size
+    one = loaded.info.n_heads * width * width * 4  # bytes of one text's float32 [head, T, T] eager weights
+    if one > EAGER_BUDGET:
+        return "sdpa", batch_size
+    return "eager", max(1, min(batch_size, EAGER_BUDGET // one))
+
+
+def _capture_pass(loaded: LoadedModel, items: list[TextInput], width: int,
+                  route: str) -> list[Capture | HeadscopeError]:
+    """One padded pass (no T x T pattern, no read-outs: q and k of every layer and the head-score sums). A batch that
+    fails (out of memory, or any error of one text) is split in halves, so only the text at fault gets the error."""
+    try:
+        texts = run_pass(loaded, items, pattern_layers=[], keep_patterns=False, keep_qk=True, attention=route,
+                         width=width)
+        return [to_capture(loaded, item, text) for item, text in zip(items, texts)]
+    except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
+        if _is_out_of_memory(exc) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) == 1:
+            if _is_out_of_memory(exc):
+                return [HeadscopeError(OUT_OF_MEMORY.format(n=items[0].ids.size))]
+            if isinstance(exc, HeadscopeError):
+                return [exc]
+            return [HeadscopeError(UNEXPECTED.format(kind=type(exc).__name__, message=exc))]
+        half = len(items) // 2
+        return [*_capture_pass(loaded, items[:half], width, route), *_capture_pass(loaded, items[half:], width, route)]
+
+
+def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = BATCH_SIZE,
+                  progress: Callable[[int], None] | None = None) -> list[Capture | HeadscopeError]:
+    """The corpus's passes: a Capture per text (q and k of every layer, head-score sums, no pattern), in order, or
+    the HeadscopeError of a text that cannot be analysed (empty, too long, ...); the others are unaffected.
+
+    Texts are grouped by padded width (`padded_width`) and run up to `batch_size` per padded pass (fewer where
+    `corpus_route` says so). Each text's numbers depend on the text alone, not on its batch: every pass pads it to
+    the same width, with the same attention route, and the CPU's matrix products give each row the same bits
+    whatever the other rows are (tests/analysis/test_corpus.py runs texts in different batches and compares).
+    So two engines that batch a corpus differently (local, Ray) write the same rows, rank statistics included:
+    a same-vs-different-head Mann-Whitney ranking could otherwise flip on dot products equal to float rounding.
+    Against a text's own unpadded pass (`capture`) the numbers agree to float rounding (~1e-6).
+    `progress(n)` after each pass with the number of texts it ran.
+    """
+    if batch_size < 1:
+        raise HeadscopeError(BAD_BATCH_SIZE.format(size=batch_size))
+    out: list[Capture | HeadscopeError | None] = [None] * len(texts)
+    groups: dict[int, list[tuple[int, TextInput]]] = {}
+    for index, text in enumerate(texts):
+        try:
+            item = text_input(loaded, text)
+        except HeadscopeError as exc:
+            out[index] = exc
+            continue
+        groups.setdefault(padded_width(item.ids.size), []).append((index, item))
+    for width in sorted(groups):
+        members = groups[width]
+        route, size = corpus_route(loaded, width, batch_size)
+        for start in range(0, len(members), size):
+            chunk = members[start:start + size]
+            for (index, _), result in zip(chunk, _capture_pass(loaded, [item for _, item in chunk], width, route)):
+                out[index] = result
+            if progress is not None:
+                progress(len(chunk))
+    return out
 
 
 def compute_result_values(result, exclude_first_token: bool = True) -> tuple[dict[str, np.ndarray],
@@ -294,9 +388,9 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
                    seed: int = SEED, total: int | None = None, batch_size: int = 1) -> CorpusResult:
     """Stream `texts` through the model `batch_size` at a time and bootstrap the means of their per-head numbers.
 
-    batch_size 1 (the default) runs one `capture` per text, the numbers analysis.corpus_store's rows hold
-    bit for bit; larger batches run `analyze_batch` (padded passes, every measurement on the model's device:
-    much faster on a GPU, the same numbers to ~1e-7 relative, see analyze_batch).
+    Each buffer of `batch_size` texts goes through `capture_texts` (padded passes of texts grouped by width, no
+    T x T pattern kept) and `compute_text_values`: the numbers analysis.corpus_store's rows hold, bit for bit,
+    whatever the batch size, and equal to each text's own `analyze` to float rounding.
 
     An item that is an exception (e.g. a bad JSONL line from `parse_texts`) and a text that fails (empty, too
     long, ...) are recorded with their error and skipped. `progress(done, total)` is called after each text;
@@ -309,43 +403,23 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
     done = 0
     buffer: list[str | Exception] = []
 
-    def one(text: str) -> None:
-        try:
-            acc.add(capture(loaded, text, pattern_layers=[]))  # no T x T pattern kept
-        except HeadscopeError as exc:
-            acc.add_failure(text, str(exc))
-        except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
-            acc.add_failure(text, UNEXPECTED.format(kind=type(exc).__name__, message=exc))
-
     def flush() -> None:
         nonlocal done
-        strings = [text for text in buffer if not isinstance(text, Exception)]
-        if batch_size == 1:
-            for text in buffer:
-                if isinstance(text, Exception):
-                    acc.add_failure("", str(text))
-                else:
-                    one(text)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            buffer.clear()
-            return
-        try:
-            results = iter(analyze_batch(loaded, strings, batch_size, None, exclude_first_token,
-                                         exclude_current_token, keep_patterns=False))
-        except Exception as exc:  # noqa: BLE001 - one bad batch must not lose the others
-            failure = UNEXPECTED.format(kind=type(exc).__name__, message=exc)
-            results = iter([HeadscopeError(failure)] * len(strings))
+        results = iter(capture_texts(loaded, [text for text in buffer if not isinstance(text, Exception)],
+                                     batch_size))
         for text in buffer:
             if isinstance(text, Exception):
                 acc.add_failure("", str(text))
             else:
-                result = next(results)
-                if isinstance(result, Exception):
-                    acc.add_failure(text, str(result))
-                else:
-                    acc.add_result(result)
+                captured = next(results)
+                try:
+                    if isinstance(captured, Exception):
+                        raise captured
+                    acc.add(captured)
+                except HeadscopeError as exc:
+                    acc.add_failure(text, str(exc))
+                except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
+                    acc.add_failure(text, UNEXPECTED.format(kind=type(exc).__name__, message=exc))
             done += 1
             if progress is not None:
                 progress(done, total)

@@ -81,6 +81,7 @@ class RowMaker:
         self.settings = settings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # settings: the exclusions and the batch size; the rows do not depend on how Ray cut the input into batches
         return rows_to_table(analyze_records(self.loaded, batch.to_pylist(), **self.settings))
 
 
@@ -185,8 +186,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         done = frozenset(folder.done_keys())
         records = read_records(ray, source, text_column, done)
         rows = records.map_batches(
-            RowMaker, fn_constructor_args=(model, device, dtype, info["revision"], settings,
-                                           max(1, int(worker_cpus))),
+            RowMaker, fn_constructor_args=(model, device, dtype, info["revision"],
+                                           {**settings, "batch_size": batch_size}, max(1, int(worker_cpus))),
             batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=worker_cpus, **gpu_args)
         rows.write_parquet(str(folder.rows_dir.resolve()))

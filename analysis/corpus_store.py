@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.capture import capture
 from analysis.corpus import (
     CORPUS_MEASURES,
     LAYER_MEASURES,
@@ -44,12 +43,14 @@ from analysis.corpus import (
     UNEXPECTED,
     CorpusResult,
     TextRecord,
+    capture_texts,
     compute_bootstrap_ci,
     compute_text_values,
     excerpt,
 )
 from analysis.errors import HeadscopeError
 from analysis.loading import LoadedModel
+from analysis.pipeline import BATCH_SIZE
 from analysis.results import MODEL_KEYS
 
 log = logging.getLogger(__name__)
@@ -89,25 +90,32 @@ def versions() -> dict[str, str | None]:
 
 
 def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_token: bool = True,
-                    exclude_current_token: bool = False, exclude_bos: bool = True) -> list[dict]:
+                    exclude_current_token: bool = False, exclude_bos: bool = True,
+                    batch_size: int = BATCH_SIZE) -> list[dict]:
     """Per-text rows (ROW_SCHEMA) for a batch of records (analysis.corpus_io): the one place both engines analyse.
 
-    Today one forward pass per text (`capture` with no T x T pattern kept, then corpus.compute_text_values); a
-    batched engine replaces the loop here and nowhere else. A bad record, or a text the engine refuses (too many
-    tokens, ...), becomes a row with its error.
+    The records' texts go through corpus.capture_texts, `batch_size` per padded pass (grouped by padded width, no
+    T x T pattern kept), then corpus.compute_text_values. A text's numbers depend on the text alone, not on which
+    other records share its batch, so engines that cut the corpus into batches differently write the same rows.
+    A bad record, or a text the engine refuses (too many tokens, ...), becomes a row with its error.
     """
     model = loaded.info.to_dict()
+    records = list(records)
+    captured = iter(capture_texts(loaded, [record["text"] for record in records if record["error"] is None],
+                                  batch_size))
     rows = []
     for record in records:
         row = {"number": int(record["number"]), "id": record["id"], "text_hash": record["text_hash"],
                "excerpt": "" if record["text"] is None else excerpt(record["text"]), "n_tokens": None,
                "error": record["error"]}
         if record["error"] is None:
+            result = next(captured)
             try:
-                captured = capture(loaded, record["text"], pattern_layers=[])  # no T x T pattern kept
-                heads, layers = compute_text_values(captured, model, exclude_first_token, exclude_current_token,
+                if isinstance(result, Exception):
+                    raise result
+                heads, layers = compute_text_values(result, model, exclude_first_token, exclude_current_token,
                                                     exclude_bos)
-                row["n_tokens"] = len(captured.tokens)
+                row["n_tokens"] = len(result.tokens)
                 row.update({name: heads[name].ravel().tolist() for name in CORPUS_MEASURES})  # [layer * head]
                 row.update({name: layers[name].tolist() for name in LAYER_MEASURES})  # [layer]
             except HeadscopeError as exc:
@@ -308,7 +316,8 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
             yield record
 
     for chunk in _chunks(todo(), max(1, batch_size)):
-        pending.extend(analyze_records(loaded, chunk, exclude_first_token, exclude_current_token))
+        pending.extend(analyze_records(loaded, chunk, exclude_first_token, exclude_current_token,
+                                       batch_size=batch_size))
         if len(pending) >= flush_rows:
             flush()
         if progress is not None:

@@ -35,20 +35,19 @@ def texts():
 def spied(gpt2, texts):
     """The corpus of 200 texts (one empty, one bad JSONL item), with every batch it ran and its progress calls."""
     batches, calls = [], []
-    real = corpus.analyze_batch
+    real = corpus.capture_texts
 
     def spy(loaded, strings, batch_size, *args, **kwargs):
         results = real(loaded, strings, batch_size, *args, **kwargs)
-        batches.append((len(strings), batch_size, kwargs.get("keep_patterns"),
-                        [r.layers[0].patterns for r in results if not isinstance(r, Exception)]))
+        batches.append((len(strings), batch_size, [r.patterns for r in results if not isinstance(r, Exception)]))
         return results
 
     inputs = [*texts[:10], "", HeadscopeError("line 12 is not a JSON object."), *texts[10:]]
-    corpus.analyze_batch = spy
+    corpus.capture_texts = spy
     try:
         result = analyze_corpus(gpt2, inputs, progress=lambda done, total: calls.append((done, total)), batch_size=32)
     finally:
-        corpus.analyze_batch = real
+        corpus.capture_texts = real
     return result, batches, calls
 
 
@@ -86,9 +85,9 @@ def test_bootstrap_skips_undefined_values_and_constant_values_have_no_width():
 
 def test_a_corpus_streams_without_patterns_and_records_failures(spied, texts):
     result, batches, calls = spied
-    assert all(keep is False and all(p is None for p in patterns) for _, _, keep, patterns in batches)  # no T x T
-    assert [n for n, _, _, _ in batches] == [32] * 6 + [9]  # 201 strings (one empty) in batches of 32
-    assert {size for _, size, _, _ in batches} == {32}
+    assert all(patterns == {} for _, _, kept in batches for patterns in kept)  # no T x T pattern
+    assert [n for n, _, _ in batches] == [32] * 6 + [9]  # 201 strings (one empty) in batches of 32
+    assert {size for _, size, _ in batches} == {32}
     assert calls == [(i, 202) for i in range(1, 203)]
     assert len(result.texts) == 202 and result.n_analysed == 200
     assert [(r.number, r.error) for r in result.failures] == [

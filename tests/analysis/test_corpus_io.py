@@ -90,3 +90,27 @@ def test_missing_input_and_empty_folder_are_one_clear_error(tmp_path):
         detect_kind(tmp_path / "nope.txt")
     with pytest.raises(HeadscopeError, match="holds no .parquet files"):
         detect_kind(tmp_path)
+
+
+def test_the_extension_decides_txt_or_jsonl_whatever_the_first_line_looks_like(tmp_path):
+    """A .txt whose first line starts with "{" is still one text per line; a .jsonl is JSON lines. Every reader:
+    the results engines' (iter_records, parse_lines) and the one of --batch --out-dir and the app's upload
+    (corpus.parse_texts, which is given the file's name)."""
+    from analysis.corpus import parse_texts
+
+    data = b'{"text": "looks like JSON"}\nplain words\n'
+    for name in ("notes.txt", "NOTES.TXT"):
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert detect_kind(path) == "txt"
+        assert good(iter_records(path)) == [(1, "1", '{"text": "looks like JSON"}'), (2, "2", "plain words")]
+        assert parse_texts(data, str(path)) == ['{"text": "looks like JSON"}', "plain words"]
+    path = tmp_path / "notes.jsonl"
+    path.write_bytes(data)
+    assert good(iter_records(path)) == [(1, "1", "looks like JSON")]
+    assert bad(iter_records(path)) == [(2, "2", "not a JSON object")]
+    parsed = parse_texts(data, path.name)
+    assert parsed[0] == "looks like JSON" and str(parsed[1]) == "line 2 is not a JSON object."
+    assert parse_texts(b"plain first\n" + data, "notes.jsonl")[0].args[0] == "line 1 is not a JSON object."
+    assert parse_texts(data, "notes.txt", kind="jsonl")[0] == "looks like JSON"  # an explicit kind wins
+    assert parse_texts(data)[0] == "looks like JSON"  # no file name: the first line still decides

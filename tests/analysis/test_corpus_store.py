@@ -19,13 +19,13 @@ one_thread = test_corpus.one_thread  # autouse: the tiny model runs fastest on o
 def counted(monkeypatch):
     """Every text the engine runs the model on."""
     seen = []
-    real = corpus_store.capture
+    real = corpus_store.capture_texts
 
-    def spy(loaded, text, pattern_layers=None):
-        seen.append(text)
-        return real(loaded, text, pattern_layers)
+    def spy(loaded, texts, batch_size):
+        seen.extend(texts)
+        return real(loaded, texts, batch_size)
 
-    monkeypatch.setattr(corpus_store, "capture", spy)
+    monkeypatch.setattr(corpus_store, "capture_texts", spy)
     return seen
 
 
@@ -144,3 +144,97 @@ def bert(bert_path):
     from analysis import load_model
 
     return load_model(str(bert_path))
+
+
+@pytest.fixture(scope="module")
+def left_llama(tmp_path_factory):
+    """A tiny Llama padded on the left: position ids must count from each text's first token."""
+    from analysis import load_model
+    from tests.checkpoints import tiny_llama
+
+    loaded = load_model(str(tiny_llama(tmp_path_factory.mktemp("tiny-llama-corpus"))))
+    loaded.tokenizer.padding_side = "left"
+    return loaded
+
+
+def varied_records(n: int) -> list[dict]:
+    """Texts of 1 to 30 words (2 to about 60 tokens): several padded widths, several lengths within each. The
+    shortest matter: on the CPU, padding a text of fewer than 8 tokens past 8 changes its sums' rounding."""
+    from analysis.corpus_io import make_record
+
+    rng = np.random.default_rng(3)
+    words = test_corpus.WORDS
+    texts = ["cat", "the dog", "a mat", *(" ".join(rng.choice(words, int(rng.integers(1, 31)))) for _ in range(n))]
+    return [make_record(i + 1, text) for i, text in enumerate(texts[:n])]
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "bert", "left_llama"])
+def test_a_texts_row_does_not_depend_on_the_batch_it_lands_in(request, fixture, monkeypatch):
+    """Local and Ray cut a corpus into batches differently; a text's numbers must not change with its batch, or a
+    rank statistic (the Mann-Whitney rank-biserial) could flip on two dot products equal to float rounding: one
+    flipped pair moves r by 2 / (n1 n2), far more than 1e-6 on these models. So the same records run in two
+    different compositions (in order 4 per pass; reversed with more records, 7 per pass) give the same rows, and
+    each row equals its text's own unpadded pass to float rounding. Padding a text to the longest of its batch
+    instead (as analyze_batch does) fails the first comparison."""
+    from analysis import capture, corpus
+    from analysis.corpus import compute_text_values
+
+    loaded = request.getfixturevalue(fixture)
+    records = varied_records(24)
+    passes, real = [], corpus.run_pass
+
+    def spy(loaded, items, *args, **kwargs):
+        passes.append(tuple(sorted((int(item.ids.size), item.text) for item in items)))
+        return real(loaded, items, *args, **kwargs)
+
+    monkeypatch.setattr(corpus, "run_pass", spy)
+    first = corpus_store.analyze_records(loaded, records, batch_size=4)
+    first_passes, passes[:] = list(passes), []
+    second = corpus_store.analyze_records(loaded, [*records[::-1], *varied_records(40)[24:]], batch_size=7)
+    assert set(first_passes).isdisjoint(passes)  # no pass of the first run is a pass of the second
+    assert any(len({size for size, _ in group}) > 1 for group in first_passes)  # texts of different lengths padded
+    assert len({size for group in first_passes for size, _ in group}) > 10
+    by_number = {row["number"]: row for row in second}
+    assert all(row["error"] is None for row in first)
+    for row in first:
+        other = by_number[row["number"]]
+        assert (other["text_hash"], other["n_tokens"]) == (row["text_hash"], row["n_tokens"])
+        for name in CORPUS_MEASURES + LAYER_MEASURES:  # bit for bit (NaN where undefined), stronger than 1e-6
+            np.testing.assert_array_equal(np.array(other[name]), np.array(row[name]),
+                                          err_msg=f"row {row['number']} {name}")
+    model = loaded.info.to_dict()
+    for row, record in zip(first, records):  # against each text alone, unpadded: the same numbers to rounding
+        heads, layers = compute_text_values(capture(loaded, record["text"], pattern_layers=[]), model)
+        for name in CORPUS_MEASURES:
+            np.testing.assert_allclose(np.array(row[name]), heads[name].ravel(), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"row {row['number']} {name}")
+        for name in LAYER_MEASURES:  # equal unless a pair of dot products within rounding flipped (seen: 1e-5)
+            if row["n_tokens"] <= 3 and name == "rank_biserial_centered":
+                continue  # one compared key: its centred dot products are 0 up to rounding, their ranks are noise
+            np.testing.assert_allclose(np.array(row[name]), layers[name], rtol=0, atol=1e-4,
+                                       err_msg=f"row {row['number']} {name}")
+
+
+def test_a_text_that_fails_in_a_batch_costs_only_its_own_row(gpt2, monkeypatch):
+    """An unexpected error in a pass splits the batch until the text at fault is alone: it gets the error, every
+    other text its normal row."""
+    from analysis import corpus
+
+    records = varied_records(9)
+    clean = corpus_store.analyze_records(gpt2, records, batch_size=16)
+    bad = records[4]["text"]
+    real = corpus.to_capture
+
+    def flaky(loaded, item, text):
+        if item.text == bad:
+            raise RuntimeError("a kernel failed")
+        return real(loaded, item, text)
+
+    monkeypatch.setattr(corpus, "to_capture", flaky)
+    rows = corpus_store.analyze_records(gpt2, records, batch_size=16)
+    assert [row["error"] for row in rows] == [None] * 4 + ["unexpected RuntimeError: a kernel failed"] + [None] * 4
+    for row, want in zip(rows, clean):
+        if row["error"] is None:
+            assert row.keys() == want.keys()
+            for name, value in want.items():  # NaN where undefined: compared as arrays
+                np.testing.assert_array_equal(np.array(row[name]), np.array(value), err_msg=name)
