@@ -175,44 +175,58 @@ def corpus_route(loaded: LoadedModel, width: int, batch_size: int) -> tuple[str,
     return "eager", max(1, min(batch_size, EAGER_BUDGET // one))
 
 
-def _capture_pass(loaded: LoadedModel, items: list[TextInput], width: int,
-                  route: str) -> list[Capture | HeadscopeError]:
-    """One padded pass (no T x T pattern, no read-outs: q and k of every layer and the head-score sums). A batch that
-    fails (out of memory, or any error of one text) is split in halves, so only the text at fault gets the error."""
+def _capture_pass(loaded: LoadedModel, items: list[TextInput], width: int, route: str,
+                  reduce: Callable[[Capture], object]) -> list:
+    """One padded pass (no T x T pattern, no read-outs: q and k of every layer and the head-score sums), each text's
+    Capture reduced at once (`reduce`), so q and k live for one pass only. A batch that fails (out of memory, or any
+    error of one text) is split in halves, so only the text at fault gets the error."""
     try:
         texts = run_pass(loaded, items, pattern_layers=[], keep_patterns=False, keep_qk=True, attention=route,
                          width=width)
-        return [to_capture(loaded, item, text) for item, text in zip(items, texts)]
     except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
         if _is_out_of_memory(exc) and torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(items) == 1:
             if _is_out_of_memory(exc):
                 return [HeadscopeError(OUT_OF_MEMORY.format(n=items[0].ids.size))]
-            if isinstance(exc, HeadscopeError):
-                return [exc]
-            return [HeadscopeError(UNEXPECTED.format(kind=type(exc).__name__, message=exc))]
+            return [_as_error(exc)]
         half = len(items) // 2
-        return [*_capture_pass(loaded, items[:half], width, route), *_capture_pass(loaded, items[half:], width, route)]
+        return [*_capture_pass(loaded, items[:half], width, route, reduce),
+                *_capture_pass(loaded, items[half:], width, route, reduce)]
+    out = []
+    for item, text in zip(items, texts):
+        try:
+            out.append(reduce(to_capture(loaded, item, text)))
+        except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
+            out.append(_as_error(exc))
+    return out
+
+
+def _as_error(exc: Exception) -> HeadscopeError:
+    return exc if isinstance(exc, HeadscopeError) else HeadscopeError(UNEXPECTED.format(kind=type(exc).__name__,
+                                                                                        message=exc))
 
 
 def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = BATCH_SIZE,
-                  progress: Callable[[int], None] | None = None) -> list[Capture | HeadscopeError]:
-    """The corpus's passes: a Capture per text (q and k of every layer, head-score sums, no pattern), in order, or
-    the HeadscopeError of a text that cannot be analysed (empty, too long, ...); the others are unaffected.
+                  reduce: Callable[[Capture], object] | None = None) -> list:
+    """The corpus's passes: for each text, in order, `reduce(its Capture)` (default: the Capture itself: q and k of
+    every layer, the head-score sums, no pattern), or the HeadscopeError of a text that cannot be analysed (empty,
+    too long, ...; an exception of `reduce` too); the others are unaffected.
 
     Texts are grouped by padded width (`padded_width`) and run up to `batch_size` per padded pass (fewer where
     `corpus_route` says so). Each text's numbers depend on the text alone, not on its batch: every pass pads it to
     the same width, with the same attention route, and the CPU's matrix products give each row the same bits
-    whatever the other rows are (tests/analysis/test_corpus.py runs texts in different batches and compares).
+    whatever the other rows are (tests/analysis/test_corpus_store.py runs texts in different batches and compares).
     So two engines that batch a corpus differently (local, Ray) write the same rows, rank statistics included:
-    a same-vs-different-head Mann-Whitney ranking could otherwise flip on dot products equal to float rounding.
-    Against a text's own unpadded pass (`capture`) the numbers agree to float rounding (~1e-6).
-    `progress(n)` after each pass with the number of texts it ran.
+    padding each text to the longest of its batch instead changed its sums' rounding with its batch, and the
+    same-vs-different-head Mann-Whitney ranking flipped on dot products equal to rounding (by up to 0.6 in r on
+    the tiny test models' shortest texts). Against a text's own unpadded pass (`capture`) the numbers agree to
+    float rounding (~1e-6), rank statistics up to such flips.
     """
     if batch_size < 1:
         raise HeadscopeError(BAD_BATCH_SIZE.format(size=batch_size))
-    out: list[Capture | HeadscopeError | None] = [None] * len(texts)
+    reduce = reduce or (lambda captured: captured)
+    out: list = [None] * len(texts)
     groups: dict[int, list[tuple[int, TextInput]]] = {}
     for index, text in enumerate(texts):
         try:
@@ -226,11 +240,20 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
         route, size = corpus_route(loaded, width, batch_size)
         for start in range(0, len(members), size):
             chunk = members[start:start + size]
-            for (index, _), result in zip(chunk, _capture_pass(loaded, [item for _, item in chunk], width, route)):
+            results = _capture_pass(loaded, [item for _, item in chunk], width, route, reduce)
+            for (index, _), result in zip(chunk, results):
                 out[index] = result
-            if progress is not None:
-                progress(len(chunk))
     return out
+
+
+def text_values(model: dict, exclude_first_token: bool = True, exclude_current_token: bool = False,
+                exclude_bos: bool = True):
+    """capture_texts's `reduce` for the corpus: a Capture -> ({CORPUS_MEASURES}, {LAYER_MEASURES}, n_tokens)."""
+    def reduce(captured: Capture) -> tuple[dict, dict, int]:
+        heads, layers = compute_text_values(captured, model, exclude_first_token, exclude_current_token, exclude_bos)
+        return heads, layers, len(captured.tokens)
+
+    return reduce
 
 
 def compute_result_values(result, exclude_first_token: bool = True) -> tuple[dict[str, np.ndarray],
@@ -406,20 +429,16 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
     def flush() -> None:
         nonlocal done
         results = iter(capture_texts(loaded, [text for text in buffer if not isinstance(text, Exception)],
-                                     batch_size))
+                                     batch_size, text_values(model, exclude_first_token, exclude_current_token)))
         for text in buffer:
             if isinstance(text, Exception):
                 acc.add_failure("", str(text))
             else:
-                captured = next(results)
-                try:
-                    if isinstance(captured, Exception):
-                        raise captured
-                    acc.add(captured)
-                except HeadscopeError as exc:
-                    acc.add_failure(text, str(exc))
-                except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
-                    acc.add_failure(text, UNEXPECTED.format(kind=type(exc).__name__, message=exc))
+                result = next(results)
+                if isinstance(result, Exception):
+                    acc.add_failure(text, str(result))
+                else:
+                    acc._add_row(result[0], result[1], text, result[2])
             done += 1
             if progress is not None:
                 progress(done, total)

@@ -40,13 +40,12 @@ from analysis.corpus import (
     LEVEL,
     N_BOOT,
     SEED,
-    UNEXPECTED,
     CorpusResult,
     TextRecord,
     capture_texts,
     compute_bootstrap_ci,
-    compute_text_values,
     excerpt,
+    text_values,
 )
 from analysis.errors import HeadscopeError
 from analysis.loading import LoadedModel
@@ -101,27 +100,22 @@ def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_
     """
     model = loaded.info.to_dict()
     records = list(records)
-    captured = iter(capture_texts(loaded, [record["text"] for record in records if record["error"] is None],
-                                  batch_size))
+    results = iter(capture_texts(loaded, [record["text"] for record in records if record["error"] is None],
+                                 batch_size, text_values(model, exclude_first_token, exclude_current_token,
+                                                         exclude_bos)))
     rows = []
     for record in records:
         row = {"number": int(record["number"]), "id": record["id"], "text_hash": record["text_hash"],
                "excerpt": "" if record["text"] is None else excerpt(record["text"]), "n_tokens": None,
                "error": record["error"]}
         if record["error"] is None:
-            result = next(captured)
-            try:
-                if isinstance(result, Exception):
-                    raise result
-                heads, layers = compute_text_values(result, model, exclude_first_token, exclude_current_token,
-                                                    exclude_bos)
-                row["n_tokens"] = len(result.tokens)
+            result = next(results)
+            if isinstance(result, Exception):  # a HeadscopeError: the text's own, or an unexpected one worded
+                row["error"] = str(result)
+            else:
+                heads, layers, row["n_tokens"] = result
                 row.update({name: heads[name].ravel().tolist() for name in CORPUS_MEASURES})  # [layer * head]
                 row.update({name: layers[name].tolist() for name in LAYER_MEASURES})  # [layer]
-            except HeadscopeError as exc:
-                row["error"] = str(exc)
-            except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
-                row["error"] = UNEXPECTED.format(kind=type(exc).__name__, message=exc)
         rows.append(row)
     return rows
 

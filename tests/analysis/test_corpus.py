@@ -34,21 +34,25 @@ def texts():
 @pytest.fixture(scope="module")
 def spied(gpt2, texts):
     """The corpus of 200 texts (one empty, one bad JSONL item), with every batch it ran and its progress calls."""
-    batches, calls = [], []
-    real = corpus.capture_texts
+    batches, calls, passes = [], [], []
+    real, real_pass = corpus.capture_texts, corpus.run_pass
 
     def spy(loaded, strings, batch_size, *args, **kwargs):
-        results = real(loaded, strings, batch_size, *args, **kwargs)
-        batches.append((len(strings), batch_size, [r.patterns for r in results if not isinstance(r, Exception)]))
-        return results
+        batches.append((len(strings), batch_size))
+        return real(loaded, strings, batch_size, *args, **kwargs)
+
+    def spy_pass(loaded, items, *args, **kwargs):
+        texts = real_pass(loaded, items, *args, **kwargs)
+        passes.append((kwargs.get("pattern_layers"), [text.patterns for text in texts]))
+        return texts
 
     inputs = [*texts[:10], "", HeadscopeError("line 12 is not a JSON object."), *texts[10:]]
-    corpus.capture_texts = spy
+    corpus.capture_texts, corpus.run_pass = spy, spy_pass
     try:
         result = analyze_corpus(gpt2, inputs, progress=lambda done, total: calls.append((done, total)), batch_size=32)
     finally:
-        corpus.capture_texts = real
-    return result, batches, calls
+        corpus.capture_texts, corpus.run_pass = real, real_pass
+    return result, (batches, passes), calls
 
 
 def test_parse_texts_reads_lines_and_jsonl_keeping_bad_lines_as_errors():
@@ -84,10 +88,9 @@ def test_bootstrap_skips_undefined_values_and_constant_values_have_no_width():
 
 
 def test_a_corpus_streams_without_patterns_and_records_failures(spied, texts):
-    result, batches, calls = spied
-    assert all(patterns == {} for _, _, kept in batches for patterns in kept)  # no T x T pattern
-    assert [n for n, _, _ in batches] == [32] * 6 + [9]  # 201 strings (one empty) in batches of 32
-    assert {size for _, size, _ in batches} == {32}
+    result, (batches, passes), calls = spied
+    assert passes and all(layers == [] and all(p == {} for p in kept) for layers, kept in passes)  # no T x T
+    assert batches == [(32, 32)] * 6 + [(9, 32)]  # 201 strings (one empty) in batches of 32
     assert calls == [(i, 202) for i in range(1, 203)]
     assert len(result.texts) == 202 and result.n_analysed == 200
     assert [(r.number, r.error) for r in result.failures] == [

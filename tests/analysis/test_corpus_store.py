@@ -21,9 +21,9 @@ def counted(monkeypatch):
     seen = []
     real = corpus_store.capture_texts
 
-    def spy(loaded, texts, batch_size):
+    def spy(loaded, texts, *args):
         seen.extend(texts)
-        return real(loaded, texts, batch_size)
+        return real(loaded, texts, *args)
 
     monkeypatch.setattr(corpus_store, "capture_texts", spy)
     return seen
@@ -223,16 +223,18 @@ def test_a_text_that_fails_in_a_batch_costs_only_its_own_row(gpt2, monkeypatch):
     records = varied_records(9)
     clean = corpus_store.analyze_records(gpt2, records, batch_size=16)
     bad = records[4]["text"]
-    real = corpus.to_capture
+    real, passes = corpus.run_pass, []
 
-    def flaky(loaded, item, text):
-        if item.text == bad:
+    def flaky(loaded, items, *args, **kwargs):
+        passes.append(len(items))
+        if any(item.text == bad for item in items):
             raise RuntimeError("a kernel failed")
-        return real(loaded, item, text)
+        return real(loaded, items, *args, **kwargs)
 
-    monkeypatch.setattr(corpus, "to_capture", flaky)
+    monkeypatch.setattr(corpus, "run_pass", flaky)
     rows = corpus_store.analyze_records(gpt2, records, batch_size=16)
     assert [row["error"] for row in rows] == [None] * 4 + ["unexpected RuntimeError: a kernel failed"] + [None] * 4
+    assert 1 in passes and max(passes) > 1  # the bad text's pass was split down to it alone
     for row, want in zip(rows, clean):
         if row["error"] is None:
             assert row.keys() == want.keys()
