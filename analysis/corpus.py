@@ -157,10 +157,13 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
     return {**heads, **qk}, layer_values
 
 
-def padded_width(n_tokens: int) -> int:
+def padded_width(n_tokens: int, limit: int | None = None) -> int:
     """The width a text of `n_tokens` is padded to in every corpus pass: the next multiple of PAD_MULTIPLE strictly
-    above it, so every row has padding (its attention mask is never dropped as all ones)."""
-    return (n_tokens // PAD_MULTIPLE + 1) * PAD_MULTIPLE
+    above it, so every row has padding (its attention mask is never dropped as all ones), but at most `limit` (the
+    model's positions; a text of exactly that many tokens has no padding, and where a batch mixes it with shorter
+    ones its head scores can differ from its run alone at float rounding)."""
+    width = (n_tokens // PAD_MULTIPLE + 1) * PAD_MULTIPLE
+    return width if limit is None else max(n_tokens, min(width, limit))
 
 
 def corpus_route(loaded: LoadedModel, width: int, batch_size: int) -> tuple[str, int]:
@@ -235,7 +238,7 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
         except HeadscopeError as exc:
             out[index] = exc
             continue
-        groups.setdefault(padded_width(item.ids.size), []).append((index, item))
+        groups.setdefault(padded_width(item.ids.size, loaded.info.max_positions), []).append((index, item))
     for width in sorted(groups):
         members = groups[width]
         route, size = corpus_route(loaded, width, batch_size)

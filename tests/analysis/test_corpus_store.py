@@ -240,3 +240,26 @@ def test_a_text_that_fails_in_a_batch_costs_only_its_own_row(gpt2, monkeypatch):
             assert row.keys() == want.keys()
             for name, value in want.items():  # NaN where undefined: compared as arrays
                 np.testing.assert_array_equal(np.array(row[name]), np.array(value), err_msg=name)
+
+
+def test_a_text_as_long_as_the_model_accepts_is_not_padded_past_its_positions(gpt2):
+    """Padding goes to the next multiple of 16 above a text's length, but never past the model's positions (128 for
+    the tiny GPT-2): a text of 120 to 128 tokens runs at 128, and gives its single pass's numbers."""
+    from analysis.capture import text_input
+    from analysis.corpus import padded_width
+
+    assert [padded_width(n, 128) for n in (1, 15, 16, 17, 111, 112, 120, 128)] == [16, 16, 32, 32, 112, 128, 128, 128]
+    def n_tokens(text):
+        return len(gpt2.tokenizer(text)["input_ids"])
+
+    text = next(t for t in (" ".join(["cat"] * i + ["a"] * j) for i in range(130) for j in range(4))
+                if n_tokens(t) == 128)  # as long as the model accepts: unclamped, its width would be 144
+    shorter = text.rsplit(" ", 3)[0]
+    assert 120 <= text_input(gpt2, shorter).ids.size < text_input(gpt2, text).ids.size == 128
+    records = [{"number": i + 1, "id": str(i + 1), "text": t, "text_hash": str(i), "error": None}
+               for i, t in enumerate([text, shorter])]
+    rows = corpus_store.analyze_records(gpt2, records, batch_size=2)
+    assert [row["error"] for row in rows] == [None, None]
+    alone = corpus_store.analyze_records(gpt2, records[1:], batch_size=1)
+    for name in CORPUS_MEASURES:
+        np.testing.assert_array_equal(rows[1][name], alone[0][name])
