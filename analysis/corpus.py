@@ -48,7 +48,8 @@ BAD_UNICODE = "line {number} holds a lone surrogate (U+{code:04X}), which is not
 UNEXPECTED = "unexpected {kind}: {message}"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # as corpus_io.detect_kind
 TXT_SUFFIXES = (".txt", ".text")
-PAD_MULTIPLE = 16  # a text's padded width: the next multiple of this above its length, whatever batch it is in
+PAD_MULTIPLE = 8  # a text's padded width: the next multiple of this above its length, whatever batch it is in
+MIN_WIDTH = 16  # and at least this: a pass of one text of 8 rows took another matrix-product path on the CPU
 
 Progress = Callable[[int, int | None], None]  # (texts done, total or None when unknown)
 
@@ -159,10 +160,11 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
 
 def padded_width(n_tokens: int, limit: int | None = None) -> int:
     """The width a text of `n_tokens` is padded to in every corpus pass: the next multiple of PAD_MULTIPLE strictly
-    above it, so every row has padding (its attention mask is never dropped as all ones), but at most `limit` (the
+    above it (at least MIN_WIDTH), so every row has padding (its attention mask is never dropped as all ones; a
+    pass of [1, 8] positions rounded differently from [2, 8] on the tiny BERT), but at most `limit` (the
     model's positions; a text of exactly that many tokens has no padding, and where a batch mixes it with shorter
     ones its head scores can differ from its run alone at float rounding)."""
-    width = (n_tokens // PAD_MULTIPLE + 1) * PAD_MULTIPLE
+    width = max(MIN_WIDTH, (n_tokens // PAD_MULTIPLE + 1) * PAD_MULTIPLE)
     return width if limit is None else max(n_tokens, min(width, limit))
 
 

@@ -172,10 +172,12 @@ def varied_records(n: int) -> list[dict]:
 def test_a_texts_row_does_not_depend_on_the_batch_it_lands_in(request, fixture, monkeypatch):
     """Local and Ray cut a corpus into batches differently; a text's numbers must not change with its batch, or a
     rank statistic (the Mann-Whitney rank-biserial) could flip on two dot products equal to float rounding: one
-    flipped pair moves r by 2 / (n1 n2), far more than 1e-6 on these models. So the same records run in two
-    different compositions (in order 4 per pass; reversed with more records, 7 per pass) give the same rows, and
-    each row equals its text's own unpadded pass to float rounding. Padding a text to the longest of its batch
-    instead (as analyze_batch does) fails the first comparison."""
+    flipped pair moves r by 2 / (n1 n2), far more than 1e-6 on these models. So the same records run in three
+    compositions (in order, 4 per pass; reversed among more records, 7 per pass; each text alone) give the same
+    rows bit for bit, and each row equals its text's own unpadded pass to float rounding. Padding a text to the
+    longest of its batch instead (as analyze_batch does) fails the bit-for-bit comparison: a text of under ~16
+    tokens alone and in a batch of longer texts rounds differently, and BERT's attention mask is dropped when no
+    row of a pass has padding."""
     from analysis import capture, corpus
     from analysis.corpus import compute_text_values
 
@@ -191,17 +193,21 @@ def test_a_texts_row_does_not_depend_on_the_batch_it_lands_in(request, fixture, 
     first = corpus_store.analyze_records(loaded, records, batch_size=4)
     first_passes, passes[:] = list(passes), []
     second = corpus_store.analyze_records(loaded, [*records[::-1], *varied_records(40)[24:]], batch_size=7)
-    assert set(first_passes).isdisjoint(passes)  # no pass of the first run is a pass of the second
+    mates = [{text: group for group in run for _, text in group} for run in (first_passes, passes)]
+    moved = [text for text in mates[0] if mates[0][text] != mates[1][text]]
+    assert len(moved) > len(records) / 2  # most texts shared their pass with other texts in the second run
     assert any(len({size for size, _ in group}) > 1 for group in first_passes)  # texts of different lengths padded
     assert len({size for group in first_passes for size, _ in group}) > 10
-    by_number = {row["number"]: row for row in second}
+    alone = [row for record in records for row in corpus_store.analyze_records(loaded, [record], batch_size=1)]
     assert all(row["error"] is None for row in first)
-    for row in first:
-        other = by_number[row["number"]]
-        assert (other["text_hash"], other["n_tokens"]) == (row["text_hash"], row["n_tokens"])
-        for name in CORPUS_MEASURES + LAYER_MEASURES:  # bit for bit (NaN where undefined), stronger than 1e-6
-            np.testing.assert_array_equal(np.array(other[name]), np.array(row[name]),
-                                          err_msg=f"row {row['number']} {name}")
+    for label, rows in (("reversed, 7 per pass", second), ("each text alone", alone)):
+        by_number = {row["number"]: row for row in rows}
+        for row in first:
+            other = by_number[row["number"]]
+            assert (other["text_hash"], other["n_tokens"]) == (row["text_hash"], row["n_tokens"])
+            for name in CORPUS_MEASURES + LAYER_MEASURES:  # bit for bit (NaN where undefined), stronger than 1e-6
+                np.testing.assert_array_equal(np.array(other[name]), np.array(row[name]),
+                                              err_msg=f"{label}: row {row['number']} {name}")
     model = loaded.info.to_dict()
     for row, record in zip(first, records):  # against each text alone, unpadded: the same numbers to rounding
         heads, layers = compute_text_values(capture(loaded, record["text"], pattern_layers=[]), model)
@@ -243,17 +249,17 @@ def test_a_text_that_fails_in_a_batch_costs_only_its_own_row(gpt2, monkeypatch):
 
 
 def test_a_text_as_long_as_the_model_accepts_is_not_padded_past_its_positions(gpt2):
-    """Padding goes to the next multiple of 16 above a text's length, but never past the model's positions (128 for
-    the tiny GPT-2): a text of 120 to 128 tokens runs at 128, and gives its single pass's numbers."""
+    """Padding goes to the next multiple of 8 above a text's length (at least 16), never past the model's positions
+    (128 for the tiny GPT-2): a text of 120 to 128 tokens runs at 128, and gives its single pass's numbers."""
     from analysis.capture import text_input
     from analysis.corpus import padded_width
 
-    assert [padded_width(n, 128) for n in (1, 15, 16, 17, 111, 112, 120, 128)] == [16, 16, 32, 32, 112, 128, 128, 128]
+    assert [padded_width(n, 128) for n in (1, 7, 8, 15, 16, 111, 112, 128)] == [16, 16, 16, 16, 24, 112, 120, 128]
     def n_tokens(text):
         return len(gpt2.tokenizer(text)["input_ids"])
 
     text = next(t for t in (" ".join(["cat"] * i + ["a"] * j) for i in range(130) for j in range(4))
-                if n_tokens(t) == 128)  # as long as the model accepts: unclamped, its width would be 144
+                if n_tokens(t) == 128)  # as long as the model accepts: unclamped, its width would be 136
     shorter = text.rsplit(" ", 3)[0]
     assert 120 <= text_input(gpt2, shorter).ids.size < text_input(gpt2, text).ids.size == 128
     records = [{"number": i + 1, "id": str(i + 1), "text": t, "text_hash": str(i), "error": None}
