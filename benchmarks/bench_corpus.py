@@ -1,12 +1,13 @@
 """Peak memory of a corpus run against the number of texts: it should not grow with the corpus.
 
-    python -m benchmarks.bench_corpus [--texts 50 200 400] [--tokens 64] [--threads N]
+    python -m benchmarks.bench_corpus [--texts 50 200 400] [--tokens 64] [--threads N] [--batch-size 16]
 
 Builds a GPT-2-small-shaped random checkpoint (as bench_analysis), then for each corpus size runs
 analysis.corpus.analyze_corpus in a fresh subprocess on that many texts of about --tokens words each, and
 reports the process's peak resident memory (ru_maxrss) after loading the model and after the corpus, and the
-corpus's own growth. Streaming keeps one text's q and k at a time; what grows is only each text's small
-per-head numbers (about 11 KB per text for 12 x 12 heads) and the bootstrap's [n_boot, n_texts] count chunks.
+corpus's own growth. Streaming keeps one pass's q and k at a time (up to --batch-size texts); what grows is only
+each text's small per-head numbers (about 11 KB per text for 12 x 12 heads) and the bootstrap's [n_boot, n_texts]
+count chunks.
 Not part of the tests: memory and time on shared machines are noisy.
 """
 
@@ -40,7 +41,7 @@ def corpus_texts(n: int, tokens: int) -> list[str]:
     return [" ".join(rng.choice(words, tokens)) for _ in range(n)]
 
 
-def child(path: str, n: int, tokens: int, threads: int) -> None:
+def child(path: str, n: int, tokens: int, threads: int, batch_size: int) -> None:
     import torch
 
     from analysis import load_model
@@ -52,10 +53,10 @@ def child(path: str, n: int, tokens: int, threads: int) -> None:
     texts = corpus_texts(n, tokens)
     loaded_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    result = analyze_corpus(loaded, texts)
+    result = analyze_corpus(loaded, texts, batch_size=batch_size)
     seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"texts": n, "analysed": result.n_analysed, "seconds": round(seconds, 1),
+    print(json.dumps({"texts": n, "batch_size": batch_size, "analysed": result.n_analysed, "seconds": round(seconds, 1),
                       "rss_after_load_mib": round(loaded_kb / 1024, 1), "rss_peak_mib": round(peak_kb / 1024, 1),
                       "corpus_growth_mib": round((peak_kb - loaded_kb) / 1024, 1)}))
 
@@ -65,15 +66,17 @@ def main() -> None:
     parser.add_argument("--texts", type=int, nargs="+", default=[50, 200, 400])
     parser.add_argument("--tokens", type=int, default=64, help="words per text (about as many tokens)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--child", nargs=4, metavar=("PATH", "N", "TOKENS", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per padded pass")
+    parser.add_argument("--child", nargs=5, metavar=("PATH", "N", "TOKENS", "THREADS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), int(args.child[2]), int(args.child[3]))
+        child(args.child[0], int(args.child[1]), int(args.child[2]), int(args.child[3]), int(args.child[4]))
         return
     path = build_checkpoint(Path(tempfile.gettempdir()) / "headscope-bench-gpt2-small")
     rows = []
     for n in args.texts:
-        command = [sys.executable, __file__, "--child", str(path), str(n), str(args.tokens), str(args.threads)]
+        command = [sys.executable, __file__, "--child", str(path), str(n), str(args.tokens), str(args.threads),
+                   str(args.batch_size)]
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
