@@ -23,7 +23,7 @@ from pathlib import PurePath
 import numpy as np
 import torch
 
-from analysis.capture import EAGER_BUDGET, Capture, TextInput, run_pass, text_input, to_capture
+from analysis.capture import EAGER_BUDGET, Capture, TextInput, resolve_query, run_pass, text_input, to_capture
 from analysis.errors import HeadscopeError
 from analysis.head_scores import compute_centered_dot_products, compute_mannwhitney
 from analysis.loading import LoadedModel
@@ -187,8 +187,9 @@ def _capture_pass(loaded: LoadedModel, items: list[TextInput], width: int, route
     Capture reduced at once (`reduce`), so q and k live for one pass only. A batch that fails (out of memory, or any
     error of one text) is split in halves, so only the text at fault gets the error."""
     try:
+        queries = [(resolve_query(item.special, loaded.info.causal)[0], None) for item in items]  # as `capture`
         texts = run_pass(loaded, items, pattern_layers=[], keep_patterns=False, keep_qk=True, attention=route,
-                         width=width)
+                         queries=queries, width=width)
     except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
         if _is_out_of_memory(exc) and torch.cuda.is_available():
             torch.cuda.empty_cache()
