@@ -26,6 +26,7 @@ import streamlit as st
 from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec  # what st.altair_chart sends
 
 from analysis import (
+    BATCH_SIZE,
     AnalysisResult,
     Capture,
     HeadscopeError,
@@ -634,8 +635,9 @@ def one_text_ui(settings: dict) -> None:
 
 
 def corpus_ui(settings: dict) -> None:
-    st.markdown("Means over a corpus with bootstrap confidence intervals: one forward pass per text, with the model, "
-                "device, dtype and \"exclude first token\" of the sidebar.")
+    st.markdown(f"Means over a corpus with bootstrap confidence intervals: padded forward passes of up to {BATCH_SIZE} "
+                "texts each (every text measured on its own positions), with the model, device, dtype and "
+                "\"exclude first token\" of the sidebar.")
     upload = st.file_uploader(f"One text per line (.txt), or JSON Lines with a \"text\" field (.jsonl); up to "
                               f"{MAX_UPLOAD_TEXTS:,} texts and {MAX_UPLOAD_MB} MB", type=["txt", "jsonl"],
                               key=CORPUS_FILE, max_upload_size=MAX_UPLOAD_MB)
