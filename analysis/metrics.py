@@ -11,6 +11,8 @@ per-head results cross to the host. The tests hold the two forms equal.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -19,19 +21,26 @@ from analysis.keys import compared_keys, query_keys  # noqa: F401  (torch-free, 
 
 KDE_POINTS = 300
 KDE_CHUNK = 8192
+KDE_CUTOFF = 12.0  # bandwidths: further away a kernel is below exp(-72) of its peak
 # On the CPU the KDE and the Mann-Whitney test run as their numpy definitions (faster there than torch's small
 # ops); False runs the torch route a GPU runs, on the CPU too (the tests do, to hold it to the notebook).
 NUMPY_ON_CPU = True
 
 
 def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scaling + mask) per query head, in float32, as the model's eager attention does."""
+                    softcap: float | None = None, with_scores: bool = False):
+    """softmax(q k^T * scaling + mask) per query head, in float32, as the model's eager attention does.
+
+    with_scores: (pattern, shifted scores) where the scores (scaled, soft-capped, masked) have their row maximum
+    subtracted, so each row's entropy is -sum(p * shifted) - log(max p), with no log of the pattern (a tenth of
+    xlogy's cost on the CPU; both terms are >= 0, so nothing cancels). A boolean mask masks with the dtype's
+    lowest finite value, as transformers' eager masks do, so masked entries give p * score = 0, not NaN.
+    """
     n_rep = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(n_rep, dim=0) if n_rep > 1 else k  # [head, k_pos, d_head]
     k_t = k.transpose(-1, -2)  # [head, d_head, k_pos]
     if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, torch.finfo(q.dtype).min)
     if mask is not None and not softcap:  # scale and mask fused: [h, q, d] @ [h, d, k] -> [h, q, k]
         scores = torch.baddbmm(mask.to(q.dtype).expand(q.shape[0], -1, -1), q, k_t, alpha=scaling)
     else:
@@ -40,9 +49,10 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
             scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
         if mask is not None:
             scores.add_(mask.to(q.dtype))  # [1, q_pos, k_pos] broadcast over heads
-    return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
-
-
+    if not with_scores:
+        return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
+    scores.sub_(scores.amax(dim=-1, keepdim=True))  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
+    return torch.softmax(scores, dim=-1), scores  # [head, q_pos, k_pos] each
 
 
 def compute_head_stats(x: np.ndarray, exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +93,9 @@ def compute_kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
 
     Evaluated as one vectorised kernel sum: for 1-D data gaussian_kde's bandwidth is
     std(values, ddof=1) * n ** (-1/5), and the normalising constant cancels in the division by the maximum.
-    Kernels in float32, sums in float64: within ~1e-7 of scipy, at a fifth of the float64 cost.
+    Kernels in float32, sums in float64: within ~1e-7 of scipy, at a fifth of the float64 cost. On an evenly
+    spaced grid (kde_grid) each value only visits the grid points within KDE_CUTOFF bandwidths of it
+    (_compute_kde_windowed): the kernels left out are below exp(-72), far under float32's rounding.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.size < 2 or np.ptp(values) == 0:
@@ -91,6 +103,12 @@ def compute_kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
     bandwidth = values.std(ddof=1) * values.size ** (-1 / 5)
     scaled_grid = (grid / bandwidth).astype(np.float32)  # [grid]
     scaled = (values / bandwidth).astype(np.float32)  # [n]
+    step = (grid[-1] - grid[0]) / (grid.size - 1) if grid.size > 1 else 0.0
+    width = int(np.ceil(2 * KDE_CUTOFF * bandwidth / step)) + 2 if step > 0 else grid.size
+    even = step > 0 and np.allclose(np.diff(grid), step, rtol=1e-9, atol=0)
+    if even and 3 * width < grid.size:  # its gathers cost ~3x a dense kernel: worth it below a third of the grid
+        density = _compute_kde_windowed(values, grid, scaled_grid, scaled, bandwidth, step, width)
+        return density / density.max()
     density = np.zeros(grid.size)
     for start in range(0, scaled.size, KDE_CHUNK):  # bounded memory: one [grid, chunk] float32 block at a time
         z = np.subtract.outer(scaled_grid, scaled[start:start + KDE_CHUNK])  # [grid, chunk]
@@ -99,6 +117,27 @@ def compute_kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
         np.exp(z, out=z)  # float32 kernels (~1e-7 relative), summed in float64
         density += z.sum(axis=1, dtype=np.float64)
     return density / density.max()
+
+
+def _compute_kde_windowed(values, grid, scaled_grid, scaled, bandwidth, step, width) -> np.ndarray:
+    """The kernel sums of compute_kde on an evenly spaced grid, each value visiting only the `width` grid points
+    from the first one within KDE_CUTOFF bandwidths below it: [grid] float64 (not normalised)."""
+    n_grid = grid.size
+    padded = np.full(n_grid + 2 * width, np.inf, dtype=np.float32)  # [width + grid + width]: inf -> kernel 0
+    padded[width:width + n_grid] = scaled_grid
+    first = np.floor((values - KDE_CUTOFF * bandwidth - grid[0]) / step).astype(np.int64)  # [n]
+    first = np.clip(first, -width, n_grid) + width  # [n]: in padded; a value far off the grid meets only inf
+    offsets = np.arange(width)  # [width]
+    density = np.zeros(padded.size)
+    chunk = max(1, KDE_CHUNK * KDE_POINTS // width)  # bounded memory, as the dense route's blocks
+    for start in range(0, scaled.size, chunk):
+        index = first[start:start + chunk, None] + offsets  # [chunk, width]
+        z = padded[index] - scaled[start:start + chunk, None]  # [chunk, width]
+        np.square(z, out=z)
+        z *= -0.5
+        np.exp(z, out=z)  # float32 kernels, summed in float64 by bincount
+        density += np.bincount(index.reshape(-1), weights=z.reshape(-1), minlength=padded.size)
+    return density[width:width + n_grid]
 
 
 def kde_grid() -> np.ndarray:
@@ -158,6 +197,7 @@ def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | Non
         from scipy.special import ndtr
 
         pooled = np.sort(np.concatenate([same, diff]))  # [n]
+        same = np.sort(same)  # [n1]: U sums over them, so their order is free; sorted, the lookups run in order
         below = np.searchsorted(pooled, same, side="left")  # [n1]: values smaller than each same-head value
         upto = np.searchsorted(pooled, same, side="right")  # [n1]: values smaller or equal
         u1 = float((below + upto + 1).sum() / 2 - n1 * (n1 + 1) / 2)  # average 1-based ranks, minus their minimum
@@ -181,8 +221,10 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
     if flat.shape[1] < 2:
         empty = flat.new_empty(0, dtype=torch.float64)
         return empty, empty
-    var, mean = torch.var_mean(flat.double(), dim=1, correction=1)  # [head] each
-    return mean, var.sqrt_()
+    flat = flat.double()  # [head, pos * d_head]
+    mean = flat.mean(dim=1, keepdim=True)  # [head, 1]
+    var = (flat - mean).square_().sum(dim=1).div_(flat.shape[1] - 1)  # [head]: two-pass, as numpy's std(ddof=1)
+    return mean[:, 0], var.sqrt_()
 
 
 def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
@@ -209,19 +251,21 @@ def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token
 
 
 def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """The Mann-Whitney U of same vs diff and its tie term sum(t^3 - t), from one sort on the device: [2] float64.
+    """The Mann-Whitney U of same vs diff and its tie term sum(t^3 - t), from one sort on the device: [..., 2]
+    float64 for same [..., n1] and diff [..., n2] (leading dims batched, e.g. [layer]: one sort for all layers).
 
     compute_mannwhitney's large-sample route, split so the device does the sorting and ranking and the host
     only turns two numbers into a p-value (mannwhitney_from_parts)."""
-    n1 = same.numel()
-    pooled, _ = torch.sort(torch.cat([same, diff]))  # [n]
-    below = torch.searchsorted(pooled, same, right=False)  # [n1]: values smaller than each same-head value
-    upto = torch.searchsorted(pooled, same, right=True)  # [n1]: values smaller or equal
-    u1 = (below + upto + 1).sum().double() / 2 - n1 * (n1 + 1) / 2  # average 1-based ranks, minus their minimum
+    n1 = same.shape[-1]
+    same = same.contiguous()  # [..., n1]
+    pooled, _ = torch.sort(torch.cat([same, diff], dim=-1), dim=-1)  # [..., n]
+    below = torch.searchsorted(pooled, same, right=False)  # [..., n1]: values smaller than each same-head value
+    upto = torch.searchsorted(pooled, same, right=True)  # [..., n1]: values smaller or equal
+    u1 = (below + upto + 1).sum(dim=-1).double() / 2 - n1 * (n1 + 1) / 2  # [...]: average 1-based ranks, less min
     # each value's run of equal values has t = (equal or smaller) - (smaller) members; summing t^2 - 1 over the
     # values sums t (t^2 - 1) = t^3 - t over the runs, with no device sync (unlike unique_consecutive)
-    runs = torch.searchsorted(pooled, pooled, right=True) - torch.searchsorted(pooled, pooled, right=False)  # [n]
-    return torch.stack([u1, (runs.double().square_() - 1).sum()])  # [2]
+    runs = torch.searchsorted(pooled, pooled, right=True) - torch.searchsorted(pooled, pooled, right=False)  # [.., n]
+    return torch.stack([u1, (runs.double().square_() - 1).sum(dim=-1)], dim=-1)  # [..., 2]
 
 
 def mannwhitney_from_parts(u1: float, tie_sum: float, n1: int, n2: int) -> tuple[float | None, float | None]:
@@ -239,27 +283,35 @@ def mannwhitney_from_parts(u1: float, tie_sum: float, n1: int, n2: int) -> tuple
 
 def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = None,
                   numpy_on_cpu: bool | None = None) -> torch.Tensor:
-    """As compute_kde, on values' device: [grid] float64 normalised to its peak, all NaN where degenerate
+    """As compute_kde, on values' device, for values [..., n] (leading dims batched, e.g. [layer, curve]: one
+    kernel sum for all of them): [..., grid] float64, each curve normalised to its peak, all NaN where degenerate
     (fewer than 2 values, or all equal): the host turns that into None without a device sync here. On the CPU
     it is compute_kde itself unless numpy_on_cpu=False (the tests run the torch route there too)."""
-    values = values.double()  # [n]
+    values = values.double()  # [..., n]
     grid = grid.to(values.device, torch.float64)  # [grid]
+    lead, n = values.shape[:-1], values.shape[-1]
     if (NUMPY_ON_CPU if numpy_on_cpu is None else numpy_on_cpu) and values.device.type == "cpu":
-        curve = compute_kde(values.numpy(), grid.numpy())
-        return torch.full_like(grid, float("nan")) if curve is None else torch.from_numpy(curve)
-    if values.numel() < 2:
-        return torch.full_like(grid, float("nan"))
-    bandwidth = values.std(correction=1) * values.numel() ** (-1 / 5)  # a 0-d tensor: no sync
-    scaled_grid = (grid / bandwidth).float()  # [grid]
-    scaled = (values / bandwidth).float()  # [n]
-    density = torch.zeros_like(grid)  # [grid]
-    if chunk is None:  # a GPU takes [300, 131072] float32 (150 MiB) in one go
-        chunk = KDE_CHUNK if values.device.type == "cpu" else 2**17
-    for start in range(0, scaled.numel(), chunk):  # bounded memory: one [grid, chunk] float32 block at a time
-        z = scaled_grid[:, None] - scaled[None, start:start + chunk]  # [grid, chunk]
-        density += z.square_().mul_(-0.5).exp_().sum(dim=1, dtype=torch.float64)  # float32 kernels, float64 sums
-    degenerate = values.max() == values.min()  # 0-d bool
-    return torch.where(degenerate, torch.full_like(density, float("nan")), density / density.max())
+        rows = values.reshape(-1, n).numpy()  # [curve, n]
+        curves = np.full((rows.shape[0], grid.numel()), np.nan)  # [curve, grid]
+        for row, curve in zip(rows, curves):
+            found = compute_kde(row, grid.numpy())
+            if found is not None:
+                curve[:] = found
+        return torch.from_numpy(curves).reshape(*lead, grid.numel())  # [..., grid]
+    if n < 2:
+        return torch.full((*lead, grid.numel()), float("nan"), dtype=torch.float64, device=values.device)
+    bandwidth = values.std(dim=-1, correction=1, keepdim=True) * n ** (-1 / 5)  # [..., 1]: tensors, no sync
+    scaled_grid = (grid / bandwidth).float()  # [..., grid]
+    scaled = (values / bandwidth).float()  # [..., n]
+    density = torch.zeros(scaled_grid.shape, dtype=torch.float64, device=values.device)  # [..., grid]
+    if chunk is None:  # a GPU takes [300, 131072] float32 (150 MiB) in one go, shared by the curves
+        chunk = max(1, (KDE_CHUNK if values.device.type == "cpu" else 2**17) // max(1, math.prod(lead)))
+    for start in range(0, n, chunk):  # bounded memory: one [..., grid, chunk] float32 block at a time
+        z = scaled_grid[..., :, None] - scaled[..., None, start:start + chunk]  # [..., grid, chunk]
+        density += z.square_().mul_(-0.5).exp_().sum(dim=-1, dtype=torch.float64)  # float32 kernels, f64 sums
+    degenerate = (values.amax(dim=-1) == values.amin(dim=-1))[..., None]  # [..., 1] bool
+    return torch.where(degenerate, torch.full_like(density, float("nan")),
+                       density / density.amax(dim=-1, keepdim=True))  # [..., grid]
 
 
 def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[str, torch.Tensor],

@@ -17,7 +17,7 @@ import torch
 from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, ScorePlan
 from analysis.metrics import compute_pattern, query_keys
 
-TEMPORARIES = 3  # [head, rows, T] float32 tensors alive at once in a block: the pattern, xlogy, a parity difference
+TEMPORARIES = 3  # [head, rows, T] float32 tensors alive at once in a block: the scores, the pattern, a spare
 
 
 @dataclass(eq=False)
@@ -64,7 +64,8 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         block_mask = None if mask is None else mask[:, start:stop]  # [1, rows, k_pos]
-        pattern = rebuild(q[:, start:stop], k, scaling, block_mask, softcap)  # [head, rows, k_pos]
+        pattern, shifted = rebuild(q[:, start:stop], k, scaling, block_mask, softcap,
+                                   with_scores=True)  # [head, rows, k_pos] each: softmax and its scores less max
         pairs = plan.rows(start, stop)
         if pairs.stop > pairs.start:
             gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
@@ -72,11 +73,13 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         total += pattern.sum(dim=-1, dtype=torch.float32).sum(dim=-1, dtype=torch.float64)  # rows in float32
         first_key.append(pattern[:, :, 0].clone())  # [head, rows]
         diagonal.append(pattern.diagonal(offset=start, dim1=-2, dim2=-1).clone())  # [head, rows]: A[h, i, i]
-        entropy.append(torch.xlogy(pattern, pattern).sum(dim=-1).neg_())  # [head, rows]; 0 log 0 = 0
+        # -sum p log p = -sum p * shifted - log(max p): no log of T x T values; masked p * score is 0 * finite
+        entropy.append(shifted.mul_(pattern).sum(dim=-1).neg_().sub_(pattern.amax(dim=-1).log_()))  # [head, rows]
         if readouts and start <= p_query < stop:
             final_row = pattern[:, p_query - start].clone()  # [head, k_pos]
         if weights is not None:
-            parity = torch.maximum(parity, (pattern - weights[:, start:stop]).abs_().max())
+            difference = torch.sub(pattern, weights[:, start:stop], out=shifted)  # [head, rows, k_pos], reused
+            parity = torch.maximum(parity, difference.abs_().max())
         elif v is not None:
             mixed = pattern.view(n_kv, rep * (stop - start), n) @ v  # [g, r*rows, T] @ [g, T, d_v] -> [g, r*rows, d_v]
             mixed = mixed.view(n_heads, stop - start, -1)  # [head, rows, d_v]
