@@ -28,7 +28,7 @@ import torch
 from analysis import metrics
 from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan
-from analysis.metrics import compute_layer_measures_t, compute_pattern
+from analysis.metrics import compute_pattern, compute_qk_measures_t, compute_spread_measures_t
 from analysis.patterns import reduce_pattern, to_host
 
 CAPTURE_ATTENTION = "headscope"
@@ -44,6 +44,10 @@ WORK_BUDGET = {"cpu": 48 * 2**20, "cuda": 384 * 2**20}  # bytes of float32 tempo
 EAGER_BUDGET = 16 * 2**20  # bytes of one layer's float32 [batch, head, T, T] eager weights on the CPU
 ATTENTION_ROUTES = ("auto", "eager", "sdpa")
 BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTION_ROUTES) + "."
+# Off the CPU the numbers wait on the device for one batched measurement and one copy to the host; a layer's
+# dot products are ~16 MiB at 4096 tokens on a Llama shape, so they go earlier once they pass this share of
+# WORK_BUDGET (the batched sort needs a few times their size).
+PENDING_SHARE = 6
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
 QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), so use 0..{last} (or -1..-{n} "
                "counting from the end).")
@@ -125,6 +129,7 @@ class _Text:
     device: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, name) -> small tensor
     host: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # the same, moved layer by layer
     patterns: dict[int, np.ndarray] = field(default_factory=dict)
+    measured: list[int] = field(default_factory=list)  # layers whose q/k measurements wait for the batched rest
 
 
 @dataclass
@@ -139,6 +144,7 @@ class _Recorder:
     keep_layers: frozenset[int] | None = None  # whose patterns are kept (None: every pattern layer)
     n_layers: int = 0
     causal: bool = True  # the query's keys: earlier ones (causal) or every other one
+    pending: int = 0  # bytes of device tensors waiting for the host (off the CPU)
 
     def fused(self, query: torch.Tensor) -> bool:
         """Whether this layer runs the fused sdpa kernel; query [batch, head, T, d_head]."""
@@ -183,18 +189,41 @@ class _Recorder:
                 if reduced.pattern is not None:
                     text.patterns[layer] = reduced.pattern
                 if self.measure:
-                    found.update(compute_layer_measures_t(q, k, reduced.readouts, self.exclude_first_token, p,
-                                                          causal=self.causal, skip=text.skip))
+                    found.update(compute_qk_measures_t(q, k, self.exclude_first_token, p, causal=self.causal,
+                                                       skip=text.skip))
+                    text.measured.append(layer)
             text.device.update({(layer, name): tensor for name, tensor in found.items()})
-        if query.device.type != "cpu" and self.measure:  # bounded device memory: this layer's numbers go now
-            for text in self.texts:
-                text.host.update(to_host(text.device))
-                text.device.clear()
+            if query.device.type != "cpu":  # bounded device memory: what waits for the host, in bytes
+                self.pending += sum(tensor.numel() for tensor in found.values()) * 8
+        if self.pending > work_budget(query.device) // PENDING_SHARE:
+            self.flush()
+
+    def flush(self) -> None:
+        """Measure the waiting layers of every text at once (compute_spread_measures_t: one sort, one kernel sum)
+        and move every waiting number to the host in one copy: once per pass unless the device's work budget
+        says sooner."""
+        spread_layers = {}
+        for i, text in enumerate(self.texts):
+            if text.measured:
+                layers = {layer: {} for layer in text.measured}
+                for (layer, name), tensor in text.device.items():
+                    if layer in layers:
+                        layers[layer][name] = tensor
+                spread = compute_spread_measures_t(list(layers.values()), text.ids.size)  # {name: [layer, ...]}
+                text.device.update({("spread", name): tensor for name, tensor in spread.items()})
+                spread_layers[i], text.measured = list(layers), []
+        host = to_host({(i, *key): tensor for i, text in enumerate(self.texts) for key, tensor in text.device.items()})
+        for (i, layer, name), values in host.items():
+            if layer == "spread":  # [layer, ...]: one row per measured layer
+                self.texts[i].host.update({(measured, name): row for measured, row in zip(spread_layers[i], values)})
+            else:
+                self.texts[i].host[layer, name] = values
+        for text in self.texts:
+            text.device.clear()
+        self.pending = 0
 
     def finish(self) -> None:
-        for text in self.texts:
-            text.host.update(to_host(text.device))
-            text.device.clear()
+        self.flush()
 
 
 _EAGER: dict[type, object] = {}

@@ -11,6 +11,7 @@ per-head results cross to the host. The tests hold the two forms equal.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -222,9 +223,22 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
         empty = flat.new_empty(0, dtype=torch.float64)
         return empty, empty
     flat = flat.double()  # [head, pos * d_head]
-    mean = flat.mean(dim=1, keepdim=True)  # [head, 1]
+    if flat.device.type != "cpu":  # one launch on a GPU
+        std, mean = torch.std_mean(flat, dim=1, correction=1)  # [head] each
+        return mean, std
+    mean = flat.mean(dim=1, keepdim=True)  # [head, 1]: two passes, twice as fast as std_mean on the CPU
     var = (flat - mean).square_().sum(dim=1).div_(flat.shape[1] - 1)  # [head]: two-pass, as numpy's std(ddof=1)
     return mean[:, 0], var.sqrt_()
+
+
+@functools.lru_cache(maxsize=64)
+def _head_index(n_heads: int, n_kv: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query heads [head], each one's key head [head], its other key heads [head, kv_head - 1]) on the device,
+    made once per shape and device rather than copied to the device at every layer."""
+    own = key_head_of(n_heads, n_kv)  # [head]
+    others = np.array([[g for g in range(n_kv) if g != own[h]] for h in range(n_heads)]).reshape(n_heads, n_kv - 1)
+    return (torch.arange(n_heads, device=device), torch.as_tensor(own, device=device),
+            torch.as_tensor(others, device=device))
 
 
 def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
@@ -242,11 +256,9 @@ def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token
     if centered and keys.shape[1]:  # q . (k - mean k): exactly 0 for a single key, where q.k - q.mean would be noise
         keys = keys - keys.mean(dim=1, keepdim=True)  # [kv_head, k_pos, d_head]
     dots = torch.einsum("hd,gkd->hgk", final_q, keys)  # [head, d] . [kv_head, k, d] -> [head, kv_head, k]
-    own = key_head_of(n_heads, n_kv)  # [head]
-    others = np.array([[g for g in range(n_kv) if g != own[h]] for h in range(n_heads)]).reshape(n_heads, n_kv - 1)
-    heads = torch.arange(n_heads, device=q.device)  # [head]
-    same = dots[heads, torch.as_tensor(own, device=q.device)]  # [head, k]: index tensors, no device sync
-    diff = dots[heads[:, None], torch.as_tensor(others, device=q.device)]  # [head, kv_head - 1, k]
+    heads, own, others = _head_index(n_heads, n_kv, q.device)  # [head], [head], [head, kv_head - 1]
+    same = dots[heads, own]  # [head, k]: index tensors, no device sync
+    diff = dots[heads[:, None], others]  # [head, kv_head - 1, k]
     return same.reshape(-1), diff.reshape(-1)  # [head * k], [head * (kv_head-1) * k]
 
 
@@ -314,17 +326,12 @@ def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = 
                        density / density.amax(dim=-1, keepdim=True))  # [..., grid]
 
 
-def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[str, torch.Tensor],
-                             exclude_first_token: bool = True, query_position: int = -1, *, causal: bool = True,
-                             skip=None) -> dict[str, torch.Tensor]:
-    """Every q/k measurement of one layer on q's device, plus the KDEs of its read-outs: {name: tensor}.
-
-    q [head, pos, d_head], k [kv_head, pos, d_head] in the model's dtype (promoted to float64 here, exactly);
-    readouts as patterns.reduce_pattern gives them; the dot products' query and keys: compared_keys's
-    `query_position`, `causal` and `skip`. "mannwhitney*" ([2]: U and the tie term) only where both
-    groups have more than 8 values (the host asks scipy's exact test otherwise) and off the CPU (there the host
-    runs compute_mannwhitney, faster on the CPU than torch's small ops); "kde_*" only from 3 tokens.
-    """
+def compute_qk_measures_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
+                          query_position: int = -1, *, causal: bool = True, skip=None) -> dict[str, torch.Tensor]:
+    """One layer's q/k measurements on q's device, run in the pass: the head stats and the dot products, raw and
+    centered ({name: tensor}). q [head, pos, d_head], k [kv_head, pos, d_head] in the model's dtype (promoted to
+    float64 here, exactly); the dot products' query and keys: compared_keys's `query_position`, `causal` and
+    `skip`."""
     out = {}
     out["q_means"], out["q_stds"] = compute_head_stats_t(q, exclude_first_token)
     out["k_means"], out["k_stds"] = compute_head_stats_t(k, exclude_first_token)
@@ -332,10 +339,51 @@ def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[st
         same, diff = compute_dot_products_t(q, k, exclude_first_token, query_position, centered=centered,
                                             causal=causal, skip=skip)
         out["same_head_dp" + suffix], out["diff_head_dp" + suffix] = same, diff
-        if same.numel() > 8 and diff.numel() > 8 and not (NUMPY_ON_CPU and same.device.type == "cpu"):
-            out["mannwhitney" + suffix] = compute_mannwhitney_parts_t(same, diff)  # [2]
-    if q.shape[1] >= 3:
-        grid = torch.from_numpy(kde_grid()).to(q.device)  # [300]
-        for name in ("final_to_prev", "self_attention"):
-            out["kde_" + name] = compute_kde_t(readouts[name], grid)  # [300]
     return out
+
+
+def compute_spread_measures_t(layers: list[dict[str, torch.Tensor]], n_tokens: int) -> dict[str, torch.Tensor]:
+    """What the measurements of many layers of one text need beyond compute_qk_measures_t, for all of them at once:
+    the Mann-Whitney parts of every layer's two comparisons from one batched sort, and the KDEs of every layer's
+    two read-outs from one batched kernel sum: {name: [layer, ...] tensor}. `layers`: per layer,
+    compute_qk_measures_t's names plus the read-outs (final_to_prev, self_attention); all layers of a text have
+    the same sizes, so they stack.
+
+    "mannwhitney*" ([layer, 2]: U and the tie term) only where both groups have more than 8 values (the host asks
+    scipy's exact test otherwise) and off the CPU (there the host runs compute_mannwhitney: numpy's sort is many
+    times faster than torch's on the CPU); "kde_*" ([layer, 300]) only from 3 tokens.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if not layers:
+        return out
+    same = layers[0]["same_head_dp"]
+    n1, n2 = same.numel(), layers[0]["diff_head_dp"].numel()
+    if n1 > 8 and n2 > 8 and not (NUMPY_ON_CPU and same.device.type == "cpu"):
+        names = [("same_head_dp" + suffix, "diff_head_dp" + suffix) for suffix in ("", "_centered")]
+        same = torch.stack([layer[a] for a, _ in names for layer in layers])  # [2 * layer, n1]
+        diff = torch.stack([layer[b] for _, b in names for layer in layers])  # [2 * layer, n2]
+        parts = compute_mannwhitney_parts_t(same, diff)  # [2 * layer, 2]: raw, then centered
+        out["mannwhitney"], out["mannwhitney_centered"] = parts[:len(layers)], parts[len(layers):]
+    if n_tokens >= 3:
+        grid = torch.from_numpy(kde_grid()).to(same.device)  # [300]
+        curves = ("final_to_prev", "self_attention")
+        sizes = {layers[0][name].numel() for name in curves}
+        groups = [curves] if len(sizes) == 1 else [(name,) for name in curves]  # equal lengths: one kernel sum
+        for group in groups:
+            values = torch.stack([layer[name] for name in group for layer in layers])  # [curves * layer, n]
+            kde = compute_kde_t(values, grid)  # [curves * layer, 300]
+            for c, name in enumerate(group):
+                out["kde_" + name] = kde[c * len(layers):(c + 1) * len(layers)]  # [layer, 300]
+    return out
+
+
+def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[str, torch.Tensor],
+                             exclude_first_token: bool = True, query_position: int = -1, *, causal: bool = True,
+                             skip=None) -> dict[str, torch.Tensor]:
+    """Every q/k measurement of one layer on q's device, plus the KDEs of its read-outs: {name: tensor}, as
+    compute_qk_measures_t and compute_spread_measures_t give them (the pass runs those for all layers at once).
+    readouts as patterns.reduce_pattern gives them; the dot products' query and keys: compared_keys's
+    `query_position`, `causal` and `skip`."""
+    out = compute_qk_measures_t(q, k, exclude_first_token, query_position, causal=causal, skip=skip)
+    spread = compute_spread_measures_t([{**out, **readouts}], q.shape[1])  # {name: [1, ...]}
+    return {**out, **{name: values[0] for name, values in spread.items()}}

@@ -56,9 +56,9 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     rows = rows_per_block(n_heads, n, budget)
     p_query = query_position % n
     f64 = {"dtype": torch.float64, "device": q.device}
-    numerators = torch.zeros(n_heads, len(DETECTION_SCORES) * len(PARTS), **f64)  # [head, 3 * 4]
-    total = torch.zeros(n_heads, **f64)  # [head]: sum of every entry
-    parity = torch.zeros((), dtype=torch.float32, device=q.device) if weights is not None or v is not None else None
+    numerators = None  # [head, 3 * 4]: accumulated over the blocks (no zeros to start from: one launch less)
+    total = None  # [head]: sum of every entry
+    parity = None  # 0-d float32, where there is something to compare with
     first_key, diagonal, entropy, final_row = [], [], [], None  # blocks of [head, rows] float32
     kept = np.empty((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
     for start in range(0, n, rows):
@@ -69,8 +69,10 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         pairs = plan.rows(start, stop)
         if pairs.stop > pairs.start:
             gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
-            numerators += gathered @ plan.parts[pairs]  # [h, pair] @ [pair, 3*4] -> [h, 3*4]
-        total += pattern.sum(dim=-1, dtype=torch.float32).sum(dim=-1, dtype=torch.float64)  # rows in float32
+            found = gathered @ plan.parts[pairs]  # [h, pair] @ [pair, 3*4] -> [h, 3*4]
+            numerators = found if numerators is None else numerators.add_(found)
+        found = pattern.sum(dim=-1, dtype=torch.float32).sum(dim=-1, dtype=torch.float64)  # [head]: rows in float32
+        total = found if total is None else total.add_(found)
         first_key.append(pattern[:, :, 0].clone())  # [head, rows]
         diagonal.append(pattern.diagonal(offset=start, dim1=-2, dim2=-1).clone())  # [head, rows]: A[h, i, i]
         # -sum p log p = -sum p * shifted - log(max p): no log of T x T values; masked p * score is 0 * finite
@@ -79,17 +81,20 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
             final_row = pattern[:, p_query - start].clone()  # [head, k_pos]
         if weights is not None:
             difference = torch.sub(pattern, weights[:, start:stop], out=shifted)  # [head, rows, k_pos], reused
-            parity = torch.maximum(parity, difference.abs_().max())
+            found = difference.abs_().max()  # 0-d
+            parity = found if parity is None else torch.maximum(parity, found)
         elif v is not None:
             mixed = pattern.view(n_kv, rep * (stop - start), n) @ v  # [g, r*rows, T] @ [g, T, d_v] -> [g, r*rows, d_v]
             mixed = mixed.view(n_heads, stop - start, -1)  # [head, rows, d_v]
-            parity = torch.maximum(parity, (mixed - output[:, start:stop].float()).abs_().max())
+            found = (mixed - output[:, start:stop].float()).abs_().max()  # 0-d
+            parity = found if parity is None else torch.maximum(parity, found)
         if kept is not None:
             kept[:, start:stop] = pattern.cpu().numpy()
         del pattern
-    first_key = torch.cat(first_key, dim=1)  # [head, T]
-    diagonal = torch.cat(diagonal, dim=1)  # [head, T]
-    entropy = torch.cat(entropy, dim=1)  # [head, T]
+    if numerators is None:  # no detection pair at all (one token)
+        numerators = torch.zeros(n_heads, len(DETECTION_SCORES) * len(PARTS), **f64)  # [head, 3 * 4]
+    first_key, diagonal, entropy = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # [head, T] each
+                                    for blocks in (first_key, diagonal, entropy))
     denominator = torch.stack([total, first_key.sum(dim=-1, dtype=torch.float64),
                                diagonal.sum(dim=-1, dtype=torch.float64), diagonal[:, 0].double()], dim=-1)  # [h, 4]
     parts = torch.cat([numerators.view(n_heads, len(DETECTION_SCORES), len(PARTS)), denominator[:, None]],
@@ -119,8 +124,8 @@ def to_host(tensors: dict) -> dict[object, np.ndarray]:
     if not tensors:
         return {}
     values = list(tensors.values())
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in values])  # [total]
-    host = flat.cpu().numpy()
+    flat = torch.cat([t.reshape(-1) for t in values]).detach()  # [total]: cat promotes to float64 in one launch
+    host = flat.to(torch.float64).cpu().numpy()
     out, offset = {}, 0
     for key, t in zip(tensors, values):
         size = t.numel()

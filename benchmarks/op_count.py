@@ -1,0 +1,130 @@
+"""How many aten operations headscope's measurement dispatches, per layer and after the pass: a deterministic,
+device-agnostic proxy for a GPU's launch overhead (each operation is at least one launch there), which no timing
+noise moves.
+
+    python -m benchmarks.op_count [--tokens 64 1024]
+
+Builds the GPT-2-small shape (12 layers, 12 heads) and the Llama shape of bench_analysis (16 layers, 32 query
+heads, 8 key heads) with the same layer and head counts but 8-wide heads (the operation count does not depend on
+the widths), runs `analyze_ids` on every layer with the route a GPU runs (sdpa; the KDE and the Mann-Whitney
+ranks in torch, metrics.NUMPY_ON_CPU off) and counts, with a TorchDispatchMode, the operations inside the
+recorder: `record` (in the pass, once per layer: the pattern rebuilt and reduced in blocks of query rows, the
+q/k statistics and dot products) and `flush` (after the pass: every layer's Mann-Whitney parts and KDEs in
+batched operations, then one copy to the host). It also counts the copies to the host (calls of
+patterns.to_host) and the device syncs that `.item()`/`float(tensor)` would cause (aten._local_scalar_dense).
+tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to the bounds stated there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {"gpt2-small": (12, 12, 12), "llama-0.7b": (16, 32, 8)}  # layers, query heads, key heads
+D_HEAD = 8
+
+
+def build_small(shape: str, n_layers: int | None = None):
+    """A LoadedModel of the shape's layer and head counts with D_HEAD-wide heads, random weights, on the CPU."""
+    import copy
+
+    import torch
+    from transformers import AutoModel, GPT2Config, LlamaConfig
+
+    from analysis.capture import CAPTURE_ATTENTION, register_capture_attention
+    from analysis.loading import LoadedModel, model_info_from_config
+    from tests.checkpoints import gpt2_tokenizer, llama_tokenizer
+
+    layers, heads, kv_heads = SHAPES[shape]
+    layers = layers if n_layers is None else n_layers
+    if shape == "gpt2-small":
+        tokenizer = gpt2_tokenizer()
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=4096, n_embd=heads * D_HEAD, n_layer=layers,
+                            n_head=heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    else:
+        tokenizer = llama_tokenizer()
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=heads * D_HEAD, intermediate_size=64,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    register_capture_attention()
+    torch.manual_seed(0)
+    model = AutoModel.from_config(copy.deepcopy(config), attn_implementation=CAPTURE_ATTENTION).eval()
+    info = model_info_from_config(config, id=shape, path="", revision="random", dtype="float32", device="cpu",
+                                  reason="op count")
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bool = False) -> dict:
+    """{"record": operations in the pass, "flush": after it, "to_host": copies to the host, "syncs": .item()s,
+    "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not kept."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    capture, metrics, pipeline = (importlib.import_module(f"analysis.{name}")  # the modules, not analysis.capture()
+                                  for name in ("capture", "metrics", "pipeline"))
+
+    class Count(TorchDispatchMode):
+        def __init__(self, counter: Counter):
+            super().__init__()
+            self.counter = counter
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counter[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    phases = {"record": Counter(), "flush": Counter()}
+    copies = [0]
+    originals = {name: getattr(capture._Recorder, name) for name in phases}
+    original_to_host, original_numpy = capture.to_host, metrics.NUMPY_ON_CPU
+
+    def counted(name):
+        def method(self, *args, **kwargs):
+            with Count(phases[name]):
+                return originals[name](self, *args, **kwargs)
+        return method
+
+    def to_host(tensors):
+        copies[0] += 1
+        return original_to_host(tensors)
+
+    try:
+        for name in phases:
+            setattr(capture._Recorder, name, counted(name))
+        capture.to_host = to_host
+        metrics.NUMPY_ON_CPU = numpy_on_cpu
+        pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)
+    finally:
+        for name, method in originals.items():
+            setattr(capture._Recorder, name, method)
+        capture.to_host, metrics.NUMPY_ON_CPU = original_to_host, original_numpy
+    syncs = sum(counter["aten._local_scalar_dense"] for counter in phases.values())
+    return {"record": sum(phases["record"].values()), "flush": sum(phases["flush"].values()), "to_host": copies[0],
+            "syncs": syncs, "layers": loaded.info.n_layers}
+
+
+def main(argv=None) -> None:
+    import numpy as np
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 1024])
+    args = parser.parse_args(argv)
+    for shape in SHAPES:
+        loaded = build_small(shape)
+        for n in args.tokens:
+            ids = np.random.default_rng(0).integers(3, len(loaded.tokenizer), n)  # [pos]
+            found = count_measurement_ops(loaded, ids)
+            found["record_per_layer"] = found["record"] / found["layers"]
+            print(json.dumps({"shape": shape, "tokens": n, **found}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
