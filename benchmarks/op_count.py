@@ -11,7 +11,7 @@ ranks in torch, metrics.NUMPY_ON_CPU off) and counts, with a TorchDispatchMode, 
 recorder: `record` (in the pass, once per layer: the pattern rebuilt and reduced in blocks of query rows, the
 q/k statistics and dot products) and `flush` (after the pass: every layer's Mann-Whitney parts and KDEs in
 batched operations, then one copy to the host). It also counts the copies to the host (calls of
-patterns.to_host) and the device syncs that `.item()`/`float(tensor)` would cause (aten._local_scalar_dense).
+patterns.to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder) and the device syncs of `.item()`.
 tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to the bounds stated there.
 """
 
@@ -63,52 +63,82 @@ def build_small(shape: str, n_layers: int | None = None):
 
 
 def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bool = False) -> dict:
-    """{"record": operations in the pass, "flush": after it, "to_host": copies to the host, "syncs": .item()s,
-    "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not kept."""
+    """{"record": operations in the pass, "flush": after it, "record_launches"/"flush_launches": those that are not
+    views (kernels on a GPU), "to_host": calls of patterns.to_host, "host_calls": {Tensor method: calls} of cpu,
+    numpy, tolist and item (copies to the host or syncs), "syncs": aten.item dispatches, "layers": n} of one
+    analyze_ids(loaded, ids) on every layer, patterns not kept, with the GPU's work budget (capture.WORK_BUDGET)."""
     import importlib
 
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     capture, metrics, pipeline = (importlib.import_module(f"analysis.{name}")  # the modules, not analysis.capture()
                                   for name in ("capture", "metrics", "pipeline"))
 
     class Count(TorchDispatchMode):
-        def __init__(self, counter: Counter):
+        def __init__(self, phase: str):
             super().__init__()
-            self.counter = counter
+            self.phase = phase
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.counter[str(func.overloadpacket)] += 1
+            name = str(func.overloadpacket)
+            phases[self.phase][name] += 1
+            if not func.is_view:
+                launches[self.phase][name] += 1
             return func(*args, **(kwargs or {}))
 
     phases = {"record": Counter(), "flush": Counter()}
+    launches = {"record": Counter(), "flush": Counter()}  # the operations that are not views: kernels on a GPU
     copies = [0]
     originals = {name: getattr(capture._Recorder, name) for name in phases}
     original_to_host, original_numpy = capture.to_host, metrics.NUMPY_ON_CPU
+    budgets = dict(capture.WORK_BUDGET)
+
+    host_calls: Counter = Counter()  # Tensor.cpu/numpy/tolist/item inside the measurement: each a copy or a sync
+    active = [False]
+    host_methods = {name: getattr(torch.Tensor, name) for name in ("cpu", "numpy", "tolist", "item")}
 
     def counted(name):
         def method(self, *args, **kwargs):
-            with Count(phases[name]):
-                return originals[name](self, *args, **kwargs)
+            active[0] = True
+            try:
+                with Count(name):
+                    return originals[name](self, *args, **kwargs)
+            finally:
+                active[0] = False
         return method
 
     def to_host(tensors):
         copies[0] += 1
         return original_to_host(tensors)
 
+    def watched(name):
+        def method(self, *args, **kwargs):
+            if active[0]:
+                host_calls[name] += 1
+            return host_methods[name](self, *args, **kwargs)
+        return method
+
     try:
         for name in phases:
             setattr(capture._Recorder, name, counted(name))
+        for name in host_methods:
+            setattr(torch.Tensor, name, watched(name))
         capture.to_host = to_host
         metrics.NUMPY_ON_CPU = numpy_on_cpu
+        capture.WORK_BUDGET["cpu"] = capture.WORK_BUDGET["cuda"]  # the blocks of query rows a GPU would take
         pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)
     finally:
         for name, method in originals.items():
             setattr(capture._Recorder, name, method)
+        for name, method in host_methods.items():
+            setattr(torch.Tensor, name, method)
         capture.to_host, metrics.NUMPY_ON_CPU = original_to_host, original_numpy
-    syncs = sum(counter["aten._local_scalar_dense"] for counter in phases.values())
-    return {"record": sum(phases["record"].values()), "flush": sum(phases["flush"].values()), "to_host": copies[0],
-            "syncs": syncs, "layers": loaded.info.n_layers}
+        capture.WORK_BUDGET.update(budgets)
+    syncs = sum(counter[name] for counter in phases.values() for name in ("aten.item", "aten._local_scalar_dense"))
+    return {**{name: sum(counter.values()) for name, counter in phases.items()},
+            **{f"{name}_launches": sum(counter.values()) for name, counter in launches.items()},
+            "to_host": copies[0], "host_calls": dict(host_calls), "syncs": syncs, "layers": loaded.info.n_layers}
 
 
 def main(argv=None) -> None:
@@ -122,7 +152,7 @@ def main(argv=None) -> None:
         for n in args.tokens:
             ids = np.random.default_rng(0).integers(3, len(loaded.tokenizer), n)  # [pos]
             found = count_measurement_ops(loaded, ids)
-            found["record_per_layer"] = found["record"] / found["layers"]
+            found["record_launches_per_layer"] = round(found["record_launches"] / found["layers"], 1)
             print(json.dumps({"shape": shape, "tokens": n, **found}), flush=True)
 
 

@@ -1,0 +1,35 @@
+"""The measurement's launch count, a deterministic proxy for a GPU's overhead (benchmarks/op_count.py): the work
+after the pass is batched over layers, so it does not grow with them, the pass adds a bounded number of
+operations per layer, and the numbers reach the host in one copy with no device sync."""
+
+import numpy as np
+import pytest
+
+from benchmarks.op_count import build_small, count_measurement_ops
+
+# Operations that are not views (kernels on a GPU) per layer in the pass on the GPU route, one block of query rows:
+# the rebuild and its reductions (~30), the head stats and the dot products (~20). Counted 50 on this stack.
+RECORD_LAUNCHES_PER_LAYER = 56
+
+
+@pytest.fixture(scope="module")
+def counts():
+    ids = np.random.default_rng(0).integers(3, 400, 24)  # [pos]
+    return {n: count_measurement_ops(build_small("gpt2-small", n), ids) for n in (2, 4)}
+
+
+def test_the_work_after_the_pass_does_not_grow_with_layers(counts):
+    assert counts[2]["flush_launches"] == counts[4]["flush_launches"]
+    assert counts[2]["flush_launches"] > 10  # it did count: the batched sort, KDE and copy
+
+
+def test_the_pass_adds_a_bounded_number_of_launches_per_layer(counts):
+    per_layer = (counts[4]["record_launches"] - counts[2]["record_launches"]) / 2
+    assert 20 <= per_layer <= RECORD_LAUNCHES_PER_LAYER
+
+
+def test_one_copy_to_the_host_and_no_device_sync(counts):
+    for found in counts.values():
+        assert found["to_host"] == 1
+        assert found["host_calls"] == {"cpu": 1, "numpy": 1}  # to_host's own, whatever the number of layers
+        assert found["syncs"] == 0
