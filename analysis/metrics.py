@@ -96,49 +96,76 @@ def compute_kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
     std(values, ddof=1) * n ** (-1/5), and the normalising constant cancels in the division by the maximum.
     Kernels in float32, sums in float64: within ~1e-7 of scipy, at a fifth of the float64 cost. On an evenly
     spaced grid (kde_grid) each value only visits the grid points within KDE_CUTOFF bandwidths of it
-    (_compute_kde_windowed): the kernels left out are below exp(-72), far under float32's rounding.
+    (when that is under a third of the grid): the kernels left out are below exp(-72), far under float32's rounding.
     """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2 or np.ptp(values) == 0:
-        return None
-    bandwidth = values.std(ddof=1) * values.size ** (-1 / 5)
-    scaled_grid = (grid / bandwidth).astype(np.float32)  # [grid]
-    scaled = (values / bandwidth).astype(np.float32)  # [n]
+    [curve] = compute_kde_rows(np.asarray(values, dtype=np.float64).reshape(1, -1), grid)
+    return None if np.isnan(curve).any() else curve
+
+
+def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """compute_kde of each row of values [curve, n] at once: [curve, grid] float64, a row of NaN where degenerate
+    (fewer than 2 values, or all equal)."""
+    values = np.asarray(values, dtype=np.float64)  # [curve, n]
+    n_curves, n = values.shape
+    out = np.full((n_curves, grid.size), np.nan)  # [curve, grid]
+    live = (np.ptp(values, axis=1) > 0) if n >= 2 else np.zeros(n_curves, dtype=bool)  # [curve]
+    if not live.any():
+        return out
+    values = values[live]  # [live, n]
+    bandwidth = values.std(axis=1, ddof=1) * n ** (-1 / 5)  # [live]
+    scaled_grid = (grid[None] / bandwidth[:, None]).astype(np.float32)  # [live, grid]
+    scaled = (values / bandwidth[:, None]).astype(np.float32)  # [live, n]
     step = (grid[-1] - grid[0]) / (grid.size - 1) if grid.size > 1 else 0.0
-    width = int(np.ceil(2 * KDE_CUTOFF * bandwidth / step)) + 2 if step > 0 else grid.size
     even = step > 0 and np.allclose(np.diff(grid), step, rtol=1e-9, atol=0)
-    if even and 3 * width < grid.size:  # its gathers cost ~3x a dense kernel: worth it below a third of the grid
-        density = _compute_kde_windowed(values, grid, scaled_grid, scaled, bandwidth, step, width)
-        return density / density.max()
-    density = np.zeros(grid.size)
-    for start in range(0, scaled.size, KDE_CHUNK):  # bounded memory: one [grid, chunk] float32 block at a time
-        z = np.subtract.outer(scaled_grid, scaled[start:start + KDE_CHUNK])  # [grid, chunk]
-        np.square(z, out=z)
-        z *= -0.5
-        np.exp(z, out=z)  # float32 kernels (~1e-7 relative), summed in float64
-        density += z.sum(axis=1, dtype=np.float64)
-    return density / density.max()
+    widths = np.ceil(2 * KDE_CUTOFF * bandwidth / step).astype(np.int64) + 2 if even else np.full(len(values), n)
+    narrow = 3 * widths < grid.size  # [live]: its gathers cost ~3x a dense kernel: worth it below a third of the grid
+    density = np.zeros(scaled_grid.shape)  # [live, grid]
+    if narrow.any():
+        density[narrow] = _kde_windowed(values[narrow], grid, bandwidth[narrow], step, widths[narrow])  # [narrow, grid]
+    if not narrow.all():
+        wide = ~narrow  # [live]
+        chunk = max(1, KDE_CHUNK // int(wide.sum()))  # bounded memory: one [wide, grid, chunk] float32 block at a time
+        for start in range(0, n, chunk):
+            z = scaled_grid[wide][:, :, None] - scaled[wide][:, None, start:start + chunk]  # [wide, grid, chunk]
+            np.square(z, out=z)
+            z *= -0.5
+            np.exp(z, out=z)  # float32 kernels (~1e-7 relative), summed in float64
+            density[wide] += z.sum(axis=2, dtype=np.float64)
+    out[live] = density / density.max(axis=1, keepdims=True)
+    return out
 
 
-def _compute_kde_windowed(values, grid, scaled_grid, scaled, bandwidth, step, width) -> np.ndarray:
-    """The kernel sums of compute_kde on an evenly spaced grid, each value visiting only the `width` grid points
-    from the first one within KDE_CUTOFF bandwidths below it: [grid] float64 (not normalised)."""
+def _kde_windowed(values, grid, bandwidth, step, widths) -> np.ndarray:
+    """The kernel sums of compute_kde_rows on an evenly spaced grid, each value visiting only the grid points from
+    the first one within KDE_CUTOFF bandwidths below it (`widths` [curve] of them): [curve, grid] float64, not
+    normalised. The distances come from the value's offset to that first point plus whole grid steps (float64,
+    then float32 kernels), and the values that share a first point are summed before they are spread on the grid."""
+    n_curves, n = values.shape
     n_grid = grid.size
-    padded = np.full(n_grid + 2 * width, np.inf, dtype=np.float32)  # [width + grid + width]: inf -> kernel 0
-    padded[width:width + n_grid] = scaled_grid
-    first = np.floor((values - KDE_CUTOFF * bandwidth - grid[0]) / step).astype(np.int64)  # [n]
-    first = np.clip(first, -width, n_grid) + width  # [n]: in padded; a value far off the grid meets only inf
-    offsets = np.arange(width)  # [width]
-    density = np.zeros(padded.size)
-    chunk = max(1, KDE_CHUNK * KDE_POINTS // width)  # bounded memory, as the dense route's blocks
-    for start in range(0, scaled.size, chunk):
-        index = first[start:start + chunk, None] + offsets  # [chunk, width]
-        z = padded[index] - scaled[start:start + chunk, None]  # [chunk, width]
-        np.square(z, out=z)
-        z *= -0.5
-        np.exp(z, out=z)  # float32 kernels, summed in float64 by bincount
-        density += np.bincount(index.reshape(-1), weights=z.reshape(-1), minlength=padded.size)
-    return density[width:width + n_grid]
+    density = np.zeros((n_curves, n_grid))  # [curve, grid]
+    for curve, (row, h, width) in enumerate(zip(values, bandwidth, widths)):
+        row = np.sort(row)  # [n]: the sum does not depend on the order; sorted, equal first points are adjacent
+        first = np.clip(np.floor((row - KDE_CUTOFF * h - grid[0]) / step), -width, n_grid).astype(np.int64)  # [n]
+        base = (grid[0] + first * step - row) / h  # [n]: from the value to its first grid point, in bandwidths
+        starts = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])  # [group]: runs of one first point
+        total = np.zeros((starts.size, width))  # [group, width]
+        chunk = max(1, KDE_CHUNK * KDE_POINTS // width)  # bounded memory: one [chunk, width] block at a time
+        steps = np.arange(width) * (step / h)  # [width]
+        for start in range(0, n, chunk):
+            z = (base[start:start + chunk, None] + steps).astype(np.float32)  # [chunk, width]
+            np.square(z, out=z)
+            z *= -0.5
+            np.exp(z, out=z)  # float32 kernels, summed in float64
+            here = starts[(starts >= start) & (starts < start + chunk)] - start  # [group in chunk]
+            if here.size == 0 or here[0] != 0:  # the chunk continues the previous chunk's last group
+                here = np.r_[0, here]
+            sums = np.add.reduceat(z, here, axis=0, dtype=np.float64)  # [group in chunk, width]
+            groups = np.searchsorted(starts, start + here, side="right") - 1  # [group in chunk]: distinct
+            total[groups] += sums
+        index = first[starts][:, None] + np.arange(width) + width  # [group, width]: in grid + a margin each side
+        spread = np.bincount(index.reshape(-1), weights=total.reshape(-1), minlength=n_grid + 2 * width)
+        density[curve] = spread[width:width + n_grid]
+    return density
 
 
 def kde_grid() -> np.ndarray:
@@ -303,12 +330,7 @@ def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = 
     grid = grid.to(values.device, torch.float64)  # [grid]
     lead, n = values.shape[:-1], values.shape[-1]
     if (NUMPY_ON_CPU if numpy_on_cpu is None else numpy_on_cpu) and values.device.type == "cpu":
-        rows = values.reshape(-1, n).numpy()  # [curve, n]
-        curves = np.full((rows.shape[0], grid.numel()), np.nan)  # [curve, grid]
-        for row, curve in zip(rows, curves):
-            found = compute_kde(row, grid.numpy())
-            if found is not None:
-                curve[:] = found
+        curves = compute_kde_rows(values.reshape(-1, n).numpy(), grid.numpy())  # [curve, grid]
         return torch.from_numpy(curves).reshape(*lead, grid.numel())  # [..., grid]
     if n < 2:
         return torch.full((*lead, grid.numel()), float("nan"), dtype=torch.float64, device=values.device)
