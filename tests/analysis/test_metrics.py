@@ -196,3 +196,22 @@ def test_pattern_reduction_in_blocks_of_one_row_equals_one_block():
         assert float(reduced.parity) <= 1e-6
     wrong = reduce_pattern(q, k, 0.6, mask, None, plan, budget=1, value=v, output=output)  # not the model's scale
     assert float(wrong.parity) > 1e-3  # parity through the output notices a rebuild that is not the model's
+
+
+def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():
+    """Narrow values take the windowed route (only grid points within 12 bandwidths); an uneven grid the dense one."""
+    from analysis.metrics import compute_kde_rows
+
+    rng = np.random.default_rng(4)
+    grid = kde_grid()
+    rows = np.stack([np.abs(rng.normal(0, scale, 3000)) for scale in (1e-3, 1e-2, 0.3)])  # [curve, n]
+    for values in rows:
+        expected = stats.gaussian_kde(values)(grid)
+        np.testing.assert_allclose(compute_kde(values, grid), expected / expected.max(), rtol=0, atol=1e-7)
+    uneven = np.sort(rng.uniform(0, 1, 50))  # [grid]
+    expected = stats.gaussian_kde(rows[0])(uneven)
+    np.testing.assert_allclose(compute_kde(rows[0], uneven), expected / expected.max(), rtol=0, atol=1e-6)
+    batched = compute_kde_rows(np.concatenate([rows, np.full((1, 3000), 0.5)]), grid)  # [curve + 1, grid]
+    for values, curve in zip(rows, batched):
+        np.testing.assert_allclose(curve, compute_kde(values, grid), rtol=0, atol=1e-12)
+    assert np.isnan(batched[-1]).all()  # all equal: degenerate
