@@ -32,10 +32,10 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
                     softcap: float | None = None, with_scores: bool = False):
     """softmax(q k^T * scaling + mask) per query head, in float32, as the model's eager attention does.
 
-    with_scores: (pattern, shifted scores) where the scores (scaled, soft-capped, masked) have their row maximum
-    subtracted, so each row's entropy is -sum(p * shifted) - log(max p), with no log of the pattern (a tenth of
-    xlogy's cost on the CPU; both terms are >= 0, so nothing cancels). A boolean mask masks with the dtype's
-    lowest finite value, as transformers' eager masks do, so masked entries give p * score = 0, not NaN.
+    with_scores: (pattern, shifted scores, each row's largest weight) where the scores (scaled, soft-capped, masked)
+    have their row maximum subtracted, so each row's entropy is -sum(p * shifted) - log(max p), with no log of the
+    pattern (a tenth of xlogy's cost on the CPU; both terms are >= 0, so nothing cancels). A boolean mask masks
+    with the dtype's lowest finite value, as transformers' eager masks do, so masked entries give p * score = 0.
     """
     n_rep = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(n_rep, dim=0) if n_rep > 1 else k  # [head, k_pos, d_head]
@@ -52,8 +52,10 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
             scores.add_(mask.to(q.dtype))  # [1, q_pos, k_pos] broadcast over heads
     if not with_scores:
         return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
-    scores.sub_(scores.amax(dim=-1, keepdim=True))  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
-    return torch.softmax(scores, dim=-1), scores  # [head, q_pos, k_pos] each
+    top, where = scores.max(dim=-1, keepdim=True)  # [head, q_pos, 1] each
+    scores.sub_(top)  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
+    pattern = torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
+    return pattern, scores, pattern.gather(-1, where)[..., 0]  # ..., [head, q_pos]: each row's largest weight
 
 
 def compute_head_stats(x: np.ndarray, exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -227,12 +229,17 @@ def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | Non
         pooled = np.sort(np.concatenate([same, diff]))  # [n]
         same = np.sort(same)  # [n1]: U sums over them, so their order is free; sorted, the lookups run in order
         below = np.searchsorted(pooled, same, side="left")  # [n1]: values smaller than each same-head value
-        upto = np.searchsorted(pooled, same, side="right")  # [n1]: values smaller or equal
-        u1 = float((below + upto + 1).sum() / 2 - n1 * (n1 + 1) / 2)  # average 1-based ranks, minus their minimum
-        bounds = np.concatenate([[0], np.flatnonzero(pooled[1:] != pooled[:-1]) + 1, [pooled.size]])
-        ties = np.diff(bounds).astype(np.float64)  # [group]: size of each run of equal values
+        new_run = pooled[1:] != pooled[:-1]  # [n - 1]: where a run of equal values ends
+        if new_run.all():  # no ties (the usual case for float64 dot products): each rank is below + 1
+            u1, tie_sum = float(below.sum() + n1 - n1 * (n1 + 1) / 2), 0.0
+        else:
+            upto = np.searchsorted(pooled, same, side="right")  # [n1]: values smaller or equal
+            u1 = float((below + upto + 1).sum() / 2 - n1 * (n1 + 1) / 2)  # average 1-based ranks, less their minimum
+            bounds = np.concatenate([[0], np.flatnonzero(new_run) + 1, [pooled.size]])
+            ties = np.diff(bounds).astype(np.float64)  # [group]: size of each run of equal values
+            tie_sum = (ties ** 3 - ties).sum()
         n = n1 + n2
-        spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - (ties ** 3 - ties).sum() / (n * (n - 1))))
+        spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - tie_sum / (n * (n - 1))))
         with np.errstate(divide="ignore", invalid="ignore"):
             z = (max(u1, n1 * n2 - u1) - n1 * n2 / 2 - 0.5) / spread
         p = float(np.clip(2 * ndtr(-z), 0.0, 1.0))

@@ -64,8 +64,8 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         block_mask = None if mask is None else mask[:, start:stop]  # [1, rows, k_pos]
-        pattern, shifted = rebuild(q[:, start:stop], k, scaling, block_mask, softcap,
-                                   with_scores=True)  # [head, rows, k_pos] each: softmax and its scores less max
+        pattern, shifted, largest = rebuild(q[:, start:stop], k, scaling, block_mask, softcap,
+                                            with_scores=True)  # [head, rows, k_pos] x 2: softmax, scores less max
         pairs = plan.rows(start, stop)
         if pairs.stop > pairs.start:
             gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
@@ -76,12 +76,13 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         first_key.append(pattern[:, :, 0].clone())  # [head, rows]
         diagonal.append(pattern.diagonal(offset=start, dim1=-2, dim2=-1).clone())  # [head, rows]: A[h, i, i]
         # -sum p log p = -sum p * shifted - log(max p): no log of T x T values; masked p * score is 0 * finite
-        entropy.append(shifted.mul_(pattern).sum(dim=-1).neg_().sub_(pattern.amax(dim=-1).log_()))  # [head, rows]
+        entropy.append(shifted.mul_(pattern).sum(dim=-1).neg_().sub_(largest.log_()))  # [head, rows]
         if readouts and start <= p_query < stop:
             final_row = pattern[:, p_query - start].clone()  # [head, k_pos]
         if weights is not None:
             difference = torch.sub(pattern, weights[:, start:stop], out=shifted)  # [head, rows, k_pos], reused
-            found = difference.abs_().max()  # 0-d
+            low, high = torch.aminmax(difference)  # 0-d each: one pass instead of abs and max
+            found = torch.maximum(high, low.neg())  # 0-d
             parity = found if parity is None else torch.maximum(parity, found)
         elif v is not None:
             mixed = pattern.view(n_kv, rep * (stop - start), n) @ v  # [g, r*rows, T] @ [g, T, d_v] -> [g, r*rows, d_v]
