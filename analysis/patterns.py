@@ -63,9 +63,11 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     kept = np.empty((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        block_mask = None if mask is None else mask[:, start:stop]  # [1, rows, k_pos]
-        pattern, shifted, largest = rebuild(q[:, start:stop], k, scaling, block_mask, softcap,
-                                            with_scores=True)  # [head, rows, k_pos] x 2: softmax, scores less max
+        # a causal block's rows can only attend to keys 0..stop-1: the rest of its rows is 0, not rebuilt
+        width = stop if causal and mask is not None else n
+        block_mask = None if mask is None else mask[:, start:stop, :width]  # [1, rows, width]
+        pattern, shifted, largest = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap,
+                                            with_scores=True)  # [head, rows, width] x 2: softmax, scores less max
         pairs = plan.rows(start, stop)
         if pairs.stop > pairs.start:
             gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
@@ -78,19 +80,22 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         # -sum p log p = -sum p * shifted - log(max p): no log of T x T values; masked p * score is 0 * finite
         entropy.append(shifted.mul_(pattern).sum(dim=-1).neg_().sub_(largest.log_()))  # [head, rows]
         if readouts and start <= p_query < stop:
-            final_row = pattern[:, p_query - start].clone()  # [head, k_pos]
+            final_row = pattern[:, p_query - start].clone()  # [head, width]: every key query_keys can name
         if weights is not None:
-            difference = torch.sub(pattern, weights[:, start:stop], out=shifted)  # [head, rows, k_pos], reused
+            difference = torch.sub(pattern, weights[:, start:stop, :width], out=shifted)  # [head, rows, width]
             low, high = torch.aminmax(difference)  # 0-d each: one pass instead of abs and max
             found = torch.maximum(high, low.neg())  # 0-d
+            if width < n:  # the model's own weights past the causal edge must be 0 too
+                found = torch.maximum(found, weights[:, start:stop, width:].abs().amax().float())  # 0-d
             parity = found if parity is None else torch.maximum(parity, found)
         elif v is not None:
-            mixed = pattern.view(n_kv, rep * (stop - start), n) @ v  # [g, r*rows, T] @ [g, T, d_v] -> [g, r*rows, d_v]
+            mixed = pattern.view(n_kv, rep * (stop - start), width) @ v[:, :width]  # [g, r*rows, w] @ [g, w, d_v]
             mixed = mixed.view(n_heads, stop - start, -1)  # [head, rows, d_v]
             found = (mixed - output[:, start:stop].float()).abs_().max()  # 0-d
             parity = found if parity is None else torch.maximum(parity, found)
         if kept is not None:
-            kept[:, start:stop] = pattern.cpu().numpy()
+            kept[:, start:stop, :width] = pattern.cpu().numpy()
+            kept[:, start:stop, width:] = 0.0
         del pattern
     if numerators is None:  # no detection pair at all (one token)
         numerators = torch.zeros(n_heads, len(DETECTION_SCORES) * len(PARTS), **f64)  # [head, 3 * 4]

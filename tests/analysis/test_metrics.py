@@ -196,6 +196,10 @@ def test_pattern_reduction_in_blocks_of_one_row_equals_one_block():
         assert float(reduced.parity) <= 1e-6
     wrong = reduce_pattern(q, k, 0.6, mask, None, plan, budget=1, value=v, output=output)  # not the model's scale
     assert float(wrong.parity) > 1e-3  # parity through the output notices a rebuild that is not the model's
+    leaky = full.clone()  # [head, q_pos, k_pos]: a model that attended past the causal edge
+    leaky[:, 0, -1] = 0.1
+    assert float(reduce_pattern(q, k, 0.5, mask, None, plan, budget=1, weights=leaky).parity) >= 0.1  # rows stop
+    # at the causal edge (keys 0..stop-1 rebuilt), yet the model's weights beyond it are checked
 
 
 def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():
