@@ -52,10 +52,9 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
             scores.add_(mask.to(q.dtype))  # [1, q_pos, k_pos] broadcast over heads
     if not with_scores:
         return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
-    top, where = scores.max(dim=-1, keepdim=True)  # [head, q_pos, 1] each
-    scores.sub_(top)  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
+    scores.sub_(scores.amax(dim=-1, keepdim=True))  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
     pattern = torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
-    return pattern, scores, pattern.gather(-1, where)[..., 0]  # ..., [head, q_pos]: each row's largest weight
+    return pattern, scores, pattern.amax(dim=-1)  # ..., [head, q_pos]: each row's largest weight (amax: no indices)
 
 
 def compute_head_stats(x: np.ndarray, exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
