@@ -44,10 +44,11 @@ WORK_BUDGET = {"cpu": 48 * 2**20, "cuda": 384 * 2**20}  # bytes of float32 tempo
 EAGER_BUDGET = 16 * 2**20  # bytes of one layer's float32 [batch, head, T, T] eager weights on the CPU
 ATTENTION_ROUTES = ("auto", "eager", "sdpa")
 BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTION_ROUTES) + "."
-# Off the CPU the numbers wait on the device for one batched measurement and one copy to the host; a layer's
-# dot products are ~16 MiB at 4096 tokens on a Llama shape, so they go earlier once they pass this share of
-# WORK_BUDGET (the batched sort needs a few times their size).
-PENDING_SHARE = 6
+# The numbers wait on the device for one batched measurement and one copy to the host after the pass; a layer's
+# dot products are ~16 MiB at 4096 tokens on a Llama shape, so on a GPU they go earlier once the waiting ones pass
+# these bytes (a sixth of WORK_BUDGET: the batched sort needs a few times their size). None: only after the pass
+# (the CPU's memory is the host's).
+PENDING_BUDGET = {"cpu": None, "cuda": WORK_BUDGET["cuda"] // 6}
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
 QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), so use 0..{last} (or -1..-{n} "
                "counting from the end).")
@@ -144,7 +145,7 @@ class _Recorder:
     keep_layers: frozenset[int] | None = None  # whose patterns are kept (None: every pattern layer)
     n_layers: int = 0
     causal: bool = True  # the query's keys: earlier ones (causal) or every other one
-    pending: int = 0  # bytes of device tensors waiting for the host (off the CPU)
+    pending: int = 0  # bytes of device tensors waiting for the host
 
     def fused(self, query: torch.Tensor) -> bool:
         """Whether this layer runs the fused sdpa kernel; query [batch, head, T, d_head]."""
@@ -193,9 +194,9 @@ class _Recorder:
                                                        skip=text.skip))
                     text.measured.append(layer)
             text.device.update({(layer, name): tensor for name, tensor in found.items()})
-            if query.device.type != "cpu":  # bounded device memory: what waits for the host, in bytes
-                self.pending += sum(tensor.numel() for tensor in found.values()) * 8
-        if self.pending > work_budget(query.device) // PENDING_SHARE:
+            self.pending += sum(tensor.numel() for tensor in found.values()) * 8  # bytes waiting for the host
+        budget = PENDING_BUDGET["cuda" if query.device.type == "cuda" else "cpu"]
+        if budget is not None and self.pending > budget:  # bounded device memory
             self.flush()
 
     def flush(self) -> None:

@@ -33,3 +33,24 @@ def test_one_copy_to_the_host_and_no_device_sync(counts):
         assert found["to_host"] == 1
         assert found["host_calls"] == {"cpu": 1, "numpy": 1}  # to_host's own, whatever the number of layers
         assert found["syncs"] == 0
+
+
+def test_flushing_after_every_layer_gives_the_numbers_of_one_flush(monkeypatch):
+    """A GPU sends the waiting numbers to the host early past capture.PENDING_BUDGET; the numbers do not change."""
+    import importlib
+
+    from analysis import analyze_ids
+
+    capture = importlib.import_module("analysis.capture")
+    metrics = importlib.import_module("analysis.metrics")
+    loaded = build_small("gpt2-small", 3)
+    ids = np.random.default_rng(1).integers(3, 400, 20)  # [pos]
+    monkeypatch.setattr(metrics, "NUMPY_ON_CPU", False)  # the batched torch route a GPU runs
+    once = analyze_ids(loaded, ids, attention="sdpa")
+    monkeypatch.setitem(capture.PENDING_BUDGET, "cpu", 1)  # flush after every layer
+    flushes = []
+    real = capture._Recorder.flush
+    monkeypatch.setattr(capture._Recorder, "flush", lambda self: flushes.append(1) or real(self))
+    each = analyze_ids(loaded, ids, attention="sdpa")
+    assert len(flushes) == 3 + 1  # one a layer, then the (empty) last
+    assert each.to_dict() == once.to_dict()
