@@ -295,6 +295,26 @@ def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token
     return same.reshape(-1), diff.reshape(-1)  # [head * k], [head * (kv_head-1) * k]
 
 
+def compute_both_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
+                                query_position: int = -1, *, causal: bool = True,
+                                skip=None) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """compute_dot_products_t's raw and centered results, ((same, diff), (same, diff)), from one product of the
+    query with its raw and its centered keys (fewer launches than two calls; the same numbers to rounding)."""
+    n_heads, n_kv = q.shape[0], k.shape[0]
+    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
+    if not isinstance(keys_at, slice):
+        keys_at = torch.as_tensor(keys_at, device=k.device)  # [k_pos] index
+    final_q = q[:, p].double()  # [head, d_head]
+    keys = k[:, keys_at].double()  # [kv_head, k_pos, d_head]
+    centered = keys - keys.mean(dim=1, keepdim=True) if keys.shape[1] else keys  # [kv_head, k_pos, d_head]
+    both = torch.stack([keys, centered])  # [2, kv_head, k_pos, d_head]
+    dots = torch.einsum("hd,cgkd->chgk", final_q, both)  # [head, d] . [2, g, k, d] -> [2, head, kv_head, k]
+    heads, own, others = _head_index(n_heads, n_kv, q.device)  # [head], [head], [head, kv_head - 1]
+    same = dots[:, heads, own].reshape(2, -1)  # [2, head * k]
+    diff = dots[:, heads[:, None], others].reshape(2, -1)  # [2, head * (kv_head - 1) * k]
+    return (same[0], diff[0]), (same[1], diff[1])
+
+
 def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     """The Mann-Whitney U of same vs diff and its tie term sum(t^3 - t), from one sort on the device: [..., 2]
     float64 for same [..., n1] and diff [..., n2] (leading dims batched, e.g. [layer]: one sort for all layers).
@@ -361,12 +381,17 @@ def compute_qk_measures_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token:
     float64 here, exactly); the dot products' query and keys: compared_keys's `query_position`, `causal` and
     `skip`."""
     out = {}
-    out["q_means"], out["q_stds"] = compute_head_stats_t(q, exclude_first_token)
-    out["k_means"], out["k_stds"] = compute_head_stats_t(k, exclude_first_token)
-    for suffix, centered in (("", False), ("_centered", True)):
-        same, diff = compute_dot_products_t(q, k, exclude_first_token, query_position, centered=centered,
-                                            causal=causal, skip=skip)
-        out["same_head_dp" + suffix], out["diff_head_dp" + suffix] = same, diff
+    if q.shape[1:] == k.shape[1:]:  # one set of launches for the query and the key heads
+        means, stds = compute_head_stats_t(torch.cat([q, k]), exclude_first_token)  # [head + kv_head] each
+        n_heads = q.shape[0] if means.numel() else 0
+        out["q_means"], out["k_means"], out["q_stds"], out["k_stds"] = (
+            means[:n_heads], means[n_heads:], stds[:n_heads], stds[n_heads:])
+    else:
+        out["q_means"], out["q_stds"] = compute_head_stats_t(q, exclude_first_token)
+        out["k_means"], out["k_stds"] = compute_head_stats_t(k, exclude_first_token)
+    raw, centered = compute_both_dot_products_t(q, k, exclude_first_token, query_position, causal=causal, skip=skip)
+    out["same_head_dp"], out["diff_head_dp"] = raw
+    out["same_head_dp_centered"], out["diff_head_dp_centered"] = centered
     return out
 
 

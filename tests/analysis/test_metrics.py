@@ -219,3 +219,19 @@ def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():
     for values, curve in zip(rows, batched):
         np.testing.assert_allclose(curve, compute_kde(values, grid), rtol=0, atol=1e-12)
     assert np.isnan(batched[-1]).all()  # all equal: degenerate
+
+
+def test_both_dot_products_at_once_equal_two_calls(qk):
+    from analysis.metrics import compute_both_dot_products_t, compute_dot_products_t
+
+    q, k = torch.from_numpy(qk[0]), torch.from_numpy(qk[1])
+    skip = np.zeros(q.shape[1], dtype=bool)
+    skip[2] = True
+    for kwargs in ({}, {"causal": False}, {"skip": skip}, {"query_position": 3}):
+        for exclude in (True, False):
+            both = compute_both_dot_products_t(q, k, exclude, **kwargs)
+            for centered, found in zip((False, True), both):
+                expected = compute_dot_products_t(q, k, exclude, centered=centered, **kwargs)
+                for got, want in zip(found, expected):
+                    assert got.shape == want.shape
+                    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
