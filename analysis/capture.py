@@ -7,8 +7,9 @@ post-QK-norm, K at its own key-head count). For every layer it rebuilds softmax(
 those q and k a block of query rows at a time (analysis.patterns) and reduces it on the device to the read-outs,
 the head scores' sums and the parity figure (the rebuild against what the model's own kernel returned), so only
 per-head numbers and the bounded samples the charts draw cross to the host. In measuring mode (analyze) the
-q/k measurements run in the pass too and q and k never leave the device; `capture` keeps them (numpy) so the
-app can change layers without a model call.
+q/k measurements run in the pass too, the rest (Mann-Whitney ranks, KDEs) for all layers at once after it
+(_Recorder.flush), and q and k never leave the device; `capture` keeps them (numpy) so the app can change
+layers without a model call.
 
 Several texts run as one padded batch (the tokenizer's padding side, the attention mask respected); each text
 is measured on its own positions only, so its numbers equal its single-text run.
@@ -128,7 +129,7 @@ class _Text:
     q: list[np.ndarray] = field(default_factory=list)  # capture mode: per layer [head, pos, d_head] float32
     k: list[np.ndarray] = field(default_factory=list)
     device: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, name) -> small tensor
-    host: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # the same, moved layer by layer
+    host: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # the same, moved in one copy
     patterns: dict[int, np.ndarray] = field(default_factory=dict)
     measured: list[int] = field(default_factory=list)  # layers whose q/k measurements wait for the batched rest
 
