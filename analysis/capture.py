@@ -50,6 +50,9 @@ BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTI
 # these bytes (a sixth of WORK_BUDGET: the batched sort needs a few times their size). None: only after the pass
 # (the CPU's memory is the host's).
 PENDING_BUDGET = {"cpu": None, "cuda": WORK_BUDGET["cuda"] // 6}
+# On the CPU, layers whose q, k, v, weights and output fit these bytes (together) are measured after the pass, one
+# after another: between the forward's layers the same work took longer (GPT-2's shape, 64 tokens: ~3 ms of ~17).
+DEFER_BUDGET = 32 * 2**20
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
 QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), so use 0..{last} (or -1..-{n} "
                "counting from the end).")
@@ -147,6 +150,8 @@ class _Recorder:
     n_layers: int = 0
     causal: bool = True  # the query's keys: earlier ones (causal) or every other one
     pending: int = 0  # bytes of device tensors waiting for the host
+    deferred: list[tuple] = field(default_factory=list)  # (layer, record's arguments): measured after the pass
+    deferred_bytes: int = 0
 
     def fused(self, query: torch.Tensor) -> bool:
         """Whether this layer runs the fused sdpa kernel; query [batch, head, T, d_head]."""
@@ -156,8 +161,25 @@ class _Recorder:
         return query.device.type != "cpu" or batch * heads * n * n * 4 > EAGER_BUDGET
 
     def record(self, query, key, value, attention_mask, scaling, softcap, weights, output) -> None:
+        """One layer's tensors: measured now, or after the pass (CPU, within DEFER_BUDGET), in layer order."""
         layer = self.n_layers  # attention modules run once each, in layer order
         self.n_layers += 1
+        arguments = (query, key, value, attention_mask, scaling, softcap, weights, output)
+        if query.device.type == "cpu" and PENDING_BUDGET["cpu"] is None:  # the numbers wait for the pass's end anyway
+            size = sum(t.numel() * t.element_size() for t in (query, key, value, weights, output) if t is not None)
+            if self.deferred_bytes + size <= DEFER_BUDGET:
+                self.deferred.append((layer, arguments))
+                self.deferred_bytes += size
+                return
+        self.measure_deferred()
+        self.measure_layer(layer, *arguments)
+
+    def measure_deferred(self) -> None:
+        for layer, arguments in self.deferred:
+            self.measure_layer(layer, *arguments)
+        self.deferred, self.deferred_bytes = [], 0
+
+    def measure_layer(self, layer, query, key, value, attention_mask, scaling, softcap, weights, output) -> None:
         wanted = self.pattern_layers is None or layer in self.pattern_layers
         budget = work_budget(query.device)
         for text in self.texts:
@@ -225,6 +247,7 @@ class _Recorder:
         self.pending = 0
 
     def finish(self) -> None:
+        self.measure_deferred()
         self.flush()
 
 
@@ -431,5 +454,6 @@ def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns:
         _RECORDER.reset(token)
     if recorder.n_layers != loaded.info.n_layers:
         raise HeadscopeError(f"Captured {recorder.n_layers} attention calls for {loaded.info.n_layers} layers.")
-    recorder.finish()
+    with torch.inference_mode():  # the deferred layers' tensors were made in it
+        recorder.finish()
     return texts

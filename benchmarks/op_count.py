@@ -67,7 +67,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     views (kernels on a GPU), "to_host": calls of patterns.to_host, "host_calls": {Tensor method: calls} of cpu,
     numpy, tolist and item (copies to the host or syncs), "syncs": aten.item dispatches, "layers": n} of one
     analyze_ids(loaded, ids) on every layer, patterns not kept, with a GPU's block sizes (capture.WORK_BUDGET,
-    metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS)."""
+    metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS) and every layer measured in the pass (no capture.DEFER_BUDGET)."""
     import importlib
 
     import torch
@@ -95,7 +95,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     original_to_host, original_numpy = capture.to_host, metrics.NUMPY_ON_CPU
     budgets = dict(capture.WORK_BUDGET)
     patterns = importlib.import_module("analysis.patterns")
-    cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS
+    cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, capture.DEFER_BUDGET
 
     host_calls: Counter = Counter()  # Tensor.cpu/numpy/tolist/item inside the measurement: each a copy or a sync
     active = [False]
@@ -131,7 +131,8 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         metrics.NUMPY_ON_CPU = numpy_on_cpu
         capture.WORK_BUDGET["cpu"] = capture.WORK_BUDGET["cuda"]  # the blocks of query rows a GPU would take,
         metrics.KDE_CHUNK = 2**17  # its KDE blocks,
-        patterns.CAUSAL_ROWS = (2**30, 2**30)  # and no short causal blocks (a CPU's)
+        patterns.CAUSAL_ROWS = (2**30, 2**30)  # no short causal blocks (a CPU's),
+        capture.DEFER_BUDGET = 0  # and every layer measured in the pass, as on a GPU
         pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)
     finally:
         for name, method in originals.items():
@@ -140,7 +141,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             setattr(torch.Tensor, name, method)
         capture.to_host, metrics.NUMPY_ON_CPU = original_to_host, original_numpy
         capture.WORK_BUDGET.update(budgets)
-        metrics.KDE_CHUNK, patterns.CAUSAL_ROWS = cpu_sizes
+        metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, capture.DEFER_BUDGET = cpu_sizes
     syncs = sum(counter[name] for counter in phases.values() for name in ("aten.item", "aten._local_scalar_dense"))
     return {**{name: sum(counter.values()) for name, counter in phases.items()},
             **{f"{name}_launches": sum(counter.values()) for name, counter in launches.items()},
