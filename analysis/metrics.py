@@ -274,6 +274,17 @@ def _head_index(n_heads: int, n_kv: int, device: torch.device) -> tuple[torch.Te
             torch.as_tensor(others, device=device))
 
 
+def _query_and_keys(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool, query_position: int, causal: bool,
+                    skip) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query row and its compared keys (compared_keys) in float64: [head, d_head], [kv_head, k_pos, d_head]."""
+    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
+    if not isinstance(keys_at, slice):
+        keys_at = torch.as_tensor(keys_at, device=k.device)  # [k_pos] index
+    final_q = q[:, p].double()  # [head, d_head]
+    keys = k[:, keys_at].double()  # [kv_head, k_pos, d_head]
+    return final_q, keys
+
+
 def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
                            query_position: int = -1, centered: bool = False, *, causal: bool = True,
                            skip=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,11 +292,7 @@ def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token
     tensors' device: (same [head * keys], diff [head * (kv_head - 1) * keys]) in the notebook's loop order.
     The query at `query_position`, its keys as compared_keys(causal=, skip=) says."""
     n_heads, n_kv = q.shape[0], k.shape[0]
-    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
-    if not isinstance(keys_at, slice):
-        keys_at = torch.as_tensor(keys_at, device=k.device)  # [k_pos] index
-    final_q = q[:, p].double()  # [head, d_head]
-    keys = k[:, keys_at].double()  # [kv_head, k_pos, d_head]
+    final_q, keys = _query_and_keys(q, k, exclude_first_token, query_position, causal, skip)
     if centered and keys.shape[1]:  # q . (k - mean k): exactly 0 for a single key, where q.k - q.mean would be noise
         keys = keys - keys.mean(dim=1, keepdim=True)  # [kv_head, k_pos, d_head]
     dots = torch.einsum("hd,gkd->hgk", final_q, keys)  # [head, d] . [kv_head, k, d] -> [head, kv_head, k]
@@ -301,11 +308,7 @@ def compute_both_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_
     """compute_dot_products_t's raw and centered results, ((same, diff), (same, diff)), from one product of the
     query with its raw and its centered keys (fewer launches than two calls; the same numbers to rounding)."""
     n_heads, n_kv = q.shape[0], k.shape[0]
-    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
-    if not isinstance(keys_at, slice):
-        keys_at = torch.as_tensor(keys_at, device=k.device)  # [k_pos] index
-    final_q = q[:, p].double()  # [head, d_head]
-    keys = k[:, keys_at].double()  # [kv_head, k_pos, d_head]
+    final_q, keys = _query_and_keys(q, k, exclude_first_token, query_position, causal, skip)
     centered = keys - keys.mean(dim=1, keepdim=True) if keys.shape[1] else keys  # [kv_head, k_pos, d_head]
     both = torch.stack([keys, centered])  # [2, kv_head, k_pos, d_head]
     dots = torch.einsum("hd,cgkd->chgk", final_q, both)  # [head, d] . [2, g, k, d] -> [2, head, kv_head, k]
