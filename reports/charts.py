@@ -441,7 +441,7 @@ def build_layer_charts(result: AnalysisResult, layer: int, head: int = 0,
           "within heads."),
          lambda: build_dot_products_chart(result, layer)),
         ("dot_distributions", "Distributions of q·k",
-         (f"The {query_name(result)}'s dot products. Compare the widths: a wider same-head curve means queries "
+         (f"The dot products of the {query_name(result)}. Compare the widths: a wider same-head curve means queries "
           "line up with their own head's keys more than with other heads' keys."),
          lambda: build_dot_distributions_chart(result, layer)),
         ("softmax", "Softmax attention weights",
