@@ -9,7 +9,8 @@ from urllib.parse import urlencode, urlparse
 
 import pytest
 
-from tests.app.test_served_app import free_port, served_app  # noqa: F401 - served_app is a fixture
+from benchmarks.bench_app import free_port
+from tests.app.test_served_app import served_app  # noqa: F401 - served_app is a fixture
 
 LOAD_TIMEOUT_MS = 150_000
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.bench_app import serve
 from reports.__main__ import build_parser
 from reports.charts import SELECTED_OUTLINE
 
@@ -28,43 +27,12 @@ ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 SCREENSHOT = os.environ.get("HEADSCOPE_APP_SCREENSHOT")  # set it to keep a full-page screenshot for a person to look at
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def served_app(tmp_path):
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115 (closed in the finally below)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    assert response.read().decode().strip() == "ok"
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    pytest.fail(f"streamlit did not start:\n{(tmp_path / 'streamlit.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+def served_app():
+    """`streamlit run streamlit_app.py` on a free port (benchmarks.bench_app.serve, which the speed figures use);
+    a server that does not start fails with its log."""
+    with serve(start_timeout=START_TIMEOUT) as (url, _pid):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 def drawn_charts(page) -> int:
