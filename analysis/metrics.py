@@ -223,8 +223,6 @@ def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | Non
         result = mannwhitneyu(same, diff, alternative="two-sided")
         u1, p = float(result.statistic), float(result.pvalue)
     else:
-        from scipy.special import ndtr
-
         pooled = np.sort(np.concatenate([same, diff]))  # [n]
         same = np.sort(same)  # [n1]: U sums over them, so their order is free; sorted, the lookups run in order
         below = np.searchsorted(pooled, same, side="left")  # [n1]: values smaller than each same-head value
@@ -236,12 +234,8 @@ def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | Non
             u1 = float((below + upto + 1).sum() / 2 - n1 * (n1 + 1) / 2)  # average 1-based ranks, less their minimum
             bounds = np.concatenate([[0], np.flatnonzero(new_run) + 1, [pooled.size]])
             ties = np.diff(bounds).astype(np.float64)  # [group]: size of each run of equal values
-            tie_sum = (ties ** 3 - ties).sum()
-        n = n1 + n2
-        spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - tie_sum / (n * (n - 1))))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = (max(u1, n1 * n2 - u1) - n1 * n2 / 2 - 0.5) / spread
-        p = float(np.clip(2 * ndtr(-z), 0.0, 1.0))
+            tie_sum = float((ties ** 3 - ties).sum())
+        return mannwhitney_from_parts(u1, tie_sum, n1, n2)
     r = 2.0 * u1 / (n1 * n2) - 1.0
     return (p if np.isfinite(p) else None), (r if np.isfinite(r) else None)
 
