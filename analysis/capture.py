@@ -29,7 +29,7 @@ import torch
 from analysis import metrics
 from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan
-from analysis.metrics import compute_pattern, compute_qk_measures_t, compute_spread_measures_t
+from analysis.metrics import SPREAD_INPUTS, compute_pattern, compute_qk_measures_t, compute_spread_measures_t
 from analysis.patterns import reduce_pattern, to_host
 
 CAPTURE_ATTENTION = "headscope"
@@ -50,9 +50,18 @@ BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTI
 # these bytes (a sixth of WORK_BUDGET: the batched sort needs a few times their size). None: only after the pass
 # (the CPU's memory is the host's).
 PENDING_BUDGET = {"cpu": None, "cuda": WORK_BUDGET["cuda"] // 6}
-# On the CPU, layers whose q, k, v, weights and output fit these bytes (together) are measured after the pass, one
-# after another: between the forward's layers the same work took longer (GPT-2's shape, 64 tokens: ~3 ms of ~17).
-DEFER_BUDGET = 32 * 2**20
+# Consecutive layers that share a mask, scaling and shapes are measured as one group while their float32 q, k
+# (repeated to the query heads), v and output and their eager weights fit these bytes together: stacked along a
+# layer dimension, one set of operations for all of them (patterns.reduce_pattern, metrics.compute_qk_measures_t),
+# so the launches and the Python overhead per layer shrink with the group's size (a GPU's forward is launch-bound
+# below a few thousand tokens). On the Llama shape of the benchmarks that is 4 layers at 1024 tokens and 1 at 4096,
+# where memory counts. On the CPU, where launches are cheap, larger stacks were slower (their blocks leave the
+# cache: GPT-2's shape, 256 tokens, 77 ms for groups of 32 MiB against 60 ms for 8 MiB).
+GROUP_BUDGET = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
+# Closed groups wait, holding their tensors, while they fit these bytes together, and are measured after the pass:
+# on the CPU, measuring between the forward's layers was slower (GPT-2's shape, 64 tokens: ~3 ms of ~17); on a GPU
+# at once, so that its work overlaps the forward's next layers.
+HOLD_BUDGET = {"cpu": 32 * 2**20, "cuda": 0}
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
 QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), so use 0..{last} (or -1..-{n} "
                "counting from the end).")
@@ -131,10 +140,24 @@ class _Text:
     skip: np.ndarray | None = None  # [pos] bool: keys left out of the query's dot products and read-out
     q: list[np.ndarray] = field(default_factory=list)  # capture mode: per layer [head, pos, d_head] float32
     k: list[np.ndarray] = field(default_factory=list)
-    device: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, name) -> small tensor
+    device: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (layers, name) -> [layer, ...] small tensor
     host: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # the same, moved in one copy
     patterns: dict[int, np.ndarray] = field(default_factory=dict)
-    measured: list[int] = field(default_factory=list)  # layers whose q/k measurements wait for the batched rest
+    measured: list[tuple[int, ...]] = field(default_factory=list)  # groups whose spread measures wait (flush)
+
+
+@dataclass(eq=False)
+class _Group:
+    """Consecutive layers measured as one stack (GROUP_BUDGET)."""
+
+    shares: tuple  # what its layers share: the mask's id, scaling, softcap, shapes, dtype, wanted, kept
+    mask: torch.Tensor | None  # held, so that the mask's id stays its own
+    scaling: float
+    softcap: float | None
+    wanted: bool  # read-outs, parity and q/k measurements (a pattern layer), or the head scores' sums only
+    keep: bool  # the T x T patterns kept
+    layers: list[tuple] = field(default_factory=list)  # (layer, query, key, value, weights, output)
+    bytes: int = 0
 
 
 @dataclass
@@ -150,8 +173,8 @@ class _Recorder:
     n_layers: int = 0
     causal: bool = True  # the query's keys: earlier ones (causal) or every other one
     pending: int = 0  # bytes of device tensors waiting for the host
-    deferred: list[tuple] = field(default_factory=list)  # (layer, record's arguments): measured after the pass
-    deferred_bytes: int = 0
+    groups: list[_Group] = field(default_factory=list)  # closed, then the open one: waiting to be measured
+    held: int = 0  # their bytes (GROUP_BUDGET's measure)
 
     def fused(self, query: torch.Tensor) -> bool:
         """Whether this layer runs the fused sdpa kernel; query [batch, head, T, d_head]."""
@@ -161,94 +184,111 @@ class _Recorder:
         return query.device.type != "cpu" or batch * heads * n * n * 4 > EAGER_BUDGET
 
     def record(self, query, key, value, attention_mask, scaling, softcap, weights, output) -> None:
-        """One layer's tensors: measured now, or after the pass (CPU, within DEFER_BUDGET), in layer order."""
+        """One layer's tensors (layer order): they join the open group when they share its mask, scaling and
+        shapes and fit GROUP_BUDGET, else they open the next; past HOLD_BUDGET the waiting groups are measured."""
         layer = self.n_layers  # attention modules run once each, in layer order
         self.n_layers += 1
-        arguments = (query, key, value, attention_mask, scaling, softcap, weights, output)
-        if query.device.type == "cpu" and PENDING_BUDGET["cpu"] is None:  # the numbers wait for the pass's end anyway
-            size = sum(t.numel() * t.element_size() for t in (query, key, value, weights, output) if t is not None)
-            if self.deferred_bytes + size <= DEFER_BUDGET:
-                self.deferred.append((layer, arguments))
-                self.deferred_bytes += size
-                return
-        self.measure_deferred()
-        self.measure_layer(layer, *arguments)
-
-    def measure_deferred(self) -> None:
-        for layer, arguments in self.deferred:
-            self.measure_layer(layer, *arguments)
-        self.deferred, self.deferred_bytes = [], 0
-
-    def measure_layer(self, layer, query, key, value, attention_mask, scaling, softcap, weights, output) -> None:
         wanted = self.pattern_layers is None or layer in self.pattern_layers
-        budget = work_budget(query.device)
+        keep = wanted and (self.keep_layers is None or layer in self.keep_layers)
+        shares = (id(attention_mask), scaling, softcap, weights is None, tuple(query.shape), tuple(key.shape),
+                  tuple(value.shape), query.dtype, wanted, keep)
+        size = 4 * (2 * query.numel() + value.numel() + output.numel()) + (
+            0 if weights is None else weights.numel() * weights.element_size())  # float32 q, repeated k, v, output
+        kind = "cuda" if query.device.type == "cuda" else "cpu"
+        group = self.groups[-1] if self.groups else None
+        if group is None or group.shares != shares or group.bytes + size > GROUP_BUDGET[kind]:
+            if self.held + size > HOLD_BUDGET[kind]:
+                self.measure_groups()
+            group = _Group(shares, attention_mask, scaling, softcap, wanted, keep)
+            self.groups.append(group)
+        group.layers.append((layer, query, key, value, weights, output))
+        group.bytes += size
+        self.held += size
+
+    def measure_groups(self) -> None:
+        for group in self.groups:
+            self.measure_group(group)
+        self.groups, self.held = [], 0
+
+    def measure_group(self, group: _Group) -> None:
+        """Measure a group's layers as one [layer, ...] stack, text by text."""
+        attention_mask, wanted, entries = group.mask, group.wanted, group.layers
+        layers = tuple(entry[0] for entry in entries)
+        device = entries[0][1].device
+        budget = work_budget(device)
+
+        def stacked(index: int, where: tuple) -> torch.Tensor | None:
+            """[layer, ...]: every layer's tensor `index` at `where`, stacked (a view for a single layer)."""
+            if entries[0][index] is None:
+                return None
+            parts = [entry[index][where] for entry in entries]
+            return parts[0][None] if len(parts) == 1 else torch.stack(parts)
+
         for text in self.texts:
-            b, (start, stop) = text.index, text.span
-            q = query[b, :, start:stop].detach()  # [head, pos, d_head]
-            k = key[b, :, start:stop].detach()  # [kv_head, pos, d_head]
-            if self.keep_qk:
-                text.q.append(q.float().cpu().numpy().copy())  # [head, pos, d_head], detached from the model
-                text.k.append(k.float().cpu().numpy().copy())  # [kv_head, pos, d_head]
+            b, positions = text.index, slice(*text.span)
+            q = stacked(1, (b, slice(None), positions))  # [layer, head, pos, d_head]
+            k = stacked(2, (b, slice(None), positions))  # [layer, kv_head, pos, d_head]
+            if self.keep_qk:  # detached from the model's memory: copies
+                text.q.extend(q.float().cpu().numpy().copy())  # per layer [head, pos, d_head]
+                text.k.extend(k.float().cpu().numpy().copy())  # per layer [kv_head, pos, d_head]
             mask = None
             if attention_mask is not None:
                 row = attention_mask[b if attention_mask.shape[0] > 1 else 0]  # [1, q_pos, k_pos]
-                mask = row[:, start:stop, start:stop]  # [1, pos, pos]
-            if text.plan is None or text.plan.q_index.device != query.device:
-                text.plan = ScorePlan.build(text.ids, query.device)
+                mask = row[:, positions, positions]  # [1, pos, pos]
+            if text.plan is None or text.plan.q_index.device != device:
+                text.plan = ScorePlan.build(text.ids, device)
             p = self.query_position if text.query_position is None else text.query_position
             reduced = reduce_pattern(
-                q, k, scaling, mask, softcap, text.plan, budget, readouts=wanted, query_position=p,
+                q, k, group.scaling, mask, group.softcap, text.plan, budget, readouts=wanted, query_position=p,
                 causal=self.causal, skip=text.skip,
-                weights=None if not wanted or weights is None else weights[b, :, start:stop, start:stop],
-                value=None if not wanted else value[b, :, start:stop],
-                output=None if not wanted or output is None else output[b, start:stop].transpose(0, 1),
-                keep=wanted and text.keep_patterns and (self.keep_layers is None or layer in self.keep_layers),
+                weights=stacked(4, (b, slice(None), positions, positions)) if wanted else None,  # [l, h, pos, pos]
+                value=stacked(3, (b, slice(None), positions)) if wanted else None,  # [layer, kv_head, pos, d_v]
+                output=stacked(5, (b, positions)).transpose(1, 2) if wanted else None,  # [layer, head, pos, d_v]
+                keep=group.keep and text.keep_patterns,
                 rebuild=compute_pattern if wanted else metrics.compute_pattern)  # the analysed layers' rebuild is
             # looked up here, so a test can replace it and see parity fail on those layers alone
-            found = {"parts": reduced.parts, "fixed": reduced.fixed}
+            found = {"parts": reduced.parts, "fixed": reduced.fixed}  # [layer, ...] each
             if wanted:
                 found.update(reduced.readouts)
                 if reduced.parity is not None:
                     found["parity"] = reduced.parity
                 if reduced.pattern is not None:
-                    text.patterns[layer] = reduced.pattern
+                    text.patterns.update(zip(layers, reduced.pattern))  # [head, q_pos, k_pos] each
                 if self.measure:
                     found.update(compute_qk_measures_t(q, k, self.exclude_first_token, p, causal=self.causal,
                                                        skip=text.skip))
-                    text.measured.append(layer)
-            text.device.update({(layer, name): tensor for name, tensor in found.items()})
+                    text.measured.append(layers)
+            text.device.update({(layers, name): tensor for name, tensor in found.items()})
             self.pending += sum(tensor.numel() for tensor in found.values()) * 8  # bytes waiting for the host
-        budget = PENDING_BUDGET["cuda" if query.device.type == "cuda" else "cpu"]
+        budget = PENDING_BUDGET["cuda" if device.type == "cuda" else "cpu"]
         if budget is not None and self.pending > budget:  # bounded device memory
             self.flush()
 
     def flush(self) -> None:
-        """Measure the waiting layers of every text at once (compute_spread_measures_t: one sort, one kernel sum)
+        """Measure the waiting groups of every text at once (compute_spread_measures_t: one sort, one kernel sum)
         and move every waiting number to the host in one copy: once per pass unless the device's work budget
         says sooner."""
-        spread_layers = {}
-        for i, text in enumerate(self.texts):
+        for text in self.texts:
             if text.measured:
-                layers = {layer: {} for layer in text.measured}
-                for (layer, name), tensor in text.device.items():
-                    if layer in layers:
-                        layers[layer][name] = tensor
-                spread = compute_spread_measures_t(list(layers.values()), text.ids.size)  # {name: [layer, ...]}
-                text.device.update({("spread", name): tensor for name, tensor in spread.items()})
-                spread_layers[i], text.measured = list(layers), []
+                groups, text.measured = text.measured, []
+                measures = {name: _cat([text.device[group, name] for group in groups]) for name in SPREAD_INPUTS}
+                layers = tuple(layer for group in groups for layer in group)
+                spread = compute_spread_measures_t(measures, text.ids.size)  # {name: [layer, ...]}
+                text.device.update({(layers, name): tensor for name, tensor in spread.items()})
         host = to_host({(i, *key): tensor for i, text in enumerate(self.texts) for key, tensor in text.device.items()})
-        for (i, layer, name), values in host.items():
-            if layer == "spread":  # [layer, ...]: one row per measured layer
-                self.texts[i].host.update({(measured, name): row for measured, row in zip(spread_layers[i], values)})
-            else:
-                self.texts[i].host[layer, name] = values
+        for (i, layers, name), values in host.items():  # [layer, ...]: one row per layer
+            self.texts[i].host.update({(layer, name): row for layer, row in zip(layers, values)})
         for text in self.texts:
             text.device.clear()
         self.pending = 0
 
     def finish(self) -> None:
-        self.measure_deferred()
+        self.measure_groups()
         self.flush()
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 _EAGER: dict[type, object] = {}

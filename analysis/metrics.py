@@ -243,19 +243,20 @@ def compute_mannwhitney(same: np.ndarray, diff: np.ndarray) -> tuple[float | Non
 # ---- the same measurements in torch, on the tensors' own device (the model's), batched over heads ----------------
 
 def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """As compute_head_stats, in torch on x's device: x [head, pos, d_head] -> (mean, std) [head] float64."""
-    x = x[:, 1:] if exclude_first_token else x  # [head, pos, d_head], a view
-    flat = x.reshape(x.shape[0], -1)  # [head, pos * d_head]
-    if flat.shape[1] < 2:
-        empty = flat.new_empty(0, dtype=torch.float64)
+    """As compute_head_stats, in torch on x's device: x [..., head, pos, d_head] -> (mean, std) [..., head] float64
+    (leading dims batched, e.g. [layer]); ([..., 0], [..., 0]) when fewer than 2 values."""
+    x = x[..., 1:, :] if exclude_first_token else x  # [..., head, pos, d_head], a view
+    flat = x.reshape(*x.shape[:-2], -1)  # [..., head, pos * d_head]
+    if flat.shape[-1] < 2:
+        empty = flat.new_empty((*x.shape[:-3], 0), dtype=torch.float64)  # [..., 0]
         return empty, empty
-    flat = flat.double()  # [head, pos * d_head]
+    flat = flat.double()  # [..., head, pos * d_head]
     if flat.device.type != "cpu":  # one launch on a GPU
-        std, mean = torch.std_mean(flat, dim=1, correction=1)  # [head] each
+        std, mean = torch.std_mean(flat, dim=-1, correction=1)  # [..., head] each
         return mean, std
-    mean = flat.mean(dim=1, keepdim=True)  # [head, 1]: two passes, twice as fast as std_mean on the CPU
-    var = (flat - mean).square_().sum(dim=1).div_(flat.shape[1] - 1)  # [head]: two-pass, as numpy's std(ddof=1)
-    return mean[:, 0], var.sqrt_()
+    mean = flat.mean(dim=-1, keepdim=True)  # [..., head, 1]: two passes, twice as fast as std_mean on the CPU
+    var = (flat - mean).square_().sum(dim=-1).div_(flat.shape[-1] - 1)  # [..., head]: two-pass, as numpy's ddof=1
+    return mean[..., 0], var.sqrt_()
 
 
 @functools.lru_cache(maxsize=64)
@@ -270,12 +271,13 @@ def _head_index(n_heads: int, n_kv: int, device: torch.device) -> tuple[torch.Te
 
 def _query_and_keys(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool, query_position: int, causal: bool,
                     skip) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query row and its compared keys (compared_keys) in float64: [head, d_head], [kv_head, k_pos, d_head]."""
-    p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
+    """The query row and its compared keys (compared_keys) in float64: [..., head, d_head], [..., kv_head, k_pos,
+    d_head] of q [..., head, pos, d_head] and k [..., kv_head, pos, d_head]."""
+    p, keys_at = compared_keys(q.shape[-2], exclude_first_token, query_position, causal=causal, skip=skip)
     if not isinstance(keys_at, slice):
         keys_at = torch.as_tensor(keys_at, device=k.device)  # [k_pos] index
-    final_q = q[:, p].double()  # [head, d_head]
-    keys = k[:, keys_at].double()  # [kv_head, k_pos, d_head]
+    final_q = q[..., p, :].double()  # [..., head, d_head]
+    keys = k[..., keys_at, :].double()  # [..., kv_head, k_pos, d_head]
     return final_q, keys
 
 
@@ -283,17 +285,14 @@ def compute_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token
                            query_position: int = -1, centered: bool = False, *, causal: bool = True,
                            skip=None) -> tuple[torch.Tensor, torch.Tensor]:
     """As compute_dot_products (centered=False) or compute_centered_dot_products (True), in float64 on the
-    tensors' device: (same [head * keys], diff [head * (kv_head - 1) * keys]) in the notebook's loop order.
+    tensors' device: (same [..., head * keys], diff [..., head * (kv_head - 1) * keys]) in the notebook's loop
+    order, for q [..., head, pos, d_head] and k [..., kv_head, pos, d_head] (leading dims batched, e.g. [layer]).
     The query at `query_position`, its keys as compared_keys(causal=, skip=) says."""
-    n_heads, n_kv = q.shape[0], k.shape[0]
     final_q, keys = _query_and_keys(q, k, exclude_first_token, query_position, causal, skip)
-    if centered and keys.shape[1]:  # q . (k - mean k): exactly 0 for a single key, where q.k - q.mean would be noise
-        keys = keys - keys.mean(dim=1, keepdim=True)  # [kv_head, k_pos, d_head]
-    dots = torch.einsum("hd,gkd->hgk", final_q, keys)  # [head, d] . [kv_head, k, d] -> [head, kv_head, k]
-    heads, own, others = _head_index(n_heads, n_kv, q.device)  # [head], [head], [head, kv_head - 1]
-    same = dots[heads, own]  # [head, k]: index tensors, no device sync
-    diff = dots[heads[:, None], others]  # [head, kv_head - 1, k]
-    return same.reshape(-1), diff.reshape(-1)  # [head * k], [head * (kv_head-1) * k]
+    if centered and keys.shape[-2]:  # q . (k - mean k): exactly 0 for a single key, where q.k - q.mean is noise
+        keys = keys - keys.mean(dim=-2, keepdim=True)  # [..., kv_head, k_pos, d_head]
+    dots = torch.einsum("...hd,...gkd->...hgk", final_q, keys)  # [.., head, d] . [.., g, k, d] -> [.., head, g, k]
+    return _same_and_diff(dots)
 
 
 def compute_both_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
@@ -301,15 +300,21 @@ def compute_both_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_
                                 skip=None) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """compute_dot_products_t's raw and centered results, ((same, diff), (same, diff)), from one product of the
     query with its raw and its centered keys (fewer launches than two calls; the same numbers to rounding)."""
-    n_heads, n_kv = q.shape[0], k.shape[0]
     final_q, keys = _query_and_keys(q, k, exclude_first_token, query_position, causal, skip)
-    centered = keys - keys.mean(dim=1, keepdim=True) if keys.shape[1] else keys  # [kv_head, k_pos, d_head]
-    both = torch.stack([keys, centered])  # [2, kv_head, k_pos, d_head]
-    dots = torch.einsum("hd,cgkd->chgk", final_q, both)  # [head, d] . [2, g, k, d] -> [2, head, kv_head, k]
-    heads, own, others = _head_index(n_heads, n_kv, q.device)  # [head], [head], [head, kv_head - 1]
-    same = dots[:, heads, own].reshape(2, -1)  # [2, head * k]
-    diff = dots[:, heads[:, None], others].reshape(2, -1)  # [2, head * (kv_head - 1) * k]
+    centered = keys - keys.mean(dim=-2, keepdim=True) if keys.shape[-2] else keys  # [..., kv_head, k_pos, d_head]
+    both = torch.stack([keys, centered])  # [2, ..., kv_head, k_pos, d_head]
+    dots = torch.einsum("...hd,c...gkd->c...hgk", final_q, both)  # [.., h, d] . [2, .., g, k, d] -> [2, .., h, g, k]
+    same, diff = _same_and_diff(dots)  # [2, ..., head * k], [2, ..., head * (kv_head - 1) * k]
     return (same[0], diff[0]), (same[1], diff[1])
+
+
+def _same_and_diff(dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dots [..., head, kv_head, k] -> (each query head with its own key head [..., head * k], with the others
+    [..., head * (kv_head - 1) * k]), in the notebook's loop order."""
+    heads, own, others = _head_index(dots.shape[-3], dots.shape[-2], dots.device)  # [head], [head], [head, g - 1]
+    same = dots[..., heads, own, :]  # [..., head, k]: index tensors, no device sync
+    diff = dots[..., heads[:, None], others, :]  # [..., head, kv_head - 1, k]
+    return same.flatten(-2), diff.flatten(-3)
 
 
 def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
@@ -373,16 +378,16 @@ def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = 
 
 def compute_qk_measures_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
                           query_position: int = -1, *, causal: bool = True, skip=None) -> dict[str, torch.Tensor]:
-    """One layer's q/k measurements on q's device, run in the pass: the head stats and the dot products, raw and
-    centered ({name: tensor}). q [head, pos, d_head], k [kv_head, pos, d_head] in the model's dtype (promoted to
-    float64 here, exactly); the dot products' query and keys: compared_keys's `query_position`, `causal` and
-    `skip`."""
+    """The q/k measurements of one or more layers on q's device, run in the pass: the head stats and the dot
+    products, raw and centered ({name: [..., values]}). q [..., head, pos, d_head], k [..., kv_head, pos, d_head]
+    (leading dims batched, e.g. [layer]) in the model's dtype (promoted to float64 here, exactly); the dot
+    products' query and keys: compared_keys's `query_position`, `causal` and `skip`."""
     out = {}
-    if q.shape[1:] == k.shape[1:]:  # one set of launches for the query and the key heads
-        means, stds = compute_head_stats_t(torch.cat([q, k]), exclude_first_token)  # [head + kv_head] each
-        n_heads = q.shape[0] if means.numel() else 0
+    if q.shape[-2:] == k.shape[-2:]:  # one set of launches for the query and the key heads
+        means, stds = compute_head_stats_t(torch.cat([q, k], dim=-3), exclude_first_token)  # [..., head + kv_head]
+        n_heads = q.shape[-3] if means.shape[-1] else 0
         out["q_means"], out["k_means"], out["q_stds"], out["k_stds"] = (
-            means[:n_heads], means[n_heads:], stds[:n_heads], stds[n_heads:])
+            means[..., :n_heads], means[..., n_heads:], stds[..., :n_heads], stds[..., n_heads:])
     else:
         out["q_means"], out["q_stds"] = compute_head_stats_t(q, exclude_first_token)
         out["k_means"], out["k_stds"] = compute_head_stats_t(k, exclude_first_token)
@@ -392,38 +397,36 @@ def compute_qk_measures_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token:
     return out
 
 
-def compute_spread_measures_t(layers: list[dict[str, torch.Tensor]], n_tokens: int) -> dict[str, torch.Tensor]:
+SPREAD_INPUTS = ("same_head_dp", "diff_head_dp", "same_head_dp_centered", "diff_head_dp_centered", "final_to_prev",
+                 "self_attention")  # what compute_spread_measures_t reads
+
+
+def compute_spread_measures_t(measures: dict[str, torch.Tensor], n_tokens: int) -> dict[str, torch.Tensor]:
     """What the measurements of many layers of one text need beyond compute_qk_measures_t, for all of them at once:
     the Mann-Whitney parts of every layer's two comparisons from one batched sort, and the KDEs of every layer's
-    two read-outs from one batched kernel sum: {name: [layer, ...] tensor}. `layers`: per layer,
-    compute_qk_measures_t's names plus the read-outs (final_to_prev, self_attention); all layers of a text have
-    the same sizes, so they stack.
+    two read-outs from one batched kernel sum: {name: [layer, ...] tensor}. `measures`: {name: [layer, ...]},
+    compute_qk_measures_t's dot products and the read-outs final_to_prev and self_attention.
 
     "mannwhitney*" ([layer, 2]: U and the tie term) only where both groups have more than 8 values (the host asks
     scipy's exact test otherwise) and off the CPU (there the host runs compute_mannwhitney: numpy's sort is many
     times faster than torch's on the CPU); "kde_*" ([layer, 300]) only from 3 tokens.
     """
     out: dict[str, torch.Tensor] = {}
-    if not layers:
-        return out
-    same = layers[0]["same_head_dp"]
-    n1, n2 = same.numel(), layers[0]["diff_head_dp"].numel()
+    same = measures["same_head_dp"]  # [layer, n1]
+    n_layers, n1, n2 = same.shape[0], same.shape[-1], measures["diff_head_dp"].shape[-1]
     if n1 > 8 and n2 > 8 and not (NUMPY_ON_CPU and same.device.type == "cpu"):
-        names = [("same_head_dp" + suffix, "diff_head_dp" + suffix) for suffix in ("", "_centered")]
-        same = torch.stack([layer[a] for a, _ in names for layer in layers])  # [2 * layer, n1]
-        diff = torch.stack([layer[b] for _, b in names for layer in layers])  # [2 * layer, n2]
-        parts = compute_mannwhitney_parts_t(same, diff)  # [2 * layer, 2]: raw, then centered
-        out["mannwhitney"], out["mannwhitney_centered"] = parts[:len(layers)], parts[len(layers):]
+        parts = compute_mannwhitney_parts_t(
+            torch.cat([same, measures["same_head_dp_centered"]]),  # [2 * layer, n1]
+            torch.cat([measures["diff_head_dp"], measures["diff_head_dp_centered"]]))  # [2 * layer, 2]
+        out["mannwhitney"], out["mannwhitney_centered"] = parts[:n_layers], parts[n_layers:]
     if n_tokens >= 3:
         grid = torch.from_numpy(kde_grid()).to(same.device)  # [300]
         curves = ("final_to_prev", "self_attention")
-        sizes = {layers[0][name].numel() for name in curves}
-        groups = [curves] if len(sizes) == 1 else [(name,) for name in curves]  # equal lengths: one kernel sum
-        for group in groups:
-            values = torch.stack([layer[name] for name in group for layer in layers])  # [curves * layer, n]
-            kde = compute_kde_t(values, grid)  # [curves * layer, 300]
+        groups = [curves] if len({measures[name].shape[-1] for name in curves}) == 1 else [(name,) for name in curves]
+        for group in groups:  # equal lengths: one kernel sum for both
+            kde = compute_kde_t(torch.cat([measures[name] for name in group]), grid)  # [curves * layer, 300]
             for c, name in enumerate(group):
-                out["kde_" + name] = kde[c * len(layers):(c + 1) * len(layers)]  # [layer, 300]
+                out["kde_" + name] = kde[c * n_layers:(c + 1) * n_layers]  # [layer, 300]
     return out
 
 
@@ -435,5 +438,6 @@ def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[st
     readouts as patterns.reduce_pattern gives them; the dot products' query and keys: compared_keys's
     `query_position`, `causal` and `skip`."""
     out = compute_qk_measures_t(q, k, exclude_first_token, query_position, causal=causal, skip=skip)
-    spread = compute_spread_measures_t([{**out, **readouts}], q.shape[1])  # {name: [1, ...]}
+    spread = compute_spread_measures_t({name: t[None] for name, t in {**out, **readouts}.items()},
+                                       q.shape[1])  # {name: [1, ...]}
     return {**out, **{name: values[0] for name, values in spread.items()}}

@@ -29,11 +29,11 @@ TEMPORARIES = 3  # [head, rows, T] float32 tensors alive at once in a block: the
 class PatternReduction:
     """Device tensors, except `pattern` (host numpy, only when kept)."""
 
-    parts: torch.Tensor  # [head, 4, 4] float64: head_scores.compute_score_parts's detection sums
-    fixed: torch.Tensor  # [head, 3] float64: sink, self, entropy
-    readouts: dict[str, torch.Tensor] | None  # metrics.compute_attention_summaries's fields, flattened
-    parity: torch.Tensor | None  # 0-d float32: max abs error against the model's weights or output
-    pattern: np.ndarray | None  # [head, q_pos, k_pos] float32
+    parts: torch.Tensor  # [layer, head, 4, 4] float64: head_scores.compute_score_parts's detection sums
+    fixed: torch.Tensor  # [layer, head, 3] float64: sink, self, entropy
+    readouts: dict[str, torch.Tensor] | None  # [layer, ...]: metrics.compute_attention_summaries's fields
+    parity: torch.Tensor | None  # [layer] float32: max abs error against the model's weights or output
+    pattern: np.ndarray | None  # [layer, head, q_pos, k_pos] float32
 
 
 def rows_per_block(n_heads: int, n: int, budget: int) -> int:
@@ -46,17 +46,24 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
                    query_position: int = -1, weights: torch.Tensor | None = None, value: torch.Tensor | None = None,
                    output: torch.Tensor | None = None, keep: bool = False, rebuild=compute_pattern,
                    causal: bool = True, skip=None) -> PatternReduction:
-    """q [head, T, d_head], k [kv_head, T, d_head] as the model used them, mask [1, T, T] (additive or bool).
+    """q [layer, head, T, d_head], k [layer, kv_head, T, d_head] as the model used them: one or more layers that
+    share the mask [1, T, T] (additive or bool), scaling and softcap, reduced together (every operation once for
+    all of them; a block of query rows holds every head of every layer).
 
-    Parity against `weights` [head, T, T] (eager) if given, else `value` [kv_head, T, d_v] and the kernel's
-    `output` [head, T, d_v]; neither: no parity. Everything is float32 from the model's q and k, whatever its
-    dtype; sums over rows are float64 as in head_scores.compute_score_parts. `rebuild`: metrics.compute_pattern.
-    The read-outs and the head scores' sums come from this one float32 rebuild, whatever the model's dtype.
-    "final_to_prev" is row `query_position` at metrics.query_keys(causal=, skip=): earlier keys, or every other.
+    Parity against `weights` [layer, head, T, T] (eager) if given, else `value` [layer, kv_head, T, d_v] and the
+    kernel's `output` [layer, head, T, d_v]; neither: no parity. Everything is float32 from the model's q and k,
+    whatever its dtype; sums over rows are float64 as in head_scores.compute_score_parts. `rebuild`:
+    metrics.compute_pattern. The read-outs and the head scores' sums come from this one float32 rebuild, whatever
+    the model's dtype. "final_to_prev" is row `query_position` at metrics.query_keys(causal=, skip=): earlier
+    keys, or every other. Every result has the leading [layer] dimension.
     """
-    q, k = q.float(), k.float()  # [head, T, d_head], [kv_head, T, d_head]
+    n_layers, layer_heads = q.shape[0], q.shape[1]
+    q, k = q.flatten(0, 1).float(), k.flatten(0, 1).float()  # [layer * head, T, d_head], [layer * kv_head, ...]
+    weights = None if weights is None else weights.flatten(0, 1)  # [layer * head, T, T]
+    value = None if value is None else value.flatten(0, 1)  # [layer * kv_head, T, d_v]
+    output = None if output is None else output.flatten(0, 1)  # [layer * head, T, d_v]
     n_heads, n, n_kv = q.shape[0], q.shape[1], k.shape[0]
-    rep = n_heads // n_kv
+    rep = n_heads // n_kv  # both stacks are layer-major, so key head j still serves query heads j * rep .. + rep - 1
     v = value.float() if value is not None and weights is None else None  # [kv_head, T, d_v]
     rows = rows_per_block(n_heads, n, budget)
     if causal and mask is not None and q.device.type == "cpu" and n > 2 * CAUSAL_ROWS[1]:
@@ -65,7 +72,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     f64 = {"dtype": torch.float64, "device": q.device}
     numerators = None  # [head, 3 * 4]: accumulated over the blocks (no zeros to start from: one launch less)
     total = None  # [head]: sum of every entry
-    parity = None  # 0-d float32, where there is something to compare with
+    parity = None  # [layer] float32, where there is something to compare with
     first_key, diagonal, entropy, final_row = [], [], [], None  # blocks of [head, rows] float32
     kept = np.empty((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
     for start in range(0, n, rows):
@@ -90,15 +97,17 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
             final_row = pattern[:, p_query - start].clone()  # [head, width]: every key query_keys can name
         if weights is not None:
             difference = torch.sub(pattern, weights[:, start:stop, :width], out=shifted)  # [head, rows, width]
-            low, high = torch.aminmax(difference)  # 0-d each: one pass instead of abs and max
-            found = torch.maximum(high, low.neg())  # 0-d
+            difference = difference.view(n_layers, -1)  # [layer, head * rows * width]
+            found = torch.maximum(difference.amax(dim=-1), difference.amin(dim=-1).neg_())  # [layer]: no abs pass
+            # (aminmax over a dim is 20x slower than amax and amin on the CPU)
             if width < n:  # the model's own weights past the causal edge must be 0 too
-                found = torch.maximum(found, weights[:, start:stop, width:].abs().amax().float())  # 0-d
+                beyond = weights[:, start:stop, width:].abs().amax(dim=(-2, -1)).view(n_layers, -1)  # [layer, head]
+                found = torch.maximum(found, beyond.amax(dim=-1).float())  # [layer]
             parity = found if parity is None else torch.maximum(parity, found)
         elif v is not None:
             mixed = pattern.view(n_kv, rep * (stop - start), width) @ v[:, :width]  # [g, r*rows, w] @ [g, w, d_v]
             mixed = mixed.view(n_heads, stop - start, -1)  # [head, rows, d_v]
-            found = (mixed - output[:, start:stop].float()).abs_().max()  # 0-d
+            found = (mixed - output[:, start:stop].float()).abs_().view(n_layers, -1).amax(dim=-1)  # [layer]
             parity = found if parity is None else torch.maximum(parity, found)
         if kept is not None:
             kept[:, start:stop, :width] = pattern.cpu().numpy()
@@ -124,12 +133,15 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         if not isinstance(keys, slice):
             keys = torch.as_tensor(keys, device=q.device)  # [k_pos] index
         out = {
-            "final_to_prev": final_row[:, keys].reshape(-1),  # [head * keys]: query P to its earlier (or other) keys
-            "self_attention": diagonal[:, 1:].reshape(-1),  # [head * (T-1)]
-            "first_self": diagonal[:, 0],  # [head]
-            "sink_mass": fixed[:, 0] if n > 1 else first_key.new_empty(0, dtype=torch.float64),  # [head]
+            "final_to_prev": final_row[:, keys].reshape(n_layers, -1),  # [layer, head * keys]: query P to its keys
+            "self_attention": diagonal[:, 1:].reshape(n_layers, -1),  # [layer, head * (T-1)]
+            "first_self": diagonal[:, 0].view(n_layers, -1),  # [layer, head]
+            "sink_mass": fixed[:, 0].view(n_layers, -1) if n > 1 else first_key.new_empty(
+                (n_layers, 0), dtype=torch.float64),  # [layer, head] ([layer, 0] for one token)
         }
-    return PatternReduction(parts=parts, fixed=fixed, readouts=out, parity=parity, pattern=kept)
+    return PatternReduction(parts=parts.view(n_layers, layer_heads, *parts.shape[1:]),
+                            fixed=fixed.view(n_layers, layer_heads, -1), readouts=out, parity=parity,
+                            pattern=None if kept is None else kept.reshape(n_layers, layer_heads, n, n))
 
 
 def to_host(tensors: dict) -> dict[object, np.ndarray]:

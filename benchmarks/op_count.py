@@ -8,9 +8,10 @@ Builds the GPT-2-small shape (12 layers, 12 heads) and the Llama shape of bench_
 heads, 8 key heads) with the same layer and head counts but 8-wide heads (the operation count does not depend on
 the widths), runs `analyze_ids` on every layer with the route a GPU runs (sdpa; the KDE and the Mann-Whitney
 ranks in torch, metrics.NUMPY_ON_CPU off) and counts, with a TorchDispatchMode, the operations inside the
-recorder: `record` (in the pass, once per layer: the pattern rebuilt and reduced in blocks of query rows, the
-q/k statistics and dot products) and `flush` (after the pass: every layer's Mann-Whitney parts and KDEs in
-batched operations, then one copy to the host). It also counts the copies to the host (calls of
+recorder: `measure` (`record`, once per layer in the pass, and `measure_group`, once per group of layers that
+capture.GROUP_BUDGET stacks: the pattern rebuilt and reduced in blocks of query rows, the q/k statistics and dot
+products) and `flush` (after the pass: every layer's Mann-Whitney parts and KDEs in batched operations, then one
+copy to the host). It also counts the copies to the host (calls of
 patterns.to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder) and the device syncs of `.item()`.
 tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to the bounds stated there.
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"gpt2-small": (12, 12, 12), "llama-0.7b": (16, 32, 8)}  # layers, query heads, key heads
 D_HEAD = 8
+REAL_D_HEAD = 64  # both shapes' head width: capture.GROUP_BUDGET counts q, k, v and output bytes, which scale with it
 
 
 def build_small(shape: str, n_layers: int | None = None):
@@ -62,12 +64,14 @@ def build_small(shape: str, n_layers: int | None = None):
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
-def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bool = False) -> dict:
-    """{"record": operations in the pass, "flush": after it, "record_launches"/"flush_launches": those that are not
-    views (kernels on a GPU), "to_host": calls of patterns.to_host, "host_calls": {Tensor method: calls} of cpu,
-    numpy, tolist and item (copies to the host or syncs), "syncs": aten.item dispatches, "layers": n} of one
-    analyze_ids(loaded, ids) on every layer, patterns not kept, with a GPU's block sizes (capture.WORK_BUDGET,
-    metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS) and every layer measured in the pass (no capture.DEFER_BUDGET)."""
+def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bool = False,
+                          group_budget: int | None = None) -> dict:
+    """{"measure": operations measuring the layers, "flush": after the pass, "measure_launches"/"flush_launches":
+    those that are not views (kernels on a GPU), "groups": layer groups measured, "to_host": calls of
+    patterns.to_host, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
+    syncs), "syncs": aten.item dispatches, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not
+    kept, with a GPU's sizes (capture.WORK_BUDGET, capture.GROUP_BUDGET, metrics.KDE_CHUNK, no
+    patterns.CAUSAL_ROWS). `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group)."""
     import importlib
 
     import torch
@@ -75,6 +79,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
 
     capture, metrics, pipeline = (importlib.import_module(f"analysis.{name}")  # the modules, not analysis.capture()
                                   for name in ("capture", "metrics", "pipeline"))
+    pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)  # warm-up: per-shape caches filled
 
     class Count(TorchDispatchMode):
         def __init__(self, phase: str):
@@ -88,14 +93,16 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
                 launches[self.phase][name] += 1
             return func(*args, **(kwargs or {}))
 
-    phases = {"record": Counter(), "flush": Counter()}
-    launches = {"record": Counter(), "flush": Counter()}  # the operations that are not views: kernels on a GPU
-    copies = [0]
-    originals = {name: getattr(capture._Recorder, name) for name in phases}
+    phases = {"measure": Counter(), "flush": Counter()}
+    launches = {"measure": Counter(), "flush": Counter()}  # the operations that are not views: kernels on a GPU
+    copies, groups = [0], [0]
+    methods = {"record": "measure", "measure_groups": "measure", "measure_group": "measure",
+               "flush": "flush"}  # recorder method -> phase
+    originals = {name: getattr(capture._Recorder, name) for name in methods}
     original_to_host, original_numpy = capture.to_host, metrics.NUMPY_ON_CPU
-    budgets = dict(capture.WORK_BUDGET)
+    budgets = {name: dict(getattr(capture, name)) for name in ("WORK_BUDGET", "GROUP_BUDGET", "HOLD_BUDGET")}
     patterns = importlib.import_module("analysis.patterns")
-    cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, capture.DEFER_BUDGET
+    cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS
 
     host_calls: Counter = Counter()  # Tensor.cpu/numpy/tolist/item inside the measurement: each a copy or a sync
     active = [False]
@@ -103,9 +110,12 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
 
     def counted(name):
         def method(self, *args, **kwargs):
+            groups[0] += name == "measure_group"
+            if active[0]:  # called by another counted method: counted there
+                return originals[name](self, *args, **kwargs)
             active[0] = True
             try:
-                with Count(name):
+                with Count(methods[name]):
                     return originals[name](self, *args, **kwargs)
             finally:
                 active[0] = False
@@ -123,16 +133,18 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         return method
 
     try:
-        for name in phases:
+        for name in methods:
             setattr(capture._Recorder, name, counted(name))
         for name in host_methods:
             setattr(torch.Tensor, name, watched(name))
         capture.to_host = to_host
         metrics.NUMPY_ON_CPU = numpy_on_cpu
         capture.WORK_BUDGET["cpu"] = capture.WORK_BUDGET["cuda"]  # the blocks of query rows a GPU would take,
+        capture.GROUP_BUDGET["cpu"] = group_budget or (  # its layer groups (of 64-wide heads: the real shapes'),
+            capture.GROUP_BUDGET["cuda"] * D_HEAD // REAL_D_HEAD)
+        capture.HOLD_BUDGET["cpu"] = capture.HOLD_BUDGET["cuda"]  # measured as they close,
         metrics.KDE_CHUNK = 2**17  # its KDE blocks,
-        patterns.CAUSAL_ROWS = (2**30, 2**30)  # no short causal blocks (a CPU's),
-        capture.DEFER_BUDGET = 0  # and every layer measured in the pass, as on a GPU
+        patterns.CAUSAL_ROWS = (2**30, 2**30)  # and no short causal blocks (a CPU's)
         pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)
     finally:
         for name, method in originals.items():
@@ -140,12 +152,14 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         for name, method in host_methods.items():
             setattr(torch.Tensor, name, method)
         capture.to_host, metrics.NUMPY_ON_CPU = original_to_host, original_numpy
-        capture.WORK_BUDGET.update(budgets)
-        metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, capture.DEFER_BUDGET = cpu_sizes
+        for name, values in budgets.items():
+            getattr(capture, name).update(values)
+        metrics.KDE_CHUNK, patterns.CAUSAL_ROWS = cpu_sizes
     syncs = sum(counter[name] for counter in phases.values() for name in ("aten.item", "aten._local_scalar_dense"))
     return {**{name: sum(counter.values()) for name, counter in phases.items()},
             **{f"{name}_launches": sum(counter.values()) for name, counter in launches.items()},
-            "to_host": copies[0], "host_calls": dict(host_calls), "syncs": syncs, "layers": loaded.info.n_layers}
+            "groups": groups[0], "to_host": copies[0], "host_calls": dict(host_calls), "syncs": syncs,
+            "layers": loaded.info.n_layers}
 
 
 def main(argv=None) -> None:
@@ -158,9 +172,10 @@ def main(argv=None) -> None:
         loaded = build_small(shape)
         for n in args.tokens:
             ids = np.random.default_rng(0).integers(3, len(loaded.tokenizer), n)  # [pos]
-            found = count_measurement_ops(loaded, ids)
-            found["record_launches_per_layer"] = round(found["record_launches"] / found["layers"], 1)
-            print(json.dumps({"shape": shape, "tokens": n, **found}), flush=True)
+            for budget in (None, 1):  # a GPU's layer groups; one layer a group
+                found = count_measurement_ops(loaded, ids, group_budget=budget)
+                found["measure_launches_per_layer"] = round(found["measure_launches"] / found["layers"], 1)
+                print(json.dumps({"shape": shape, "tokens": n, **found}), flush=True)
 
 
 if __name__ == "__main__":

@@ -183,23 +183,55 @@ def test_pattern_reduction_in_blocks_of_one_row_equals_one_block():
     output = full @ v.repeat_interleave(N_HEADS // N_KV_HEADS, dim=0)  # [h, q, k] @ [h, k, d_v] -> [h, q, d_v]
     plan = ScorePlan.build(rng.integers(0, 4, n))
     assert rows_per_block(N_HEADS, n, budget=1) == 1 and rows_per_block(N_HEADS, n, budget=2**30) == n
-    one = reduce_pattern(q, k, 0.5, mask, None, plan, budget=1, value=v, output=output, keep=True)
-    whole = reduce_pattern(q, k, 0.5, mask, None, plan, budget=2**30, weights=full, keep=True)
+    one = reduce_pattern(q[None], k[None], 0.5, mask, None, plan, budget=1, value=v[None], output=output[None],
+                         keep=True)  # a stack of one layer
+    whole = reduce_pattern(q[None], k[None], 0.5, mask, None, plan, budget=2**30, weights=full[None], keep=True)
     parts, fixed = compute_score_parts(full, plan)
     for reduced in (one, whole):
-        np.testing.assert_allclose(reduced.parts.numpy(), parts.numpy(), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(reduced.fixed.numpy(), fixed.numpy(), rtol=1e-6)
-        np.testing.assert_allclose(reduced.pattern, full.numpy(), atol=1e-7)
+        np.testing.assert_allclose(reduced.parts[0].numpy(), parts.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(reduced.fixed[0].numpy(), fixed.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(reduced.pattern[0], full.numpy(), atol=1e-7)
         summaries = compute_attention_summaries(full.numpy())
         for name, values in summaries.items():
-            np.testing.assert_allclose(reduced.readouts[name].numpy(), values, atol=1e-7)
-        assert float(reduced.parity) <= 1e-6
-    wrong = reduce_pattern(q, k, 0.6, mask, None, plan, budget=1, value=v, output=output)  # not the model's scale
-    assert float(wrong.parity) > 1e-3  # parity through the output notices a rebuild that is not the model's
+            np.testing.assert_allclose(reduced.readouts[name][0].numpy(), values, atol=1e-7)
+        assert float(reduced.parity[0]) <= 1e-6
+    wrong = reduce_pattern(q[None], k[None], 0.6, mask, None, plan, budget=1, value=v[None],
+                           output=output[None])  # not the model's scale
+    assert float(wrong.parity[0]) > 1e-3  # parity through the output notices a rebuild that is not the model's
     leaky = full.clone()  # [head, q_pos, k_pos]: a model that attended past the causal edge
     leaky[:, 0, -1] = 0.1
-    assert float(reduce_pattern(q, k, 0.5, mask, None, plan, budget=1, weights=leaky).parity) >= 0.1  # rows stop
+    leaked = reduce_pattern(q[None], k[None], 0.5, mask, None, plan, budget=1, weights=leaky[None])
+    assert float(leaked.parity[0]) >= 0.1  # rows stop
     # at the causal edge (keys 0..stop-1 rebuilt), yet the model's weights beyond it are checked
+
+
+def test_stacked_layers_reduce_as_each_alone_and_parity_names_the_layer():
+    """Layers reduced as one [layer, ...] stack (capture's groups) give each layer's numbers alone, and parity is per
+    layer: the model's weights wrong on one layer fail that layer only."""
+    from analysis.head_scores import ScorePlan
+    from analysis.patterns import reduce_pattern
+
+    rng = np.random.default_rng(6)
+    n, n_layers = 7, 3
+    q = torch.from_numpy(rng.normal(size=(n_layers, N_HEADS, n, D_HEAD)).astype(np.float32))  # [l, h, pos, d]
+    k = torch.from_numpy(rng.normal(size=(n_layers, N_KV_HEADS, n, D_HEAD)).astype(np.float32))  # [l, g, pos, d]
+    mask = torch.ones(1, n, n, dtype=torch.bool).tril()  # [1, q_pos, k_pos]
+    weights = torch.stack([compute_pattern(q[i], k[i], 0.5, mask) for i in range(n_layers)])  # [l, h, q_pos, k_pos]
+    plan = ScorePlan.build(rng.integers(0, 4, n))
+    wrong = weights.clone()
+    wrong[1, 2, 4, 1] += 0.01  # layer 1, head 2, query 4, key 1
+    for budget in (1, 2**30):  # one query row a block; one block
+        stacked = reduce_pattern(q, k, 0.5, mask, None, plan, budget, weights=wrong, query_position=5, keep=True)
+        for i in range(n_layers):
+            alone = reduce_pattern(q[i:i + 1], k[i:i + 1], 0.5, mask, None, plan, budget, weights=weights[i:i + 1],
+                                   query_position=5, keep=True)
+            np.testing.assert_allclose(stacked.parts[i].numpy(), alone.parts[0].numpy(), rtol=1e-12)
+            np.testing.assert_allclose(stacked.fixed[i].numpy(), alone.fixed[0].numpy(), rtol=1e-12)
+            np.testing.assert_array_equal(stacked.pattern[i], alone.pattern[0])
+            for name, values in alone.readouts.items():
+                np.testing.assert_allclose(stacked.readouts[name][i].numpy(), values[0].numpy(), rtol=1e-12)
+        assert stacked.parity[1] == pytest.approx(0.01, rel=1e-3)
+        assert stacked.parity[0] <= 1e-6 and stacked.parity[2] <= 1e-6
 
 
 def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():

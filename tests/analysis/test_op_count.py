@@ -1,31 +1,40 @@
-"""The measurement's launch count, a deterministic proxy for a GPU's overhead (benchmarks/op_count.py): the work
-after the pass is batched over layers, so it does not grow with them, the pass adds a bounded number of
-operations per layer, and the numbers reach the host in one copy with no device sync."""
+"""The measurement's launch count, a deterministic proxy for a GPU's overhead (benchmarks/op_count.py): layers that
+fit one group (capture.GROUP_BUDGET) are measured by one set of operations whatever their number, one layer a group
+adds a bounded number, the work after the pass is batched over layers, and the numbers reach the host in one copy
+with no device sync."""
 
 import numpy as np
 import pytest
 
 from benchmarks.op_count import build_small, count_measurement_ops
 
-# Operations that are not views (kernels on a GPU) per layer in the pass on the GPU route, one block of query rows:
-# the rebuild and its reductions (~30), the head stats and the dot products (~13). Counted 43 on this stack.
-RECORD_LAUNCHES_PER_LAYER = 50
+# Operations that are not views (kernels on a GPU) per layer when each layer is a group of its own, one block of
+# query rows: the rebuild and its reductions (~30), the head stats and the dot products (~13). Counted 43.
+LAUNCHES_PER_LAYER_ALONE = 50
 
 
 @pytest.fixture(scope="module")
 def counts():
     ids = np.random.default_rng(0).integers(3, 400, 24)  # [pos]
-    return {n: count_measurement_ops(build_small("gpt2-small", n), ids) for n in (2, 4)}
+    return {(n, budget): count_measurement_ops(build_small("gpt2-small", n), ids, group_budget=budget)
+            for n in (2, 4) for budget in (None, 1)}  # a GPU's groups; one layer a group
 
 
 def test_the_work_after_the_pass_does_not_grow_with_layers(counts):
-    assert counts[2]["flush_launches"] == counts[4]["flush_launches"]
-    assert counts[2]["flush_launches"] > 10  # it did count: the batched sort, KDE and copy
+    assert counts[2, None]["flush_launches"] == counts[4, None]["flush_launches"]
+    assert counts[2, None]["flush_launches"] > 10  # it did count: the batched sort, KDE and copy
 
 
-def test_the_pass_adds_a_bounded_number_of_launches_per_layer(counts):
-    per_layer = (counts[4]["record_launches"] - counts[2]["record_launches"]) / 2
-    assert 20 <= per_layer <= RECORD_LAUNCHES_PER_LAYER
+def test_a_group_of_layers_is_measured_by_one_set_of_launches(counts):
+    assert counts[2, None]["groups"] == counts[4, None]["groups"] == 1
+    assert counts[2, None]["measure_launches"] == counts[4, None]["measure_launches"]
+    assert counts[4, None]["measure_launches"] < counts[4, 1]["measure_launches"] / 3
+
+
+def test_one_layer_a_group_adds_a_bounded_number_of_launches_per_layer(counts):
+    assert counts[2, 1]["groups"] == 2 and counts[4, 1]["groups"] == 4
+    per_layer = (counts[4, 1]["measure_launches"] - counts[2, 1]["measure_launches"]) / 2
+    assert 20 <= per_layer <= LAUNCHES_PER_LAYER_ALONE
 
 
 def test_one_copy_to_the_host_and_no_device_sync(counts):
@@ -47,7 +56,8 @@ def test_flushing_after_every_layer_gives_the_numbers_of_one_flush(monkeypatch):
     ids = np.random.default_rng(1).integers(3, 400, 20)  # [pos]
     monkeypatch.setattr(metrics, "NUMPY_ON_CPU", False)  # the batched torch route a GPU runs
     once = analyze_ids(loaded, ids, attention="sdpa")
-    monkeypatch.setitem(capture.PENDING_BUDGET, "cpu", 1)  # flush after every layer
+    monkeypatch.setitem(capture.PENDING_BUDGET, "cpu", 1)  # flush after every group,
+    monkeypatch.setitem(capture.GROUP_BUDGET, "cpu", 1)  # of one layer each
     flushes = []
     real = capture._Recorder.flush
     monkeypatch.setattr(capture._Recorder, "flush", lambda self: flushes.append(1) or real(self))

@@ -43,7 +43,9 @@ def bundled():
 
 
 def wrong_scaling(monkeypatch, calls: set[int] | None = None) -> None:
-    """headscope rebuilds the pattern with twice the model's scaling, on the given calls (0-based; None: all)."""
+    """headscope rebuilds the pattern with twice the model's scaling, on the given calls (0-based; None: all): one
+    call per analysed layer, each its own group (capture.GROUP_BUDGET of 1 byte) of one block of query rows."""
+    monkeypatch.setitem(capture_module.GROUP_BUDGET, "cpu", 1)
     real = capture_module.compute_pattern
     count = iter(range(10**6))
 
