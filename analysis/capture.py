@@ -224,13 +224,15 @@ class _Recorder:
             parts = [entry[index][where] for entry in entries]
             return parts[0][None] if len(parts) == 1 else torch.stack(parts)
 
+        if self.keep_qk:  # one copy to the host for every text of the batch: [layer, batch, head, pos, d_head]
+            host_q, host_k = (stacked(index, ()).float().cpu().numpy() for index in (1, 2))
         for text in self.texts:
             b, positions = text.index, slice(*text.span)
             q = stacked(1, (b, slice(None), positions))  # [layer, head, pos, d_head]
             k = stacked(2, (b, slice(None), positions))  # [layer, kv_head, pos, d_head]
-            if self.keep_qk:  # detached from the model's memory: copies
-                text.q.extend(q.float().cpu().numpy().copy())  # per layer [head, pos, d_head]
-                text.k.extend(k.float().cpu().numpy().copy())  # per layer [kv_head, pos, d_head]
+            if self.keep_qk:  # copies of the text's own positions, apart from the batch and the model's memory
+                text.q.extend(np.array(x) for x in host_q[:, b, :, positions])  # per layer [head, pos, d_head]
+                text.k.extend(np.array(x) for x in host_k[:, b, :, positions])  # per layer [kv_head, pos, d_head]
             mask = None
             if attention_mask is not None:
                 row = attention_mask[b if attention_mask.shape[0] > 1 else 0]  # [1, q_pos, k_pos]
