@@ -51,7 +51,7 @@ BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTI
 # (the CPU's memory is the host's).
 PENDING_BUDGET = {"cpu": None, "cuda": WORK_BUDGET["cuda"] // 6}
 # Consecutive layers that share a mask, scaling and shapes are measured as one group while their float32 q, k
-# (repeated to the query heads), v and output and their eager weights fit these bytes together: stacked along a
+# (repeated to the query heads), v and output and their eager weights fit these bytes per text: stacked along a
 # layer dimension, one set of operations for all of them (patterns.reduce_pattern, metrics.compute_qk_measures_t),
 # so the launches and the Python overhead per layer shrink with the group's size (a GPU's forward is launch-bound
 # below a few thousand tokens). On the Llama shape of the benchmarks that is 4 layers at 1024 tokens and 1 at 4096,
@@ -192,8 +192,9 @@ class _Recorder:
         keep = wanted and (self.keep_layers is None or layer in self.keep_layers)
         shares = (id(attention_mask), scaling, softcap, weights is None, tuple(query.shape), tuple(key.shape),
                   tuple(value.shape), query.dtype, wanted, keep)
-        size = 4 * (2 * query.numel() + value.numel() + output.numel()) + (
-            0 if weights is None else weights.numel() * weights.element_size())  # float32 q, repeated k, v, output
+        size = (4 * (2 * query.numel() + value.numel() + output.numel()) + (  # float32 q, repeated k, v, output
+            0 if weights is None else weights.numel() * weights.element_size())) // query.shape[0]  # per text: the
+        # groups, and so each text's blocks of query rows and its sums' rounding, never depend on its batch
         kind = "cuda" if query.device.type == "cuda" else "cpu"
         group = self.groups[-1] if self.groups else None
         if group is None or group.shares != shares or group.bytes + size > GROUP_BUDGET[kind]:
@@ -224,15 +225,16 @@ class _Recorder:
             parts = [entry[index][where] for entry in entries]
             return parts[0][None] if len(parts) == 1 else torch.stack(parts)
 
-        if self.keep_qk:  # one copy to the host for every text of the batch: [layer, batch, head, pos, d_head]
-            host_q, host_k = (stacked(index, ()).float().cpu().numpy() for index in (1, 2))
+        if self.keep_qk:  # a copy to the host per layer for every text of the batch, in the model's dtype
+            host_q = [entry[1].cpu().float().numpy() for entry in entries]  # per layer [batch, head, pos, d_head]
+            host_k = [entry[2].cpu().float().numpy() for entry in entries]  # per layer [batch, kv_head, pos, d_head]
         for text in self.texts:
             b, positions = text.index, slice(*text.span)
             q = stacked(1, (b, slice(None), positions))  # [layer, head, pos, d_head]
             k = stacked(2, (b, slice(None), positions))  # [layer, kv_head, pos, d_head]
             if self.keep_qk:  # copies of the text's own positions, apart from the batch and the model's memory
-                text.q.extend(np.array(x) for x in host_q[:, b, :, positions])  # per layer [head, pos, d_head]
-                text.k.extend(np.array(x) for x in host_k[:, b, :, positions])  # per layer [kv_head, pos, d_head]
+                text.q.extend(np.array(x[b, :, positions]) for x in host_q)  # per layer [head, pos, d_head]
+                text.k.extend(np.array(x[b, :, positions]) for x in host_k)  # per layer [kv_head, pos, d_head]
             mask = None
             if attention_mask is not None:
                 row = attention_mask[b if attention_mask.shape[0] > 1 else 0]  # [1, q_pos, k_pos]
