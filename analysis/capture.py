@@ -157,7 +157,7 @@ class _Group:
     wanted: bool  # read-outs, parity and q/k measurements (a pattern layer), or the head scores' sums only
     keep: bool  # the T x T patterns kept
     layers: list[tuple] = field(default_factory=list)  # (layer, query, key, value, weights, output)
-    bytes: int = 0
+    bytes: int = 0  # per text (GROUP_BUDGET's measure)
 
 
 @dataclass
@@ -174,7 +174,7 @@ class _Recorder:
     causal: bool = True  # the query's keys: earlier ones (causal) or every other one
     pending: int = 0  # bytes of device tensors waiting for the host
     groups: list[_Group] = field(default_factory=list)  # closed, then the open one: waiting to be measured
-    held: int = 0  # their bytes (GROUP_BUDGET's measure)
+    held: int = 0  # their bytes, every text of the batch (GROUP_BUDGET's measure)
 
     def fused(self, query: torch.Tensor) -> bool:
         """Whether this layer runs the fused sdpa kernel; query [batch, head, T, d_head]."""
@@ -192,18 +192,19 @@ class _Recorder:
         keep = wanted and (self.keep_layers is None or layer in self.keep_layers)
         shares = (id(attention_mask), scaling, softcap, weights is None, tuple(query.shape), tuple(key.shape),
                   tuple(value.shape), query.dtype, wanted, keep)
-        size = (4 * (2 * query.numel() + value.numel() + output.numel()) + (  # float32 q, repeated k, v, output
-            0 if weights is None else weights.numel() * weights.element_size())) // query.shape[0]  # per text: the
-        # groups, and so each text's blocks of query rows and its sums' rounding, never depend on its batch
+        size = 4 * (2 * query.numel() + value.numel() + output.numel()) + (  # float32 q, repeated k, v, output
+            0 if weights is None else weights.numel() * weights.element_size())
+        per_text = size // query.shape[0]  # what groups count: so each text's groups, blocks of query rows and sums'
+        # rounding never depend on its batch
         kind = "cuda" if query.device.type == "cuda" else "cpu"
         group = self.groups[-1] if self.groups else None
-        if group is None or group.shares != shares or group.bytes + size > GROUP_BUDGET[kind]:
+        if group is None or group.shares != shares or group.bytes + per_text > GROUP_BUDGET[kind]:
             if self.held + size > HOLD_BUDGET[kind]:
                 self.measure_groups()
             group = _Group(shares, attention_mask, scaling, softcap, wanted, keep)
             self.groups.append(group)
         group.layers.append((layer, query, key, value, weights, output))
-        group.bytes += size
+        group.bytes += per_text
         self.held += size
 
     def measure_groups(self) -> None:
