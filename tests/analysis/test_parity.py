@@ -80,6 +80,35 @@ def test_true_parity_passes_and_a_wrong_scaling_fails_on_that_layer_alone(name, 
     assert broken.to_dict()["warnings"] == list(broken.warnings)
 
 
+def _leaves(value, path=""):
+    """(path, number) of every number in a results dict, in a fixed order."""
+    if isinstance(value, dict):
+        for key in sorted(value):
+            yield from _leaves(value[key], f"{path}/{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}/{i}")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield path, float(value)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_layers_measured_as_one_stack_give_each_layers_own_numbers(name, request, monkeypatch):
+    """capture.GROUP_BUDGET only decides how many layers share one set of operations: one layer a group and every
+    layer in one group give the same result, parity per layer included."""
+    loaded = request.getfixturevalue(name)
+    monkeypatch.setitem(capture_module.GROUP_BUDGET, "cpu", 1)
+    alone = analyze(loaded, TEXT).to_dict()
+    monkeypatch.setitem(capture_module.GROUP_BUDGET, "cpu", 2**40)
+    monkeypatch.setitem(capture_module.HOLD_BUDGET, "cpu", 2**40)
+    stacked = analyze(loaded, TEXT).to_dict()
+    expected, found = list(_leaves(alone)), list(_leaves(stacked))
+    assert [path for path, _ in found] == [path for path, _ in expected]
+    assert len(expected) > 1000  # every layer's numbers, not an empty result
+    for (path, want), (_, got) in zip(expected, found):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6, nan_ok=True), path
+
+
 def test_cli_report_and_json_say_so(gpt2_path, tmp_path, capsys, monkeypatch):
     wrong_scaling(monkeypatch, calls={1})  # layers 2 and 5: the second one, 5, fails
     out, page_path = tmp_path / "out.json", tmp_path / "out.html"
