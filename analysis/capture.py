@@ -6,10 +6,11 @@ sdpa cannot reproduce it: soft-capping) and records the query, key and value it 
 post-QK-norm, K at its own key-head count). For every layer it rebuilds softmax(q k^T * scaling + mask) from
 those q and k a block of query rows at a time (analysis.patterns) and reduces it on the device to the read-outs,
 the head scores' sums and the parity figure (the rebuild against what the model's own kernel returned), so only
-per-head numbers and the bounded samples the charts draw cross to the host. In measuring mode (analyze) the
-q/k measurements run in the pass too, the rest (Mann-Whitney ranks, KDEs) for all layers at once after it
-(_Recorder.flush), and q and k never leave the device; `capture` keeps them (numpy) so the app can change
-layers without a model call.
+per-head numbers and the bounded samples the charts draw cross to the host. Consecutive layers that share a mask
+and shapes are reduced as one stack (GROUP_BUDGET), one set of operations for all of them. In measuring mode
+(analyze) the q/k measurements run with them, the rest (Mann-Whitney ranks, KDEs) for all layers at once after
+the pass (_Recorder.flush), and q and k never leave the device; `capture` keeps them (numpy) so the app can
+change layers without a model call.
 
 Several texts run as one padded batch (the tokenizer's padding side, the attention mask respected); each text
 is measured on its own positions only, so its numbers equal its single-text run.

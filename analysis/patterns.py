@@ -1,5 +1,7 @@
-"""One layer's attention pattern, rebuilt from its q, k and mask a block of query rows at a time, and reduced on
-the device to what the measurements read: the read-outs, the head scores' sums and the parity figure.
+"""Attention patterns, rebuilt from q, k and the mask a block of query rows at a time, and reduced on the device to
+what the measurements read: the read-outs, the head scores' sums and the parity figure. One call reduces one layer
+or a stack of layers that share a mask (analysis.capture's groups): inside, "head" runs over every layer's heads,
+layer-major.
 
 No [head, T, T] tensor of a whole layer is made unless the pattern is kept for the heatmaps: a block holds
 `rows_per_block` query rows of every head, sized to WORK_BUDGET (analysis.capture decides both budgets).
