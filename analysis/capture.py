@@ -64,6 +64,8 @@ GROUP_BUDGET = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
 # at once, so that its work overlaps the forward's next layers.
 HOLD_BUDGET = {"cpu": 32 * 2**20, "cuda": 0}
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
+QK_MEASURES = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "same_head_dp_centered",
+               "diff_head_dp_centered", "mannwhitney", "mannwhitney_centered")  # what Capture.measures can hold
 QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), so use 0..{last} (or -1..-{n} "
                "counting from the end).")
 QUERY_DEFAULTS = {True: "the final token (default for causal models)",
@@ -116,6 +118,9 @@ class Capture:
     score_fixed: np.ndarray | None = None  # every layer: [layer, head, 3] float64: sink, self, entropy
     query_position: int | None = None  # the absolute row P whose read-out `summaries` hold (None: the final one)
     key_skip: np.ndarray | None = None  # [pos] bool: keys left out of that read-out (None: none)
+    measures: dict[int, dict[str, np.ndarray]] | None = None  # measured passes: per layer, the q/k measurements
+    # (metrics.compute_qk_measures_t's names, "mannwhitney*" parts where the device ranked them)
+    exclude_first_token: bool | None = None  # what those measurements were taken with
 
 
 @dataclass
@@ -167,6 +172,7 @@ class _Recorder:
     pattern_layers: frozenset[int] | None  # None: every layer
     keep_qk: bool = True  # capture mode: q and k to the host
     measure: bool = False  # analyze mode: the q/k measurements in the pass, on the device
+    measure_all: bool = False  # and on every layer, not only the pattern layers (the corpus: no read-outs)
     exclude_first_token: bool = True
     query_position: int = -1
     attention: str = "auto"  # ATTENTION_ROUTES
@@ -260,10 +266,10 @@ class _Recorder:
                     found["parity"] = reduced.parity
                 if reduced.pattern is not None:
                     text.patterns.update(zip(layers, reduced.pattern))  # [head, q_pos, k_pos] each
-                if self.measure:
-                    found.update(compute_qk_measures_t(q, k, self.exclude_first_token, p, causal=self.causal,
-                                                       skip=text.skip))
-                    text.measured.append(layers)
+            if self.measure and (wanted or self.measure_all):
+                found.update(compute_qk_measures_t(q, k, self.exclude_first_token, p, causal=self.causal,
+                                                   skip=text.skip))
+                text.measured.append(layers)
             text.device.update({(layers, name): tensor for name, tensor in found.items()})
             self.pending += sum(tensor.numel() for tensor in found.values()) * 8  # bytes waiting for the host
         budget = PENDING_BUDGET["cuda" if device.type == "cuda" else "cpu"]
@@ -277,7 +283,8 @@ class _Recorder:
         for text in self.texts:
             if text.measured:
                 groups, text.measured = text.measured, []
-                measures = {name: _cat([text.device[group, name] for group in groups]) for name in SPREAD_INPUTS}
+                measures = {name: _cat([text.device[group, name] for group in groups]) for name in SPREAD_INPUTS
+                            if all((group, name) in text.device for group in groups)}  # read-outs: pattern layers
                 layers = tuple(layer for group in groups for layer in group)
                 spread = compute_spread_measures_t(measures, text.ids.size)  # {name: [layer, ...]}
                 text.device.update({(layers, name): tensor for name, tensor in spread.items()})
@@ -410,10 +417,13 @@ def capture_input(loaded, item: TextInput, pattern_layers=None, keep_patterns: b
     return to_capture(loaded, item, text)
 
 
-def to_capture(loaded, item: TextInput, text: _Text) -> Capture:
+def to_capture(loaded, item: TextInput, text: _Text, exclude_first_token: bool | None = None) -> Capture:
+    """`exclude_first_token`: what a measuring pass (run_pass's `measure`) took its q/k measurements with."""
     layers = sorted({layer for layer, _ in text.host})
     summaries = {layer: {name: text.host[layer, name] for name in READOUTS} for layer in layers
                  if (layer, "final_to_prev") in text.host}
+    measures = {layer: {name: text.host[layer, name] for name in QK_MEASURES if (layer, name) in text.host}
+                for layer in layers if (layer, "q_means") in text.host}
     return Capture(
         text=item.text,
         tokens=token_strings(loaded.tokenizer, item.ids),
@@ -428,6 +438,8 @@ def to_capture(loaded, item: TextInput, text: _Text) -> Capture:
         score_fixed=np.stack([text.host[layer, "fixed"] for layer in layers]),  # [layer, head, 3]
         query_position=text.query_position,
         key_skip=text.skip,
+        measures=measures or None,
+        exclude_first_token=exclude_first_token if measures else None,
     )
 
 
@@ -471,9 +483,11 @@ def pad_batch(loaded, items: list[TextInput], width: int | None = None) -> tuple
 def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns: bool | None = None,
              keep_qk: bool = False, measure: bool = False, exclude_first_token: bool = True,
              query_position: int = -1, attention: str = "auto", keep_layers=None, *,
-             queries: list | None = None, width: int | None = None) -> list[_Text]:
+             queries: list | None = None, width: int | None = None, measure_all: bool = False) -> list[_Text]:
     """One forward pass over `items` as a padded batch; what each text recorded, its numbers on the host.
 
+    `measure`: the q/k measurements (metrics.compute_qk_measures_t, and after the pass the Mann-Whitney parts and
+    the KDEs) on the device for the pattern layers, on every layer with `measure_all`.
     `keep_layers`: the pattern layers whose T x T patterns are kept when keep_patterns allows (None: all).
     `queries`: per text (absolute query position, [pos] bool keys to skip or None); None: `query_position` for
     every text, no keys skipped. The query's keys follow the model: earlier ones if causal, else every other.
@@ -491,7 +505,7 @@ def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns:
     recorder = _Recorder(texts, None if pattern_layers is None else frozenset(pattern_layers), keep_qk=keep_qk,
                          measure=measure, exclude_first_token=exclude_first_token, query_position=query_position,
                          attention=attention, keep_layers=None if keep_layers is None else frozenset(keep_layers),
-                         causal=bool(getattr(loaded.info, "causal", True)))
+                         causal=bool(getattr(loaded.info, "causal", True)), measure_all=measure_all)
     token = _RECORDER.set(recorder)
     try:
         with torch.inference_mode():

@@ -28,7 +28,14 @@ from analysis.errors import HeadscopeError
 from analysis.head_scores import compute_centered_dot_products, compute_mannwhitney
 from analysis.loading import LoadedModel
 from analysis.metrics import compute_dot_products, compute_head_stats, key_head_of
-from analysis.pipeline import BAD_BATCH_SIZE, BATCH_SIZE, OUT_OF_MEMORY, _is_out_of_memory, summarize
+from analysis.pipeline import (
+    BAD_BATCH_SIZE,
+    BATCH_SIZE,
+    OUT_OF_MEMORY,
+    _is_out_of_memory,
+    measured_mannwhitney,
+    summarize,
+)
 from analysis.results import HEAD_SCORE_NAMES, MODEL_KEYS, json_floats
 
 SCHEMA = "headscope.corpus/1"
@@ -40,6 +47,7 @@ QK_MEASURES = ("q_mean", "q_std", "k_mean", "k_std")
 CORPUS_MEASURES = HEAD_SCORE_NAMES + QK_MEASURES  # each [layer, head] per text
 LAYER_MEASURES = ("rank_biserial", "rank_biserial_centered")  # each [layer] per text
 NO_TEXTS = "{source} holds no texts."
+MEASURED_WITH = "These measurements were taken with exclude_first_token={got}, not {want}: capture them again."
 BAD_JSON = "line {number} is not a JSON object."
 NO_TEXT_FIELD = 'line {number} has no string "text" field.'
 NOT_UTF8_LINE = "line {number} is not UTF-8 text (bad byte at offset {offset} of the line)."
@@ -129,13 +137,15 @@ class TextRecord:
 
 def compute_text_values(captured, model: dict, exclude_first_token: bool = True, exclude_current_token: bool = False,
                         exclude_bos: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """One text's small numbers: ({CORPUS_MEASURES: [layer, head]}, {LAYER_MEASURES: [layer]}), NaN if undefined.
+    """One text's small numbers: ({CORPUS_MEASURES: [layer, head]}, {LAYER_MEASURES: [layer]}), NaN if undefined,
+    from a measured Capture's `measures` (capture_texts: computed on the model's device) or else its q and k (numpy;
+    the same numbers to float rounding).
 
     `k_mean`/`k_std` are those of the key head each query head reads (equal to the key head's own with
     grouped-query attention). The rank-biserial effect sizes are the same-vs-different-head comparison of the
     default query token's dot products (analysis.head_scores), raw and with each key head's mean key removed.
     """
-    n_layers, n_heads = len(captured.q), int(model["n_heads"])
+    n_layers, n_heads = len(captured.score_parts), int(model["n_heads"])
     causal = bool(model.get("causal", True))  # the default query token, as analyze_batch uses (capture resolved it)
     query = -1 if captured.query_position is None else captured.query_position
     scores = summarize(captured, model, [], exclude_first_token, exclude_current_token,
@@ -143,6 +153,19 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
     heads = {name: scores.get(name, np.full((n_layers, n_heads), np.nan)) for name in HEAD_SCORE_NAMES}
     qk = {name: np.full((n_layers, n_heads), np.nan) for name in QK_MEASURES}  # [layer, head] each
     layer_values = {name: np.full(n_layers, np.nan) for name in LAYER_MEASURES}  # [layer] each
+    if captured.measures:  # measured on the model's device in the pass (capture_texts)
+        if captured.exclude_first_token != exclude_first_token:
+            raise ValueError(MEASURED_WITH.format(got=captured.exclude_first_token, want=exclude_first_token))
+        for layer, found in captured.measures.items():
+            if found["q_means"].size:
+                groups = key_head_of(found["q_means"].size, found["k_means"].size)  # [head] -> kv_head
+                qk["q_mean"][layer], qk["q_std"][layer] = found["q_means"], found["q_stds"]
+                qk["k_mean"][layer], qk["k_std"][layer] = found["k_means"][groups], found["k_stds"][groups]
+            for name, suffix in zip(LAYER_MEASURES, ("", "_centered")):
+                _, r = measured_mannwhitney(found, "mannwhitney" + suffix, found["same_head_dp" + suffix],
+                                            found["diff_head_dp" + suffix])
+                layer_values[name][layer] = np.nan if r is None else r
+        return {**heads, **qk}, layer_values
     for layer, (q, k) in enumerate(zip(captured.q, captured.k)):
         groups = key_head_of(q.shape[0], k.shape[0])  # [head] -> kv_head
         q_means, q_stds = compute_head_stats(q, exclude_first_token)  # [head] each, or empty
@@ -182,14 +205,14 @@ def corpus_route(loaded: LoadedModel, width: int, batch_size: int) -> tuple[str,
 
 
 def _capture_pass(loaded: LoadedModel, items: list[TextInput], width: int, route: str,
-                  reduce: Callable[[Capture], object]) -> list:
-    """One padded pass (no T x T pattern, no read-outs: q and k of every layer and the head-score sums), each text's
-    Capture reduced at once (`reduce`), so q and k live for one pass only. A batch that fails (out of memory, or any
-    error of one text) is split in halves, so only the text at fault gets the error."""
+                  reduce: Callable[[Capture], object], exclude_first_token: bool) -> list:
+    """One padded pass (no T x T pattern, no read-outs: every layer's q/k measurements and head-score sums, on the
+    model's device, one copy to the host), each text's Capture reduced at once (`reduce`). A batch that fails (out
+    of memory, or any error of one text) is split in halves, so only the text at fault gets the error."""
     try:
         queries = [(resolve_query(item.special, loaded.info.causal)[0], None) for item in items]  # as `capture`
-        texts = run_pass(loaded, items, pattern_layers=[], keep_patterns=False, keep_qk=True, attention=route,
-                         queries=queries, width=width)
+        texts = run_pass(loaded, items, pattern_layers=[], keep_patterns=False, measure=True, measure_all=True,
+                         exclude_first_token=exclude_first_token, attention=route, queries=queries, width=width)
     except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
         if _is_out_of_memory(exc) and torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -198,12 +221,12 @@ def _capture_pass(loaded: LoadedModel, items: list[TextInput], width: int, route
                 return [HeadscopeError(OUT_OF_MEMORY.format(n=items[0].ids.size))]
             return [_as_error(exc)]
         half = len(items) // 2
-        return [*_capture_pass(loaded, items[:half], width, route, reduce),
-                *_capture_pass(loaded, items[half:], width, route, reduce)]
+        return [*_capture_pass(loaded, items[:half], width, route, reduce, exclude_first_token),
+                *_capture_pass(loaded, items[half:], width, route, reduce, exclude_first_token)]
     out = []
     for item, text in zip(items, texts):
         try:
-            out.append(reduce(to_capture(loaded, item, text)))
+            out.append(reduce(to_capture(loaded, item, text, exclude_first_token)))
         except Exception as exc:  # noqa: BLE001 - one bad text must not lose the others
             out.append(_as_error(exc))
     return out
@@ -215,10 +238,11 @@ def _as_error(exc: Exception) -> HeadscopeError:
 
 
 def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = BATCH_SIZE,
-                  reduce: Callable[[Capture], object] | None = None) -> list:
-    """The corpus's passes: for each text, in order, `reduce(its Capture)` (default: the Capture itself: q and k of
-    every layer, the head-score sums, no pattern), or the HeadscopeError of a text that cannot be analysed (empty,
-    too long, ...; an exception of `reduce` too); the others are unaffected.
+                  reduce: Callable[[Capture], object] | None = None, exclude_first_token: bool = True) -> list:
+    """The corpus's passes: for each text, in order, `reduce(its Capture)` (default: the Capture itself: every
+    layer's q/k measurements taken with `exclude_first_token` in `measures`, the head-score sums, no q, k or
+    pattern), or the HeadscopeError of a text that cannot be analysed (empty, too long, ...; an exception of
+    `reduce` too); the others are unaffected.
 
     Texts are grouped by padded width (`padded_width`) and run up to `batch_size` per padded pass (fewer where
     `corpus_route` says so). Each text's numbers depend on the text alone, not on its batch: every pass pads it to
@@ -247,7 +271,7 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
         route, size = corpus_route(loaded, width, batch_size)
         for start in range(0, len(members), size):
             chunk = members[start:start + size]
-            results = _capture_pass(loaded, [item for _, item in chunk], width, route, reduce)
+            results = _capture_pass(loaded, [item for _, item in chunk], width, route, reduce, exclude_first_token)
             for (index, _), result in zip(chunk, results):
                 out[index] = result
     return out
@@ -437,7 +461,8 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
     def flush() -> None:
         nonlocal done
         results = iter(capture_texts(loaded, [text for text in buffer if not isinstance(text, Exception)],
-                                     batch_size, text_values(model, exclude_first_token, exclude_current_token)))
+                                     batch_size, text_values(model, exclude_first_token, exclude_current_token),
+                                     exclude_first_token))
         for text in buffer:
             if isinstance(text, Exception):
                 acc.add_failure("", str(text))

@@ -102,7 +102,7 @@ def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_
     records = list(records)
     results = iter(capture_texts(loaded, [record["text"] for record in records if record["error"] is None],
                                  batch_size, text_values(model, exclude_first_token, exclude_current_token,
-                                                         exclude_bos)))
+                                                         exclude_bos), exclude_first_token))
     rows = []
     for record in records:
         row = {"number": int(record["number"]), "id": record["id"], "text_hash": record["text_hash"],

@@ -405,7 +405,7 @@ def compute_spread_measures_t(measures: dict[str, torch.Tensor], n_tokens: int) 
     """What the measurements of many layers of one text need beyond compute_qk_measures_t, for all of them at once:
     the Mann-Whitney parts of every layer's two comparisons from one batched sort, and the KDEs of every layer's
     two read-outs from one batched kernel sum: {name: [layer, ...] tensor}. `measures`: {name: [layer, ...]},
-    compute_qk_measures_t's dot products and the read-outs final_to_prev and self_attention.
+    compute_qk_measures_t's dot products and, for the KDEs, the read-outs final_to_prev and self_attention.
 
     "mannwhitney*" ([layer, 2]: U and the tie term) only where both groups have more than 8 values (the host asks
     scipy's exact test otherwise) and off the CPU (there the host runs compute_mannwhitney: numpy's sort is many
@@ -419,7 +419,7 @@ def compute_spread_measures_t(measures: dict[str, torch.Tensor], n_tokens: int) 
             torch.cat([same, measures["same_head_dp_centered"]]),  # [2 * layer, n1]
             torch.cat([measures["diff_head_dp"], measures["diff_head_dp_centered"]]))  # [2 * layer, 2]
         out["mannwhitney"], out["mannwhitney_centered"] = parts[:n_layers], parts[n_layers:]
-    if n_tokens >= 3:
+    if n_tokens >= 3 and "final_to_prev" in measures:  # the read-outs of pattern layers
         grid = torch.from_numpy(kde_grid()).to(same.device)  # [300]
         curves = ("final_to_prev", "self_attention")
         groups = [curves] if len({measures[name].shape[-1] for name in curves}) == 1 else [(name,) for name in curves]

@@ -75,7 +75,9 @@ def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     return chosen
 
 
-def _mannwhitney(host: dict, key, same: np.ndarray, diff: np.ndarray) -> tuple[float | None, float | None]:
+def measured_mannwhitney(host: dict, key, same: np.ndarray, diff: np.ndarray) -> tuple[float | None, float | None]:
+    """(p, rank-biserial r) of same vs diff: from the U and tie term the device ranked (`host[key]`) where it did,
+    else compute_mannwhitney on the host."""
     if same.size == 0 or diff.size == 0:
         return None, None
     if key in host:  # large groups: U and the tie term came from the device
@@ -87,8 +89,9 @@ def _mannwhitney(host: dict, key, same: np.ndarray, diff: np.ndarray) -> tuple[f
 def layer_result(get: dict, parity: float, pattern: np.ndarray | None = None) -> LayerResult:
     """One layer's LayerResult from its host numbers {name: array} (metrics.compute_layer_measures_t's names
     and the READOUTS)."""
-    p, r = _mannwhitney(get, "mannwhitney", get["same_head_dp"], get["diff_head_dp"])
-    p_c, r_c = _mannwhitney(get, "mannwhitney_centered", get["same_head_dp_centered"], get["diff_head_dp_centered"])
+    p, r = measured_mannwhitney(get, "mannwhitney", get["same_head_dp"], get["diff_head_dp"])
+    p_c, r_c = measured_mannwhitney(get, "mannwhitney_centered", get["same_head_dp_centered"],
+                                    get["diff_head_dp_centered"])
     dp_stats = DpStats(mannwhitney_p=p, rank_biserial=r, same_head_dp_centered=get["same_head_dp_centered"],
                        diff_head_dp_centered=get["diff_head_dp_centered"], mannwhitney_p_centered=p_c,
                        rank_biserial_centered=r_c)

@@ -115,6 +115,30 @@ def test_per_text_numbers_are_the_engines(gpt2, spied, texts):
     np.testing.assert_allclose(result.means["induction"], np.nanmean(result.values["induction"], axis=0))
 
 
+def test_corpus_passes_measure_on_the_device_and_equal_the_numpy_route(gpt2, texts):
+    """capture_texts measures every layer in the pass (no q or k reach the host) and gives the numbers the numpy
+    definitions give from the kept q and k of `capture`; a Capture measured with another exclude_first_token is
+    refused rather than read wrongly."""
+    from analysis import capture
+    from analysis.corpus import capture_texts, compute_text_values
+
+    model = gpt2.info.to_dict()
+    for exclude in (True, False):
+        measured = capture_texts(gpt2, texts[:6], batch_size=3, exclude_first_token=exclude)
+        for captured, text in zip(measured, texts[:6]):
+            assert captured.q == () and sorted(captured.measures) == list(range(gpt2.info.n_layers))
+            assert captured.exclude_first_token is exclude
+            heads, layers = compute_text_values(captured, model, exclude_first_token=exclude)
+            want_heads, want_layers = compute_text_values(capture(gpt2, text, pattern_layers=[]), model,
+                                                          exclude_first_token=exclude)
+            for name, values in want_heads.items():  # its own unpadded pass: the same numbers to rounding
+                np.testing.assert_allclose(heads[name], values, rtol=1e-5, atol=1e-6, err_msg=name)
+            for name, values in want_layers.items():
+                np.testing.assert_allclose(layers[name], values, rtol=0, atol=1e-4, err_msg=name)
+        with pytest.raises(ValueError, match="exclude_first_token"):
+            compute_text_values(measured[0], model, exclude_first_token=not exclude)
+
+
 def test_intervals_narrow_as_texts_are_added(gpt2, spied, texts):
     many, _, _ = spied
     few = analyze_corpus(gpt2, texts[:20])  # other batches than `many`'s: the same numbers up to rounding
