@@ -5,7 +5,8 @@
 Tiny random GPT-2 (8 layers, 12 heads) and Llama (8 query heads, 2 key heads) checkpoints from the tests'
 builders, analysed on the CPU (eager, the reference) and on cuda: with the model's eager attention (every
 field within 1e-5 of the CPU's, relative to its scale), with the fused sdpa kernel (parity <= 1e-5 on every
-layer, fields within 1e-4), and as a padded batch on cuda (each text equal to its single cuda run).
+layer, fields within 1e-4), as a padded batch on cuda (each text equal to its single cuda run), and the corpus's
+per-text numbers (measured and ranked on the device) against the CPU's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,25 @@ def worst(a, b) -> float:
     return out
 
 
+def corpus_check(name: str, reference, other) -> dict:
+    """The corpus's per-text numbers (corpus.capture_texts) on `other`'s device against `reference`'s: the head
+    scores and q/k statistics within 1e-4, the raw rank-biserial r within 1e-3 on texts of 4 tokens or more (the
+    centred one of a short text is rounding noise, tests/analysis/test_corpus_store.py)."""
+    import numpy as np
+
+    from analysis.corpus import capture_texts, text_values
+
+    rows = [capture_texts(loaded, TEXTS, 4, text_values(loaded.info.to_dict())) for loaded in (reference, other)]
+    heads = float(np.nanmax(np.concatenate([np.abs(a[0][n] - b[0][n]).ravel() for a, b in zip(*rows) for n in a[0]]),
+                            initial=0.0))  # NaN where a number is undefined on both (a one-token text)
+    ranks = float(np.nanmax(np.concatenate([np.abs(a[1]["rank_biserial"] - b[1]["rank_biserial"])
+                                            for a, b in zip(*rows) if a[2] >= 4]), initial=0.0))
+    same_nans = all(np.array_equal(np.isnan(a[part][n]), np.isnan(b[part][n]))
+                    for a, b in zip(*rows) for part in (0, 1) for n in a[part])
+    return {"model": name, "corpus_heads_vs_cpu": heads, "corpus_rank_biserial_vs_cpu": ranks,
+            "corpus_same_undefined": same_nans, "ok": heads <= 1e-4 and ranks <= 1e-3 and same_nans}
+
+
 def main() -> None:
     from analysis import analyze, analyze_batch, load_model
     from tests.checkpoints import tiny_gpt2, tiny_llama
@@ -65,6 +85,9 @@ def main() -> None:
         batched = analyze_batch(cuda, TEXTS, batch_size=4)
         diffs = [worst(result, analyze(cuda, text)) for text, result in zip(TEXTS, batched)]
         row = {"model": name, "batch_vs_single_cuda": max(diffs), "ok": max(diffs) <= 1e-5}
+        ok_all &= row["ok"]
+        print(json.dumps(row), flush=True)
+        row = corpus_check(name, cpu, cuda)
         ok_all &= row["ok"]
         print(json.dumps(row), flush=True)
     print(json.dumps({"all_ok": ok_all}), flush=True)
