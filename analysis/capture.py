@@ -64,8 +64,8 @@ GROUP_BUDGET = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
 # at once, so that its work overlaps the forward's next layers.
 HOLD_BUDGET = {"cpu": 32 * 2**20, "cuda": 0}
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
-QK_MEASURES = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "same_head_dp_centered",
-               "diff_head_dp_centered", "mannwhitney", "mannwhitney_centered")  # what Capture.measures can hold
+MEASURE_NAMES = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "same_head_dp_centered",
+                 "diff_head_dp_centered", "mannwhitney", "mannwhitney_centered")  # what Capture.measures can hold
 QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), so use 0..{last} (or -1..-{n} "
                "counting from the end).")
 QUERY_DEFAULTS = {True: "the final token (default for causal models)",
@@ -422,7 +422,7 @@ def to_capture(loaded, item: TextInput, text: _Text, exclude_first_token: bool |
     layers = sorted({layer for layer, _ in text.host})
     summaries = {layer: {name: text.host[layer, name] for name in READOUTS} for layer in layers
                  if (layer, "final_to_prev") in text.host}
-    measures = {layer: {name: text.host[layer, name] for name in QK_MEASURES if (layer, name) in text.host}
+    measures = {layer: {name: text.host[layer, name] for name in MEASURE_NAMES if (layer, name) in text.host}
                 for layer in layers if (layer, "q_means") in text.host}
     return Capture(
         text=item.text,
