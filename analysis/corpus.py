@@ -25,9 +25,14 @@ import torch
 
 from analysis.capture import EAGER_BUDGET, Capture, TextInput, resolve_query, run_pass, text_input, to_capture
 from analysis.errors import HeadscopeError
-from analysis.head_scores import compute_centered_dot_products, compute_mannwhitney
 from analysis.loading import LoadedModel
-from analysis.metrics import compute_dot_products, compute_head_stats, key_head_of
+from analysis.metrics import (
+    compute_centered_dot_products,
+    compute_dot_products,
+    compute_head_stats,
+    compute_mannwhitney,
+    key_head_of,
+)
 from analysis.pipeline import (
     BAD_BATCH_SIZE,
     BATCH_SIZE,

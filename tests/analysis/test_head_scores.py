@@ -21,13 +21,8 @@ from analysis import (
     induction_probe_ids,
     summarize,
 )
-from analysis.head_scores import (
-    HEAD_SCORES,
-    compute_centered_dot_products,
-    compute_head_scores,
-    compute_mannwhitney,
-)
-from analysis.metrics import compute_dot_products
+from analysis.head_scores import HEAD_SCORES, compute_head_scores
+from analysis.metrics import compute_centered_dot_products, compute_dot_products, compute_mannwhitney
 from analysis.results import HEAD_SCORE_NAMES
 from tests.conftest import FIJI, REPEATS
 from tests.reference import (
