@@ -26,13 +26,8 @@ import torch
 from analysis.capture import EAGER_BUDGET, Capture, TextInput, resolve_query, run_pass, text_input, to_capture
 from analysis.errors import HeadscopeError
 from analysis.loading import LoadedModel
-from analysis.metrics import (
-    compute_centered_dot_products,
-    compute_dot_products,
-    compute_head_stats,
-    compute_mannwhitney,
-    key_head_of,
-)
+from analysis.metrics import compute_qk_measures_t, key_head_of
+from analysis.patterns import to_host
 from analysis.pipeline import (
     BAD_BATCH_SIZE,
     BATCH_SIZE,
@@ -143,8 +138,8 @@ class TextRecord:
 def compute_text_values(captured, model: dict, exclude_first_token: bool = True, exclude_current_token: bool = False,
                         exclude_bos: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One text's small numbers: ({CORPUS_MEASURES: [layer, head]}, {LAYER_MEASURES: [layer]}), NaN if undefined,
-    from a measured Capture's `measures` (capture_texts: computed on the model's device) or else its q and k (numpy;
-    the same numbers to float rounding).
+    from a measured Capture's `measures` (capture_texts: computed on the model's device) or else from its q and k,
+    by the same functions on the host.
 
     `k_mean`/`k_std` are those of the key head each query head reads (equal to the key head's own with
     grouped-query attention). The rank-biserial effect sizes are the same-vs-different-head comparison of the
@@ -158,30 +153,21 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
     heads = {name: scores.get(name, np.full((n_layers, n_heads), np.nan)) for name in HEAD_SCORE_NAMES}
     qk = {name: np.full((n_layers, n_heads), np.nan) for name in QK_MEASURES}  # [layer, head] each
     layer_values = {name: np.full(n_layers, np.nan) for name in LAYER_MEASURES}  # [layer] each
-    if captured.measures:  # measured on the model's device in the pass (capture_texts)
-        if captured.exclude_first_token != exclude_first_token:
-            raise ValueError(MEASURED_WITH.format(got=captured.exclude_first_token, want=exclude_first_token))
-        for layer, found in captured.measures.items():
-            if found["q_means"].size:
-                groups = key_head_of(found["q_means"].size, found["k_means"].size)  # [head] -> kv_head
-                qk["q_mean"][layer], qk["q_std"][layer] = found["q_means"], found["q_stds"]
-                qk["k_mean"][layer], qk["k_std"][layer] = found["k_means"][groups], found["k_stds"][groups]
-            for name, suffix in zip(LAYER_MEASURES, ("", "_centered")):
-                _, r = measured_mannwhitney(found, "mannwhitney" + suffix, found["same_head_dp" + suffix],
-                                            found["diff_head_dp" + suffix])
-                layer_values[name][layer] = np.nan if r is None else r
-        return {**heads, **qk}, layer_values
-    for layer, (q, k) in enumerate(zip(captured.q, captured.k)):
-        groups = key_head_of(q.shape[0], k.shape[0])  # [head] -> kv_head
-        q_means, q_stds = compute_head_stats(q, exclude_first_token)  # [head] each, or empty
-        k_means, k_stds = compute_head_stats(k, exclude_first_token)  # [kv_head] each, or empty
-        if q_means.size:
-            qk["q_mean"][layer], qk["q_std"][layer] = q_means, q_stds
-            qk["k_mean"][layer], qk["k_std"][layer] = k_means[groups], k_stds[groups]  # [head]
-        same, diff = compute_dot_products(q, k, exclude_first_token, query, causal=causal)
-        same_c, diff_c = compute_centered_dot_products(q, k, exclude_first_token, (same, diff), query, causal=causal)
-        for name, (a, b) in zip(LAYER_MEASURES, ((same, diff), (same_c, diff_c))):
-            _, r = compute_mannwhitney(a, b)
+    measures = captured.measures  # measured on the model's device in the pass (capture_texts)
+    if measures is None:  # q and k kept on the host (`capture`): the same torch functions there
+        measures = {layer: to_host(compute_qk_measures_t(torch.from_numpy(q), torch.from_numpy(k), exclude_first_token,
+                                                         query, causal=causal))
+                    for layer, (q, k) in enumerate(zip(captured.q, captured.k))}
+    elif captured.exclude_first_token != exclude_first_token:
+        raise ValueError(MEASURED_WITH.format(got=captured.exclude_first_token, want=exclude_first_token))
+    for layer, found in measures.items():
+        if found["q_means"].size:
+            groups = key_head_of(found["q_means"].size, found["k_means"].size)  # [head] -> kv_head
+            qk["q_mean"][layer], qk["q_std"][layer] = found["q_means"], found["q_stds"]
+            qk["k_mean"][layer], qk["k_std"][layer] = found["k_means"][groups], found["k_stds"][groups]  # [head]
+        for name, suffix in zip(LAYER_MEASURES, ("", "_centered")):
+            _, r = measured_mannwhitney(found, "mannwhitney" + suffix, found["same_head_dp" + suffix],
+                                        found["diff_head_dp" + suffix])
             layer_values[name][layer] = np.nan if r is None else r
     return {**heads, **qk}, layer_values
 
