@@ -20,11 +20,16 @@ from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, ScoreP
 from analysis.metrics import compute_pattern, query_keys
 
 # A causal block rebuilds only keys 0..stop-1, so B blocks do (B + 1) / 2B of the T x T work. On the CPU (where the
-# launches are cheap) a causal pattern of more than 128 tokens goes in blocks of n // 8 query rows within these
-# bounds, the fastest measured on GPT-2's shape (256 tokens: 2x faster than one block; 1024: 2.3x); on a GPU the
-# work budget alone decides (more blocks would mean more launches).
-CAUSAL_ROWS = (32, 64)
+# launches are cheap) a causal pattern of more than 2 * CAUSAL_ROWS tokens goes in blocks of CAUSAL_ROWS query rows,
+# the fastest measured on GPT-2's shape (256 tokens: 2.5x faster than one block and 1.25x faster than 32 rows;
+# 1024 tokens: 2.3x faster than one block); on a GPU the work budget alone decides (more blocks, more launches).
+CAUSAL_ROWS = 64
 TEMPORARIES = 3  # [head, rows, T] float32 tensors alive at once in a block: the scores, the pattern, a spare
+# Each row's entropy -sum p log p: on the CPU from the shifted scores the rebuild already made (no log of T x T
+# values, a tenth of xlogy's cost there); on a GPU, where an elementwise pass costs its memory traffic and a log is
+# as cheap as a product, from the pattern alone (torch.special.entr then a sum: two passes over the block instead
+# of the row maxima, the shift, the product and its sum).
+ENTROPY_FROM_SCORES = {"cpu": True, "cuda": False}
 
 
 @dataclass(eq=False)
@@ -68,12 +73,12 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     rep = n_heads // n_kv  # both stacks are layer-major, so key head j still serves query heads j * rep .. + rep - 1
     v = value.float() if value is not None and weights is None else None  # [kv_head, T, d_v]
     rows = rows_per_block(n_heads, n, budget)
-    if causal and mask is not None and q.device.type == "cpu" and n > 2 * CAUSAL_ROWS[1]:
-        rows = min(rows, max(CAUSAL_ROWS[0], min(CAUSAL_ROWS[1], n // 8)))  # short blocks skip more masked keys
+    if causal and mask is not None and q.device.type == "cpu" and n > 2 * CAUSAL_ROWS:
+        rows = min(rows, CAUSAL_ROWS)  # short blocks skip more masked keys
     p_query = query_position % n
     f64 = {"dtype": torch.float64, "device": q.device}
+    from_scores = ENTROPY_FROM_SCORES["cpu" if q.device.type == "cpu" else "cuda"]
     numerators = None  # [head, 3 * 4]: accumulated over the blocks (no zeros to start from: one launch less)
-    total = None  # [head]: sum of every entry
     parity = None  # [layer] float32, where there is something to compare with
     first_key, diagonal, entropy, final_row = [], [], [], None  # blocks of [head, rows] float32
     kept = np.empty((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
@@ -82,19 +87,22 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         # a causal block's rows can only attend to keys 0..stop-1: the rest of its rows is 0, not rebuilt
         width = stop if causal and mask is not None else n
         block_mask = None if mask is None else mask[:, start:stop, :width]  # [1, rows, width]
-        pattern, shifted, largest = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap,
-                                            with_scores=True)  # [head, rows, width] x 2: softmax, scores less max
+        if from_scores:  # [head, rows, width] x 2, [head, rows]: softmax, scores less the row's max, max weight
+            pattern, shifted, largest = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap,
+                                                with_scores=True)
+        else:
+            pattern, shifted = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap), None
         pairs = plan.rows(start, stop)
         if pairs.stop > pairs.start:
             gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
             found = gathered @ plan.parts[pairs]  # [h, pair] @ [pair, 3*4] -> [h, 3*4]
             numerators = found if numerators is None else numerators.add_(found)
-        found = pattern.sum(dim=-1, dtype=torch.float32).sum(dim=-1, dtype=torch.float64)  # [head]: rows in float32
-        total = found if total is None else total.add_(found)
         first_key.append(pattern[:, :, 0].clone())  # [head, rows]
         diagonal.append(pattern.diagonal(offset=start, dim1=-2, dim2=-1).clone())  # [head, rows]: A[h, i, i]
-        # -sum p log p = -sum p * shifted - log(max p): no log of T x T values; masked p * score is 0 * finite
-        entropy.append(shifted.mul_(pattern).sum(dim=-1).neg_().sub_(largest.log_()))  # [head, rows]
+        if shifted is not None:  # -sum p log p = -sum p * shifted - log(max p); masked p * score is 0 * finite
+            entropy.append(shifted.mul_(pattern).sum(dim=-1).neg_().sub_(largest.log_()))  # [head, rows]
+        else:
+            entropy.append(torch.special.entr(pattern).sum(dim=-1))  # [head, rows]: -p log p, 0 where p is 0
         if readouts and start <= p_query < stop:
             final_row = pattern[:, p_query - start].clone()  # [head, width]: every key query_keys can name
         if weights is not None:
@@ -103,8 +111,9 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
             found = torch.maximum(difference.amax(dim=-1), difference.amin(dim=-1).neg_())  # [layer]: no abs pass
             # (aminmax over a dim is 20x slower than amax and amin on the CPU)
             if width < n:  # the model's own weights past the causal edge must be 0 too
-                beyond = weights[:, start:stop, width:].abs().amax(dim=(-2, -1)).view(n_layers, -1)  # [layer, head]
-                found = torch.maximum(found, beyond.amax(dim=-1).float())  # [layer]
+                beyond = weights[:, start:stop, width:]  # [head, rows, T - width], a view
+                beyond = torch.maximum(beyond.amax(dim=(-2, -1)), beyond.amin(dim=(-2, -1)).neg_())  # [head]
+                found = torch.maximum(found, beyond.view(n_layers, -1).amax(dim=-1).float())  # [layer]
             parity = found if parity is None else torch.maximum(parity, found)
         elif v is not None:
             mixed = pattern.view(n_kv, rep * (stop - start), width) @ v[:, :width]  # [g, r*rows, w] @ [g, w, d_v]
@@ -119,6 +128,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         numerators = torch.zeros(n_heads, len(DETECTION_SCORES) * len(PARTS), **f64)  # [head, 3 * 4]
     first_key, diagonal, entropy = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # [head, T] each
                                     for blocks in (first_key, diagonal, entropy))
+    total = torch.full((n_heads,), float(n), **f64)  # [head]: every row of a softmax sums to 1
     denominator = torch.stack([total, first_key.sum(dim=-1, dtype=torch.float64),
                                diagonal.sum(dim=-1, dtype=torch.float64), diagonal[:, 0].double()], dim=-1)  # [h, 4]
     parts = torch.cat([numerators.view(n_heads, len(DETECTION_SCORES), len(PARTS)), denominator[:, None]],

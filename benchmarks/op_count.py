@@ -70,8 +70,9 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     those that are not views (kernels on a GPU), "groups": layer groups measured, "to_host": calls of
     patterns.to_host, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
     syncs), "syncs": aten.item dispatches, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not
-    kept, with a GPU's sizes (capture.WORK_BUDGET, capture.GROUP_BUDGET, metrics.KDE_CHUNK, no
-    patterns.CAUSAL_ROWS). `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group)."""
+    kept, with a GPU's sizes and routes
+    (capture.WORK_BUDGET, capture.GROUP_BUDGET, metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS,
+    patterns.ENTROPY_FROM_SCORES). `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group)."""
     import importlib
 
     import torch
@@ -102,7 +103,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     original_to_host, original_numpy = capture.to_host, metrics.NUMPY_ON_CPU
     budgets = {name: dict(getattr(capture, name)) for name in ("WORK_BUDGET", "GROUP_BUDGET", "HOLD_BUDGET")}
     patterns = importlib.import_module("analysis.patterns")
-    cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS
+    cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, dict(patterns.ENTROPY_FROM_SCORES)
 
     host_calls: Counter = Counter()  # Tensor.cpu/numpy/tolist/item inside the measurement: each a copy or a sync
     active = [False]
@@ -144,7 +145,8 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             capture.GROUP_BUDGET["cuda"] * D_HEAD // REAL_D_HEAD)
         capture.HOLD_BUDGET["cpu"] = capture.HOLD_BUDGET["cuda"]  # measured as they close,
         metrics.KDE_CHUNK = 2**17  # its KDE blocks,
-        patterns.CAUSAL_ROWS = (2**30, 2**30)  # and no short causal blocks (a CPU's)
+        patterns.CAUSAL_ROWS = 2**30  # no short causal blocks (a CPU's),
+        patterns.ENTROPY_FROM_SCORES["cpu"] = patterns.ENTROPY_FROM_SCORES["cuda"]  # and its route to the entropy
         pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)
     finally:
         for name, method in originals.items():
@@ -154,7 +156,8 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         capture.to_host, metrics.NUMPY_ON_CPU = original_to_host, original_numpy
         for name, values in budgets.items():
             getattr(capture, name).update(values)
-        metrics.KDE_CHUNK, patterns.CAUSAL_ROWS = cpu_sizes
+        metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, entropy = cpu_sizes
+        patterns.ENTROPY_FROM_SCORES.update(entropy)
     syncs = sum(counter[name] for counter in phases.values() for name in ("aten.item", "aten._local_scalar_dense"))
     return {**{name: sum(counter.values()) for name, counter in phases.items()},
             **{f"{name}_launches": sum(counter.values()) for name, counter in launches.items()},

@@ -168,10 +168,15 @@ def test_device_kde_equals_scipy():
                                       numpy_on_cpu=numpy_on_cpu).numpy()).all()
 
 
-def test_pattern_reduction_in_blocks_of_one_row_equals_one_block():
-    """The budget only decides the block size: a one-row block gives the same numbers as the whole pattern."""
+@pytest.mark.parametrize("entropy_from_scores", [True, False])  # the CPU's route to the entropy, a GPU's
+def test_pattern_reduction_in_blocks_of_one_row_equals_one_block(monkeypatch, entropy_from_scores):
+    """The budget only decides the block size: a one-row block gives the same numbers as the whole pattern, and
+    both equal head_scores' reduction of the whole pattern (entropy by xlogy), by either route to the entropy."""
+    from analysis import patterns
     from analysis.head_scores import ScorePlan, compute_score_parts
     from analysis.patterns import reduce_pattern, rows_per_block
+
+    monkeypatch.setitem(patterns.ENTROPY_FROM_SCORES, "cpu", entropy_from_scores)
 
     rng = np.random.default_rng(5)
     n = 9
