@@ -299,12 +299,16 @@ def compute_both_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_
                                 query_position: int = -1, *, causal: bool = True,
                                 skip=None) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """compute_dot_products_t's raw and centered results, ((same, diff), (same, diff)), from one product of the
-    query with its raw and its centered keys (fewer launches than two calls; the same numbers to rounding)."""
+    query with its keys: the centered ones are q.k - q.mean_key, as compute_centered_dot_products takes them (the
+    same numbers to rounding as q.(k - mean_key), with one product over the keys instead of two)."""
     final_q, keys = _query_and_keys(q, k, exclude_first_token, query_position, causal, skip)
-    centered = keys - keys.mean(dim=-2, keepdim=True) if keys.shape[-2] else keys  # [..., kv_head, k_pos, d_head]
-    both = torch.stack([keys, centered])  # [2, ..., kv_head, k_pos, d_head]
-    dots = torch.einsum("...hd,c...gkd->c...hgk", final_q, both)  # [.., h, d] . [2, .., g, k, d] -> [2, .., h, g, k]
-    same, diff = _same_and_diff(dots)  # [2, ..., head * k], [2, ..., head * (kv_head - 1) * k]
+    raw = torch.einsum("...hd,...gkd->...hgk", final_q, keys)  # [.., head, d] . [.., g, k, d] -> [.., head, g, k]
+    if keys.shape[-2] > 1:
+        offset = torch.einsum("...hd,...gd->...hg", final_q, keys.mean(dim=-2))  # [.., h, d] . [.., g, d] -> [.., h, g]
+        centered = raw - offset[..., None]  # [..., head, kv_head, k]
+    else:  # q.(k - mean_key) is exactly 0 for a single key, where q.k - q.mean_key would be rounding noise
+        centered = torch.zeros_like(raw)  # [..., head, kv_head, k]
+    same, diff = _same_and_diff(torch.stack([raw, centered]))  # [2, ..., head * k], [2, ..., head * (g - 1) * k]
     return (same[0], diff[0]), (same[1], diff[1])
 
 
