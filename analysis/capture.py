@@ -1,8 +1,9 @@
 """One forward pass -> every layer's q and k exactly as the attention used them, reduced on the model's device.
 
 headscope registers a capturing attention function with transformers' AttentionInterface. While a recorder is
-active in the current context it runs the model's fused sdpa kernel (or the model's own eager attention where
-sdpa cannot reproduce it: soft-capping) and records the query, key and value it was given (post-rotary,
+active in the current context it runs the model's fused sdpa kernel, with sdpa's own masks (capturing_mask: None
+where the kernel's causal flag masks), or the model's own eager attention where the recorder's route says so or
+sdpa cannot reproduce it (soft-capping), and records the query, key and value it was given (post-rotary,
 post-QK-norm, K at its own key-head count). For every layer it rebuilds softmax(q k^T * scaling + mask) from
 those q and k a block of query rows at a time (analysis.patterns) and reduces it on the device to the read-outs,
 the head scores' sums and the parity figure (the rebuild against what the model's own kernel returned), so only
@@ -37,6 +38,8 @@ CAPTURE_ATTENTION = "headscope"
 EMPTY_TEXT = "The text is empty: type a sentence to analyse."
 TOO_LONG = "The text is {n} tokens long but {model} accepts at most {limit}: shorten it."
 NO_EAGER = "{cls} has no eager attention function to capture through."
+MASK_ROUTE = ("{cls} needs eager attention in a pass whose masks were made for the fused kernel (its scores would go "
+              "unmasked): analyse this model with attention='eager'.")
 # The one place that decides what T x T memory headscope spends:
 PATTERN_BUDGET = 256 * 2**20  # bytes of kept float32 T x T patterns (heatmaps) by default (keep_patterns=None)
 WORK_BUDGET = {"cpu": 48 * 2**20, "cuda": 384 * 2**20}  # bytes of float32 temporaries of one block of query rows
@@ -179,16 +182,17 @@ class _Recorder:
     keep_layers: frozenset[int] | None = None  # whose patterns are kept (None: every pattern layer)
     n_layers: int = 0
     causal: bool = True  # the query's keys: earlier ones (causal) or every other one
+    n_heads: int = 0  # the model's query heads: what the mask function's route needs
+    sdpa_masks: bool = False  # the pass's masks are sdpa's (None: the kernel's causal flag), for the fused kernel
     pending: int = 0  # bytes of device tensors waiting for the host
     groups: list[_Group] = field(default_factory=list)  # closed, then the open one: waiting to be measured
     held: int = 0  # their bytes, every text of the batch (GROUP_BUDGET's measure)
 
-    def fused(self, query: torch.Tensor) -> bool:
-        """Whether this layer runs the fused sdpa kernel; query [batch, head, T, d_head]."""
+    def fused(self, batch: int, heads: int, n: int, device: torch.device) -> bool:
+        """Whether a layer of `heads` heads over a [batch, n] pass on `device` runs the fused sdpa kernel."""
         if self.attention != "auto":
             return self.attention == "sdpa"
-        batch, heads, n = query.shape[0], query.shape[1], query.shape[2]
-        return query.device.type != "cpu" or batch * heads * n * n * 4 > EAGER_BUDGET
+        return device.type != "cpu" or batch * heads * n * n * 4 > EAGER_BUDGET
 
     def record(self, query, key, value, attention_mask, scaling, softcap, weights, output) -> None:
         """One layer's tensors (layer order): they join the open group when they share its mask, scaling and
@@ -330,7 +334,10 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
     recorder gets what the kernel returned."""
     recorder = _RECORDER.get()
     softcap = kwargs.get("softcap")
-    if recorder is None or softcap or not recorder.fused(query):
+    if recorder is None or softcap or not recorder.fused(query.shape[0], query.shape[1], query.shape[2],
+                                                         query.device):
+        if recorder is not None and recorder.sdpa_masks:  # eager attention would read sdpa's None as "no mask"
+            raise HeadscopeError(MASK_ROUTE.format(cls=type(module).__name__))
         output, weights = _eager_for(module)(module, query, key, value, attention_mask, scaling=scaling,
                                              dropout=dropout, **kwargs)
     else:
@@ -342,13 +349,29 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
     return output, weights
 
 
+def capturing_mask(**kwargs):
+    """The mask function of the capturing attention. Idle, and in a pass on the eager route: the model's eager
+    additive mask [batch, 1, q_pos, k_pos]. In a pass that runs the fused kernel (the recorder's route, as
+    capturing_attention decides it, unless the model soft-caps its scores): sdpa's own mask, None where the
+    kernel's causal flag does the masking (no T x T mask in memory, and the kernel can skip the masked half) and
+    boolean where it cannot (padding, a sliding window shorter than the text). The rebuild reads either."""
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    recorder = _RECORDER.get()
+    if recorder is not None and not getattr(kwargs.get("config"), "attn_logit_softcapping", None) and recorder.fused(
+            kwargs["batch_size"], recorder.n_heads, kwargs["kv_length"], torch.device(kwargs.get("device", "cpu"))):
+        recorder.sdpa_masks = True
+        return sdpa_mask(**kwargs)
+    return eager_mask(**kwargs)
+
+
 def register_capture_attention() -> None:
-    """Register the capturing function and the eager mask under one name (idempotent)."""
+    """Register the capturing function and its mask function under one name (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(CAPTURE_ATTENTION, capturing_attention)
-    AttentionMaskInterface.register(CAPTURE_ATTENTION, eager_mask)
+    AttentionMaskInterface.register(CAPTURE_ATTENTION, capturing_mask)
 
 
 def tokenize(loaded, text: str) -> dict:
@@ -505,7 +528,8 @@ def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns:
     recorder = _Recorder(texts, None if pattern_layers is None else frozenset(pattern_layers), keep_qk=keep_qk,
                          measure=measure, exclude_first_token=exclude_first_token, query_position=query_position,
                          attention=attention, keep_layers=None if keep_layers is None else frozenset(keep_layers),
-                         causal=bool(getattr(loaded.info, "causal", True)), measure_all=measure_all)
+                         causal=bool(getattr(loaded.info, "causal", True)), measure_all=measure_all,
+                         n_heads=loaded.info.n_heads)
     token = _RECORDER.set(recorder)
     try:
         with torch.inference_mode():

@@ -54,8 +54,9 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
                    output: torch.Tensor | None = None, keep: bool = False, rebuild=compute_pattern,
                    causal: bool = True, skip=None) -> PatternReduction:
     """q [layer, head, T, d_head], k [layer, kv_head, T, d_head] as the model used them: one or more layers that
-    share the mask [1, T, T] (additive or bool), scaling and softcap, reduced together (every operation once for
-    all of them; a block of query rows holds every head of every layer).
+    share the mask [1, T, T] (additive or bool; None: `causal`'s own, as sdpa's causal flag, or none), scaling and
+    softcap, reduced together (every operation once for all of them; a block of query rows holds every head of
+    every layer). `causal`: the model's attention is causal (each block then rebuilds only keys up to its last row).
 
     Parity against `weights` [layer, head, T, T] (eager) if given, else `value` [layer, kv_head, T, d_v] and the
     kernel's `output` [layer, head, T, d_v]; neither: no parity. Everything is float32 from the model's q and k,
@@ -73,7 +74,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     rep = n_heads // n_kv  # both stacks are layer-major, so key head j still serves query heads j * rep .. + rep - 1
     v = value.float() if value is not None and weights is None else None  # [kv_head, T, d_v]
     rows = rows_per_block(n_heads, n, budget)
-    if causal and mask is not None and q.device.type == "cpu" and n > 2 * CAUSAL_ROWS:
+    if causal and q.device.type == "cpu" and n > 2 * CAUSAL_ROWS:
         rows = min(rows, CAUSAL_ROWS)  # short blocks skip more masked keys
     p_query = query_position % n
     f64 = {"dtype": torch.float64, "device": q.device}
@@ -85,8 +86,14 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         # a causal block's rows can only attend to keys 0..stop-1: the rest of its rows is 0, not rebuilt
-        width = stop if causal and mask is not None else n
-        block_mask = None if mask is None else mask[:, start:stop, :width]  # [1, rows, width]
+        width = stop if causal else n
+        if mask is not None:
+            block_mask = mask[:, start:stop, :width]  # [1, rows, width]
+        elif causal:  # the kernel's causal flag: query i sees keys 0..i (additive, as an eager mask)
+            block_mask = torch.full((1, stop - start, width), torch.finfo(torch.float32).min,
+                                    device=q.device).triu_(start + 1)  # [1, rows, width]
+        else:
+            block_mask = None
         if from_scores:  # [head, rows, width] x 2, [head, rows]: softmax, scores less the row's max, max weight
             pattern, shifted, largest = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap,
                                                 with_scores=True)

@@ -367,6 +367,40 @@ def test_the_sdpa_route_rebuilds_what_the_fused_kernel_used(family_path):
         np.testing.assert_allclose(fused.head_scores[score], values, atol=1e-4, err_msg=score)
 
 
+@pytest.mark.parametrize("name, masks", [("llama", {"none"}), ("mistral", {"bool"}), ("gemma2", {"float32"})])
+def test_the_fused_route_gets_sdpas_masks_and_rebuilds_them(family_paths, tmp_path_factory, monkeypatch, name, masks):
+    """On the fused route the kernel gets sdpa's own masks: None where its causal flag does the masking (no T x T
+    mask in memory), boolean for a sliding window shorter than the text; a soft-capping model keeps eager's
+    additive masks (it runs eager attention). The rebuild reads each: parity holds and the window stays."""
+    import importlib
+
+    from analysis.capture import capture_input, text_input
+
+    recorder_class = importlib.import_module("analysis.capture")._Recorder
+    loaded = load_model(str(build(name, family_paths, tmp_path_factory)))
+    seen = set()
+    record = recorder_class.record
+
+    def spy(self, query, key, value, attention_mask, *args):
+        seen.add("none" if attention_mask is None else str(attention_mask.dtype).removeprefix("torch."))
+        return record(self, query, key, value, attention_mask, *args)
+
+    monkeypatch.setattr(recorder_class, "record", spy)
+    captured = capture_input(loaded, text_input(loaded, FIJI), keep_patterns=True, attention="sdpa")
+    assert seen == masks
+    window = getattr(loaded.model.config, "sliding_window", None)
+    for layer, pattern in captured.patterns.items():
+        assert captured.parity[layer] <= EXACT, (name, layer)
+        n = pattern.shape[-1]
+        assert pattern[:, np.triu(np.ones((n, n), dtype=bool), k=1)].max() == 0  # causal
+        if name == "mistral":
+            assert n > 2 * window and pattern[:, np.tril(np.ones((n, n), dtype=bool), k=-window)].max() == 0
+    if name == "gemma2":  # a soft-capping model the mask function did not recognise fails loudly, not unmasked
+        monkeypatch.setattr(loaded.model.config, "attn_logit_softcapping", None)
+        with pytest.raises(HeadscopeError, match="attention='eager'"):
+            capture_input(loaded, text_input(loaded, FIJI), attention="sdpa")
+
+
 @pytest.mark.parametrize("name", ["gpt_neox", "llama"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_sdpa_route_parity_in_half_precision_is_within_tolerance(family_paths, tmp_path_factory, name, dtype):
