@@ -30,7 +30,9 @@ NUMPY_ON_CPU = True
 
 def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
                     softcap: float | None = None, with_scores: bool = False):
-    """softmax(q k^T * scaling + mask) per query head, in float32, as the model's eager attention does.
+    """softmax(q k^T * scaling + mask) per query head, in float32, as the model's eager attention does. The mask
+    [1, q_pos, m] (additive or bool) covers the last m keys: all of them as a model's mask does, or fewer (the
+    square of a causal block of rows, where every earlier key is seen: no pass over the rest).
 
     with_scores: (pattern, shifted scores, each row's largest weight) where the scores (scaled, soft-capped, masked)
     have their row maximum subtracted, so each row's entropy is -sum(p * shifted) - log(max p), with no log of the
@@ -42,14 +44,14 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     k_t = k.transpose(-1, -2)  # [head, d_head, k_pos]
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, torch.finfo(q.dtype).min)
-    if mask is not None and not softcap:  # scale and mask fused: [h, q, d] @ [h, d, k] -> [h, q, k]
-        scores = torch.baddbmm(mask.to(q.dtype).expand(q.shape[0], -1, -1), q, k_t, alpha=scaling)
+    if mask is not None and not softcap and mask.shape[-1] == k.shape[-2]:  # scale and mask fused:
+        scores = torch.baddbmm(mask.to(q.dtype).expand(q.shape[0], -1, -1), q, k_t, alpha=scaling)  # [h, q, k]
     else:
         scores = torch.matmul(q, k_t).mul_(scaling)  # [h, q, d] @ [h, d, k] -> [h, q, k]
         if softcap:
             scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
         if mask is not None:
-            scores.add_(mask.to(q.dtype))  # [1, q_pos, k_pos] broadcast over heads
+            scores[..., scores.shape[-1] - mask.shape[-1]:].add_(mask.to(q.dtype))  # [1, q_pos, m] over heads
     if not with_scores:
         return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
     scores.sub_(scores.amax(dim=-1, keepdim=True))  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
