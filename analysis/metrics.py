@@ -44,14 +44,17 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     k_t = k.transpose(-1, -2)  # [head, d_head, k_pos]
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, torch.finfo(q.dtype).min)
-    if mask is not None and not softcap and mask.shape[-1] == k.shape[-2]:  # scale and mask fused:
-        scores = torch.baddbmm(mask.to(q.dtype).expand(q.shape[0], -1, -1), q, k_t, alpha=scaling)  # [h, q, k]
-    else:
+    n_keys = k.shape[-2]
+    whole = mask is not None and mask.shape[-1] == n_keys and not softcap  # added in the product's epilogue
+    if softcap:
         scores = torch.matmul(q, k_t).mul_(scaling)  # [h, q, d] @ [h, d, k] -> [h, q, k]
-        if softcap:
-            scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
-        if mask is not None:
-            scores[..., scores.shape[-1] - mask.shape[-1]:].add_(mask.to(q.dtype))  # [1, q_pos, m] over heads
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    else:  # scaled (and masked) in the product: beta=0 neither copies nor reads the bias
+        bias = mask.to(q.dtype) if whole else q.new_zeros(())  # [1, q_pos, k_pos] or a scalar
+        scores = torch.baddbmm(bias.expand(q.shape[0], q.shape[1], n_keys), q, k_t, beta=1.0 if whole else 0.0,
+                               alpha=scaling)  # [h, q, d] @ [h, d, k] -> [h, q, k]
+    if mask is not None and not whole:
+        scores[..., n_keys - mask.shape[-1]:].add_(mask.to(q.dtype))  # [1, q_pos, m] over heads: the last m keys
     if not with_scores:
         return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
     scores.sub_(scores.amax(dim=-1, keepdim=True))  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
