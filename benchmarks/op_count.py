@@ -14,6 +14,11 @@ products) and `flush` (after the pass: every layer's Mann-Whitney parts and KDEs
 copy to the host). It also counts the copies to the host (calls of
 patterns.to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder) and the device syncs of `.item()`.
 tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to the bounds stated there.
+
+`measure_gib`: the memory traffic of those operations, each one's tensors read and written once (an expanded
+input counted at its own size; a GEMM with a beta=1 input adds the copy of that input into its output and the
+read of it back): what bounds a GPU's time at a few thousand tokens, where the T x T blocks are the traffic. The
+blocks have the real head counts and lengths, so the figure is the real shapes' less their q, k and v widths.
 """
 
 from __future__ import annotations
@@ -90,12 +95,18 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket)
             phases[self.phase][name] += 1
+            result = func(*args, **(kwargs or {}))
             if not func.is_view:
                 launches[self.phase][name] += 1
-            return func(*args, **(kwargs or {}))
+                tensors = [*_tensors(args), *_tensors((kwargs or {}).values()), *_tensors([result])]
+                traffic[self.phase] += sum(map(_stored_bytes, tensors))
+                if name in ("aten.baddbmm", "aten.addmm") and (kwargs or {}).get("beta", 1) != 0:
+                    traffic[self.phase] += 2 * _stored_bytes(result)  # its input copied in, then read back
+            return result
 
     phases = {"measure": Counter(), "flush": Counter()}
     launches = {"measure": Counter(), "flush": Counter()}  # the operations that are not views: kernels on a GPU
+    traffic = {"measure": 0, "flush": 0}  # bytes those operations read and write
     copies, groups = [0], [0]
     methods = {"record": "measure", "measure_groups": "measure", "measure_group": "measure",
                "flush": "flush"}  # recorder method -> phase
@@ -161,8 +172,28 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     syncs = sum(counter[name] for counter in phases.values() for name in ("aten.item", "aten._local_scalar_dense"))
     return {**{name: sum(counter.values()) for name, counter in phases.items()},
             **{f"{name}_launches": sum(counter.values()) for name, counter in launches.items()},
+            "measure_gib": round(traffic["measure"] / 2**30, 2), "flush_gib": round(traffic["flush"] / 2**30, 2),
             "groups": groups[0], "to_host": copies[0], "host_calls": dict(host_calls), "syncs": syncs,
             "layers": loaded.info.n_layers}
+
+
+def _tensors(values):
+    """The tensors among `values`, one level of lists and tuples down (cat's and stack's inputs)."""
+    import torch
+
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, list | tuple):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
+
+
+def _stored_bytes(t) -> int:
+    """Bytes of the elements a tensor addresses: an expanded (stride-0) dimension counts once."""
+    count = 1
+    for size, stride in zip(t.shape, t.stride()):
+        count *= size if stride else 1
+    return count * t.element_size()
 
 
 def main(argv=None) -> None:
@@ -178,6 +209,7 @@ def main(argv=None) -> None:
             for budget in (None, 1):  # a GPU's layer groups; one layer a group
                 found = count_measurement_ops(loaded, ids, group_budget=budget)
                 found["measure_launches_per_layer"] = round(found["measure_launches"] / found["layers"], 1)
+                found["measure_gib_per_layer"] = round(found["measure_gib"] / found["layers"], 2)
                 print(json.dumps({"shape": shape, "tokens": n, **found}), flush=True)
 
 
