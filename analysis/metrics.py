@@ -357,21 +357,52 @@ def mannwhitney_from_parts(u1: float, tie_sum: float, n1: int, n2: int) -> tuple
     return (p if np.isfinite(p) else None), (r if np.isfinite(r) else None)
 
 
-def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = None,
+def compute_kde_t(values: torch.Tensor, grid, chunk: int | None = None,
                   numpy_on_cpu: bool | None = None) -> torch.Tensor:
     """As compute_kde, on values' device, for values [..., n] (leading dims batched, e.g. [layer, curve]: one
     kernel sum for all of them): [..., grid] float64, each curve normalised to its peak, all NaN where degenerate
-    (fewer than 2 values, or all equal): the host turns that into None without a device sync here. On the CPU
-    it is compute_kde itself unless numpy_on_cpu=False (the tests run the torch route there too)."""
+    (fewer than 2 values, or all equal): the host turns that into None. `grid`: numpy or a tensor ([grid]; numpy
+    spares a device its copy back to check the spacing). On the CPU it is compute_kde itself unless
+    numpy_on_cpu=False (the tests run the torch route there too).
+
+    On an evenly spaced grid, where every window of KDE_CUTOFF bandwidths spans under a third of it, each value
+    visits only the grid points of the widest such window (_kde_windowed_t): that width decides the shapes, so
+    it is read on the host (the one device sync), and the traffic is the values times the window, not times
+    the grid (on the Llama shape at 1024 tokens, ~11 GiB of dense kernel sums). Else a dense kernel sum."""
+    host_grid = grid if isinstance(grid, np.ndarray) else grid.cpu().numpy()  # [grid]
     values = values.double()  # [..., n]
-    grid = grid.to(values.device, torch.float64)  # [grid]
     lead, n = values.shape[:-1], values.shape[-1]
     if (NUMPY_ON_CPU if numpy_on_cpu is None else numpy_on_cpu) and values.device.type == "cpu":
-        curves = compute_kde_rows(values.reshape(-1, n).numpy(), grid.numpy())  # [curve, grid]
-        return torch.from_numpy(curves).reshape(*lead, grid.numel())  # [..., grid]
+        curves = compute_kde_rows(values.reshape(-1, n).numpy(), np.asarray(host_grid, dtype=np.float64))
+        return torch.from_numpy(curves).reshape(*lead, host_grid.size)  # [..., grid]
     if n < 2:
-        return torch.full((*lead, grid.numel()), float("nan"), dtype=torch.float64, device=values.device)
-    bandwidth = values.std(dim=-1, correction=1, keepdim=True) * n ** (-1 / 5)  # [..., 1]: tensors, no sync
+        return torch.full((*lead, host_grid.size), float("nan"), dtype=torch.float64, device=values.device)
+    grid = torch.as_tensor(host_grid, dtype=torch.float64, device=values.device)  # [grid]
+    bandwidth = values.std(dim=-1, correction=1, keepdim=True) * n ** (-1 / 5)  # [..., 1]
+    degenerate = (values.amax(dim=-1) == values.amin(dim=-1))[..., None]  # [..., 1] bool
+    step = _even_step(host_grid)
+    width = None
+    if step:  # the widest window, on the host; a degenerate curve (bandwidth 0) spans nothing
+        widest = torch.where(degenerate, 0.0, bandwidth).amax()
+        width = math.ceil(2 * KDE_CUTOFF * float(widest) / step) + 2
+    if width is not None and 3 * width < host_grid.size:
+        density = _kde_windowed_t(values.reshape(-1, n), bandwidth.reshape(-1, 1), float(host_grid[0]), step,
+                                  host_grid.size, width).reshape(*lead, host_grid.size)  # [..., grid]
+    else:
+        density = _kde_dense_t(values, grid, bandwidth, chunk)  # [..., grid]
+    return torch.where(degenerate, torch.full_like(density, float("nan")),
+                       density / density.amax(dim=-1, keepdim=True))  # [..., grid]
+
+
+def _even_step(grid: np.ndarray) -> float | None:
+    """The spacing of an evenly spaced grid (kde_grid's), else None."""
+    step = (grid[-1] - grid[0]) / (grid.size - 1) if grid.size > 1 else 0.0
+    return float(step) if step > 0 and np.allclose(np.diff(grid), step, rtol=1e-9, atol=0) else None
+
+
+def _kde_dense_t(values: torch.Tensor, grid: torch.Tensor, bandwidth: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Every value's kernel at every grid point: [..., grid] float64 sums, not normalised."""
+    lead, n = values.shape[:-1], values.shape[-1]
     scaled_grid = (grid / bandwidth).float()  # [..., grid]
     scaled = (values / bandwidth).float()  # [..., n]
     density = torch.zeros(scaled_grid.shape, dtype=torch.float64, device=values.device)  # [..., grid]
@@ -380,9 +411,40 @@ def compute_kde_t(values: torch.Tensor, grid: torch.Tensor, chunk: int | None = 
     for start in range(0, n, chunk):  # bounded memory: one [..., grid, chunk] float32 block at a time
         z = scaled_grid[..., :, None] - scaled[..., None, start:start + chunk]  # [..., grid, chunk]
         density += z.square_().mul_(-0.5).exp_().sum(dim=-1, dtype=torch.float64)  # float32 kernels, f64 sums
-    degenerate = (values.amax(dim=-1) == values.amin(dim=-1))[..., None]  # [..., 1] bool
-    return torch.where(degenerate, torch.full_like(density, float("nan")),
-                       density / density.amax(dim=-1, keepdim=True))  # [..., grid]
+    return density
+
+
+def _kde_windowed_t(values: torch.Tensor, bandwidth: torch.Tensor, start: float, step: float, n_grid: int,
+                    width: int) -> torch.Tensor:
+    """_kde_windowed's sums in torch: values [curve, n] float64, bandwidth [curve, 1], an even grid of n_grid
+    points from `start` by `step`; each value visits the `width` grid points from the first one within
+    KDE_CUTOFF bandwidths below it. [curve, grid] float64, not normalised.
+
+    Deterministic (no scatter, whose float64 atomics would sum in a different order at every run): sorted,
+    the values that share a first grid point are contiguous, so each (first point, offset) sum is a difference
+    of prefix sums; a grid point adds its `width` offsets' sums."""
+    n_curves, n = values.shape
+    device = values.device
+    offsets = torch.arange(width, device=device)  # [width]
+    points = torch.arange(-width, n_grid + 1, device=device)  # [J]: every first point a value can have
+    # a grid point g gathers offset w from first point g - w, at index g - w + width of `points`
+    at = torch.arange(n_grid, device=device)[:, None] - offsets[None, :] + width  # [grid, width]
+    out = []
+    per_chunk = max(1, KDE_CHUNK * KDE_POINTS // (n * width))  # bounded memory: [curves, n, width] float64 blocks
+    for lo in range(0, n_curves, per_chunk):
+        rows, h = torch.sort(values[lo:lo + per_chunk], dim=-1).values, bandwidth[lo:lo + per_chunk]  # [c, n], [c, 1]
+        first = torch.floor((rows - KDE_CUTOFF * h - start) / step).clamp_(-width, n_grid)  # [c, n], sorted
+        base = (start + first * step - rows) / h  # [c, n]: from the value to its first grid point, in bandwidths
+        z = (base[..., None] + offsets * (step / h)[..., None]).float()  # [c, n, width]
+        kernels = z.square_().mul_(-0.5).exp_()  # [c, n, width] float32 kernels
+        prefix = torch.nn.functional.pad(kernels.cumsum(dim=1, dtype=torch.float64), (0, 0, 1, 0))  # [c, n + 1, w]
+        first = first.long().contiguous()  # [c, n]
+        bounds = points.expand(first.shape[0], -1).contiguous()  # [c, J]
+        below = torch.searchsorted(first, bounds, right=False)[..., None].expand(-1, -1, width)  # [c, J, w]: < j
+        upto = torch.searchsorted(first, bounds, right=True)[..., None].expand(-1, -1, width)  # [c, J, w]: <= j
+        sums = prefix.gather(1, upto) - prefix.gather(1, below)  # [c, J, width]: the values of each first point
+        out.append(sums[:, at, offsets].sum(dim=-1))  # [c, grid, width] -> [c, grid]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def compute_qk_measures_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
@@ -429,7 +491,7 @@ def compute_spread_measures_t(measures: dict[str, torch.Tensor], n_tokens: int) 
             torch.cat([measures["diff_head_dp"], measures["diff_head_dp_centered"]]))  # [2 * layer, 2]
         out["mannwhitney"], out["mannwhitney_centered"] = parts[:n_layers], parts[n_layers:]
     if n_tokens >= 3 and "final_to_prev" in measures:  # the read-outs of pattern layers
-        grid = torch.from_numpy(kde_grid()).to(same.device)  # [300]
+        grid = kde_grid()  # [300] on the host: compute_kde_t reads its spacing there
         curves = ("final_to_prev", "self_attention")
         groups = [curves] if len({measures[name].shape[-1] for name in curves}) == 1 else [(name,) for name in curves]
         for group in groups:  # equal lengths: one kernel sum for both

@@ -258,6 +258,37 @@ def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():
     assert np.isnan(batched[-1]).all()  # all equal: degenerate
 
 
+def test_device_kde_of_narrow_values_takes_the_window_and_equals_scipy(monkeypatch):
+    """The torch route's windowed sums (the widest window under a third of the grid) equal scipy, each row of a batch
+    equals its curve alone, a degenerate row stays NaN, and with the window forced off (dense) the curves agree."""
+    from analysis import metrics
+    from analysis.metrics import compute_kde_t
+
+    rng = np.random.default_rng(8)
+    grid = kde_grid()
+    rows = np.stack([np.abs(rng.normal(0, scale, 3000)) for scale in (1e-3, 1e-2, 3e-2)] + [np.full(3000, 0.5)])
+    windows = []
+    windowed = metrics._kde_windowed_t
+
+    def spy(values, bandwidth, start, step, n_grid, width):
+        windows.append(width)
+        return windowed(values, bandwidth, start, step, n_grid, width)
+
+    monkeypatch.setattr(metrics, "_kde_windowed_t", spy)
+    batched = compute_kde_t(torch.from_numpy(rows), grid, numpy_on_cpu=False).numpy()  # [curve, grid]
+    assert len(windows) == 1 and 2 < windows[0] < grid.size / 3  # the batch's widest window: its widest curve's
+    for values, curve in zip(rows[:3], batched):
+        expected = stats.gaussian_kde(values)(grid)
+        np.testing.assert_allclose(curve, expected / expected.max(), rtol=0, atol=1e-7)
+        alone = compute_kde_t(torch.from_numpy(values), grid, numpy_on_cpu=False).numpy()
+        np.testing.assert_allclose(curve, alone, rtol=0, atol=1e-12)
+    assert np.isnan(batched[-1]).all()
+    monkeypatch.setattr(metrics, "KDE_CUTOFF", 1e6)  # every window wider than the grid: the dense sums
+    dense = compute_kde_t(torch.from_numpy(rows[:3]), grid, numpy_on_cpu=False).numpy()
+    assert len(windows) == 4  # three single curves above, none here
+    np.testing.assert_allclose(dense, batched[:3], rtol=0, atol=1e-7)
+
+
 def test_both_dot_products_at_once_equal_two_calls(qk):
     from analysis.metrics import compute_both_dot_products_t, compute_dot_products_t
 
