@@ -15,10 +15,11 @@ copy to the host). It also counts the copies to the host (calls of
 patterns.to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder) and the device syncs of `.item()`.
 tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to the bounds stated there.
 
-`measure_gib`: the memory traffic of those operations, each one's tensors read and written once (an expanded
-input counted at its own size; a GEMM with a beta=1 input adds the copy of that input into its output and the
-read of it back): what bounds a GPU's time at a few thousand tokens, where the T x T blocks are the traffic. The
-blocks have the real head counts and lengths, so the figure is the real shapes' less their q, k and v widths.
+`measure_gib`, `flush_gib`: the memory traffic of those operations, each one's tensors read and written once
+(an expanded input counted at its own size; a gather what it returns, read and written; a GEMM with a beta=1
+input adds the copy of that input into its output and the read of it back): what bounds a GPU's time at a few
+thousand tokens, where the T x T blocks are the traffic. The blocks have the real head counts and lengths, so
+the figure is the real shapes' less their q, k and v widths.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"gpt2-small": (12, 12, 12), "llama-0.7b": (16, 32, 8)}  # layers, query heads, key heads
+GATHERS = ("aten.index", "aten.gather", "aten.index_select")  # traffic: their output twice, not their source
 D_HEAD = 8
 REAL_D_HEAD = 64  # both shapes' head width: capture.GROUP_BUDGET counts q, k, v and output bytes, which scale with it
 
@@ -99,6 +101,8 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             if not func.is_view:
                 launches[self.phase][name] += 1
                 tensors = [*_tensors(args), *_tensors((kwargs or {}).values()), *_tensors([result])]
+                if name in GATHERS:  # reads only what it returns (and its indices), not its whole source
+                    tensors = [*tensors[1:], *_tensors([result])]
                 traffic[self.phase] += sum(map(_stored_bytes, tensors))
                 if name in ("aten.baddbmm", "aten.addmm") and (kwargs or {}).get("beta", 1) != 0:
                     traffic[self.phase] += 2 * _stored_bytes(result)  # its input copied in, then read back
