@@ -358,8 +358,10 @@ def capturing_mask(**kwargs):
     from transformers.masking_utils import eager_mask, sdpa_mask
 
     recorder = _RECORDER.get()
-    if recorder is not None and not getattr(kwargs.get("config"), "attn_logit_softcapping", None) and recorder.fused(
-            kwargs["batch_size"], recorder.n_heads, kwargs["kv_length"], torch.device(kwargs.get("device", "cpu"))):
+    batch, n = kwargs.get("batch_size"), kwargs.get("kv_length")  # eager's mask (which sdpa also reads) without them
+    if recorder is not None and batch is not None and n is not None and not getattr(
+            kwargs.get("config"), "attn_logit_softcapping", None) and recorder.fused(
+            batch, recorder.n_heads, n, torch.device(kwargs.get("device", "cpu"))):
         recorder.sdpa_masks = True
         return sdpa_mask(**kwargs)
     return eager_mask(**kwargs)

@@ -430,7 +430,8 @@ def _kde_windowed_t(values: torch.Tensor, bandwidth: torch.Tensor, start: float,
     # a grid point g gathers offset w from first point g - w, at index g - w + width of `points`
     at = torch.arange(n_grid, device=device)[:, None] - offsets[None, :] + width  # [grid, width]
     out = []
-    per_chunk = max(1, KDE_CHUNK * KDE_POINTS // (n * width))  # bounded memory: [curves, n, width] float64 blocks
+    # bounded memory: [curves, n, width] blocks of float32 kernels and float64 prefix sums, ~120 MiB on a GPU
+    per_chunk = max(1, (KDE_CHUNK if device.type == "cpu" else 2**15) * KDE_POINTS // (n * width))
     for lo in range(0, n_curves, per_chunk):
         rows, h = torch.sort(values[lo:lo + per_chunk], dim=-1).values, bandwidth[lo:lo + per_chunk]  # [c, n], [c, 1]
         first = torch.floor((rows - KDE_CUTOFF * h - start) / step).clamp_(-width, n_grid)  # [c, n], sorted
