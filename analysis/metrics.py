@@ -137,7 +137,8 @@ def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
             z *= -0.5
             np.exp(z, out=z)  # float32 kernels (~1e-7 relative), summed in float64
             density[wide] += z.sum(axis=2, dtype=np.float64)
-    out[live] = density / density.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # every kernel below float32's range at every grid point: 0/0, NaN, no curve
+        out[live] = density / density.max(axis=1, keepdims=True)
     return out
 
 

@@ -258,6 +258,21 @@ def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():
     assert np.isnan(batched[-1]).all()  # all equal: degenerate
 
 
+def test_kde_between_grid_points_is_none_without_a_warning():
+    """Values so narrow that every kernel underflows at every grid point (a random model's uniform attention at
+    1024 tokens) draw no curve, as scipy's all-zero density would not, and print nothing (the CLI's stderr)."""
+    import warnings
+
+    from analysis.metrics import compute_kde_t
+
+    values = 0.0015 + np.random.default_rng(9).normal(0, 1e-7, 1000)  # between grid points 0 and 1/299
+    assert not stats.gaussian_kde(values)(kde_grid()).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compute_kde(values, kde_grid()) is None
+        assert np.isnan(compute_kde_t(torch.from_numpy(values), kde_grid(), numpy_on_cpu=False).numpy()).all()
+
+
 def test_device_kde_of_narrow_values_takes_the_window_and_equals_scipy(monkeypatch):
     """The torch route's windowed sums (the widest window under a third of the grid) equal scipy, each row of a batch
     equals its curve alone, a degenerate row stays NaN, and with the window forced off (dense) the curves agree."""
