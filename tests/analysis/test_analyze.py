@@ -35,13 +35,18 @@ def test_every_field_equals_the_notebook(gpt2, text, layer):
 
 @pytest.mark.parametrize("text", [FIJI, REPEATS])
 def test_the_gpu_route_equals_the_notebook_too(gpt2, text, monkeypatch):
-    """What a GPU runs (the KDE and the Mann-Whitney ranks in torch, the fused sdpa kernel), here on the CPU."""
+    """What a GPU runs (the KDE and the Mann-Whitney ranks in torch, the fused sdpa kernel with its causal flag, the
+    entropy from the pattern), here on the CPU."""
     import importlib
 
     from analysis.metrics import compute_mannwhitney
 
+    expected_scores = analyze(gpt2, text, layers=[0, 6]).head_scores  # the CPU's routes
     monkeypatch.setattr(importlib.import_module("analysis.metrics"), "NUMPY_ON_CPU", False)
+    monkeypatch.setitem(importlib.import_module("analysis.patterns").ENTROPY_FROM_SCORES, "cpu", False)
     result = analyze(gpt2, text, layers=[0, 6], attention="sdpa")
+    for name, values in expected_scores.items():
+        np.testing.assert_allclose(result.head_scores[name], values, rtol=0, atol=1e-5, err_msg=name)
     for layer in (0, 6):
         measured, notebook = result.layers[layer], run_notebook(gpt2.model, gpt2.tokenizer, text, layer)
         for name in FIELDS:
