@@ -395,6 +395,11 @@ def compute_kde_t(values: torch.Tensor, grid, chunk: int | None = None,
                        density / density.amax(dim=-1, keepdim=True))  # [..., grid]
 
 
+def _kde_values(device: torch.device) -> int:
+    """Values whose kernels at every grid point one dense block of the torch KDE holds, all curves together."""
+    return KDE_CHUNK if device.type == "cpu" else 2**17
+
+
 def _even_step(grid: np.ndarray) -> float | None:
     """The spacing of an evenly spaced grid (kde_grid's), else None."""
     step = (grid[-1] - grid[0]) / (grid.size - 1) if grid.size > 1 else 0.0
@@ -408,7 +413,7 @@ def _kde_dense_t(values: torch.Tensor, grid: torch.Tensor, bandwidth: torch.Tens
     scaled = (values / bandwidth).float()  # [..., n]
     density = torch.zeros(scaled_grid.shape, dtype=torch.float64, device=values.device)  # [..., grid]
     if chunk is None:  # a GPU takes [300, 131072] float32 (150 MiB) in one go, shared by the curves
-        chunk = max(1, (KDE_CHUNK if values.device.type == "cpu" else 2**17) // max(1, math.prod(lead)))
+        chunk = max(1, _kde_values(values.device) // max(1, math.prod(lead)))
     for start in range(0, n, chunk):  # bounded memory: one [..., grid, chunk] float32 block at a time
         z = scaled_grid[..., :, None] - scaled[..., None, start:start + chunk]  # [..., grid, chunk]
         density += z.square_().mul_(-0.5).exp_().sum(dim=-1, dtype=torch.float64)  # float32 kernels, f64 sums
@@ -431,8 +436,9 @@ def _kde_windowed_t(values: torch.Tensor, bandwidth: torch.Tensor, start: float,
     # a grid point g gathers offset w from first point g - w, at index g - w + width of `points`
     at = torch.arange(n_grid, device=device)[:, None] - offsets[None, :] + width  # [grid, width]
     out = []
-    # bounded memory: [curves, n, width] blocks of float32 kernels and float64 prefix sums, ~120 MiB on a GPU
-    per_chunk = max(1, (KDE_CHUNK if device.type == "cpu" else 2**15) * KDE_POINTS // (n * width))
+    # bounded memory: [curves, n, width] blocks of float32 kernels and float64 prefix sums, a quarter of the dense
+    # route's [grid, values] elements (~110 MiB on a GPU)
+    per_chunk = max(1, _kde_values(device) * KDE_POINTS // 4 // (n * width))
     for lo in range(0, n_curves, per_chunk):
         rows, h = torch.sort(values[lo:lo + per_chunk], dim=-1).values, bandwidth[lo:lo + per_chunk]  # [c, n], [c, 1]
         first = torch.floor((rows - KDE_CUTOFF * h - start) / step).clamp_(-width, n_grid)  # [c, n], sorted
