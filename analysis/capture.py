@@ -51,9 +51,10 @@ ATTENTION_ROUTES = ("auto", "eager", "sdpa")
 BAD_ROUTE = "Unknown attention route '{route}': use one of " + ", ".join(ATTENTION_ROUTES) + "."
 # The numbers wait on the device for one batched measurement and one copy to the host after the pass; a layer's
 # dot products are ~16 MiB at 4096 tokens on a Llama shape, so on a GPU they go earlier once the waiting ones pass
-# these bytes (a sixth of WORK_BUDGET: the batched sort needs a few times their size). None: only after the pass
-# (the CPU's memory is the host's).
-PENDING_BUDGET = {"cpu": None, "cuda": WORK_BUDGET["cuda"] // 6}
+# these bytes (a twelfth of WORK_BUDGET: the batched Mann-Whitney sort and ranks take about seven times their size,
+# so the flush's peak stays under the blocks': benchmarks/op_count.py's peak_mib, 262 MiB on the Llama shape at
+# 4096 tokens against 468 with a sixth). None: only after the pass (the CPU's memory is the host's).
+PENDING_BUDGET = {"cpu": None, "cuda": WORK_BUDGET["cuda"] // 12}
 # Consecutive layers that share a mask, scaling and shapes are measured as one group while their float32 q, k
 # (repeated to the query heads), v and output and their eager weights fit these bytes per text: stacked along a
 # layer dimension, one set of operations for all of them (patterns.reduce_pattern, metrics.compute_qk_measures_t),

@@ -19,7 +19,9 @@ tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to
 (an expanded input counted at its own size; a gather what it returns, read and written; a GEMM with a beta=1
 input adds the copy of that input into its output and the read of it back): what bounds a GPU's time at a few
 thousand tokens, where the T x T blocks are the traffic. The blocks have the real head counts and lengths, so
-the figure is the real shapes' less their q, k and v widths.
+the figure is the real shapes' less their q, k and v widths. `peak_mib`: the most bytes the tensors those
+operations made held at once (the device memory the measurement adds to the pass, less the model's own q, k, v
+and outputs that its groups hold), counted the same way.
 """
 
 from __future__ import annotations
@@ -76,11 +78,13 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     """{"measure": operations measuring the layers, "flush": after the pass, "measure_launches"/"flush_launches":
     those that are not views (kernels on a GPU), "groups": layer groups measured, "to_host": calls of
     patterns.to_host, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
-    syncs), "syncs": aten.item dispatches, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not
-    kept, with a GPU's sizes and routes
-    (capture.WORK_BUDGET, capture.GROUP_BUDGET, metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS,
-    patterns.ENTROPY_FROM_SCORES). `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group)."""
+    syncs), "syncs": aten.item dispatches, "measure_gib"/"flush_gib": their memory traffic, "peak_mib": the most
+    their tensors held at once, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not kept,
+    with a GPU's sizes and routes (capture.WORK_BUDGET, capture.GROUP_BUDGET, capture.HOLD_BUDGET,
+    capture.PENDING_BUDGET, metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS, patterns.ENTROPY_FROM_SCORES).
+    `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group)."""
     import importlib
+    import weakref
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -106,17 +110,30 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
                 traffic[self.phase] += sum(map(_stored_bytes, tensors))
                 if name in ("aten.baddbmm", "aten.addmm") and (kwargs or {}).get("beta", 1) != 0:
                     traffic[self.phase] += 2 * _stored_bytes(result)  # its input copied in, then read back
+                inputs = {t.untyped_storage().data_ptr() for t in _tensors(args)}
+                for t in _tensors([result]):  # a new tensor: alive until it is collected (its views hold it)
+                    key = t.untyped_storage().data_ptr()
+                    if key not in inputs and key not in alive:  # not an in-place result
+                        alive[key] = t.untyped_storage().nbytes()
+                        memory[0] += alive[key]
+                        memory[1] = max(memory[1], memory[0])
+                        weakref.finalize(t, release, key)
             return result
+
+    def release(key):
+        memory[0] -= alive.pop(key, 0)
 
     phases = {"measure": Counter(), "flush": Counter()}
     launches = {"measure": Counter(), "flush": Counter()}  # the operations that are not views: kernels on a GPU
     traffic = {"measure": 0, "flush": 0}  # bytes those operations read and write
+    alive, memory = {}, [0, 0]  # storages they made and still alive: bytes now, the peak
     copies, groups = [0], [0]
     methods = {"record": "measure", "measure_groups": "measure", "measure_group": "measure",
                "flush": "flush"}  # recorder method -> phase
     originals = {name: getattr(capture._Recorder, name) for name in methods}
     original_to_host, original_numpy = capture.to_host, metrics.NUMPY_ON_CPU
-    budgets = {name: dict(getattr(capture, name)) for name in ("WORK_BUDGET", "GROUP_BUDGET", "HOLD_BUDGET")}
+    budgets = {name: dict(getattr(capture, name)) for name in ("WORK_BUDGET", "GROUP_BUDGET", "HOLD_BUDGET",
+                                                                "PENDING_BUDGET")}
     patterns = importlib.import_module("analysis.patterns")
     cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, dict(patterns.ENTROPY_FROM_SCORES)
 
@@ -159,6 +176,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         capture.GROUP_BUDGET["cpu"] = group_budget or (  # its layer groups (of 64-wide heads: the real shapes'),
             capture.GROUP_BUDGET["cuda"] * D_HEAD // REAL_D_HEAD)
         capture.HOLD_BUDGET["cpu"] = capture.HOLD_BUDGET["cuda"]  # measured as they close,
+        capture.PENDING_BUDGET["cpu"] = capture.PENDING_BUDGET["cuda"]  # its numbers sent early past its budget,
         metrics.KDE_CHUNK = 2**17  # its KDE blocks,
         patterns.CAUSAL_ROWS = 2**30  # no short causal blocks (a CPU's),
         patterns.ENTROPY_FROM_SCORES["cpu"] = patterns.ENTROPY_FROM_SCORES["cuda"]  # and its route to the entropy
@@ -177,6 +195,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     return {**{name: sum(counter.values()) for name, counter in phases.items()},
             **{f"{name}_launches": sum(counter.values()) for name, counter in launches.items()},
             "measure_gib": round(traffic["measure"] / 2**30, 2), "flush_gib": round(traffic["flush"] / 2**30, 2),
+            "peak_mib": round(memory[1] / 2**20, 1),
             "groups": groups[0], "to_host": copies[0], "host_calls": dict(host_calls), "syncs": syncs,
             "layers": loaded.info.n_layers}
 
