@@ -367,6 +367,46 @@ def test_the_sdpa_route_rebuilds_what_the_fused_kernel_used(family_path):
         np.testing.assert_allclose(fused.head_scores[score], values, atol=1e-4, err_msg=score)
 
 
+def test_a_gpus_settings_on_the_cpu_give_the_cpus_numbers(family_path, monkeypatch):
+    """Everything a GPU changes, at once on the CPU (no GPU runs in the tests): the fused kernel with sdpa's masks,
+    the entropy from the pattern, the torch KDE (windowed) and Mann-Whitney ranks, a GPU's blocks, layer groups,
+    immediate measuring and early copies to the host. Every number stays within sdpa's rounding of the CPU's."""
+    import importlib
+
+    from analysis.results import DP_ARRAYS, DP_FLOATS
+
+    name, path = family_path
+    loaded = load_model(str(path))
+    expected = analyze(loaded, FIJI)  # the CPU's routes
+    capture_module, metrics, patterns = (importlib.import_module(f"analysis.{module}")
+                                         for module in ("capture", "metrics", "patterns"))
+    monkeypatch.setattr(metrics, "NUMPY_ON_CPU", False)
+    for budget in ("WORK_BUDGET", "GROUP_BUDGET", "HOLD_BUDGET", "PENDING_BUDGET"):
+        monkeypatch.setitem(getattr(capture_module, budget), "cpu", getattr(capture_module, budget)["cuda"])
+    monkeypatch.setitem(capture_module.PENDING_BUDGET, "cpu", 1)  # tiny models: a copy after every group
+    monkeypatch.setitem(patterns.ENTROPY_FROM_SCORES, "cpu", patterns.ENTROPY_FROM_SCORES["cuda"])
+    monkeypatch.setattr(patterns, "CAUSAL_ROWS", 2**30)
+    got = analyze(loaded, FIJI, attention="sdpa")
+    assert sorted(got.layers) == sorted(expected.layers)
+    for layer, want in expected.layers.items():
+        have = got.layers[layer]
+        assert have.parity_max_abs_err <= EXACT, (name, layer)
+        for field in (*ARRAY_FIELDS, *DP_ARRAYS):
+            source = (have, want) if field in ARRAY_FIELDS else (have.dp_stats, want.dp_stats)
+            wanted = getattr(source[1], field)
+            scale = max(1.0, float(np.abs(wanted).max(initial=0)))
+            np.testing.assert_allclose(getattr(source[0], field), wanted, rtol=0, atol=1e-4 * scale,
+                                       err_msg=f"{name} layer {layer} {field}")
+        assert (have.kde is None) == (want.kde is None), (name, layer)
+        for curve in () if want.kde is None else ("final_to_prev", "self_attention"):
+            np.testing.assert_allclose(have.kde[curve], want.kde[curve], rtol=0, atol=1e-3, err_msg=curve)
+        for field in DP_FLOATS:  # rank statistics: equal unless two dot products tie to sdpa's rounding
+            if getattr(want.dp_stats, field) is not None:
+                assert getattr(have.dp_stats, field) == pytest.approx(getattr(want.dp_stats, field), abs=0.05)
+    for score, values in expected.head_scores.items():
+        np.testing.assert_allclose(got.head_scores[score], values, rtol=0, atol=1e-4, err_msg=score)
+
+
 @pytest.mark.parametrize("name, masks", [("llama", {"none"}), ("mistral", {"bool"}), ("gemma2", {"float32"})])
 def test_the_fused_route_gets_sdpas_masks_and_rebuilds_them(family_paths, tmp_path_factory, monkeypatch, name, masks):
     """On the fused route the kernel gets sdpa's own masks: None where its causal flag does the masking (no T x T
