@@ -75,7 +75,8 @@ def build_small(shape: str, n_layers: int | None = None):
 
 def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bool = False,
                           group_budget: int | None = None) -> dict:
-    """{"measure": operations measuring the layers, "flush": after the pass, "measure_launches"/"flush_launches":
+    """{"measure": operations measuring the layers (in the pass, early copies to the host included), "flush": after
+    the pass, "measure_launches"/"flush_launches":
     those that are not views (kernels on a GPU), "groups": layer groups measured, "to_host": calls of
     patterns.to_host, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
     syncs), "syncs": aten.item dispatches, "measure_gib"/"flush_gib": their memory traffic, "peak_mib": the most
