@@ -121,10 +121,10 @@ def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     bandwidth = values.std(axis=1, ddof=1) * n ** (-1 / 5)  # [live]
     scaled_grid = (grid[None] / bandwidth[:, None]).astype(np.float32)  # [live, grid]
     scaled = (values / bandwidth[:, None]).astype(np.float32)  # [live, n]
-    step = (grid[-1] - grid[0]) / (grid.size - 1) if grid.size > 1 else 0.0
-    even = step > 0 and np.allclose(np.diff(grid), step, rtol=1e-9, atol=0)
-    widths = np.ceil(2 * KDE_CUTOFF * bandwidth / step).astype(np.int64) + 2 if even else np.full(len(values), n)
-    narrow = 3 * widths < grid.size  # [live]: its gathers cost ~3x a dense kernel: worth it below a third of the grid
+    step = _even_step(grid)  # None: an uneven grid, every curve dense
+    widths = np.ceil(2 * KDE_CUTOFF * bandwidth / (step or 1.0)).astype(np.int64) + 2  # [live]
+    narrow = (3 * widths < grid.size) & (step is not None)  # [live]: its gathers cost ~3x a dense kernel: worth it
+    # below a third of the grid
     density = np.zeros(scaled_grid.shape)  # [live, grid]
     if narrow.any():
         density[narrow] = _kde_windowed(values[narrow], grid, bandwidth[narrow], step, widths[narrow])  # [narrow, grid]

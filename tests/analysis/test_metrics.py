@@ -252,6 +252,10 @@ def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():
     uneven = np.sort(rng.uniform(0, 1, 50))  # [grid]
     expected = stats.gaussian_kde(rows[0])(uneven)
     np.testing.assert_allclose(compute_kde(rows[0], uneven), expected / expected.max(), rtol=0, atol=1e-6)
+    few = rng.normal(0.5, 0.1, 20)  # few values on an uneven grid: dense too (windows need even steps)
+    uneven = np.sort(rng.uniform(0, 1, 300))  # [grid]
+    expected = stats.gaussian_kde(few)(uneven)
+    np.testing.assert_allclose(compute_kde(few, uneven), expected / expected.max(), rtol=0, atol=1e-6)
     batched = compute_kde_rows(np.concatenate([rows, np.full((1, 3000), 0.5)]), grid)  # [curve + 1, grid]
     for values, curve in zip(rows, batched):
         np.testing.assert_allclose(curve, compute_kde(values, grid), rtol=0, atol=1e-12)
