@@ -83,19 +83,17 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     parity = None  # [layer] float32, where there is something to compare with
     first_key, diagonal, entropy, final_row = [], [], [], None  # blocks of [head, rows] float32
     kept = np.empty((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
-    square = None  # [1, rows, rows] additive: a causal block's own keys, made once where the mask is None
+    # the kernel's causal flag (no mask): every key before a block is seen, within it keys up to the row
+    square = None if mask is not None or not causal else torch.full(
+        (1, rows, rows), torch.finfo(torch.float32).min, device=q.device).triu_(1)  # [1, rows, rows] additive
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         # a causal block's rows can only attend to keys 0..stop-1: the rest of its rows is 0, not rebuilt
         width = stop if causal else n
         if mask is not None:
             block_mask = mask[:, start:stop, :width]  # [1, rows, width]
-        elif causal:  # the kernel's causal flag: every key before the block is seen, within it keys up to the row
-            if square is None:
-                square = torch.full((1, rows, rows), torch.finfo(torch.float32).min, device=q.device).triu_(1)
-            block_mask = square[:, :stop - start, :stop - start]  # [1, rows, rows]: the last `rows` keys of the block
-        else:
-            block_mask = None
+        else:  # [1, rows, rows]: on the block's last `rows` keys; or no mask at all
+            block_mask = None if square is None else square[:, :stop - start, :stop - start]
         if from_scores:  # [head, rows, width] x 2, [head, rows]: softmax, scores less the row's max, max weight
             pattern, shifted, largest = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap,
                                                 with_scores=True)
