@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from analysis import metrics
+from analysis.batched import TextsPlan, compute_qk_texts_t, reduce_scores_texts
 from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan
 from analysis.metrics import SPREAD_INPUTS, compute_pattern, compute_qk_measures_t, compute_spread_measures_t
@@ -67,9 +68,15 @@ GROUP_BUDGET = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
 # on the CPU, measuring between the forward's layers was slower (GPT-2's shape, 64 tokens: ~3 ms of ~17); on a GPU
 # at once, so that its work overlaps the forward's next layers.
 HOLD_BUDGET = {"cpu": 32 * 2**20, "cuda": 0}
+# A corpus pass (every layer's q/k measurements and head-score sums, no read-outs) is measured for all its texts at
+# once on a GPU, where a few dozen launches per text cost more than the batched forward pass itself
+# (analysis.batched; a pass of one text has fewer operations text by text); text by text on the CPU, where each
+# text's numbers are then bit-equal whatever its batch.
+TEXTS_AT_ONCE = {"cpu": False, "cuda": True}
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
 MEASURE_NAMES = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "same_head_dp_centered",
-                 "diff_head_dp_centered", "mannwhitney", "mannwhitney_centered")  # what Capture.measures can hold
+                 "diff_head_dp_centered", "mannwhitney", "mannwhitney_centered", "dp_counts")  # what Capture.measures
+# can hold (a corpus pass measured at once keeps the Mann-Whitney parts and the groups' sizes, not the dot products)
 QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), so use 0..{last} (or -1..-{n} "
                "counting from the end).")
 QUERY_DEFAULTS = {True: "the final token (default for causal models)",
@@ -188,6 +195,7 @@ class _Recorder:
     pending: int = 0  # bytes of device tensors waiting for the host
     groups: list[_Group] = field(default_factory=list)  # closed, then the open one: waiting to be measured
     held: int = 0  # their bytes, every text of the batch (GROUP_BUDGET's measure)
+    plans: dict = field(default_factory=dict)  # (first text, last + 1, device) -> TextsPlan (TEXTS_AT_ONCE)
 
     def fused(self, batch: int, heads: int, n: int, device: torch.device) -> bool:
         """Whether a layer of `heads` heads over a [batch, n] pass on `device` runs the fused sdpa kernel."""
@@ -225,11 +233,23 @@ class _Recorder:
         self.groups, self.held = [], 0
 
     def measure_group(self, group: _Group) -> None:
-        """Measure a group's layers as one [layer, ...] stack, text by text."""
+        """Measure a group's layers as one [layer, ...] stack: text by text, or a corpus group's texts at once
+        where TEXTS_AT_ONCE says so; past PENDING_BUDGET the waiting numbers go to the host."""
+        device = group.layers[0][1].device
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        layers = tuple(entry[0] for entry in group.layers)
+        if self.measure_all and not group.wanted and not self.keep_qk and len(self.texts) > 1 and TEXTS_AT_ONCE[kind]:
+            self.measure_texts(group, layers, work_budget(device))
+        else:
+            self.measure_each(group, layers, work_budget(device))
+        budget = PENDING_BUDGET[kind]
+        if budget is not None and self.pending > budget:  # bounded device memory
+            self.flush()
+
+    def measure_each(self, group: _Group, layers: tuple[int, ...], budget: int) -> None:
+        """Measure a group's layers text by text, each on its own positions."""
         attention_mask, wanted, entries = group.mask, group.wanted, group.layers
-        layers = tuple(entry[0] for entry in entries)
         device = entries[0][1].device
-        budget = work_budget(device)
 
         def stacked(index: int, where: tuple) -> torch.Tensor | None:
             """[layer, ...]: every layer's tensor `index` at `where`, stacked (a view for a single layer)."""
@@ -277,9 +297,40 @@ class _Recorder:
                 text.measured.append(layers)
             text.device.update({(layers, name): tensor for name, tensor in found.items()})
             self.pending += sum(tensor.numel() for tensor in found.values()) * 8  # bytes waiting for the host
-        budget = PENDING_BUDGET["cuda" if device.type == "cuda" else "cpu"]
-        if budget is not None and self.pending > budget:  # bounded device memory
-            self.flush()
+
+    def measure_texts(self, group: _Group, layers: tuple[int, ...], budget: int) -> None:
+        """Measure a corpus group's layers for every text of the batch at once (analysis.batched), in chunks of
+        texts whose float64 dot products and their ranks fit `budget`."""
+        q = torch.stack([entry[1] for entry in group.layers], dim=1)  # [batch, layer, head, W, d_head]
+        k = torch.stack([entry[2] for entry in group.layers], dim=1)  # [batch, layer, kv_head, W, d_head]
+        n_texts, n_layers, n_heads, width = q.shape[:4]
+        per_text = 64 * n_layers * n_heads * k.shape[2] * width  # bytes: 8 float64 or int64 [layer, 2, h, g, W]
+        size = max(1, budget // per_text)
+        for first in range(0, n_texts, size):
+            chunk = slice(first, min(n_texts, first + size))
+            plan = self.texts_plan(chunk, width, q.device)
+            mask = group.mask
+            if mask is not None and mask.shape[0] > 1:
+                mask = mask[chunk]  # [text, 1, W, W]
+            parts, fixed = reduce_scores_texts(q[chunk], k[chunk], group.scaling, mask, group.softcap, plan, budget,
+                                               self.causal)  # [text, layer, ...] each
+            found = {"parts": parts, "fixed": fixed}
+            if self.measure:
+                found.update(compute_qk_texts_t(q[chunk], k[chunk], plan))
+            for b, text in enumerate(self.texts[chunk]):
+                text.device.update({(layers, name): tensor[b] for name, tensor in found.items()})
+            self.pending += sum(tensor.numel() for tensor in found.values()) * 8  # bytes waiting for the host
+
+    def texts_plan(self, chunk: slice, width: int, device: torch.device) -> TextsPlan:
+        """The TextsPlan of the batch's texts `chunk`, made once per pass."""
+        key = (chunk.start, chunk.stop, device)
+        if key not in self.plans:
+            texts = self.texts[chunk]
+            self.plans[key] = TextsPlan.build(
+                [(text.ids, text.span, self.query_position % text.ids.size if text.query_position is None
+                  else text.query_position, text.skip) for text in texts], width, self.exclude_first_token,
+                self.causal, device)
+        return self.plans[key]
 
     def flush(self) -> None:
         """Measure the waiting groups of every text at once (compute_spread_measures_t: one sort, one kernel sum)

@@ -26,7 +26,7 @@ import torch
 from analysis.capture import EAGER_BUDGET, Capture, TextInput, resolve_query, run_pass, text_input, to_capture
 from analysis.errors import HeadscopeError
 from analysis.loading import LoadedModel
-from analysis.metrics import compute_qk_measures_t, key_head_of
+from analysis.metrics import compute_qk_measures_t, key_head_of, mannwhitney_from_parts
 from analysis.patterns import to_host
 from analysis.pipeline import (
     BAD_BATCH_SIZE,
@@ -166,8 +166,12 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
             qk["q_mean"][layer], qk["q_std"][layer] = found["q_means"], found["q_stds"]
             qk["k_mean"][layer], qk["k_std"][layer] = found["k_means"][groups], found["k_stds"][groups]  # [head]
         for name, suffix in zip(LAYER_MEASURES, ("", "_centered")):
-            _, r = measured_mannwhitney(found, "mannwhitney" + suffix, found["same_head_dp" + suffix],
-                                        found["diff_head_dp" + suffix])
+            if "dp_counts" in found:  # measured with the pass's other texts (analysis.batched): U and the sizes
+                (u1, tie_sum), (n1, n2) = found["mannwhitney" + suffix], found["dp_counts"]
+                _, r = mannwhitney_from_parts(u1, tie_sum, int(n1), int(n2)) if n1 and n2 else (None, None)
+            else:
+                _, r = measured_mannwhitney(found, "mannwhitney" + suffix, found["same_head_dp" + suffix],
+                                            found["diff_head_dp" + suffix])
             layer_values[name][layer] = np.nan if r is None else r
     return {**heads, **qk}, layer_values
 

@@ -327,22 +327,29 @@ def _same_and_diff(dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return same.flatten(-2), diff.flatten(-3)
 
 
-def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor, padded: bool = False) -> torch.Tensor:
     """The Mann-Whitney U of same vs diff and its tie term sum(t^3 - t), from one sort on the device: [..., 2]
     float64 for same [..., n1] and diff [..., n2] (leading dims batched, e.g. [layer]: one sort for all layers).
+    `padded`: +inf values are padding, left out (rows of different lengths in one tensor: analysis.batched).
 
     compute_mannwhitney's large-sample route, split so the device does the sorting and ranking and the host
     only turns two numbers into a p-value (mannwhitney_from_parts)."""
-    n1 = same.shape[-1]
     same = same.contiguous()  # [..., n1]
-    pooled, _ = torch.sort(torch.cat([same, diff], dim=-1), dim=-1)  # [..., n]
+    pooled, _ = torch.sort(torch.cat([same, diff], dim=-1), dim=-1)  # [..., n]: padding sorts last
     below = torch.searchsorted(pooled, same, right=False)  # [..., n1]: values smaller than each same-head value
     upto = torch.searchsorted(pooled, same, right=True)  # [..., n1]: values smaller or equal
-    u1 = (below + upto + 1).sum(dim=-1).double() / 2 - n1 * (n1 + 1) / 2  # [...]: average 1-based ranks, less min
+    ranks = below + upto + 1  # [..., n1]: twice each value's average 1-based rank
     # each value's run of equal values has t = (equal or smaller) - (smaller) members; summing t^2 - 1 over the
     # values sums t (t^2 - 1) = t^3 - t over the runs, with no device sync (unlike unique_consecutive)
     runs = torch.searchsorted(pooled, pooled, right=True) - torch.searchsorted(pooled, pooled, right=False)  # [.., n]
-    return torch.stack([u1, (runs.double().square_() - 1).sum(dim=-1)], dim=-1)  # [..., 2]
+    ties = runs.double().square_() - 1  # [..., n]
+    if padded:  # padding ranks above every value, so the values' ranks stand; only its own terms go
+        n1 = torch.isfinite(same).sum(dim=-1).double()  # [...]
+        ranks, ties = ranks.masked_fill(same == torch.inf, 0), ties.masked_fill_(pooled == torch.inf, 0)
+    else:
+        n1 = same.shape[-1]
+    u1 = ranks.sum(dim=-1).double() / 2 - n1 * (n1 + 1) / 2  # [...]: average 1-based ranks, less their minimum
+    return torch.stack([u1, ties.sum(dim=-1)], dim=-1)  # [..., 2]
 
 
 def mannwhitney_from_parts(u1: float, tie_sum: float, n1: int, n2: int) -> tuple[float | None, float | None]:
