@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, ScorePlan
+from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, score_pairs
 from analysis.keys import compared_keys
 from analysis.metrics import _head_index, compute_mannwhitney_parts_t
 from analysis.patterns import rows_per_block
@@ -56,10 +56,9 @@ class TextsPlan:
             stats[b, start + int(exclude_first_token):stop] = True
             _, at = compared_keys(stop - start, exclude_first_token, query, causal=causal, skip=skip)
             keys[b, start:stop][at] = True
-            plan = ScorePlan.build(ids)  # its pairs, relative to its first position
-            pair, column = np.nonzero(plan.parts.numpy())  # [entry] each: a pair counts towards sum `column`
-            entries.append((np.full(pair.size, b), b * SUMS + column, plan.q_host[pair] + start,
-                            plan.k_index.numpy()[pair] + start))
+            q_index, k_index, counts = score_pairs(ids)  # its pairs, relative to its first position
+            pair, column = np.nonzero(counts)  # [entry] each: pair `pair` counts towards sum `column`
+            entries.append((np.full(pair.size, b), b * SUMS + column, q_index[pair] + start, k_index[pair] + start))
         pairs = tuple(np.concatenate(parts) for parts in zip(*entries))  # [entry] each
         queries = [span[0] + query for _, span, query, _ in texts]  # [text]: rows in the padded batch
         to = functools.partial(torch.as_tensor, device=device)

@@ -66,25 +66,30 @@ class ScorePlan:
 
     @classmethod
     def build(cls, token_ids, device="cpu") -> ScorePlan:
-        ids = np.asarray(token_ids).reshape(-1)  # [pos]
-        n = ids.size
-        dup_q, dup_k = np.nonzero(np.tril(ids[:, None] == ids[None, :], k=-1))  # duplicate pairs, k < q
-        prev_q = np.arange(1, n)  # [n - 1]
-        pairs = [(prev_q, prev_q - 1), (dup_q, dup_k), (dup_q, dup_k + 1)]  # previous, duplicate, induction
-        q_index = np.concatenate([q for q, _ in pairs])  # [pair]
-        k_index = np.concatenate([k for _, k in pairs])  # [pair]
-        parts = np.zeros((q_index.size, len(DETECTION_SCORES), len(PARTS)))  # [pair, score, part]
-        start = 0
-        for score, (q, k) in enumerate(pairs):
-            rows = slice(start, start + q.size)
-            parts[rows, score] = np.stack([np.ones(q.size), k == 0, q == k, (q == 0) & (k == 0)], axis=1)
-            start += q.size
-        parts = parts.reshape(q_index.size, len(DETECTION_SCORES) * len(PARTS))  # [pair, score * part]
-        order = np.argsort(q_index, kind="stable")  # [pair]: by query row, so a block of rows is one slice
-        q_index, k_index, parts = q_index[order], k_index[order], parts[order]
-        return cls(n=n, q_index=torch.as_tensor(q_index, device=device),
+        q_index, k_index, parts = score_pairs(token_ids)
+        return cls(n=np.asarray(token_ids).size, q_index=torch.as_tensor(q_index, device=device),
                    k_index=torch.as_tensor(k_index, device=device), parts=torch.as_tensor(parts, device=device),
                    q_host=q_index)
+
+
+def score_pairs(token_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ScorePlan's pairs on the host: (q_index [pair], k_index [pair], parts [pair, score * part]), by query."""
+    ids = np.asarray(token_ids).reshape(-1)  # [pos]
+    n = ids.size
+    dup_q, dup_k = np.nonzero(np.tril(ids[:, None] == ids[None, :], k=-1))  # duplicate pairs, k < q
+    prev_q = np.arange(1, n)  # [n - 1]
+    pairs = [(prev_q, prev_q - 1), (dup_q, dup_k), (dup_q, dup_k + 1)]  # previous, duplicate, induction
+    q_index = np.concatenate([q for q, _ in pairs])  # [pair]
+    k_index = np.concatenate([k for _, k in pairs])  # [pair]
+    parts = np.zeros((q_index.size, len(DETECTION_SCORES), len(PARTS)))  # [pair, score, part]
+    start = 0
+    for score, (q, k) in enumerate(pairs):
+        rows = slice(start, start + q.size)
+        parts[rows, score] = np.stack([np.ones(q.size), k == 0, q == k, (q == 0) & (k == 0)], axis=1)
+        start += q.size
+    parts = parts.reshape(q_index.size, len(DETECTION_SCORES) * len(PARTS))  # [pair, score * part]
+    order = np.argsort(q_index, kind="stable")  # [pair]: by query row, so a block of rows is one slice
+    return q_index[order], k_index[order], parts[order]
 
 
 def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.Tensor, torch.Tensor]:

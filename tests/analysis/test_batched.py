@@ -1,0 +1,129 @@
+"""A corpus pass measured for all its texts at once (analysis.batched, a GPU's route) gives each text the numbers of
+its text-by-text measurement (the CPU's route), on every family's padding side and masks, with one set of operations
+for the whole pass."""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from analysis import load_model
+from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, capture_texts, text_values
+from analysis.metrics import compute_mannwhitney_parts_t
+from tests import checkpoints
+
+capture = importlib.import_module("analysis.capture")  # the module (analysis.capture is also a function)
+corpus = importlib.import_module("analysis.corpus")
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "from", "home", "in", "rain"]
+FAMILIES = {  # padding side, masks and attention each family brings
+    "gpt2": lambda path: checkpoints.tiny_gpt2(path, n_layer=2, n_head=4, n_embd=32),  # right padding
+    "bert": lambda path: checkpoints.tiny_bert(path, n_layer=2, n_head=4, hidden=32),  # an encoder: every key
+    "llama": checkpoints.tiny_llama,  # left padding, grouped-query attention
+    "mistral": checkpoints.tiny_mistral,  # a sliding window shorter than the texts
+    "gemma2": checkpoints.tiny_gemma2,  # soft-capped scores, eager attention on every route
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return {name: load_model(str(build(tmp_path_factory.mktemp(f"tiny-{name}")))) for name, build in FAMILIES.items()}
+
+
+def varied_texts(n: int, seed: int = 0) -> list[str]:
+    """Texts of 1 to 13 words (one token to a few dozen), so every pass pads some of its texts."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, int(rng.integers(1, 14)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("route", ["eager", "sdpa"])
+@pytest.mark.parametrize("budget", [None, 2**14], ids=["one-block", "small-blocks"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_pass_measured_at_once_gives_each_text_its_own_numbers(models, monkeypatch, name, route, budget):
+    """Head scores to float32 rounding (the pattern rebuilt over the padded row sums its zeros too), Q/K statistics
+    and rank statistics exactly as text by text: the same float64 values, ranked the same. A small work budget
+    splits the pass into blocks of a few query rows and chunks of texts."""
+    loaded = models[name]
+    texts = varied_texts(20)
+    if route == "sdpa":  # the fused kernel and sdpa's boolean masks (corpus_route picks eager on the CPU)
+        monkeypatch.setattr(corpus, "EAGER_BUDGET", 0)
+    if budget is not None:
+        monkeypatch.setitem(capture.WORK_BUDGET, "cpu", budget)
+    model = loaded.info.to_dict()
+    for exclude in (True, False):
+        reduce = text_values(model, exclude)
+        each = capture_texts(loaded, texts, 8, reduce, exclude)
+        monkeypatch.setitem(capture.TEXTS_AT_ONCE, "cpu", True)
+        together = capture_texts(loaded, texts, 8, reduce, exclude)
+        monkeypatch.setitem(capture.TEXTS_AT_ONCE, "cpu", False)
+        for number, ((want_heads, want_layers, want_n), (heads, layers, n)) in enumerate(zip(each, together)):
+            assert n == want_n
+            for measure in CORPUS_MEASURES:
+                atol = 1e-6 if measure in corpus.HEAD_SCORE_NAMES else 1e-12
+                np.testing.assert_allclose(heads[measure], want_heads[measure], rtol=0, atol=atol,
+                                           err_msg=f"{name} text {number} {measure}")
+            for measure in LAYER_MEASURES:
+                np.testing.assert_allclose(layers[measure], want_layers[measure], rtol=0, atol=1e-12,
+                                           err_msg=f"{name} text {number} {measure}")
+
+
+def test_padded_mann_whitney_parts_equal_each_rows_own():
+    """Rows of different lengths padded with +inf into one tensor: each row's U and tie term as computed alone,
+    and U as scipy's (ties included)."""
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(0)
+    rows = [(rng.integers(0, 6, n1).astype(float), rng.integers(0, 6, n2).astype(float))  # many ties
+            for n1, n2 in ((12, 30), (9, 9), (20, 11))]
+    width1, width2 = (max(len(row[i]) for row in rows) + 3 for i in (0, 1))
+
+    def padded(values, width):
+        return np.concatenate([values, np.full(width - len(values), np.inf)])
+
+    same = torch.tensor(np.stack([padded(s, width1) for s, _ in rows]))  # [row, width1]
+    diff = torch.tensor(np.stack([padded(d, width2) for _, d in rows]))  # [row, width2]
+    together = compute_mannwhitney_parts_t(same, diff, padded=True)  # [row, 2]
+    for i, (s, d) in enumerate(rows):
+        alone = compute_mannwhitney_parts_t(torch.tensor(s), torch.tensor(d))  # [2]
+        np.testing.assert_array_equal(together[i].numpy(), alone.numpy())
+        assert float(together[i, 0]) == mannwhitneyu(s, d).statistic
+
+
+class Count(TorchDispatchMode):
+    """The operations that are not views: kernels on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.operations[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_pass_measures_all_its_texts_with_one_set_of_operations(models, monkeypatch):
+    """Three texts or twelve of one padded width: the same operations, as many of each (a loop over the texts
+    would grow with them); a pass of one text goes text by text."""
+    loaded = models["llama"]
+    monkeypatch.setitem(capture.TEXTS_AT_ONCE, "cpu", True)
+    counts, calls = [], []
+    real = capture._Recorder.measure_texts
+
+    def counted(self, *args):
+        calls.append(len(self.texts))
+        mode = Count()
+        with mode:
+            real(self, *args)
+        counts.append(mode.operations)
+
+    monkeypatch.setattr(capture._Recorder, "measure_texts", counted)
+    texts = [" ".join(["cat"] * 3 + WORDS[:i % 4]) for i in range(12)]  # 4 to 7 words: one padded width
+    for n in (1, 3, 12):
+        capture_texts(loaded, texts[:n], n, text_values(loaded.info.to_dict()))
+    assert calls == [3, 12]
+    assert counts[0] == counts[1]
