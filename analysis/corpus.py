@@ -25,16 +25,17 @@ import torch
 
 from analysis.capture import EAGER_BUDGET, Capture, TextInput, resolve_query, run_pass, text_input, to_capture
 from analysis.errors import HeadscopeError
+from analysis.head_scores import combine_score_parts
 from analysis.loading import LoadedModel
-from analysis.metrics import compute_qk_measures_t, key_head_of, mannwhitney_from_parts
+from analysis.metrics import compute_qk_measures_t, key_head_of, rank_biserial
 from analysis.patterns import to_host
 from analysis.pipeline import (
     BAD_BATCH_SIZE,
     BATCH_SIZE,
     OUT_OF_MEMORY,
     _is_out_of_memory,
+    bos_present,
     measured_mannwhitney,
-    summarize,
 )
 from analysis.results import HEAD_SCORE_NAMES, MODEL_KEYS, json_floats
 
@@ -148,8 +149,8 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
     n_layers, n_heads = len(captured.score_parts), int(model["n_heads"])
     causal = bool(model.get("causal", True))  # the default query token, as analyze_batch uses (capture resolved it)
     query = -1 if captured.query_position is None else captured.query_position
-    scores = summarize(captured, model, [], exclude_first_token, exclude_current_token,
-                       exclude_bos=exclude_bos).head_scores
+    scores = combine_score_parts(captured.score_parts, captured.score_fixed,
+                                 exclude_bos and bos_present(captured.special), exclude_current_token)  # as summarize
     heads = {name: scores.get(name, np.full((n_layers, n_heads), np.nan)) for name in HEAD_SCORE_NAMES}
     qk = {name: np.full((n_layers, n_heads), np.nan) for name in QK_MEASURES}  # [layer, head] each
     layer_values = {name: np.full(n_layers, np.nan) for name in LAYER_MEASURES}  # [layer] each
@@ -167,8 +168,8 @@ def compute_text_values(captured, model: dict, exclude_first_token: bool = True,
             qk["k_mean"][layer], qk["k_std"][layer] = found["k_means"][groups], found["k_stds"][groups]  # [head]
         for name, suffix in zip(LAYER_MEASURES, ("", "_centered")):
             if "dp_counts" in found:  # measured with the pass's other texts (analysis.batched): U and the sizes
-                (u1, tie_sum), (n1, n2) = found["mannwhitney" + suffix], found["dp_counts"]
-                _, r = mannwhitney_from_parts(u1, tie_sum, int(n1), int(n2)) if n1 and n2 else (None, None)
+                (u1, _), (n1, n2) = found["mannwhitney" + suffix], found["dp_counts"]
+                r = rank_biserial(u1, n1, n2) if n1 and n2 else None
             else:
                 _, r = measured_mannwhitney(found, "mannwhitney" + suffix, found["same_head_dp" + suffix],
                                             found["diff_head_dp" + suffix])

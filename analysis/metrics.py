@@ -361,8 +361,13 @@ def mannwhitney_from_parts(u1: float, tie_sum: float, n1: int, n2: int) -> tuple
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (max(u1, n1 * n2 - u1) - n1 * n2 / 2 - 0.5) / spread
     p = float(np.clip(2 * ndtr(-z), 0.0, 1.0))
-    r = 2.0 * u1 / (n1 * n2) - 1.0
+    r = rank_biserial(u1, n1, n2)
     return (p if np.isfinite(p) else None), (r if np.isfinite(r) else None)
+
+
+def rank_biserial(u1: float, n1: int, n2: int) -> float:
+    """The rank-biserial effect size r = 2U/(n1 n2) - 1 of a Mann-Whitney U (n1, n2 >= 1)."""
+    return 2.0 * u1 / (n1 * n2) - 1.0
 
 
 def compute_kde_t(values: torch.Tensor, grid, chunk: int | None = None,
