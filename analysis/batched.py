@@ -157,35 +157,39 @@ def compute_qk_texts_t(q: torch.Tensor, k: torch.Tensor, plan: TextsPlan) -> dic
     n_texts, n_layers, n_heads, _, d_head = q.shape
     n_kv = k.shape[2]
     out = {}
-    stats = plan.stats[:, None, None, :, None]  # [text, 1, 1, W, 1]
+    outside = ~plan.stats[:, None, None, :, None]  # [text, 1, 1, W, 1]: what the statistics leave out
     count = plan.stats.sum(dim=-1).double()[:, None, None] * d_head  # [text, 1, 1]: values per head
-    both = torch.cat([q, k], dim=2).double() if q.shape[-2:] == k.shape[-2:] else None  # [text, layer, h + g, W, d]
-    for name, x in (("both", both),) if both is not None else (("q", q.double()), ("k", k.double())):
-        mean = torch.where(stats, x, 0.0).sum(dim=(-2, -1)) / count  # [text, layer, g]
-        var = torch.where(stats, (x - mean[..., None, None]).square_(), 0.0).sum(dim=(-2, -1))  # [text, layer, g]
-        var = torch.where(count > 1, var / (count - 1), torch.nan)  # numpy's ddof=1; NaN from fewer than 2
-        out[name + "_means"], out[name + "_stds"] = torch.where(count > 1, mean, torch.nan), var.sqrt_()
-    if both is not None:
+    pairs = (("both", torch.cat([q, k], dim=2)),) if q.shape[-2:] == k.shape[-2:] else (("q", q), ("k", k))
+    for name, x in pairs:  # one float64 copy each, reduced in place (two passes, as numpy's ddof=1)
+        x = x.double().masked_fill_(outside, 0.0)  # [text, layer, g, W, d_head]
+        mean = x.sum(dim=(-2, -1)) / count  # [text, layer, g]
+        var = x.sub_(mean[..., None, None]).masked_fill_(outside, 0.0).square_().sum(dim=(-2, -1))  # [text, l, g]
+        del x
+        out[name + "_means"] = torch.where(count > 1, mean, torch.nan)  # NaN from fewer than 2 values
+        out[name + "_stds"] = torch.where(count > 1, var / (count - 1), torch.nan).sqrt_()
+    if len(pairs) == 1:
         for stat in ("_means", "_stds"):
             out["q" + stat], out["k" + stat] = out.pop("both" + stat).split([n_heads, n_kv], dim=-1)
-    keys = plan.keys[:, None, None, :, None]  # [text, 1, 1, W, 1]
-    n_keys = plan.keys.sum(dim=-1).double()[:, None, None, None]  # [text, 1, 1, 1]
+    n_keys = plan.keys.sum(dim=-1).double()  # [text]
     at = plan.query.view(-1, 1, 1, 1, 1).expand(n_texts, n_layers, n_heads, 1, d_head)
     final_q = q.gather(3, at)[..., 0, :].double()  # [text, layer, head, d_head]
     k = k.double()  # [text, layer, kv_head, W, d_head]
-    raw = torch.einsum("tlhd,tlgwd->tlhgw", final_q, k)  # [t, l, h, d] . [t, l, g, w, d] -> [t, l, h, g, w]
-    mean_key = torch.where(keys, k, 0.0).sum(dim=-2) / n_keys  # [text, layer, kv_head, d_head]
+    dots = k.new_empty((n_texts, n_layers, 2, n_heads, n_kv, k.shape[-2]))  # [text, layer, 2, head, kv_head, W]
+    dots[:, :, 0] = torch.einsum("tlhd,tlgwd->tlhgw", final_q, k)  # [t, l, h, d] . [t, l, g, w, d] -> [t, l, h, g, w]
+    mean_key = k.masked_fill_(~plan.keys[:, None, None, :, None], 0.0).sum(dim=-2) / n_keys[:, None, None, None]
+    del k  # mean_key: [text, layer, kv_head, d_head], each key head's mean over the query's keys
     offset = torch.einsum("tlhd,tlgd->tlhg", final_q, mean_key)  # [t, l, h, d] . [t, l, g, d] -> [t, l, h, g]
-    centered = torch.where(n_keys[..., None] > 1, raw - offset[..., None], 0.0)  # [text, layer, h, g, W]: 0 for
-    # a single key, as compute_both_dot_products_t
-    dots = torch.stack([raw, centered], dim=2)  # [text, layer, 2, head, kv_head, W]
-    dots = torch.where(plan.keys[:, None, None, None, None], dots, torch.inf)  # the positions that are not the
-    # query's keys: +inf, padding that compute_mannwhitney_parts_t leaves out
+    torch.sub(dots[:, :, 0], offset[..., None], out=dots[:, :, 1])  # centered: q.k - q.mean_key
+    dots[:, :, 1].masked_fill_((n_keys <= 1).view(-1, 1, 1, 1, 1), 0.0)  # 0 for a single key, as
+    # compute_both_dot_products_t
+    dots.masked_fill_(~plan.keys[:, None, None, None, None], torch.inf)  # the positions that are not the query's
+    # keys: +inf, padding that compute_mannwhitney_parts_t leaves out
     heads, own, others = _head_index(n_heads, n_kv, q.device)  # [head], [head], [head, kv_head - 1]
     same = dots[..., heads, own, :].flatten(-2)  # [text, layer, 2, head * W]
     diff = dots[..., heads[:, None], others, :].flatten(-3)  # [text, layer, 2, head * (kv_head - 1) * W]
+    del dots
     parts = compute_mannwhitney_parts_t(same, diff, padded=True)  # [text, layer, 2, 2]
     out["mannwhitney"], out["mannwhitney_centered"] = parts[:, :, 0], parts[:, :, 1]
-    counts = torch.stack([n_keys.view(-1) * n_heads, n_keys.view(-1) * n_heads * (n_kv - 1)], dim=-1)  # [text, 2]
+    counts = torch.stack([n_keys * n_heads, n_keys * n_heads * (n_kv - 1)], dim=-1)  # [text, 2]
     out["dp_counts"] = counts[:, None].expand(n_texts, n_layers, 2)  # [text, layer, 2]
     return out

@@ -161,6 +161,8 @@ class _Text:
     host: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # the same, moved in one copy
     patterns: dict[int, np.ndarray] = field(default_factory=dict)
     measured: list[tuple[int, ...]] = field(default_factory=list)  # groups whose spread measures wait (flush)
+    together: dict[str, np.ndarray] | None = None  # a pass measured at once (TEXTS_AT_ONCE): {name: [text, layer,
+    # ...]} of every layer, shared by the pass's texts (this one is row `index`), so the corpus reduces them at once
 
 
 @dataclass(eq=False)
@@ -196,6 +198,8 @@ class _Recorder:
     groups: list[_Group] = field(default_factory=list)  # closed, then the open one: waiting to be measured
     held: int = 0  # their bytes, every text of the batch (GROUP_BUDGET's measure)
     plans: dict = field(default_factory=dict)  # (first text, last + 1, device) -> TextsPlan (TEXTS_AT_ONCE)
+    together: dict = field(default_factory=dict)  # (layers, name) -> chunks of [text, layer, ...] waiting (the same)
+    together_host: dict = field(default_factory=dict)  # name -> per group of layers [text, layer, ...] on the host
 
     def fused(self, batch: int, heads: int, n: int, device: torch.device) -> bool:
         """Whether a layer of `heads` heads over a [batch, n] pass on `device` runs the fused sdpa kernel."""
@@ -303,8 +307,11 @@ class _Recorder:
         texts whose float64 dot products and their ranks fit `budget`."""
         q = torch.stack([entry[1] for entry in group.layers], dim=1)  # [batch, layer, head, W, d_head]
         k = torch.stack([entry[2] for entry in group.layers], dim=1)  # [batch, layer, kv_head, W, d_head]
-        n_texts, n_layers, n_heads, width = q.shape[:4]
-        per_text = 64 * n_layers * n_heads * k.shape[2] * width  # bytes: 8 float64 or int64 [layer, 2, h, g, W]
+        n_texts, n_layers, n_heads, width, d_head = q.shape
+        n_kv = k.shape[2]
+        per_text = 8 * n_layers * width * (10 * n_heads * n_kv + 2 * (n_heads + n_kv) * d_head)  # bytes: the dot
+        # products' float64 or int64 [layer, 2, head, kv_head, W] five times while they are ranked (batched), and
+        # twice float64 q and k while their statistics are taken
         size = max(1, budget // per_text)
         for first in range(0, n_texts, size):
             chunk = slice(first, min(n_texts, first + size))
@@ -317,8 +324,8 @@ class _Recorder:
             found = {"parts": parts, "fixed": fixed}
             if self.measure:
                 found.update(compute_qk_texts_t(q[chunk], k[chunk], plan))
-            for b, text in enumerate(self.texts[chunk]):
-                text.device.update({(layers, name): tensor[b] for name, tensor in found.items()})
+            for name, tensor in found.items():
+                self.together.setdefault((layers, name), []).append(tensor)
             self.pending += sum(tensor.numel() for tensor in found.values()) * 8  # bytes waiting for the host
 
     def texts_plan(self, chunk: slice, width: int, device: torch.device) -> TextsPlan:
@@ -344,16 +351,28 @@ class _Recorder:
                 layers = tuple(layer for group in groups for layer in group)
                 spread = compute_spread_measures_t(measures, text.ids.size)  # {name: [layer, ...]}
                 text.device.update({(layers, name): tensor for name, tensor in spread.items()})
-        host = to_host({(i, *key): tensor for i, text in enumerate(self.texts) for key, tensor in text.device.items()})
-        for (i, layers, name), values in host.items():  # [layer, ...]: one row per layer
-            self.texts[i].host.update({(layer, name): row for layer, row in zip(layers, values)})
+        waiting = {(i, *key): tensor for i, text in enumerate(self.texts) for key, tensor in text.device.items()}
+        waiting.update({(None, *key): _cat(chunks) for key, chunks in self.together.items()})  # [text, layer, ...]
+        host = to_host(waiting)
+        for (i, layers, name), values in host.items():  # [layer, ...] (one text) or [text, layer, ...] (all)
+            if i is None:
+                self.together_host.setdefault(name, []).append(values)  # the groups come in layer order
+                rows = ((text, values[text.index]) for text in self.texts)
+            else:
+                rows = ((self.texts[i], values),)
+            for text, per_layer in rows:
+                text.host.update({(layer, name): row for layer, row in zip(layers, per_layer)})
         for text in self.texts:
             text.device.clear()
-        self.pending = 0
+        self.together, self.pending = {}, 0
 
     def finish(self) -> None:
         self.measure_groups()
         self.flush()
+        if self.together_host:  # measured at once: every layer's numbers of every text, shared
+            together = {name: np.concatenate(groups, axis=1) for name, groups in self.together_host.items()}
+            for text in self.texts:
+                text.together = together
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

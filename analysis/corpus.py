@@ -219,6 +219,13 @@ def _capture_pass(loaded: LoadedModel, items: list[TextInput], width: int, route
         half = len(items) // 2
         return [*_capture_pass(loaded, items[:half], width, route, reduce, exclude_first_token),
                 *_capture_pass(loaded, items[half:], width, route, reduce, exclude_first_token)]
+    of_pass = getattr(reduce, "of_pass", None)  # the corpus's values, for every text of a pass measured at once
+    try:
+        values = None if of_pass is None else of_pass(items, texts, exclude_first_token)
+    except Exception:  # noqa: BLE001 - text by text below, so the error is only its text's
+        values = None
+    if values is not None:
+        return values
     out = []
     for item, text in zip(items, texts):
         try:
@@ -273,14 +280,57 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     return out
 
 
-def text_values(model: dict, exclude_first_token: bool = True, exclude_current_token: bool = False,
-                exclude_bos: bool = True):
-    """capture_texts's `reduce` for the corpus: a Capture -> ({CORPUS_MEASURES}, {LAYER_MEASURES}, n_tokens)."""
-    def reduce(captured: Capture) -> tuple[dict, dict, int]:
-        heads, layers = compute_text_values(captured, model, exclude_first_token, exclude_current_token, exclude_bos)
+@dataclass(eq=False)
+class TextValues:
+    """capture_texts's `reduce` for the corpus: a Capture -> ({CORPUS_MEASURES}, {LAYER_MEASURES}, n_tokens), by
+    compute_text_values; and `of_pass`, every text of a pass measured at once (capture.TEXTS_AT_ONCE) in one go."""
+
+    model: dict
+    exclude_first_token: bool = True
+    exclude_current_token: bool = False
+    exclude_bos: bool = True
+
+    def __call__(self, captured: Capture) -> tuple[dict, dict, int]:
+        heads, layers = compute_text_values(captured, self.model, self.exclude_first_token,
+                                            self.exclude_current_token, self.exclude_bos)
         return heads, layers, len(captured.tokens)
 
-    return reduce
+    def of_pass(self, items: list[TextInput], texts, exclude_first_token: bool) -> list | None:
+        """Every text's values from the pass's shared arrays (run_pass's texts, `together`), as __call__ gives
+        them one Capture at a time; None where the pass was measured text by text, or with other exclusions."""
+        together = texts[0].together
+        if together is None or exclude_first_token != self.exclude_first_token:
+            return None
+        heads, layers = compute_pass_values(together, [item.special for item in items], self.model,
+                                            self.exclude_current_token, self.exclude_bos)
+        return [({name: values[b] for name, values in heads.items()}, {name: values[b] for name, values in
+                 layers.items()}, item.ids.size) for b, item in enumerate(items)]
+
+
+def text_values(model: dict, exclude_first_token: bool = True, exclude_current_token: bool = False,
+                exclude_bos: bool = True) -> TextValues:
+    return TextValues(model, exclude_first_token, exclude_current_token, exclude_bos)
+
+
+def compute_pass_values(together: dict[str, np.ndarray], specials: list, model: dict,
+                        exclude_current_token: bool = False, exclude_bos: bool = True) -> tuple[dict, dict]:
+    """compute_text_values for every text of a pass measured at once: ({CORPUS_MEASURES: [text, layer, head]},
+    {LAYER_MEASURES: [text, layer]}) from its arrays {name: [text, layer, ...]} (analysis.batched's names) and each
+    text's special-token flags ([pos] bool each)."""
+    bos = np.array([exclude_bos and bos_present(special) for special in specials])  # [text]: position 0 left out
+    scores = [combine_score_parts(together["parts"], together["fixed"], flag, exclude_current_token)
+              for flag in (False, True)]  # {name: [text, layer, head]} each
+    heads = {name: np.where(bos[:, None, None], scores[1][name], scores[0][name]) for name in HEAD_SCORE_NAMES}
+    groups = key_head_of(int(model["n_heads"]), together["k_means"].shape[-1])  # [head] -> kv_head
+    heads.update(q_mean=together["q_means"], q_std=together["q_stds"], k_mean=together["k_means"][..., groups],
+                 k_std=together["k_stds"][..., groups])  # [text, layer, head] each
+    n1, n2 = together["dp_counts"][..., 0], together["dp_counts"][..., 1]  # [text, layer] each
+    layers = {}
+    for name, suffix in zip(LAYER_MEASURES, ("", "_centered")):
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty group: no effect size (NaN)
+            r = rank_biserial(together["mannwhitney" + suffix][..., 0], n1, n2)  # [text, layer]
+        layers[name] = np.where((n1 > 0) & (n2 > 0), r, np.nan)
+    return heads, layers
 
 
 def compute_result_values(result, exclude_first_token: bool = True) -> tuple[dict[str, np.ndarray],

@@ -335,14 +335,15 @@ def compute_mannwhitney_parts_t(same: torch.Tensor, diff: torch.Tensor, padded: 
     compute_mannwhitney's large-sample route, split so the device does the sorting and ranking and the host
     only turns two numbers into a p-value (mannwhitney_from_parts)."""
     same = same.contiguous()  # [..., n1]
-    pooled, _ = torch.sort(torch.cat([same, diff], dim=-1), dim=-1)  # [..., n]: padding sorts last
+    pooled = torch.sort(torch.cat([same, diff], dim=-1), dim=-1).values  # [..., n]: padding sorts last
     below = torch.searchsorted(pooled, same, right=False)  # [..., n1]: values smaller than each same-head value
     upto = torch.searchsorted(pooled, same, right=True)  # [..., n1]: values smaller or equal
     ranks = below + upto + 1  # [..., n1]: twice each value's average 1-based rank
     # each value's run of equal values has t = (equal or smaller) - (smaller) members; summing t^2 - 1 over the
     # values sums t (t^2 - 1) = t^3 - t over the runs, with no device sync (unlike unique_consecutive)
-    runs = torch.searchsorted(pooled, pooled, right=True) - torch.searchsorted(pooled, pooled, right=False)  # [.., n]
-    ties = runs.double().square_() - 1  # [..., n]
+    runs = torch.searchsorted(pooled, pooled, right=True).sub_(torch.searchsorted(pooled, pooled))  # [..., n]
+    ties = runs.double().square_().sub_(1)  # [..., n]
+    del runs
     if padded:  # padding ranks above every value, so the values' ranks stand; only its own terms go
         n1 = torch.isfinite(same).sum(dim=-1).double()  # [...]
         ranks, ties = ranks.masked_fill(same == torch.inf, 0), ties.masked_fill_(pooled == torch.inf, 0)

@@ -74,7 +74,7 @@ def build_small(shape: str, n_layers: int | None = None):
 
 
 def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bool = False,
-                          group_budget: int | None = None) -> dict:
+                          group_budget: int | None = None, run=None) -> dict:
     """{"measure": operations measuring the layers (in the pass, early copies to the host included), "flush": after
     the pass, "measure_launches"/"flush_launches":
     those that are not views (kernels on a GPU), "groups": layer groups measured, "to_host": calls of
@@ -82,8 +82,9 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     syncs), "syncs": aten.item dispatches, "measure_gib"/"flush_gib": their memory traffic, "peak_mib": the most
     their tensors held at once, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not kept,
     with a GPU's sizes and routes (capture.WORK_BUDGET, capture.GROUP_BUDGET, capture.HOLD_BUDGET,
-    capture.PENDING_BUDGET, metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS, patterns.ENTROPY_FROM_SCORES).
-    `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group)."""
+    capture.PENDING_BUDGET, capture.TEXTS_AT_ONCE, metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS,
+    patterns.ENTROPY_FROM_SCORES). `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group).
+    `run`: what to count instead of that analyze_ids, a function of no arguments (count_corpus_ops)."""
     import importlib
     import weakref
 
@@ -92,7 +93,10 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
 
     capture, metrics, pipeline = (importlib.import_module(f"analysis.{name}")  # the modules, not analysis.capture()
                                   for name in ("capture", "metrics", "pipeline"))
-    pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)  # warm-up: per-shape caches filled
+    if run is None:
+        def run():
+            pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)
+    run()  # warm-up: per-shape caches filled
 
     class Count(TorchDispatchMode):
         def __init__(self, phase: str):
@@ -137,6 +141,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
                                                                 "PENDING_BUDGET")}
     patterns = importlib.import_module("analysis.patterns")
     cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, dict(patterns.ENTROPY_FROM_SCORES)
+    texts_at_once = dict(capture.TEXTS_AT_ONCE)
 
     host_calls: Counter = Counter()  # Tensor.cpu/numpy/tolist/item inside the measurement: each a copy or a sync
     active = [False]
@@ -180,8 +185,9 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         capture.PENDING_BUDGET["cpu"] = capture.PENDING_BUDGET["cuda"]  # its numbers sent early past its budget,
         metrics.KDE_CHUNK = 2**17  # its KDE blocks,
         patterns.CAUSAL_ROWS = 2**30  # no short causal blocks (a CPU's),
-        patterns.ENTROPY_FROM_SCORES["cpu"] = patterns.ENTROPY_FROM_SCORES["cuda"]  # and its route to the entropy
-        pipeline.analyze_ids(loaded, ids, keep_patterns=False, attention=attention)
+        patterns.ENTROPY_FROM_SCORES["cpu"] = patterns.ENTROPY_FROM_SCORES["cuda"]  # its route to the entropy,
+        capture.TEXTS_AT_ONCE["cpu"] = capture.TEXTS_AT_ONCE["cuda"]  # and a corpus pass's texts measured at once
+        run()
     finally:
         for name, method in originals.items():
             setattr(capture._Recorder, name, method)
@@ -192,6 +198,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             getattr(capture, name).update(values)
         metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, entropy = cpu_sizes
         patterns.ENTROPY_FROM_SCORES.update(entropy)
+        capture.TEXTS_AT_ONCE.update(texts_at_once)
     syncs = sum(counter[name] for counter in phases.values() for name in ("aten.item", "aten._local_scalar_dense"))
     return {**{name: sum(counter.values()) for name, counter in phases.items()},
             **{f"{name}_launches": sum(counter.values()) for name, counter in launches.items()},
@@ -199,6 +206,33 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             "peak_mib": round(memory[1] / 2**20, 1),
             "groups": groups[0], "to_host": copies[0], "host_calls": dict(host_calls), "syncs": syncs,
             "layers": loaded.info.n_layers}
+
+
+def count_corpus_ops(loaded, texts: list[str], batch_size: int) -> dict:
+    """count_measurement_ops of a corpus run (corpus.capture_texts, `batch_size` texts a pass, with the corpus's
+    reduction), with "texts" and "launches_per_text": the measurement's launches (in the pass and after it) per
+    text."""
+    import importlib
+
+    corpus = importlib.import_module("analysis.corpus")
+    reduce = corpus.text_values(loaded.info.to_dict())
+    found = count_measurement_ops(loaded, None, run=lambda: corpus.capture_texts(loaded, texts, batch_size, reduce))
+    launches = found["measure_launches"] + found["flush_launches"]
+    return {**found, "texts": len(texts), "batch_size": batch_size,
+            "launches_per_text": round(launches / len(texts), 1)}
+
+
+def corpus_texts(loaded, n: int = 64, seed: int = 0) -> list[str]:
+    """`n` texts of random tokens that the model's tokenizer reads as 56 to 71 tokens each (the issue's corpus of
+    about 64 tokens a text)."""
+    import numpy as np
+
+    rng, tokenizer, texts = np.random.default_rng(seed), loaded.tokenizer, []
+    while len(texts) < n:
+        text = tokenizer.decode(rng.integers(3, len(tokenizer), int(rng.integers(40, 72))))
+        if 56 <= len(tokenizer(text)["input_ids"]) < 72:
+            texts.append(text)
+    return texts
 
 
 def _tensors(values):
@@ -225,6 +259,8 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 1024])
+    parser.add_argument("--corpus-batch", type=int, nargs="*", default=[1, 32],
+                        help="texts per pass of the corpus runs counted (64 texts of about 64 tokens)")
     args = parser.parse_args(argv)
     for shape in SHAPES:
         loaded = build_small(shape)
@@ -235,6 +271,10 @@ def main(argv=None) -> None:
                 found["measure_launches_per_layer"] = round(found["measure_launches"] / found["layers"], 1)
                 found["measure_gib_per_layer"] = round(found["measure_gib"] / found["layers"], 2)
                 print(json.dumps({"shape": shape, "tokens": n, **found}), flush=True)
+        texts = corpus_texts(loaded)
+        for size in args.corpus_batch:
+            found = count_corpus_ops(loaded, texts, size)
+            print(json.dumps({"shape": shape, "corpus": True, **found}), flush=True)
 
 
 if __name__ == "__main__":

@@ -54,21 +54,31 @@ def test_a_pass_measured_at_once_gives_each_text_its_own_numbers(models, monkeyp
     if budget is not None:
         monkeypatch.setitem(capture.WORK_BUDGET, "cpu", budget)
     model = loaded.info.to_dict()
+    passes = []
+    real = corpus.compute_pass_values
+    monkeypatch.setattr(corpus, "compute_pass_values", lambda *args: passes.append(1) or real(*args))
     for exclude in (True, False):
         reduce = text_values(model, exclude)
         each = capture_texts(loaded, texts, 8, reduce, exclude)
+        assert not passes  # text by text: one Capture a text
         monkeypatch.setitem(capture.TEXTS_AT_ONCE, "cpu", True)
-        together = capture_texts(loaded, texts, 8, reduce, exclude)
+        together = capture_texts(loaded, texts, 8, reduce, exclude)  # the corpus's values of each pass at once
+        assert passes
+        passes.clear()
+        captures = [reduce(captured) for captured in capture_texts(loaded, texts, 8, None, exclude)]  # one Capture
+        # a text, its dot products reduced to the Mann-Whitney parts and their sizes
         monkeypatch.setitem(capture.TEXTS_AT_ONCE, "cpu", False)
-        for number, ((want_heads, want_layers, want_n), (heads, layers, n)) in enumerate(zip(each, together)):
-            assert n == want_n
-            for measure in CORPUS_MEASURES:
-                atol = 1e-6 if measure in corpus.HEAD_SCORE_NAMES else 1e-12
-                np.testing.assert_allclose(heads[measure], want_heads[measure], rtol=0, atol=atol,
-                                           err_msg=f"{name} text {number} {measure}")
-            for measure in LAYER_MEASURES:
-                np.testing.assert_allclose(layers[measure], want_layers[measure], rtol=0, atol=1e-12,
-                                           err_msg=f"{name} text {number} {measure}")
+        for how, got in (("at once", together), ("at once, a Capture a text", captures)):
+            for number, ((want_heads, want_layers, want_n), (heads, layers, n)) in enumerate(zip(each, got)):
+                assert n == want_n
+                where = f"{name} {route} {how} text {number}"
+                for measure in CORPUS_MEASURES:
+                    atol = 1e-6 if measure in corpus.HEAD_SCORE_NAMES else 1e-12
+                    np.testing.assert_allclose(heads[measure], want_heads[measure], rtol=0, atol=atol,
+                                               err_msg=f"{where} {measure}")
+                for measure in LAYER_MEASURES:
+                    np.testing.assert_allclose(layers[measure], want_layers[measure], rtol=0, atol=1e-12,
+                                               err_msg=f"{where} {measure}")
 
 
 def test_padded_mann_whitney_parts_equal_each_rows_own():
