@@ -467,12 +467,37 @@ def pattern_bytes(n_heads: int, n_tokens: int, n_layers: int) -> int:
 
 def text_input(loaded, text: str) -> TextInput:
     """Tokenize one text (special tokens added) and check it, or raise HeadscopeError."""
-    encoded = tokenize(loaded, text)
-    special = encoded.pop("special_tokens_mask")[0].numpy().astype(bool)  # [pos]: the ones the tokenizer added
-    ids = encoded.pop("input_ids")[0].numpy()  # [pos]
-    special |= np.isin(ids, loaded.tokenizer.all_special_ids)  # [pos]: typed ones too
-    extra = {name: t[0].numpy() for name, t in encoded.items() if name != "attention_mask"}  # each [pos]
-    return TextInput(text, ids, special, extra)
+    [item] = text_inputs(loaded, [text])
+    if isinstance(item, HeadscopeError):
+        raise item
+    return item
+
+
+def text_inputs(loaded, texts: list[str]) -> list[TextInput | HeadscopeError]:
+    """text_input of many texts with one call of the tokenizer (a corpus's batch): each text's TextInput, or the
+    HeadscopeError of a text that is empty or too long."""
+    out: list[TextInput | HeadscopeError] = [HeadscopeError(EMPTY_TEXT)] * len(texts)
+    written = [i for i, text in enumerate(texts) if text and text.strip()]
+    if not written:
+        return out
+    try:
+        encoded = loaded.tokenizer([texts[i] for i in written], return_special_tokens_mask=True)
+    except Exception:  # one text the tokenizer refuses: the others still go, its error is its own
+        if len(written) == 1:
+            raise
+        return [item for text in texts for item in text_inputs(loaded, [text])]
+    limit, all_special = loaded.info.max_positions, loaded.tokenizer.all_special_ids
+    for row, i in enumerate(written):
+        ids = np.asarray(encoded["input_ids"][row], dtype=np.int64)  # [pos]
+        if ids.size > limit:
+            out[i] = HeadscopeError(TOO_LONG.format(n=ids.size, model=loaded.info.id, limit=limit))
+        elif ids.size:
+            special = np.asarray(encoded["special_tokens_mask"][row], dtype=bool)  # [pos]: the ones it added
+            special |= np.isin(ids, all_special)  # [pos]: typed ones too
+            extra = {name: np.asarray(values[row], dtype=np.int64) for name, values in encoded.items()
+                     if name not in ("input_ids", "attention_mask", "special_tokens_mask")}  # each [pos]
+            out[i] = TextInput(texts[i], ids, special, extra)
+    return out
 
 
 def ids_input(loaded, token_ids) -> TextInput:

@@ -23,7 +23,7 @@ from pathlib import PurePath
 import numpy as np
 import torch
 
-from analysis.capture import EAGER_BUDGET, Capture, TextInput, resolve_query, run_pass, text_input, to_capture
+from analysis.capture import EAGER_BUDGET, Capture, TextInput, resolve_query, run_pass, text_inputs, to_capture
 from analysis.errors import HeadscopeError
 from analysis.head_scores import combine_score_parts
 from analysis.loading import LoadedModel
@@ -262,11 +262,9 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     reduce = reduce or (lambda captured: captured)
     out: list = [None] * len(texts)
     groups: dict[int, list[tuple[int, TextInput]]] = {}
-    for index, text in enumerate(texts):
-        try:
-            item = text_input(loaded, text)
-        except HeadscopeError as exc:
-            out[index] = exc
+    for index, item in enumerate(text_inputs(loaded, list(texts))):
+        if isinstance(item, HeadscopeError):
+            out[index] = item
             continue
         groups.setdefault(padded_width(item.ids.size, loaded.info.max_positions), []).append((index, item))
     for width in sorted(groups):

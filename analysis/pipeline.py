@@ -23,6 +23,7 @@ from analysis.capture import (
     resolve_query,
     run_pass,
     text_input,
+    text_inputs,
     token_strings,
 )
 from analysis.errors import HeadscopeError
@@ -300,12 +301,13 @@ def analyze_batch(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     kept = None if keep_layers is None else check_layers(keep_layers, loaded.info.n_layers)
     out: list[AnalysisResult | HeadscopeError | None] = [None] * len(texts)
     items = {}
-    for index, text in enumerate(texts):
+    for index, item in enumerate(text_inputs(loaded, list(texts))):
         try:
-            items[index] = text_input(loaded, text)
-            resolve_query(items[index].special, loaded.info.causal, query_position)
+            if isinstance(item, HeadscopeError):
+                raise item
+            resolve_query(item.special, loaded.info.causal, query_position)
+            items[index] = item
         except HeadscopeError as exc:
-            items.pop(index, None)
             out[index] = exc
     order = sorted(items, key=lambda index: items[index].ids.size)  # similar lengths share a batch
     for start in range(0, len(order), batch_size):

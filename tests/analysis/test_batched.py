@@ -137,3 +137,29 @@ def test_a_pass_measures_all_its_texts_with_one_set_of_operations(models, monkey
         capture_texts(loaded, texts[:n], n, text_values(loaded.info.to_dict()))
     assert calls == [3, 12]
     assert counts[0] == counts[1]
+
+
+def test_a_batch_of_texts_is_tokenized_as_each_text_alone(models):
+    """capture.text_inputs (one tokenizer call for a corpus's batch) gives each text the ids, special-token flags
+    and extra inputs of the tokenizer called on that text alone (capture.tokenize), or its error (empty, too long)
+    in its place."""
+    texts = ["Hello world", "", "   ", "The cat [SEP] sat <s> on </s> the mat", "x" * 3000, "a"]
+    for name, loaded in models.items():
+        many = capture.text_inputs(loaded, texts)
+        for text, got in zip(texts, many):
+            try:
+                alone = capture.tokenize(loaded, text)  # {name: [1, pos]}
+            except capture.HeadscopeError as exc:
+                assert isinstance(got, capture.HeadscopeError) and str(got) == str(exc), (name, text)
+                continue
+            ids = alone.pop("input_ids")[0].numpy()  # [pos]
+            special = alone.pop("special_tokens_mask")[0].numpy().astype(bool)  # [pos]: the ones it added
+            special |= np.isin(ids, loaded.tokenizer.all_special_ids)  # [pos]: and typed ones
+            assert np.array_equal(got.ids, ids) and got.ids.dtype == ids.dtype, (name, text)
+            assert np.array_equal(got.special, special), (name, text)
+            extra = {field: values[0].numpy() for field, values in alone.items() if field != "attention_mask"}
+            assert got.extra.keys() == extra.keys(), (name, text)
+            for field, values in extra.items():
+                np.testing.assert_array_equal(got.extra[field], values)
+                assert got.extra[field].dtype == values.dtype
+        assert sum(isinstance(item, capture.TextInput) for item in many) >= 3
