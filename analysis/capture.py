@@ -14,7 +14,8 @@ the pass (_Recorder.flush), and q and k never leave the device; `capture` keeps 
 change layers without a model call.
 
 Several texts run as one padded batch (the tokenizer's padding side, the attention mask respected); each text
-is measured on its own positions only, so its numbers equal its single-text run.
+is measured on its own positions only, so its numbers equal its single-text run. A corpus pass on a GPU measures
+its texts at once instead (TEXTS_AT_ONCE, analysis.batched): their positions are masks over the padded rows.
 The recorder lives in a ContextVar, so two threads can analyse with one shared model.
 """
 

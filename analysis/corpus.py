@@ -248,9 +248,13 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     `reduce` too); the others are unaffected.
 
     Texts are grouped by padded width (`padded_width`) and run up to `batch_size` per padded pass (fewer where
-    `corpus_route` says so). Each text's numbers depend on the text alone, not on its batch: every pass pads it to
-    the same width, with the same attention route, and the CPU's matrix products give each row the same bits
-    whatever the other rows are (tests/analysis/test_corpus_store.py runs texts in different batches and compares).
+    `corpus_route` says so). On the CPU each text's numbers depend on the text alone, not on its batch: every pass
+    pads it to the same width, with the same attention route, each text is measured on its own (capture's text by
+    text route), and the CPU's matrix products give each row the same bits whatever the other rows are
+    (tests/analysis/test_corpus_store.py runs texts in different batches and compares). On a GPU a pass's texts
+    are measured at once (capture.TEXTS_AT_ONCE, analysis.batched) and reduced at once (TextValues.of_pass): the
+    same numbers to float rounding (tests/analysis/test_batched.py), which there may depend on the batch, as the
+    GPU's batched forward pass already does.
     So two engines that batch a corpus differently (local, Ray) write the same rows, rank statistics included:
     padding each text to the longest of its batch instead changed its sums' rounding with its batch, and the
     same-vs-different-head Mann-Whitney ranking flipped on dot products equal to rounding (by up to 0.6 in r on

@@ -64,3 +64,15 @@ def test_flushing_after_every_layer_gives_the_numbers_of_one_flush(monkeypatch):
     each = analyze_ids(loaded, ids, attention="sdpa")
     assert len(flushes) == 3 + 1  # one a layer, then the (empty) last
     assert each.to_dict() == once.to_dict()
+
+
+def test_a_corpus_pass_measures_its_texts_at_once():
+    """A GPU measures a corpus pass's texts at once (capture.TEXTS_AT_ONCE): the launches a text fall with the texts
+    a pass (one set of operations for all of them), and each pass makes one copy to the host."""
+    from benchmarks.op_count import corpus_texts, count_corpus_ops
+
+    loaded = build_small("gpt2-small", 2)
+    texts = corpus_texts(loaded, 16)
+    alone, together = (count_corpus_ops(loaded, texts, size) for size in (1, 16))
+    assert alone["to_host"] == 16 and together["to_host"] <= 4  # a copy a pass (16 texts of up to 3 widths)
+    assert together["launches_per_text"] < alone["launches_per_text"] / 4
