@@ -6,7 +6,8 @@ Tiny random GPT-2 (8 layers, 12 heads) and Llama (8 query heads, 2 key heads) ch
 builders, analysed on the CPU (eager, the reference) and on cuda: with the model's eager attention (every
 field within 1e-5 of the CPU's, relative to its scale), with the fused sdpa kernel (parity <= 1e-5 on every
 layer, fields within 1e-4), as a padded batch on cuda (each text equal to its single cuda run), and the corpus's
-per-text numbers (measured and ranked on the device) against the CPU's.
+per-text numbers (a pass's texts measured and ranked at once on the device, analysis.batched) against the CPU's
+(text by text).
 """
 
 from __future__ import annotations
