@@ -32,7 +32,6 @@ class TextsPlan:
     """Where each text of a padded pass lies and what its measurements read, made once per pass: [text, W] masks
     and the texts' head-score pairs as one list, on the device."""
 
-    width: int
     starts: torch.Tensor  # [text] long: each text's first position in its row
     lengths: torch.Tensor  # [text] float64: its number of tokens
     rows: torch.Tensor  # [text, W] bool: its positions
@@ -62,7 +61,7 @@ class TextsPlan:
         pairs = tuple(np.concatenate(parts) for parts in zip(*entries))  # [entry] each
         queries = [span[0] + query for _, span, query, _ in texts]  # [text]: rows in the padded batch
         to = functools.partial(torch.as_tensor, device=device)
-        return cls(width=width, starts=to([span[0] for _, span, _, _ in texts]),
+        return cls(starts=to([span[0] for _, span, _, _ in texts]),
                    lengths=to([span[1] - span[0] for _, span, _, _ in texts], dtype=torch.float64), rows=to(rows),
                    later=to(later), stats=to(stats), keys=to(keys), query=to(queries), pairs=pairs)
 
@@ -106,7 +105,6 @@ def reduce_scores_texts(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: 
     q, k_t = q.flatten(0, 1), k.flatten(0, 1).transpose(-1, -2)  # [text * lh, W, d], [text * lh, d, W]
     if mask is None and causal:
         mask = torch.ones(width, width, dtype=torch.bool, device=q.device).tril_()[None, None]  # [1, 1, W, W]
-    additive = None if mask is None else _additive(mask)  # [text or 1, 1, W, W]
     rows = rows_per_block(n_texts * heads, width, budget)
     sums = q.new_zeros((n_texts * SUMS, heads), dtype=torch.float64)  # [text * SUMS, lh]
     first_key, diagonal, entropy = [], [], []  # blocks of [text, lh, rows] float32
@@ -119,8 +117,8 @@ def reduce_scores_texts(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: 
         if softcap:
             scores = torch.tanh(scores.div_(softcap)).mul_(softcap)  # [text * lh, rows, keys]
         scores = scores.view(n_texts, heads, stop - start, keys)  # [text, lh, rows, keys]
-        if additive is not None:
-            scores.add_(additive[:, :, start:stop, :keys])  # [text or 1, 1, rows, keys] over the heads
+        if mask is not None:
+            scores.add_(_additive(mask[:, :, start:stop, :keys]))  # [text or 1, 1, rows, keys] over the heads
         pattern = torch.softmax(scores, dim=-1)  # [text, lh, rows, keys]
         del scores
         text, q_pos, k_pos, counts = plan.block(start, stop)  # [entry] x 3, [text * SUMS]

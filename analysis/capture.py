@@ -39,6 +39,8 @@ from analysis.patterns import reduce_pattern, to_host
 CAPTURE_ATTENTION = "headscope"
 EMPTY_TEXT = "The text is empty: type a sentence to analyse."
 TOO_LONG = "The text is {n} tokens long but {model} accepts at most {limit}: shorten it."
+UNREADABLE = ("The tokenizer cannot read this text ({kind}: {message}): remove unusual characters such as lone "
+              "surrogates.")
 NO_EAGER = "{cls} has no eager attention function to capture through."
 MASK_ROUTE = ("{cls} needs eager attention in a pass whose masks were made for the fused kernel (its scores would go "
               "unmasked): analyse this model with attention='eager'.")
@@ -200,7 +202,7 @@ class _Recorder:
     held: int = 0  # their bytes, every text of the batch (GROUP_BUDGET's measure)
     plans: dict = field(default_factory=dict)  # (first text, last + 1, device) -> TextsPlan (TEXTS_AT_ONCE)
     together: dict = field(default_factory=dict)  # (layers, name) -> chunks of [text, layer, ...] waiting (the same)
-    together_host: dict = field(default_factory=dict)  # name -> per group of layers [text, layer, ...] on the host
+    together_host: dict = field(default_factory=dict)  # name -> per group (layers, [text, layer, ...] on the host)
 
     def fused(self, batch: int, heads: int, n: int, device: torch.device) -> bool:
         """Whether a layer of `heads` heads over a [batch, n] pass on `device` runs the fused sdpa kernel."""
@@ -357,7 +359,7 @@ class _Recorder:
         host = to_host(waiting)
         for (i, layers, name), values in host.items():  # [layer, ...] (one text) or [text, layer, ...] (all)
             if i is None:
-                self.together_host.setdefault(name, []).append(values)  # the groups come in layer order
+                self.together_host.setdefault(name, []).append((layers, values))  # groups come in layer order
                 rows = ((text, values[text.index]) for text in self.texts)
             else:
                 rows = ((self.texts[i], values),)
@@ -370,8 +372,10 @@ class _Recorder:
     def finish(self) -> None:
         self.measure_groups()
         self.flush()
-        if self.together_host:  # measured at once: every layer's numbers of every text, shared
-            together = {name: np.concatenate(groups, axis=1) for name, groups in self.together_host.items()}
+        layers = [layer for layers, _ in self.together_host.get("parts", ()) for layer in layers]
+        if layers == list(range(self.n_layers)):  # every layer measured at once: their numbers, shared
+            together = {name: np.concatenate([values for _, values in groups], axis=1)
+                        for name, groups in self.together_host.items()}  # [text, layer, ...] each
             for text in self.texts:
                 text.together = together
 
@@ -483,10 +487,11 @@ def text_inputs(loaded, texts: list[str]) -> list[TextInput | HeadscopeError]:
         return out
     try:
         encoded = loaded.tokenizer([texts[i] for i in written], return_special_tokens_mask=True)
-    except Exception:  # one text the tokenizer refuses: the others still go, its error is its own
-        if len(written) == 1:
-            raise
-        return [item for text in texts for item in text_inputs(loaded, [text])]
+    except Exception as exc:  # noqa: BLE001 - a text the tokenizer refuses (a lone surrogate): its own error
+        if len(written) > 1:
+            return [item for text in texts for item in text_inputs(loaded, [text])]
+        out[written[0]] = HeadscopeError(UNREADABLE.format(kind=type(exc).__name__, message=exc))
+        return out
     limit, all_special = loaded.info.max_positions, loaded.tokenizer.all_special_ids
     for row, i in enumerate(written):
         ids = np.asarray(encoded["input_ids"][row], dtype=np.int64)  # [pos]

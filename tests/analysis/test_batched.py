@@ -163,3 +163,7 @@ def test_a_batch_of_texts_is_tokenized_as_each_text_alone(models):
                 np.testing.assert_array_equal(got.extra[field], values)
                 assert got.extra[field].dtype == values.dtype
         assert sum(isinstance(item, capture.TextInput) for item in many) >= 3
+        refused = capture.text_inputs(loaded, ["a cat", "\ud800", "a dog"])  # a lone surrogate: the tokenizer raises
+        assert [type(item).__name__ for item in refused] == ["TextInput", "HeadscopeError", "TextInput"]
+        assert str(refused[1]).startswith("The tokenizer cannot read this text")
+        np.testing.assert_array_equal(refused[2].ids, capture.tokenize(loaded, "a dog")["input_ids"][0].numpy())
