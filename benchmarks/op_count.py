@@ -2,7 +2,7 @@
 device-agnostic proxy for a GPU's launch overhead (each operation is at least one launch there), which no timing
 noise moves.
 
-    python -m benchmarks.op_count [--tokens 64 1024]
+    python -m benchmarks.op_count [--tokens 64 1024] [--corpus-batch 1 32]
 
 Builds the GPT-2-small shape (12 layers, 12 heads) and the Llama shape of bench_analysis (16 layers, 32 query
 heads, 8 key heads) with the same layer and head counts but 8-wide heads (the operation count does not depend on
@@ -14,6 +14,10 @@ products) and `flush` (after the pass: every layer's Mann-Whitney parts and KDEs
 copy to the host). It also counts the copies to the host (calls of
 patterns.to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder) and the device syncs of `.item()`.
 tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to the bounds stated there.
+
+Then, per shape, a corpus run (count_corpus_ops: corpus.capture_texts of 64 texts of 56-71 tokens, `--corpus-batch`
+texts a pass, a GPU's route, where a pass's texts are measured at once, capture.TEXTS_AT_ONCE) with its launches a
+text.
 
 `measure_gib`, `flush_gib`: the memory traffic of those operations, each one's tensors read and written once
 (an expanded input counted at its own size; a gather what it returns, read and written; a GEMM with a beta=1
