@@ -21,7 +21,7 @@ import torch
 
 from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, score_pairs
 from analysis.keys import compared_keys
-from analysis.metrics import _head_index, compute_mannwhitney_parts_t
+from analysis.metrics import _head_index, additive_mask, compute_mannwhitney_parts_t
 from analysis.patterns import rows_per_block
 
 SUMS = len(DETECTION_SCORES) * len(PARTS)  # the detection sums of one head: (score, part)
@@ -79,13 +79,6 @@ class TextsPlan:
         return self._blocks[start, stop]
 
 
-def _additive(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean mask (True: attend) as the additive one eager attention adds; an additive one as it is."""
-    if mask.dtype != torch.bool:
-        return mask.float()
-    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
-
-
 def reduce_scores_texts(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None,
                         softcap: float | None, plan: TextsPlan, budget: int,
                         causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +111,7 @@ def reduce_scores_texts(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: 
             scores = torch.tanh(scores.div_(softcap)).mul_(softcap)  # [text * lh, rows, keys]
         scores = scores.view(n_texts, heads, stop - start, keys)  # [text, lh, rows, keys]
         if mask is not None:
-            scores.add_(_additive(mask[:, :, start:stop, :keys]))  # [text or 1, 1, rows, keys] over the heads
+            scores.add_(additive_mask(mask[:, :, start:stop, :keys]))  # [text or 1, 1, rows, keys] over the heads
         pattern = torch.softmax(scores, dim=-1)  # [text, lh, rows, keys]
         del scores
         text, q_pos, k_pos, counts = plan.block(start, stop)  # [entry] x 3, [text * SUMS]

@@ -42,24 +42,32 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     n_rep = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(n_rep, dim=0) if n_rep > 1 else k  # [head, k_pos, d_head]
     k_t = k.transpose(-1, -2)  # [head, d_head, k_pos]
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+    if mask is not None:
+        mask = additive_mask(mask, q.dtype)  # [1, q_pos, m]
     n_keys = k.shape[-2]
     whole = mask is not None and mask.shape[-1] == n_keys and not softcap  # added in the product's epilogue
     if softcap:
         scores = torch.matmul(q, k_t).mul_(scaling)  # [h, q, d] @ [h, d, k] -> [h, q, k]
         scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
     else:  # scaled (and masked) in the product: beta=0 neither copies nor reads the bias
-        bias = mask.to(q.dtype) if whole else q.new_zeros(())  # [1, q_pos, k_pos] or a scalar
+        bias = mask if whole else q.new_zeros(())  # [1, q_pos, k_pos] or a scalar
         scores = torch.baddbmm(bias.expand(q.shape[0], q.shape[1], n_keys), q, k_t, beta=1.0 if whole else 0.0,
                                alpha=scaling)  # [h, q, d] @ [h, d, k] -> [h, q, k]
     if mask is not None and not whole:
-        scores[..., n_keys - mask.shape[-1]:].add_(mask.to(q.dtype))  # [1, q_pos, m] over heads: the last m keys
+        scores[..., n_keys - mask.shape[-1]:].add_(mask)  # [1, q_pos, m] over heads: the last m keys
     if not with_scores:
         return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
     scores.sub_(scores.amax(dim=-1, keepdim=True))  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
     pattern = torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
     return pattern, scores, pattern.amax(dim=-1)  # ..., [head, q_pos]: each row's largest weight (amax: no indices)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A mask as eager attention adds it, in `dtype`: a boolean one (True: attend) as 0 and the dtype's lowest finite
+    value, as transformers' eager masks; an additive one as it is."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def compute_head_stats(x: np.ndarray, exclude_first_token: bool = True) -> tuple[np.ndarray, np.ndarray]:
