@@ -248,8 +248,9 @@ def transformer_lens_bridge(plain, tokenizer, device: str):
 
     try:
         from transformer_lens import TransformerBridge
-    except ImportError:
-        print("TransformerLens is not installed: run_with_cache comparison skipped.", flush=True)
+    except Exception as exc:  # noqa: BLE001 - not installed, or a dependency of it missing or too old there
+        print(f"TransformerLens unavailable ({type(exc).__name__}: {exc}): run_with_cache comparison skipped.",
+              flush=True)
         return None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -260,8 +261,13 @@ def transformer_lens_bridge(plain, tokenizer, device: str):
     with __import__("torch").device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=plain.dtype).eval()
     model.transformer.load_state_dict(plain.state_dict())
-    return TransformerBridge.boot_transformers(folder, hf_model=model, tokenizer=AutoTokenizer.from_pretrained(folder),
-                                               device=device)
+    try:
+        return TransformerBridge.boot_transformers(folder, hf_model=model, device=device,
+                                                   tokenizer=AutoTokenizer.from_pretrained(folder))
+    except Exception as exc:  # noqa: BLE001 - an optional comparison: the benchmark goes on without it
+        print(f"TransformerLens failed to boot ({type(exc).__name__}: {exc}): run_with_cache comparison skipped.",
+              flush=True)
+        return None
 
 
 def main() -> None:

@@ -1,0 +1,74 @@
+"""Where the GPU time of an all-layer analysis goes: torch.profiler over one analyze_ids against one plain forward.
+
+    python -m benchmarks.gpu_profile [--shape llama-0.7b] [--tokens 1024 4096] [--top 20]
+
+For each length, after a warm-up: the wall time of the plain sdpa forward and of analyze_ids, the device time
+their kernels took and how many kernels ran (device time well below the wall time means launch- or host-bound),
+and the kernels of the analysis that took the most device time. One JSON line per length, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def profiled(fn):
+    """(wall seconds, device seconds, kernels, key_averages) of one call of fn under torch.profiler."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    return wall, sum(a.self_device_time_total for a in averages) / 1e6, kernels, averages
+
+
+def main() -> None:
+    import torch
+
+    from analysis import analyze_ids
+    from benchmarks.bench_analysis import SHAPES, build_models, token_ids
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama-0.7b", choices=SHAPES)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+    dtype = "float32" if args.shape == "gpt2-small" else "bfloat16"
+    loaded, plain = build_models(args.shape, "cuda", dtype)
+    for n in args.tokens:
+        ids = token_ids(loaded.tokenizer, n)
+        tensor = torch.as_tensor(ids, device="cuda")[None]
+
+        def forward(tensor=tensor):
+            with torch.inference_mode():
+                plain(input_ids=tensor)
+
+        def analysis(ids=ids):
+            analyze_ids(loaded, ids)
+
+        for fn in (forward, analysis):
+            fn()
+        rows = {}
+        for name, fn in (("forward", forward), ("analyze", analysis)):
+            wall, device, count, averages = profiled(fn)
+            rows[name] = {"wall_ms": round(wall * 1e3, 1), "device_ms": round(device * 1e3, 1), "kernels": count}
+        print(json.dumps({"tokens": n, **rows}), flush=True)
+        print(averages.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
