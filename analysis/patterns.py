@@ -128,7 +128,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
             found = (mixed - output[:, start:stop].float()).abs_().view(n_layers, -1).amax(dim=-1)  # [layer]
             parity = found if parity is None else torch.maximum(parity, found)
         if kept is not None:
-            kept[:, start:stop, :width] = pattern.cpu().numpy()
+            kept[:, start:stop, :width] = staged(pattern)
             kept[:, start:stop, width:] = 0.0
         del pattern
     if numerators is None:  # no detection pair at all (one token)
@@ -163,13 +163,27 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
                             pattern=None if kept is None else kept.reshape(n_layers, layer_heads, n, n))
 
 
+def staged(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values on the host: the tensor itself on the CPU; else a view of page-locked memory (torch's
+    cached buffers), to be copied out, not kept. A pageable copy ran at ~1 GB/s on an H200, a third of the
+    all-layer analysis of the Llama shape at 1024 tokens."""
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    staging = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    staging.copy_(tensor, non_blocking=True)
+    torch.accelerator.synchronize(tensor.device)
+    return staging.numpy()
+
+
 def to_host(tensors: dict) -> dict[object, np.ndarray]:
     """{key: device tensor} -> {key: float64 numpy array of the same shape}, in one device-to-host copy."""
     if not tensors:
         return {}
     values = list(tensors.values())
-    flat = torch.cat([t.reshape(-1) for t in values]).detach()  # [total]: cat promotes to float64 in one launch
-    host = flat.to(torch.float64).cpu().numpy()
+    flat = torch.cat([t.reshape(-1) for t in values]).detach().to(torch.float64)  # [total]: cat promotes at once
+    host = staged(flat)
+    if flat.device.type != "cpu":
+        host = host.copy()  # pageable: results that are kept (a cache, the app's session) hold no page-locked memory
     out, offset = {}, 0
     for key, t in zip(tensors, values):
         size = t.numel()
