@@ -1,10 +1,12 @@
 """Where the GPU time of an all-layer analysis goes: torch.profiler over one analyze_ids against one plain forward.
 
-    python -m benchmarks.gpu_profile [--shape llama-0.7b] [--tokens 1024 4096] [--top 20]
+    python -m benchmarks.gpu_profile [--shape llama-0.7b] [--tokens 1024 4096] [--top 20] [--corpus-texts 256]
 
 For each length, after a warm-up: the wall time of the plain sdpa forward and of analyze_ids, the device time
 their kernels took and how many kernels ran (device time well below the wall time means launch- or host-bound),
-and the kernels of the analysis that took the most device time. One JSON line per length, then a table.
+and the kernels of the analysis that took the most device time. One JSON line per length, then a table. Then the
+same for the corpus mode (analyze_corpus at batch size 32), with the host's Python functions that took the most
+time (cProfile, by own time).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-0.7b", choices=SHAPES)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--corpus-texts", type=int, default=256, help="0: no corpus profile")
     args = parser.parse_args()
     dtype = "float32" if args.shape == "gpt2-small" else "bfloat16"
     loaded, plain = build_models(args.shape, "cuda", dtype)
@@ -68,6 +71,29 @@ def main() -> None:
         print(json.dumps({"tokens": n, **rows}), flush=True)
         print(averages.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60),
               flush=True)
+    if args.corpus_texts:
+        profile_corpus(loaded, args.corpus_texts, args.top)
+
+
+def profile_corpus(loaded, n_texts: int, top: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    from analysis.corpus import analyze_corpus
+    from benchmarks.bench_analysis import corpus_texts
+
+    texts = corpus_texts(n_texts)
+    analyze_corpus(loaded, texts[:64], batch_size=32, n_boot=10)  # warm-up
+    wall, device, count, averages = profiled(lambda: analyze_corpus(loaded, texts, batch_size=32, n_boot=10))
+    print(json.dumps({"corpus_texts": n_texts, "batch_size": 32, "wall_ms": round(wall * 1e3, 1),
+                      "device_ms": round(device * 1e3, 1), "kernels": count}), flush=True)
+    print(averages.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60), flush=True)
+    host = cProfile.Profile()
+    host.runcall(analyze_corpus, loaded, texts, batch_size=32, n_boot=10)
+    out = io.StringIO()
+    pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(top)
+    print(out.getvalue(), flush=True)
 
 
 if __name__ == "__main__":
