@@ -1,11 +1,11 @@
 """Many texts at once: stream them through the engine, keep only small per-head numbers, bootstrap the means.
 
-Texts go through the engine `batch_size` at a time, padded forward passes of texts grouped by padded width
-(`capture_texts`: no T x T pattern kept, each text padded to a width of its own so its numbers never depend on its
-batch), and each is reduced to a few numbers per layer x head (CORPUS_MEASURES) and per layer (LAYER_MEASURES)
-right after its pass. What grows with the
-corpus is only those numbers, (len(CORPUS_MEASURES) * layers * heads + len(LAYER_MEASURES) * layers) float64 per text
-(about 11 KB for GPT-2 small), kept so the means can be bootstrapped over texts.
+Texts go through the engine `batch_size` at a time, padded forward passes (`capture_texts`: no T x T pattern
+kept; on the CPU texts grouped by padded width, each padded to a width of its own so its numbers never depend on its
+batch), and each is reduced to a few numbers per layer x head (CORPUS_MEASURES) and per layer (LAYER_MEASURES) right
+after its pass. What grows with the corpus is only those numbers, (len(CORPUS_MEASURES) * layers * heads +
+len(LAYER_MEASURES) * layers) float64 per text (about 11 KB for GPT-2 small), kept so the means can be
+bootstrapped over texts.
 
 Confidence intervals are percentile bootstrap intervals over texts: `n_boot` resamples of the texts with
 replacement (a seeded [n_boot, n_texts] multinomial count matrix, so one matrix product gives every resample's
@@ -23,7 +23,16 @@ from pathlib import PurePath
 import numpy as np
 import torch
 
-from analysis.capture import EAGER_BUDGET, Capture, TextInput, resolve_query, run_pass, text_inputs, to_capture
+from analysis.capture import (
+    EAGER_BUDGET,
+    TEXTS_AT_ONCE,
+    Capture,
+    TextInput,
+    resolve_query,
+    run_pass,
+    text_inputs,
+    to_capture,
+)
 from analysis.errors import HeadscopeError
 from analysis.head_scores import combine_score_parts
 from analysis.loading import LoadedModel
@@ -59,6 +68,12 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # as corpus_io.detect_kind
 TXT_SUFFIXES = (".txt", ".text")
 PAD_MULTIPLE = 8  # a text's padded width: the next multiple of this above its length, whatever batch it is in
 MIN_WIDTH = 16  # and at least this: a pass of one text of 8 rows took another matrix-product path on the CPU
+# Where a pass's texts are measured at once (capture.TEXTS_AT_ONCE: a GPU), a text's numbers depend on its batch at
+# float rounding anyway: there passes are cut from the texts sorted by length, padded to the longest of each pass,
+# and READ_AHEAD batches of texts are read per capture_texts call to fill them with similar lengths (at one batch a
+# call, 256 texts of 67-88 tokens went through 22 passes, split by padded width, for 8 of 32).
+PASSES_BY_LENGTH = dict(TEXTS_AT_ONCE)
+READ_AHEAD = {"cpu": 1, "cuda": 8}
 
 Progress = Callable[[int, int | None], None]  # (texts done, total or None when unknown)
 
@@ -187,6 +202,37 @@ def padded_width(n_tokens: int, limit: int | None = None) -> int:
     return width if limit is None else max(n_tokens, min(width, limit))
 
 
+def device_kind(device) -> str:
+    """The key of the per-device settings (capture.TEXTS_AT_ONCE, READ_AHEAD): "cuda" or "cpu"."""
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
+
+
+def read_ahead(device, batch_size: int) -> int:
+    """Texts to hand capture_texts at once on `device` (READ_AHEAD)."""
+    return batch_size * READ_AHEAD[device_kind(device)]
+
+
+def corpus_passes(loaded: LoadedModel, items: list[tuple[int, TextInput]], batch_size: int):
+    """(padded width, attention route, [(index, item)]) of each pass over `items`. PASSES_BY_LENGTH: `batch_size`
+    texts of similar lengths a pass, padded to the longest one's padded width; else texts grouped by their own
+    padded width, so each text's numbers never depend on its batch."""
+    limit = loaded.info.max_positions
+    if PASSES_BY_LENGTH[device_kind(loaded.info.device)]:
+        items = sorted(items, key=lambda pair: (pair[1].ids.size, pair[0]))
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            width = padded_width(chunk[-1][1].ids.size, limit)
+            yield width, corpus_route(loaded, width, batch_size)[0], chunk
+        return
+    groups: dict[int, list[tuple[int, TextInput]]] = {}
+    for index, item in items:
+        groups.setdefault(padded_width(item.ids.size, limit), []).append((index, item))
+    for width in sorted(groups):
+        route, size = corpus_route(loaded, width, batch_size)
+        for start in range(0, len(groups[width]), size):
+            yield width, route, groups[width][start:start + size]
+
+
 def corpus_route(loaded: LoadedModel, width: int, batch_size: int) -> tuple[str, int]:
     """(attention route, texts per pass) for texts of padded `width`: decided by the width alone, never by what
     else is in the batch (capture's "auto" looks at the whole batch). On the CPU the model's eager attention while
@@ -247,14 +293,15 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     pattern), or the HeadscopeError of a text that cannot be analysed (empty, too long, ...; an exception of
     `reduce` too); the others are unaffected.
 
-    Texts are grouped by padded width (`padded_width`) and run up to `batch_size` per padded pass (fewer where
-    `corpus_route` says so). On the CPU each text's numbers depend on the text alone, not on its batch: every pass
-    pads it to the same width, with the same attention route, each text is measured on its own (capture's text by
-    text route), and the CPU's matrix products give each row the same bits whatever the other rows are
+    On the CPU texts are grouped by padded width (`padded_width`) and run up to `batch_size` per padded pass
+    (fewer where `corpus_route` says so), and each text's numbers depend on the text alone, not on its batch: every
+    pass pads it to the same width, with the same attention route, each text is measured on its own (capture's
+    text by text route), and the CPU's matrix products give each row the same bits whatever the other rows are
     (tests/analysis/test_corpus_store.py runs texts in different batches and compares). On a GPU a pass's texts
     are measured at once (capture.TEXTS_AT_ONCE, analysis.batched) and reduced at once (TextValues.of_pass): the
     same numbers to float rounding (tests/analysis/test_batched.py), which there may depend on the batch, as the
-    GPU's batched forward pass already does.
+    GPU's batched forward pass already does; so there passes take `batch_size` texts of similar lengths, padded
+    to the longest (`corpus_passes`).
     So two engines that batch a corpus differently (local, Ray) write the same rows, rank statistics included:
     padding each text to the longest of its batch instead changed its sums' rounding with its batch, and the
     same-vs-different-head Mann-Whitney ranking flipped on dot products equal to rounding (by up to 0.6 in r on
@@ -265,20 +312,16 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
         raise HeadscopeError(BAD_BATCH_SIZE.format(size=batch_size))
     reduce = reduce or (lambda captured: captured)
     out: list = [None] * len(texts)
-    groups: dict[int, list[tuple[int, TextInput]]] = {}
+    items = []
     for index, item in enumerate(text_inputs(loaded, list(texts))):
         if isinstance(item, HeadscopeError):
             out[index] = item
-            continue
-        groups.setdefault(padded_width(item.ids.size, loaded.info.max_positions), []).append((index, item))
-    for width in sorted(groups):
-        members = groups[width]
-        route, size = corpus_route(loaded, width, batch_size)
-        for start in range(0, len(members), size):
-            chunk = members[start:start + size]
-            results = _capture_pass(loaded, [item for _, item in chunk], width, route, reduce, exclude_first_token)
-            for (index, _), result in zip(chunk, results):
-                out[index] = result
+        else:
+            items.append((index, item))
+    for width, route, chunk in corpus_passes(loaded, items, batch_size):
+        results = _capture_pass(loaded, [item for _, item in chunk], width, route, reduce, exclude_first_token)
+        for (index, _), result in zip(chunk, results):
+            out[index] = result
     return out
 
 
@@ -385,8 +428,10 @@ def compute_bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, seed: int = S
     tail = (1 - level) / 2 * 100
     defined = np.isfinite(boot).any(axis=0)  # [cell]
     low, high = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
-    if defined.any():
-        low[defined], high[defined] = np.nanpercentile(boot[:, defined], [tail, 100 - tail], axis=0)
+    gaps = np.isnan(boot).any(axis=0)  # [cell]: a resample without a text that defines it
+    for cells, percentile in ((defined & ~gaps, np.percentile), (defined & gaps, np.nanpercentile)):
+        if cells.any():  # nanpercentile goes column by column (a second per GPT-2 corpus): only where it must
+            low[cells], high[cells] = percentile(boot[:, cells], [tail, 100 - tail], axis=0)
     return mean.reshape(shape), low.reshape(shape), high.reshape(shape)
 
 
@@ -490,8 +535,8 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
                    seed: int = SEED, total: int | None = None, batch_size: int = BATCH_SIZE) -> CorpusResult:
     """Stream `texts` through the model `batch_size` at a time and bootstrap the means of their per-head numbers.
 
-    Each buffer of `batch_size` texts goes through `capture_texts` (padded passes of texts grouped by width, no
-    T x T pattern kept) and `compute_text_values`: the numbers analysis.corpus_store's rows hold, bit for bit,
+    Each buffer of `batch_size` texts (READ_AHEAD batches on a GPU) goes through `capture_texts` (padded passes,
+    no T x T pattern kept) and `compute_text_values`: the numbers analysis.corpus_store's rows hold, bit for bit,
     whatever the batch size, and equal to each text's own `analyze` to float rounding. The default batch size
     (pipeline.BATCH_SIZE, 16) is faster than one text per pass on the CPU too (README, corpus mode).
 
@@ -508,6 +553,8 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
 
     def flush() -> None:
         nonlocal done
+        if not buffer:
+            return
         results = iter(capture_texts(loaded, [text for text in buffer if not isinstance(text, Exception)],
                                      batch_size, text_values(model, exclude_first_token, exclude_current_token),
                                      exclude_first_token))
@@ -525,9 +572,10 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
                 progress(done, total)
         buffer.clear()
 
+    ahead = read_ahead(loaded.info.device, batch_size)
     for text in texts:
         buffer.append(text)
-        if sum(not isinstance(item, Exception) for item in buffer) >= batch_size:
+        if sum(not isinstance(item, Exception) for item in buffer) >= ahead:
             flush()
     flush()
     return acc.finish(n_boot, seed)

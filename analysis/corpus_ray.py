@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from analysis.corpus import read_ahead
 from analysis.corpus_io import check_column, detect_kind, load_hf, make_record, parquet_files, parse_lines
 from analysis.corpus_store import ResultsFolder, _now, analyze_records, result_settings, rows_to_table
 from analysis.errors import HeadscopeError
@@ -188,7 +189,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         rows = records.map_batches(
             RowMaker, fn_constructor_args=(model, device, dtype, info["revision"],
                                            {**settings, "batch_size": batch_size}, max(1, int(worker_cpus))),
-            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+            batch_size=read_ahead(device, batch_size), batch_format="pyarrow",  # passes cut from fuller batches
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=worker_cpus, **gpu_args)
         rows.write_parquet(str(folder.rows_dir.resolve()))
         written = len(folder.done_keys()) - len(done)

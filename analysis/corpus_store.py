@@ -45,6 +45,7 @@ from analysis.corpus import (
     capture_texts,
     compute_bootstrap_ci,
     excerpt,
+    read_ahead,
     text_values,
 )
 from analysis.errors import HeadscopeError
@@ -283,7 +284,8 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
               batch_size: int = 16, flush_rows: int = FLUSH_ROWS, progress: Progress | None = None) -> dict:
     """The local engine: analyse every record without a row in `folder`, in this process; returns the run entry.
 
-    Records go to `analyze_records` `batch_size` at a time; rows are written as a part file every `flush_rows`.
+    Records go to `analyze_records` `batch_size` at a time (corpus.READ_AHEAD batches on a GPU); rows are written
+    as a part file every `flush_rows`.
     """
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
     settings = result_settings(exclude_first_token, exclude_current_token)
@@ -309,7 +311,7 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
                 continue
             yield record
 
-    for chunk in _chunks(todo(), max(1, batch_size)):
+    for chunk in _chunks(todo(), read_ahead(loaded.info.device, max(1, batch_size))):
         pending.extend(analyze_records(loaded, chunk, exclude_first_token, exclude_current_token,
                                        batch_size=batch_size))
         if len(pending) >= flush_rows:

@@ -167,3 +167,55 @@ def test_a_batch_of_texts_is_tokenized_as_each_text_alone(models):
         assert [type(item).__name__ for item in refused] == ["TextInput", "HeadscopeError", "TextInput"]
         assert str(refused[1]).startswith("The tokenizer cannot read this text")
         np.testing.assert_array_equal(refused[2].ids, capture.tokenize(loaded, "a dog")["input_ids"][0].numpy())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_passes_by_length_are_full_and_give_each_text_its_numbers(models, monkeypatch, name):
+    """A GPU's corpus passes (corpus.PASSES_BY_LENGTH): `batch_size` texts a pass, cut from the texts sorted by
+    length and padded to the longest one's width, each text's results in its own place; its numbers those of the
+    CPU's passes grouped by padded width to float rounding (a wider padding changes the forward's rounding)."""
+    loaded = models[name]
+    texts = varied_texts(20, seed=1)
+    reduce = text_values(loaded.info.to_dict())
+    grouped = capture_texts(loaded, texts, 8, reduce)
+    monkeypatch.setitem(corpus.PASSES_BY_LENGTH, "cpu", True)
+    monkeypatch.setitem(capture.TEXTS_AT_ONCE, "cpu", True)
+    passes = []
+    real = corpus._capture_pass
+    monkeypatch.setattr(corpus, "_capture_pass", lambda loaded, items, width, *args: passes.append(
+        (width, [item.ids.size for item in items])) or real(loaded, items, width, *args))
+    by_length = capture_texts(loaded, texts, 8, reduce)
+    assert [len(sizes) for _, sizes in passes] == [8, 8, 4]
+    lengths = [size for _, sizes in passes for size in sizes]
+    assert lengths == sorted(lengths)
+    assert all(width == corpus.padded_width(max(sizes)) for width, sizes in passes)
+    assert any(len({corpus.padded_width(n) for n in sizes}) > 1 for _, sizes in passes)  # widths mixed
+    for number, ((want_heads, want_layers, want_n), (heads, layers, n)) in enumerate(zip(grouped, by_length)):
+        assert n == want_n
+        for measure in CORPUS_MEASURES:
+            np.testing.assert_allclose(heads[measure], want_heads[measure], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name} text {number} {measure}")
+        if n >= 6:  # a short text's centred dot products are rounding noise: its ranks may flip
+            for measure in LAYER_MEASURES:
+                np.testing.assert_allclose(layers[measure], want_layers[measure], rtol=0, atol=1e-6,
+                                           err_msg=f"{name} text {number} {measure}")
+
+
+def test_a_corpus_reads_ahead_to_fill_its_passes(models, monkeypatch):
+    """analyze_corpus hands capture_texts READ_AHEAD batches of texts at a time, and their results keep the
+    texts' order."""
+    loaded = models["gpt2"]
+    texts = varied_texts(20, seed=2)
+    calls = []
+    real = corpus.capture_texts
+    monkeypatch.setattr(corpus, "capture_texts", lambda loaded, chunk, *args: calls.append(len(chunk)) or real(
+        loaded, chunk, *args))
+    one = corpus.analyze_corpus(loaded, texts, batch_size=4, n_boot=10)
+    assert calls == [4] * 5
+    calls.clear()
+    monkeypatch.setitem(corpus.READ_AHEAD, "cpu", 3)
+    ahead = corpus.analyze_corpus(loaded, texts, batch_size=4, n_boot=10)
+    assert calls == [12, 8]
+    assert ahead.texts == one.texts  # each text's number, excerpt and token count, in order
+    for name, values in one.values.items():
+        np.testing.assert_array_equal(ahead.values[name], values)  # the CPU's rows: bit for bit, in any batch
