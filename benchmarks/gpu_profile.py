@@ -4,9 +4,9 @@
 
 For each length, after a warm-up: the wall time of the plain sdpa forward and of analyze_ids, the device time
 their kernels took and how many kernels ran (device time well below the wall time means launch- or host-bound),
-and the kernels of the analysis that took the most device time. One JSON line per length, then a table. Then the
-same for the corpus mode (analyze_corpus at batch size 32), with the host's Python functions that took the most
-time (cProfile, by own time).
+and the kernels of the analysis that took the most device time, then the host's Python functions that took the most
+time (cProfile, by own time). One JSON line per length, then the tables. Then the same for the corpus mode
+(analyze_corpus at batch size 32).
 """
 
 from __future__ import annotations
@@ -71,15 +71,12 @@ def main() -> None:
         print(json.dumps({"tokens": n, **rows}), flush=True)
         print(averages.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60),
               flush=True)
+        print(host_profile(analysis, args.top), flush=True)
     if args.corpus_texts:
         profile_corpus(loaded, args.corpus_texts, args.top)
 
 
 def profile_corpus(loaded, n_texts: int, top: int) -> None:
-    import cProfile
-    import io
-    import pstats
-
     from analysis.corpus import analyze_corpus
     from benchmarks.bench_analysis import corpus_texts
 
@@ -89,11 +86,20 @@ def profile_corpus(loaded, n_texts: int, top: int) -> None:
     print(json.dumps({"corpus_texts": n_texts, "batch_size": 32, "wall_ms": round(wall * 1e3, 1),
                       "device_ms": round(device * 1e3, 1), "kernels": count}), flush=True)
     print(averages.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60), flush=True)
+    print(host_profile(lambda: analyze_corpus(loaded, texts, batch_size=32, n_boot=10), top), flush=True)
+
+
+def host_profile(fn, top: int) -> str:
+    """The host's Python functions that took the most time in one call of fn (cProfile, by own time)."""
+    import cProfile
+    import io
+    import pstats
+
     host = cProfile.Profile()
-    host.runcall(analyze_corpus, loaded, texts, batch_size=32, n_boot=10)
+    host.runcall(fn)
     out = io.StringIO()
     pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(top)
-    print(out.getvalue(), flush=True)
+    return out.getvalue()
 
 
 if __name__ == "__main__":
