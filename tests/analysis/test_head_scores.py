@@ -136,6 +136,20 @@ def test_score_names_agree_between_the_engine_and_the_results():
     assert HEAD_SCORES == HEAD_SCORE_NAMES
 
 
+def test_duplicate_pairs_are_the_lower_triangle_of_equal_tokens():
+    """head_scores.duplicate_pairs (from the positions sorted by token) against the dense T x T comparison, in its
+    order (by query, then key), on texts from all-distinct to one token repeated."""
+    from analysis.head_scores import duplicate_pairs
+
+    rng = np.random.default_rng(0)
+    for n, vocab in [(0, 5), (1, 5), (2, 1), (7, 2), (50, 3), (300, 20), (400, 1), (500, 10**6)]:
+        ids = rng.integers(0, vocab, n)  # [pos]
+        want = np.nonzero(np.tril(ids[:, None] == ids[None, :], k=-1))  # [pair] each
+        got = duplicate_pairs(ids)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), (n, vocab)
+        assert got[0].dtype.kind == "i" and got[1].dtype.kind == "i"
+
+
 def test_perfect_previous_token_pattern():
     pattern = previous_token_pattern()
     for scores in both_routes(pattern, np.arange(N_POS), False, False):
