@@ -142,7 +142,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     originals = {name: getattr(capture._Recorder, name) for name in methods}
     original_to_host, original_numpy = capture.to_host, metrics.NUMPY_ON_CPU
     budgets = {name: dict(getattr(capture, name)) for name in ("WORK_BUDGET", "GROUP_BUDGET", "HOLD_BUDGET",
-                                                                "PENDING_BUDGET")}
+                                                                "PENDING_BUDGET", "TEXTS_BUDGET")}
     patterns = importlib.import_module("analysis.patterns")
     cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, dict(patterns.ENTROPY_FROM_SCORES)
     texts_at_once = dict(capture.TEXTS_AT_ONCE)
@@ -187,6 +187,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             capture.GROUP_BUDGET["cuda"] * D_HEAD // REAL_D_HEAD)
         capture.HOLD_BUDGET["cpu"] = capture.HOLD_BUDGET["cuda"]  # measured as they close,
         capture.PENDING_BUDGET["cpu"] = capture.PENDING_BUDGET["cuda"]  # its numbers sent early past its budget,
+        capture.TEXTS_BUDGET["cpu"] = capture.TEXTS_BUDGET["cuda"]  # its chunks of a corpus pass's texts,
         metrics.KDE_CHUNK = 2**17  # its KDE blocks,
         patterns.CAUSAL_ROWS = 2**30  # no short causal blocks (a CPU's),
         patterns.ENTROPY_FROM_SCORES["cpu"] = patterns.ENTROPY_FROM_SCORES["cuda"]  # its route to the entropy,
@@ -220,7 +221,13 @@ def count_corpus_ops(loaded, texts: list[str], batch_size: int) -> dict:
 
     corpus = importlib.import_module("analysis.corpus")
     reduce = corpus.text_values(loaded.info.to_dict())
-    found = count_measurement_ops(loaded, None, run=lambda: corpus.capture_texts(loaded, texts, batch_size, reduce))
+    by_length = dict(corpus.PASSES_BY_LENGTH)
+    corpus.PASSES_BY_LENGTH["cpu"] = by_length["cuda"]  # a GPU's passes: texts of similar lengths
+    try:
+        found = count_measurement_ops(loaded, None,
+                                      run=lambda: corpus.capture_texts(loaded, texts, batch_size, reduce))
+    finally:
+        corpus.PASSES_BY_LENGTH.update(by_length)
     launches = found["measure_launches"] + found["flush_launches"]
     return {**found, "texts": len(texts), "batch_size": batch_size,
             "launches_per_text": round(launches / len(texts), 1)}

@@ -51,8 +51,9 @@ def test_a_pass_measured_at_once_gives_each_text_its_own_numbers(models, monkeyp
     texts = varied_texts(20)
     if route == "sdpa":  # the fused kernel and sdpa's boolean masks (corpus_route picks eager on the CPU)
         monkeypatch.setattr(corpus, "EAGER_BUDGET", 0)
-    if budget is not None:
+    if budget is not None:  # blocks of query rows and chunks of texts
         monkeypatch.setitem(capture.WORK_BUDGET, "cpu", budget)
+        monkeypatch.setitem(capture.TEXTS_BUDGET, "cpu", budget)
     model = loaded.info.to_dict()
     passes = []
     real = corpus.compute_pass_values
