@@ -34,7 +34,7 @@ from analysis.batched import TextsPlan, compute_qk_texts_t, reduce_scores_texts
 from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan
 from analysis.metrics import SPREAD_INPUTS, compute_pattern, compute_qk_measures_t, compute_spread_measures_t
-from analysis.patterns import reduce_pattern, to_host
+from analysis.patterns import reduce_pattern, send_to_host
 
 CAPTURE_ATTENTION = "headscope"
 EMPTY_TEXT = "The text is empty: type a sentence to analyse."
@@ -207,6 +207,7 @@ class _Recorder:
     plans: dict = field(default_factory=dict)  # (first text, last + 1, device) -> TextsPlan (TEXTS_AT_ONCE)
     together: dict = field(default_factory=dict)  # (layers, name) -> chunks of [text, layer, ...] waiting (the same)
     together_host: dict = field(default_factory=dict)  # name -> per group (layers, [text, layer, ...] on the host)
+    copies: list = field(default_factory=list)  # each flush's HostCopy, in order, until collected
 
     def fused(self, batch: int, heads: int, n: int, device: torch.device) -> bool:
         """Whether a layer of `heads` heads over a [batch, n] pass on `device` runs the fused sdpa kernel."""
@@ -348,8 +349,10 @@ class _Recorder:
 
     def flush(self) -> None:
         """Measure the waiting groups of every text at once (compute_spread_measures_t: one sort, one kernel sum)
-        and move every waiting number to the host in one copy: once per pass unless the device's work budget
-        says sooner."""
+        and send every waiting number to the host in one copy: once per pass unless the device's work budget
+        says sooner. An earlier flush's numbers are collected first, while the device still works on the layers
+        queued since."""
+        self.collect()
         for text in self.texts:
             if text.measured:
                 groups, text.measured = text.measured, []
@@ -360,22 +363,28 @@ class _Recorder:
                 text.device.update({(layers, name): tensor for name, tensor in spread.items()})
         waiting = {(i, *key): tensor for i, text in enumerate(self.texts) for key, tensor in text.device.items()}
         waiting.update({(None, *key): _cat(chunks) for key, chunks in self.together.items()})  # [text, layer, ...]
-        host = to_host(waiting)
-        for (i, layers, name), values in host.items():  # [layer, ...] (one text) or [text, layer, ...] (all)
-            if i is None:
-                self.together_host.setdefault(name, []).append((layers, values))  # groups come in layer order
-                rows = ((text, values[text.index]) for text in self.texts)
-            else:
-                rows = ((self.texts[i], values),)
-            for text, per_layer in rows:
-                text.host.update({(layer, name): row for layer, row in zip(layers, per_layer)})
+        self.copies.append(send_to_host(waiting))
         for text in self.texts:
             text.device.clear()
         self.together, self.pending = {}, 0
 
+    def collect(self) -> None:
+        """The sent numbers, on the host, to their texts."""
+        for copy in self.copies:
+            for (i, layers, name), values in copy.wait().items():  # [layer, ...] (one text) or [text, layer, ...]
+                if i is None:
+                    self.together_host.setdefault(name, []).append((layers, values))  # groups come in layer order
+                    rows = ((text, values[text.index]) for text in self.texts)
+                else:
+                    rows = ((self.texts[i], values),)
+                for text, per_layer in rows:
+                    text.host.update({(layer, name): row for layer, row in zip(layers, per_layer)})
+        self.copies = []
+
     def finish(self) -> None:
         self.measure_groups()
         self.flush()
+        self.collect()
         layers = [layer for layers, _ in self.together_host.get("parts", ()) for layer in layers]
         if layers == list(range(self.n_layers)):  # every layer measured at once: their numbers, shared
             together = {name: np.concatenate([values for _, values in groups], axis=1)

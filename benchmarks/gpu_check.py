@@ -5,7 +5,8 @@
 Tiny random GPT-2 (8 layers, 12 heads) and Llama (8 query heads, 2 key heads) checkpoints from the tests'
 builders, analysed on the CPU (eager, the reference) and on cuda: with the model's eager attention (every
 field within 1e-5 of the CPU's, relative to its scale), with the fused sdpa kernel (parity <= 1e-5 on every
-layer, fields within 1e-4), as a padded batch on cuda (each text equal to its single cuda run), and the corpus's
+layer, fields within 1e-4), with the numbers sent to the host after every layer group (equal to one copy after the
+pass, to 1e-9), as a padded batch on cuda (each text equal to its single cuda run), and the corpus's
 per-text numbers (a pass's texts measured and ranked at once on the device, analysis.batched) against the CPU's
 (text by text).
 """
@@ -64,6 +65,26 @@ def corpus_check(name: str, reference, other) -> dict:
             "corpus_same_undefined": same_nans, "ok": heads <= 1e-4 and ranks <= 1e-3 and same_nans}
 
 
+def flush_check(name: str, loaded) -> dict:
+    """Numbers sent to the host after every layer group (capture.PENDING_BUDGET 0: each flush's page-locked copy
+    collected at the next) against one copy after the pass: the same numbers (to 1e-9: a batched reduction over fewer
+    layers may add in another order)."""
+    import importlib
+
+    from analysis import analyze
+
+    capture = importlib.import_module("analysis.capture")
+    budget = dict(capture.PENDING_BUDGET)
+    once = analyze(loaded, TEXTS[0])
+    capture.PENDING_BUDGET["cuda"] = 0
+    try:
+        early = analyze(loaded, TEXTS[0])
+    finally:
+        capture.PENDING_BUDGET.update(budget)
+    diff = worst(early, once)
+    return {"model": name, "flush_every_group_vs_once": diff, "ok": diff <= 1e-9}
+
+
 def main() -> None:
     from analysis import analyze, analyze_batch, load_model
     from tests.checkpoints import tiny_gpt2, tiny_llama
@@ -83,6 +104,9 @@ def main() -> None:
             row["ok"] = row["cuda_eager_vs_cpu"] <= 1e-5 and row["cuda_sdpa_vs_cpu"] <= 1e-4 and parity <= 1e-5
             ok_all &= row["ok"]
             print(json.dumps(row), flush=True)
+        row = flush_check(name, cuda)
+        ok_all &= row["ok"]
+        print(json.dumps(row), flush=True)
         batched = analyze_batch(cuda, TEXTS, batch_size=4)
         diffs = [worst(result, analyze(cuda, text)) for text, result in zip(TEXTS, batched)]
         row = {"model": name, "batch_vs_single_cuda": max(diffs), "ok": max(diffs) <= 1e-5}

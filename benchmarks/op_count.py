@@ -12,7 +12,7 @@ recorder: `measure` (`record`, once per layer in the pass, and `measure_group`, 
 capture.GROUP_BUDGET stacks: the pattern rebuilt and reduced in blocks of query rows, the q/k statistics and dot
 products) and `flush` (after the pass: every layer's Mann-Whitney parts and KDEs in batched operations, then one
 copy to the host). It also counts the copies to the host (calls of
-patterns.to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder) and the device syncs of `.item()`.
+patterns.send_to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder) and the device syncs of `.item()`.
 tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to the bounds stated there.
 
 Then, per shape, a corpus run (count_corpus_ops: corpus.capture_texts of 64 texts of 56-71 tokens, `--corpus-batch`
@@ -82,7 +82,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     """{"measure": operations measuring the layers (in the pass, early copies to the host included), "flush": after
     the pass, "measure_launches"/"flush_launches":
     those that are not views (kernels on a GPU), "groups": layer groups measured, "to_host": calls of
-    patterns.to_host, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
+    patterns.send_to_host, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
     syncs), "syncs": aten.item dispatches, "measure_gib"/"flush_gib": their memory traffic, "peak_mib": the most
     their tensors held at once, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not kept,
     with a GPU's sizes and routes (capture.WORK_BUDGET, capture.GROUP_BUDGET, capture.HOLD_BUDGET,
@@ -138,9 +138,9 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     alive, memory = {}, [0, 0]  # storages they made and still alive: bytes now, the peak
     copies, groups = [0], [0]
     methods = {"record": "measure", "measure_groups": "measure", "measure_group": "measure",
-               "flush": "flush"}  # recorder method -> phase
+               "flush": "flush", "collect": "flush"}  # recorder method -> phase
     originals = {name: getattr(capture._Recorder, name) for name in methods}
-    original_to_host, original_numpy = capture.to_host, metrics.NUMPY_ON_CPU
+    original_send, original_numpy = capture.send_to_host, metrics.NUMPY_ON_CPU
     budgets = {name: dict(getattr(capture, name)) for name in ("WORK_BUDGET", "GROUP_BUDGET", "HOLD_BUDGET",
                                                                 "PENDING_BUDGET", "TEXTS_BUDGET")}
     patterns = importlib.import_module("analysis.patterns")
@@ -164,9 +164,9 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
                 active[0] = False
         return method
 
-    def to_host(tensors):
+    def send_to_host(tensors):
         copies[0] += 1
-        return original_to_host(tensors)
+        return original_send(tensors)
 
     def watched(name):
         def method(self, *args, **kwargs):
@@ -180,7 +180,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             setattr(capture._Recorder, name, counted(name))
         for name in host_methods:
             setattr(torch.Tensor, name, watched(name))
-        capture.to_host = to_host
+        capture.send_to_host = send_to_host
         metrics.NUMPY_ON_CPU = numpy_on_cpu
         capture.WORK_BUDGET["cpu"] = capture.WORK_BUDGET["cuda"]  # the blocks of query rows a GPU would take,
         capture.GROUP_BUDGET["cpu"] = group_budget or (  # its layer groups (of 64-wide heads: the real shapes'),
@@ -198,7 +198,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             setattr(capture._Recorder, name, method)
         for name, method in host_methods.items():
             setattr(torch.Tensor, name, method)
-        capture.to_host, metrics.NUMPY_ON_CPU = original_to_host, original_numpy
+        capture.send_to_host, metrics.NUMPY_ON_CPU = original_send, original_numpy
         for name, values in budgets.items():
             getattr(capture, name).update(values)
         metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, entropy = cpu_sizes
