@@ -21,7 +21,7 @@ import torch
 
 from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, score_pairs
 from analysis.keys import compared_keys
-from analysis.metrics import _head_index, additive_mask, compute_mannwhitney_parts_t
+from analysis.metrics import _head_index, additive_mask, compute_mannwhitney_parts_t, to_device
 from analysis.patterns import rows_per_block
 
 SUMS = len(DETECTION_SCORES) * len(PARTS)  # the detection sums of one head: (score, part)
@@ -60,7 +60,7 @@ class TextsPlan:
             entries.append((np.full(pair.size, b), b * SUMS + column, q_index[pair] + start, k_index[pair] + start))
         pairs = tuple(np.concatenate(parts) for parts in zip(*entries))  # [entry] each
         queries = [span[0] + query for _, span, query, _ in texts]  # [text]: rows in the padded batch
-        to = functools.partial(torch.as_tensor, device=device)
+        to = functools.partial(to_device, device=device)
         return cls(starts=to([span[0] for _, span, _, _ in texts]),
                    lengths=to([span[1] - span[0] for _, span, _, _ in texts], dtype=torch.float64), rows=to(rows),
                    later=to(later), stats=to(stats), keys=to(keys), query=to(queries), pairs=pairs)
@@ -73,7 +73,7 @@ class TextsPlan:
             inside = (q >= start) & (q < stop)  # [entry]
             order = np.argsort(sums[inside], kind="stable")  # [entry]
             counts = np.bincount(sums[inside], minlength=len(self.starts) * SUMS)  # [text * SUMS]
-            to = functools.partial(torch.as_tensor, device=self.rows.device)
+            to = functools.partial(to_device, device=self.rows.device)
             self._blocks[start, stop] = (to(text[inside][order]), to(q[inside][order] - start),
                                          to(k[inside][order]), to(counts))
         return self._blocks[start, stop]

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from analysis.metrics import to_device
+
 DETECTION_SCORES = ("previous_token", "duplicate_token", "induction")
 PATTERN_SCORES = ("sink", "self", "entropy")
 HEAD_SCORES = DETECTION_SCORES + PATTERN_SCORES
@@ -67,8 +69,8 @@ class ScorePlan:
     @classmethod
     def build(cls, token_ids, device="cpu") -> ScorePlan:
         q_index, k_index, parts = score_pairs(token_ids)
-        return cls(n=np.asarray(token_ids).size, q_index=torch.as_tensor(q_index, device=device),
-                   k_index=torch.as_tensor(k_index, device=device), parts=torch.as_tensor(parts, device=device),
+        return cls(n=np.asarray(token_ids).size, q_index=to_device(q_index, device),
+                   k_index=to_device(k_index, device), parts=to_device(parts, device),
                    q_host=q_index)
 
 

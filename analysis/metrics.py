@@ -273,6 +273,16 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
     return mean[..., 0], var.sqrt_()
 
 
+def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (numpy or a list) as a tensor on `device`. Off the CPU through page-locked memory, without
+    waiting: a pageable copy waits for every operation queued on the device, so each of a pass's plans drained the
+    GPU's queue."""
+    host = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @functools.lru_cache(maxsize=64)
 def _head_index(n_heads: int, n_kv: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(query heads [head], each one's key head [head], its other key heads [head, kv_head - 1]) on the device,
@@ -289,7 +299,7 @@ def _query_and_keys(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool,
     d_head] of q [..., head, pos, d_head] and k [..., kv_head, pos, d_head]."""
     p, keys_at = compared_keys(q.shape[-2], exclude_first_token, query_position, causal=causal, skip=skip)
     if not isinstance(keys_at, slice):
-        keys_at = torch.as_tensor(keys_at, device=k.device)  # [k_pos] index
+        keys_at = to_device(keys_at, k.device)  # [k_pos] index
     final_q = q[..., p, :].double()  # [..., head, d_head]
     keys = k[..., keys_at, :].double()  # [..., kv_head, k_pos, d_head]
     return final_q, keys

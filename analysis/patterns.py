@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, ScorePlan
-from analysis.metrics import compute_pattern, query_keys
+from analysis.metrics import compute_pattern, query_keys, to_device
 
 # A causal block rebuilds only keys 0..stop-1, so B blocks do (B + 1) / 2B of the T x T work. On the CPU (where the
 # launches are cheap) a causal pattern of more than 2 * CAUSAL_ROWS tokens goes in blocks of CAUSAL_ROWS query rows,
@@ -151,7 +151,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     if readouts:
         _, keys = query_keys(n, p_query, causal=causal, skip=skip)
         if not isinstance(keys, slice):
-            keys = torch.as_tensor(keys, device=q.device)  # [k_pos] index
+            keys = to_device(keys, q.device)  # [k_pos] index
         out = {
             "final_to_prev": final_row[:, keys].reshape(n_layers, -1),  # [layer, head * keys]: query P to its keys
             "self_attention": diagonal[:, 1:].reshape(n_layers, -1),  # [layer, head * (T-1)]
