@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 timeout 90 python3 -m benchmarks.gpu_check 2>&1 | grep -v Warning | tee "$OUT/check.txt"
 timeout 150 python3 -m benchmarks.bench_analysis --device cuda --shape llama-0.7b --tokens 1024 2048 4096 \
   --runs 3 --corpus-texts 1000 2>&1 | grep -v Warning | tee "$OUT/bench_llama.txt"
-timeout 90 python3 -m benchmarks.gpu_profile --shape llama-0.7b --tokens 1024 4096 2>&1 | grep -v Warning \
-  | tee "$OUT/profile_llama.txt"
 timeout 150 python3 -m benchmarks.bench_analysis --device cuda --shape gpt2-small --tokens 256 1024 \
   --runs 3 --corpus-texts 1000 2>&1 | grep -v Warning | tee "$OUT/bench_gpt2.txt"
+timeout 90 python3 -m benchmarks.gpu_profile --shape llama-0.7b --tokens 1024 4096 2>&1 | grep -v Warning \
+  | tee "$OUT/profile_llama.txt"

@@ -6,7 +6,7 @@ For each length, after a warm-up: the wall time of the plain sdpa forward and of
 their kernels took and how many kernels ran (device time well below the wall time means launch- or host-bound),
 and the kernels of the analysis that took the most device time, then the host's Python functions that took the most
 time (cProfile, by own time). One JSON line per length, then the tables. Then the same for the corpus mode
-(analyze_corpus at batch size 32).
+(analyze_corpus at batch size 32), and what moving results to the host costs (copy_probe).
 """
 
 from __future__ import annotations
@@ -74,6 +74,46 @@ def main() -> None:
         print(host_profile(analysis, args.top), flush=True)
     if args.corpus_texts:
         profile_corpus(loaded, args.corpus_texts, args.top)
+    copy_probe()
+
+
+def copy_probe(mib: int = 256) -> None:
+    """What moving `mib` MiB of float64 results to pageable host memory costs: a pageable copy from the device,
+    a page-locked one, and copying out of page-locked memory into fresh pageable memory by one thread, by 8
+    threads, and into memory already touched (the cost of first touching fresh pages). Medians of 3, in ms."""
+    import statistics
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    device = torch.empty(mib * 2**20 // 8, dtype=torch.float64, device="cuda").normal_()  # [n]
+    pinned = torch.empty(device.shape, dtype=torch.float64, pin_memory=True)  # [n]
+    source = pinned.numpy()
+    touched = np.ones_like(source)
+    pool = ThreadPoolExecutor(8)
+    parts = np.array_split(np.arange(source.size), 8)
+
+    def threaded():
+        out = np.empty_like(source)
+        list(pool.map(lambda part: np.copyto(out[part[0]:part[-1] + 1], source[part[0]:part[-1] + 1]), parts))
+
+    steps = {"pageable_from_device": lambda: device.cpu(),
+             "page_locked_from_device": lambda: pinned.copy_(device, non_blocking=True),
+             "copy_out_1_thread": lambda: source.copy(), "copy_out_8_threads": threaded,
+             "copy_into_touched": lambda: np.copyto(touched, source)}
+    out = {}
+    for name, fn in steps.items():
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[f"{name}_ms"] = round(statistics.median(times) * 1e3, 1)
+    print(json.dumps({"copy_probe_mib": mib, **out}), flush=True)
 
 
 def profile_corpus(loaded, n_texts: int, top: int) -> None:
@@ -86,10 +126,11 @@ def profile_corpus(loaded, n_texts: int, top: int) -> None:
     print(json.dumps({"corpus_texts": n_texts, "batch_size": 32, "wall_ms": round(wall * 1e3, 1),
                       "device_ms": round(device * 1e3, 1), "kernels": count}), flush=True)
     print(averages.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60), flush=True)
-    print(host_profile(lambda: analyze_corpus(loaded, texts, batch_size=32, n_boot=10), top), flush=True)
+    print(host_profile(lambda: analyze_corpus(loaded, texts, batch_size=32, n_boot=10), top,
+                       ("tottime", "cumulative")), flush=True)
 
 
-def host_profile(fn, top: int) -> str:
+def host_profile(fn, top: int, orders=("tottime",)) -> str:
     """The host's Python functions that took the most time in one call of fn (cProfile, by own time)."""
     import cProfile
     import io
@@ -98,7 +139,8 @@ def host_profile(fn, top: int) -> str:
     host = cProfile.Profile()
     host.runcall(fn)
     out = io.StringIO()
-    pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(top)
+    for order in orders:
+        pstats.Stats(host, stream=out).sort_stats(order).print_stats(top if order == "tottime" else 2 * top)
     return out.getvalue()
 
 
