@@ -93,3 +93,19 @@ def test_charts_need_no_torch():
     code = "import sys\nimport reports.charts\nprint('torch' in sys.modules)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.splitlines()[-1] == "False"
+
+
+def test_results_leave_page_locked_memory_as_copies_of_their_own(monkeypatch):
+    """patterns.copy_out (a GPU's results, out of page-locked memory): the same values in fresh memory, by one
+    thread for a small buffer and by several for a large one, split at every size."""
+    from analysis import patterns
+
+    monkeypatch.setattr(patterns, "COPY_PART", 64)  # bytes: 8 float64 a part, so small arrays take the threads
+    monkeypatch.setattr(patterns.os, "cpu_count", lambda: 8)
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 15, 16, 17, 63, 64, 65, 1001):
+        source = rng.normal(size=n)
+        out = patterns.copy_out(source)
+        np.testing.assert_array_equal(out, source)
+        assert out.dtype == source.dtype and not np.shares_memory(out, source)
+    assert patterns._COPY_POOL  # the large ones went through the threads
