@@ -302,9 +302,9 @@ def capture_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = B
     same numbers to float rounding (tests/analysis/test_batched.py), which there may depend on the batch, as the
     GPU's batched forward pass already does; so there passes take `batch_size` texts of similar lengths, padded
     to the longest (`corpus_passes`).
-    So two engines that batch a corpus differently (local, Ray) write the same rows, rank statistics included:
-    padding each text to the longest of its batch instead changed its sums' rounding with its batch, and the
-    same-vs-different-head Mann-Whitney ranking flipped on dot products equal to rounding (by up to 0.6 in r on
+    So on the CPU two engines that batch a corpus differently (local, Ray) write the same rows, rank statistics
+    included: padding each text to the longest of its batch instead changed its sums' rounding with its batch, and
+    the same-vs-different-head Mann-Whitney ranking flipped on dot products equal to rounding (by up to 0.6 in r on
     the tiny test models' shortest texts). Against a text's own unpadded pass (`capture`) the numbers agree to
     float rounding (~1e-6), rank statistics up to such flips.
     """
@@ -548,11 +548,11 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
         total = len(texts)
     model = loaded.info.to_dict()
     acc = CorpusAccumulator(model, exclude_first_token, exclude_current_token)
-    done = 0
+    done = waiting = 0  # texts done; texts in the buffer (not its exceptions)
     buffer: list[str | Exception] = []
 
     def flush() -> None:
-        nonlocal done
+        nonlocal done, waiting
         if not buffer:
             return
         results = iter(capture_texts(loaded, [text for text in buffer if not isinstance(text, Exception)],
@@ -571,11 +571,13 @@ def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclud
             if progress is not None:
                 progress(done, total)
         buffer.clear()
+        waiting = 0
 
     ahead = read_ahead(loaded.info.device, batch_size)
     for text in texts:
         buffer.append(text)
-        if sum(not isinstance(item, Exception) for item in buffer) >= ahead:
+        waiting += not isinstance(text, Exception)
+        if waiting >= ahead:
             flush()
     flush()
     return acc.finish(n_boot, seed)

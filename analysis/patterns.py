@@ -131,7 +131,8 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
             found = (mixed - output[:, start:stop].float()).abs_().view(n_layers, -1).amax(dim=-1)  # [layer]
             parity = found if parity is None else torch.maximum(parity, found)
         if kept is not None:
-            kept[:, start:stop, :width] = send_to_host({0: pattern}, pattern.dtype).wait(pageable=False)[0]
+            kept[:, start:stop, :width] = pattern.numpy() if pattern.device.type == "cpu" else send_to_host(
+                {0: pattern}, pattern.dtype).wait(pageable=False)[0]  # off the CPU through page-locked memory
             kept[:, start:stop, width:] = 0.0
         del pattern
     if numerators is None:  # no detection pair at all (one token)
