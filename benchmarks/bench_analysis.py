@@ -1,7 +1,8 @@
 """Speed and memory of the analysis, as ratios against the model's plain forward pass.
 
     python -m benchmarks.bench_analysis --device cpu|cuda --shape gpt2-small|llama-0.7b
-        [--tokens 64 256 1024] [--runs 3] [--dtype float32|bfloat16] [--corpus-texts 1000] [--no-memory]
+        [--tokens 64 256 1024] [--runs 3] [--dtype float32|bfloat16] [--corpus-texts 1000]
+        [--corpus-batch-sizes 1 32] [--no-memory]
 
 Builds a random checkpoint of the shape in memory on the device (GPT2Config() defaults, 124M parameters; or a
 Llama shape of 16 layers, 32 query heads, 8 key heads, d_model 2048, d_ff 5632), with headscope's capturing
@@ -12,7 +13,8 @@ interleaved in one process (median of --runs after a warm-up, synchronised on a 
   (c) TransformerLens's run_with_cache on the same weights (GPT-2 shape, when transformer_lens is installed),
 then the peak memory beyond the weights of (a) and (b) at the longest length (the device's peak allocation on a
 GPU; the process's peak RSS, each in a fresh subprocess, on the CPU), and corpus throughput: texts per second of
-analysis.corpus.analyze_corpus over --corpus-texts texts of about 64 tokens at batch size 1 and 32.
+analysis.corpus.analyze_corpus over --corpus-texts texts of about 64 tokens at batch size 1 and 32 (or
+--corpus-batch-sizes), with each size's speedup over the first.
 Not part of the tests: timings on shared machines are noisy, so only ratios are meaningful.
 """
 
@@ -235,7 +237,8 @@ def bench_corpus(loaded, device: str, n_texts: int, sizes=(1, 32)) -> dict:
     for size in sizes:
         seconds = timed(lambda: analyze_corpus(loaded, texts, batch_size=size, n_boot=10), device)  # noqa: B023
         out[f"texts_per_s_batch_{size}"] = round(n_texts / seconds, 1)
-    out["speedup"] = round(out[f"texts_per_s_batch_{sizes[-1]}"] / out[f"texts_per_s_batch_{sizes[0]}"], 1)
+    for size in sizes[1:]:  # against the first size (one text a pass)
+        out[f"speedup_{size}"] = round(out[f"texts_per_s_batch_{size}"] / out[f"texts_per_s_batch_{sizes[0]}"], 1)
     print(json.dumps({"corpus_texts": n_texts, **out}), flush=True)
     return out
 
@@ -282,6 +285,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--corpus-texts", type=int, default=200, help="0: no corpus throughput")
+    parser.add_argument("--corpus-batch-sizes", type=int, nargs="+", default=[1, 32],
+                        help="batch sizes of the corpus throughput, the first the one the others are compared with")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
@@ -304,7 +309,7 @@ def main() -> None:
         else:
             cpu_memory(args.shape, max(args.tokens), dtype)
     if args.corpus_texts:
-        bench_corpus(loaded, args.device, args.corpus_texts)
+        bench_corpus(loaded, args.device, args.corpus_texts, args.corpus_batch_sizes)
 
 
 if __name__ == "__main__":

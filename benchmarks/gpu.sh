@@ -12,8 +12,8 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 90 python3 -m benchmarks.gpu_check 2>&1 | grep -v Warning | tee "$OUT/check.txt"
 timeout 150 python3 -m benchmarks.bench_analysis --device cuda --shape llama-0.7b --tokens 1024 2048 4096 \
-  --runs 3 --corpus-texts 1000 2>&1 | grep -v Warning | tee "$OUT/bench_llama.txt"
+  --runs 3 --corpus-texts 1000 --corpus-batch-sizes 1 32 128 2>&1 | grep -v Warning | tee "$OUT/bench_llama.txt"
 timeout 150 python3 -m benchmarks.bench_analysis --device cuda --shape gpt2-small --tokens 256 1024 \
-  --runs 3 --corpus-texts 1000 2>&1 | grep -v Warning | tee "$OUT/bench_gpt2.txt"
+  --runs 3 --corpus-texts 1000 --corpus-batch-sizes 1 32 128 2>&1 | grep -v Warning | tee "$OUT/bench_gpt2.txt"
 timeout 90 python3 -m benchmarks.gpu_profile --shape llama-0.7b --tokens 1024 4096 2>&1 | grep -v Warning \
   | tee "$OUT/profile_llama.txt"
