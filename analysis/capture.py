@@ -33,7 +33,13 @@ from analysis import metrics
 from analysis.batched import TextsPlan, compute_qk_texts_t, reduce_scores_texts
 from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan
-from analysis.metrics import SPREAD_INPUTS, compute_pattern, compute_qk_measures_t, compute_spread_measures_t
+from analysis.metrics import (
+    SPREAD_INPUTS,
+    compute_pattern,
+    compute_qk_measures_t,
+    compute_spread_measures_t,
+    device_kind,
+)
 from analysis.patterns import reduce_pattern, send_to_host
 
 CAPTURE_ATTENTION = "headscope"
@@ -116,7 +122,7 @@ def resolve_query(special, causal: bool, query_position: int | None = None) -> t
 
 
 def work_budget(device) -> int:
-    return WORK_BUDGET["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    return WORK_BUDGET[device_kind(device)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,7 +234,7 @@ class _Recorder:
             0 if weights is None else weights.numel() * weights.element_size())
         per_text = size // query.shape[0]  # what groups count: so each text's groups, blocks of query rows and sums'
         # rounding never depend on its batch
-        kind = "cuda" if query.device.type == "cuda" else "cpu"
+        kind = device_kind(query.device)
         group = self.groups[-1] if self.groups else None
         if group is None or group.shares != shares or group.bytes + per_text > GROUP_BUDGET[kind]:
             if self.held + size > HOLD_BUDGET[kind]:
@@ -248,7 +254,7 @@ class _Recorder:
         """Measure a group's layers as one [layer, ...] stack: text by text, or a corpus group's texts at once
         where TEXTS_AT_ONCE says so; past PENDING_BUDGET the waiting numbers go to the host."""
         device = group.layers[0][1].device
-        kind = "cuda" if device.type == "cuda" else "cpu"
+        kind = device_kind(device)
         layers = tuple(entry[0] for entry in group.layers)
         if self.measure_all and not group.wanted and not self.keep_qk and len(self.texts) > 1 and TEXTS_AT_ONCE[kind]:
             self.measure_texts(group, layers, work_budget(device))
@@ -320,7 +326,7 @@ class _Recorder:
         per_text = 8 * n_layers * width * (10 * n_heads * n_kv + 2 * (n_heads + n_kv) * d_head)  # bytes: the dot
         # products' float64 or int64 [layer, 2, head, kv_head, W] five times while they are ranked (batched), and
         # twice float64 q and k while their statistics are taken
-        size = max(1, TEXTS_BUDGET["cuda" if q.device.type == "cuda" else "cpu"] // per_text)
+        size = max(1, TEXTS_BUDGET[device_kind(q.device)] // per_text)
         for first in range(0, n_texts, size):
             chunk = slice(first, min(n_texts, first + size))
             plan = self.texts_plan(chunk, width, q.device)

@@ -36,7 +36,7 @@ from analysis.capture import (
 from analysis.errors import HeadscopeError
 from analysis.head_scores import combine_score_parts
 from analysis.loading import LoadedModel
-from analysis.metrics import compute_qk_measures_t, key_head_of, rank_biserial
+from analysis.metrics import compute_qk_measures_t, device_kind, key_head_of, rank_biserial
 from analysis.patterns import to_host
 from analysis.pipeline import (
     BAD_BATCH_SIZE,
@@ -200,11 +200,6 @@ def padded_width(n_tokens: int, limit: int | None = None) -> int:
     ones its head scores can differ from its run alone at float rounding)."""
     width = max(MIN_WIDTH, (n_tokens // PAD_MULTIPLE + 1) * PAD_MULTIPLE)
     return width if limit is None else max(n_tokens, min(width, limit))
-
-
-def device_kind(device) -> str:
-    """The key of the per-device settings (capture.TEXTS_AT_ONCE, READ_AHEAD): "cuda" or "cpu"."""
-    return "cuda" if torch.device(device).type == "cuda" else "cpu"
 
 
 def read_ahead(device, batch_size: int) -> int:

@@ -273,6 +273,12 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
     return mean[..., 0], var.sqrt_()
 
 
+def device_kind(device) -> str:
+    """The key of the per-device settings (capture's budgets, TEXTS_AT_ONCE, corpus.READ_AHEAD, ...): "cuda" for a
+    GPU, "cpu" for the rest."""
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
+
+
 def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Host values (numpy or a list) as a tensor on `device`. Off the CPU through page-locked memory, without
     waiting: a pageable copy waits for every operation queued on the device, so each of a pass's plans drained the

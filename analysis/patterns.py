@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from analysis.head_scores import DETECTION_SCORES, PARTS, PATTERN_SCORES, ScorePlan
-from analysis.metrics import compute_pattern, query_keys, to_device
+from analysis.metrics import compute_pattern, device_kind, query_keys, to_device
 
 # A causal block rebuilds only keys 0..stop-1, so B blocks do (B + 1) / 2B of the T x T work. On the CPU (where the
 # launches are cheap) a causal pattern of more than 2 * CAUSAL_ROWS tokens goes in blocks of CAUSAL_ROWS query rows,
@@ -81,7 +81,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         rows = min(rows, CAUSAL_ROWS)  # short blocks skip more masked keys
     p_query = query_position % n
     f64 = {"dtype": torch.float64, "device": q.device}
-    from_scores = ENTROPY_FROM_SCORES["cpu" if q.device.type == "cpu" else "cuda"]
+    from_scores = ENTROPY_FROM_SCORES[device_kind(q.device)]
     numerators = None  # [head, 3 * 4]: accumulated over the blocks (no zeros to start from: one launch less)
     parity = None  # [layer] float32, where there is something to compare with
     first_key, diagonal, entropy, final_row = [], [], [], None  # blocks of [head, rows] float32
