@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
@@ -36,16 +37,21 @@ def gpt2_tokenizer(vocab_size: int = 512):
                              eos_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
-def bert_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+def bert_tokenizer():
+    """A WordPiece tokenizer whose vocabulary is CORPUS's words, then characters alone and as ##pieces: a word
+    outside CORPUS splits into characters (any of a-z and 0-9). Built, not trained: tokenizers' WordPieceTrainer
+    picks among tied merges differently run to run, so every BERT fixture's numbers differed between two runs."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({word for text in CORPUS
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))})
+    chars = sorted({char for word in words for char in word} | set(string.ascii_lowercase + string.digits))
+    vocab = [*special, *chars, *(f"##{char}" for char in chars), *(word for word in words if len(word) > 1)]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
