@@ -124,3 +124,42 @@ def compute_entropy_score(patterns) -> np.ndarray:
     """Mean attention entropy (nats) of query rows 1..T-1, per head (NaN for one token)."""
     rows = compute_row_entropy(patterns)[:, 1:]  # [head, q_pos - 1]
     return rows.mean(axis=1) if rows.shape[1] else np.full(rows.shape[0], np.nan)
+
+
+# ---- rank statistics of two runs of one text ------------------------------------------------------------------------
+
+
+def rank_flips(same, diff, rel: float = 1e-4) -> int:
+    """How many same/different-head pairs of dot products lie within `rel` of the largest magnitude of each other:
+    the pairs whose order float rounding can flip between two runs of one text (padded or alone, in one batch or
+    another, on one CPU or another). A flip moves the Mann-Whitney U by 1 (by 1/2 into or out of a tie), so the
+    rank-biserial r = 2U/(n1 n2) - 1 by 2/(n1 n2): 2.5e-4 for 4 heads and 13 keys, far beyond any float tolerance."""
+    same, diff = np.ravel(same).astype(np.float64), np.ravel(diff).astype(np.float64)
+    scale = max(np.abs(same).max(initial=0.0), np.abs(diff).max(initial=0.0))
+    return int((np.abs(same[:, None] - diff[None, :]) <= rel * scale).sum())
+
+
+def assert_rank_statistics_close(got: tuple, want: tuple, same, diff, tolerance: float = 1e-6, where: str = ""):
+    """got's (Mann-Whitney p, rank-biserial r) equal want's, computed from the dot products `same` and `diff`, but
+    for the flips rank_flips allows: r within 2 flips / (n1 n2); p, on the normal approximation's groups (more than
+    8 each), within the p-values of U moved by as many flips. With no near pair both equal to `tolerance`."""
+    from analysis.metrics import mannwhitney_from_parts
+
+    (got_p, got_r), (want_p, want_r) = got, want
+    if want_r is None or np.isnan(want_r):
+        assert got_r is None or np.isnan(got_r), where
+        return
+    n1, n2 = np.size(same), np.size(diff)
+    flips = rank_flips(same, diff)
+    assert abs(got_r - want_r) <= 2 * flips / (n1 * n2) + tolerance, (where, got_r, want_r, flips)
+    if got_p is None or want_p is None:
+        assert got_p is want_p, where
+    elif not flips:
+        assert abs(got_p - want_p) <= tolerance * max(1.0, abs(want_p)), (where, got_p, want_p)
+    elif min(n1, n2) > 8:  # scipy's exact test below: p moves in steps of its own; r's bound stands for both
+        u = (want_r + 1) * n1 * n2 / 2
+        _, counts = np.unique(np.concatenate([np.ravel(same), np.ravel(diff)]), return_counts=True)
+        tie_sum = float((counts.astype(np.float64) ** 3 - counts).sum())
+        moved = [u - flips, u + flips, *([n1 * n2 / 2] if abs(u - n1 * n2 / 2) <= flips else [])]
+        ps = [mannwhitney_from_parts(max(0.0, min(value, n1 * n2)), tie_sum, n1, n2)[0] for value in moved]
+        assert min(ps) - tolerance <= got_p <= max(ps) + tolerance, (where, got_p, ps, flips)

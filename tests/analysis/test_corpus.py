@@ -8,6 +8,7 @@ import torch
 
 from analysis import HeadscopeError, analyze, corpus
 from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, analyze_corpus, compute_bootstrap_ci, parse_texts
+from tests.reference import assert_rank_statistics_close
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "from", "home", "in", "rain"]
 
@@ -110,8 +111,10 @@ def test_per_text_numbers_are_the_engines(gpt2, spied, texts):
         for layer, data in expected.layers.items():
             np.testing.assert_allclose(result.values["q_mean"][row, layer], data.q_means, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(result.values["k_std"][row, layer], data.k_stds, rtol=1e-5, atol=1e-6)
-            assert result.layer_values["rank_biserial_centered"][row, layer] == pytest.approx(
-                data.dp_stats.rank_biserial_centered)
+            assert_rank_statistics_close((None, result.layer_values["rank_biserial_centered"][row, layer]),
+                                         (None, data.dp_stats.rank_biserial_centered),
+                                         data.dp_stats.same_head_dp_centered, data.dp_stats.diff_head_dp_centered,
+                                         where=f"row {row} layer {layer}")
     np.testing.assert_allclose(result.means["induction"], np.nanmean(result.values["induction"], axis=0))
 
 

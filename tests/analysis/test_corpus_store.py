@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from analysis import HeadscopeError, corpus_store
+from analysis import HeadscopeError, analyze, corpus_store
 from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, analyze_corpus
 from analysis.corpus_io import iter_records
 from analysis.corpus_store import ROW_SCHEMA, ResultsFolder, load_results, run_local
 from tests.analysis import test_corpus
 from tests.analysis.test_corpus import short_texts
+from tests.reference import assert_rank_statistics_close
 
 one_thread = test_corpus.one_thread  # autouse: the tiny model runs fastest on one thread
 
@@ -214,11 +215,15 @@ def test_a_texts_row_does_not_depend_on_the_batch_it_lands_in(request, fixture, 
         for name in CORPUS_MEASURES:
             np.testing.assert_allclose(np.array(row[name]), heads[name].ravel(), rtol=1e-5, atol=1e-5,
                                        err_msg=f"row {row['number']} {name}")
-        for name in LAYER_MEASURES:  # equal unless a pair of dot products within rounding flipped (seen: 1e-5)
-            if row["n_tokens"] <= 3 and name == "rank_biserial_centered":
-                continue  # one compared key: its centred dot products are 0 up to rounding, their ranks are noise
-            np.testing.assert_allclose(np.array(row[name]), layers[name], rtol=0, atol=1e-4,
-                                       err_msg=f"row {row['number']} {name}")
+        alone = analyze(loaded, record["text"], layers=None)  # its dot products: which pairs rounding can flip
+        for layer, data in alone.layers.items():
+            for name, dps in (("rank_biserial", (data.same_head_dp, data.diff_head_dp)),
+                              ("rank_biserial_centered", (data.dp_stats.same_head_dp_centered,
+                                                          data.dp_stats.diff_head_dp_centered))):
+                want = getattr(data.dp_stats, name)
+                assert layers[name][layer] == pytest.approx(np.nan if want is None else want, abs=1e-12, nan_ok=True)
+                assert_rank_statistics_close((None, row[name][layer]), (None, layers[name][layer]), *dps,
+                                             where=f"row {row['number']} {name} layer {layer}")
 
 
 def test_a_text_that_fails_in_a_batch_costs_only_its_own_row(gpt2, monkeypatch):

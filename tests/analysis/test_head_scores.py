@@ -26,6 +26,7 @@ from analysis.metrics import compute_centered_dot_products, compute_dot_products
 from analysis.results import HEAD_SCORE_NAMES
 from tests.conftest import FIJI, REPEATS
 from tests.reference import (
+    assert_rank_statistics_close,
     compute_duplicate_token_pattern,
     compute_duplicate_token_score,
     compute_entropy_score,
@@ -236,6 +237,33 @@ def test_mannwhitney_equals_scipy(n_same, n_diff, ties):
     p, r = compute_mannwhitney(same, diff)
     assert p == pytest.approx(expected.pvalue, rel=1e-9)
     assert r == pytest.approx(2 * expected.statistic / (n_same * n_diff) - 1, rel=1e-12)
+
+
+def test_two_runs_rank_statistics_may_differ_only_by_the_flips_of_near_pairs():
+    """The tests' oracle for one text run twice (tests.reference.assert_rank_statistics_close): a pair of dot
+    products 1e-7 apart, flipped, moves r by 2 / (n1 n2) and passes; a pair far apart flipped, or two flips where
+    one pair is near, fails; with no near pair, so does the far flip alone."""
+    same, diff = np.arange(20) + 0.5, np.arange(30) - 5.0  # every pair at least 0.5 apart ...
+    diff[0] = same[0] + 1e-7  # ... but one
+    want = compute_mannwhitney(same, diff)
+    rounded = same.copy()
+    rounded[0] = diff[0] + 1e-7  # the near pair flipped, as float rounding can
+    got = compute_mannwhitney(rounded, diff)
+    assert got[1] - want[1] == pytest.approx(2 / 600)
+    assert_rank_statistics_close(got, want, same, diff)
+    moved = rounded.copy()
+    moved[5] = 6.1  # and a far pair, 5.5 against 6.0
+    two_flips = compute_mannwhitney(moved, diff)
+    assert two_flips[1] - want[1] == pytest.approx(2 / 600 * 2)
+    for wrong in (two_flips, (want[0], want[1] - 4 / 600), (got[0] * 0.98, got[1])):
+        with pytest.raises(AssertionError):
+            assert_rank_statistics_close(wrong, want, same, diff)
+    diff[0] = -9.0  # no near pair left: the far flip alone fails, and nothing else may move
+    far = same.copy()
+    far[5] = 6.1
+    with pytest.raises(AssertionError):
+        assert_rank_statistics_close(compute_mannwhitney(far, diff), compute_mannwhitney(same, diff), same, diff)
+    assert_rank_statistics_close(compute_mannwhitney(rounded, diff), compute_mannwhitney(same, diff), same, diff)
 
 
 def test_centered_dot_products_ignore_a_constant_added_to_every_key():

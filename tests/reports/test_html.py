@@ -20,6 +20,7 @@ from reports.__main__ import main
 from reports.charts import build_atlas_chart, build_layer_charts
 from reports.html import DataPool, _decode_indexes, _encode_indexes, read_report_results, render_report
 from tests.conftest import FIJI, REPEATS
+from tests.reference import assert_rank_statistics_close
 
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 PAYLOAD = "Tokens </s> <|endoftext|> then </script><script>document.title='pwned'</script> <img src=x onerror=alert(1)>"
@@ -250,6 +251,14 @@ def _assert_same_numbers(got, want, where="", tolerance=1e-5):
     assert_same_result: a padded batch's matrix products round differently from a single text's."""
     if isinstance(want, dict):
         assert sorted(got) == sorted(want), where
+        if want.get("dp_stats"):  # a layer: its rank statistics equal but for flips of near pairs of dot products
+            got, want = ({**doc, "dp_stats": dict(doc["dp_stats"])} for doc in (got, want))
+            dps = {"": (want["same_head_dp"], want["diff_head_dp"]),
+                   "_centered": (want["dp_stats"]["same_head_dp_centered"], want["dp_stats"]["diff_head_dp_centered"])}
+            for suffix, (same, diff) in dps.items():
+                stats = [tuple(doc["dp_stats"].pop(name + suffix) for name in ("mannwhitney_p", "rank_biserial"))
+                         for doc in (got, want)]
+                assert_rank_statistics_close(*stats, same, diff, tolerance, f"{where}{suffix}")
         for key in want:
             _assert_same_numbers(got[key], want[key], f"{where}/{key}", tolerance)
     elif isinstance(want, list) and want and not any(isinstance(v, (str, dict)) for v in np.ravel(want)):
