@@ -1,4 +1,5 @@
-"""Tiny randomly initialised checkpoints with tokenizers trained on the spot (no downloads, no weights in git)."""
+"""Tiny randomly initialised checkpoints with tokenizers made on the spot, the same on every run (no downloads, no
+weights in git)."""
 
 from __future__ import annotations
 
