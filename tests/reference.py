@@ -139,10 +139,12 @@ def rank_flips(same, diff, rel: float = 1e-4) -> int:
     return int((np.abs(same[:, None] - diff[None, :]) <= rel * scale).sum())
 
 
-def assert_rank_statistics_close(got: tuple, want: tuple, same, diff, tolerance: float = 1e-6, where: str = ""):
+def assert_rank_statistics_close(got: tuple, want: tuple, same, diff, tolerance: float = 1e-6, where: str = "",
+                                 rel: float = 1e-4):
     """got's (Mann-Whitney p, rank-biserial r) equal want's, computed from the dot products `same` and `diff`, but
-    for the flips rank_flips allows: r within 2 flips / (n1 n2); p, on the normal approximation's groups (more than
-    8 each), within the p-values of U moved by as many flips. With no near pair both equal to `tolerance`."""
+    for the flips rank_flips(rel=) allows: r within 2 flips / (n1 n2); p, on the normal approximation's groups (more
+    than 8 each), within the p-values of U moved by as many flips. With no near pair both equal to `tolerance`.
+    `rel`: at least twice what the two runs' dot products may differ by, relative to the largest."""
     from analysis.metrics import mannwhitney_from_parts
 
     (got_p, got_r), (want_p, want_r) = got, want
@@ -150,7 +152,7 @@ def assert_rank_statistics_close(got: tuple, want: tuple, same, diff, tolerance:
         assert got_r is None or np.isnan(got_r), where
         return
     n1, n2 = np.size(same), np.size(diff)
-    flips = rank_flips(same, diff)
+    flips = rank_flips(same, diff, rel)
     assert abs(got_r - want_r) <= 2 * flips / (n1 * n2) + tolerance, (where, got_r, want_r, flips)
     if got_p is None or want_p is None:
         assert got_p is want_p, where
