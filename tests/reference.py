@@ -165,3 +165,13 @@ def assert_rank_statistics_close(got: tuple, want: tuple, same, diff, tolerance:
         moved = [u - flips, u + flips, *([n1 * n2 / 2] if abs(u - n1 * n2 / 2) <= flips else [])]
         ps = [mannwhitney_from_parts(max(0.0, min(value, n1 * n2)), tie_sum, n1, n2)[0] for value in moved]
         assert min(ps) - tolerance <= got_p <= max(ps) + tolerance, (where, got_p, ps, flips)
+
+
+def assert_layer_rank_statistics_close(got, want, tolerance: float = 1e-6, where: str = "", rel: float = 1e-4):
+    """assert_rank_statistics_close for both comparisons of two LayerResults of one text: of the raw dot products
+    and of the centred ones."""
+    for suffix, dps in (("", (want.same_head_dp, want.diff_head_dp)),
+                        ("_centered", (want.dp_stats.same_head_dp_centered, want.dp_stats.diff_head_dp_centered))):
+        stats = [tuple(getattr(layer.dp_stats, name + suffix) for name in ("mannwhitney_p", "rank_biserial"))
+                 for layer in (got, want)]
+        assert_rank_statistics_close(*stats, *dps, tolerance, f"{where}{suffix}", rel)
