@@ -6,7 +6,8 @@ For each length, after a warm-up: the wall time of the plain sdpa forward and of
 their kernels took and how many kernels ran (device time well below the wall time means launch- or host-bound),
 and the kernels of the analysis that took the most device time, then the host's Python functions that took the most
 time (cProfile, by own time). One JSON line per length, then the tables. Then the same for the corpus mode
-(analyze_corpus at batch size 32), and what moving results to the host costs (copy_probe).
+(analyze_corpus at batch size 32), what moving results to the host costs (copy_probe), and what the rebuild's
+score product would cost on tensor cores (product_probe).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
     if args.corpus_texts:
         profile_corpus(loaded, args.corpus_texts, args.top)
     copy_probe()
+    product_probe()
 
 
 def copy_probe(mib: int = 256) -> None:
@@ -114,6 +116,64 @@ def copy_probe(mib: int = 256) -> None:
             times.append(time.perf_counter() - start)
         out[f"{name}_ms"] = round(statistics.median(times) * 1e3, 1)
     print(json.dumps({"copy_probe_mib": mib, **out}), flush=True)
+
+
+def product_probe(device: str = "cuda", heads: int = 32, rows: int = 256, keys: int = 4096, d_head: int = 64,
+                  runs: int = 10) -> dict:
+    """What the score product of one block of the rebuild (metrics.compute_pattern's baddbmm: every head of a
+    Llama-shape layer, `rows` query rows, `keys` keys) costs from bfloat16 q and k: as the engine runs it (the
+    values as float32, float32 products), the same with TF32 allowed, and bfloat16 inputs with a float32 output
+    (out_dtype: tensor cores, CUDA only). bfloat16 values are exact in TF32 and their products exact in float32, so
+    the last two should differ from the first only by the order of the float32 sums: `*_max_abs` says by how much.
+    Medians of `runs`, in ms; a route the device or this torch refuses gives its error instead."""
+    import statistics
+    import time
+
+    import torch
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(heads, rows, d_head, device=device, generator=generator).bfloat16()  # [head, rows, d_head]
+    k_t = torch.randn(heads, d_head, keys, device=device, generator=generator).bfloat16()  # [head, d_head, keys]
+    zero = torch.zeros((), device=device).expand(heads, rows, keys)  # beta=0: never read
+
+    def as_float32():
+        return torch.baddbmm(zero, q.float(), k_t.float(), beta=0.0, alpha=0.125)  # [head, rows, keys]
+
+    def tf32():
+        matmul = torch.backends.cuda.matmul
+        allowed = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            return as_float32()
+        finally:
+            matmul.allow_tf32 = allowed
+
+    def tensor_cores():
+        return torch.baddbmm(zero, q, k_t, out_dtype=torch.float32, beta=0.0, alpha=0.125)  # [head, rows, keys]
+
+    reference = as_float32()
+    out = {"heads": heads, "rows": rows, "keys": keys}
+    for name, fn in (("float32", as_float32), ("tf32", tf32), ("bf16_out_float32", tensor_cores)):
+        try:
+            got = fn()
+            times = []
+            for _ in range(runs):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - start)
+        except (RuntimeError, TypeError) as exc:  # not on this device, or not in this torch
+            out[f"{name}_error"] = str(exc).splitlines()[0][:200]
+            continue
+        out[f"{name}_ms"] = round(statistics.median(times) * 1e3, 3)
+        out[f"{name}_max_abs"] = float((got.float() - reference).abs().max())
+    print(json.dumps({"product_probe": out}), flush=True)
+    return out
 
 
 def profile_corpus(loaded, n_texts: int, top: int) -> None:
