@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from analysis import analyze
+from analysis.parity import PARITY_TOLERANCE
 from analysis.results import ARRAY_FIELDS
 from tests.conftest import FIJI, REPEATS
 from tests.notebook import run_notebook
@@ -76,9 +77,9 @@ def test_patterns_equal_the_models_own_eager_attention(request, fixture):
     result = analyze(loaded, FIJI)
     eager = _eager_attentions(loaded.info.path, FIJI, loaded.tokenizer)
     assert sorted(result.layers) == list(range(loaded.info.n_layers)) == list(range(len(eager)))
-    for layer, expected in enumerate(eager):
-        assert result.layers[layer].parity_max_abs_err <= 1e-5
-        np.testing.assert_allclose(result.layers[layer].patterns, expected, atol=1e-6)
+    for layer, expected in enumerate(eager):  # to float32 parity: another CPU's vector width rounds the scores
+        assert result.layers[layer].parity_max_abs_err <= PARITY_TOLERANCE["float32"]  # differently (AVX2: 1.2e-6)
+        np.testing.assert_allclose(result.layers[layer].patterns, expected, atol=PARITY_TOLERANCE["float32"])
 
 
 def test_bert_is_not_causal(minilm):
