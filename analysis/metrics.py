@@ -29,7 +29,7 @@ NUMPY_ON_CPU = True
 
 
 def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
-                    softcap: float | None = None, with_scores: bool = False):
+                    softcap: float | None = None, with_scores: bool = False, out: torch.Tensor | None = None):
     """softmax(q k^T * scaling + mask) per query head, in float32, as the model's eager attention does. The mask
     [1, q_pos, m] (additive or bool) covers the last m keys: all of them as a model's mask does, or fewer (the
     square of a causal block of rows, where every earlier key is seen: no pass over the rest).
@@ -38,6 +38,7 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     have their row maximum subtracted, so each row's entropy is -sum(p * shifted) - log(max p), with no log of the
     pattern (a tenth of xlogy's cost on the CPU; both terms are >= 0, so nothing cancels). A boolean mask masks
     with the dtype's lowest finite value, as transformers' eager masks do, so masked entries give p * score = 0.
+    `out`: a [head, q_pos, k_pos] float32 tensor (a view, such as rows of a larger array) the pattern is written to.
     """
     n_rep = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(n_rep, dim=0) if n_rep > 1 else k  # [head, k_pos, d_head]
@@ -56,9 +57,9 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     if mask is not None and not whole:
         scores[..., n_keys - mask.shape[-1]:].add_(mask)  # [1, q_pos, m] over heads: the last m keys
     if not with_scores:
-        return torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
+        return torch.softmax(scores, dim=-1, out=out)  # [head, q_pos, k_pos]
     scores.sub_(scores.amax(dim=-1, keepdim=True))  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
-    pattern = torch.softmax(scores, dim=-1)  # [head, q_pos, k_pos]
+    pattern = torch.softmax(scores, dim=-1, out=out)  # [head, q_pos, k_pos]
     return pattern, scores, pattern.amax(dim=-1)  # ..., [head, q_pos]: each row's largest weight (amax: no indices)
 
 

@@ -85,7 +85,9 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     numerators = None  # [head, 3 * 4]: accumulated over the blocks (no zeros to start from: one launch less)
     parity = None  # [layer] float32, where there is something to compare with
     first_key, diagonal, entropy, final_row = [], [], [], None  # blocks of [head, rows] float32
-    kept = np.empty((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
+    kept = np.zeros((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
+    # on the CPU the rebuild writes each block into the kept array itself (no copy; the masked keys stay 0)
+    into = torch.from_numpy(kept) if keep and q.device.type == "cpu" else None  # [head, q_pos, k_pos]
     # the kernel's causal flag (no mask): every key before a block is seen, within it keys up to the row
     square = None if mask is not None or not causal else torch.full(
         (1, rows, rows), torch.finfo(torch.float32).min, device=q.device).triu_(1)  # [1, rows, rows] additive
@@ -97,11 +99,12 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
             block_mask = mask[:, start:stop, :width]  # [1, rows, width]
         else:  # [1, rows, rows]: on the block's last `rows` keys; or no mask at all
             block_mask = None if square is None else square[:, :stop - start, :stop - start]
+        out = {} if into is None else {"out": into[:, start:stop, :width]}  # [head, rows, width], a view
         if from_scores:  # [head, rows, width] x 2, [head, rows]: softmax, scores less the row's max, max weight
             pattern, shifted, largest = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap,
-                                                with_scores=True)
+                                                with_scores=True, **out)
         else:
-            pattern, shifted = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap), None
+            pattern, shifted = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap, **out), None
         pairs = plan.rows(start, stop)
         if pairs.stop > pairs.start:
             gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
@@ -126,14 +129,12 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
                 found = torch.maximum(found, beyond.view(n_layers, -1).amax(dim=-1).float())  # [layer]
             parity = found if parity is None else torch.maximum(parity, found)
         elif v is not None:
-            mixed = pattern.view(n_kv, rep * (stop - start), width) @ v[:, :width]  # [g, r*rows, w] @ [g, w, d_v]
+            mixed = pattern.reshape(n_kv, rep * (stop - start), width) @ v[:, :width]  # [g, r*rows, w] @ [g, w, d_v]
             mixed = mixed.view(n_heads, stop - start, -1)  # [head, rows, d_v]
             found = (mixed - output[:, start:stop].float()).abs_().view(n_layers, -1).amax(dim=-1)  # [layer]
             parity = found if parity is None else torch.maximum(parity, found)
-        if kept is not None:
-            kept[:, start:stop, :width] = pattern.numpy() if pattern.device.type == "cpu" else send_to_host(
-                {0: pattern}, pattern.dtype).wait(pageable=False)[0]  # off the CPU through page-locked memory
-            kept[:, start:stop, width:] = 0.0
+        if kept is not None and into is None:  # off the CPU through page-locked memory
+            kept[:, start:stop, :width] = send_to_host({0: pattern}, pattern.dtype).wait(pageable=False)[0]
         del pattern
     if numerators is None:  # no detection pair at all (one token)
         numerators = torch.zeros(n_heads, len(DETECTION_SCORES) * len(PARTS), **f64)  # [head, 3 * 4]
