@@ -269,9 +269,16 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
     if flat.device.type != "cpu":  # one launch on a GPU
         std, mean = torch.std_mean(flat, dim=-1, correction=1)  # [..., head] each
         return mean, std
-    mean = flat.mean(dim=-1, keepdim=True)  # [..., head, 1]: two passes, twice as fast as std_mean on the CPU
-    var = (flat - mean).square_().sum(dim=-1).div_(flat.shape[-1] - 1)  # [..., head]: two-pass, as numpy's ddof=1
-    return mean[..., 0], var.sqrt_()
+    # On the CPU one pass for the sum and one for the sum of squares (a norm: no pass that writes the squares),
+    # with a row's result the same whatever the leading dims: ~15x faster than the two passes of numpy's form. The
+    # model's values and their squares are exact in float64, so the one-pass variance loses only
+    # ~(mean / std)^2 * 1e-16 of itself to the subtraction.
+    n = flat.shape[-1]
+    total = flat.sum(dim=-1)  # [..., head]
+    squares = torch.linalg.vector_norm(flat, dim=-1).square_()  # [..., head]: sum of x^2
+    mean = total / n  # [..., head]
+    var = (squares - total * mean).div_(n - 1).clamp_(min=0)  # [..., head]: unbiased, as numpy's ddof=1
+    return mean, var.sqrt_()
 
 
 def device_kind(device) -> str:
@@ -502,7 +509,8 @@ def compute_qk_measures_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token:
     (leading dims batched, e.g. [layer]) in the model's dtype (promoted to float64 here, exactly); the dot
     products' query and keys: compared_keys's `query_position`, `causal` and `skip`."""
     out = {}
-    if q.shape[-2:] == k.shape[-2:]:  # one set of launches for the query and the key heads
+    if q.shape[-2:] == k.shape[-2:] and q.device.type != "cpu":  # one set of launches for the query and key heads
+        # (on the CPU, where a launch costs little, the copy that joins them costs more)
         means, stds = compute_head_stats_t(torch.cat([q, k], dim=-3), exclude_first_token)  # [..., head + kv_head]
         n_heads = q.shape[-3] if means.shape[-1] else 0
         out["q_means"], out["k_means"], out["q_stds"], out["k_stds"] = (
