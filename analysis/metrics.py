@@ -40,20 +40,23 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     with the dtype's lowest finite value, as transformers' eager masks do, so masked entries give p * score = 0.
     `out`: a [head, q_pos, k_pos] float32 tensor (a view, such as rows of a larger array) the pattern is written to.
     """
-    n_rep = q.shape[0] // k.shape[0]
-    k = k.repeat_interleave(n_rep, dim=0) if n_rep > 1 else k  # [head, k_pos, d_head]
-    k_t = k.transpose(-1, -2)  # [head, d_head, k_pos]
+    n_heads, n_rows, n_kv, n_keys = q.shape[0], q.shape[1], k.shape[0], k.shape[-2]
+    rep = n_heads // n_kv  # query heads per key head, consecutive
+    # grouped-query attention: a key head's query heads in one product, so k is never repeated per query head
+    groups = q if rep == 1 else q.reshape(n_kv, rep * n_rows, q.shape[-1])  # [kv_head, rep * q_pos, d_head]
+    k_t = k.transpose(-1, -2)  # [kv_head, d_head, k_pos]
     if mask is not None:
         mask = additive_mask(mask, q.dtype)  # [1, q_pos, m]
-    n_keys = k.shape[-2]
-    whole = mask is not None and mask.shape[-1] == n_keys and not softcap  # added in the product's epilogue
+    # a mask over every key is added in the product's epilogue (not to grouped rows, which it would have to repeat)
+    whole = mask is not None and mask.shape[-1] == n_keys and not softcap and rep == 1
     if softcap:
-        scores = torch.matmul(q, k_t).mul_(scaling)  # [h, q, d] @ [h, d, k] -> [h, q, k]
+        scores = torch.matmul(groups, k_t).mul_(scaling)  # [g, r*q, d] @ [g, d, k] -> [g, r*q, k]
         scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
     else:  # scaled (and masked) in the product: beta=0 neither copies nor reads the bias
         bias = mask if whole else q.new_zeros(())  # [1, q_pos, k_pos] or a scalar
-        scores = torch.baddbmm(bias.expand(q.shape[0], q.shape[1], n_keys), q, k_t, beta=1.0 if whole else 0.0,
-                               alpha=scaling)  # [h, q, d] @ [h, d, k] -> [h, q, k]
+        scores = torch.baddbmm(bias.expand(groups.shape[0], groups.shape[1], n_keys), groups, k_t,
+                               beta=1.0 if whole else 0.0, alpha=scaling)  # [g, r*q, d] @ [g, d, k] -> [g, r*q, k]
+    scores = scores.view(n_heads, n_rows, n_keys)  # [head, q_pos, k_pos]
     if mask is not None and not whole:
         scores[..., n_keys - mask.shape[-1]:].add_(mask)  # [1, q_pos, m] over heads: the last m keys
     if not with_scores:
