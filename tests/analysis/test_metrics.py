@@ -62,9 +62,14 @@ def test_pattern_with_causal_mask_and_grouped_keys(qk):
     assert pattern.shape == (N_HEADS, POS, POS)
     assert torch.all(pattern.triu(1) == 0)
     torch.testing.assert_close(pattern.sum(-1), torch.ones(N_HEADS, POS))
-    head = 5  # reads key head 1
-    scores = (q[head] @ k[1].T) * 0.5 + causal[0]
-    torch.testing.assert_close(pattern[head], torch.softmax(scores, -1))
+    capped, shifted, largest = compute_pattern(q, k, 0.5, causal, softcap=3.0, with_scores=True)
+    for head in range(N_HEADS):  # each query head reads its own key head (4 query heads a key head)
+        scores = (q[head] @ k[head // 4].T) * 0.5  # [q_pos, k_pos]
+        torch.testing.assert_close(pattern[head], torch.softmax(scores + causal[0], -1))
+        capped_scores = 3.0 * torch.tanh(scores / 3.0) + causal[0]  # [q_pos, k_pos]
+        torch.testing.assert_close(capped[head], torch.softmax(capped_scores, -1))
+        torch.testing.assert_close(shifted[head], capped_scores - capped_scores.amax(-1, keepdim=True))
+        torch.testing.assert_close(largest[head], capped[head].amax(-1))
     boolean = compute_pattern(q, k, 0.5, torch.ones(1, POS, POS, dtype=torch.bool).tril())
     torch.testing.assert_close(boolean, pattern)
 
