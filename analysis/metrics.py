@@ -26,6 +26,10 @@ KDE_CUTOFF = 12.0  # bandwidths: further away a kernel is below exp(-72) of its 
 # On the CPU the KDE and the Mann-Whitney test run as their numpy definitions (faster there than torch's small
 # ops); False runs the torch route a GPU runs, on the CPU too (the tests do, to hold it to the notebook).
 NUMPY_ON_CPU = True
+# The head statistics of q and k: on the CPU each from a sum and a vector norm, q and k apart (no pass that writes
+# the squares, no copy that joins them: GPT-2's shape at 1024 tokens, 33 ms less of ~380); on a GPU one std_mean of
+# both joined (one launch). benchmarks/op_count counts a GPU's route by setting "cpu" to the "cuda" value.
+HEAD_STATS_BY_NORM = {"cpu": True, "cuda": False}
 
 
 def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
@@ -269,11 +273,11 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
         empty = flat.new_empty((*x.shape[:-3], 0), dtype=torch.float64)  # [..., 0]
         return empty, empty
     flat = flat.double()  # [..., head, pos * d_head]
-    if flat.device.type != "cpu":  # one launch on a GPU
+    if not HEAD_STATS_BY_NORM[device_kind(flat.device)]:  # one launch on a GPU
         std, mean = torch.std_mean(flat, dim=-1, correction=1)  # [..., head] each
         return mean, std
-    # On the CPU one pass for the sum and one for the sum of squares (a norm: no pass that writes the squares),
-    # with a row's result the same whatever the leading dims: ~15x faster than the two passes of numpy's form. The
+    # One pass for the sum and one for the sum of squares (a norm: no pass that writes the squares), with a row's
+    # result the same whatever the leading dims: ~15x faster than the two passes of numpy's form on the CPU. The
     # model's values and their squares are exact in float64, so the one-pass variance loses only
     # ~(mean / std)^2 * 1e-16 of itself to the subtraction.
     n = flat.shape[-1]
@@ -512,8 +516,7 @@ def compute_qk_measures_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token:
     (leading dims batched, e.g. [layer]) in the model's dtype (promoted to float64 here, exactly); the dot
     products' query and keys: compared_keys's `query_position`, `causal` and `skip`."""
     out = {}
-    if q.shape[-2:] == k.shape[-2:] and q.device.type != "cpu":  # one set of launches for the query and key heads
-        # (on the CPU, where a launch costs little, the copy that joins them costs more)
+    if q.shape[-2:] == k.shape[-2:] and not HEAD_STATS_BY_NORM[device_kind(q.device)]:  # one set of launches
         means, stds = compute_head_stats_t(torch.cat([q, k], dim=-3), exclude_first_token)  # [..., head + kv_head]
         n_heads = q.shape[-3] if means.shape[-1] else 0
         out["q_means"], out["k_means"], out["q_stds"], out["k_stds"] = (

@@ -87,7 +87,8 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     their tensors held at once, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not kept,
     with a GPU's sizes and routes (capture.WORK_BUDGET, capture.GROUP_BUDGET, capture.HOLD_BUDGET,
     capture.PENDING_BUDGET, capture.TEXTS_AT_ONCE, metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS,
-    patterns.ENTROPY_FROM_SCORES). `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group).
+    patterns.ENTROPY_FROM_SCORES, metrics.HEAD_STATS_BY_NORM). `group_budget`: capture.GROUP_BUDGET's bytes instead
+    (1: one layer a group).
     `run`: what to count instead of that analyze_ids, a function of no arguments (count_corpus_ops)."""
     import importlib
     import weakref
@@ -144,7 +145,8 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     budgets = {name: dict(getattr(capture, name)) for name in ("WORK_BUDGET", "GROUP_BUDGET", "HOLD_BUDGET",
                                                                 "PENDING_BUDGET", "TEXTS_BUDGET")}
     patterns = importlib.import_module("analysis.patterns")
-    cpu_sizes = metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, dict(patterns.ENTROPY_FROM_SCORES)
+    cpu_sizes = (metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, dict(patterns.ENTROPY_FROM_SCORES),
+                 dict(metrics.HEAD_STATS_BY_NORM))
     texts_at_once = dict(capture.TEXTS_AT_ONCE)
 
     host_calls: Counter = Counter()  # Tensor.cpu/numpy/tolist/item inside the measurement: each a copy or a sync
@@ -191,6 +193,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         metrics.KDE_CHUNK = 2**17  # its KDE blocks,
         patterns.CAUSAL_ROWS = 2**30  # no short causal blocks (a CPU's),
         patterns.ENTROPY_FROM_SCORES["cpu"] = patterns.ENTROPY_FROM_SCORES["cuda"]  # its route to the entropy,
+        metrics.HEAD_STATS_BY_NORM["cpu"] = metrics.HEAD_STATS_BY_NORM["cuda"]  # to the head statistics,
         capture.TEXTS_AT_ONCE["cpu"] = capture.TEXTS_AT_ONCE["cuda"]  # and a corpus pass's texts measured at once
         run()
     finally:
@@ -201,8 +204,9 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
         capture.send_to_host, metrics.NUMPY_ON_CPU = original_send, original_numpy
         for name, values in budgets.items():
             getattr(capture, name).update(values)
-        metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, entropy = cpu_sizes
+        metrics.KDE_CHUNK, patterns.CAUSAL_ROWS, entropy, head_stats = cpu_sizes
         patterns.ENTROPY_FROM_SCORES.update(entropy)
+        metrics.HEAD_STATS_BY_NORM.update(head_stats)
         capture.TEXTS_AT_ONCE.update(texts_at_once)
     syncs = sum(counter[name] for counter in phases.values() for name in ("aten.item", "aten._local_scalar_dense"))
     return {**{name: sum(counter.values()) for name, counter in phases.items()},

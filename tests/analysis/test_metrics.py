@@ -1,5 +1,7 @@
 """Metrics on small synthetic tensors with named sizes and answers known by construction."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -107,16 +109,19 @@ def test_kde_is_scipys_scott_kde_normalised_to_its_peak():
 
 # ---- the device-side forms equal the numpy definitions (here on the CPU; the same code runs on a GPU) ---------------
 
-def test_device_head_stats_and_dot_products_equal_numpy(qk):
+def test_device_head_stats_and_dot_products_equal_numpy(qk, monkeypatch):
+    from analysis import metrics
     from analysis.metrics import compute_centered_dot_products, compute_dot_products_t, compute_head_stats_t
 
     q, k = qk
     for exclude in (True, False):
-        for x in (q, k):
+        # both routes (a CPU's sum and norm, a GPU's std_mean), also where the mean is 100x the spread
+        for by_norm, x in itertools.product((True, False), (q, k, (q + 100.0).astype(np.float32))):
+            monkeypatch.setitem(metrics.HEAD_STATS_BY_NORM, "cpu", by_norm)
             means, stds = compute_head_stats(x, exclude)
             means_t, stds_t = compute_head_stats_t(torch.from_numpy(x), exclude)
             np.testing.assert_allclose(means_t.numpy(), means, rtol=1e-12, atol=1e-15)
-            np.testing.assert_allclose(stds_t.numpy(), stds, rtol=1e-12)
+            np.testing.assert_allclose(stds_t.numpy(), stds, rtol=1e-10)
         same, diff = compute_dot_products(q, k, exclude)
         same_t, diff_t = compute_dot_products_t(torch.from_numpy(q), torch.from_numpy(k), exclude)
         np.testing.assert_allclose(same_t.numpy(), same, rtol=1e-12)
