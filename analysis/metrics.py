@@ -175,7 +175,9 @@ def _kde_windowed(values, grid, bandwidth, step, widths) -> np.ndarray:
         chunk = max(1, KDE_CHUNK * KDE_POINTS // width)  # bounded memory: one [chunk, width] block at a time
         steps = np.arange(width) * (step / h)  # [width]
         for start in range(0, n, chunk):
-            z = (base[start:start + chunk, None] + steps).astype(np.float32)  # [chunk, width]
+            z = np.empty((min(chunk, n - start), width), dtype=np.float32)  # [chunk, width]
+            np.add(base[start:start + chunk, None], steps, out=z, casting="same_kind")  # summed in float64, rounded
+            # to float32 as it is written (no float64 block)
             np.square(z, out=z)
             z *= -0.5
             np.exp(z, out=z)  # float32 kernels, summed in float64
