@@ -87,6 +87,24 @@ def build_models(shape: str, device: str, dtype: str):
     return LoadedModel(model=model, tokenizer=tokenizer, info=info), plain
 
 
+def cpu_description() -> dict:
+    """What tells two CPUs apart in these ratios (the same shape's ratios differ between machines: the README's
+    CPU section): the model name, the vector instructions ATen's kernels use and the last-level cache, where the
+    system says (Linux)."""
+    import torch
+
+    found = {"cpu": platform.processor() or platform.machine(), "isa": torch.backends.cpu.get_cpu_capability()}
+    cpuinfo, caches = Path("/proc/cpuinfo"), sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        found["cpu"] = names[0] if names else found["cpu"]
+    if caches:  # the highest level's size, as the kernel writes it ("480M" ...)
+        last = max(caches, key=lambda index: int((index / "level").read_text()))
+        found["last_cache"] = (last / "size").read_text().strip()
+    return found
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -295,8 +313,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = args.dtype or ("float32" if args.shape == "gpt2-small" else "bfloat16")
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    print(json.dumps({"machine": machine, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    machine = {"machine": torch.cuda.get_device_name()} if args.device == "cuda" else cpu_description()
+    print(json.dumps({**machine, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "shape": args.shape, "dtype": dtype, "device": args.device}),
           flush=True)
     loaded, plain = build_models(args.shape, args.device, dtype)
