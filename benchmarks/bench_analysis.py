@@ -94,12 +94,12 @@ def cpu_description() -> dict:
     import torch
 
     found = {"cpu": platform.processor() or platform.machine(), "isa": torch.backends.cpu.get_cpu_capability()}
-    cpuinfo, caches = Path("/proc/cpuinfo"), sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
+    cpuinfo, caches = Path("/proc/cpuinfo"), list(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         found["cpu"] = names[0] if names else found["cpu"]
-    if caches:  # the highest level's size, as the kernel writes it ("480M" ...)
+    if caches:  # the highest level's size, as the kernel writes it ("491520K" for 480 MiB)
         last = max(caches, key=lambda index: int((index / "level").read_text()))
         found["last_cache"] = (last / "size").read_text().strip()
     return found
