@@ -214,6 +214,7 @@ class _Recorder:
     together: dict = field(default_factory=dict)  # (layers, name) -> chunks of [text, layer, ...] waiting (the same)
     together_host: dict = field(default_factory=dict)  # name -> per group (layers, [text, layer, ...] on the host)
     copies: list = field(default_factory=list)  # each flush's HostCopy, in order, until collected
+    stop_after: int | None = None  # attention calls after which the pass ends (_PassDone): the model's layer count
 
     def fused(self, batch: int, heads: int, n: int, device: torch.device) -> bool:
         """Whether a layer of `heads` heads over a [batch, n] pass on `device` runs the fused sdpa kernel."""
@@ -441,7 +442,13 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
     if recorder is not None:
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         recorder.record(query, key, value, attention_mask, scale, softcap, weights, output)
+        if recorder.n_layers == recorder.stop_after:
+            raise _PassDone  # what follows the last attention (its output projection, MLP, final norm) measures nothing
     return output, weights
+
+
+class _PassDone(Exception):
+    """Raised by the last layer's capturing attention to end a recording pass (caught by run_pass)."""
 
 
 def capturing_mask(**kwargs):
@@ -652,11 +659,13 @@ def run_pass(loaded, items: list[TextInput], pattern_layers=None, keep_patterns:
                          measure=measure, exclude_first_token=exclude_first_token, query_position=query_position,
                          attention=attention, keep_layers=None if keep_layers is None else frozenset(keep_layers),
                          causal=bool(getattr(loaded.info, "causal", True)), measure_all=measure_all,
-                         n_heads=loaded.info.n_heads)
+                         n_heads=loaded.info.n_heads, stop_after=loaded.info.n_layers)
     token = _RECORDER.set(recorder)
     try:
         with torch.inference_mode():
             loaded.model(**{name: t.to(loaded.info.device) for name, t in encoded.items()})
+    except _PassDone:  # the last layer's attention was recorded: the rest of the pass would measure nothing
+        pass
     finally:
         _RECORDER.reset(token)
     if recorder.n_layers != loaded.info.n_layers:

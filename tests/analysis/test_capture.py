@@ -17,13 +17,33 @@ def test_c_attn_hook_route_equals_the_attention_interface_route(gpt2):
 
 def test_one_forward_pass_captures_every_layer(gpt2):
     calls = []
-    handle = gpt2.model.register_forward_hook(lambda *args: calls.append(1))
+    handle = gpt2.model.register_forward_pre_hook(lambda *args: calls.append(1))
     try:
         result = analyze(gpt2, FIJI)
     finally:
         handle.remove()
     assert len(calls) == 1
     assert sorted(result.layers) == list(range(8))
+
+
+def test_the_pass_ends_at_the_last_attention(gpt2):
+    """Nothing after the last layer's attention runs (its MLP measures nothing); the model is whole afterwards."""
+    import torch
+
+    last = gpt2.model.h[-1]
+    ran = {"attn": 0, "mlp": 0}
+    handles = [last.attn.register_forward_pre_hook(lambda *args: ran.__setitem__("attn", ran["attn"] + 1)),
+               last.mlp.register_forward_pre_hook(lambda *args: ran.__setitem__("mlp", ran["mlp"] + 1))]
+    try:
+        analyze(gpt2, FIJI)
+        assert ran == {"attn": 1, "mlp": 0}
+        with torch.inference_mode():
+            out = gpt2.model(input_ids=torch.tensor([[5, 6, 7]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == {"attn": 2, "mlp": 1}
+    assert out.last_hidden_state.shape == (1, 3, gpt2.model.config.n_embd)
 
 
 def test_patterns_only_for_requested_layers(gpt2):
