@@ -270,11 +270,11 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
     """As compute_head_stats, in torch on x's device: x [..., head, pos, d_head] -> (mean, std) [..., head] float64
     (leading dims batched, e.g. [layer]); ([..., 0], [..., 0]) when fewer than 2 values."""
     x = x[..., 1:, :] if exclude_first_token else x  # [..., head, pos, d_head], a view
-    flat = x.reshape(*x.shape[:-2], -1)  # [..., head, pos * d_head]
-    if flat.shape[-1] < 2:
-        empty = flat.new_empty((*x.shape[:-3], 0), dtype=torch.float64)  # [..., 0]
+    if x.shape[-2] * x.shape[-1] < 2:
+        empty = x.new_empty((*x.shape[:-3], 0), dtype=torch.float64)  # [..., 0]
         return empty, empty
-    flat = flat.double()  # [..., head, pos * d_head]
+    flat = x.double().reshape(*x.shape[:-2], -1)  # [..., head, pos * d_head]: one copy (x is a strided view of the
+    # model's projection)
     if not HEAD_STATS_BY_NORM[device_kind(flat.device)]:  # one launch on a GPU
         std, mean = torch.std_mean(flat, dim=-1, correction=1)  # [..., head] each
         return mean, std
