@@ -23,8 +23,12 @@ from analysis.keys import compared_keys, query_keys  # noqa: F401  (torch-free, 
 KDE_POINTS = 300
 KDE_CHUNK = 8192
 KDE_CUTOFF = 12.0  # bandwidths: further away a kernel is below exp(-72) of its peak
+KDE_DENSE_VALUES = 2048  # values of all curves per block of the CPU's dense kernels (~2.4 MiB on a 300-point
+# grid; GPT-2's 64 tokens, 12 curves of 756 values: 4.9 ms against 5.2 ms for 3072 and 6.0 ms for 8192)
+KDE_FLOOR = -87.0  # the lowest exponent of a dense float32 kernel (exp(-87) ~ 1.6e-38, float32's smallest normal)
 # On the CPU the KDE and the Mann-Whitney test run as their numpy definitions (faster there than torch's small
-# ops); False runs the torch route a GPU runs, on the CPU too (the tests do, to hold it to the notebook).
+# ops; the dense KDE's kernels alone are made by torch, _kde_dense); False runs the torch route a GPU runs, on the
+# CPU too (the tests do, to hold it to the notebook).
 NUMPY_ON_CPU = True
 # The head statistics of q and k: on the CPU each from a sum and a vector norm, q and k apart (no pass that writes
 # the squares, no copy that joins them: GPT-2's shape at 1024 tokens, 33 ms less of ~380); on a GPU one std_mean of
@@ -146,16 +150,34 @@ def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
         density[narrow] = _kde_windowed(values[narrow], grid, bandwidth[narrow], step, widths[narrow])  # [narrow, grid]
     if not narrow.all():
         wide = ~narrow  # [live]
-        chunk = max(1, KDE_CHUNK // int(wide.sum()))  # bounded memory: one [wide, grid, chunk] float32 block at a time
-        for start in range(0, n, chunk):
-            z = scaled_grid[wide][:, :, None] - scaled[wide][:, None, start:start + chunk]  # [wide, grid, chunk]
-            np.square(z, out=z)
-            z *= -0.5
-            np.exp(z, out=z)  # float32 kernels (~1e-7 relative), summed in float64
-            density[wide] += z.sum(axis=2, dtype=np.float64)
+        density[wide] = _kde_dense(scaled_grid[wide], scaled[wide], floor=step is not None)  # [wide, grid]
     with np.errstate(invalid="ignore"):  # every kernel below float32's range at every grid point: 0/0, NaN, no curve
         out[live] = density / density.max(axis=1, keepdims=True)
     return out
+
+
+def _kde_dense(scaled_grid: np.ndarray, scaled: np.ndarray, floor: bool) -> np.ndarray:
+    """The kernel sums of compute_kde_rows at every grid point: [curve, grid] float64 from scaled_grid [curve, grid]
+    and the values [curve, n] (float32, in bandwidths). The float32 kernels are made by torch, on every core of the
+    host (its exp is ~4x numpy's there), in blocks of KDE_DENSE_VALUES values over all curves, summed in float64.
+
+    `floor`: exponents below KDE_FLOOR are raised to it (the exp of a smaller one is a subnormal number or 0, ~10x
+    to ~100x slower to make). Only for an even grid, whose dense curves have a bandwidth of at least 4 grid steps
+    (else they are narrow): every value then has a grid point where its kernel is above 0.99, so the peak is at least
+    that and the floor adds at most n * exp(KDE_FLOOR) ~ n * 1.6e-38 to any point."""
+    grid_t, values_t = torch.from_numpy(scaled_grid), torch.from_numpy(scaled)  # [curve, grid], [curve, n]
+    n_curves, n = scaled.shape
+    chunk = max(1, KDE_DENSE_VALUES // n_curves)  # one [curve, grid, chunk] float32 block, reused
+    block = torch.empty((n_curves, scaled_grid.shape[1], min(chunk, n)))  # [curve, grid, chunk]
+    density = np.zeros(scaled_grid.shape)  # [curve, grid]
+    for start in range(0, n, chunk):
+        z = block[..., :min(chunk, n - start)]  # [curve, grid, chunk]
+        torch.sub(grid_t[:, :, None], values_t[:, None, start:start + chunk], out=z)
+        z.square_().mul_(-0.5)
+        if floor:
+            z.clamp_(min=KDE_FLOOR)
+        density += z.exp_().numpy().sum(axis=2, dtype=np.float64)  # float32 kernels (~1e-7 relative), float64 sums
+    return density
 
 
 def _kde_windowed(values, grid, bandwidth, step, widths) -> np.ndarray:
