@@ -294,12 +294,13 @@ class _Recorder:
             if text.plan is None or text.plan.q_index.device != device:
                 text.plan = ScorePlan.build(text.ids, device)
             p = self.query_position if text.query_position is None else text.query_position
+            against_output = wanted and entries[0][4] is None  # parity against the kernel's output, not weights
             reduced = reduce_pattern(
                 q, k, group.scaling, mask, group.softcap, text.plan, budget, readouts=wanted, query_position=p,
                 causal=self.causal, skip=text.skip,
                 weights=stacked(4, (b, slice(None), positions, positions)) if wanted else None,  # [l, h, pos, pos]
-                value=stacked(3, (b, slice(None), positions)) if wanted else None,  # [layer, kv_head, pos, d_v]
-                output=stacked(5, (b, positions)).transpose(1, 2) if wanted else None,  # [layer, head, pos, d_v]
+                value=stacked(3, (b, slice(None), positions)) if against_output else None,  # [layer, kv_head, pos, d_v]
+                output=stacked(5, (b, positions)).transpose(1, 2) if against_output else None,  # [l, head, pos, d_v]
                 keep=group.keep and text.keep_patterns,
                 rebuild=compute_pattern if wanted else metrics.compute_pattern)  # the analysed layers' rebuild is
             # looked up here, so a test can replace it and see parity fail on those layers alone
