@@ -150,7 +150,8 @@ def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
         density[narrow] = _kde_windowed(values[narrow], grid, bandwidth[narrow], step, widths[narrow])  # [narrow, grid]
     if not narrow.all():
         wide = ~narrow  # [live]
-        density[wide] = _kde_dense(scaled_grid[wide], scaled[wide], floor=step is not None)  # [wide, grid]
+        inside = bool(((values[wide] >= grid[0]) & (values[wide] <= grid[-1])).all())  # every value within the grid
+        density[wide] = _kde_dense(scaled_grid[wide], scaled[wide], floor=inside and step is not None)  # [wide, grid]
     with np.errstate(invalid="ignore"):  # every kernel below float32's range at every grid point: 0/0, NaN, no curve
         out[live] = density / density.max(axis=1, keepdims=True)
     return out
@@ -162,9 +163,10 @@ def _kde_dense(scaled_grid: np.ndarray, scaled: np.ndarray, floor: bool) -> np.n
     host (its exp is ~4x numpy's there), in blocks of KDE_DENSE_VALUES values over all curves, summed in float64.
 
     `floor`: exponents below KDE_FLOOR are raised to it (the exp of a smaller one is a subnormal number or 0, ~10x
-    to ~100x slower to make). Only for an even grid, whose dense curves have a bandwidth of at least 4 grid steps
-    (else they are narrow): every value then has a grid point where its kernel is above 0.99, so the peak is at least
-    that and the floor adds at most n * exp(KDE_FLOOR) ~ n * 1.6e-38 to any point."""
+    to ~100x slower to make). Only for values within an even grid, whose dense curves have a bandwidth of at least 4
+    grid steps (else they are narrow): every value then has a grid point where its kernel is above 0.99, so the peak
+    is at least that and the floor adds at most n * exp(KDE_FLOOR) ~ n * 1.6e-38 to any point. (Values far outside
+    the grid, whose every kernel there underflows, would otherwise draw the floor's flat line instead of no curve.)"""
     grid_t, values_t = torch.from_numpy(scaled_grid), torch.from_numpy(scaled)  # [curve, grid], [curve, n]
     n_curves, n = scaled.shape
     chunk = max(1, KDE_DENSE_VALUES // n_curves)  # one [curve, grid, chunk] float32 block, reused

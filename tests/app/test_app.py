@@ -38,11 +38,11 @@ def clear_caches():
 
 @pytest.fixture
 def forward_calls():
-    """How many times any whole model (a PreTrainedModel, not its submodules) ran forward."""
+    """How many times any whole model (a PreTrainedModel, not its submodules) was called: a pre-hook, since a
+    recording pass ends at the last layer's attention and never returns."""
     calls = []
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, output: calls.append(type(module).__name__)
-        if isinstance(module, PreTrainedModel) else None)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(type(module).__name__) if isinstance(module, PreTrainedModel) else None)
     yield calls
     handle.remove()
 
