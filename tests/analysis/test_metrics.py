@@ -276,10 +276,10 @@ def test_dense_kde_far_from_the_grid_is_none_and_near_it_is_scipys():
     """Wide curves take the dense route, whose exponents are floored only for values within the grid: values far
     outside it underflow everywhere, as scipy's do, and draw no curve rather than the floor's flat line."""
     rng = np.random.default_rng(11)
-    far = 5.0 + rng.normal(0, 0.05, 400)  # [n]: a bandwidth of ~0.015, 4.5 grid steps: dense
+    far = 5.0 + rng.normal(0, 0.05, 400)  # [n]: a bandwidth of ~0.015, 4.4 grid steps: dense
     assert not stats.gaussian_kde(far)(kde_grid()).any()
     assert compute_kde(far, kde_grid()) is None
-    near = np.concatenate([far, rng.uniform(0, 1, 400)])  # half within the grid: the floor cannot reach the peak
+    near = np.concatenate([far, rng.uniform(0, 1, 400)])  # half within the grid (so no floor): still scipy's
     expected = stats.gaussian_kde(near)(kde_grid())
     np.testing.assert_allclose(compute_kde(near, kde_grid()), expected / expected.max(), rtol=0, atol=1e-7)
 
