@@ -11,7 +11,8 @@ per-head numbers and the bounded samples the charts draw cross to the host. Cons
 and shapes are reduced as one stack (GROUP_BUDGET), one set of operations for all of them. In measuring mode
 (analyze) the q/k measurements run with them, the rest (Mann-Whitney ranks, KDEs) for all layers at once after
 the pass (_Recorder.flush), and q and k never leave the device; `capture` keeps them (numpy) so the app can
-change layers without a model call.
+change layers without a model call. The pass ends at the last layer's attention (_PassDone): nothing after it (that
+layer's MLP, the final norm, a head) feeds a measurement.
 
 Several texts run as one padded batch (the tokenizer's padding side, the attention mask respected); each text
 is measured on its own positions only, so its numbers equal its single-text run. A corpus pass on a GPU measures
