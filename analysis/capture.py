@@ -426,10 +426,14 @@ def _sdpa():
     return sdpa_attention_forward
 
 
+class _PassDone(Exception):
+    """Raised by the last layer's capturing attention to end a recording pass (caught by run_pass)."""
+
+
 def capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Idle: the model's own eager attention (output_attentions works). Recording: the fused sdpa kernel where the
     recorder's route says so (ATTENTION_ROUTES), unless the layer soft-caps its scores (sdpa cannot); the
-    recorder gets what the kernel returned."""
+    recorder gets what the kernel returned, and the last layer's call ends the pass (_PassDone)."""
     recorder = _RECORDER.get()
     softcap = kwargs.get("softcap")
     if recorder is None or softcap or not recorder.fused(query.shape[0], query.shape[1], query.shape[2],
@@ -447,10 +451,6 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
         if recorder.n_layers == recorder.stop_after:
             raise _PassDone  # what follows the last attention (its output projection, MLP, final norm) measures nothing
     return output, weights
-
-
-class _PassDone(Exception):
-    """Raised by the last layer's capturing attention to end a recording pass (caught by run_pass)."""
 
 
 def capturing_mask(**kwargs):
