@@ -162,8 +162,8 @@ def _kde_dense(scaled_grid: np.ndarray, scaled: np.ndarray, floor: bool) -> np.n
     and the values [curve, n] (float32, in bandwidths). The float32 kernels are made by torch, on every core of the
     host (its exp is ~4x numpy's there), in blocks of KDE_DENSE_VALUES values over all curves, summed in float64.
 
-    `floor`: exponents below KDE_FLOOR are raised to it (the exp of a smaller one is a subnormal number or 0, ~10x
-    to ~100x slower to make). Only for values within an even grid, whose dense curves have a bandwidth of at least 4
+    `floor`: exponents below KDE_FLOOR are raised to it (the exp of a smaller one is a subnormal number or 0, up to
+    ~170x slower for torch to make). Only for values within an even grid, whose dense curves have a bandwidth of at least 4
     grid steps (else they are narrow): every value then has a grid point where its kernel is above 0.99, so the peak
     is at least that and the floor adds at most n * exp(KDE_FLOOR) ~ n * 1.6e-38 to any point. (Values far outside
     the grid, whose every kernel there underflows, would otherwise draw the floor's flat line instead of no curve.)"""
