@@ -27,7 +27,7 @@ KDE_DENSE_VALUES = 2048  # values of all curves per block of the CPU's dense ker
 # grid; GPT-2's 64 tokens, 12 curves of 756 values: 4.9 ms against 5.2 ms for 3072 and 6.0 ms for 8192)
 KDE_FLOOR = -87.0  # the lowest exponent of a dense float32 kernel (exp(-87) ~ 1.6e-38, float32's smallest normal)
 # On the CPU the KDE and the Mann-Whitney test run as their numpy definitions (faster there than torch's small
-# ops; the dense KDE's kernels alone are made by torch, _kde_dense); False runs the torch route a GPU runs, on the
+# ops; the dense KDE's kernels alone are made by torch, _kde_dense_t); False runs the torch route a GPU runs, on the
 # CPU too (the tests do, to hold it to the notebook).
 NUMPY_ON_CPU = True
 # The head statistics of q and k: on the CPU each from a sum and a vector norm, q and k apart (no pass that writes
@@ -139,47 +139,25 @@ def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
         return out
     values = values[live]  # [live, n]
     bandwidth = values.std(axis=1, ddof=1) * n ** (-1 / 5)  # [live]
-    scaled_grid = (grid[None] / bandwidth[:, None]).astype(np.float32)  # [live, grid]
-    scaled = (values / bandwidth[:, None]).astype(np.float32)  # [live, n]
     step = _even_step(grid)  # None: an uneven grid, every curve dense
     widths = np.ceil(2 * KDE_CUTOFF * bandwidth / (step or 1.0)).astype(np.int64) + 2  # [live]
     narrow = (3 * widths < grid.size) & (step is not None)  # [live]: its gathers cost ~3x a dense kernel: worth it
     # below a third of the grid
-    density = np.zeros(scaled_grid.shape)  # [live, grid]
+    density = np.zeros((values.shape[0], grid.size))  # [live, grid]
     if narrow.any():
         density[narrow] = _kde_windowed(values[narrow], grid, bandwidth[narrow], step, widths[narrow])  # [narrow, grid]
     if not narrow.all():
         wide = ~narrow  # [live]
+        # on the CPU torch makes the kernels on every core (its exp is ~4x numpy's there), in blocks of
+        # KDE_DENSE_VALUES values over all curves; the exponents floored where that cannot move a curve
         inside = bool(((values[wide] >= grid[0]) & (values[wide] <= grid[-1])).all())  # every value within the grid
-        density[wide] = _kde_dense(scaled_grid[wide], scaled[wide], floor=inside and step is not None)  # [wide, grid]
+        chunk = max(1, KDE_DENSE_VALUES // int(wide.sum()))
+        density[wide] = _kde_dense_t(torch.from_numpy(values[wide]), torch.from_numpy(grid),
+                                     torch.from_numpy(bandwidth[wide, None]), chunk,
+                                     floor=KDE_FLOOR if inside and step is not None else None).numpy()  # [wide, grid]
     with np.errstate(invalid="ignore"):  # every kernel below float32's range at every grid point: 0/0, NaN, no curve
         out[live] = density / density.max(axis=1, keepdims=True)
     return out
-
-
-def _kde_dense(scaled_grid: np.ndarray, scaled: np.ndarray, floor: bool) -> np.ndarray:
-    """The kernel sums of compute_kde_rows at every grid point: [curve, grid] float64 from scaled_grid [curve, grid]
-    and the values [curve, n] (float32, in bandwidths). The float32 kernels are made by torch, on every core of the
-    host (its exp is ~4x numpy's there), in blocks of KDE_DENSE_VALUES values over all curves, summed in float64.
-
-    `floor`: exponents below KDE_FLOOR are raised to it (the exp of a smaller one is a subnormal number or 0, up to
-    ~170x slower for torch to make). Only for values within an even grid, whose dense curves have a bandwidth of at least 4
-    grid steps (else they are narrow): every value then has a grid point where its kernel is above 0.99, so the peak
-    is at least that and the floor adds at most n * exp(KDE_FLOOR) ~ n * 1.6e-38 to any point. (Values far outside
-    the grid, whose every kernel there underflows, would otherwise draw the floor's flat line instead of no curve.)"""
-    grid_t, values_t = torch.from_numpy(scaled_grid), torch.from_numpy(scaled)  # [curve, grid], [curve, n]
-    n_curves, n = scaled.shape
-    chunk = max(1, KDE_DENSE_VALUES // n_curves)  # one [curve, grid, chunk] float32 block, reused
-    block = torch.empty((n_curves, scaled_grid.shape[1], min(chunk, n)))  # [curve, grid, chunk]
-    density = np.zeros(scaled_grid.shape)  # [curve, grid]
-    for start in range(0, n, chunk):
-        z = block[..., :min(chunk, n - start)]  # [curve, grid, chunk]
-        torch.sub(grid_t[:, :, None], values_t[:, None, start:start + chunk], out=z)
-        z.square_().mul_(-0.5)
-        if floor:
-            z.clamp_(min=KDE_FLOOR)
-        density += z.exp_().numpy().sum(axis=2, dtype=np.float64)  # float32 kernels (~1e-7 relative), float64 sums
-    return density
 
 
 def _kde_windowed(values, grid, bandwidth, step, widths) -> np.ndarray:
@@ -484,8 +462,16 @@ def _even_step(grid: np.ndarray) -> float | None:
     return float(step) if step > 0 and np.allclose(np.diff(grid), step, rtol=1e-9, atol=0) else None
 
 
-def _kde_dense_t(values: torch.Tensor, grid: torch.Tensor, bandwidth: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """Every value's kernel at every grid point: [..., grid] float64 sums, not normalised."""
+def _kde_dense_t(values: torch.Tensor, grid: torch.Tensor, bandwidth: torch.Tensor, chunk: int | None,
+                 floor: float | None = None) -> torch.Tensor:
+    """Every value's kernel at every grid point: [..., grid] float64 sums, not normalised.
+
+    `floor`: the lowest exponent (KDE_FLOOR; None: none). The exp of a smaller one is a subnormal number or 0, up to
+    ~170x slower for torch to make on the CPU. compute_kde_rows floors only values within an even grid, whose dense
+    curves have a bandwidth of at least 4 grid steps (else they are narrow): every value then has a grid point where
+    its kernel is above 0.99, so the peak is at least that and the floor adds at most n * exp(KDE_FLOOR) ~ n * 1.6e-38
+    to any point. (Values far outside the grid, whose every kernel there underflows, would otherwise draw the
+    floor's flat line instead of no curve.)"""
     lead, n = values.shape[:-1], values.shape[-1]
     scaled_grid = (grid / bandwidth).float()  # [..., grid]
     scaled = (values / bandwidth).float()  # [..., n]
@@ -494,7 +480,10 @@ def _kde_dense_t(values: torch.Tensor, grid: torch.Tensor, bandwidth: torch.Tens
         chunk = max(1, _kde_values(values.device) // max(1, math.prod(lead)))
     for start in range(0, n, chunk):  # bounded memory: one [..., grid, chunk] float32 block at a time
         z = scaled_grid[..., :, None] - scaled[..., None, start:start + chunk]  # [..., grid, chunk]
-        density += z.square_().mul_(-0.5).exp_().sum(dim=-1, dtype=torch.float64)  # float32 kernels, f64 sums
+        z.square_().mul_(-0.5)
+        if floor is not None:
+            z.clamp_(min=floor)
+        density += z.exp_().sum(dim=-1, dtype=torch.float64)  # float32 kernels, f64 sums
     return density
 
 
