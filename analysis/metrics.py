@@ -275,8 +275,9 @@ def compute_head_stats_t(x: torch.Tensor, exclude_first_token: bool = True) -> t
     if x.shape[-2] * x.shape[-1] < 2:
         empty = x.new_empty((*x.shape[:-3], 0), dtype=torch.float64)  # [..., 0]
         return empty, empty
-    flat = x.double().reshape(*x.shape[:-2], -1)  # [..., head, pos * d_head]: one copy (x is a strided view of the
-    # model's projection)
+    flat = x.to(torch.float64, memory_format=torch.contiguous_format).reshape(*x.shape[:-2], -1)  # [..., head,
+    # pos * d_head]: one copy (x is a strided view of the model's projection, whose order .double() would keep, so
+    # that the reshape copied it again: 124 against 51 us a GPT-2 layer's q at 256 tokens)
     if not HEAD_STATS_BY_NORM[device_kind(flat.device)]:  # one launch on a GPU
         std, mean = torch.std_mean(flat, dim=-1, correction=1)  # [..., head] each
         return mean, std
