@@ -430,11 +430,11 @@ def compute_kde_t(values: torch.Tensor, grid, chunk: int | None = None,
     host_grid = grid if isinstance(grid, np.ndarray) else grid.cpu().numpy()  # [grid]
     values = values.double()  # [..., n]
     lead, n = values.shape[:-1], values.shape[-1]
+    if n < 2:  # no curve (a query with no keys has none at all)
+        return torch.full((*lead, host_grid.size), float("nan"), dtype=torch.float64, device=values.device)
     if (NUMPY_ON_CPU if numpy_on_cpu is None else numpy_on_cpu) and values.device.type == "cpu":
         curves = compute_kde_rows(values.reshape(-1, n).numpy(), np.asarray(host_grid, dtype=np.float64))
         return torch.from_numpy(curves).reshape(*lead, host_grid.size)  # [..., grid]
-    if n < 2:
-        return torch.full((*lead, host_grid.size), float("nan"), dtype=torch.float64, device=values.device)
     grid = torch.as_tensor(host_grid, dtype=torch.float64, device=values.device)  # [grid]
     bandwidth = values.std(dim=-1, correction=1, keepdim=True) * n ** (-1 / 5)  # [..., 1]
     degenerate = (values.amax(dim=-1) == values.amin(dim=-1))[..., None]  # [..., 1] bool

@@ -167,6 +167,23 @@ def test_an_early_query_has_no_dot_products_and_says_so(gpt2):
     assert resolve_query(np.ones(3, bool), False) == (2, "the last non-special token (default for encoders)")
 
 
+def test_a_query_with_no_keys_at_all_has_empty_read_outs_and_says_so(gpt2, llama, minilm):
+    """The first token of a causal model, or a query whose every other key is special and left out, reads no key:
+    an empty read-out and no KDE (its kernel sum once reshaped zero values and raised), on every route."""
+    cases = [(gpt2, FIJI, {"query_position": 0}), (llama, FIJI, {"query_position": 1, "exclude_special_keys": True}),
+             (minilm, "cat", {"exclude_special_keys": True})]  # [CLS] cat [SEP]: cat's only other keys are special
+    for loaded, text, options in cases:
+        result = analyze(loaded, text, layers=[0, 1], **options)
+        for layer in result.layers.values():
+            assert layer.final_to_prev.size == 0 and layer.kde is None and layer.same_head_dp.size == 0
+        assert any("has no keys to compare with" in w for w in result.warnings)
+    captured = capture(gpt2, FIJI, pattern_layers=[0], keep_patterns=True)  # the app: a click on the first token
+    assert summarize(captured, gpt2.info.to_dict(), [0], query_position=0).layers[0].final_to_prev.size == 0
+    three, long = analyze_batch(gpt2, ["the cat sat", FIJI], layers=[0], query_position=-3)  # -3: the first of three
+    assert three.query == 0 and three.layers[0].final_to_prev.size == 0
+    close(long.layers[0].final_to_prev, analyze(gpt2, FIJI, layers=[0], query_position=-3).layers[0].final_to_prev)
+
+
 def test_exclude_bos_only_drops_a_special_first_token(gpt2, llama, minilm):
     for loaded, has_bos in ((gpt2, False), (llama, True), (minilm, True)):
         captured = capture(loaded, REPEATS, keep_patterns=True)
