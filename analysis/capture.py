@@ -606,12 +606,22 @@ def _accepts_position_ids(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
+POSITIONS_PAST_PADDING = ("roberta",)  # model types whose embeddings count positions from padding_idx + 1
+
+
+def first_position(config) -> int:
+    """The position id of a text's first token: padding_idx + 1 where the model counts positions past its padding
+    index (RoBERTa: 2, so 514 position embeddings hold 512 tokens), else 0."""
+    return (config.pad_token_id or 0) + 1 if config.model_type in POSITIONS_PAST_PADDING else 0
+
+
 def pad_batch(loaded, items: list[TextInput], width: int | None = None) -> tuple[dict[str, torch.Tensor],
                                                                               list[tuple[int, int]]]:
     """The model inputs of a padded batch ({name: [batch, pos]}) and each text's (start, stop) in its row.
 
     Padding goes on the tokenizer's padding side, with its pad token (else EOS, else 0); with left padding
-    the position ids count from each text's first token, so every text sees the positions of its single run.
+    the position ids count from each text's first token (first_position), so every text sees the positions of its
+    single run.
     `width`: pad every row to at least this many positions (default: the longest text's).
     """
     tokenizer = loaded.tokenizer
@@ -631,7 +641,8 @@ def pad_batch(loaded, items: list[TextInput], width: int | None = None) -> tuple
             batch[name][row, start:start + n] = values
     encoded = {name: torch.from_numpy(values) for name, values in batch.items()}  # each [batch, pos]
     if left and any(item.ids.size < width for item in items) and _accepts_position_ids(loaded.model):
-        encoded["position_ids"] = (encoded["attention_mask"].cumsum(-1) - 1).clamp_(min=0)  # [batch, pos]
+        encoded["position_ids"] = (encoded["attention_mask"].cumsum(-1) - 1).clamp_(min=0).add_(
+            first_position(loaded.model.config))  # [batch, pos]
     return encoded, spans
 
 

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from analysis.capture import CAPTURE_ATTENTION, register_capture_attention
+from analysis.capture import CAPTURE_ATTENTION, first_position, register_capture_attention
 from analysis.choices import DEVICE_MAPS, DTYPE_NAMES
 from analysis.errors import HeadscopeError
 from analysis.parity import PARITY_TOLERANCE  # noqa: F401 (defined with the check that uses it)
@@ -410,7 +410,7 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
         n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
         d_head=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
         causal=causal,
-        max_positions=config.max_position_embeddings,
+        max_positions=config.max_position_embeddings - first_position(config),  # RoBERTa's start past padding
         dtype=dtype,
         device=device,
         reason=reason,

@@ -313,6 +313,28 @@ def test_long_input_at_max_positions_keeps_q_and_k_for_every_layer(llama):
         capture(llama, text + " cat", pattern_layers=[1])
 
 
+def test_roberta_counts_positions_past_its_padding_index(family_paths, tmp_path_factory):
+    """RoBERTa's first token is position padding_idx + 1 = 2: its 130 position embeddings hold 128 tokens, and a
+    left-padded batch must start each text's position ids there (from 0, every text of the batch was measured with
+    wrong position embeddings; and 129 tokens passed the length check, then crashed the model)."""
+    from analysis import analyze_batch
+
+    loaded = load_model(str(build("roberta", family_paths, tmp_path_factory)))
+    assert loaded.model.config.max_position_embeddings == 130 and loaded.info.max_positions == 128
+    text = " ".join(["cat"] * 126)  # <s> + one token per word + </s>
+    assert len(loaded.tokenizer(text)["input_ids"]) == 128
+    analyze(loaded, text, layers=[0])
+    with pytest.raises(HeadscopeError, match="accepts at most 128"):
+        analyze(loaded, text + " cat", layers=[0])
+    loaded.tokenizer.padding_side = "left"
+    texts = [FIJI, "the cat", "Mary and John went to the store."]
+    for got, text in zip(analyze_batch(loaded, texts, layers=[0, 1]), texts):
+        want = analyze(loaded, text, layers=[0, 1])
+        for layer in (0, 1):
+            np.testing.assert_allclose(got.layers[layer].q_means, want.layers[layer].q_means, atol=1e-6)
+            np.testing.assert_allclose(got.layers[layer].final_to_prev, want.layers[layer].final_to_prev, atol=1e-6)
+
+
 def test_device_map_auto_loads_through_accelerate(llama_path, llama):
     mapped = load_model(str(llama_path), device_map="auto")
     assert mapped.info.device_map == "auto"
