@@ -100,7 +100,7 @@ def reduce_scores_texts(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: 
         mask = torch.ones(width, width, dtype=torch.bool, device=q.device).tril_()[None, None]  # [1, 1, W, W]
     rows = rows_per_block(n_texts * heads, width, budget)
     sums = q.new_zeros((n_texts * SUMS, heads), dtype=torch.float64)  # [text * SUMS, lh]
-    first_key, diagonal, entropy = [], [], []  # blocks of [text, lh, rows] float32
+    first_key, diagonal, entropy, others = [], [], [], []  # blocks of [text, lh, rows] float32
     zero = q.new_zeros(())
     for start in range(0, width, rows):
         stop = min(width, start + rows)
@@ -119,20 +119,24 @@ def reduce_scores_texts(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: 
         sums += torch.segment_reduce(gathered, "sum", lengths=counts, axis=0)  # [text * SUMS, lh]
         first = plan.starts.clamp(max=keys - 1).view(-1, 1, 1, 1).expand(n_texts, heads, stop - start, 1)
         first_key.append(pattern.gather(-1, first)[..., 0])  # [text, lh, rows]: a row's weight on its text's first
-        diagonal.append(pattern.diagonal(offset=start, dim1=-2, dim2=-1).clone())  # [text, lh, rows]: A[i, i]
+        own = pattern.diagonal(offset=start, dim1=-2, dim2=-1)  # [text, lh, rows]: A[i, i], a view
+        diagonal.append(own.clone())
         entropy.append(torch.special.entr(pattern).sum(dim=-1))  # [text, lh, rows]: -p log p, 0 where p is 0
-        del pattern
+        own.zero_()  # then each row's weight off its text's first key and itself (as patterns.reduce_pattern)
+        others.append(pattern.scatter_(-1, first, 0.0).sum(dim=-1))  # [text, lh, rows]
+        del pattern, own
     diagonal = torch.cat(diagonal, dim=-1)  # [text, lh, W]: A[i, i]
-    by_row = torch.stack([torch.cat(first_key, dim=-1), diagonal, torch.cat(entropy, dim=-1)])  # [3, text, lh, W]
+    by_row = torch.stack([torch.cat(first_key, dim=-1), diagonal, torch.cat(entropy, dim=-1),
+                          torch.cat(others, dim=-1)])  # [4, text, lh, W]
     where = torch.stack([plan.rows, plan.later])[:, None, :, None]  # [2, 1, text, 1, W]: a text's rows, its later
-    totals = torch.where(where, by_row, 0.0).sum(dim=-1, dtype=torch.float64)  # [2, 3, text, lh]
-    corner = diagonal.gather(-1, plan.starts.view(-1, 1, 1).expand(n_texts, heads, 1))[..., 0]  # [text, lh]
-    denominator = torch.stack([plan.lengths[:, None].expand(n_texts, heads), totals[0, 0], totals[0, 1],
-                               corner.double()], dim=-1)  # [text, lh, 4 parts]: every row sums to 1
+    totals = torch.where(where, by_row, 0.0).sum(dim=-1, dtype=torch.float64)  # [2, 4, text, lh]
+    corner = diagonal.gather(-1, plan.starts.view(-1, 1, 1).expand(n_texts, heads, 1))[..., 0].double()  # [t, lh]
+    total = totals[0, 3] + totals[0, 0] + totals[0, 1] - corner  # [text, lh]: every weight of its rows
+    denominator = torch.stack([total, totals[0, 0], totals[0, 1], corner], dim=-1)  # [text, lh, 4 parts]
     numerators = sums.view(n_texts, SUMS, heads).transpose(1, 2)  # [text, lh, SUMS]
     parts = torch.cat([numerators.reshape(n_texts, heads, len(DETECTION_SCORES), len(PARTS)),
                        denominator[:, :, None]], dim=2)  # [text, lh, 4, 4 parts]
-    fixed = (totals[1] / (plan.lengths - 1)[:, None]).permute(1, 2, 0)  # [text, lh, 3]: sink, self, entropy
+    fixed = (totals[1, :3] / (plan.lengths - 1)[:, None]).permute(1, 2, 0)  # [text, lh, 3]: sink, self, entropy
     # over the rows after the first (0 / 0: NaN for one token)
     return (parts.view(n_texts, n_layers, n_heads, len(DETECTION_SCORES) + 1, len(PARTS)),
             fixed.reshape(n_texts, n_layers, n_heads, len(PATTERN_SCORES)))

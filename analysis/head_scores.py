@@ -113,10 +113,9 @@ def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.T
     """One layer's weights [head, q_pos, k_pos] -> (detection parts [head, 4 (3 scores + denominator), 4 parts],
     pattern-free scores [head, 3]) on the weights' device. Reads the weights, never writes them.
 
-    The sums are accumulated across rows in float64: an exclusion is applied later by subtracting a part from a
-    sum of ~T entries, and a float32 total would lose the small kept mass of a head that attends almost only
-    to the first token. Each row (one softmax, summing to ~1) is added up in float32 first: ~1e-7 of that
-    row, at a tenth of the cost of casting all T x T weights.
+    The sums are float64: an exclusion is applied later by subtracting a part from a sum of ~T entries, and a
+    float32 sum, even of one row (~1e-7 of it), would swamp the small kept mass of a head that attends almost only
+    to the first token or to itself (a score off by 1e-3, above 1, or 0 where nothing is kept and 0/0 is NaN).
     """
     h, n = weights.shape[0], weights.shape[-1]
     gathered = weights[:, plan.q_index, plan.k_index].double()  # [head, pair]
@@ -124,7 +123,7 @@ def compute_score_parts(weights: torch.Tensor, plan: ScorePlan) -> tuple[torch.T
     numerators = numerators.view(h, len(DETECTION_SCORES), len(PARTS))  # [head, score, part]
     diagonal = weights.diagonal(dim1=-2, dim2=-1)  # [head, pos], a view
     denominator = torch.stack([
-        weights.sum(dim=-1, dtype=torch.float32).sum(dim=-1, dtype=torch.float64),  # rows in float32: 10x faster
+        weights.sum(dim=(-2, -1), dtype=torch.float64),
         weights[:, :, 0].sum(dim=-1, dtype=torch.float64),
         diagonal.sum(dim=-1, dtype=torch.float64),
         weights[:, 0, 0].double(),

@@ -84,7 +84,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     from_scores = ENTROPY_FROM_SCORES[device_kind(q.device)]
     numerators = None  # [head, 3 * 4]: accumulated over the blocks (no zeros to start from: one launch less)
     parity = None  # [layer] float32, where there is something to compare with
-    first_key, diagonal, entropy, final_row = [], [], [], None  # blocks of [head, rows] float32
+    first_key, diagonal, entropy, others, final_row = [], [], [], [], None  # blocks of [head, rows] float32
     kept = np.zeros((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
     # on the CPU the rebuild writes each block into the kept array itself (no copy; the masked keys stay 0)
     into = torch.from_numpy(kept) if keep and q.device.type == "cpu" else None  # [head, q_pos, k_pos]
@@ -111,7 +111,8 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
             found = gathered @ plan.parts[pairs]  # [h, pair] @ [pair, 3*4] -> [h, 3*4]
             numerators = found if numerators is None else numerators.add_(found)
         first_key.append(pattern[:, :, 0].clone())  # [head, rows]
-        diagonal.append(pattern.diagonal(offset=start, dim1=-2, dim2=-1).clone())  # [head, rows]: A[h, i, i]
+        own = pattern.diagonal(offset=start, dim1=-2, dim2=-1)  # [head, rows]: A[h, i, i], a view
+        diagonal.append(own.clone())
         if shifted is not None:  # -sum p log p = -sum p * shifted - log(max p); masked p * score is 0 * finite
             entropy.append(shifted.mul_(pattern).sum(dim=-1).neg_().sub_(largest.log_()))  # [head, rows]
         else:
@@ -135,14 +136,23 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
             parity = found if parity is None else torch.maximum(parity, found)
         if kept is not None and into is None:  # off the CPU through page-locked memory
             kept[:, start:stop, :width] = send_to_host({0: pattern}, pattern.dtype).wait(pageable=False)[0]
-        del pattern
+        # last, each row's weight off the first key and itself, summed apart (the diagonal zeroed): the exclusions
+        # subtract those two from the denominators' total, so a total of whole rows (or each row taken as 1) would
+        # leave its float32 rounding (~1e-7 a row) in the small kept mass of a head that attends almost only there
+        # (a sink or self head)
+        own.zero_()
+        others.append(pattern[:, :, 1:].sum(dim=-1))  # [head, rows]
+        if into is not None:  # the pattern is the kept heatmap itself: its diagonal back
+            own.copy_(diagonal[-1])
+        del pattern, own
     if numerators is None:  # no detection pair at all (one token)
         numerators = torch.zeros(n_heads, len(DETECTION_SCORES) * len(PARTS), **f64)  # [head, 3 * 4]
-    first_key, diagonal, entropy = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # [head, T] each
-                                    for blocks in (first_key, diagonal, entropy))
-    total = torch.full((n_heads,), float(n), **f64)  # [head]: every row of a softmax sums to 1
-    denominator = torch.stack([total, first_key.sum(dim=-1, dtype=torch.float64),
-                               diagonal.sum(dim=-1, dtype=torch.float64), diagonal[:, 0].double()], dim=-1)  # [h, 4]
+    first_key, diagonal, entropy, others = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # [h, T]
+                                            for blocks in (first_key, diagonal, entropy, others))
+    first_sum, own_sum = first_key.sum(dim=-1, dtype=torch.float64), diagonal.sum(dim=-1, dtype=torch.float64)  # [h]
+    corner = diagonal[:, 0].double()  # [head]: A[0, 0], both a first key and a diagonal weight
+    total = others.sum(dim=-1, dtype=torch.float64) + first_sum + own_sum - corner  # [head]: every weight
+    denominator = torch.stack([total, first_sum, own_sum, corner], dim=-1)  # [head, 4 parts]
     parts = torch.cat([numerators.view(n_heads, len(DETECTION_SCORES), len(PARTS)), denominator[:, None]],
                       dim=1)  # [head, 4, 4 parts]
     if n < 2:

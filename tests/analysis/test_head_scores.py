@@ -213,6 +213,55 @@ def test_one_token_scores_are_undefined_not_zero():
         assert all(np.isnan(scores[name]).all() for name in HEAD_SCORES)
 
 
+def focused_head_qk(n: int, kind: str, heads: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [head, pos, d_head = pos] float32 of a head whose every query puts all but ~1e-5 of its attention on key
+    0 ("sink") or on itself ("self"), so with that key excluded the scores divide by a kept mass far below a float32
+    row's rounding (~1e-7)."""
+    rng = np.random.default_rng(seed)
+    q, k = rng.normal(size=(2, heads, n, n)) * 0.1
+    if kind == "sink":
+        q[..., 0], k[:, 0, 0] = 16.0, 1.0  # q.k0 = 16, q.kj ~ 16 * 0.1 * N(0, 1) for the others
+    else:
+        q[:, range(n), range(n)], k[:, range(n), range(n)] = 16.0, 1.0  # qi.ki = 16, qi.kj ~ N(0, 0.1^2) * 3.2
+    return torch.from_numpy(q).float(), torch.from_numpy(k).float()
+
+
+@pytest.mark.parametrize("kind", ["sink", "self"])
+@pytest.mark.parametrize("n", [12, 2])
+@pytest.mark.parametrize("exclude_bos, exclude_current_token", OPTIONS)
+def test_a_focused_heads_scores_with_its_key_excluded_equal_the_transformer_lens_formula(exclude_bos,
+                                                                                        exclude_current_token, n, kind):
+    """The kept mass is a subtraction from every weight's sum: from a float32 row sum, or from the row count (each
+    softmax row taken as 1), its rounding was ~1e-3 of the score here, and with two tokens and both exclusions
+    (nothing kept: 0/0, NaN) a score of 0. Every route: the dense one (stored patterns), the pass's blocks of rows
+    (patterns.reduce_pattern) and a corpus pass's texts at once (batched)."""
+    from analysis.batched import TextsPlan, reduce_scores_texts
+    from analysis.head_scores import ScorePlan, combine_score_parts
+    from analysis.metrics import compute_pattern
+    from analysis.patterns import reduce_pattern
+
+    q, k = focused_head_qk(n, kind)
+    ids = np.array([3, 5, 7, 5, 7, 9, 3, 5, 7, 2, 4, 6])[:n]  # repeats: duplicate and induction pairs
+    causal = torch.full((1, n, n), torch.finfo(torch.float32).min).triu_(1)  # [1, q_pos, k_pos] additive
+    pattern = compute_pattern(q, k, 1.0, causal).numpy()  # [head, q_pos, k_pos]: the rebuild every route makes
+    focus = pattern[:, :, 0] if kind == "sink" else pattern.diagonal(axis1=1, axis2=2)  # [head, q_pos]
+    assert (focus[:, 1:] > 1 - 1e-3).all()  # nearly all the attention of every later row there
+    with np.errstate(invalid="ignore"):  # 0/0 where nothing is kept
+        expected = {name: values[0] for name, values in tl_scores([pattern], ids, exclude_bos,
+                                                                   exclude_current_token).items()}
+    assert np.isnan(expected["previous_token"]).all() == (n == 2 and exclude_bos and exclude_current_token)
+    reduced = reduce_pattern(q[None], k[None], 1.0, None, None, ScorePlan.build(ids), 2**12, readouts=False)
+    in_pass = combine_score_parts(reduced.parts[0].numpy(), reduced.fixed[0].numpy(), exclude_bos,
+                                  exclude_current_token)
+    plan = TextsPlan.build([(ids, (0, n), n - 1, None)], n, True, True, q.device)
+    parts, fixed = reduce_scores_texts(q[None, None], k[None, None], 1.0, None, None, plan, 2**12)
+    at_once = combine_score_parts(parts[0, 0].numpy(), fixed[0, 0].numpy(), exclude_bos, exclude_current_token)
+    dense = compute_head_scores(pattern, ids, exclude_bos, exclude_current_token)
+    for route, scores in (("dense", dense), ("in the pass", in_pass), ("at once", at_once)):
+        for name in DETECTION:
+            np.testing.assert_allclose(scores[name], expected[name], rtol=1e-7, err_msg=f"{route} {name}")
+
+
 # ---- the same-head vs different-head statistics --------------------------------------------------------------------
 
 def test_mannwhitney_p_value_and_rank_biserial():
