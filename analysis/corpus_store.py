@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -70,6 +71,8 @@ NOT_RESULTS = ("{path} is not a headscope results folder (no {manifest}): run py
 OTHER_MODEL = ("{path} holds results of {old} ({key} {old_value!r}), not {new_value!r}: use a new --results folder "
                "or the same model and settings.")
 BAD_MANIFEST = "{path} is not a readable headscope manifest: {reason}."
+ROWS_MISMATCH = ("{path}'s rows do not fit its manifest: {name} holds {size} values where {n} texts of {layers} "
+                 "layer(s) x {heads} head(s) need {need}. Write the results again into a new --results folder.")
 OLD_BOS = ("{path} holds head scores from before exclude_bos (position 0 was always left out of them; now only a "
            "BOS/CLS token is): use a new --results folder.")
 
@@ -334,10 +337,16 @@ def load_results(path: str | Path, n_boot: int = N_BOOT, seed: int = SEED, level
     table = folder.read_rows()
     ok = table.filter(table["error"].is_null())
     n = ok.num_rows
-    values = {name: ok[name].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, n_layers, n_heads)
-              for name in CORPUS_MEASURES}  # [text, layer, head] each
-    layer_values = {name: ok[name].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, n_layers)
-                    for name in LAYER_MEASURES}  # [text, layer] each
+
+    def column(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        flat = ok[name].combine_chunks().flatten().to_numpy(zero_copy_only=False)  # [text * ...]
+        if flat.size != math.prod(shape):  # a manifest edited, or rows of another model copied in
+            raise HeadscopeError(ROWS_MISMATCH.format(path=folder.path, name=name, size=flat.size, n=n,
+                                                      layers=n_layers, heads=n_heads, need=math.prod(shape)))
+        return flat.reshape(shape)
+
+    values = {name: column(name, (n, n_layers, n_heads)) for name in CORPUS_MEASURES}  # [text, layer, head] each
+    layer_values = {name: column(name, (n, n_layers)) for name in LAYER_MEASURES}  # [text, layer] each
     if n == 0:
         values = {name: np.empty((0, n_layers, n_heads)) for name in CORPUS_MEASURES}  # [text, layer, head]
         layer_values = {name: np.empty((0, n_layers)) for name in LAYER_MEASURES}  # [text, layer]

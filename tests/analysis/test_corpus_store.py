@@ -138,6 +138,10 @@ def test_a_results_folder_refuses_another_model_or_settings(gpt2, bert, tmp_path
     with pytest.raises(HeadscopeError, match="from before exclude_bos .* use a new --results folder"):
         run_local(gpt2, iter_records(path), tmp_path / "res")
     assert len(load_results(tmp_path / "res").texts) == 1  # still readable
+    manifest["model"]["n_layers"] += 1  # a manifest edited by hand: the rows no longer fit its sizes
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(HeadscopeError, match="rows do not fit its manifest: .* need .* new --results folder"):
+        load_results(tmp_path / "res")
 
 
 @pytest.fixture(scope="module")
