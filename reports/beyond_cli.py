@@ -44,6 +44,8 @@ def check_arguments(parser, args) -> None:
         parser.error("--compare-revision needs --compare MODEL_B")
     if args.ablation_batch is not None and args.ablation_batch < 1:
         parser.error("--ablation-batch must be at least 1")
+    if not 0 <= args.mask_seed <= 2**32 - 1:  # numpy's seeds, as --probe-seed
+        parser.error(f"--mask-seed must be a whole number in 0..{2**32 - 1}, not {args.mask_seed}")
 
 
 def load_kwargs(args) -> dict:

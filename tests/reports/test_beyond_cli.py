@@ -71,6 +71,8 @@ def test_bad_input_is_one_line_and_exit_2(lm_paths, tmp_path, capsys, argv, need
     (["--compare", "x", "--induction-probe", 8, "--json", "-"], "--compare runs both models on a text"),
     (["--compare-revision", "main", "--json", "-"], "--compare-revision needs --compare"),
     (["--ablation-batch", 0, "--ablation", "zero", "--json", "-"], "at least 1"),
+    (["--mask-seed", -1, "--ablation", "zero", "--json", "-"], "--mask-seed must be a whole number in 0..4294967295"),
+    (["--mask-seed", 2**32, "--ablation", "zero", "--json", "-"], "not 4294967296"),
 ])
 def test_usage_errors_are_one_line(tmp_path, capsys, argv, needle):
     batch = tmp_path / "texts.txt"
