@@ -17,7 +17,7 @@ from analysis.presets import FIJI
 from reports import beyond_cli
 from reports.choices import FORMATS
 from reports.provenance import TEXT_FILE, results_json
-from reports.untrusted import needs_text_file
+from reports.untrusted import needs_text_file, visible
 
 # torch (analysis.pipeline, .capture, .corpus, .loading) and altair/pandas (reports.figures, reports.html) are
 # imported inside the functions that use them: --help and bad flags answer without them (issue 10: under a second).
@@ -333,7 +333,7 @@ def run_single(args) -> None:
     if args.figures is not None:
         write_figures(result, args.figures, args.format or "pdf", head=args.head)
     worst = max(layer.parity_max_abs_err for layer in result.layers.values())
-    outputs = " and ".join(str(out) for out in (args.json, args.html, args.figures) if out is not None)
+    outputs = " and ".join(visible(str(out)) for out in (args.json, args.html, args.figures) if out is not None)
     print(f"headscope: {loaded.info.id}, {result.n_tokens} tokens, layers {sorted(result.layers)}, "
           f"parity max abs err {worst:.1e} -> {outputs}", file=sys.stderr)
 
@@ -457,7 +457,7 @@ def write_corpus_outputs(results: Path, args) -> None:
         write_text(args.html, render_corpus_report(corpus))
     if args.json is not None:
         write_json(corpus.to_dict(), args.json)
-    outputs = " and ".join(str(out) for out in (args.html, args.json) if out is not None)
+    outputs = " and ".join(visible(str(out)) for out in (args.html, args.json) if out is not None)
     if outputs:
         print(f"headscope: {corpus.n_analysed} of {len(corpus.texts)} texts in {results} -> {outputs}", file=sys.stderr)
 

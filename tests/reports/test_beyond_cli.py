@@ -52,6 +52,18 @@ def test_compare_two_seeds_writes_the_compare_document_and_report(lm_paths, tmp_
         assert anchor in page
 
 
+def test_compare_headings_draw_the_model_ids_visibly_and_isolated(lm_paths, tmp_path, capsys):
+    """A model directory named with a right-to-left override: the headings name both models escaped, visible and in
+    <bdi>, like every other user string of a report (a raw override once reordered the heading)."""
+    other = tmp_path / "model\u202eB"
+    shutil.copytree(lm_paths[1], other)
+    html = tmp_path / "c.html"
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", other, "--text", REPEATS, "--html", html)
+    assert code == 0, lines
+    page = html.read_text(encoding="utf-8")
+    assert "\u202e" not in page and "B = <bdi>" in page and "model⟨U+202E⟩B</bdi></h2>" in page
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--compare", "OTHER"], ["does not use the same tokenizer"]),
     (["--revision", "main"], ["applies to Hugging Face hub ids only"]),

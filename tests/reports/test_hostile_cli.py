@@ -179,6 +179,18 @@ def test_control_characters_are_visible_and_the_reproduce_command_runs(gpt2_path
     assert "--text-file x.text.txt" in first["provenance"]["command"]  # the JSON's command reads the same file
 
 
+def test_an_odd_report_name_is_drawn_visibly_where_the_page_names_its_text_file(gpt2_path, tmp_path, capsys):
+    """A right-to-left override and a byte that is not UTF-8 (a surrogate in Python's name of the file) in --html:
+    the page names the text file beside it visibly and isolated (the surrogate once made writing the page fail,
+    leaving an empty file)."""
+    out = tmp_path / "r\u202ex\udcff.html"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", "ctl\x01here", "--html", out)
+    assert code == 0, lines
+    page = out.read_text(encoding="utf-8")
+    assert "<code><bdi>r⟨U+202E⟩x⟨U+DCFF⟩.text.txt</bdi></code>" in page and "\u202e" not in page
+    assert (tmp_path / "r\u202ex\udcff.text.txt").read_text(encoding="utf-8") == "ctl\x01here"
+
+
 def test_a_quotable_text_stays_on_the_command_line(gpt2_path, tmp_path, capsys):
     code, _ = run_cli(capsys, "--model", gpt2_path, "--text", "Plain 'quoted' text; $HOME", "--html",
                       tmp_path / "p.html")
