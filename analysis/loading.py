@@ -242,7 +242,7 @@ def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None,
     if not name:
         raise HeadscopeError(NO_MODEL)
     if revision is not None:
-        return _resolve_revision(name, revision)
+        return _resolve_revision(name, revision, allowed_roots)
     if allowed_roots is not None and name != "auto" and name.lower() not in BUNDLED_ALIASES:
         local = check_app_model_path(name, allowed_roots)
         if local is not None:
@@ -276,9 +276,15 @@ def _resolve_hub(name: str) -> tuple[str, Path, str]:
     return name, _download(name), f"{name}, downloaded from the Hugging Face hub."
 
 
-def _resolve_revision(name: str, revision: str) -> tuple[str, Path, str]:
-    path = Path(name).expanduser()
-    if name == "auto" or name.lower() in BUNDLED_ALIASES or path.is_dir() or not _is_hub_id(name):
+def _resolve_revision(name: str, revision: str, allowed_roots: list[Path] | None = None) -> tuple[str, Path, str]:
+    if name == "auto" or name.lower() in BUNDLED_ALIASES:
+        raise HeadscopeError(REVISION_HUB_ONLY.format(name=name))
+    if allowed_roots is not None:  # the app: only its own directories are looked at, so that the answer never says
+        # whether another one exists (check_app_model_path refuses a path outside them)
+        local = check_app_model_path(name, allowed_roots)
+    else:
+        local = Path(name).expanduser()
+    if (local is not None and local.is_dir()) or not _is_hub_id(name):
         raise HeadscopeError(REVISION_HUB_ONLY.format(name=name))
     snapshot = _cached_snapshot(name, revision)
     if snapshot is not None:

@@ -145,6 +145,28 @@ def test_paths_under_an_allowed_root_pass(tmp_path, monkeypatch):
     assert check_app_model_path("models/missing", [root]) is None  # not a directory there: a hub id
 
 
+def test_a_revision_does_not_tell_the_app_whether_a_directory_exists(tmp_path, monkeypatch):
+    """With a revision, a hub-id-like name is looked up in the app's own directories only: one outside them gets the
+    hub's answer whether it exists or not (a directory check once answered "hub ids only" for an existing one)."""
+    from analysis.loading import resolve_source
+
+    root = tmp_path / "models"
+    (root / "tiny").mkdir(parents=True)
+    (tmp_path / "private" / "thing").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    messages = []
+    for name in ("private/thing", "private/missing"):
+        with pytest.raises(HeadscopeError) as caught:
+            resolve_source(name, [root], revision="main")
+        messages.append(str(caught.value).replace("thing", "NAME").replace("missing", "NAME"))
+    assert messages[0] == messages[1] and "not in the local Hugging Face cache" in messages[0]
+    with pytest.raises(HeadscopeError, match="hub ids only"):  # the app's own directory: it may say so
+        resolve_source("models/tiny", [root], revision="main")
+    with pytest.raises(HeadscopeError, match="hub ids only"):  # the command line looks at any directory
+        resolve_source("private/thing", None, revision="main")
+
+
 def test_a_symlink_out_of_an_allowed_root_is_refused(tmp_path):
     root = tmp_path / "models"
     root.mkdir()
