@@ -29,6 +29,7 @@ NOT_UTF8_ARG = "--text is not UTF-8 text (bad byte at character {offset}): save 
 
 
 MAX_SEED = 2**32 - 1
+DEFAULT_PROBE = object()  # --with-probe without a LENGTH: analysis.PROBE_LENGTH (not imported, for --help's speed)
 RESULTS_BATCH_SIZE = 16  # --batch-size of --results (Parquet rows); --out-dir's is 1
 
 
@@ -60,7 +61,7 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
                              "then mean something whatever the model)")
     parser.add_argument("--probe-seed", type=seed_value, default=0,
                         help="seed of --induction-probe or --with-probe (default 0)")
-    parser.add_argument("--with-probe", type=int, nargs="?", const=0, metavar="LENGTH",
+    parser.add_argument("--with-probe", type=int, nargs="?", const=DEFAULT_PROBE, metavar="LENGTH",
                         help="beside the text, run the induction probe too (LENGTH random tokens written twice; "
                              "default 50) and add its atlases to the --html report")
     layers = parser.add_mutually_exclusive_group()
@@ -179,6 +180,8 @@ def check_with_probe(parser, args) -> None:
     """--with-probe: one text's --html report, beside the text (not instead of it), no other extra section."""
     if args.with_probe is None:
         return
+    if args.with_probe is not DEFAULT_PROBE and args.with_probe < 1:
+        parser.error(f"--with-probe LENGTH must be at least 1, not {args.with_probe}")
     if args.induction_probe is not None:
         parser.error("--with-probe runs the probe beside a text; --induction-probe analyses the probe instead of one")
     if args.batch is not None or args.from_report is not None or args.from_results is not None:
@@ -300,7 +303,8 @@ def with_probe(loaded, args):
         return None
     from analysis import PROBE_LENGTH, analyze_induction_probe
 
-    return analyze_induction_probe(loaded, args.with_probe or PROBE_LENGTH, args.probe_seed, layers=[],
+    length = PROBE_LENGTH if args.with_probe is DEFAULT_PROBE else args.with_probe
+    return analyze_induction_probe(loaded, length, args.probe_seed, layers=[],
                                    exclude_first_token=not args.include_first_token, exclude_bos=not args.include_bos)
 
 

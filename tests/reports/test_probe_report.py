@@ -94,6 +94,7 @@ def test_the_command_line_writes_the_same_report_with_probe_and_says_how(gpt2, g
     (["--induction-probe", "20", "--with-probe", "--html", "x.html"], "--with-probe runs the probe beside a text"),
     (["--with-probe", "--json", "x.json"], "add --html OUT"),
     (["--with-probe", "--ablation", "zero", "--html", "x.html"], "one extra section at a time"),
+    (["--with-probe", "0", "--html", "x.html"], "--with-probe LENGTH must be at least 1, not 0"),  # not the default 50
 ])
 def test_with_probe_misuse_is_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_info:
