@@ -342,7 +342,7 @@ def run_single(args) -> None:
           f"parity max abs err {worst:.1e} -> {outputs}", file=sys.stderr)
 
 
-def run_batch(args) -> None:
+def run_batch(args) -> int:
     """One report per text, and corpus.html with the means over all texts, from the same passes.
 
     The texts go through `analyze_batch` --batch-size at a time in file order (1, the default: each report holds
@@ -381,6 +381,7 @@ def run_batch(args) -> None:
     failed = sum(entry["error"] is not None for entry in entries)
     print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / 'index.html'}, "
           f"means over the texts -> {args.out_dir / CORPUS_FILE}", file=sys.stderr)
+    return EXIT_BAD_INPUT if failed == len(entries) else 0  # every text failed: a script must see it
 
 
 def _unexpected(exc: Exception) -> HeadscopeError:
@@ -466,9 +467,10 @@ def write_corpus_outputs(results: Path, args) -> None:
         print(f"headscope: {corpus.n_analysed} of {len(corpus.texts)} texts in {results} -> {outputs}", file=sys.stderr)
 
 
-def run_results(args) -> None:
+def run_results(args) -> int:
     """--batch FILE --results DIR: the per-text rows go to DIR as Parquet, on this process or on Ray."""
     from analysis import load_model
+    from analysis.corpus import NO_TEXTS
     from analysis.corpus_io import detect_kind, iter_records
     from analysis.corpus_store import run_local
 
@@ -484,26 +486,31 @@ def run_results(args) -> None:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
         run = run_local(loaded, iter_records(args.batch, args.text_column), args.results, source=str(args.batch),
                         **options)
+    if run["new_rows"] + run["skipped"] == 0:
+        raise HeadscopeError(NO_TEXTS.format(source=args.batch))  # as --out-dir says it
     failed = run.get("new_failed", 0)
     print(f"headscope: {run['new_rows']} texts written on {run['engine']} in {run['seconds']:.1f} s ({failed} failed), "
           f"{run['skipped']} already there -> {args.results}", file=sys.stderr)
     write_corpus_outputs(args.results, args)
+    return EXIT_BAD_INPUT if run["skipped"] == 0 and failed == run["new_rows"] else 0  # every text failed
 
 
-def run(args) -> None:
+def run(args) -> int:
+    """The exit status: 0, or EXIT_BAD_INPUT for a batch whose every text failed (its index still written)."""
     _quiet_libraries()
     if args.from_results is not None:
         write_corpus_outputs(args.from_results, args)
     elif args.results is not None:
-        run_results(args)
+        return run_results(args)
     elif args.from_report is not None:
         from reports.html import read_report_results
 
         write_json(read_report_results(args.from_report), args.json)
     elif args.batch is not None:
-        run_batch(args)
+        return run_batch(args)
     else:
         run_single(args)
+    return 0
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m reports") -> int:
@@ -511,11 +518,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m reports") -> int:
     args = parser.parse_args(argv)
     check_outputs(parser, args)
     try:
-        run(args)
+        return run(args)
     except HeadscopeError as exc:
         print(f"headscope: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
 
 
 def cli() -> None:

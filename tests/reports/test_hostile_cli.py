@@ -224,12 +224,19 @@ def test_batch_lines_fail_alone_and_odd_characters_stay_in_their_cell(gpt2_path,
 
 
 def test_a_batch_where_every_line_fails_still_writes_its_index(gpt2_path, tmp_path, capsys):
+    """...and exits 2, so that a script archiving reports sees that nothing was analysed."""
     (tmp_path / "bad.jsonl").write_bytes(b'{"x": 1}\n\xff\xfe\n')
     code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "bad.jsonl", "--out-dir", tmp_path / "o")
-    assert code == 0, err
+    assert code == 2, err
     assert err[-1].startswith("headscope: 0 reports, 2 failed")
     assert str(escape('line 1 has no string "text" field.')) in (tmp_path / "o" / "index.html").read_text()
     assert "Failed texts" in (tmp_path / "o" / "corpus.html").read_text()
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "bad.jsonl", "--results", tmp_path / "r")
+    assert code == 2 and "(2 failed)" in err[-1], err  # the same with Parquet results
+    (tmp_path / "empty.txt").write_text("\n")
+    for out in ("--out-dir", "--results"):  # no texts at all: the same one line either way
+        code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "empty.txt", out, tmp_path / "e")
+        assert code == 2 and len(err) == 1 and "holds no texts" in err[0], (out, err)
 
 
 def test_a_text_argument_that_is_not_utf8_is_one_line(gpt2_path, tmp_path, capsys):
