@@ -95,6 +95,7 @@ QUERY_RANGE = ("Query position {p} is out of range: the text has {n} token(s), s
                "counting from the end).")
 QUERY_DEFAULTS = {True: "the final token (default for causal models)",
                   False: "the last non-special token (default for encoders)"}
+QUERY_ALL_SPECIAL = "the final token (every token is special)"
 
 _RECORDER: ContextVar[_Recorder | None] = ContextVar("headscope_recorder", default=None)
 
@@ -114,8 +115,9 @@ def resolve_query(special, causal: bool, query_position: int | None = None) -> t
     n = special.size
     if query_position is None:
         words = np.flatnonzero(~special)  # [pos]
-        p = n - 1 if causal or words.size == 0 else int(words[-1])
-        return p, QUERY_DEFAULTS[causal]
+        if not causal and words.size == 0:
+            return n - 1, QUERY_ALL_SPECIAL
+        return (n - 1 if causal else int(words[-1])), QUERY_DEFAULTS[causal]
     if isinstance(query_position, bool) or not isinstance(query_position, int | np.integer) \
             or not -n <= query_position < n:
         raise HeadscopeError(QUERY_RANGE.format(p=query_position, n=n, last=n - 1))

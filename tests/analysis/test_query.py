@@ -164,7 +164,7 @@ def test_an_early_query_has_no_dot_products_and_says_so(gpt2):
     assert any("has no keys to compare with" in w for w in result.warnings)
     close(result.layers[0].final_to_prev, result.layers[0].patterns[:, 1, :1].reshape(-1))
     assert resolve_query(np.zeros(5, bool), True, 0) == (0, "chosen")
-    assert resolve_query(np.ones(3, bool), False) == (2, "the last non-special token (default for encoders)")
+    assert resolve_query(np.ones(3, bool), False) == (2, "the final token (every token is special)")
 
 
 def test_a_query_with_no_keys_at_all_has_empty_read_outs_and_says_so(gpt2, llama, minilm):
