@@ -316,8 +316,8 @@ def share_link(settings: dict) -> None:
         params.update(layer=str(settings["layer"]), head=str(settings["head"]))
     if len(settings["text"]) <= MAX_URL_TEXT:
         params["text"] = settings["text"]
-    if settings.get("query") is not None:
-        params["query"] = str(settings["query"])
+        if settings.get("query") is not None:  # a position of this text: without it the link's text is another
+            params["query"] = str(settings["query"])
     if settings.get("special_keys"):
         params["special_keys"] = "1"
     if not settings.get("exclude_bos", True):

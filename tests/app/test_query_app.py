@@ -78,6 +78,18 @@ def test_a_link_carries_the_query_and_the_switches(forward_calls):
     assert "kept in the head scores (exclude BOS off)" in page
 
 
+def test_a_link_without_its_text_carries_no_query():
+    """A text too long for the link is left out of it, so the link opens another text (the default): a query token
+    names a position of the text that was left out, so it goes too."""
+    at = run_app(model="minilm", layer="1")
+    long = " ".join(["extraordinarily"] * 120)  # ~120 tokens, 1,919 characters: over the app's MAX_URL_TEXT (1,500)
+    test_app.submit(at, text=long)
+    strip(at).set_value(3)
+    at.run()
+    assert not at.exception and not at.error and "query token 3 " in dot_title(at)
+    assert "text" not in at.query_params and "query" not in at.query_params
+
+
 @pytest.mark.parametrize("value", ["99", "9999"])
 def test_an_out_of_range_query_in_a_link_is_an_error_not_a_crash(value):
     at = run_app(model="minilm", layer="1", query=value)
