@@ -758,6 +758,9 @@ def render_corpus_report(corpus, generated_at: datetime | None = None, assets: s
     return ENV.get_template("corpus.html").render(build_corpus_context(corpus, generated_at, assets))
 
 
+MAX_REPORT_BYTES = 2 * 2**30  # --from-report reads at most this much (every layer's heatmaps at 1024 tokens: ~1 GB)
+
+
 def read_report_results(path: Path) -> dict:
     """The results JSON embedded in a report (what --from-report reads back), checked against its JSON Schema.
 
@@ -765,7 +768,11 @@ def read_report_results(path: Path) -> dict:
     fields, sizes that disagree) is one HeadscopeError line.
     """
     try:
-        page = path.read_bytes().decode("utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_REPORT_BYTES + 1)  # bounded: a device such as /dev/zero never ends
+        if len(data) > MAX_REPORT_BYTES:
+            raise HeadscopeError(f"{path} is larger than {MAX_REPORT_BYTES / 2**30:g} GiB: is it a headscope report?")
+        page = data.decode("utf-8")
     except OSError as exc:
         raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
     except UnicodeDecodeError as exc:

@@ -136,6 +136,15 @@ def test_a_report_that_is_not_utf8_or_not_a_report(tmp_path, capsys):
     assert_one_line_error(code, lines, r"Cannot read .*: Is a directory\.$")
 
 
+def test_a_report_read_back_is_read_within_a_bound(tmp_path, capsys, monkeypatch):
+    """A device that never ends (/dev/zero) once was read whole, until the process was killed."""
+    import reports.html
+
+    monkeypatch.setattr(reports.html, "MAX_REPORT_BYTES", 2**20)  # the real bound is 2 GiB
+    code, lines = run_cli(capsys, "--from-report", "/dev/zero", "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, r"/dev/zero is larger than 0\.000976562 GiB: is it a headscope report\?")
+
+
 @pytest.mark.parametrize("seed, why", [("-1", "-1 is outside 0..4294967295"), ("4294967296", "is outside"),
                                        ("x", "'x' is not a whole number"), ("²", "'²' is not a whole number")])
 def test_a_bad_probe_seed_is_one_line(gpt2_path, tmp_path, capsys, seed, why):
