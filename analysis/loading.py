@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -60,6 +61,11 @@ REVISION_HUB_ONLY = "A revision applies to Hugging Face hub ids only, not to '{n
 NOT_ON_HUB = "'{name}' is not a model on the Hugging Face hub (or it is private); check the spelling."
 NO_MODEL = "No model was given: name a hub id (e.g. gpt2), a local checkpoint directory, or auto."
 MODEL_DIRS_ENV = "HEADSCOPE_MODEL_DIRS"  # the app's allowed checkpoint directories, os.pathsep-separated
+# What a link may make the app download: a hub model's files that headscope fetches (HUB_PATTERNS), in MB. Anyone
+# with the link can name any hub id; the command line has no limit (its user pays for the download).
+DOWNLOAD_LIMIT_ENV, DOWNLOAD_LIMIT_MB = "HEADSCOPE_MAX_DOWNLOAD_MB", 2000
+TOO_LARGE = ("'{name}' is {size:,.0f} MB on the Hugging Face hub, more than this app downloads ({limit:,} MB, set by "
+             "its operator in HEADSCOPE_MAX_DOWNLOAD_MB): choose a smaller model, or run headscope on your machine.")
 # One message whether the path exists or not, so the app tells a visitor nothing about the server's files.
 REFUSED_PATH = (
     "This app loads local checkpoints only from the directories its operator lists in HEADSCOPE_MODEL_DIRS, "
@@ -158,11 +164,24 @@ def _cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
         return None
 
 
-def _download(repo_id: str, revision: str | None = None) -> Path:
-    from huggingface_hub import snapshot_download
+def download_limit_mb() -> int:
+    """The app's download limit: HEADSCOPE_MAX_DOWNLOAD_MB when it is a whole number, else DOWNLOAD_LIMIT_MB."""
+    value = os.environ.get(DOWNLOAD_LIMIT_ENV, "").strip()
+    return int(value) if value.isdigit() else DOWNLOAD_LIMIT_MB
+
+
+def _download(repo_id: str, revision: str | None = None, limit_mb: int | None = None) -> Path:
+    """The hub snapshot's HUB_PATTERNS files; `limit_mb` (the app): refused before any download when larger."""
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
+        if limit_mb is not None:
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+            size = sum(file.size or 0 for file in info.siblings or ()
+                       if any(fnmatch(file.rfilename, pattern) for pattern in HUB_PATTERNS)) / 1e6  # MB
+            if size > limit_mb:
+                raise HeadscopeError(TOO_LARGE.format(name=repo_id, size=size, limit=limit_mb))
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except RepositoryNotFoundError:
         raise HeadscopeError(NOT_ON_HUB.format(name=repo_id)) from None
@@ -249,7 +268,7 @@ def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None,
             if not local.is_dir():
                 raise HeadscopeError(NOT_FOUND.format(name=name))
             return name, local, f"Local checkpoint directory {local}."
-        return _resolve_hub(name)
+        return _resolve_hub(name, download_limit_mb())
     if name == "auto":
         snapshot = _cached_snapshot(GPT2_ID)
         if snapshot is not None and any(snapshot.glob("*.safetensors")):
@@ -265,7 +284,7 @@ def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None,
     return _resolve_hub(name)
 
 
-def _resolve_hub(name: str) -> tuple[str, Path, str]:
+def _resolve_hub(name: str, limit_mb: int | None = None) -> tuple[str, Path, str]:
     snapshot = _cached_snapshot(name)
     if snapshot is not None:
         return name, snapshot, f"{name} from the local Hugging Face cache."
@@ -273,7 +292,7 @@ def _resolve_hub(name: str) -> tuple[str, Path, str]:
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=name, why="offline (HF_HUB_OFFLINE=1)"))
     if not _hub_reachable():
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=name, why="not reachable"))
-    return name, _download(name), f"{name}, downloaded from the Hugging Face hub."
+    return name, _download(name, limit_mb=limit_mb), f"{name}, downloaded from the Hugging Face hub."
 
 
 def _resolve_revision(name: str, revision: str, allowed_roots: list[Path] | None = None) -> tuple[str, Path, str]:
@@ -292,7 +311,9 @@ def _resolve_revision(name: str, revision: str, allowed_roots: list[Path] | None
     if _hub_offline() or not _hub_reachable():
         why = "offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "not reachable"
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=f"{name}@{revision}", why=why))
-    return name, _download(name, revision), f"{name} at revision {revision}, downloaded from the Hugging Face hub."
+    limit = None if allowed_roots is None else download_limit_mb()  # the app's, as _resolve_hub
+    return (name, _download(name, revision, limit),
+            f"{name} at revision {revision}, downloaded from the Hugging Face hub.")
 
 
 def _weights_files(path: Path) -> list[Path]:

@@ -167,6 +167,34 @@ def test_a_revision_does_not_tell_the_app_whether_a_directory_exists(tmp_path, m
         resolve_source("private/thing", None, revision="main")
 
 
+def test_a_link_cannot_make_the_app_download_a_large_model(tmp_path, monkeypatch):
+    """Anyone with the app's link can name a hub id: the app asks the hub for the size of the files it would fetch
+    and refuses past HEADSCOPE_MAX_DOWNLOAD_MB before downloading anything; the command line has no limit."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from analysis import loading
+
+    files = {"config.json": 700, "model.safetensors": 2_500_000_000, "pytorch_model.bin": 9_000_000_000}  # bytes
+    fetched = []
+    monkeypatch.setattr(loading, "_cached_snapshot", lambda *args: None)
+    monkeypatch.setattr(loading, "_hub_offline", lambda: False)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: SimpleNamespace(model_info=lambda repo, **kw: SimpleNamespace(
+        siblings=[SimpleNamespace(rfilename=name, size=size) for name, size in files.items()])))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: fetched.append(repo) or str(tmp_path))
+    with pytest.raises(HeadscopeError, match=r"'big/model' is 2,500 MB .* more than this app downloads \(2,000 MB"):
+        loading.resolve_source("big/model", [tmp_path])  # the .bin is never fetched, so it does not count
+    with pytest.raises(HeadscopeError, match="more than this app downloads"):
+        loading.resolve_source("big/model", [tmp_path], revision="step1000")
+    assert fetched == []
+    monkeypatch.setenv("HEADSCOPE_MAX_DOWNLOAD_MB", "3000")
+    assert loading.resolve_source("big/model", [tmp_path])[1] == tmp_path and fetched == ["big/model"]
+    monkeypatch.delenv("HEADSCOPE_MAX_DOWNLOAD_MB")
+    assert loading.resolve_source("big/model")[1] == tmp_path  # the command line: no limit
+
+
 def test_a_symlink_out_of_an_allowed_root_is_refused(tmp_path):
     root = tmp_path / "models"
     root.mkdir()
