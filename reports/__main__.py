@@ -130,6 +130,10 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_results_arguments(parser, args) -> None:
+    given = beyond_cli.query_flags(args)
+    if (args.results is not None or args.from_results is not None) and given:
+        parser.error(f"{'/'.join(given)}: Parquet results are measured with the default query token and exclusions; "
+                     "drop it, or write reports with --batch FILE --out-dir DIR, which takes it")
     if args.ray_address is not None and args.engine is None:
         args.engine = "ray"
     if args.engine == "ray" and args.ray_address is None and args.device_map is not None:

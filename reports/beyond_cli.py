@@ -40,12 +40,22 @@ def check_arguments(parser, args) -> None:
                 parser.error(NEEDS_TEXT.format(flag=f"--{flag}"))
     if args.compare is not None and args.induction_probe is not None:
         parser.error(COMPARE_PROBE)
+    if args.compare is not None and query_flags(args):
+        parser.error(f"--compare measures both models with the default query token and exclusions: drop "
+                     f"{'/'.join(query_flags(args))} (or --compare)")
     if args.compare_revision is not None and args.compare is None:
         parser.error("--compare-revision needs --compare MODEL_B")
     if args.ablation_batch is not None and args.ablation_batch < 1:
         parser.error("--ablation-batch must be at least 1")
     if not 0 <= args.mask_seed <= 2**32 - 1:  # numpy's seeds, as --probe-seed
         parser.error(f"--mask-seed must be a whole number in 0..{2**32 - 1}, not {args.mask_seed}")
+
+
+def query_flags(args) -> list[str]:
+    """The query and exclusion flags of issue 12 that were given: what only one text's analysis takes."""
+    given = {"--query-position": args.query_position is not None, "--exclude-special-keys": args.exclude_special_keys,
+             "--include-bos": args.include_bos}
+    return [flag for flag, on in given.items() if on]
 
 
 def load_kwargs(args) -> dict:
