@@ -33,6 +33,7 @@ from analysis.capture import (
     text_inputs,
     to_capture,
 )
+from analysis.corpus_io import check_not_a_table
 from analysis.errors import HeadscopeError
 from analysis.head_scores import combine_score_parts
 from analysis.loading import LoadedModel
@@ -91,18 +92,23 @@ def parse_texts(data: str | bytes, source: str = "The file", kind: str | None = 
     lines look like, .jsonl/.json/.ndjson JSON lines), else, for a name without either, JSONL when the first line
     starts with "{". Every problem is its own line's: a line that is not UTF-8 (when `data` is bytes), not a JSON
     object, nested too deeply, or without a string "text" becomes a HeadscopeError in its place, so it is reported,
-    not dropped, and the other lines go on. Only a file with no text at all is an error of the whole file.
+    not dropped, and the other lines go on; errors name the line as the file numbers it. Only a file with no text at
+    all is an error of the whole file, as is a .csv/.tsv name (corpus_io.NOT_A_TABLE: its lines are no texts).
     """
-    lines = [line for line in data.splitlines() if line.strip()]
+    if kind is None:
+        check_not_a_table(source)
+    lines = [(number, line) for number, line in enumerate(data.splitlines(), 1) if line.strip()]  # numbered as in
+    # the file, so that an error names the line an editor shows
     if not lines:
         raise HeadscopeError(NO_TEXTS.format(source=source))
     kind = kind or text_kind(source)
     if kind is None:
-        jsonl = lines[0].lstrip().startswith(b"{" if isinstance(lines[0], bytes) else "{")
+        first = lines[0][1]
+        jsonl = first.lstrip().startswith(b"{" if isinstance(first, bytes) else "{")
     else:
         jsonl = kind == "jsonl"
     texts: list[str | HeadscopeError] = []
-    for number, line in enumerate(lines, 1):
+    for number, line in lines:
         if isinstance(line, bytes):
             try:
                 line = line.decode("utf-8")

@@ -38,6 +38,19 @@ NO_INPUT = ("{path} does not exist: give a .txt, .jsonl or Parquet file, or a fo
 NO_COLUMN = "{path} has no column {column!r} (columns: {columns}): name the text column with --text-column."
 SPLITS = ("{path} holds several splits ({splits}): point at one of them, e.g. {path}/{first}.")
 NO_PARQUET = "{path} holds no .parquet files and no saved dataset."
+TABLE_SUFFIXES = (".csv", ".tsv")  # read as text lines, a table's header, quotes and separators would become texts
+NOT_A_TABLE = ("{path} is a {suffix} table, which is not read as a corpus (its header, quotes and separators would "
+               "become texts): save it as Parquet or JSONL (then --text-column names its text), or one text per line "
+               "as .txt.")
+NO_COLUMNS = "{path} is plain text, one text per line, with no column {column!r}: drop --text-column."
+BAD_PARQUET = "{path} is not readable Parquet ({reason}): is the file complete?"
+
+
+def check_not_a_table(path) -> None:
+    """Refuse a CSV/TSV file by its name (NOT_A_TABLE): both corpus readers would take its lines as texts."""
+    suffix = Path(str(path)).suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        raise HeadscopeError(NOT_A_TABLE.format(path=path, suffix=suffix[1:].upper()))
 
 
 def text_hash(data: str | bytes) -> str:
@@ -119,6 +132,7 @@ def detect_kind(path: Path) -> str:
         if not parquet_files(path):
             raise HeadscopeError(NO_PARQUET.format(path=path))
         return "parquet"
+    check_not_a_table(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "parquet"
@@ -159,10 +173,26 @@ def records_from_columns(texts: list, ids: list | None, start: int, field: str) 
             for i, value in enumerate(texts)]
 
 
+def check_input(path: Path | str, text_column: str = "text") -> str:
+    """detect_kind, with a table's schema and text column read now: a bad input is refused before anything is
+    written (iter_records and the Ray engine read the rest lazily)."""
+    path = Path(path)
+    kind = detect_kind(path)
+    if kind == "txt" and text_column != "text":
+        raise HeadscopeError(NO_COLUMNS.format(path=path, column=text_column))
+    if kind == "parquet":
+        check_column(path, text_column, open_parquet(path).schema.names)
+    elif kind == "hf":
+        check_column(path, text_column, load_hf(path).column_names)
+    return kind
+
+
 def iter_records(path: Path | str, text_column: str = "text", batch_rows: int = 4096) -> Iterator[dict]:
     """Every record of `path`, in order, read in this process (the local engine's reader)."""
     path = Path(path)
     kind = detect_kind(path)
+    if kind == "txt" and text_column != "text":
+        raise HeadscopeError(NO_COLUMNS.format(path=path, column=text_column))
     if kind in ("txt", "jsonl"):
         try:
             with path.open("rb") as lines:  # streamed: a file larger than memory is fine
@@ -175,15 +205,34 @@ def iter_records(path: Path | str, text_column: str = "text", batch_rows: int = 
         check_column(path, text_column, table.column_names)
         batches = table.to_batches(max_chunksize=batch_rows)
     else:
-        import pyarrow.dataset as pads
-
-        dataset = pads.dataset(parquet_files(path), format="parquet")
+        dataset = open_parquet(path)
         check_column(path, text_column, dataset.schema.names)
         columns = [text_column] + (["id"] if "id" in dataset.schema.names and text_column != "id" else [])
         batches = dataset.to_batches(columns=columns, batch_size=batch_rows)
     number = 1
-    for batch in batches:
+    for batch in _read(path, batches):
         ids = batch.column("id").to_pylist() if "id" in batch.schema.names and text_column != "id" else None
         texts = batch.column(text_column).to_pylist()
         yield from records_from_columns(texts, ids, number, text_column)
         number += len(texts)
+
+
+def open_parquet(path: Path):
+    """The pyarrow dataset of a Parquet file or folder, or BAD_PARQUET (an empty, truncated or foreign file)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    try:
+        return pads.dataset(parquet_files(path), format="parquet")
+    except (pa.ArrowException, OSError) as exc:
+        raise HeadscopeError(BAD_PARQUET.format(path=path, reason=" ".join(str(exc).split())[:200])) from None
+
+
+def _read(path: Path, batches: Iterable) -> Iterator:
+    """`batches`, a damaged part's error as BAD_PARQUET."""
+    import pyarrow as pa
+
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError) as exc:
+        raise HeadscopeError(BAD_PARQUET.format(path=path, reason=" ".join(str(exc).split())[:200])) from None

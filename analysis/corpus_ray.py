@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from analysis.corpus import read_ahead
-from analysis.corpus_io import check_column, detect_kind, load_hf, make_record, parquet_files, parse_lines
+from analysis.corpus_io import check_column, check_input, detect_kind, load_hf, make_record, parquet_files, parse_lines
 from analysis.corpus_store import ResultsFolder, _now, analyze_records, result_settings, rows_to_table
 from analysis.errors import HeadscopeError
 
@@ -161,7 +161,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
     source = Path(source)
-    detect_kind(source)  # a missing or empty input is refused before Ray starts
+    check_input(source, text_column)  # a missing, damaged or columnless input is refused before Ray starts
     settings = result_settings(exclude_first_token, exclude_current_token)
     started, clock = _now(), time.perf_counter()
     temp_dir = tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes

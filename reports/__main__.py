@@ -154,6 +154,9 @@ def check_results_arguments(parser, args) -> None:
             parser.error("--out-dir writes one report per text, --results the Parquet rows: choose one")
     elif args.engine is not None:
         parser.error("--engine and --ray-address need --batch FILE --results DIR")
+    if args.text_column != "text" and args.results is None:
+        parser.error("--text-column is read by --batch FILE --results DIR (JSONL, Parquet, saved datasets); "
+                     "--out-dir reads JSONL's \"text\" field")
 
 
 def check_outputs(parser, args) -> None:
@@ -475,10 +478,10 @@ def run_results(args) -> int:
     """--batch FILE --results DIR: the per-text rows go to DIR as Parquet, on this process or on Ray."""
     from analysis import load_model
     from analysis.corpus import NO_TEXTS
-    from analysis.corpus_io import detect_kind, iter_records
+    from analysis.corpus_io import check_input, iter_records
     from analysis.corpus_store import run_local
 
-    detect_kind(args.batch)  # a missing input is refused before anything is written
+    check_input(args.batch, args.text_column)  # a missing, damaged or columnless input: refused before any writing
     options = {"text_column": args.text_column, "exclude_first_token": not args.include_first_token,
                "batch_size": args.batch_size}
     if args.engine == "ray":

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis import HeadscopeError, corpus_io
-from analysis.corpus_io import detect_kind, iter_records, text_hash
+from analysis.corpus_io import check_input, detect_kind, iter_records, text_hash
 
 TEXTS = ["the cat sat on the mat", "a dog ran far from home", "rain in the home", "the mat and the cat"]
 
@@ -114,3 +114,43 @@ def test_the_extension_decides_txt_or_jsonl_whatever_the_first_line_looks_like(t
     assert parse_texts(b"plain first\n" + data, "notes.jsonl")[0].args[0] == "line 1 is not a JSON object."
     assert parse_texts(data, "notes.txt", kind="jsonl")[0] == "looks like JSON"  # an explicit kind wins
     assert parse_texts(data)[0] == "looks like JSON"  # no file name: the first line still decides
+
+
+def test_a_table_a_damaged_parquet_and_a_column_of_plain_text_are_refused_before_reading(tmp_path):
+    """A CSV would be read as lines (its header and commas becoming texts), a truncated Parquet file gave pyarrow's
+    traceback after the results folder was made, and a text column named for a .txt was ignored: each is one clear
+    error now, from check_input before anything is written, and from every reader."""
+    from analysis.corpus import parse_texts
+
+    table = tmp_path / "t.csv"
+    table.write_text("id,body\n1,a text\n")
+    for read in (check_input, detect_kind, lambda path: list(iter_records(path)),
+                 lambda path: parse_texts(path.read_bytes(), str(path))):
+        with pytest.raises(HeadscopeError, match=r"t\.csv is a CSV table, which is not read as a corpus"):
+            read(table)
+    good_file = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"text": ["one", "two"]}), good_file)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(good_file.read_bytes()[:40])
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    for path in (broken, tmp_path / "empty.parquet"):
+        with pytest.raises(HeadscopeError, match=r"is not readable Parquet \(.*\): is the file complete\?"):
+            check_input(path)
+        with pytest.raises(HeadscopeError, match="is not readable Parquet"):
+            list(iter_records(path))
+    with pytest.raises(HeadscopeError, match="has no column 'body'"):
+        check_input(good_file, "body")
+    lines = tmp_path / "plain.txt"
+    lines.write_text("one\ntwo\n")
+    with pytest.raises(HeadscopeError, match=r"plain\.txt is plain text, one text per line, with no column 'body'"):
+        check_input(lines, "body")
+    with pytest.raises(HeadscopeError, match="with no column 'body'"):
+        list(iter_records(lines, "body"))
+
+
+def test_parse_texts_names_a_bad_line_as_the_file_numbers_it():
+    """Blank lines count, as in iter_records: the error names the line an editor shows."""
+    from analysis.corpus import parse_texts
+
+    texts = parse_texts(b'{"text": "a"}\n\n\n{"text": "b"}\n[1]\n', "t.jsonl")
+    assert texts[:2] == ["a", "b"] and "line 5 " in str(texts[2])
