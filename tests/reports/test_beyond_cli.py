@@ -86,7 +86,7 @@ def test_bad_input_is_one_line_and_exit_2(lm_paths, tmp_path, capsys, argv, need
      "--compare measures both models with the default query token and exclusions: drop --query-position/--include-bos"),
     (["--batch", "BATCH", "--results", "DIR", "--exclude-special-keys"], "--exclude-special-keys: Parquet results"),
     (["--from-results", "DIR", "--include-bos", "--json", "-"], "--include-bos: Parquet results"),
-    (["--batch", "BATCH", "--out-dir", "DIR", "--text-column", "body"], "--text-column is read by --batch FILE --results"),
+    (["--batch", "BATCH", "--out-dir", "DIR", "--text-column", "body"], "--text-column is read by --batch FILE"),
     (["--ablation-batch", 0, "--ablation", "zero", "--json", "-"], "at least 1"),
     (["--mask-seed", -1, "--ablation", "zero", "--json", "-"], "--mask-seed must be a whole number in 0..4294967295"),
     (["--mask-seed", 2**32, "--ablation", "zero", "--json", "-"], "not 4294967296"),
