@@ -121,6 +121,14 @@ def read_records(ray, path: Path, field: str, done: frozenset):
     return table.map_batches(table_records, fn_args=(field, done), batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
+def new_rows(folder: ResultsFolder, parts_before: set) -> int:
+    """The rows of the part files a run wrote (a text changed since the last run replaces its row, so counting the
+    folder's keys before and after would not see it)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(part).metadata.num_rows for part in folder.part_files() if part not in parts_before)
+
+
 def _without_fsspec_http() -> None:
     """Without aiohttp, make `fsspec.implementations.http` fail to import at once and the same way every time.
 
@@ -185,6 +193,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         info = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(model, device, dtype))
         folder.open(info, settings, str(source), text_column)
         done = frozenset(folder.done_keys())
+        parts_before = set(folder.part_files())
         records = read_records(ray, source, text_column, done)
         rows = records.map_batches(
             RowMaker, fn_constructor_args=(model, device, dtype, info["revision"],
@@ -193,7 +202,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=worker_cpus, **gpu_args)
         rows.write_parquet(str(folder.rows_dir.resolve()))
-        written = len(folder.done_keys()) - len(done)
+        written = new_rows(folder, parts_before)
+        kept = len(done & frozenset(folder.done_keys()))  # the rows already there that this run did not replace
     except HeadscopeError:
         raise
     except Exception as exc:  # Ray wraps worker errors: one line for the user; the rows written so far are kept
@@ -207,7 +217,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
     run = {"engine": "ray", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
-           "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "skipped": len(done),
+           "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "skipped": kept,
            "batch_size": batch_size, "workers": workers, "address": address, "device": device}
     folder.finish_run(run)
     return run

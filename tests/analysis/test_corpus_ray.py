@@ -149,13 +149,20 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
     finally:
         torch.set_num_threads(before)
     assert done_before == 8
+    edited = tmp_path / "edited.txt"  # a local run, then its second line changed: Ray replaces that row alone
+    edited.write_text("The cat sat on the mat.\nMary and John went to the store.\nAttention heads.\n")
+    run_local(gpt2, iter_records(edited), tmp_path / "edited")
+    edited.write_text("The cat sat on the mat.\nA different second line.\nAttention heads.\n")
 
     jobs = [(source, tmp_path / f"ray-{kind}", column) for kind, (source, column) in inputs.items()]
     temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
     try:
-        runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text")], temp_dir)
+        runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text"), (edited, tmp_path / "edited", "text")],
+                            temp_dir)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+    edited_run = runs.pop()
+    assert (edited_run["new_rows"], edited_run["skipped"]) == (1, 2)  # once counted 0 and 3 (a replaced key)
 
     for kind in inputs:
         assert_same_rows(tmp_path / f"ray-{kind}", local[kind])
