@@ -73,6 +73,8 @@ OTHER_MODEL = ("{path} holds results of {old} ({key} {old_value!r}), not {new_va
 BAD_MANIFEST = "{path} is not a readable headscope manifest: {reason}."
 ROWS_MISMATCH = ("{path}'s rows do not fit its manifest: {name} holds {size} values where {n} texts of {layers} "
                  "layer(s) x {heads} head(s) need {need}. Write the results again into a new --results folder.")
+OTHER_INPUT = ("{path} holds the rows of {old}{column}, not of {new}: rows are matched to texts by their number, so "
+               "another input's would be averaged in. Use a new --results folder.")
 OLD_BOS = ("{path} holds head scores from before exclude_bos (position 0 was always left out of them; now only a "
            "BOS/CLS token is): use a new --results folder.")
 
@@ -204,6 +206,10 @@ class ResultsFolder:
                                                             new_value=settings.get(key)))
             if manifest["settings"].get("exclude_bos") != settings.get("exclude_bos", True):
                 raise HeadscopeError(OLD_BOS.format(path=self.path))
+            old_source, old_column = manifest.get("source") or "", manifest["settings"].get("text_column", text_column)
+            if old_column != text_column or _other_files(old_source, source):
+                raise HeadscopeError(OTHER_INPUT.format(path=self.path, old=old_source or "another input", new=source,
+                                                        column=f" (column {old_column!r})"))
             return manifest
         manifest = {"schema": MANIFEST_SCHEMA, "model": {key: model[key] for key in MODEL_KEYS},
                     "settings": {**settings, "text_column": text_column}, "source": source,
@@ -269,6 +275,14 @@ class ResultsFolder:
         manifest["versions"] = versions()
         self.write_manifest(manifest)
         return manifest
+
+
+def _other_files(old: str, new: str) -> bool:
+    """Whether two inputs are different files that both exist (an input moved since, or no path given: unknown)."""
+    try:
+        return bool(old and new) and os.path.exists(old) and os.path.exists(new) and not os.path.samefile(old, new)
+    except OSError:
+        return False
 
 
 def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:

@@ -138,6 +138,14 @@ def test_a_results_folder_refuses_another_model_or_settings(gpt2, bert, tmp_path
     with pytest.raises(HeadscopeError, match="from before exclude_bos .* use a new --results folder"):
         run_local(gpt2, iter_records(path), tmp_path / "res")
     assert len(load_results(tmp_path / "res").texts) == 1  # still readable
+    other = tmp_path / "other.txt"  # another input into the same folder: its rows would mix with the first's
+    other.write_text("a dog ran\n", encoding="utf-8")
+    run_local(gpt2, iter_records(path), tmp_path / "named", source=str(path))
+    run_local(gpt2, iter_records(path), tmp_path / "named", source=str(path))  # the same input resumes
+    with pytest.raises(HeadscopeError, match=r"holds the rows of .*in\.txt \(column 'text'\), not of .*other\.txt"):
+        run_local(gpt2, iter_records(other), tmp_path / "named", source=str(other))
+    with pytest.raises(HeadscopeError, match="holds the rows of"):
+        run_local(gpt2, iter_records(path), tmp_path / "named", source=str(path), text_column="body")
     manifest["model"]["n_layers"] += 1  # a manifest edited by hand: the rows no longer fit its sizes
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(HeadscopeError, match="rows do not fit its manifest: .* need .* new --results folder"):
