@@ -57,19 +57,24 @@ class CompareResult:
         return self.ablation_b.delta - self.ablation_a.delta
 
     def qk_rows(self) -> list[dict]:
-        """The notebook's per-layer Q/K statistics side by side: one row per layer x head (key stats of the key
-        head that query head reads), with each value for A and for B."""
+        """The notebook's per-layer Q/K statistics side by side: one row per layer x head of either model (key
+        stats of the key head that query head reads), with each value for A and for B (None where that model has no
+        such layer or head: models of different shapes are shown side by side, nothing dropped)."""
+
+        def value(result, layer: int, head: int, name: str) -> float | None:
+            data = result.layers.get(layer)
+            if data is None or head >= len(data.q_means) or not len(getattr(data, name)):
+                return None
+            values = getattr(data, name)
+            return float(values[head // (len(data.q_means) // len(values))])
+
         rows = []
-        for layer in sorted(set(self.a.layers) & set(self.b.layers)):
-            la, lb = self.a.layers[layer], self.b.layers[layer]
-            for head in range(min(len(la.q_means), len(lb.q_means))):
+        for layer in sorted(set(self.a.layers) | set(self.b.layers)):
+            heads = max(len(result.layers[layer].q_means) for result in (self.a, self.b) if layer in result.layers)
+            for head in range(heads):
                 row = {"layer": layer, "head": head, "label": f"L{layer}H{head}"}
                 for name in QK_STATS:
-                    va, vb = getattr(la, name), getattr(lb, name)
-                    ia = head // (len(la.q_means) // len(va)) if len(va) else None
-                    ib = head // (len(lb.q_means) // len(vb)) if len(vb) else None
-                    row[f"{name}_a"] = None if ia is None else float(va[ia])
-                    row[f"{name}_b"] = None if ib is None else float(vb[ib])
+                    row[f"{name}_a"], row[f"{name}_b"] = (value(side, layer, head, name) for side in (self.a, self.b))
                 rows.append(row)
         return rows
 

@@ -78,7 +78,8 @@ def compute(loaded, text: str, result, args) -> dict:
     if args.compare is not None:  # with --ablation it measures both models' atlases: A's is the report's too
         other = load_model(args.compare, device=args.device, dtype=args.dtype, device_map=args.device_map,
                            head=args.ablation is not None, revision=args.compare_revision)
-        layers = None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)])
+        layers = None if args.all_layers else (  # by default a layer both models have
+            args.layer or [default_layer(min(loaded.info.n_layers, other.info.n_layers))])
         extras["compare"] = compare_models(loaded, other, text, layers, not args.include_first_token,
                                            args.ablation, args.mask_seed, args.ablation_batch)
         extras["ablation"] = extras["compare"].ablation_a

@@ -55,3 +55,8 @@ def test_different_shapes_are_side_by_side_without_difference(seeds, tmp_path):
     result = compare_models(seeds[0], deeper, REPEATS)
     assert result.score_difference == {} and "without a difference" in result.warnings[0]
     assert result.b.head_scores["entropy"].shape == (4, 4)
+    rows = result.qk_rows()  # every layer of either model, each side's value or None
+    assert len(rows) == 4 * 4 and {row["layer"] for row in rows} == {0, 1, 2, 3}
+    beyond_a = [row for row in rows if row["layer"] >= seeds[0].info.n_layers]
+    assert beyond_a and all(row["q_means_a"] is None and row["q_means_b"] is not None for row in beyond_a)
+    assert rows[-1]["q_means_b"] == pytest.approx(result.b.layers[3].q_means[3])

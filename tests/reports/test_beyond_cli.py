@@ -64,6 +64,17 @@ def test_compare_headings_draw_the_model_ids_visibly_and_isolated(lm_paths, tmp_
     assert "\u202e" not in page and "B = <bdi>" in page and "model⟨U+202E⟩B</bdi></h2>" in page
 
 
+def test_compare_without_a_layer_takes_one_both_models_have(lm_paths, tmp_path, capsys):
+    """A's default layer (1 of 3) is past a 1-layer B: with no --layer the comparison takes the default of the
+    shallower model instead of refusing a layer the user never named."""
+    shallow = tiny_gpt2_lm(tmp_path / "shallow", n_layer=1)
+    out = tmp_path / "c.json"
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", shallow, "--text", REPEATS, "--json", out)
+    assert code == 0, lines
+    data = json.loads(out.read_text())
+    assert list(data["a"]["layers"]) == list(data["b"]["layers"]) == ["0"]
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--compare", "OTHER"], ["does not use the same tokenizer"]),
     (["--revision", "main"], ["applies to Hugging Face hub ids only"]),
