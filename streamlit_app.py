@@ -866,7 +866,8 @@ def compare_ui(settings: dict, layer: int) -> None:
     mode = st.radio("Ablation atlases too", ["none", "zero", "mean"], horizontal=True, key="compare_ablation")
     ablation = None if mode == "none" else mode
     inputs = (settings["model"], settings["device"], settings["dtype"], settings["text"], model_b.strip(), revision,
-              layer, ablation, settings["exclude"])
+              layer, ablation, settings["exclude"], settings.get("query"), settings["special_keys"],
+              settings["exclude_bos"])
     if not st.checkbox("Compare", key="compare_run", disabled=not model_b.strip()):
         return
     stored = st.session_state.get(BEYOND_COMPARE)
@@ -876,7 +877,10 @@ def compare_ui(settings: dict, layer: int) -> None:
                 loaded_a = get_lm(*inputs[:3]) if ablation else get_model(*inputs[:3])
                 loaded_b = get_model_b(model_b.strip(), revision, settings["device"], settings["dtype"],
                                        ablation is not None)
-                result = compare_models(loaded_a, loaded_b, settings["text"], [layer], settings["exclude"], ablation)
+                result = compare_models(loaded_a, loaded_b, settings["text"], [layer], settings["exclude"], ablation,
+                                        query_position=settings.get("query"),
+                                        exclude_special_keys=settings["special_keys"],
+                                        exclude_bos=settings["exclude_bos"])
             st.session_state[BEYOND_COMPARE] = (inputs, result)
         except Exception as exc:  # noqa: BLE001
             beyond_error(exc)

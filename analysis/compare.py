@@ -105,16 +105,20 @@ def check_same_tokenizer(loaded_a, loaded_b, text_or_ids=None) -> None:
 
 def compare_models(loaded_a, loaded_b, text: str, layers: Iterable[int] | None = None,
                    exclude_first_token: bool = True, ablation: str | None = None, seed: int = 0,
-                   batch_size: int | None = None) -> CompareResult:
-    """Both models on `text` (`layers` None: every layer of each); `ablation` "zero"/"mean" adds both atlases
-    (load the models with load_model(head=True) for a loss)."""
+                   batch_size: int | None = None, *, query_position: int | None = None,
+                   exclude_special_keys: bool = False, exclude_bos: bool = True) -> CompareResult:
+    """Both models on `text` (`layers` None: every layer of each), with the same query token and exclusions
+    (analyze's); `ablation` "zero"/"mean" adds both atlases (load the models with load_model(head=True) for a
+    loss)."""
     check_same_tokenizer(loaded_a, loaded_b, text)
     chosen = None if layers is None else list(layers)
     for loaded in (loaded_a, loaded_b):
         if chosen is not None:
             check_layers(chosen, loaded.info.n_layers)
-    a = analyze(loaded_a, text, chosen, exclude_first_token, keep_patterns=False)
-    b = analyze(loaded_b, text, chosen, exclude_first_token, keep_patterns=False)
+    options = {"query_position": query_position, "exclude_special_keys": exclude_special_keys,
+               "exclude_bos": exclude_bos, "keep_patterns": False}
+    a = analyze(loaded_a, text, chosen, exclude_first_token, **options)
+    b = analyze(loaded_b, text, chosen, exclude_first_token, **options)
     warnings = []
     ia, ib = loaded_a.info, loaded_b.info
     if (ia.n_layers, ia.n_heads) != (ib.n_layers, ib.n_heads):

@@ -40,9 +40,6 @@ def check_arguments(parser, args) -> None:
                 parser.error(NEEDS_TEXT.format(flag=f"--{flag}"))
     if args.compare is not None and args.induction_probe is not None:
         parser.error(COMPARE_PROBE)
-    if args.compare is not None and query_flags(args):
-        parser.error(f"--compare measures both models with the default query token and exclusions: drop "
-                     f"{'/'.join(query_flags(args))} (or --compare)")
     if args.compare_revision is not None and args.compare is None:
         parser.error("--compare-revision needs --compare MODEL_B")
     if args.ablation_batch is not None and args.ablation_batch < 1:
@@ -81,7 +78,10 @@ def compute(loaded, text: str, result, args) -> dict:
         layers = None if args.all_layers else (  # by default a layer both models have
             args.layer or [default_layer(min(loaded.info.n_layers, other.info.n_layers))])
         extras["compare"] = compare_models(loaded, other, text, layers, not args.include_first_token,
-                                           args.ablation, args.mask_seed, args.ablation_batch)
+                                           args.ablation, args.mask_seed, args.ablation_batch,
+                                           query_position=args.query_position,
+                                           exclude_special_keys=args.exclude_special_keys,
+                                           exclude_bos=not args.include_bos)
         extras["ablation"] = extras["compare"].ablation_a
     elif args.ablation is not None:
         extras["ablation"] = compute_ablation(loaded, source, args.ablation, args.mask_seed, args.ablation_batch)

@@ -75,6 +75,25 @@ def test_compare_without_a_layer_takes_one_both_models_have(lm_paths, tmp_path, 
     assert list(data["a"]["layers"]) == list(data["b"]["layers"]) == ["0"]
 
 
+def test_compare_measures_both_models_with_the_query_and_exclusions(lm_paths, tmp_path, capsys):
+    """--query-position, --exclude-special-keys and --include-bos reach both models (they were ignored, so the
+    B - A difference was computed without them)."""
+    out = tmp_path / "c.json"
+    flags = ["--query-position", 3, "--include-bos", "--layer", 1]
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", lm_paths[1], "--text", REPEATS, *flags,
+                          "--json", out)
+    assert code == 0, lines
+    data = json.loads(out.read_text())
+    for side, path in (("a", lm_paths[0]), ("b", lm_paths[1])):
+        alone = tmp_path / f"{side}.json"
+        assert run_cli(capsys, "--model", path, "--text", REPEATS, *flags, "--json", alone)[0] == 0
+        want = json.loads(alone.read_text())
+        settings = data[side]["settings"]
+        assert settings["query_position"] == want["settings"]["query_position"] == 3 and not settings["exclude_bos"]
+        assert data[side]["head_scores"] == want["head_scores"] and data[side]["layers"]["1"]["same_head_dp"] == \
+            want["layers"]["1"]["same_head_dp"]
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--compare", "OTHER"], ["does not use the same tokenizer"]),
     (["--revision", "main"], ["applies to Hugging Face hub ids only"]),
@@ -93,8 +112,6 @@ def test_bad_input_is_one_line_and_exit_2(lm_paths, tmp_path, capsys, argv, need
     (["--batch", "BATCH", "--out-dir", "DIR", "--ablation", "zero"], "not on --batch"),
     (["--compare", "x", "--induction-probe", 8, "--json", "-"], "--compare runs both models on a text"),
     (["--compare-revision", "main", "--json", "-"], "--compare-revision needs --compare"),
-    (["--compare", "x", "--include-bos", "--query-position", 2, "--json", "-"],
-     "--compare measures both models with the default query token and exclusions: drop --query-position/--include-bos"),
     (["--batch", "BATCH", "--results", "DIR", "--exclude-special-keys"], "--exclude-special-keys: Parquet results"),
     (["--from-results", "DIR", "--include-bos", "--json", "-"], "--include-bos: Parquet results"),
     (["--batch", "BATCH", "--out-dir", "DIR", "--text-column", "body"], "--text-column is read by --batch FILE"),
