@@ -76,6 +76,10 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     n_heads, n, n_kv = q.shape[0], q.shape[1], k.shape[0]
     rep = n_heads // n_kv  # both stacks are layer-major, so key head j still serves query heads j * rep .. + rep - 1
     v = value.float() if value is not None and weights is None else None  # [kv_head, T, d_v]
+    if v is not None:  # against the output, parity is divided by the layer's largest |v|: |P v - P' v| <= the rows'
+        # sum |P - P'| * max |v|, so the figure is in units of attention weight whatever the size of v (in v's units a
+        # model with large values warned on an exact rebuild, and one with small values hid a wrong one)
+        v_scale = v.reshape(n_layers, -1).abs().amax(dim=-1).clamp_(min=torch.finfo(torch.float32).tiny)  # [layer]
     rows = rows_per_block(n_heads, n, budget)
     if causal and q.device.type == "cpu" and n > 2 * CAUSAL_ROWS:
         rows = min(rows, CAUSAL_ROWS)  # short blocks skip more masked keys
@@ -132,7 +136,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         elif v is not None:
             mixed = pattern.reshape(n_kv, rep * (stop - start), width) @ v[:, :width]  # [g, r*rows, w] @ [g, w, d_v]
             mixed = mixed.view(n_heads, stop - start, -1)  # [head, rows, d_v]
-            found = (mixed - output[:, start:stop].float()).abs_().view(n_layers, -1).amax(dim=-1)  # [layer]
+            found = (mixed - output[:, start:stop].float()).abs_().view(n_layers, -1).amax(dim=-1).div_(v_scale)
             parity = found if parity is None else torch.maximum(parity, found)
         if kept is not None and into is None:  # off the CPU through page-locked memory
             kept[:, start:stop, :width] = send_to_host({0: pattern}, pattern.dtype).wait(pageable=False)[0]

@@ -80,6 +80,32 @@ def test_true_parity_passes_and_a_wrong_scaling_fails_on_that_layer_alone(name, 
     assert broken.to_dict()["warnings"] == list(broken.warnings)
 
 
+@pytest.mark.parametrize("v_scale", [30.0, 1e-6])
+def test_parity_against_the_fused_kernels_output_does_not_depend_on_the_size_of_v(llama, monkeypatch, v_scale):
+    """On sdpa's route (every GPU run) parity compares the rebuilt pattern times v with the kernel's output. Scaling
+    the value projection changes no attention weight: an exact rebuild still passes, a wrong one still fails (in
+    v's units, large values warned on an exact rebuild and small ones hid a wrong one)."""
+    import torch
+
+    weights = [layer.self_attn.v_proj.weight for layer in llama.model.layers]
+    saved = [weight.detach().clone() for weight in weights]
+    try:
+        with torch.no_grad():
+            for weight in weights:
+                weight.mul_(v_scale)
+        honest = analyze(llama, TEXT, [0, 1], attention="sdpa")
+        assert all(data.parity_max_abs_err <= PARITY_TOLERANCE["float32"] for data in honest.layers.values())
+        assert not any("Parity" in warning for warning in honest.warnings)
+        wrong_scaling(monkeypatch, calls={1})
+        broken = analyze(llama, TEXT, [0, 1], attention="sdpa")
+        assert broken.layers[1].parity_max_abs_err > 100 * PARITY_TOLERANCE["float32"]
+        assert any("on layer 1:" in warning for warning in broken.warnings)
+    finally:
+        with torch.no_grad():
+            for weight, value in zip(weights, saved):
+                weight.copy_(value)
+
+
 def _leaves(value, path=""):
     """(path, number) of every number in a results dict, in a fixed order."""
     if isinstance(value, dict):
