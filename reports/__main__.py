@@ -138,6 +138,8 @@ def check_results_arguments(parser, args) -> None:
         args.engine = "ray"
     if args.engine == "ray" and args.ray_address is None and args.device_map is not None:
         parser.error("--device-map is not used with --engine ray")
+    if args.engine == "ray" and args.revision is not None:  # its workers load the model by name
+        parser.error("--revision is not used with --engine ray: run it with the local engine")
     if args.batch_size is None:
         args.batch_size = RESULTS_BATCH_SIZE if args.results is not None or args.from_results is not None else 1
     if args.batch_size < 1 or (args.ray_workers is not None and args.ray_workers < 1):
@@ -362,7 +364,8 @@ def run_batch(args) -> int:
     from reports.html import render_corpus_report, render_index, write_shared_assets
 
     texts = read_batch(args.batch)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                        revision=args.revision)
     check_head(args.head, loaded.info.n_heads)
     try:
         args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -490,7 +493,8 @@ def run_results(args) -> int:
         run = run_ray(args.model, args.batch, args.results, device=args.device, dtype=args.dtype,
                       address=args.ray_address, workers=args.ray_workers, **options)
     else:
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                            revision=args.revision)
         run = run_local(loaded, iter_records(args.batch, args.text_column), args.results, source=str(args.batch),
                         **options)
     if run["new_rows"] + run["skipped"] == 0:

@@ -22,7 +22,7 @@ from reports.charts import (
     display_token,
 )
 from reports.html import ENV, _chart_context, build_report_context, select_layers
-from reports.provenance import TEXT_FILE
+from reports.provenance import TEXT_FILE, revision_options
 
 BEYOND_ID = "headscope-beyond"
 QK_STATS = ("q_means", "q_stds", "k_means", "k_stds")
@@ -102,6 +102,16 @@ def build_beyond_context(result, ablation=None, neuron=None, compare=None) -> di
 def reproduce_with(command: str, ablation=None, neuron=None, compare=None) -> str:
     """The report's recompute command with the flags of the sections it holds (before its --html)."""
     argv = shlex.split(command)
+    given = {argv[i + 1] for i, arg in enumerate(argv) if arg == "--layer"}
+    if compare is not None and given != {str(layer) for layer in compare.a.layers}:  # the layers it measured: each
+        # model's own (--all-layers, models of two depths) or one they share, not A's default
+        rest = [arg for i, arg in enumerate(argv) if arg not in ("--layer", "--all-layers")
+                and (i == 0 or argv[i - 1] != "--layer")]
+        at = rest.index("--head") if "--head" in rest else len(rest)
+        same = sorted(compare.a.layers) == sorted(compare.b.layers)
+        chosen = [token for layer in sorted(compare.a.layers) for token in ("--layer", str(layer))] if same \
+            else ["--all-layers"]
+        argv = rest[:at] + chosen + rest[at:]
     if neuron is not None:  # the neuron view is drawn on the first --layer given
         layers = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--layer"]
         keep = [arg for i, arg in enumerate(argv) if arg != "--layer" and (i == 0 or argv[i - 1] != "--layer")]
@@ -110,15 +120,14 @@ def reproduce_with(command: str, ablation=None, neuron=None, compare=None) -> st
         argv = keep[:at] + [token for layer in ordered for token in ("--layer", layer)] + keep[at:]
     extra = []
     if ablation is not None:
-        extra += ["--ablation", ablation.mode, "--mask-seed", str(ablation.seed)]
+        extra += ["--ablation", ablation.mode, "--mask-seed", str(ablation.seed), "--ablation-batch",
+                  str(ablation.batch_size)]
     if neuron is not None:
         extra += ["--neuron", str(neuron.query_pos), str(neuron.key_pos)]
     if compare is not None:
         model_b = compare.b.model["id"]
         extra += [f"--compare={model_b}"] if model_b.startswith("-") else ["--compare", model_b]
-        revision = compare.b.model.get("revision", "")
-        if len(revision) == 40 and not revision.startswith("sha256:"):  # a hub commit
-            extra += ["--compare-revision", revision]
+        extra += revision_options("--compare-revision", compare.b.model)
     outputs = [i for i, arg in enumerate(argv) if arg in ("--html", "--json", "--patterns")]
     at = outputs[0] if outputs else len(argv)
     return shlex.join(argv[:at] + extra + argv[at:])

@@ -37,11 +37,21 @@ def git_commit() -> str | None:
             out = None
         lines = out.stdout.split() if out is not None and out.returncode == 0 else []
         if len(lines) == 2 and Path(lines[0]).resolve() == PACKAGE_ROOT:
-            return lines[1]
+            return lines[1] + ("-dirty" if _modified() else "")  # git describe's mark: the code is not that commit's
     try:
         return COMMIT_FILE.read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
+
+
+def _modified() -> bool:
+    """Whether the checkout's tracked files differ from its HEAD (edits not committed change the numbers)."""
+    try:
+        out = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 @functools.cache
@@ -71,6 +81,13 @@ def device_options(model: dict) -> list[str]:
     return ["--device", "cuda" if str(model["device"]).startswith("cuda") else "cpu"]
 
 
+def revision_options(flag: str, model: dict) -> list[str]:
+    """`flag` and the hub commit a model was loaded at (a 40-digit hash: a hub snapshot), so that the command
+    loads those weights even after the hub's main branch has moved on; nothing for a local or bundled model."""
+    revision = str(model.get("revision") or "")
+    return [flag, revision] if len(revision) == 40 and not revision.startswith("sha256:") else []
+
+
 def reproduce_command(result: AnalysisResult, head: int = 0,
                       outputs: tuple[str, ...] = ("--html", "report.html"), text_file: str = TEXT_FILE) -> str:
     """The command line that recomputes this result; derived from the result, so app and CLI agree.
@@ -79,6 +96,7 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
     from `text_file`, which the command line writes beside its output.
     """
     argv = ["python", "-m", "reports", *_option("--model", result.model["id"])]
+    argv += revision_options("--revision", result.model)
     probe = result.induction_probe
     if probe:
         argv += ["--induction-probe", str(probe["length"]), "--probe-seed", str(probe["seed"])]

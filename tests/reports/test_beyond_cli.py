@@ -73,6 +73,13 @@ def test_compare_without_a_layer_takes_one_both_models_have(lm_paths, tmp_path, 
     assert code == 0, lines
     data = json.loads(out.read_text())
     assert list(data["a"]["layers"]) == list(data["b"]["layers"]) == ["0"]
+    import shlex  # the recorded command names that layer (it named A's default, which B lacks) and recomputes it
+
+    again = shlex.split(data["provenance"]["command"])[3:]
+    assert again[again.index("--layer") + 1] == "0" and again.count("--layer") == 1
+    again[again.index("--json") + 1] = str(tmp_path / "again.json")
+    assert run_cli(capsys, *again)[0] == 0
+    assert json.loads((tmp_path / "again.json").read_text())["score_difference"] == data["score_difference"]
 
 
 def test_compare_measures_both_models_with_the_query_and_exclusions(lm_paths, tmp_path, capsys):
@@ -147,6 +154,14 @@ def test_revision_picks_the_cached_snapshot_of_a_hub_id(lm_paths, tmp_path, caps
     assert code == 0, lines
     data = json.loads(out.read_text())
     assert data["a"]["model"]["revision"] == commits["step1"] and data["b"]["model"]["revision"] == commits["step2"]
+    command = data["provenance"]["command"]  # both pinned to the commits they ran at (the refs may move on)
+    assert f"--revision {commits['step1']}" in command and f"--compare-revision {commits['step2']}" in command
+    batch = tmp_path / "texts.txt"  # --batch loads the revision asked for too (it was ignored: main was loaded)
+    batch.write_text("the cat sat\n")
+    for output in (["--out-dir", tmp_path / "pages"], ["--results", tmp_path / "rows"]):
+        code, lines = run_cli(capsys, "--model", "someone/tiny", "--revision", "step2", "--batch", batch, *output)
+        assert code == 0, lines
+    assert json.loads((tmp_path / "rows" / "corpus.json").read_text())["model"]["revision"] == commits["step2"]
     code, lines = run_cli(capsys, "--model", "someone/tiny", "--revision", "step9", "--json", out)
     assert_one_line_error(code, lines, "someone/tiny@step9", "not in the local Hugging Face cache")
 
