@@ -10,6 +10,8 @@ import shlex
 from dataclasses import replace
 from datetime import datetime
 
+import pytest
+
 from analysis import analyze, analyze_induction_probe
 from reports import provenance
 from reports.__main__ import build_parser, main
@@ -85,3 +87,14 @@ def test_cli_json_carries_the_reports_provenance(gpt2_path, tmp_path, capsys):
     assert parse(block["command"]).head == 2
 
 
+
+
+def test_a_checkout_with_uncommitted_edits_is_marked_dirty(monkeypatch):
+    """Edits not committed change the numbers, so a report of such a checkout must not name the bare commit."""
+    clean = provenance.git_commit.__wrapped__()
+    if clean is None or not (provenance.PACKAGE_ROOT / ".git").exists():
+        pytest.skip("not a git checkout (an installed wheel records its build's commit)")
+    monkeypatch.setattr(provenance, "_modified", lambda: True)
+    assert provenance.git_commit.__wrapped__() == clean.removesuffix("-dirty") + "-dirty"
+    monkeypatch.setattr(provenance, "_modified", lambda: False)
+    assert provenance.git_commit.__wrapped__() == clean.removesuffix("-dirty")
