@@ -173,13 +173,18 @@ def records_from_columns(texts: list, ids: list | None, start: int, field: str) 
             for i, value in enumerate(texts)]
 
 
+def plain_text_column(path: Path, kind: str, text_column: str) -> str:
+    """`kind`, unless a text column other than the default is named for plain text (NO_COLUMNS)."""
+    if kind == "txt" and text_column != "text":
+        raise HeadscopeError(NO_COLUMNS.format(path=path, column=text_column))
+    return kind
+
+
 def check_input(path: Path | str, text_column: str = "text") -> str:
     """detect_kind, with a table's schema and text column read now: a bad input is refused before anything is
     written (iter_records and the Ray engine read the rest lazily)."""
     path = Path(path)
-    kind = detect_kind(path)
-    if kind == "txt" and text_column != "text":
-        raise HeadscopeError(NO_COLUMNS.format(path=path, column=text_column))
+    kind = plain_text_column(path, detect_kind(path), text_column)
     if kind == "parquet":
         check_column(path, text_column, open_parquet(path).schema.names)
     elif kind == "hf":
@@ -190,9 +195,7 @@ def check_input(path: Path | str, text_column: str = "text") -> str:
 def iter_records(path: Path | str, text_column: str = "text", batch_rows: int = 4096) -> Iterator[dict]:
     """Every record of `path`, in order, read in this process (the local engine's reader)."""
     path = Path(path)
-    kind = detect_kind(path)
-    if kind == "txt" and text_column != "text":
-        raise HeadscopeError(NO_COLUMNS.format(path=path, column=text_column))
+    kind = plain_text_column(path, detect_kind(path), text_column)
     if kind in ("txt", "jsonl"):
         try:
             with path.open("rb") as lines:  # streamed: a file larger than memory is fine
@@ -225,7 +228,7 @@ def open_parquet(path: Path):
     try:
         return pads.dataset(parquet_files(path), format="parquet")
     except (pa.ArrowException, OSError) as exc:
-        raise HeadscopeError(BAD_PARQUET.format(path=path, reason=" ".join(str(exc).split())[:200])) from None
+        raise _bad_parquet(path, exc) from None
 
 
 def _read(path: Path, batches: Iterable) -> Iterator:
@@ -235,4 +238,8 @@ def _read(path: Path, batches: Iterable) -> Iterator:
     try:
         yield from batches
     except (pa.ArrowException, OSError) as exc:
-        raise HeadscopeError(BAD_PARQUET.format(path=path, reason=" ".join(str(exc).split())[:200])) from None
+        raise _bad_parquet(path, exc) from None
+
+
+def _bad_parquet(path: Path, exc: Exception) -> HeadscopeError:
+    return HeadscopeError(BAD_PARQUET.format(path=path, reason=" ".join(str(exc).split())[:200]))

@@ -260,15 +260,16 @@ def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None,
     name = name_or_path.strip()
     if not name:
         raise HeadscopeError(NO_MODEL)
+    limit = None if allowed_roots is None else download_limit_mb()  # what a link may make the app download
     if revision is not None:
-        return _resolve_revision(name, revision, allowed_roots)
+        return _resolve_revision(name, revision, allowed_roots, limit)
     if allowed_roots is not None and name != "auto" and name.lower() not in BUNDLED_ALIASES:
         local = check_app_model_path(name, allowed_roots)
         if local is not None:
             if not local.is_dir():
                 raise HeadscopeError(NOT_FOUND.format(name=name))
             return name, local, f"Local checkpoint directory {local}."
-        return _resolve_hub(name, download_limit_mb())
+        return _resolve_hub(name, limit)
     if name == "auto":
         snapshot = _cached_snapshot(GPT2_ID)
         if snapshot is not None and any(snapshot.glob("*.safetensors")):
@@ -295,7 +296,8 @@ def _resolve_hub(name: str, limit_mb: int | None = None) -> tuple[str, Path, str
     return name, _download(name, limit_mb=limit_mb), f"{name}, downloaded from the Hugging Face hub."
 
 
-def _resolve_revision(name: str, revision: str, allowed_roots: list[Path] | None = None) -> tuple[str, Path, str]:
+def _resolve_revision(name: str, revision: str, allowed_roots: list[Path] | None = None,
+                      limit_mb: int | None = None) -> tuple[str, Path, str]:
     if name == "auto" or name.lower() in BUNDLED_ALIASES:
         raise HeadscopeError(REVISION_HUB_ONLY.format(name=name))
     if allowed_roots is not None:  # the app: only its own directories are looked at, so that the answer never says
@@ -311,8 +313,7 @@ def _resolve_revision(name: str, revision: str, allowed_roots: list[Path] | None
     if _hub_offline() or not _hub_reachable():
         why = "offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "not reachable"
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=f"{name}@{revision}", why=why))
-    limit = None if allowed_roots is None else download_limit_mb()  # the app's, as _resolve_hub
-    return (name, _download(name, revision, limit),
+    return (name, _download(name, revision, limit_mb),
             f"{name} at revision {revision}, downloaded from the Hugging Face hub.")
 
 

@@ -130,7 +130,7 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_results_arguments(parser, args) -> None:
-    given = beyond_cli.query_flags(args)
+    given = query_flags(args)
     if (args.results is not None or args.from_results is not None) and given:
         parser.error(f"{'/'.join(given)}: Parquet results are measured with the default query token and exclusions; "
                      "drop it, or write reports with --batch FILE --out-dir DIR, which takes it")
@@ -285,6 +285,13 @@ def _quiet_libraries() -> None:
 def check_head(head: int, n_heads: int) -> None:
     if not 0 <= head < n_heads:
         raise HeadscopeError(f"Head {head} is out of range: this model has heads 0..{n_heads - 1}.")
+
+
+def query_flags(args) -> list[str]:
+    """The flags of query_options that were given (Parquet results are measured without them)."""
+    given = {"--query-position": args.query_position is not None, "--exclude-special-keys": args.exclude_special_keys,
+             "--include-bos": args.include_bos}
+    return [flag for flag, on in given.items() if on]
 
 
 def query_options(args) -> dict:

@@ -99,25 +99,28 @@ def build_beyond_context(result, ablation=None, neuron=None, compare=None) -> di
     }
 
 
+def _with_layers(argv: list[str], layers: list[str]) -> list[str]:
+    """argv with its --layer flags (and --all-layers) replaced by `layers` (["--all-layers"], or layer numbers),
+    put before --head."""
+    rest = [arg for i, arg in enumerate(argv) if arg not in ("--layer", "--all-layers")
+            and (i == 0 or argv[i - 1] != "--layer")]
+    at = rest.index("--head") if "--head" in rest else len(rest)
+    chosen = layers if layers == ["--all-layers"] else [token for layer in layers for token in ("--layer", layer)]
+    return rest[:at] + chosen + rest[at:]
+
+
 def reproduce_with(command: str, ablation=None, neuron=None, compare=None) -> str:
     """The report's recompute command with the flags of the sections it holds (before its --html)."""
     argv = shlex.split(command)
-    given = {argv[i + 1] for i, arg in enumerate(argv) if arg == "--layer"}
-    if compare is not None and given != {str(layer) for layer in compare.a.layers}:  # the layers it measured: each
-        # model's own (--all-layers, models of two depths) or one they share, not A's default
-        rest = [arg for i, arg in enumerate(argv) if arg not in ("--layer", "--all-layers")
-                and (i == 0 or argv[i - 1] != "--layer")]
-        at = rest.index("--head") if "--head" in rest else len(rest)
+    given = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--layer"]
+    measured = [str(layer) for layer in sorted(compare.a.layers)] if compare is not None else given
+    if set(given) != set(measured):  # the layers the comparison measured: each model's own (--all-layers, models
+        # of two depths) or one they share, not A's default
         same = sorted(compare.a.layers) == sorted(compare.b.layers)
-        chosen = [token for layer in sorted(compare.a.layers) for token in ("--layer", str(layer))] if same \
-            else ["--all-layers"]
-        argv = rest[:at] + chosen + rest[at:]
+        argv = _with_layers(argv, measured if same else ["--all-layers"])
     if neuron is not None:  # the neuron view is drawn on the first --layer given
         layers = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--layer"]
-        keep = [arg for i, arg in enumerate(argv) if arg != "--layer" and (i == 0 or argv[i - 1] != "--layer")]
-        ordered = [str(neuron.layer)] + [layer for layer in layers if layer != str(neuron.layer)]
-        at = keep.index("--head") if "--head" in keep else len(keep)
-        argv = keep[:at] + [token for layer in ordered for token in ("--layer", layer)] + keep[at:]
+        argv = _with_layers(argv, [str(neuron.layer)] + [layer for layer in layers if layer != str(neuron.layer)])
     extra = []
     if ablation is not None:
         extra += ["--ablation", ablation.mode, "--mask-seed", str(ablation.seed), "--ablation-batch",

@@ -48,13 +48,6 @@ def check_arguments(parser, args) -> None:
         parser.error(f"--mask-seed must be a whole number in 0..{2**32 - 1}, not {args.mask_seed}")
 
 
-def query_flags(args) -> list[str]:
-    """The query and exclusion flags of issue 12 that were given: what only one text's analysis takes."""
-    given = {"--query-position": args.query_position is not None, "--exclude-special-keys": args.exclude_special_keys,
-             "--include-bos": args.include_bos}
-    return [flag for flag, on in given.items() if on]
-
-
 def load_kwargs(args) -> dict:
     """What load_model needs beyond the usual: the LM head for the ablation's loss, the revision."""
     return {"head": args.ablation is not None, "revision": args.revision}
