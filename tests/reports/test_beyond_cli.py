@@ -1,6 +1,7 @@
 """The command line's --ablation, --neuron, --compare and --revision, and the report sections they add."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -54,14 +55,16 @@ def test_compare_two_seeds_writes_the_compare_document_and_report(lm_paths, tmp_
 
 def test_compare_headings_draw_the_model_ids_visibly_and_isolated(lm_paths, tmp_path, capsys):
     """A model directory named with a right-to-left override: the headings name both models escaped, visible and in
-    <bdi>, like every other user string of a report (a raw override once reordered the heading)."""
+    <bdi>, like every other user string of a report (a raw override once reordered the heading), and so does the
+    warning that the two shapes differ."""
     other = tmp_path / "model\u202eB"
-    shutil.copytree(lm_paths[1], other)
+    tiny_gpt2_lm(other, n_layer=1)  # another depth: the report warns that there is no difference
     html = tmp_path / "c.html"
     code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", other, "--text", REPEATS, "--html", html)
     assert code == 0, lines
     page = html.read_text(encoding="utf-8")
     assert "\u202e" not in page and "B = <bdi>" in page and "model⟨U+202E⟩B</bdi></h2>" in page
+    assert re.search(r'<p class="warning"><bdi>[^<]*model⟨U\+202E⟩B 1 x 4: the atlases', page)
 
 
 def test_compare_without_a_layer_takes_one_both_models_have(lm_paths, tmp_path, capsys):
