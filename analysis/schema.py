@@ -3,7 +3,9 @@
 `parse_json` accepts only what RFC 8259 calls JSON: no NaN or Infinity, no number that overflows a float
 (`1e999999`), no integer longer than MAX_INT_DIGITS, no nesting past the recursion limit. `validate_results` checks a
 document against `schemas/headscope.results-1.schema.json` and the sizes that must agree with each other (one
-token id per token, one Q mean per head, ...). Anything else is one HeadscopeError line; never a traceback.
+token id per token, one Q mean per head, ...). `validate_beyond` does the same for a report's ablation / neuron /
+comparison block (`schemas/headscope.beyond-1.schema.json`), its sizes checked against the report's results.
+Anything else is one HeadscopeError line; never a traceback.
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ from analysis.errors import HeadscopeError
 
 # schemas/ at the checkout's top level; an installed package carries it as analysis/schemas (pyproject.toml)
 SCHEMA_NAME = "headscope.results-1.schema.json"
+BEYOND_SCHEMA_NAME = "headscope.beyond-1.schema.json"
+BEYOND_SECTIONS = ("ablation", "neuron", "compare")  # the keys of a report's beyond block, in the JSON's order
 _HERE = Path(__file__).resolve()
-SCHEMA_FILE = next((d / SCHEMA_NAME for d in (_HERE.parents[1] / "schemas", _HERE.parent / "schemas")
-                    if (d / SCHEMA_NAME).is_file()), _HERE.parents[1] / "schemas" / SCHEMA_NAME)
+
+
+def schema_file(name: str) -> Path:
+    return next((d / name for d in (_HERE.parents[1] / "schemas", _HERE.parent / "schemas") if (d / name).is_file()),
+                _HERE.parents[1] / "schemas" / name)
+
+
+SCHEMA_FILE = schema_file(SCHEMA_NAME)
 MAX_INT_DIGITS = 20
 MAX_QUOTED = 120  # characters of a bad value quoted in a message
 MAX_ERRORS = 100  # schema errors looked at to pick the one to report
@@ -28,6 +38,10 @@ MAX_ERRORS = 100  # schema errors looked at to pick the one to report
 BAD_JSON = "{what} is not valid JSON ({why})."
 NOT_RESULTS = "{what} is not a headscope.results/1 document: {where} {why}."
 INCONSISTENT = "{what} is not a consistent headscope.results/1 document: {why}."
+NOT_BEYOND = "{what} does not match " + BEYOND_SCHEMA_NAME + ": {where} {why}."
+UNKNOWN_SECTION = ("{what} holds a section this headscope cannot read back ({key}; it knows "
+                   + ", ".join(BEYOND_SECTIONS) + "): read it with the headscope that wrote the report.")
+INCONSISTENT_BEYOND = "{what} does not fit the report's results: {why}."
 
 
 class _Invalid(ValueError):
@@ -70,8 +84,8 @@ def parse_json(text: str, what: str = "The document"):
 
 
 @functools.cache
-def _validator():
-    """The schema's validator, with a fast path for the long arrays of numbers (jsonschema takes ~30 us a number).
+def _validator(name: str = SCHEMA_NAME):
+    """Schema `name`'s validator, with a fast path for the long arrays of numbers (jsonschema takes ~30 us a number).
 
     An "items" whose item schema is a reference to one of the schema's number definitions is checked in one pass
     (types, then numpy's min and max against that definition's bounds); only an array that fails goes through
@@ -80,8 +94,8 @@ def _validator():
     import numpy as np
     from jsonschema import Draft202012Validator, validators
 
-    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
-    bounds = {f"#/$defs/{name}": (spec["minimum"], spec["maximum"]) for name, spec in schema["$defs"].items()
+    schema = json.loads(schema_file(name).read_text(encoding="utf-8"))
+    bounds = {f"#/$defs/{key}": (spec["minimum"], spec["maximum"]) for key, spec in schema["$defs"].items()
               if spec.get("type") == "number"}
     items = Draft202012Validator.VALIDATORS["items"]
 
@@ -111,23 +125,96 @@ def _why(error) -> str:
         return f"must be of type {error.validator_value}, not {type(error.instance).__name__}"
     if kind in ("minimum", "maximum"):
         return f"is {_short(repr(error.instance))}, out of the allowed range ({kind} {error.validator_value})"
+    if kind == "minProperties" and not error.instance:
+        return "is empty"
     if kind == "const":
         return f"must be {error.validator_value!r}, not {_short(repr(error.instance))}"
     return _short(" ".join(error.message.split()))
 
 
-def validate_results(data, what: str = "The document") -> dict:
-    """`data` if it is a headscope.results/1 document whose sizes agree, else a one-line HeadscopeError."""
+def _check_schema(data, what: str, name: str, message: str) -> None:
+    """A one-line HeadscopeError (`message`) naming the first schema error of `data`, if any."""
     from jsonschema.exceptions import best_match
 
     try:
-        error = best_match(itertools.islice(_validator().iter_errors(data), MAX_ERRORS))  # bounded work
+        error = best_match(itertools.islice(_validator(name).iter_errors(data), MAX_ERRORS))  # bounded work
     except RecursionError:
-        raise HeadscopeError(NOT_RESULTS.format(what=what, where="the document", why="is nested too deeply")) from None
+        raise HeadscopeError(message.format(what=what, where="the document", why="is nested too deeply")) from None
     if error is not None:
-        raise HeadscopeError(NOT_RESULTS.format(what=what, where=_where(error), why=_why(error)))
+        raise HeadscopeError(message.format(what=what, where=_where(error), why=_why(error)))
+
+
+def validate_results(data, what: str = "The document") -> dict:
+    """`data` if it is a headscope.results/1 document whose sizes agree, else a one-line HeadscopeError."""
+    _check_schema(data, what, SCHEMA_NAME, NOT_RESULTS)
     _check_sizes(data, what)
     return data
+
+
+def validate_beyond(data, results: dict, what: str = "The document") -> dict:
+    """`data` if it is a report's ablation / neuron / comparison block (schemas/headscope.beyond-1.schema.json) that
+    fits `results`, the report's validated headscope.results/1 document (the model of its ablation atlas and neuron
+    view, the tokens the neuron view reads), else a one-line HeadscopeError. A section this version does not know is
+    refused, not dropped. The comparison's two results documents are checked as validate_results checks one."""
+    if isinstance(data, dict):
+        unknown = [key for key in data if key not in BEYOND_SECTIONS]
+        if unknown:
+            raise HeadscopeError(UNKNOWN_SECTION.format(what=what, key=_short(repr(unknown[0]))))
+    _check_schema(data, what, BEYOND_SCHEMA_NAME, NOT_BEYOND)
+    compare = data.get("compare")
+    if compare is not None:
+        for side in ("a", "b"):
+            validate_results(compare[side], f"{what} at compare.{side}")
+    problems = _beyond_problems(data, results)
+    if problems:
+        raise HeadscopeError(INCONSISTENT_BEYOND.format(what=what, why=_short(problems[0])))
+    return data
+
+
+def _grid_problem(name: str, grid: list, model: dict) -> list[str]:
+    """A [layer][head] grid that is not the model's n_layers x n_heads."""
+    n_layers, n_heads = model["n_layers"], model["n_heads"]
+    if len(grid) != n_layers or any(len(row) != n_heads for row in grid):
+        return [f"{name} is not {n_layers} layers x {n_heads} heads"]
+    return []
+
+
+def _ablation_problems(name: str, ablation: dict, model: dict) -> list[str]:
+    problems = _grid_problem(f"{name}.delta", ablation["delta"], model)
+    if any(position >= len(ablation["tokens"]) for position in ablation["masked_positions"]):
+        problems.append(f"a masked position of {name} lies past its last token")
+    return problems
+
+
+def _beyond_problems(data: dict, results: dict) -> list[str]:
+    """The sizes of a beyond block that disagree with each other or with the report's results."""
+    model, n_tokens = results["model"], len(results["tokens"])
+    problems = []
+    if "ablation" in data:
+        problems += _ablation_problems("ablation", data["ablation"], model)
+    neuron = data.get("neuron")
+    if neuron is not None:
+        bounds = (("layer", model["n_layers"], "model's layers"), ("head", model["n_heads"], "model's heads"),
+                  ("kv_head", model["n_kv_heads"], "model's key heads"), ("query_pos", n_tokens, "text's tokens"),
+                  ("key_pos", n_tokens, "text's tokens"))
+        for name, size, what in bounds:
+            if neuron[name] >= size:
+                problems.append(f"the neuron view's {name} {neuron[name]} is past the {what} (0..{size - 1})")
+        for name, size in (("q", model["d_head"]), ("k", model["d_head"]), ("products", model["d_head"]),
+                           ("dots", n_tokens), ("weights", n_tokens)):
+            if len(neuron[name]) != size:
+                problems.append(f"the neuron view has {len(neuron[name])} {name} values for {size}")
+    compare = data.get("compare")
+    if compare is not None:
+        a, b = compare["a"]["model"], compare["b"]["model"]
+        for name, grid in compare["score_difference"].items():
+            problems += _grid_problem(f"compare.score_difference.{name}", grid, a)
+        if compare["ablation"] is not None:
+            problems += _ablation_problems("compare.ablation.a", compare["ablation"]["a"], a)
+            problems += _ablation_problems("compare.ablation.b", compare["ablation"]["b"], b)
+            if compare["ablation"]["difference"] is not None:
+                problems += _grid_problem("compare.ablation.difference", compare["ablation"]["difference"], a)
+    return problems
 
 
 def _check_sizes(data: dict, what: str) -> None:
