@@ -63,7 +63,8 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
                         help="seed of --induction-probe or --with-probe (default 0)")
     parser.add_argument("--with-probe", type=int, nargs="?", const=DEFAULT_PROBE, metavar="LENGTH",
                         help="beside the text, run the induction probe too (LENGTH random tokens written twice; "
-                             "default 50) and add its atlases to the --html report")
+                             "default 50) and add its atlases to the --html report (its results to --json, under "
+                             "\"probe\")")
     layers = parser.add_mutually_exclusive_group()
     layers.add_argument("--layer", type=int, action="append", metavar="N",
                         help="layer to analyse, 0-based; repeat for several (default: 6, or n_layers // 2)")
@@ -93,7 +94,8 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
                         help="one text per line, or JSONL with a 'text' field: one report per text plus index.html")
     parser.add_argument("--out-dir", type=Path, metavar="DIR", help="where --batch writes its reports")
     parser.add_argument("--from-report", type=Path, metavar="REPORT",
-                        help="read the results JSON back out of a headscope HTML report (with --json)")
+                        help="read the JSON back out of a headscope HTML report (with --json): the results, and the "
+                             "ablation, neuron, comparison or induction probe sections it holds, as its --json was")
     add_results_arguments(parser)
     beyond_cli.add_arguments(parser)
     parser.add_argument("--figures", type=Path, metavar="DIR",
@@ -334,16 +336,21 @@ def run_single(args) -> None:
     check_head(args.head, loaded.info.n_heads)
     result = analyse(loaded, text, args)
     extras = beyond_cli.compute(loaded, text, result, args) if beyond_cli.any_requested(args) else None
+    probe = with_probe(loaded, args)
     for warning in result.warnings + (extras["compare"].warnings if extras and extras["compare"] else ()):
         print(f"headscope: warning: {warning}", file=sys.stderr)
     if args.json is not None:
         doc = results_json(result, args.head, args.patterns, ("--json", "results.json"),
                            text_file=text_file_beside(args.json).name)
+        if probe is not None:  # as the report embeds it, so --from-report gives back this file
+            from reports.html import with_probe_results
+
+            doc = with_probe_results(doc, probe.to_dict())
         write_json(doc if extras is None else beyond_cli.json_document(doc, extras), args.json)
         write_text_beside(args.json, result)
     if args.html is not None:
         if extras is None:
-            write_report(args.html, result, args.head, probe=with_probe(loaded, args))
+            write_report(args.html, result, args.head, probe=probe)
         else:
             from reports.beyond import render_report_with
 
@@ -521,9 +528,9 @@ def run(args) -> int:
     elif args.results is not None:
         return run_results(args)
     elif args.from_report is not None:
-        from reports.html import read_report_results
+        from reports.html import read_report_document
 
-        write_json(read_report_results(args.from_report), args.json)
+        write_json(read_report_document(args.from_report), args.json)
     elif args.batch is not None:
         return run_batch(args)
     else:

@@ -99,6 +99,22 @@ def build_beyond_context(result, ablation=None, neuron=None, compare=None) -> di
     }
 
 
+def document_with(results: dict, sections: dict) -> dict:
+    """The JSON document of `results` (a headscope.results/1 document; its provenance left out) with the sections'
+    JSON ({"ablation", "neuron", "compare"}, each absent or None when not computed): with a comparison, its
+    headscope.compare/1 document (whose "ablation" holds both models' atlases), else the results with "ablation"
+    added; "neuron" is added to either. What --json writes and --from-report reads back out of a report."""
+    if sections.get("compare") is not None:
+        doc = dict(sections["compare"])
+    else:
+        doc = {key: value for key, value in results.items() if key != "provenance"}
+        if sections.get("ablation") is not None:
+            doc["ablation"] = sections["ablation"]
+    if sections.get("neuron") is not None:
+        doc["neuron"] = sections["neuron"]
+    return doc
+
+
 def _with_layers(argv: list[str], layers: list[str]) -> list[str]:
     """argv with its --layer flags (and --all-layers) replaced by `layers` (["--all-layers"], or layer numbers),
     put before --head."""

@@ -82,18 +82,12 @@ def compute(loaded, text: str, result, args) -> dict:
 
 
 def json_document(result_doc: dict, extras: dict) -> dict:
-    """The results JSON with "ablation"/"neuron" added, or, with --compare, the headscope.compare/1 document; its
-    provenance's command carries the flags that recompute them."""
-    from reports.beyond import reproduce_with
+    """The results JSON with "ablation"/"neuron" added, or, with --compare, the headscope.compare/1 document
+    (reports.beyond.document_with); its provenance's command carries the flags that recompute them."""
+    from reports.beyond import document_with, reproduce_with
 
-    if extras["compare"] is not None:  # its "ablation" holds both models' atlases
-        doc = extras["compare"].to_dict()
-    else:
-        doc = {key: value for key, value in result_doc.items() if key != "provenance"}
-        if extras["ablation"] is not None:
-            doc["ablation"] = extras["ablation"].to_dict()
-    if extras["neuron"] is not None:
-        doc["neuron"] = extras["neuron"].to_dict()
+    sections = {name: None if value is None else value.to_dict() for name, value in extras.items()}
+    doc = document_with(result_doc, sections)
     if "provenance" in result_doc:
         provenance = dict(result_doc["provenance"])
         provenance["command"] = reproduce_with(provenance["command"], **extras)

@@ -27,7 +27,7 @@ from analysis.errors import HeadscopeError
 from analysis.heads import key_head_of
 from analysis.parity import parity_tolerance, result_parity_failures
 from analysis.results import AnalysisResult
-from analysis.schema import parse_json, validate_results
+from analysis.schema import parse_json, validate_beyond, validate_results
 from reports.charts import (
     SCORE_EXPLANATIONS,
     SCORE_TITLES,
@@ -761,30 +761,80 @@ def render_corpus_report(corpus, generated_at: datetime | None = None, assets: s
 MAX_REPORT_BYTES = 2 * 2**30  # --from-report reads at most this much (every layer's heatmaps at 1024 tokens: ~1 GB)
 
 
-def read_report_results(path: Path) -> dict:
-    """The results JSON embedded in a report (what --from-report reads back), checked against its JSON Schema.
-
-    A tampered or damaged report (not UTF-8, invalid JSON, NaN, numbers past a float, a wrong schema, missing
-    fields, sizes that disagree) is one HeadscopeError line.
-    """
+def read_report_page(path: Path) -> str:
+    """A report's text, read within MAX_REPORT_BYTES; a file that is too large, unreadable or not UTF-8 is one
+    HeadscopeError line."""
     try:
         with path.open("rb") as file:
             data = file.read(MAX_REPORT_BYTES + 1)  # bounded: a device such as /dev/zero never ends
         if len(data) > MAX_REPORT_BYTES:
             raise HeadscopeError(f"{path} is larger than {MAX_REPORT_BYTES / 2**30:g} GiB: is it a headscope report?")
-        page = data.decode("utf-8")
+        return data.decode("utf-8")
     except OSError as exc:
         raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
     except UnicodeDecodeError as exc:
         raise HeadscopeError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}): is it a headscope report?") \
             from None
-    return results_from_page(page, str(path))
+
+
+def read_report_results(path: Path) -> dict:
+    """The results JSON embedded in a report, checked against its JSON Schema (the text's results only; what
+    --from-report writes is read_report_document's).
+
+    A tampered or damaged report (not UTF-8, invalid JSON, NaN, numbers past a float, a wrong schema, missing
+    fields, sizes that disagree) is one HeadscopeError line.
+    """
+    return results_from_page(read_report_page(path), str(path))
+
+
+def read_report_document(path: Path) -> dict:
+    """Everything a report embeds as one JSON document, what --from-report writes (see report_document)."""
+    return report_document(read_report_page(path), str(path))
+
+
+def _embedded(page: str, script_id: str) -> str | None:
+    """The text of the page's first <script type="application/json" id=script_id>, or None."""
+    match = re.search(rf'<script type="application/json" id="{script_id}">(.*?)</script>', page, re.DOTALL)
+    return None if match is None else match.group(1)
 
 
 def results_from_page(page: str, name: str = "The report") -> dict:
     """The validated headscope.results/1 document in a report's text (see read_report_results)."""
-    match = re.search(rf'<script type="application/json" id="{RESULTS_ID}">(.*?)</script>', page, re.DOTALL)
-    if match is None:
+    text = _embedded(page, RESULTS_ID)
+    if text is None:
         raise HeadscopeError(NOT_A_REPORT.format(path=name))
     what = f"The results JSON in {name}"
-    return validate_results(parse_json(match.group(1), what), what)
+    return validate_results(parse_json(text, what), what)
+
+
+def with_probe_results(doc: dict, probe: dict) -> dict:
+    """The results JSON with the induction probe's results (a headscope.results/1 document) under "probe", before
+    its provenance: what --json writes beside --with-probe, and --from-report reads back from such a report."""
+    rest = {key: value for key, value in doc.items() if key != "provenance"}
+    return {**rest, "probe": probe, **({"provenance": doc["provenance"]} if "provenance" in doc else {})}
+
+
+def report_document(page: str, name: str = "The report") -> dict:
+    """What a report embeds, as the --json of the run that wrote it (less the provenance, which the page shows in
+    HTML): the results; with an induction probe section, its results under "probe"; with ablation / neuron /
+    comparison sections, what --ablation, --neuron and --compare add to --json (reports.beyond.document_with).
+
+    Every embedded block is checked (strict JSON, its JSON Schema, sizes that agree); a damaged or tampered one,
+    or a section this version cannot read back, is one HeadscopeError line: nothing the report holds is dropped.
+    """
+    from reports.beyond import BEYOND_ID, document_with  # reports.beyond imports this module
+
+    results = results_from_page(page, name)
+    doc = results
+    beyond = _embedded(page, BEYOND_ID)
+    if beyond is not None:
+        what = f"The ablation/neuron/compare JSON in {name}"
+        doc = document_with(doc, validate_beyond(parse_json(beyond, what), results, what))
+    probe = _embedded(page, PROBE_ID)
+    if probe is not None:  # after the sections: a comparison's document replaces the results, never the probe
+        what = f"The induction probe's results JSON in {name}"
+        probe_doc = validate_results(parse_json(probe, what), what)
+        if not probe_doc["settings"].get("induction_probe"):
+            raise HeadscopeError(f"{what} is not the induction probe's: its settings name no probe length and seed.")
+        doc = with_probe_results(doc, probe_doc)
+    return doc

@@ -1,0 +1,187 @@
+"""--from-report gives back everything a report embeds: the results, the ablation / neuron / comparison sections
+(<script id="headscope-beyond">) and the induction probe's results (<script id="headscope-probe-results">).
+
+Ground truth is each report's own embedded JSON, read here with plain json.loads, and the --json written by the same
+run; a damaged or tampered section is one line and exit status 2, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from reports.__main__ import main
+from reports.beyond import BEYOND_ID
+from reports.html import PROBE_ID, RESULTS_ID
+from tests.conftest import REPEATS
+from tests.lm_checkpoints import tiny_gpt2_lm
+from tests.reports.test_cli import assert_one_line_error, run_cli
+
+
+def embedded(page: str, script_id: str):
+    """The JSON of the page's <script id=script_id>, parsed without headscope's reader (None when absent)."""
+    match = re.search(rf'<script type="application/json" id="{script_id}">(.*?)</script>', page, re.DOTALL)
+    return None if match is None else json.loads(match.group(1))
+
+
+def write_both(capsys, out, *argv) -> tuple:
+    """One run's --json and --html (the same analysis): the JSON written, less its provenance, and the page."""
+    code, lines = run_cli(capsys, *argv, "--json", out / "first.json", "--html", out / "report.html")
+    assert code == 0, lines
+    written = json.loads((out / "first.json").read_text(encoding="utf-8"))
+    written.pop("provenance")  # the page shows it in HTML, not in its JSON
+    return written, (out / "report.html").read_text(encoding="utf-8")
+
+
+def read_back(capsys, report, out) -> dict:
+    code, lines = run_cli(capsys, "--from-report", report, "--json", out)
+    assert code == 0, lines
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def lm_paths(tmp_path_factory):
+    return [tiny_gpt2_lm(tmp_path_factory.mktemp(f"from-report-seed{seed}"), seed=seed) for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def beyond_report(lm_paths, tmp_path_factory):
+    """An --ablation --neuron report (and its run's --json), for the tampering tests."""
+    out = tmp_path_factory.mktemp("beyond")
+    argv = ["--model", lm_paths[0], "--text", REPEATS, "--layer", "1", "--head", "2", "--ablation", "mean",
+            "--neuron", "-1", "3", "--json", out / "first.json", "--html", out / "report.html"]
+    assert main([str(arg) for arg in argv]) == 0
+    return out / "report.html"
+
+
+def test_an_ablation_and_neuron_report_gives_back_both_sections(beyond_report, tmp_path, capsys):
+    page = beyond_report.read_text(encoding="utf-8")
+    results, sections = embedded(page, RESULTS_ID), embedded(page, BEYOND_ID)
+    assert sorted(sections) == ["ablation", "neuron"]
+    back = read_back(capsys, beyond_report, tmp_path / "back.json")
+    assert back == {**results, "ablation": sections["ablation"], "neuron": sections["neuron"]}
+    written = json.loads((beyond_report.parent / "first.json").read_text(encoding="utf-8"))
+    written.pop("provenance")
+    assert back == written  # exactly the --json of the run that wrote the report
+
+
+def test_a_compare_report_gives_back_the_compare_document(lm_paths, tmp_path, capsys):
+    written, page = write_both(capsys, tmp_path, "--model", lm_paths[0], "--compare", lm_paths[1], "--text", REPEATS,
+                               "--all-layers", "--head", "1", "--ablation", "zero", "--neuron", "-1", "2")
+    sections = embedded(page, BEYOND_ID)
+    assert sections["compare"]["schema"] == "headscope.compare/1" and sections["compare"]["ablation"] is not None
+    back = read_back(capsys, tmp_path / "report.html", tmp_path / "back.json")
+    assert back == {**sections["compare"], "neuron": sections["neuron"]}
+    assert back["ablation"]["a"] == sections["ablation"]  # A's atlas, the report's own ablation section
+    assert back == written
+
+
+def test_a_with_probe_report_gives_back_the_probe(gpt2_path, tmp_path, capsys):
+    written, page = write_both(capsys, tmp_path, "--model", gpt2_path, "--text", REPEATS, "--layer", "2",
+                               "--with-probe", "12", "--probe-seed", "3")
+    probe = embedded(page, PROBE_ID)
+    assert probe["settings"]["induction_probe"] == {"length": 12, "seed": 3}
+    back = read_back(capsys, tmp_path / "report.html", tmp_path / "back.json")
+    assert back == {**embedded(page, RESULTS_ID), "probe": probe}
+    assert back == written  # --json beside --with-probe carries the probe too
+
+
+def test_a_plain_report_gives_back_its_results_only(gpt2_path, tmp_path, capsys):
+    written, page = write_both(capsys, tmp_path, "--model", gpt2_path, "--text", REPEATS, "--layer", "2")
+    assert embedded(page, BEYOND_ID) is None and embedded(page, PROBE_ID) is None
+    assert read_back(capsys, tmp_path / "report.html", tmp_path / "back.json") == embedded(page, RESULTS_ID) == written
+
+
+def _edit(change):
+    def payload(good: dict) -> str:
+        data = json.loads(json.dumps(good))
+        change(data)
+        return json.dumps(data)
+    return payload
+
+
+TAMPERED_SECTIONS = {
+    "invalid JSON": (lambda good: '{"ablation": oops}',
+                     r"The ablation/neuron/compare JSON in .*tampered\.html is not valid JSON \(Expecting value"),
+    "NaN": (lambda good: json.dumps(good).replace('"dot": ', '"dot": NaN, "was": ', 1),
+            r"is not valid JSON \(NaN is not a JSON number\)\.$"),
+    "a list": (lambda good: "[1, 2]", (r"does not match headscope\.beyond-1\.schema\.json: the document must be of "
+                                      r"type object, not list\.$")),
+    "no section": (lambda good: "{}", r"does not match headscope\.beyond-1\.schema\.json: the document is empty\.$"),
+    "an unknown section": (_edit(lambda d: d.update(patching={"x": 1})),
+                           (r"holds a section this headscope cannot read back \('patching'; it knows ablation, "
+                            r"neuron, compare\)")),
+    "a string in the atlas": (_edit(lambda d: d["ablation"]["delta"][1].__setitem__(2, "0.5")),
+                              r"at ablation\.delta\[1\]\[2\] must be of type number, not str\.$"),
+    "a missing field": (_edit(lambda d: d["neuron"].pop("products")),
+                        r"at neuron lacks the field 'products'\.$"),
+    "an unknown mode": (_edit(lambda d: d["ablation"].update(mode="half")), r"at ablation\.mode "),
+    "a weight above 1": (_edit(lambda d: d["neuron"]["weights"].__setitem__(0, 3.0)),
+                         r"at neuron\.weights\[0\] is 3\.0, out of the allowed range"),
+    "an atlas of the wrong shape": (_edit(lambda d: d["ablation"]["delta"].pop()),
+                                    r"does not fit the report's results: ablation\.delta is not 3 layers x 4 heads\.$"),
+    "a neuron past the text": (_edit(lambda d: d["neuron"]["weights"].append(0.0)),
+                               r"does not fit the report's results: the neuron view has \d+ weights values for \d+\.$"),
+    "a neuron head past the model": (_edit(lambda d: d["neuron"].update(head=9)),
+                                     r"the neuron view's head 9 is past the model's heads \(0\.\.3\)\.$"),
+    "a masked position past the text": (_edit(lambda d: d["ablation"]["masked_positions"].append(999)),
+                                        r"a masked position of ablation lies past its last token\.$"),
+}
+
+
+def tampered(report, tmp_path, script_id: str, payload: str):
+    page = report.read_text(encoding="utf-8")
+    block = re.compile(rf'(<script type="application/json" id="{script_id}">)(.*?)(</script>)', re.DOTALL)
+    assert block.search(page) is not None
+    out = tmp_path / "tampered.html"
+    out.write_text(block.sub(lambda m: m.group(1) + payload + m.group(3), page, count=1), encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("case", list(TAMPERED_SECTIONS))
+def test_a_tampered_beyond_section_is_one_line_and_exit_2(beyond_report, tmp_path, capsys, case):
+    payload, pattern = TAMPERED_SECTIONS[case]
+    good = embedded(beyond_report.read_text(encoding="utf-8"), BEYOND_ID)
+    code, lines = run_cli(capsys, "--from-report", tampered(beyond_report, tmp_path, BEYOND_ID, payload(good)),
+                          "--json", tmp_path / "out.json")
+    assert_one_line_error(code, lines)
+    assert code == 2 and re.search(pattern, lines[0]), lines[0]
+    assert len(lines[0]) < 400
+    assert not (tmp_path / "out.json").exists()  # nothing is written from a tampered report
+
+
+def test_a_tampered_comparison_is_one_line_and_exit_2(lm_paths, tmp_path, capsys):
+    _, page = write_both(capsys, tmp_path, "--model", lm_paths[0], "--compare", lm_paths[1], "--text", "The cat sat.")
+    good = embedded(page, BEYOND_ID)
+    for change, pattern in [
+        (lambda d: d["compare"]["b"]["layers"]["1"].pop("q_means"),
+         (r"The ablation/neuron/compare JSON in .* at compare\.b is not a headscope\.results/1 document: at layers\.1 "
+         r"lacks the field 'q_means'\.$")),
+        (lambda d: d["compare"].update(schema="headscope.compare/2"),
+         r"at compare\.schema must be 'headscope\.compare/1', not 'headscope\.compare/2'\.$"),
+        (lambda d: d["compare"]["score_difference"]["entropy"].pop(),
+         r"compare\.score_difference\.entropy is not 3 layers x 4 heads\.$"),
+    ]:
+        report = tampered(tmp_path / "report.html", tmp_path, BEYOND_ID, _edit(change)(good))
+        code, lines = run_cli(capsys, "--from-report", report, "--json", tmp_path / "out.json")
+        assert_one_line_error(code, lines)
+        assert code == 2 and re.search(pattern, lines[0]), lines[0]
+        assert not (tmp_path / "out.json").exists()
+
+
+def test_a_tampered_probe_is_one_line_and_exit_2(gpt2_path, tmp_path, capsys):
+    _, page = write_both(capsys, tmp_path, "--model", gpt2_path, "--text", "The cat sat.", "--with-probe", "6")
+    good = embedded(page, PROBE_ID)
+    for change, pattern in [
+        (lambda d: d.pop("head_scores"),
+         (r"The induction probe's results JSON in .* is not a headscope\.results/1 document: the document lacks the "
+         r"field 'head_scores'\.$")),
+        (lambda d: d["settings"].update(induction_probe=None), r"is not the induction probe's"),
+    ]:
+        report = tampered(tmp_path / "report.html", tmp_path, PROBE_ID, _edit(change)(good))
+        code, lines = run_cli(capsys, "--from-report", report, "--json", tmp_path / "out.json")
+        assert_one_line_error(code, lines)
+        assert code == 2 and re.search(pattern, lines[0]), lines[0]
+        assert not (tmp_path / "out.json").exists()
