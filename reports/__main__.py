@@ -26,6 +26,8 @@ EXIT_BAD_INPUT = 2
 CORPUS_FILE = "corpus.html"
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
 NOT_UTF8_ARG = "--text is not UTF-8 text (bad byte at character {offset}): save the text as UTF-8 and use --text-file."
+FROM_REPORT_ONLY = ("--from-report writes the JSON a report holds (--json OUT) and neither analyses nor redraws (a "
+                    "report holds no attention patterns): drop {flags}")
 
 
 MAX_SEED = 2**32 - 1
@@ -176,6 +178,7 @@ def check_outputs(parser, args) -> None:
     elif args.from_report is not None:
         if args.json is None:
             parser.error("--from-report needs --json OUT")
+        check_from_report(parser, args)
     elif args.batch is not None:
         if args.out_dir is None:
             parser.error("--batch needs --out-dir DIR (one report per text) or --results DIR (Parquet rows)")
@@ -185,6 +188,18 @@ def check_outputs(parser, args) -> None:
         parser.error("say where to write: --json OUT and/or --html OUT (or --batch FILE --out-dir DIR)")
     beyond_cli.check_arguments(parser, args)
     check_with_probe(parser, args)
+
+
+def check_from_report(parser, args) -> None:
+    """--from-report writes the JSON a report embeds: a flag that would analyse or draw something is refused, not
+    ignored (a report holds no attention patterns, so it cannot be redrawn, nor --patterns written)."""
+    unused = {"--html": args.html, "--figures": args.figures, "--patterns": args.patterns or None,
+              "--batch": args.batch, "--out-dir": args.out_dir, "--text": args.text, "--text-file": args.text_file,
+              "--induction-probe": args.induction_probe, "--layer": args.layer, "--all-layers": args.all_layers or None,
+              "--ablation": args.ablation, "--neuron": args.neuron, "--compare": args.compare}
+    given = [flag for flag, value in unused.items() if value is not None]
+    if given:
+        parser.error(FROM_REPORT_ONLY.format(flags="/".join(given)))
 
 
 def check_with_probe(parser, args) -> None:

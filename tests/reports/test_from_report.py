@@ -185,3 +185,20 @@ def test_a_tampered_probe_is_one_line_and_exit_2(gpt2_path, tmp_path, capsys):
         assert_one_line_error(code, lines)
         assert code == 2 and re.search(pattern, lines[0]), lines[0]
         assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--html", "again.html"], "--html"),
+    (["--patterns"], "--patterns"),
+    (["--figures", "figs"], "--figures"),
+    (["--ablation", "zero", "--layer", "1"], "--layer/--ablation"),
+    (["--compare", "other"], "--compare"),
+])
+def test_flags_that_from_report_would_ignore_are_refused(tmp_path, capsys, flags, named):
+    """A report cannot be redrawn (it holds no attention patterns) nor analysed again: such a flag is one line, not
+    silently ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--from-report", "r.html", "--json", str(tmp_path / "o.json"), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert "--from-report writes the JSON a report holds" in lines[0] and f"drop {named} " in lines[0], lines[0]
