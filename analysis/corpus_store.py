@@ -8,8 +8,14 @@ A results folder DIR holds
   DIR/corpus.json     the manifest (MANIFEST_SCHEMA): model id and revision, the settings, library versions, counts,
                       and one entry per run (engine, times, rows written, rows skipped).
 A rerun into the same DIR skips every record whose (number, text_hash) already has a row, so an interrupted run
-resumes where it stopped and nothing is computed twice; a record whose text changed is analysed again. Rows are
-written in parts (a part file appears whole, by rename), so an interruption loses at most the part being built.
+resumes where it stopped and nothing is computed twice. Before anything is analysed, a rerun reads the input's
+records (no model) and compares them with the rows (`compare_input`): the input is the folder's when no row is of a
+text it no longer has at that number, wherever the file now is (a moved or copied file resumes). Rows of texts
+that changed or that the input no longer has are dropped only when the input is the recorded file edited in place,
+some rows' texts still there and none gone (its changed texts are then analysed again), or when the caller says
+the input changed (`input_changed`, --input-changed); otherwise the run refuses (INPUT_CHANGED) and writes nothing,
+so two corpora never mix and no row still valid for the folder's input is lost. Rows are written in parts (a part
+file appears whole, by rename), so an interruption loses at most the part being built.
 
 `load_results(DIR)` turns the rows back into analysis.corpus.CorpusResult: means and bootstrap intervals are
 computed from the Parquet rows by the same code whichever engine wrote them.
@@ -26,7 +32,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -49,6 +55,7 @@ from analysis.corpus import (
     read_ahead,
     text_values,
 )
+from analysis.corpus_io import iter_records
 from analysis.errors import HeadscopeError
 from analysis.loading import LoadedModel
 from analysis.pipeline import BATCH_SIZE
@@ -73,8 +80,18 @@ OTHER_MODEL = ("{path} holds results of {old} ({key} {old_value!r}), not {new_va
 BAD_MANIFEST = "{path} is not a readable headscope manifest: {reason}."
 ROWS_MISMATCH = ("{path}'s rows do not fit its manifest: {name} holds {size} values where {n} texts of {layers} "
                  "layer(s) x {heads} head(s) need {need}. Write the results again into a new --results folder.")
-OTHER_INPUT = ("{path} holds the rows of {old}{column}, not of {new}: rows are matched to texts by their number, so "
-               "another input's would be averaged in. Use a new --results folder.")
+OTHER_COLUMN = ("{path} holds the rows of {old}'s column {old_column!r}, not of column {column!r}: rows are matched "
+                "to texts by their number, so another column's would be averaged in. Use a new --results folder.")
+INPUT_CHANGED = ("{path} holds the rows of {old}, and {new} differs from them: {what}. Rerun with --input-changed to "
+                 "analyse {new} as it is now (the rows of texts it changed or no longer has are dropped, its changed "
+                 "texts analysed again), or use a new --results folder to keep these rows.")
+CHANGED_TEXTS = "{n} of its texts are not the rows' ({numbers})"
+GONE_TEXTS = "{n} rows of texts it no longer has ({numbers})"
+GONE_ONLY = ("{path} holds {n} rows of texts {new} no longer has ({numbers}): rerun with --input-changed to drop them "
+             "(every other row is kept), or use a new --results folder to keep them.")
+NO_SOURCE = ("{path} already holds rows: give the input's path (source=...) so that its texts are compared with "
+             "them before any is analysed.")
+SHOWN_NUMBERS = 3  # record numbers a refusal names
 OLD_BOS = ("{path} holds head scores from before exclude_bos (position 0 was always left out of them; now only a "
            "BOS/CLS token is): use a new --results folder.")
 
@@ -206,13 +223,13 @@ class ResultsFolder:
                                                             new_value=settings.get(key)))
             if manifest["settings"].get("exclude_bos") != settings.get("exclude_bos", True):
                 raise HeadscopeError(OLD_BOS.format(path=self.path))
-            old_source, old_column = manifest.get("source") or "", manifest["settings"].get("text_column", text_column)
-            if old_column != text_column or _other_files(old_source, source):
-                raise HeadscopeError(OTHER_INPUT.format(path=self.path, old=old_source or "another input", new=source,
-                                                        column=f" (column {old_column!r})"))
+            old_column = manifest["settings"].get("text_column", text_column)
+            if old_column != text_column:
+                raise HeadscopeError(OTHER_COLUMN.format(path=self.path, old=manifest.get("source") or "its input",
+                                                         old_column=old_column, column=text_column))
             return manifest
         manifest = {"schema": MANIFEST_SCHEMA, "model": {key: model[key] for key in MODEL_KEYS},
-                    "settings": {**settings, "text_column": text_column}, "source": source,
+                    "settings": {**settings, "text_column": text_column}, "source": _absolute(source),
                     "shapes": {"head_measures": list(CORPUS_MEASURES), "layer_measures": list(LAYER_MEASURES),
                                "head_list": "[layer][head] flattened row-major", "layer_list": "[layer]"},
                     "versions": versions(), "counts": {"rows": 0, "analysed": 0, "failed": 0}, "runs": []}
@@ -232,11 +249,8 @@ class ResultsFolder:
         tables = []
         parts = sorted(self.part_files(), key=lambda part: (part.stat().st_mtime_ns, part.name))
         for order, part in enumerate(parts):
-            try:
-                table = pq.read_table(part, columns=wanted, schema=ROW_SCHEMA)
-            except (OSError, pa.ArrowInvalid) as exc:
-                log.warning("setting aside unreadable results part %s: %s", part, exc)
-                os.replace(part, part.with_name(part.name + ".broken"))
+            table = _read_part(part, wanted)
+            if table is None:
                 continue
             tables.append(table.append_column("__part", pa.array([order] * table.num_rows, pa.int64())))
         schema = ROW_SCHEMA if wanted is None else pa.schema([ROW_SCHEMA.field(c) for c in wanted])
@@ -254,6 +268,62 @@ class ResultsFolder:
         """(number, text_hash) of every record that already has a row."""
         table = self.read_rows(["number", "text_hash"])
         return set(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
+
+    def latest_hashes(self) -> dict[int, str]:
+        """{number: text_hash} of the row read_rows keeps for each number."""
+        table = self.read_rows(["number", "text_hash"])
+        return dict(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
+
+    def reconcile(self, source: str, records: Iterable[dict] | None, input_changed: bool = False) -> int:
+        """Before a run analyses anything: compare the input's records with the rows, refuse an input that is not
+        the folder's, else drop the rows that are not of the input as it is now; returns the rows dropped.
+
+        The input is the folder's when every row is of a text it still has at that number (`compare_input`), the
+        file being wherever it is now. Rows of texts it changed are dropped (and those texts analysed again) when it
+        is the recorded file edited in place, still holding some of the rows' texts and none gone. Anything else, a
+        row of a text the input no longer has included, needs `input_changed`, or the run refuses (INPUT_CHANGED,
+        GONE_ONLY) and nothing is written. `records` is read only when the folder holds rows; None where the input
+        cannot be read a second time (NO_SOURCE then)."""
+        manifest = self.read_manifest()
+        old, dropped = manifest.get("source") or "", 0
+        rows = self.latest_hashes()
+        if rows:
+            if records is None:
+                raise HeadscopeError(NO_SOURCE.format(path=self.path))
+            change = compare_input(rows, records)
+            if change.changed or change.gone:
+                edited = bool(change.kept) and not change.gone and _same_file(old, source)
+                if not (input_changed or edited):
+                    raise HeadscopeError(change_message(self.path, old, source, change))
+                dropped = self.drop_rows(change.current)
+        if source and manifest.get("source") != _absolute(source):  # a moved input: the folder follows it
+            manifest["source"] = _absolute(source)
+            self.write_manifest(manifest)
+        return dropped
+
+    def drop_rows(self, current: dict[int, str]) -> int:
+        """Rewrite every part without its rows that are not of the input as it is now (`current`: {number:
+        text_hash} of the input's records that have a row); returns the rows dropped. A part keeps its name and its
+        modification time (read_rows orders parts by it); a part left without rows is removed."""
+        dropped = 0
+        for part in self.part_files():
+            table = _read_part(part, None)
+            if table is None:
+                continue
+            keep = [current.get(number) == digest  # [row]
+                    for number, digest in zip(table["number"].to_pylist(), table["text_hash"].to_pylist())]
+            if all(keep):
+                continue
+            dropped += keep.count(False)
+            if not any(keep):
+                part.unlink()
+                continue
+            stat = part.stat()
+            tmp = part.with_name(f".{part.name}.tmp")
+            pq.write_table(table.filter(pa.array(keep)), tmp)
+            os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            os.replace(tmp, part)
+        return dropped
 
     def write_part(self, table: pa.Table, name: str) -> Path:
         """One part file, appearing whole (written under a hidden name, then renamed)."""
@@ -277,12 +347,77 @@ class ResultsFolder:
         return manifest
 
 
-def _other_files(old: str, new: str) -> bool:
-    """Whether two inputs are different files that both exist (an input moved since, or no path given: unknown)."""
+@dataclass(frozen=True)
+class InputChange:
+    """An input's records against a folder's rows: `kept` rows of its texts at their numbers, the numbers whose row is
+    of another text (`changed`) or of no record of it (`gone`), its records without a row (`new`), and `current`,
+    {number: text_hash} of its records that have a row."""
+
+    kept: int
+    changed: list[int]
+    gone: list[int]
+    new: int
+    current: dict[int, str] = field(repr=False)
+
+
+def compare_input(rows: dict[int, str], records: Iterable[dict]) -> InputChange:
+    """Compare an input's records with the rows ({number: text_hash}), holding no more than one hash per row."""
+    current: dict[int, str] = {}
+    new = 0
+    for record in records:
+        number = int(record["number"])
+        if number in rows:
+            current[number] = record["text_hash"]
+        else:
+            new += 1
+    changed = sorted(number for number, digest in current.items() if rows[number] != digest)
+    gone = sorted(number for number in rows if number not in current)
+    return InputChange(len(current) - len(changed), changed, gone, new, current)
+
+
+def change_message(path: Path, old: str, new: str, change: InputChange) -> str:
+    """The refusal of an input that is not the folder's, naming what differs and how to go on."""
+    if not change.changed:
+        return GONE_ONLY.format(path=path, n=len(change.gone), new=new, numbers=_numbers(change.gone))
+    parts = [CHANGED_TEXTS.format(n=len(change.changed), numbers=_numbers(change.changed))]
+    if change.gone:
+        parts.append(GONE_TEXTS.format(n=len(change.gone), numbers=_numbers(change.gone)))
+    return INPUT_CHANGED.format(path=path, old=old or "an input it did not record", new=new or "the input",
+                                what="; ".join(parts))
+
+
+def _numbers(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:SHOWN_NUMBERS]))
+    more = len(numbers) - SHOWN_NUMBERS
+    return f"number {shown}" if len(numbers) == 1 else f"numbers {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def _absolute(source: str) -> str:
+    """An input path as the manifest records it: absolute, so a rerun from another directory finds the same file."""
+    return os.path.abspath(source) if source else ""
+
+
+def _same_file(old: str, new: str) -> bool:
+    """Whether an input is the file the folder recorded (by path, or the same file by another path)."""
+    if not (old and new):
+        return False
+    if os.path.abspath(old) == os.path.abspath(new):
+        return True
     try:
-        return bool(old and new) and os.path.exists(old) and os.path.exists(new) and not os.path.samefile(old, new)
+        return os.path.samefile(old, new)
     except OSError:
         return False
+
+
+def _read_part(part: Path, columns: list[str] | None) -> pa.Table | None:
+    """A part's rows, or None for a part that cannot be read (a write cut short), set aside as *.broken so that its
+    records count as not done."""
+    try:
+        return pq.read_table(part, columns=columns, schema=ROW_SCHEMA)
+    except (OSError, pa.ArrowInvalid) as exc:
+        log.warning("setting aside unreadable results part %s: %s", part, exc)
+        os.replace(part, part.with_name(part.name + ".broken"))
+        return None
 
 
 def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -298,15 +433,20 @@ def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolder | str | Path, source: str = "",
               text_column: str = "text", exclude_first_token: bool = True, exclude_current_token: bool = False,
-              batch_size: int = 16, flush_rows: int = FLUSH_ROWS, progress: Progress | None = None) -> dict:
+              batch_size: int = 16, flush_rows: int = FLUSH_ROWS, progress: Progress | None = None,
+              input_changed: bool = False) -> dict:
     """The local engine: analyse every record without a row in `folder`, in this process; returns the run entry.
 
-    Records go to `analyze_records` `batch_size` at a time (corpus.READ_AHEAD batches on a GPU); rows are written
-    as a part file every `flush_rows`.
+    `source` is the input's path: a rerun into a folder that holds rows reads it once more to compare its records
+    with the rows before analysing (ResultsFolder.reconcile; `input_changed` lets it drop rows). Records go to
+    `analyze_records` `batch_size` at a time (corpus.READ_AHEAD batches on a GPU); rows are written as a part file
+    every `flush_rows`.
     """
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
     settings = result_settings(exclude_first_token, exclude_current_token)
     folder.open(loaded.info.to_dict(), settings, source, text_column)
+    again = iter_records(source, text_column) if source and os.path.exists(source) else None
+    dropped = folder.reconcile(source, again, input_changed)
     done = folder.done_keys()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     started, clock = _now(), time.perf_counter()
@@ -337,7 +477,7 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
             progress(seen, written + len(pending))
     flush()
     run = {"engine": "local", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
-           "records": seen, "new_rows": written, "skipped": skipped, "batch_size": batch_size}
+           "records": seen, "new_rows": written, "skipped": skipped, "dropped": dropped, "batch_size": batch_size}
     folder.finish_run(run)
     return run
 

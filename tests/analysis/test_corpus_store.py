@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from analysis import HeadscopeError, analyze, corpus_store
@@ -92,14 +93,14 @@ def test_an_interrupted_run_resumes_with_only_the_remaining_texts(gpt2, tmp_path
     folder = ResultsFolder(tmp_path / "res")
     assert folder.read_rows().num_rows == 8
     counted.clear()
-    run = run_local(gpt2, iter_records(path), tmp_path / "res", batch_size=4, flush_rows=8)
+    run = run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path), batch_size=4, flush_rows=8)
     assert run["skipped"] == 8 and run["new_rows"] == 13 and len(counted) == 13  # nothing computed twice
     whole = tmp_path / "whole"
     run_local(gpt2, iter_records(path), whole, batch_size=4)
     resumed, reference = folder.read_rows(), ResultsFolder(whole).read_rows()
     assert resumed.num_rows == 21 and resumed.equals(reference)  # nothing lost, identical rows
     counted.clear()
-    again = run_local(gpt2, iter_records(path), tmp_path / "res")
+    again = run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))
     assert again["new_rows"] == 0 and again["skipped"] == 21 and counted == []
     assert [r["engine"] for r in json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"]] == ["local"] * 2
 
@@ -108,13 +109,15 @@ def test_a_changed_text_is_analysed_again_and_a_broken_part_is_set_aside(gpt2, t
     texts = short_texts(6, seed=2)
     path = tmp_path / "in.txt"
     path.write_text("\n".join(texts), encoding="utf-8")
-    run_local(gpt2, iter_records(path), tmp_path / "res", flush_rows=3)
+    run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path), flush_rows=3)
     path.write_text("\n".join(texts[:5] + ["an edited last line"]), encoding="utf-8")
     (tmp_path / "res" / "rows" / "cut-short.parquet").write_bytes(b"PAR1 not really")  # a write killed part-way
     counted.clear()
-    run = run_local(gpt2, iter_records(path), tmp_path / "res")
-    assert counted == ["an edited last line"] and run["skipped"] == 5
+    run = run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))
+    assert counted == ["an edited last line"] and (run["skipped"], run["dropped"]) == (5, 1)
     assert (tmp_path / "res" / "rows" / "cut-short.parquet.broken").exists()
+    parts = ResultsFolder(tmp_path / "res").part_files()
+    assert sum(pq.read_metadata(part).num_rows for part in parts) == 6  # line 6's old row is gone from its part
     result = load_results(tmp_path / "res")  # line 6's new row replaces its old one
     assert [(t.number, t.excerpt) for t in result.texts] == [*[(i + 1, t) for i, t in enumerate(texts[:5])],
                                                              (6, "an edited last line")]
@@ -142,14 +145,73 @@ def test_a_results_folder_refuses_another_model_or_settings(gpt2, bert, tmp_path
     other.write_text("a dog ran\n", encoding="utf-8")
     run_local(gpt2, iter_records(path), tmp_path / "named", source=str(path))
     run_local(gpt2, iter_records(path), tmp_path / "named", source=str(path))  # the same input resumes
-    with pytest.raises(HeadscopeError, match=r"holds the rows of .*in\.txt \(column 'text'\), not of .*other\.txt"):
+    with pytest.raises(HeadscopeError, match=r"holds the rows of .*in\.txt, and .*other\.txt differs from them"):
         run_local(gpt2, iter_records(other), tmp_path / "named", source=str(other))
-    with pytest.raises(HeadscopeError, match="holds the rows of"):
+    with pytest.raises(HeadscopeError, match=r"holds the rows of .*in\.txt's column 'text', not of column 'body'"):
         run_local(gpt2, iter_records(path), tmp_path / "named", source=str(path), text_column="body")
     manifest["model"]["n_layers"] += 1  # a manifest edited by hand: the rows no longer fit its sizes
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(HeadscopeError, match="rows do not fit its manifest: .* need .* new --results folder"):
         load_results(tmp_path / "res")
+
+
+def test_an_input_made_shorter_is_refused_then_its_rows_past_the_end_are_dropped(gpt2, tmp_path, counted):
+    """Edited in place and made shorter: the rows of the lines it no longer has were kept and averaged in. Now the
+    rerun refuses (nothing written) until told the input changed; then those rows go and every other row stays."""
+    texts = short_texts(6, seed=4)
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path), flush_rows=4)
+    before = load_results(tmp_path / "res")
+    path.write_text("\n".join(texts[:4]) + "\n", encoding="utf-8")  # lines 5 and 6 deleted
+    counted.clear()
+    with pytest.raises(HeadscopeError, match=r"res holds 2 rows of texts .*in\.txt no longer has \(numbers 5, 6\)"
+                                             r".*--input-changed.*new --results folder"):
+        run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))
+    assert counted == [] and load_results(tmp_path / "res").means.keys() == before.means.keys()
+    assert len(load_results(tmp_path / "res").texts) == 6  # refused: the folder is still the old file's results
+    run = run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path), input_changed=True)
+    assert counted == [] and (run["new_rows"], run["skipped"], run["dropped"]) == (0, 4, 2)
+    fresh = tmp_path / "fresh"  # ground truth: the shortened file into a new folder
+    run_local(gpt2, iter_records(path), fresh, source=str(path))
+    assert ResultsFolder(tmp_path / "res").read_rows().equals(ResultsFolder(fresh).read_rows())
+    got, want = load_results(tmp_path / "res"), load_results(fresh)
+    assert [t.number for t in got.texts] == [1, 2, 3, 4]
+    for name in want.means:
+        np.testing.assert_array_equal(got.means[name], want.means[name])
+    assert json.loads((tmp_path / "res" / "corpus.json").read_text())["counts"]["rows"] == 4
+
+
+def test_an_input_is_compared_by_its_texts_not_by_its_path(gpt2, tmp_path, counted):
+    """A moved or copied input resumes wherever it now is; another corpus is refused wherever it is, also at the
+    path the folder recorded (the recorded file replaced) and after the recorded file is gone."""
+    texts = short_texts(5, seed=5)
+    first = tmp_path / "a" / "in.txt"
+    first.parent.mkdir()
+    first.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    run_local(gpt2, iter_records(first), tmp_path / "res", source=str(first))
+    rows = ResultsFolder(tmp_path / "res").read_rows()
+    copy = tmp_path / "b" / "in.txt"  # a copy elsewhere, the recorded file still there: once refused
+    copy.parent.mkdir()
+    copy.write_text("\n".join([*texts, "a line added"]) + "\n", encoding="utf-8")
+    counted.clear()
+    run = run_local(gpt2, iter_records(copy), tmp_path / "res", source=str(copy))
+    assert counted == ["a line added"] and (run["new_rows"], run["skipped"]) == (1, 5)
+    assert json.loads((tmp_path / "res" / "corpus.json").read_text())["source"] == str(copy.resolve())
+    rows = ResultsFolder(tmp_path / "res").read_rows()
+    other = short_texts(6, seed=6)
+    copy.write_text("\n".join(other) + "\n", encoding="utf-8")  # the recorded path now holds another corpus
+    with pytest.raises(HeadscopeError, match=r"res holds the rows of .*b/in\.txt, and .*b/in\.txt differs from "
+                                             r"them: 6 of its texts are not the rows' \(numbers 1, 2, 3 and 3 more\)"
+                                             r".*--input-changed"):
+        run_local(gpt2, iter_records(copy), tmp_path / "res", source=str(copy))
+    copy.unlink()
+    first.unlink()
+    elsewhere = tmp_path / "c.txt"  # the recorded file gone, another one given: once taken as the same
+    elsewhere.write_text("\n".join(other[:3]) + "\n", encoding="utf-8")
+    with pytest.raises(HeadscopeError, match=r"3 of its texts are not the rows' .*3 rows of texts it no longer has"):
+        run_local(gpt2, iter_records(elsewhere), tmp_path / "res", source=str(elsewhere))
+    assert counted == ["a line added"] and ResultsFolder(tmp_path / "res").read_rows().equals(rows)
 
 
 @pytest.fixture(scope="module")
