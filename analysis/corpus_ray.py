@@ -8,6 +8,9 @@ The pipeline:
              as the local engine, so line numbers, ids and bad records are the same); Parquet: `ray.data.read_parquet`
              in file-name order, zipped with `ray.data.range` for the row numbers; a dataset saved to disk: its
              memory-mapped Arrow table through `ray.data.from_arrow` (`from_huggingface` needs aiohttp);
+  compare    on a rerun, the driver reads the input's records once (no model) and compares them with the folder's
+             rows before Ray reads anything (ResultsFolder.reconcile, as the local engine): another input is refused,
+             rows of texts changed or gone are dropped;
   skip       records that already have a row in the results folder (number, text_hash) are dropped;
   analyse    `map_batches(RowMaker, compute=ActorPoolStrategy(size=workers))`: each worker loads the model once and
              turns batches of records into rows with corpus_store.analyze_records, the function the local engine calls;
@@ -32,7 +35,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from analysis.corpus import read_ahead
-from analysis.corpus_io import check_column, check_input, detect_kind, load_hf, make_record, parquet_files, parse_lines
+from analysis.corpus_io import (
+    check_column,
+    check_input,
+    detect_kind,
+    iter_records,
+    load_hf,
+    make_record,
+    parquet_files,
+    parse_lines,
+)
 from analysis.corpus_store import ResultsFolder, _now, analyze_records, result_settings, rows_to_table
 from analysis.errors import HeadscopeError
 
@@ -159,8 +171,9 @@ def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> 
 def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, text_column: str = "text",
             device: str = "cpu", dtype: str = "float32", exclude_first_token: bool = True,
             exclude_current_token: bool = False, batch_size: int = 16, address: str | None = None,
-            workers: int | None = None, num_cpus: int | None = None) -> dict:
-    """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings)."""
+            workers: int | None = None, num_cpus: int | None = None, input_changed: bool = False) -> dict:
+    """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings).
+    A rerun first compares the input with the folder's rows in this process (ResultsFolder.reconcile)."""
     import ray
     import ray.data
 
@@ -192,6 +205,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
         info = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(model, device, dtype))
         folder.open(info, settings, str(source), text_column)
+        dropped = folder.reconcile(str(source), iter_records(source, text_column), input_changed)
         done = frozenset(folder.done_keys())
         parts_before = set(folder.part_files())
         records = read_records(ray, source, text_column, done)
@@ -217,7 +231,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
     run = {"engine": "ray", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
-           "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "skipped": kept,
+           "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "skipped": kept, "dropped": dropped,
            "batch_size": batch_size, "workers": workers, "address": address, "device": device}
     folder.finish_run(run)
     return run

@@ -34,18 +34,24 @@ RAY_SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
     from analysis.corpus_ray import run_ray
+    from analysis.errors import HeadscopeError
     from reports.__main__ import main
+
+    def job(source, folder, column, input_changed):
+        try:
+            return run_ray(model, source, folder, text_column=column, batch_size=4, input_changed=input_changed)
+        except HeadscopeError as exc:  # a refusal: its one line
+            return {"error": str(exc)}
 
     model, temp_dir, jobs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     try:
-        source, folder, column = jobs[0]  # the first through the command line
+        source, folder, column, _ = jobs[0]  # the first through the command line
         code = main(["--model", model, "--batch", source, "--results", folder, "--text-column", column,
                      "--engine", "ray", "--batch-size", "4"])
         assert code == 0, code
         runs = [json.load(open(folder + "/corpus.json"))["runs"][-1]]
-        runs += [run_ray(model, source, folder, text_column=column, batch_size=4)
-                 for source, folder, column in jobs[1:]]
+        runs += [job(*spec) for spec in jobs[1:]]
         assert ray.is_initialized()  # run_ray leaves a Ray it did not start running
     finally:
         ray.shutdown()
@@ -71,9 +77,12 @@ def ray_processes(marker: str) -> list[str]:
 
 
 def run_ray_jobs(model: Path, jobs: list[tuple], temp_dir: Path) -> list[dict]:
+    """Run each (source, folder, text column[, input_changed]) in one Ray instance: the first through the command
+    line, the others through run_ray (a refusal comes back as {"error": its line})."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     child = subprocess.Popen([sys.executable, "-c", RAY_SCRIPT, str(model), str(temp_dir),
-                              json.dumps([[str(s), str(f), c] for s, f, c in jobs])], cwd=ROOT, env=env,
+                              json.dumps([[str(s), str(f), c, bool(rest and rest[0])] for s, f, c, *rest in jobs])],
+                             cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = child.communicate(timeout=TIMEOUT)
@@ -151,18 +160,30 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
     assert done_before == 8
     edited = tmp_path / "edited.txt"  # a local run, then its second line changed: Ray replaces that row alone
     edited.write_text("The cat sat on the mat.\nMary and John went to the store.\nAttention heads.\n")
-    run_local(gpt2, iter_records(edited), tmp_path / "edited")
+    run_local(gpt2, iter_records(edited), tmp_path / "edited", source=str(edited))
     edited.write_text("The cat sat on the mat.\nA different second line.\nAttention heads.\n")
+    shortened = tmp_path / "shortened.txt"  # made shorter: Ray refuses, then drops the rows past its end when told
+    shortened.write_text("The cat sat on the mat.\nMary and John went to the store.\nAttention heads.\n")
+    run_local(gpt2, iter_records(shortened), tmp_path / "shortened", source=str(shortened))
+    shortened.write_text("The cat sat on the mat.\n")
+    moved = tmp_path / "moved.txt"  # a copy of the txt input elsewhere resumes the local folder of the first
+    shutil.copy(txt, moved)
 
     jobs = [(source, tmp_path / f"ray-{kind}", column) for kind, (source, column) in inputs.items()]
     temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
     try:
-        runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text"), (edited, tmp_path / "edited", "text")],
-                            temp_dir)
+        runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text"), (edited, tmp_path / "edited", "text"),
+                                        (shortened, tmp_path / "shortened", "text"),
+                                        (shortened, tmp_path / "shortened", "text", True),
+                                        (moved, local["txt"], "text")], temp_dir)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-    edited_run = runs.pop()
-    assert (edited_run["new_rows"], edited_run["skipped"]) == (1, 2)  # once counted 0 and 3 (a replaced key)
+    moved_run, dropped_run, refused, edited_run = runs.pop(), runs.pop(), runs.pop(), runs.pop()
+    assert (edited_run["new_rows"], edited_run["skipped"], edited_run["dropped"]) == (1, 2, 1)  # once 0 and 3
+    assert "shortened holds 2 rows of texts" in refused["error"] and "(numbers 2, 3)" in refused["error"]
+    assert (dropped_run["new_rows"], dropped_run["skipped"], dropped_run["dropped"]) == (0, 1, 2)
+    assert [t.number for t in load_results(tmp_path / "shortened").texts] == [1]
+    assert (moved_run["new_rows"], moved_run["skipped"], moved_run["dropped"]) == (0, 26, 0)
 
     for kind in inputs:
         assert_same_rows(tmp_path / f"ray-{kind}", local[kind])
