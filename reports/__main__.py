@@ -127,6 +127,10 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, metavar="N",
                        help=f"texts per forward pass (default: {RESULTS_BATCH_SIZE} with --results; 1 with --out-dir, "
                             "each report then exactly its single-text run's numbers)")
+    group.add_argument("--input-changed", action="store_true",
+                       help="with --results: FILE is not the input DIR's rows are of (edited, shortened, replaced): "
+                            "drop the rows of texts it changed or no longer has and analyse it as it is now (without "
+                            "it such a rerun is refused and DIR left as it was)")
     group.add_argument("--text-column", default="text", metavar="NAME",
                        help="the text field of .jsonl, Parquet and saved datasets (default: text)")
     group.add_argument("--from-results", type=Path, metavar="DIR",
@@ -160,6 +164,8 @@ def check_results_arguments(parser, args) -> None:
             parser.error("--out-dir writes one report per text, --results the Parquet rows: choose one")
     elif args.engine is not None:
         parser.error("--engine and --ray-address need --batch FILE --results DIR")
+    elif args.input_changed:
+        parser.error("--input-changed needs --batch FILE --results DIR (it drops rows of a results folder)")
     if args.text_column != "text" and args.results is None:
         parser.error("--text-column is read by --batch FILE --results DIR (JSONL, Parquet, saved datasets); "
                      "--out-dir reads JSONL's \"text\" field")
@@ -515,7 +521,7 @@ def run_results(args) -> int:
 
     check_input(args.batch, args.text_column)  # a missing, damaged or columnless input: refused before any writing
     options = {"text_column": args.text_column, "exclude_first_token": not args.include_first_token,
-               "batch_size": args.batch_size}
+               "batch_size": args.batch_size, "input_changed": args.input_changed}
     if args.engine == "ray":
         from analysis.corpus_ray import run_ray  # the only path that imports Ray
 
@@ -529,8 +535,9 @@ def run_results(args) -> int:
     if run["new_rows"] + run["skipped"] == 0:
         raise HeadscopeError(NO_TEXTS.format(source=args.batch))  # as --out-dir says it
     failed = run.get("new_failed", 0)
+    dropped = f", {run['dropped']} dropped (texts the input changed or no longer has)" if run["dropped"] else ""
     print(f"headscope: {run['new_rows']} texts written on {run['engine']} in {run['seconds']:.1f} s ({failed} failed), "
-          f"{run['skipped']} already there -> {args.results}", file=sys.stderr)
+          f"{run['skipped']} already there{dropped} -> {args.results}", file=sys.stderr)
     write_corpus_outputs(args.results, args)
     return EXIT_BAD_INPUT if run["skipped"] == 0 and failed == run["new_rows"] else 0  # every text failed
 

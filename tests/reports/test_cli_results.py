@@ -52,6 +52,7 @@ def test_results_then_from_results_render_the_same_corpus(gpt2_path, corpus_file
     (["--from-results", "DIR"], "--from-results needs --html OUT and/or --json OUT"),
     (["--batch", "F", "--results", "DIR", "--batch-size", "0"], "at least 1"),
     (["--batch", "F"], "--out-dir DIR (one report per text) or --results DIR"),
+    (["--batch", "F", "--out-dir", "O", "--input-changed"], "--input-changed needs --batch FILE --results DIR"),
 ])
 def test_bad_flag_combinations_are_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_info:
@@ -66,6 +67,39 @@ def test_missing_input_and_not_a_results_folder_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "res").exists()  # refused before anything was written
     code, lines = run_cli(capsys, "--from-results", tmp_path, "--html", tmp_path / "c.html")
     assert code == 2 and len(lines) == 1 and "is not a headscope results folder" in lines[0]
+
+
+def test_a_shortened_or_moved_input_is_one_line_until_told_it_changed(gpt2_path, corpus_file, tmp_path, capsys):
+    """Made shorter in place, the input kept its old rows past its end in the means; moved elsewhere and replaced by
+    another file, it was taken as the folder's. Now both are one line (exit 2, the folder untouched), --input-changed
+    drops the rows that no longer fit, and a copy of the same texts at another path resumes."""
+    results = tmp_path / "res"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0, lines
+    moved = tmp_path / "moved.jsonl"
+    corpus_file.rename(moved)  # the same texts at another path: resumed, nothing analysed again
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", moved, "--results", results)
+    assert code == 0 and "0 texts written" in lines[0] and "5 already there" in lines[0], lines
+    corpus_file.write_text(json.dumps({"text": "another corpus altogether"}) + "\n")  # where the first one was
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"{results} holds the rows of {moved}, and {corpus_file} differs from them: 1 of its texts" in lines[0]
+    assert "4 rows of texts it no longer has (numbers 2, 3, 4 and 1 more)" in lines[0] and "--input-changed" in lines[0]
+    moved.write_text("\n".join(moved.read_text().splitlines()[:3]) + "\n")  # the folder's input, made shorter
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", moved, "--results", results,
+                          "--json", tmp_path / "refused.json")
+    assert code == 2 and len(lines) == 1 and "holds 2 rows of texts" in lines[0] and "(numbers 4, 5)" in lines[0]
+    assert not (tmp_path / "refused.json").exists()
+    code, lines = run_cli(capsys, "--from-results", results, "--json", tmp_path / "before.json")
+    assert code == 0 and json.loads((tmp_path / "before.json").read_text())["n_texts"] == 5  # untouched
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", moved, "--results", results, "--input-changed",
+                          "--json", tmp_path / "after.json")
+    assert code == 0 and "0 texts written" in lines[0] and "3 already there, 2 dropped" in lines[0], lines
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", moved, "--results", tmp_path / "fresh",
+                          "--json", tmp_path / "fresh.json")
+    assert code == 0, lines
+    after, fresh = (json.loads((tmp_path / name).read_text()) for name in ("after.json", "fresh.json"))
+    assert after == fresh and [t["number"] for t in after["texts"]] == [1, 2, 3]  # as if written afresh
 
 
 NO_RAY = """
