@@ -148,6 +148,8 @@ class Capture:
     measures: dict[int, dict[str, np.ndarray]] | None = None  # measured passes: per layer, the q/k measurements
     # (metrics.compute_qk_measures_t's names, "mannwhitney*" parts where the device ranked them)
     exclude_first_token: bool | None = None  # what those measurements were taken with
+    parity_score_max: dict[int, float] = field(default_factory=dict)  # requested layers of a half-precision model:
+    # the largest |row maximum of the scores|, what the parity tolerance scales with (analysis.parity)
 
 
 @dataclass
@@ -312,6 +314,8 @@ class _Recorder:
                 found.update(reduced.readouts)
                 if reduced.parity is not None:
                     found["parity"] = reduced.parity
+                if reduced.score_max is not None:
+                    found["score_max"] = reduced.score_max
                 if reduced.pattern is not None:
                     text.patterns.update(zip(layers, reduced.pattern))  # [head, q_pos, k_pos] each
             if self.measure and (wanted or self.measure_all):
@@ -597,6 +601,8 @@ def to_capture(loaded, item: TextInput, text: _Text, exclude_first_token: bool |
         key_skip=text.skip,
         measures=measures or None,
         exclude_first_token=exclude_first_token if measures else None,
+        parity_score_max={layer: float(text.host[layer, "score_max"]) for layer in summaries
+                          if (layer, "score_max") in text.host},
     )
 
 

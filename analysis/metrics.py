@@ -37,7 +37,8 @@ HEAD_STATS_BY_NORM = {"cpu": True, "cuda": False}
 
 
 def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
-                    softcap: float | None = None, with_scores: bool = False, out: torch.Tensor | None = None):
+                    softcap: float | None = None, with_scores: bool = False, out: torch.Tensor | None = None,
+                    with_max: bool = False):
     """softmax(q k^T * scaling + mask) per query head, in float32, as the model's eager attention does. The mask
     [1, q_pos, m] (additive or bool) covers the last m keys: all of them as a model's mask does, or fewer (the
     square of a causal block of rows, where every earlier key is seen: no pass over the rest).
@@ -47,6 +48,9 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     pattern (a tenth of xlogy's cost on the CPU; both terms are >= 0, so nothing cancels). A boolean mask masks
     with the dtype's lowest finite value, as transformers' eager masks do, so masked entries give p * score = 0.
     `out`: a [head, q_pos, k_pos] float32 tensor (a view, such as rows of a larger array) the pattern is written to.
+    with_max: each row's largest score [head, q_pos] (scaled, soft-capped, masked: the dtype's lowest value for a row
+    with no key) comes last as well, what analysis.parity's half-precision tolerance scales with; with_scores has
+    it anyway (the shift), without it it costs one reduction over the scores.
     """
     n_heads, n_rows, n_kv, n_keys = q.shape[0], q.shape[1], k.shape[0], k.shape[-2]
     rep = n_heads // n_kv  # query heads per key head, consecutive
@@ -68,10 +72,14 @@ def compute_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     if mask is not None and not whole:
         scores[..., n_keys - mask.shape[-1]:].add_(mask)  # [1, q_pos, m] over heads: the last m keys
     if not with_scores:
-        return torch.softmax(scores, dim=-1, out=out)  # [head, q_pos, k_pos]
-    scores.sub_(scores.amax(dim=-1, keepdim=True))  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
+        top = scores.amax(dim=-1) if with_max else None  # [head, q_pos]: each row's largest score
+        pattern = torch.softmax(scores, dim=-1, out=out)  # [head, q_pos, k_pos]
+        return (pattern, top) if with_max else pattern
+    top = scores.amax(dim=-1, keepdim=True)  # [head, q_pos, 1]: each row's largest score
+    scores.sub_(top)  # [head, q_pos, k_pos]: <= 0, the row's maximum at 0
     pattern = torch.softmax(scores, dim=-1, out=out)  # [head, q_pos, k_pos]
-    return pattern, scores, pattern.amax(dim=-1)  # ..., [head, q_pos]: each row's largest weight (amax: no indices)
+    found = (pattern, scores, pattern.amax(dim=-1))  # ..., [head, q_pos]: each row's largest weight (amax: no indices)
+    return (*found, top.squeeze(-1)) if with_max else found  # ..., [head, q_pos]
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

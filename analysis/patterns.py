@@ -33,6 +33,8 @@ TEMPORARIES = 3  # [head, rows, T] float32 tensors alive at once in a block: the
 # as cheap as a product, from the pattern alone (torch.special.entr then a sum: two passes over the block instead
 # of the row maxima, the shift, the product and its sum).
 ENTROPY_FROM_SCORES = {"cpu": True, "cuda": False}
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # a model run in these: a parity tolerance that scales with its scores
+NO_KEY = torch.finfo(torch.float32).min / 2  # a row maximum below this is a row whose every key is masked
 
 
 @dataclass(eq=False)
@@ -43,6 +45,7 @@ class PatternReduction:
     fixed: torch.Tensor  # [layer, head, 3] float64: sink, self, entropy
     readouts: dict[str, torch.Tensor] | None  # [layer, ...]: metrics.compute_attention_summaries's fields
     parity: torch.Tensor | None  # [layer] float32: max abs error against the model's weights or output
+    score_max: torch.Tensor | None  # [layer] float32: largest |row maximum of the scores| (half precision, parity)
     pattern: np.ndarray | None  # [layer, head, q_pos, k_pos] float32
 
 
@@ -62,13 +65,17 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     every layer). `causal`: the model's attention is causal (each block then rebuilds only keys up to its last row).
 
     Parity against `weights` [layer, head, T, T] (eager) if given, else `value` [layer, kv_head, T, d_v] and the
-    kernel's `output` [layer, head, T, d_v]; neither: no parity. Everything is float32 from the model's q and k,
+    kernel's `output` [layer, head, T, d_v]; neither: no parity. With parity, when q comes in half precision (the
+    model's dtype), `score_max` is each layer's largest |row maximum of the scores| (scaled, soft-capped, masked),
+    what analysis.parity's tolerance scales with: on the CPU the rebuild's shift has the row maxima anyway, on a GPU
+    they cost one reduction over each block's scores. Everything is float32 from the model's q and k,
     whatever its dtype; sums over rows are float64 as in head_scores.compute_score_parts. `rebuild`:
     metrics.compute_pattern. The read-outs and the head scores' sums come from this one float32 rebuild, whatever
     the model's dtype. "final_to_prev" is row `query_position` at metrics.query_keys(causal=, skip=): earlier
     keys, or every other. Every result has the leading [layer] dimension.
     """
     n_layers, layer_heads = q.shape[0], q.shape[1]
+    with_max = q.dtype in HALF_DTYPES and (weights is not None or output is not None)
     q, k = q.flatten(0, 1).float(), k.flatten(0, 1).float()  # [layer * head, T, d_head], [layer * kv_head, ...]
     weights = None if weights is None else weights.flatten(0, 1)  # [layer * head, T, T]
     value = None if value is None else value.flatten(0, 1)  # [layer * kv_head, T, d_v]
@@ -88,6 +95,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     from_scores = ENTROPY_FROM_SCORES[device_kind(q.device)]
     numerators = None  # [head, 3 * 4]: accumulated over the blocks (no zeros to start from: one launch less)
     parity = None  # [layer] float32, where there is something to compare with
+    score_max = None  # [layer] float32, where with_max
     first_key, diagonal, entropy, others, final_row = [], [], [], [], None  # blocks of [head, rows] float32
     kept = np.zeros((n_heads, n, n), dtype=np.float32) if keep else None  # [head, q_pos, k_pos] on the host
     # on the CPU the rebuild writes each block into the kept array itself (no copy; the masked keys stay 0)
@@ -104,11 +112,18 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         else:  # [1, rows, rows]: on the block's last `rows` keys; or no mask at all
             block_mask = None if square is None else square[:, :stop - start, :stop - start]
         out = {} if into is None else {"out": into[:, start:stop, :width]}  # [head, rows, width], a view
+        if with_max:
+            out["with_max"] = True  # the rows' largest scores come last: [head, rows]
         if from_scores:  # [head, rows, width] x 2, [head, rows]: softmax, scores less the row's max, max weight
-            pattern, shifted, largest = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap,
-                                                with_scores=True, **out)
-        else:
-            pattern, shifted = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap, **out), None
+            found = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap, with_scores=True, **out)
+            (pattern, shifted, largest), top = found[:3], found[3] if with_max else None
+        else:  # the pattern [head, rows, width], or (the pattern, the rows' largest scores)
+            found = rebuild(q[:, start:stop], k[:, :width], scaling, block_mask, softcap, **out)
+            pattern, top, shifted = (*found, None) if with_max else (found, None, None)
+        del found  # the block's tensors go with their names (del pattern below)
+        if top is not None:  # [head, rows] -> [layer]: |largest score| over the layer's rows, 0 for a row with no key
+            top = torch.where(top > NO_KEY, top, 0.0).abs_().view(n_layers, -1).amax(dim=-1)  # [layer]
+            score_max = top if score_max is None else torch.maximum(score_max, top)
         pairs = plan.rows(start, stop)
         if pairs.stop > pairs.start:
             gathered = pattern[:, plan.q_index[pairs] - start, plan.k_index[pairs]].double()  # [head, pair]
@@ -179,6 +194,7 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
         }
     return PatternReduction(parts=parts.view(n_layers, layer_heads, *parts.shape[1:]),
                             fixed=fixed.view(n_layers, layer_heads, -1), readouts=out, parity=parity,
+                            score_max=score_max,
                             pattern=None if kept is None else kept.reshape(n_layers, layer_heads, n, n))
 
 

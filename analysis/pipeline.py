@@ -87,9 +87,10 @@ def measured_mannwhitney(host: dict, key, same: np.ndarray, diff: np.ndarray) ->
     return compute_mannwhitney(same, diff)  # small groups: scipy's exact test
 
 
-def layer_result(get: dict, parity: float, pattern: np.ndarray | None = None) -> LayerResult:
+def layer_result(get: dict, parity: float, pattern: np.ndarray | None = None,
+                 score_max: float | None = None) -> LayerResult:
     """One layer's LayerResult from its host numbers {name: array} (metrics.compute_layer_measures_t's names
-    and the READOUTS)."""
+    and the READOUTS); `score_max`: what its parity tolerance scales with (half precision), if measured."""
     p, r = measured_mannwhitney(get, "mannwhitney", get["same_head_dp"], get["diff_head_dp"])
     p_c, r_c = measured_mannwhitney(get, "mannwhitney_centered", get["same_head_dp_centered"],
                                     get["diff_head_dp_centered"])
@@ -103,11 +104,13 @@ def layer_result(get: dict, parity: float, pattern: np.ndarray | None = None) ->
     return LayerResult(q_means=get["q_means"], q_stds=get["q_stds"], k_means=get["k_means"], k_stds=get["k_stds"],
                        same_head_dp=get["same_head_dp"], diff_head_dp=get["diff_head_dp"],
                        **{name: get[name] for name in READOUTS}, parity_max_abs_err=float(parity), kde=kde,
-                       patterns=pattern, dp_stats=dp_stats)
+                       patterns=pattern, dp_stats=dp_stats,
+                       parity_score_max=None if score_max is None else float(score_max))
 
 
 def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_token: bool,
-                         pattern=None, *, query_position: int = -1, causal: bool = True, skip=None) -> LayerResult:
+                         pattern=None, *, query_position: int = -1, causal: bool = True, skip=None,
+                         score_max: float | None = None) -> LayerResult:
     """Every measurement of one layer from its captured q [head, pos, d], k [kv_head, pos, d] (numpy) and the
     read-outs of its pattern; computed by the device functions on the CPU. `pattern` is kept if given. The dot
     products' query and keys: metrics.compared_keys(query_position, causal=, skip=)."""
@@ -116,7 +119,7 @@ def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_tok
                                      exclude_first_token, query_position, causal=causal, skip=skip)
     host = to_host(found)
     host.update({name: np.asarray(values, dtype=np.float64) for name, values in summaries.items()})
-    return layer_result(host, parity, pattern)
+    return layer_result(host, parity, pattern, score_max)
 
 
 def check_parity(errors: dict[int, float], dtype: str) -> tuple[str, ...]:
@@ -214,7 +217,8 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
                    {layer: compute_layer_result(captured.q[layer], captured.k[layer], readouts(layer),
                                                 captured.parity[layer], exclude_first_token,
                                                 captured.patterns.get(layer), query_position=p, causal=causal,
-                                                skip=skip) for layer in chosen},
+                                                skip=skip, score_max=captured.parity_score_max.get(layer))
+                    for layer in chosen},
                    pattern_bytes(model["n_heads"], n, len(chosen)) / 2**20 if dropped else None,
                    captured.score_parts, captured.score_fixed, exclude_first_token, exclude_current_token,
                    induction_probe, query=(p, how), exclude_special_keys=exclude_special_keys,
@@ -233,8 +237,8 @@ def _measured(loaded: LoadedModel, item: TextInput, text: _Text, chosen: list[in
     shown = chosen if keep_layers is None else sorted(set(keep_layers))
     dropped = keep_patterns is None and any(layer not in text.patterns for layer in shown)  # None: kept if they fit
     return _result(model, item.text, token_strings(loaded.tokenizer, item.ids), item.ids, item.special,
-                   {layer: layer_result(by_layer[layer], host[layer, "parity"], text.patterns.get(layer))
-                    for layer in chosen},
+                   {layer: layer_result(by_layer[layer], host[layer, "parity"], text.patterns.get(layer),
+                                        by_layer[layer].get("score_max")) for layer in chosen},
                    pattern_bytes(model["n_heads"], item.ids.size, len(shown)) / 2**20 if dropped else None,
                    np.stack([host[layer, "parts"] for layer in range(n_layers)]),  # [layer, head, 4, 4]
                    np.stack([host[layer, "fixed"] for layer in range(n_layers)]),  # [layer, head, 3]

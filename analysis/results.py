@@ -75,10 +75,14 @@ class LayerResult:
     kde: dict[str, np.ndarray] | None  # grid, final_to_prev, self_attention: [300] each
     patterns: np.ndarray | None = None  # [head, q_pos, k_pos]
     dp_stats: DpStats | None = None
+    parity_score_max: float | None = None  # half precision: the largest |row maximum of the scores|, what the parity
+    # tolerance scales with (analysis.parity); None (float32, or a document written before it): the absolute bound
 
     def to_dict(self, include_patterns: bool = False) -> dict:
         out = {name: json_digits(getattr(self, name)) for name in ARRAY_FIELDS}
         out["parity_max_abs_err"] = float(self.parity_max_abs_err)
+        if _float_or_none(self.parity_score_max) is not None:
+            out["parity_score_max"] = float(self.parity_score_max)
         out["kde"] = None if self.kde is None else {name: json_digits(values) for name, values in self.kde.items()}
         if include_patterns and self.patterns is not None:
             out["patterns"] = json_digits(self.patterns)
@@ -97,6 +101,7 @@ class LayerResult:
             kde=None if kde is None else {name: np.asarray(values) for name, values in kde.items()},
             patterns=None if patterns is None else np.asarray(patterns, dtype=np.float32),
             dp_stats=None if dp_stats is None else DpStats.from_dict(dp_stats),
+            parity_score_max=_float_or_none(data.get("parity_score_max")),
         )
 
 

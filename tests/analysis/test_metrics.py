@@ -249,6 +249,41 @@ def test_stacked_layers_reduce_as_each_alone_and_parity_names_the_layer():
         assert stacked.parity[0] <= 1e-6 and stacked.parity[2] <= 1e-6
 
 
+@pytest.mark.parametrize("entropy_from_scores", [True, False])  # the CPU's route (the shift's row maxima), a GPU's
+@pytest.mark.parametrize("budget", [1, 2**30])  # one query row a block; one block
+def test_half_precision_parity_records_each_layers_largest_row_maximum(monkeypatch, entropy_from_scores, budget):
+    """With q and k in half precision (the model's dtype) and something to check parity against, each layer gets
+    score_max: the largest |row maximum| of its scaled scores over the keys the mask leaves, what the parity
+    tolerance scales with; float32 q and k, or no parity, get none."""
+    from analysis import patterns
+    from analysis.head_scores import ScorePlan
+    from analysis.patterns import reduce_pattern
+
+    monkeypatch.setitem(patterns.ENTROPY_FROM_SCORES, "cpu", entropy_from_scores)
+    rng = np.random.default_rng(7)
+    n, n_layers, scaling = 9, 2, 0.5
+    q = torch.from_numpy(rng.normal(size=(n_layers, N_HEADS, n, D_HEAD))).bfloat16()  # [l, h, pos, d]
+    k = torch.from_numpy(rng.normal(size=(n_layers, N_KV_HEADS, n, D_HEAD))).bfloat16()  # [l, g, pos, d]
+    k[1] = k[1].abs() + 1  # [g, pos, d]: layer 1's keys all positive, and its query row 3 all negative, so every
+    q[1, :, 3] = -8  # score of that row is far below zero: the largest |row maximum| (not its even larger minimum)
+    plan = ScorePlan.build(rng.integers(0, 4, n))
+    causal = torch.ones(n, n, dtype=torch.bool).tril()  # [q_pos, k_pos]
+    expected = []
+    for layer in range(n_layers):
+        keys = k[layer].double().repeat_interleave(N_HEADS // N_KV_HEADS, dim=0)  # [head, pos, d]
+        scores = q[layer].double() @ keys.transpose(-1, -2) * scaling  # [h, q, d] @ [h, d, k] -> [h, q, k]
+        row_max = scores.masked_fill(~causal, -np.inf).amax(dim=-1)  # [head, q_pos]
+        expected.append(row_max.abs().max().item())
+    assert expected[1] > 2 * expected[0]  # layer 1's largest is that negative row's
+    weights = torch.stack([compute_pattern(q[i].float(), k[i].float(), scaling, causal[None]) for i in range(n_layers)])
+    for mask in (causal[None], None):  # the model's boolean mask; sdpa's causal flag (no mask)
+        reduced = reduce_pattern(q, k, scaling, mask, None, plan, budget, weights=weights)
+        np.testing.assert_allclose(reduced.score_max.numpy(), expected, rtol=1e-6)
+        assert float(reduced.parity.max()) <= 1e-6
+    assert reduce_pattern(q.float(), k.float(), scaling, None, None, plan, budget, weights=weights).score_max is None
+    assert reduce_pattern(q, k, scaling, None, None, plan, budget).score_max is None  # no parity, nothing to scale
+
+
 def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():
     """Narrow values take the windowed route (only grid points within 12 bandwidths); an uneven grid the dense one."""
     from analysis.metrics import compute_kde_rows
