@@ -42,7 +42,7 @@ from analysis.cache import ByteBudgetCache
 from analysis.capture import patterns_fit
 from analysis.corpus import CorpusResult, analyze_corpus, parse_texts
 from analysis.loading import MODEL_DIRS_ENV, allowed_model_dirs, check_app_dir
-from analysis.parity import parity_tolerance, result_parity_failures
+from analysis.parity import describe_tolerance, result_parity_failures
 from analysis.presets import FIJI, PRESETS
 from reports.charts import (
     ATLAS_SELECTION,
@@ -97,7 +97,7 @@ LINK_NOTICES = "link_notices"  # session state: what was wrong with the link tha
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
 NO_USABLE_TEXT = "{name} holds no text that can be analysed; its first line: {error}"
 PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from the captured q and k differs from the "
-                     "model's own attention by up to {err:.1e}, more than the {tolerance:.0e} allowed for {dtype}. "
+                     "model's own attention by up to {err:.1e}, more than allowed for {dtype} ({allowed}). "
                      "The figures below may not describe what the model computed.")
 UNEXPECTED = ("The analysis failed unexpectedly ({kind}: {message}). Try another model, device or dtype, or a "
               "shorter text; the server log has the details.")
@@ -424,8 +424,8 @@ def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int
     text.markdown(f"**{plain(info.id)}**: {info.family}, {info.n_layers} layers × {info.n_heads} heads{kv}, "
                   f"{info.dtype} on {info.device}. {plain(info.reason)}")
     if layer in result_parity_failures(result):  # not the quiet caption: these figures may not be the model's
-        text.warning(PARITY_FAILED_BOX.format(layer=layer, err=err, dtype=info.dtype,
-                                              tolerance=parity_tolerance(info.dtype)))
+        text.warning(PARITY_FAILED_BOX.format(layer=layer, err=err, dtype=info.dtype, allowed=describe_tolerance(
+            info.dtype, result.layers[layer].parity_score_max)))
     else:
         text.caption(f"Parity: the pattern rebuilt from the captured q and k matches the model's own attention "
                      f"{f'to {err:.0e}' if err else 'exactly'} (largest absolute difference over layer {layer}'s "

@@ -37,7 +37,7 @@ from analysis.metrics import (
     mannwhitney_from_parts,
     query_keys,
 )
-from analysis.parity import parity_warning
+from analysis.parity import layer_parity, parity_warning
 from analysis.patterns import to_host
 from analysis.results import MODEL_KEYS, AnalysisResult, DpStats, LayerResult
 
@@ -122,9 +122,10 @@ def compute_layer_result(q, k, summaries: dict, parity: float, exclude_first_tok
     return layer_result(host, parity, pattern, score_max)
 
 
-def check_parity(errors: dict[int, float], dtype: str) -> tuple[str, ...]:
-    """The parity warning naming the layers above PARITY_TOLERANCE (analysis.parity), if any."""
-    warning = parity_warning(errors, dtype)
+def check_parity(layers: dict[int, LayerResult], dtype: str) -> tuple[str, ...]:
+    """The parity warning naming the layers above their tolerance (analysis.parity), if any."""
+    errors, score_max = layer_parity(layers)
+    warning = parity_warning(errors, dtype, score_max)
     return () if warning is None else (warning,)
 
 
@@ -152,8 +153,7 @@ def _result(model: dict, text: str, tokens, token_ids, special, layers: dict[int
     bos_excluded = exclude_bos and bos_present(special)
     if n_dropped_mib is not None:
         warnings.append(PATTERNS_DROPPED.format(mib=n_dropped_mib))
-    warnings.extend(check_parity({layer: data.parity_max_abs_err for layer, data in layers.items()},
-                                 model["dtype"]))
+    warnings.extend(check_parity(layers, model["dtype"]))
     return AnalysisResult(
         model={key: model.get(key) for key in MODEL_KEYS},
         text=text,

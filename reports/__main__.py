@@ -463,11 +463,9 @@ def _report_result(result, layers: list[int]):
     from analysis.pipeline import check_parity
     from reports.html import select_layers
 
-    every = set(check_parity({layer: data.parity_max_abs_err for layer, data in result.layers.items()},
-                             result.model["dtype"]))
+    every = set(check_parity(result.layers, result.model["dtype"]))
     shown = select_layers(result, layers)
-    warnings = tuple(w for w in result.warnings if w not in every) + check_parity(
-        {layer: data.parity_max_abs_err for layer, data in shown.layers.items()}, result.model["dtype"])
+    warnings = tuple(w for w in result.warnings if w not in every) + check_parity(shown.layers, result.model["dtype"])
     return dataclasses.replace(shown, warnings=warnings)
 
 

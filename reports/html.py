@@ -25,7 +25,7 @@ from markupsafe import Markup
 from analysis import __version__
 from analysis.errors import HeadscopeError
 from analysis.heads import key_head_of
-from analysis.parity import parity_tolerance, result_parity_failures
+from analysis.parity import describe_tolerance, describe_tolerances, result_parity_failures
 from analysis.results import AnalysisResult
 from analysis.schema import parse_json, validate_beyond, validate_results
 from reports.charts import (
@@ -625,7 +625,8 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
     the same model (analyze_induction_probe), drawn as a section of their own."""
     generated_at = generated_at or datetime.now(UTC)
     provenance = build_provenance(result, head, generated_at=generated_at, text_file=text_file)  # = the JSON's
-    parity_failed = result_parity_failures(result)  # {layer: error} above PARITY_TOLERANCE
+    parity_failed = result_parity_failures(result)  # {layer: error} above its tolerance (analysis.parity)
+    dtype = result.model["dtype"]
     results = result.to_dict()
     pool = DataPool(results, RESULTS_ID)
     atlas = _atlas_context(result, pool)
@@ -637,7 +638,8 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
             for item in build_layer_charts(result, layer, head)
         ]
         layers.append({"index": layer, "anchor": f"layer-{layer}", "charts": charts, "heads": _head_rows(result, layer),
-                       "parity": result.layers[layer].parity_max_abs_err, "parity_ok": layer not in parity_failed})
+                       "parity": result.layers[layer].parity_max_abs_err, "parity_ok": layer not in parity_failed,
+                       "parity_allowed": describe_tolerance(dtype, result.layers[layer].parity_score_max)})
     _share_specs(pool, [*atlas, *(chart for layer in layers for chart in layer["charts"])])
     special = set(result.special_positions)
     return {
@@ -661,7 +663,8 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "dp_rows": _dp_rows(result),
         "parity": max((layer["parity"] for layer in layers), default=0.0),
         "parity_failed": sorted(parity_failed),
-        "parity_tolerance": parity_tolerance(result.model["dtype"]),
+        "parity_allowed": describe_tolerances(
+            sorted(parity_failed), dtype, {layer: result.layers[layer].parity_score_max for layer in parity_failed}),
         "results": results,  # the provenance is shown above it, outside the (time-free) data
         "results_id": RESULTS_ID,
         "datasets": pool.to_dict(),

@@ -13,11 +13,22 @@ import re
 
 import pytest
 import streamlit as st
+import torch
 from streamlit.testing.v1 import AppTest
 
 from analysis import analyze, load_model
-from analysis.parity import PARITY_TOLERANCE, parity_failures, parity_warning
+from analysis.parity import (
+    PARITY_ROUNDOFF,
+    PARITY_TOLERANCE,
+    describe_tolerance,
+    parity_failures,
+    parity_tolerance,
+    parity_warning,
+    result_parity_failures,
+)
 from analysis.presets import FIJI
+from analysis.results import AnalysisResult
+from analysis.schema import validate_results
 from reports.__main__ import main
 from reports.html import render_report
 from tests.app.test_app import APP, TIMEOUT
@@ -25,11 +36,28 @@ from tests.checkpoints import tiny_llama
 
 capture_module = importlib.import_module("analysis.capture")  # the attribute analysis.capture is the function
 TEXT = "The cat sat on the mat. The cat sat on the mat again."
+LOUD = 2.5  # the loud Llama's q and k projections, times this: its scores 6.25 times the tiny Llama's (FIJI: up to ~75)
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return load_model(str(tiny_llama(tmp_path_factory.mktemp("tiny-llama"))))
+def llama_path(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def llama(llama_path):
+    return load_model(str(llama_path))
+
+
+@pytest.fixture(scope="module")
+def loud_llama(llama_path):
+    """The tiny Llama run in bfloat16 with large scores: its q and k projections scaled by LOUD."""
+    loaded = load_model(str(llama_path), dtype="bfloat16")
+    with torch.no_grad():
+        for layer in loaded.model.layers:
+            layer.self_attn.q_proj.weight.mul_(LOUD)
+            layer.self_attn.k_proj.weight.mul_(LOUD)
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +70,32 @@ def bundled():
     return load_model("minilm")
 
 
-def wrong_scaling(monkeypatch, calls: set[int] | None = None) -> None:
-    """headscope rebuilds the pattern with twice the model's scaling, on the given calls (0-based; None: all): one
-    call per analysed layer, each its own group (capture.GROUP_BUDGET of 1 byte) of one block of query rows."""
+def wrong_rebuild(monkeypatch, change, calls: set[int] | None = None) -> None:
+    """headscope rebuilds the pattern from change(q, k, scaling, mask) -> (q, k, scaling, mask) instead of the
+    model's own, on the given calls (0-based; None: all): one call per analysed layer, each its own group
+    (capture.GROUP_BUDGET of 1 byte) of one block of query rows."""
     monkeypatch.setitem(capture_module.GROUP_BUDGET, "cpu", 1)
     real = capture_module.compute_pattern
     count = iter(range(10**6))
 
-    def rebuild(q, k, scaling, *args, **kwargs):
-        call = next(count)
-        return real(q, k, scaling * (2.0 if calls is None or call in calls else 1.0), *args, **kwargs)
+    def rebuild(q, k, scaling, mask=None, *args, **kwargs):
+        if calls is None or next(count) in calls:
+            q, k, scaling, mask = change(q, k, scaling, mask)
+        return real(q, k, scaling, mask, *args, **kwargs)
 
     monkeypatch.setattr(capture_module, "compute_pattern", rebuild)
+
+
+def wrong_scaling(monkeypatch, calls: set[int] | None = None, factor: float = 2.0) -> None:
+    """headscope rebuilds the pattern with `factor` times the model's scaling (wrong_rebuild)."""
+    wrong_rebuild(monkeypatch, lambda q, k, scaling, mask: (q, k, scaling * factor, mask), calls)
+
+
+WRONG_REBUILDS = {  # what a rebuild that is not the model's could get wrong
+    "half the scale": lambda q, k, scaling, mask: (q, k, scaling / 2, mask),
+    "no mask": lambda q, k, scaling, mask: (q, k, scaling, None),
+    "the wrong key heads": lambda q, k, scaling, mask: (q, k.roll(1, dims=0), scaling, mask),  # [kv_head, pos, d]
+}
 
 
 def test_tolerance_and_warning_name_the_failing_layers():
@@ -63,6 +105,66 @@ def test_tolerance_and_warning_name_the_failing_layers():
     assert parity_failures(errors | {7: 0.0}, "bfloat16") == {}
     assert parity_warning({0: 0.0}, "float32") is None
     assert "layers 2, 7:" in parity_warning(errors, "float32")
+
+
+def test_half_precision_tolerance_grows_with_the_layers_largest_score():
+    """float32, and a layer without its largest score (a document written before it was recorded): the dtype's
+    absolute bound. Half precision: that bound plus the dtype's unit roundoff times the largest score."""
+    for dtype, base in PARITY_TOLERANCE.items():
+        assert parity_tolerance(dtype) == parity_tolerance(dtype, None) == parity_tolerance(dtype, float("nan")) == base
+    assert parity_tolerance("float32", 1e4) == PARITY_TOLERANCE["float32"]
+    for dtype, u in PARITY_ROUNDOFF.items():
+        assert parity_tolerance(dtype, 40.0) == pytest.approx(PARITY_TOLERANCE[dtype] + 40.0 * u)
+    errors, scores = {0: 0.1, 1: 0.1, 2: 0.5}, {0: 40.0, 1: None, 2: 40.0}  # bfloat16: 0.03 + 40/256 = 0.186
+    assert parity_failures(errors, "bfloat16", scores) == {1: 0.1, 2: 0.5}
+    assert parity_failures(errors, "bfloat16") == errors  # the absolute bound alone
+    warning = parity_warning(errors, "bfloat16", scores)
+    assert (f"allowed for bfloat16: layer 1: {PARITY_TOLERANCE['bfloat16']:.1e}; "
+            f"layer 2: {describe_tolerance('bfloat16', 40.0)})") in warning  # each layer's own, stated
+    assert "largest score 40" in describe_tolerance("bfloat16", 40.0)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_bfloat16_with_large_scores_passes_exactly_and_a_wrong_rebuild_still_fails(loud_llama, monkeypatch,
+                                                                                    attention):
+    """bfloat16 rounds each of the model's scores by up to |score| 2^-8 (twice), so a model with large scores differs
+    from headscope's exact float32 rebuild by more than the absolute 3e-2 (eager: the model's own weights); the
+    tolerance that grows with the layer's largest score passes it, and a rebuild that is not the model's (half the
+    scale, no mask, the wrong key heads) still fails on that layer alone, its warning stating the tolerance."""
+    honest = analyze(loud_llama, FIJI, attention=attention)
+    assert honest.model["dtype"] == "bfloat16"
+    assert all(layer.parity_score_max > 40 for layer in honest.layers.values())  # |score| 2^-8 > 0.15
+    errors = {layer: data.parity_max_abs_err for layer, data in honest.layers.items()}
+    if attention == "eager":
+        assert parity_failures(errors, "bfloat16")  # the absolute bound alone warned on an exact rebuild
+    assert not result_parity_failures(honest)
+    assert not any("Parity" in warning for warning in honest.warnings)
+    for name, change in WRONG_REBUILDS.items():
+        with monkeypatch.context() as patch:
+            wrong_rebuild(patch, change, calls={1})  # the second analysed layer, 1
+            broken = analyze(loud_llama, FIJI, attention=attention)
+        assert list(result_parity_failures(broken)) == [1], name
+        (warning,) = [w for w in broken.warnings if "Parity" in w]
+        assert "on layer 1:" in warning and describe_tolerance("bfloat16", broken.layers[1].parity_score_max) in warning
+
+
+def test_results_without_the_largest_score_load_and_are_held_to_the_absolute_bound(loud_llama, llama):
+    """The JSON carries each half-precision layer's largest score (schema-valid, read back), a float32 one none; a
+    document written before it was recorded still loads, its layers then held to the dtype's absolute bound."""
+    plain = analyze(llama, TEXT, [0])  # float32: the absolute bound, nothing to scale it with
+    assert plain.layers[0].parity_score_max is None and "parity_score_max" not in plain.to_dict()["layers"]["0"]
+    result = analyze(loud_llama, FIJI)  # eager, whose error exceeds the absolute bound (test above)
+    data = validate_results(json.loads(json.dumps(result.to_dict())))
+    again = AnalysisResult.from_dict(data)
+    assert {layer: data.parity_score_max for layer, data in again.layers.items()} == pytest.approx(
+        {layer: data.parity_score_max for layer, data in result.layers.items()})
+    assert not result_parity_failures(again)
+    for layer in data["layers"].values():
+        del layer["parity_score_max"]
+    old = AnalysisResult.from_dict(validate_results(data))
+    assert all(layer.parity_score_max is None for layer in old.layers.values())
+    assert result_parity_failures(old) == parity_failures(
+        {layer: data.parity_max_abs_err for layer, data in old.layers.items()}, "bfloat16") != {}
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "bundled"])
