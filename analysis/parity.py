@@ -93,9 +93,3 @@ def result_parity_failures(result) -> dict[int, float]:
     """parity_failures of an AnalysisResult's layers."""
     errors, score_max = layer_parity(result.layers)
     return parity_failures(errors, result.model["dtype"], score_max)
-
-
-def result_parity_tolerances(result) -> dict[int, float]:
-    """{layer: the tolerance its parity error is held to} of an AnalysisResult."""
-    return {layer: parity_tolerance(result.model["dtype"], data.parity_score_max)
-            for layer, data in result.layers.items()}

@@ -145,7 +145,10 @@ def test_bfloat16_with_large_scores_passes_exactly_and_a_wrong_rebuild_still_fai
             broken = analyze(loud_llama, FIJI, attention=attention)
         assert list(result_parity_failures(broken)) == [1], name
         (warning,) = [w for w in broken.warnings if "Parity" in w]
-        assert "on layer 1:" in warning and describe_tolerance("bfloat16", broken.layers[1].parity_score_max) in warning
+        allowed = describe_tolerance("bfloat16", broken.layers[1].parity_score_max)
+        assert "on layer 1:" in warning and f"(allowed for bfloat16: {allowed})" in warning
+    page = render_report(broken)  # the last one: its top and its layer say what was allowed
+    assert page.count(f"more than allowed for bfloat16 ({allowed})") == 2
 
 
 def test_results_without_the_largest_score_load_and_are_held_to_the_absolute_bound(loud_llama, llama):
