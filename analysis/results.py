@@ -11,7 +11,8 @@ from analysis.keys import compared_keys, query_keys
 
 SCHEMA = "headscope.results/1"
 MODEL_KEYS = ("id", "revision", "architecture", "family", "n_layers", "n_heads", "n_kv_heads", "d_head", "causal",
-              "dtype", "device", "device_map")  # device_map: "auto" or None (null); older documents lack it
+              "dtype", "device", "device_map", "local_path")  # device_map: "auto" or None (null); local_path: a
+# local checkpoint's absolute directory, None for a hub or bundled model; older documents lack both
 ARRAY_FIELDS = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "final_to_prev",
                 "self_attention", "first_self", "sink_mass")
 HEAD_SCORE_NAMES = ("previous_token", "duplicate_token", "induction", "sink", "self", "entropy")

@@ -81,11 +81,25 @@ def device_options(model: dict) -> list[str]:
     return ["--device", "cuda" if str(model["device"]).startswith("cuda") else "cpu"]
 
 
+def model_options(flag: str, revision_flag: str, model: dict) -> list[str]:
+    """`flag` and the name that loads `model` again from any folder, with its hub commit under `revision_flag`.
+
+    The id records the name as given: for a local checkpoint perhaps relative to where that command ran (`./ckpt`),
+    or a bare name (`ckpt`) that elsewhere is a hub id; the command names its absolute directory (`local_path`,
+    analysis.loading.resolve_source's decision: a folder that exists wins over a hub id). A hub id or the bundled
+    model's name stays as given.
+    """
+    if model.get("local_path"):
+        return _option(flag, model["local_path"])
+    return _option(flag, model["id"]) + revision_options(revision_flag, model)
+
+
 def revision_options(flag: str, model: dict) -> list[str]:
     """`flag` and the hub commit a model was loaded at (a 40-digit hash: a hub snapshot), so that the command
     loads those weights even after the hub's main branch has moved on; nothing for a local or bundled model."""
     revision = str(model.get("revision") or "")
-    return [flag, revision] if len(revision) == 40 and not revision.startswith("sha256:") else []
+    local = model.get("local_path")  # a snapshot folder given as a path has a hash too, but --revision is hub-only
+    return [flag, revision] if len(revision) == 40 and not revision.startswith("sha256:") and not local else []
 
 
 def reproduce_command(result: AnalysisResult, head: int = 0,
@@ -95,8 +109,7 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
     A text that a command line cannot carry (control characters, bidirectional controls, past 100 KB) is read
     from `text_file`, which the command line writes beside its output.
     """
-    argv = ["python", "-m", "reports", *_option("--model", result.model["id"])]
-    argv += revision_options("--revision", result.model)
+    argv = ["python", "-m", "reports", *model_options("--model", "--revision", result.model)]
     probe = result.induction_probe
     if probe:
         argv += ["--induction-probe", str(probe["length"]), "--probe-seed", str(probe["seed"])]

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
-from analysis import analyze, analyze_induction_probe
+from analysis import analyze, analyze_induction_probe, loading
 from reports import provenance
 from reports.__main__ import build_parser, main
 
+ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"headscope", "git_commit", "libraries", "generated_at", "command"}
 TEXT = "The cat sat on the mat."
 
@@ -25,6 +30,27 @@ def parse(command: str):
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "reports"]
     return build_parser().parse_args(argv[3:])
+
+
+def run_recorded(command: str, cwd: Path, stdin: bytes | None = None) -> None:
+    """A recorded command run as a person runs it, in a subprocess from `cwd`: `python` is this interpreter with
+    headscope importable (as after pip install); its outputs land in `cwd`."""
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "reports"], argv
+    cwd.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, input=stdin, capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, check=False)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+
+
+def results_of(doc: dict) -> dict:
+    """A results JSON without its provenance (the time differs between runs)."""
+    return {key: value for key, value in doc.items() if key != "provenance"}
+
+
+def page_commands(page: str) -> list[str]:
+    """The commands a report shows (its own, the probe's), as they read once the HTML is unescaped."""
+    return [html.unescape(command) for command in re.findall(r"<pre>(python -m reports .*?)</pre>", page, re.DOTALL)]
 
 
 def test_every_kind_of_run_reproduces_as_a_valid_command(gpt2):
@@ -40,7 +66,8 @@ def test_every_kind_of_run_reproduces_as_a_valid_command(gpt2):
     }
     for name, result in runs.items():
         args = parse(provenance.reproduce_command(result, head=5))
-        assert args.model == result.model["id"] and args.head == 5 and args.layer == sorted(result.layers), name
+        assert args.model == result.model["local_path"] and args.head == 5, name  # a local checkpoint: its folder
+        assert args.layer == sorted(result.layers), name
         assert args.dtype == result.model["dtype"] and args.include_first_token == (not result.exclude_first_token)
         if result.induction_probe:
             assert (args.induction_probe, args.probe_seed) == (12, 3) and args.text is None
@@ -98,3 +125,60 @@ def test_a_checkout_with_uncommitted_edits_is_marked_dirty(monkeypatch):
     assert provenance.git_commit.__wrapped__() == clean.removesuffix("-dirty") + "-dirty"
     monkeypatch.setattr(provenance, "_modified", lambda: False)
     assert provenance.git_commit.__wrapped__() == clean.removesuffix("-dirty")
+
+
+def test_a_relative_local_model_reruns_from_another_folder(gpt2_path, tmp_path, monkeypatch, capsys):
+    """--model ./ckpt is the model's id as given, and the command names the folder's absolute path: run from
+    another folder (the report's, a colleague's shell) it loads the same checkpoint and computes the same results."""
+    monkeypatch.chdir(gpt2_path.parent)
+    relative, absolute = f"./{gpt2_path.name}", str(gpt2_path.resolve())
+    out = tmp_path / "r.json"
+    assert main(["--model", relative, "--text", TEXT, "--layer", "1", "--json", str(out)]) == 0, capsys.readouterr()
+    first = json.loads(out.read_text())
+    assert first["model"]["id"] == relative and first["model"]["local_path"] == absolute
+    assert parse(first["provenance"]["command"]).model == absolute
+    elsewhere = tmp_path / "elsewhere"
+    run_recorded(first["provenance"]["command"], elsewhere)
+    again = json.loads((elsewhere / "results.json").read_text())
+    assert again["model"] == {**first["model"], "id": absolute}
+    assert {**results_of(again), "model": None} == {**results_of(first), "model": None}
+
+
+def test_every_command_names_a_local_model_by_its_absolute_path(gpt2_path, tmp_path, monkeypatch, capsys):
+    """A bare folder name (elsewhere a hub id) in --batch's reports, --compare's second model and the probe's own
+    command alike."""
+    monkeypatch.chdir(gpt2_path.parent)
+    name, absolute = gpt2_path.name, str(gpt2_path.resolve())
+    (tmp_path / "texts.txt").write_text("A first text.\nA second one.\n", encoding="utf-8")
+    runs = [["--batch", tmp_path / "texts.txt", "--out-dir", tmp_path / "out"],
+            ["--text", TEXT, "--compare", name, "--json", tmp_path / "c.json"],
+            ["--text", TEXT, "--with-probe", "8", "--html", tmp_path / "p.html"]]
+    for argv in runs:
+        assert main(["--model", name, "--layer", "1", *map(str, argv)]) == 0, capsys.readouterr().err
+    compared = parse(json.loads((tmp_path / "c.json").read_text())["provenance"]["command"])
+    assert (compared.model, compared.compare, compared.revision, compared.compare_revision) == (absolute, absolute,
+                                                                                               None, None)
+    commands = [*page_commands((tmp_path / "out" / "report-0002.html").read_text(encoding="utf-8")),
+                *page_commands((tmp_path / "p.html").read_text(encoding="utf-8"))]
+    assert len(commands) == 3 and all(parse(command).model == absolute for command in commands)
+
+
+def test_a_hub_id_or_the_bundled_model_stays_as_given(gpt2, gpt2_path, tmp_path, monkeypatch):
+    """Only a folder that the loader read as a local checkpoint becomes a path: a hub id keeps its name and its
+    commit, the bundled MiniLM its name; a hub snapshot's folder given as a path gets no --revision (hub only)."""
+    plain = analyze(gpt2, TEXT, [1])
+    hub = replace(plain, model={**plain.model, "id": "org/name", "local_path": None, "revision": "a" * 40})
+    args = parse(provenance.reproduce_command(hub))
+    assert (args.model, args.revision) == ("org/name", "a" * 40)
+    snapshot_folder = replace(plain, model={**plain.model, "revision": "b" * 40})
+    args = parse(provenance.reproduce_command(snapshot_folder))
+    assert (args.model, args.revision) == (str(gpt2_path.resolve()), None)
+    old = replace(plain, model={key: value for key, value in plain.model.items() if key != "local_path"})
+    assert parse(provenance.reproduce_command(old)).model == plain.model["id"]  # a document from before
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    monkeypatch.setattr(loading, "_cached_snapshot", lambda repo_id, revision=None: snapshot)
+    assert loading.resolve_source("org/name").local is False
+    assert loading.resolve_source("minilm").local is False
+    assert loading.resolve_source(str(gpt2_path)).local is True
+
