@@ -16,7 +16,7 @@ from analysis.errors import HeadscopeError
 from analysis.presets import FIJI
 from reports import beyond_cli
 from reports.choices import FORMATS
-from reports.provenance import TEXT_FILE, results_json
+from reports.provenance import results_json
 from reports.untrusted import needs_text_file, visible
 
 # torch (analysis.pipeline, .capture, .corpus, .loading) and altair/pandas (reports.figures, reports.html) are
@@ -28,11 +28,25 @@ NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as U
 NOT_UTF8_ARG = "--text is not UTF-8 text (bad byte at character {offset}): save the text as UTF-8 and use --text-file."
 FROM_REPORT_ONLY = ("--from-report writes the JSON a report holds (--json OUT) and neither analyses nor redraws (a "
                     "report holds no attention patterns): drop {flags}")
+STDIN_NAME = "standard input"  # --text-file -
 
 
 MAX_SEED = 2**32 - 1
 DEFAULT_PROBE = object()  # --with-probe without a LENGTH: analysis.PROBE_LENGTH (not imported, for --help's speed)
 RESULTS_BATCH_SIZE = 16  # --batch-size of --results (Parquet rows); --out-dir's is 1
+
+
+def json_text(value: str) -> str:
+    """--text-json: a text as a JSON string ("..." with backslash escapes), how a recorded command carries a text
+    with control characters when no file holds it; or argparse's one-line error."""
+    try:
+        text = json.loads(value)
+    except ValueError:
+        text = None
+    if not isinstance(text, str):
+        raise argparse.ArgumentTypeError("is not a JSON string: write the text in double quotes, with JSON's "
+                                         "backslash escapes (\\n, \\u0000, ...)")
+    return text
 
 
 def seed_value(text: str) -> int:
@@ -57,7 +71,10 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
                         help="hub id, local checkpoint directory, or 'auto' (gpt2 if cached, else the bundled MiniLM)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", help="the text to analyse (default: the notebook's Fiji sentences)")
-    source.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
+    source.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file ('-': standard input)")
+    source.add_argument("--text-json", dest="text", type=json_text, metavar="JSON",
+                        help="the text as a JSON string, e.g. '\"tab\\there\"' (how a reproduce command carries a "
+                             "text with control characters when no file beside the output holds it)")
     source.add_argument("--induction-probe", type=int, metavar="LENGTH",
                         help="instead of a text, seeded random tokens of LENGTH repeated twice (induction scores "
                              "then mean something whatever the model)")
@@ -225,14 +242,16 @@ def check_with_probe(parser, args) -> None:
 
 
 def read_utf8(path: Path) -> str:
+    """The UTF-8 text of `path`, or of standard input for '-' (a reproduce command's text too long for it)."""
     try:
-        data = path.read_bytes()
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except OSError as exc:
         raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise HeadscopeError(NOT_UTF8.format(path=path, offset=exc.start)) from None
+        name = STDIN_NAME if str(path) == "-" else path
+        raise HeadscopeError(NOT_UTF8.format(path=name, offset=exc.start)) from None
 
 
 def read_text(args) -> str:
@@ -268,16 +287,23 @@ def write_text(out: Path, payload: str) -> None:
         raise HeadscopeError(f"Cannot write {out}: {exc.strerror}.") from None
 
 
-def text_file_beside(out: Path) -> Path:
-    """Where the text goes when the reproduce command of `out` cannot quote it: OUT's stem + .text.txt."""
-    return Path(TEXT_FILE) if str(out) == "-" else out.with_name(f"{out.stem}.text.txt")
+def text_file_beside(out: Path) -> Path | None:
+    """Where the text goes when the reproduce command of `out` cannot quote it: OUT's stem + .text.txt; None for
+    stdout ('-'), beside which nothing is written (the command then carries the text: provenance.text_options)."""
+    return None if str(out) == "-" else out.with_name(f"{out.stem}.text.txt")
+
+
+def text_file_name(out: Path) -> str | None:
+    """The name the reproduce command of `out` gives the text file (it runs in OUT's folder), or None."""
+    beside = text_file_beside(out)
+    return None if beside is None else beside.name
 
 
 def write_text_beside(out: Path, result) -> None:
     """The text, exactly, beside `out` when its reproduce command reads it from there (reports.provenance)."""
-    if str(out) == "-" or result.induction_probe or not needs_text_file(result.text):
-        return
     text_file = text_file_beside(out)
+    if text_file is None or result.induction_probe or not needs_text_file(result.text):
+        return
     try:
         text_file.write_bytes(result.text.encode("utf-8"))  # bytes: the text exactly, \r and NUL included
     except OSError as exc:
@@ -289,7 +315,7 @@ def write_report(out: Path, result, head: int, assets: str | None = None, probe=
     reproduce command cannot quote it."""
     from reports.html import render_report
 
-    write_text(out, render_report(result, head=head, text_file=text_file_beside(out).name, assets=assets,
+    write_text(out, render_report(result, head=head, text_file=text_file_name(out), assets=assets,
                                   probe=probe))
     write_text_beside(out, result)
 
@@ -362,7 +388,7 @@ def run_single(args) -> None:
         print(f"headscope: warning: {warning}", file=sys.stderr)
     if args.json is not None:
         doc = results_json(result, args.head, args.patterns, ("--json", "results.json"),
-                           text_file=text_file_beside(args.json).name)
+                           text_file=text_file_name(args.json))
         if probe is not None:  # as the report embeds it, so --from-report gives back this file
             from reports.html import with_probe_results
 
@@ -375,7 +401,7 @@ def run_single(args) -> None:
         else:
             from reports.beyond import render_report_with
 
-            write_text(args.html, render_report_with(result, head=args.head, text_file=text_file_beside(args.html).name,
+            write_text(args.html, render_report_with(result, head=args.head, text_file=text_file_name(args.html),
                                                      **extras))
             write_text_beside(args.html, result)
     if args.figures is not None:

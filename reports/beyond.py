@@ -151,7 +151,7 @@ def reproduce_with(command: str, ablation=None, neuron=None, compare=None) -> st
 
 
 def render_report_with(result, layers=None, head: int = 0, ablation=None, neuron=None, compare=None,
-                       generated_at=None, text_file: str = TEXT_FILE) -> str:
+                       generated_at=None, text_file: str | None = TEXT_FILE) -> str:
     """The standalone report of `result` with the ablation / neuron / comparison sections that were computed."""
     context = build_report_context(select_layers(result, layers), head, generated_at, text_file)
     context["beyond"] = build_beyond_context(result, ablation, neuron, compare)

@@ -619,7 +619,7 @@ def _chart_context(chart, chart_id: str, pool: DataPool | None = None) -> dict:
 
 
 def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None,
-                         text_file: str = TEXT_FILE, assets: str | None = None,
+                         text_file: str | None = TEXT_FILE, assets: str | None = None,
                          probe: AnalysisResult | None = None) -> dict:
     """Everything the template shows, as plain values; no rendering. `probe`: the induction probe's results on
     the same model (analyze_induction_probe), drawn as a section of their own."""
@@ -677,11 +677,13 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
 
 
 def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_at: datetime | None = None,
-                  text_file: str = TEXT_FILE, assets: str | None = None, probe: AnalysisResult | None = None) -> str:
+                  text_file: str | None = TEXT_FILE, assets: str | None = None,
+                  probe: AnalysisResult | None = None) -> str:
     """The standalone HTML report for `layers` of `result` (None: every layer it holds).
 
     `text_file`: the name its reproduce command reads the text from when the text cannot be quoted (see
-    reproduce_command); whoever writes the report writes the text there (`text_file_for`).
+    reproduce_command); whoever writes the report writes the text there (reports.__main__.write_text_beside).
+    None: nothing is written beside the page (it goes to stdout), and the command carries the text itself.
     `assets`: the path, relative to the page, of a shared Vega bundle (write_shared_assets) to load instead of
     inlining it; None (the default) makes a page that needs no other file.
     `probe`: the induction probe's results (analyze_induction_probe) on the same model, added as a section with

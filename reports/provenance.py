@@ -5,6 +5,7 @@ that recomputes it. The HTML report, the command line's JSON and the app's JSON 
 from __future__ import annotations
 
 import functools
+import json
 import shlex
 import subprocess
 from datetime import UTC, datetime
@@ -13,13 +14,14 @@ from pathlib import Path
 
 from analysis import __version__
 from analysis.results import AnalysisResult
-from reports.untrusted import needs_text_file
+from reports.untrusted import fits_argument, needs_text_file
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout, or site-packages once installed
 COMMIT_FILE = Path(__file__).with_name("_build_commit.txt")  # written by setup.py's build hook into a wheel
 LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-convert-python")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 TEXT_FILE = "report.text.txt"  # the text beside the output when a command line cannot carry it (untrusted.py)
+STDIN = "-"  # --text-file -: the text on standard input (a text too long for a command line, output to stdout)
 
 
 @functools.cache
@@ -102,21 +104,33 @@ def revision_options(flag: str, model: dict) -> list[str]:
     return [flag, revision] if len(revision) == 40 and not revision.startswith("sha256:") and not local else []
 
 
+def text_options(text: str, text_file: str | None) -> list[str]:
+    """The flags that give the command `text`: --text as it is when a command line can carry it; else
+    --text-file `text_file`, written beside the output; with no file beside it (output to stdout), --text-json
+    and the text as a JSON string (ASCII: escapes for control characters), or, past what one argument holds,
+    --text-file - (standard input: the `text` of the results)."""
+    if not needs_text_file(text):
+        return _option("--text", text)
+    if text_file is not None:
+        return _option("--text-file", text_file)
+    escaped = json.dumps(text).replace("\x7f", "\\u007f")  # ASCII (ensure_ascii), every control an escape
+    return ["--text-json", escaped] if fits_argument(escaped) else ["--text-file", STDIN]
+
+
 def reproduce_command(result: AnalysisResult, head: int = 0,
-                      outputs: tuple[str, ...] = ("--html", "report.html"), text_file: str = TEXT_FILE) -> str:
+                      outputs: tuple[str, ...] = ("--html", "report.html"), text_file: str | None = TEXT_FILE) -> str:
     """The command line that recomputes this result; derived from the result, so app and CLI agree.
 
     A text that a command line cannot carry (control characters, bidirectional controls, past 100 KB) is read
-    from `text_file`, which the command line writes beside its output.
+    from `text_file`, which the command line writes beside its output; None: nothing is written beside it
+    (`--json -`), and the command carries the text itself (text_options).
     """
     argv = ["python", "-m", "reports", *model_options("--model", "--revision", result.model)]
     probe = result.induction_probe
     if probe:
         argv += ["--induction-probe", str(probe["length"]), "--probe-seed", str(probe["seed"])]
-    elif needs_text_file(result.text):
-        argv += _option("--text-file", text_file)
     else:
-        argv += _option("--text", result.text)
+        argv += text_options(result.text, text_file)
     for layer in sorted(result.layers):
         argv += ["--layer", str(layer)]
     argv += ["--head", str(head), *device_options(result.model), "--dtype", result.model["dtype"]]
@@ -132,7 +146,7 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
 
 
 def build_provenance(result: AnalysisResult, head: int = 0, outputs: tuple[str, ...] = ("--html", "report.html"),
-                     generated_at: datetime | None = None, text_file: str = TEXT_FILE) -> dict:
+                     generated_at: datetime | None = None, text_file: str | None = TEXT_FILE) -> dict:
     """The provenance block as plain JSON values (libraries as {name: version})."""
     generated_at = generated_at or datetime.now(UTC)
     return {
@@ -146,7 +160,7 @@ def build_provenance(result: AnalysisResult, head: int = 0, outputs: tuple[str, 
 
 def results_json(result: AnalysisResult, head: int = 0, include_patterns: bool = False,
                  outputs: tuple[str, ...] = ("--json", "results.json"), generated_at: datetime | None = None,
-                 text_file: str = TEXT_FILE) -> dict:
+                 text_file: str | None = TEXT_FILE) -> dict:
     """The results JSON with its provenance (what --json writes and the app downloads)."""
     if include_patterns and "--patterns" not in outputs:
         outputs = ("--patterns", *outputs)

@@ -53,9 +53,14 @@ def html_literal(text) -> Markup:
     return Markup("<bdi>") + escape(visible(str(text))) + Markup("</bdi>")
 
 
+def fits_argument(text: str) -> bool:
+    """Whether `text` is short enough for one command-line argument (Linux: 128 KiB each)."""
+    return len(text.encode("utf-8", "surrogatepass")) <= MAX_ARG_BYTES
+
+
 def needs_text_file(text: str) -> bool:
     """Whether a command line cannot carry `text` as one argument that a person can copy from a page."""
-    return visible(text) != text or len(text.encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES
+    return visible(text) != text or not fits_argument(text)
 
 
 def literal(text) -> str:

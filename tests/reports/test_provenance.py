@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from analysis import analyze, analyze_induction_probe, loading
-from reports import provenance
+from reports import provenance, untrusted
 from reports.__main__ import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,3 +182,26 @@ def test_a_hub_id_or_the_bundled_model_stays_as_given(gpt2, gpt2_path, tmp_path,
     assert loading.resolve_source("minilm").local is False
     assert loading.resolve_source(str(gpt2_path)).local is True
 
+
+@pytest.mark.parametrize("too_long", [False, True])
+def test_json_to_stdout_records_a_text_the_command_can_read(gpt2_path, tmp_path, monkeypatch, capsys, too_long):
+    """--json - writes nothing beside stdout, so a text that a command line cannot quote travels in the command
+    itself (--text-json, printable ASCII) or, past what one argument holds, on standard input (--text-file -: the
+    JSON's text); the command once named a report.text.txt that nobody wrote."""
+    text = "NUL\x00 and a right-to-left \u202eoverride\u202c,\r\n\x1b[31m DEL\x7f, \u00e9t\u00e9."
+    if too_long:
+        monkeypatch.setattr(untrusted, "MAX_ARG_BYTES", 40)  # as a text past 100 KB, without its forward pass
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(gpt2_path), "--text", text, "--layer", "2", "--json", "-"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert list(tmp_path.iterdir()) == []  # nothing written beside the output
+    command = first["provenance"]["command"]
+    argv = shlex.split(command)
+    if too_long:
+        assert argv[argv.index("--text-file") + 1] == "-"
+    else:
+        assert "--text-json" in argv and command.isascii() and command.isprintable()
+    elsewhere = tmp_path / "elsewhere"
+    run_recorded(command, elsewhere, stdin=first["text"].encode("utf-8") if too_long else None)
+    again = json.loads((elsewhere / "results.json").read_text())
+    assert again["text"] == text and results_of(again) == results_of(first)
