@@ -29,6 +29,7 @@ NOT_UTF8_ARG = "--text is not UTF-8 text (bad byte at character {offset}): save 
 FROM_REPORT_ONLY = ("--from-report writes the JSON a report holds (--json OUT) and neither analyses nor redraws (a "
                     "report holds no attention patterns): drop {flags}")
 STDIN_NAME = "standard input"  # --text-file -
+NO_LAYER_FOR = "--no-layers measures no layer, and {flag} needs one: give --layer N instead."
 
 
 MAX_SEED = 2**32 - 1
@@ -88,6 +89,9 @@ def build_parser(prog: str = "python -m reports") -> argparse.ArgumentParser:
     layers.add_argument("--layer", type=int, action="append", metavar="N",
                         help="layer to analyse, 0-based; repeat for several (default: 6, or n_layers // 2)")
     layers.add_argument("--all-layers", action="store_true", help="analyse every layer")
+    layers.add_argument("--no-layers", action="store_true",
+                        help="no per-layer measurements, only every layer's head scores (the atlases), as the probe "
+                             "of --with-probe")
     parser.add_argument("--include-first-token", action="store_true",
                         help="keep the first token in the means, stds and dot products")
     parser.add_argument("--query-position", type=int, metavar="P",
@@ -211,6 +215,9 @@ def check_outputs(parser, args) -> None:
         parser.error("say where to write: --json OUT and/or --html OUT (or --batch FILE --out-dir DIR)")
     beyond_cli.check_arguments(parser, args)
     check_with_probe(parser, args)
+    for flag in ("neuron", "compare", "batch"):
+        if args.no_layers and getattr(args, flag) is not None:
+            parser.error(NO_LAYER_FOR.format(flag=f"--{flag}"))
 
 
 def check_from_report(parser, args) -> None:
@@ -349,11 +356,20 @@ def query_options(args) -> dict:
             "exclude_bos": not args.include_bos}
 
 
+def chosen_layers(args, n_layers: int) -> list[int] | None:
+    """The layers to measure: --layer's, none (--no-layers), every one (None: --all-layers), else the default."""
+    from analysis import default_layer
+
+    if args.no_layers:
+        return []
+    return None if args.all_layers else (args.layer or [default_layer(n_layers)])
+
+
 def analyse(loaded, text: str, args):
     """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
-    from analysis import analyze, analyze_induction_probe, default_layer
+    from analysis import analyze, analyze_induction_probe
 
-    layers = None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)])
+    layers = chosen_layers(args, loaded.info.n_layers)
     keep = args.patterns or args.html is not None or args.batch is not None or args.figures is not None
     options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep,
                **query_options(args)}
@@ -406,10 +422,11 @@ def run_single(args) -> None:
             write_text_beside(args.html, result)
     if args.figures is not None:
         write_figures(result, args.figures, args.format or "pdf", head=args.head)
-    worst = max(layer.parity_max_abs_err for layer in result.layers.values())
+    worst = max((layer.parity_max_abs_err for layer in result.layers.values()), default=None)
+    parity = "" if worst is None else f", parity max abs err {worst:.1e}"  # --no-layers: no layer was checked
     outputs = " and ".join(visible(str(out)) for out in (args.json, args.html, args.figures) if out is not None)
-    print(f"headscope: {loaded.info.id}, {result.n_tokens} tokens, layers {sorted(result.layers)}, "
-          f"parity max abs err {worst:.1e} -> {outputs}", file=sys.stderr)
+    print(f"headscope: {loaded.info.id}, {result.n_tokens} tokens, layers {sorted(result.layers)}{parity} -> {outputs}",
+          file=sys.stderr)
 
 
 def run_batch(args) -> int:
@@ -420,7 +437,7 @@ def run_batch(args) -> int:
     layer is measured, for the corpus means; the report shows the chosen layers, whose patterns alone are kept.
     A text that fails is listed in index.html and corpus.html with its error; the rest are written and counted.
     """
-    from analysis import check_layers, default_layer, load_model
+    from analysis import check_layers, load_model
     from analysis.corpus import CorpusAccumulator
     from reports.html import render_corpus_report, render_index, write_shared_assets
 
@@ -438,8 +455,7 @@ def run_batch(args) -> int:
     exclude_first_token = not args.include_first_token
     acc = CorpusAccumulator(model, exclude_first_token)
     try:
-        layers = check_layers(None if args.all_layers else (args.layer or [default_layer(loaded.info.n_layers)]),
-                              loaded.info.n_layers)
+        layers = check_layers(chosen_layers(args, loaded.info.n_layers), loaded.info.n_layers)
     except HeadscopeError as exc:
         layers = exc  # every text fails with it, as before: listed, not a crash
     for first in range(0, len(texts), args.batch_size):

@@ -123,7 +123,8 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
 
     A text that a command line cannot carry (control characters, bidirectional controls, past 100 KB) is read
     from `text_file`, which the command line writes beside its output; None: nothing is written beside it
-    (`--json -`), and the command carries the text itself (text_options).
+    (`--json -`), and the command carries the text itself (text_options). A result without per-layer
+    measurements (the probe of --with-probe) says --no-layers, so that the command measures none either.
     """
     argv = ["python", "-m", "reports", *model_options("--model", "--revision", result.model)]
     probe = result.induction_probe
@@ -133,6 +134,8 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
         argv += text_options(result.text, text_file)
     for layer in sorted(result.layers):
         argv += ["--layer", str(layer)]
+    if not result.layers:
+        argv.append("--no-layers")
     argv += ["--head", str(head), *device_options(result.model), "--dtype", result.model["dtype"]]
     if not result.exclude_first_token:
         argv.append("--include-first-token")

@@ -12,9 +12,10 @@ import pytest
 
 from analysis import analyze, analyze_induction_probe
 from reports.__main__ import build_parser, main
-from reports.html import PROBE_ID, render_report
+from reports.html import PROBE_ID, read_report_results, render_report
 from tests.conftest import FIJI
 from tests.reports.test_cli import run_cli
+from tests.reports.test_provenance import run_recorded
 from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
 
 
@@ -90,11 +91,31 @@ def test_the_command_line_writes_the_same_report_with_probe_and_says_how(gpt2, g
     assert (args.with_probe, args.probe_seed, args.text, args.layer) == (24, 5, FIJI, [6])
 
 
+def test_the_probe_command_measures_the_layers_the_report_embeds(gpt2_path, tmp_path, capsys):
+    """The probe beside a text holds every layer's head scores and no per-layer measurements, and its command says
+    --no-layers: run from another folder, it writes a report embedding the results the section embeds (without
+    the flag it measured the default layer 6 as well)."""
+    out = tmp_path / "report.html"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", FIJI, "--layer", "2", "--with-probe", "12",
+                          "--probe-seed", "4", "--html", out)
+    assert code == 0, lines
+    page = out.read_text(encoding="utf-8")
+    command = unescape(re.search(r"<pre>(.*?)</pre>", section(page), re.DOTALL).group(1))
+    assert build_parser().parse_args(shlex.split(command)[3:]).no_layers
+    embedded = json.loads(re.search(rf'<script type="application/json" id="{PROBE_ID}">(.*?)</script>', page,
+                                    re.DOTALL).group(1))
+    assert embedded["layers"] == {}
+    run_recorded(command, tmp_path / "elsewhere")
+    assert read_report_results(tmp_path / "elsewhere" / "probe.html") == embedded
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--induction-probe", "20", "--with-probe", "--html", "x.html"], "--with-probe runs the probe beside a text"),
     (["--with-probe", "--json", "x.json"], "add --html OUT"),
     (["--with-probe", "--ablation", "zero", "--html", "x.html"], "one extra section at a time"),
     (["--with-probe", "0", "--html", "x.html"], "--with-probe LENGTH must be at least 1, not 0"),  # not the default 50
+    (["--no-layers", "--neuron", "1", "2", "--json", "x.json"], "--no-layers measures no layer, and --neuron needs"),
+    (["--no-layers", "--batch", "t.txt", "--out-dir", "o"], "--no-layers measures no layer, and --batch needs one"),
 ])
 def test_with_probe_misuse_is_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_info:

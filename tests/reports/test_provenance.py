@@ -63,11 +63,12 @@ def test_every_kind_of_run_reproduces_as_a_valid_command(gpt2):
         "first_token": replace(plain, exclude_first_token=False),
         "bfloat16": replace(plain, model={**plain.model, "dtype": "bfloat16"}),
         "probe": analyze_induction_probe(gpt2, 12, 3, layers=[2]),
+        "probe_no_layers": analyze_induction_probe(gpt2, 12, 3, layers=[]),  # as --with-probe's
     }
     for name, result in runs.items():
         args = parse(provenance.reproduce_command(result, head=5))
         assert args.model == result.model["local_path"] and args.head == 5, name  # a local checkpoint: its folder
-        assert args.layer == sorted(result.layers), name
+        assert args.layer == (sorted(result.layers) or None) and args.no_layers == (not result.layers), name
         assert args.dtype == result.model["dtype"] and args.include_first_token == (not result.exclude_first_token)
         if result.induction_probe:
             assert (args.induction_probe, args.probe_seed) == (12, 3) and args.text is None
