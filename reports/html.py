@@ -45,7 +45,7 @@ from reports.provenance import (  # noqa: F401 (LIBRARIES, reproduce_command: ke
     library_versions,
     reproduce_command,
 )
-from reports.untrusted import html_literal, needs_text_file, visible
+from reports.untrusted import html_literal, needs_text_file, shown_command, visible
 
 ROOT = Path(__file__).resolve().parents[1]
 # templates/ at the checkout's top level; an installed package carries them as reports/templates (pyproject.toml)
@@ -152,6 +152,7 @@ ENV.filters["num"] = lambda value: f"{value:.4g}" if abs(value) >= 1e-9 else "0"
 ENV.filters["sci"] = lambda value: f"{value:.1e}"
 ENV.filters["literal"] = html_literal  # user text: control characters visible, bidirectional text isolated
 ENV.filters["visible"] = visible  # the same where no markup may go (<title>)
+ENV.filters["command"] = shown_command  # a reproduce command: seen as it runs, and runs as seen when copied
 
 
 @functools.cache

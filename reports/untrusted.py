@@ -4,6 +4,8 @@ Pure functions shared by the HTML reports and the app (no Streamlit here):
 - `visible(text)`: control characters as visible symbols (U+2400 block for C0, "⟨U+202E⟩" for bidirectional
   controls, C1 controls and lone surrogates), so a NUL or a right-to-left override cannot hide or reorder text;
 - `html_literal(text)`: that, HTML-escaped and inside <bdi> so right-to-left text stays in its own box;
+- `shown_command(command)`: a shell command drawn only in characters a reader sees that, pasted, runs the same
+  argv: an argument with any other character is ANSI-C quoted ($'...') with its bytes as \\xHH escapes;
 - `literal(text)`: a Markdown code span that Streamlit shows as the literal characters (no link, image,
   emoji, colour or LaTeX can come out of it), for quoting a value;
 - `plain(text)`: a whole sentence escaped for Markdown, for messages that quote user input (st.error);
@@ -13,6 +15,8 @@ Pure functions shared by the HTML reports and the app (no Streamlit here):
 from __future__ import annotations
 
 import re
+import shlex
+import unicodedata
 
 from markupsafe import Markup, escape
 
@@ -61,6 +65,41 @@ def fits_argument(text: str) -> bool:
 def needs_text_file(text: str) -> bool:
     """Whether a command line cannot carry `text` as one argument that a person can copy from a page."""
     return visible(text) != text or not fits_argument(text)
+
+
+def _unshown(char: str) -> bool:
+    """A character a page would not show as itself, or that copying from it changes: controls, formatting
+    (zero-width and bidirectional), surrogates, private and unassigned code points, spaces other than ' '."""
+    if char in KEPT or char == " ":
+        return False
+    return unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")
+
+
+def _ansi_c_byte(byte: int) -> str:
+    char = chr(byte)
+    if char in "\\'":
+        return "\\" + char
+    return char if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"
+
+
+def ansi_c_quote(arg: str) -> str:
+    """`arg` as bash's $'...': printable ASCII as it is, every other byte as \\xHH. The bytes are the argument's
+    UTF-8, with a name's undecodable bytes (Python's surrogate escapes, U+DC80..U+DCFF) as the bytes they were, so
+    the program receives exactly `arg` in any locale (bash's \\u escapes depend on it)."""
+    try:
+        data = arg.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: its code point's bytes, as written
+        data = arg.encode("utf-8", "surrogatepass")
+    return "$'" + "".join(_ansi_c_byte(byte) for byte in data) + "'"
+
+
+def shown_command(command: str) -> str:
+    """A shlex-quoted command as a page shows it: only characters a reader sees, and pasted into bash it runs the
+    same argv. An argument with a character that would not show (a right-to-left override, a zero-width space,
+    a non-breaking space that copying turns into a space) is ANSI-C quoted, so the page neither hides nor reorders
+    a character and names the very file the command does; the others are shlex-quoted as in `command`."""
+    return " ".join(ansi_c_quote(arg) if any(map(_unshown, arg)) else shlex.quote(arg)
+                    for arg in shlex.split(command))
 
 
 def literal(text) -> str:

@@ -19,6 +19,7 @@ import pytest
 from analysis import analyze, analyze_induction_probe, loading
 from reports import provenance, untrusted
 from reports.__main__ import build_parser, main
+from reports.untrusted import shown_command
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"headscope", "git_commit", "libraries", "generated_at", "command"}
@@ -206,3 +207,15 @@ def test_json_to_stdout_records_a_text_the_command_can_read(gpt2_path, tmp_path,
     run_recorded(command, elsewhere, stdin=first["text"].encode("utf-8") if too_long else None)
     again = json.loads((elsewhere / "results.json").read_text())
     assert again["text"] == text and results_of(again) == results_of(first)
+
+
+def test_the_shown_command_is_visible_and_bash_reads_the_same_arguments():
+    """The page's form of a command: no character that a page hides or that copying changes, and bash, given it
+    as text, passes exactly the recorded arguments (a name's undecodable byte included)."""
+    argv = ["python", "-m", "reports", "--model", "/models/\u2066odd\u2069 name", "--text", "it's\tone\nline, \u00e9",
+            "--text-file", "r\u202ex\u200b\u00a0\udcff.text.txt", "--json", "a b.json"]
+    shown = shown_command(shlex.join(argv))
+    assert all(char.isprintable() or char in "\n\t" for char in shown) and "\u200b" not in shown
+    assert "$'r\\xe2\\x80\\xaex\\xe2\\x80\\x8b\\xc2\\xa0\\xff.text.txt'" in shown
+    done = subprocess.run(["bash", "-c", "printf '%s\\0' " + shown], capture_output=True, timeout=30, check=True)
+    assert done.stdout.split(b"\0")[:-1] == [os.fsencode(arg) for arg in argv]

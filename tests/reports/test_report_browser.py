@@ -1,11 +1,18 @@
 """A real browser opens the real report file with the network off."""
 
+import os
+import shlex
+import subprocess
+import sys
+
 import pytest
 
 from analysis import analyze
-from reports.html import render_report
+from reports.__main__ import main
+from reports.html import read_report_results, render_report
 from tests.conftest import FIJI, REPEATS
 from tests.reports.test_html import PAYLOAD
+from tests.reports.test_provenance import ROOT
 
 DRAWN = "el => el.querySelectorAll('svg .mark-rect path, svg .mark-symbol path, svg .mark-line path, " \
         "svg .mark-rule line, svg .mark-area path, svg .mark-tick line, canvas').length"
@@ -100,3 +107,31 @@ def test_the_page_rebuilds_the_same_rows_as_python(chromium, gpt2, tmp_path):
         assert checked >= 20 and events["errors"] == []
     finally:
         context.close()
+
+
+def test_the_reproduce_command_copied_from_the_page_runs(chromium, gpt2_path, tmp_path, capsys):
+    """A report named with a right-to-left override, a zero-width space and a byte that is not UTF-8, of a text the
+    command reads from the file beside it: the page shows that file's name in printable ASCII ($'...' quoting, not
+    the name's visible form, which names another file), and the command as the browser gives it, run by bash in
+    the report's folder, recomputes the results the report embeds."""
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    out = folder / "r\u202ex\u200b\udcff.html"
+    model = str(gpt2_path.resolve())
+    assert main(["--model", model, "--text", "ctl\x01 and \u202eright-to-left\u202c", "--layer", "1",
+                 "--html", str(out)]) == 0, capsys.readouterr().err
+    view = tmp_path / "view.html"  # the same page under a name a file: URL carries plainly
+    view.write_bytes(out.read_bytes())
+    context, page, events = open_offline(chromium, view)
+    try:
+        shown = page.inner_text("dl.facts pre")
+        assert events["errors"] == []
+    finally:
+        context.close()
+    assert "--text-file $'r\\xe2\\x80\\xaex\\xe2\\x80\\x8b\\xff.text.txt'" in shown
+    assert shown.isascii() and shown.isprintable()
+    assert shown.startswith("python -m reports ")
+    done = subprocess.run(["bash", "-c", shlex.quote(sys.executable) + shown.removeprefix("python")], cwd=folder,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    assert read_report_results(folder / "report.html") == read_report_results(out)
