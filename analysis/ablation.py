@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from analysis.choices import ABLATION_BATCH, ABLATION_MODES
 from analysis.errors import HeadscopeError
+from analysis.results import json_floats
 
 MODES = ABLATION_MODES
 MASK_FRACTION = 0.15
@@ -88,15 +89,22 @@ class AblationResult:
         return self.measure != "hidden_state_change"
 
     def to_dict(self) -> dict:
+        """JSON values: a NaN or infinite loss (float16 logits past 65504) is null, as the head scores' NaN is."""
+        baseline = self.baseline if self.baseline is None or math.isfinite(self.baseline) else None
         return {"mode": self.mode, "measure": self.measure, "description": self.description,
-                "baseline": self.baseline, "delta": self.delta.tolist(), "tokens": list(self.tokens),
+                "baseline": baseline, "delta": json_floats(self.delta), "tokens": list(self.tokens),
                 "masked_positions": list(self.masked_positions), "seed": self.seed, "batch_size": self.batch_size,
                 "n_passes": self.n_passes}
 
     @classmethod
     def from_dict(cls, data: dict) -> AblationResult:
-        return cls(mode=data["mode"], measure=data["measure"], delta=np.asarray(data["delta"], dtype=np.float64),
-                   baseline=data["baseline"], tokens=tuple(data["tokens"]),
+        """The inverse of to_dict: null is NaN again (a loss's null baseline too; without a loss it stays None)."""
+        baseline = data["baseline"]
+        if baseline is None and data["measure"] != "hidden_state_change":
+            baseline = math.nan
+        return cls(mode=data["mode"], measure=data["measure"],
+                   delta=np.asarray(data["delta"], dtype=np.float64),  # [layer, head]; None -> NaN
+                   baseline=baseline, tokens=tuple(data["tokens"]),
                    masked_positions=tuple(data["masked_positions"]), seed=int(data["seed"]),
                    batch_size=int(data["batch_size"]), n_passes=int(data["n_passes"]))
 

@@ -83,7 +83,7 @@ class CompareResult:
         if self.ablation_a is not None:
             difference = self.ablation_difference
             ablation = {"a": self.ablation_a.to_dict(), "b": self.ablation_b.to_dict(),
-                        "difference": None if difference is None else difference.tolist()}
+                        "difference": None if difference is None else json_floats(difference)}
         return {"schema": SCHEMA, "a": self.a.to_dict(), "b": self.b.to_dict(),
                 "score_difference": {name: json_floats(values) for name, values in self.score_difference.items()},
                 "qk_stats": self.qk_rows(), "ablation": ablation, "warnings": list(self.warnings)}

@@ -95,16 +95,19 @@ def _validator(name: str = SCHEMA_NAME):
     from jsonschema import Draft202012Validator, validators
 
     schema = json.loads(schema_file(name).read_text(encoding="utf-8"))
-    bounds = {f"#/$defs/{key}": (spec["minimum"], spec["maximum"]) for key, spec in schema["$defs"].items()
-              if spec.get("type") == "number"}
+    bounds = {f"#/$defs/{key}": (spec["minimum"], spec["maximum"], spec["type"] != "number")
+              for key, spec in schema["$defs"].items() if spec.get("type") in ("number", ["number", "null"])}
     items = Draft202012Validator.VALIDATORS["items"]
 
     def fast_items(validator, item_schema, instance, parent):
         low_high = bounds.get(item_schema.get("$ref")) if isinstance(item_schema, dict) else None
-        if low_high is not None and isinstance(instance, list) and all(type(x) in (int, float) for x in instance):
-            values = np.asarray(instance, dtype=np.float64)  # [n]
-            if not values.size or (low_high[0] <= values.min() and values.max() <= low_high[1]):
-                return
+        if low_high is not None and isinstance(instance, list):
+            low, high, nullable = low_high
+            numbers = [x for x in instance if x is not None] if nullable else instance  # null: NaN or inf, written
+            if all(type(x) in (int, float) for x in numbers):
+                values = np.asarray(numbers, dtype=np.float64)  # [n]
+                if not values.size or (low <= values.min() and values.max() <= high):
+                    return
         yield from items(validator, item_schema, instance, parent)
 
     return validators.extend(Draft202012Validator, {"items": fast_items})(schema)
@@ -122,7 +125,9 @@ def _why(error) -> str:
         missing = [name for name in error.validator_value if name not in (error.instance or {})]
         return f"lacks the field {missing[0]!r}" if missing else "lacks a required field"
     if kind == "type":
-        return f"must be of type {error.validator_value}, not {type(error.instance).__name__}"
+        types = error.validator_value
+        types = " or ".join(types) if isinstance(types, list) else types
+        return f"must be of type {types}, not {type(error.instance).__name__}"
     if kind in ("minimum", "maximum"):
         return f"is {_short(repr(error.instance))}, out of the allowed range ({kind} {error.validator_value})"
     if kind == "minProperties" and not error.instance:

@@ -680,7 +680,8 @@ def build_ablation_chart(ablation, model_id: str) -> alt.LayerChart:
     or, without an LM head, the change in the final hidden states."""
     if ablation.is_loss:
         what = "Δ loss (nats)"
-        subtitle = [(f"{ablation.description}; unablated loss {ablation.baseline:.4f}. Red: the model predicts "
+        loss = f"{ablation.baseline:.4f}" if math.isfinite(ablation.baseline) else "undefined (NaN or infinite)"
+        subtitle = [(f"{ablation.description}; unablated loss {loss}. Red: the model predicts "
                      "worse without the head; blue: better.")]
     else:
         what = "hidden-state change"

@@ -37,3 +37,16 @@ def tiny_bert_mlm(path: Path, seed: int = 0, n_layer: int = 2, n_head: int = 4, 
                         num_attention_heads=n_head, intermediate_size=4 * hidden, max_position_embeddings=128,
                         initializer_range=0.2)
     return _save_lm(AutoModelForMaskedLM, config, tokenizer, path, seed)
+
+
+def float16_overflow_lm(path: Path, scale: float, seed: int = 0) -> Path:
+    """tiny_gpt2_lm with its final LayerNorm's weight multiplied by `scale`: in float16 its logits pass float16's
+    largest number (65504), as a real model's can, so its next-token loss is inf or NaN (for some heads, or all)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_gpt2_lm(path, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(scale)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

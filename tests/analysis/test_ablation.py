@@ -204,6 +204,25 @@ def test_json_round_trip(gpt2_lm):
     assert back.to_dict() == atlas.to_dict()
 
 
+def test_an_undefined_loss_is_null_in_json_and_nan_again_when_read():
+    """float16 logits past 65504 give an inf or NaN loss: JSON (RFC 8259, allow_nan=False) holds null there, as
+    the head scores do, and reading it back gives NaN, so the chart draws the cell grey."""
+    import json
+
+    from analysis.ablation import AblationResult
+
+    delta = np.array([[0.5, np.nan], [np.inf, -np.inf]])  # [layer, head]
+    atlas = AblationResult(mode="zero", measure="next_token_loss", delta=delta, baseline=math.nan, tokens=("a", "b"))
+    data = json.loads(json.dumps(atlas.to_dict(), allow_nan=False))
+    assert data["baseline"] is None
+    assert data["delta"] == [[float(v) if np.isfinite(v) else None for v in row] for row in delta]
+    back = AblationResult.from_dict(data)
+    assert math.isnan(back.baseline) and back.to_dict() == data
+    np.testing.assert_array_equal(np.isfinite(back.delta), np.isfinite(delta))
+    hidden = AblationResult.from_dict({**data, "measure": "hidden_state_change"})
+    assert hidden.baseline is None  # no loss measured: None, not an undefined loss
+
+
 @pytest.mark.parametrize("text, mode, message", [
     ("The cat.", "half", "Unknown ablation 'half'"),
     ("   ", "zero", "empty"),

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
+from analysis import load_model
+from analysis.ablation import compute_ablation
 from reports.__main__ import main
 from reports.beyond import BEYOND_ID
 from reports.html import PROBE_ID, RESULTS_ID
 from tests.conftest import REPEATS
-from tests.lm_checkpoints import tiny_gpt2_lm
+from tests.lm_checkpoints import float16_overflow_lm, tiny_gpt2_lm
 from tests.reports.test_cli import assert_one_line_error, run_cli
 
 
@@ -94,6 +97,38 @@ def test_a_plain_report_gives_back_its_results_only(gpt2_path, tmp_path, capsys)
     assert read_back(capsys, tmp_path / "report.html", tmp_path / "back.json") == embedded(page, RESULTS_ID) == written
 
 
+def strict(text: str):
+    """JSON as RFC 8259 has it: NaN and Infinity refused."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def as_json(values) -> list:
+    """What an atlas must be in JSON: its numbers, null where the number is NaN or infinite."""
+    return [[float(v) if np.isfinite(v) else None for v in row] for row in np.asarray(values)]
+
+
+def test_an_ablation_that_overflows_float16_is_null_and_reads_back(tmp_path_factory, tmp_path, capsys):
+    """float16 logits past 65504 make the loss inf or NaN: --json wrote nothing (ValueError: Out of range float
+    values) and the report embedded NaN, which --from-report then refused as not JSON. Now null, both ways; ground
+    truth is the same ablation run here."""
+    every = float16_overflow_lm(tmp_path_factory.mktemp("overflow-all"), 3e4)  # even the unablated loss is NaN
+    some = float16_overflow_lm(tmp_path_factory.mktemp("overflow-some"), 1.95e4)  # heads whose removal overflows
+    written, page = write_both(capsys, tmp_path, "--model", every, "--compare", some, "--dtype", "float16",
+                               "--text", "The cat sat on the mat.", "--layer", "1", "--ablation", "zero")
+    truth = [compute_ablation(load_model(str(path), dtype="float16", head=True), "The cat sat on the mat.", "zero")
+             for path in (every, some)]
+    assert np.isnan(truth[0].baseline) and not np.isfinite(truth[0].delta).any()  # the case this test is about
+    ablation = written["ablation"]
+    assert ablation["a"]["baseline"] is None and ablation["a"]["delta"] == as_json(truth[0].delta)
+    assert ablation["b"]["delta"] == as_json(truth[1].delta)
+    assert ablation["difference"] == as_json(truth[1].delta - truth[0].delta)
+    assert strict(json.dumps(embedded(page, BEYOND_ID))) == embedded(page, BEYOND_ID)  # no NaN in the page either
+    assert strict((tmp_path / "first.json").read_text(encoding="utf-8"))
+    assert read_back(capsys, tmp_path / "report.html", tmp_path / "back.json") == written
+
+
 def _edit(change):
     def payload(good: dict) -> str:
         data = json.loads(json.dumps(good))
@@ -114,7 +149,7 @@ TAMPERED_SECTIONS = {
                            (r"holds a section this headscope cannot read back \('patching'; it knows ablation, "
                             r"neuron, compare\)")),
     "a string in the atlas": (_edit(lambda d: d["ablation"]["delta"][1].__setitem__(2, "0.5")),
-                              r"at ablation\.delta\[1\]\[2\] must be of type number, not str\.$"),
+                              r"at ablation\.delta\[1\]\[2\] must be of type number or null, not str\.$"),
     "a missing field": (_edit(lambda d: d["neuron"].pop("products")),
                         r"at neuron lacks the field 'products'\.$"),
     "an unknown mode": (_edit(lambda d: d["ablation"].update(mode="half")), r"at ablation\.mode "),
