@@ -57,7 +57,7 @@ from reports.charts import (
     selected_head,
 )
 from reports.figures import FIGURE_HELP, figure_name, render_figure
-from reports.html import render_corpus_report, render_report
+from reports.html import render_corpus_report, render_report, with_probe_results
 from reports.provenance import results_json
 from reports.untrusted import literal, needs_text_file, parse_link, plain
 
@@ -416,6 +416,13 @@ def analyse(settings: dict, loaded: LoadedModel, slot) -> AnalysisResult:
     return result
 
 
+def results_document(result: AnalysisResult, head: int, probe: AnalysisResult | None = None) -> dict:
+    """The JSON download: the results with their provenance and, with the probe on, its results under "probe", as
+    --json beside --with-probe writes them and --from-report reads them back out of the downloaded report."""
+    doc = results_json(result, head)
+    return doc if probe is None else with_probe_results(doc, probe.to_dict())
+
+
 def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int,
                   probe: AnalysisResult | None = None) -> None:
     kv = f", {info.n_kv_heads} key heads" if info.n_kv_heads != info.n_heads else ""
@@ -431,9 +438,10 @@ def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int
                      f"{f'to {err:.0e}' if err else 'exactly'} (largest absolute difference over layer {layer}'s "
                      f"heads: {err:.1e}).")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.id).strip("-")
-    json_button.download_button("JSON", lambda: json.dumps(results_json(result, head)),  # with provenance
+    json_button.download_button("JSON", lambda: json.dumps(results_document(result, head, probe)),  # + provenance
                                 file_name=f"headscope-{slug}-L{layer}.json", mime="application/json",
-                                on_click="ignore", help="Download the results (JSON)")
+                                on_click="ignore",
+                                help="Download the results (JSON" + (", with the induction probe)" if probe else ")"))
     # rendered only when clicked: the same function, hence the same bytes (apart from the time), as --html; with
     # the probe on, its atlases are a section of the report
     html_button.download_button("Report", lambda: render_report(result, head=head, probe=probe), mime="text/html",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from analysis import analyze, analyze_induction_probe
 from analysis.results import HEAD_SCORE_NAMES
 from reports.charts import ATLAS_SELECTION
+from reports.html import report_document
 from tests.app import test_app
 from tests.app.test_app import charts, errors, run_app, sidebar_number
 from tests.conftest import FIJI
@@ -58,6 +60,48 @@ def test_the_induction_probe_runs_once_and_offers_its_scores(minilm, forward_cal
     assert forward_calls == ["BertModel", "BertModel"]  # the text once, the probe once (cached)
     helps = [button.proto.help for button in at.get("download_button")]
     assert "Download the HTML report (with the induction probe)" in helps  # its atlases are a section of the report
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Each deferred download's data callable, by file id: AppTest's runtime holds them in a MediaFileManager that it
+    drops after the run, so they are recorded as the app registers them."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    made = {}
+    add = MediaFileManager.add_deferred
+
+    def record(self, data_callable, *args, **kwargs):
+        file_id = add(self, data_callable, *args, **kwargs)
+        made[file_id] = data_callable
+        return file_id
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record)
+    return made
+
+
+def downloaded(at, downloads, help_starts: str) -> str:
+    """What clicking the download button whose help starts with `help_starts` would hand the browser."""
+    (button,) = [b for b in at.get("download_button") if b.proto.help.startswith(help_starts)]
+    data = downloads[button.proto.deferred_file_id]()
+    return data if isinstance(data, str) else data.decode("utf-8")
+
+
+def test_with_the_probe_on_the_json_download_carries_its_results_as_the_report_does(minilm, downloads):
+    """The JSON download is what --json beside --with-probe writes: the results and the probe's under "probe", the
+    very document --from-report reads back out of the downloaded report (less the provenance it shows in HTML)."""
+    expected = analyze_induction_probe(minilm, layers=[])
+    at = run_app()
+    at.checkbox(key="probe").check().run()
+    assert not at.exception and not errors(at)
+    doc = json.loads(downloaded(at, downloads, "Download the results (JSON"))
+    page = downloaded(at, downloads, "Download the HTML report (with the induction probe)")
+    assert "provenance" in doc and report_document(page) == {k: v for k, v in doc.items() if k != "provenance"}
+    probe = doc["probe"]
+    assert probe["settings"]["induction_probe"] == expected.induction_probe and probe["token_ids"] == list(
+        expected.token_ids)
+    for name, grid in expected.head_scores.items():
+        np.testing.assert_allclose(np.array(probe["head_scores"][name], dtype=float), grid, rtol=1e-5, equal_nan=True)
 
 
 def test_a_corpus_upload_shows_means_with_intervals(gpt2_path, monkeypatch):
