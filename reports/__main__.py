@@ -34,6 +34,9 @@ NO_LAYER_FOR = "--no-layers measures no layer, and {flag} needs one: give --laye
 
 MAX_SEED = 2**32 - 1
 DEFAULT_PROBE = object()  # --with-probe without a LENGTH: analysis.PROBE_LENGTH (not imported, for --help's speed)
+NOT_TYPED = object()  # a defaulted flag's value while parsing: still there afterwards, the flag was not typed
+GIVEN = "given_flags"  # the attribute of parse_arguments' namespace naming the flags typed, in --help's order
+FROM_REPORT_FLAGS = ("--from-report", "--json")  # all that --from-report reads
 RESULTS_BATCH_SIZE = 16  # --batch-size of --results (Parquet rows); --out-dir's is 1
 
 
@@ -220,14 +223,26 @@ def check_outputs(parser, args) -> None:
             parser.error(NO_LAYER_FOR.format(flag=f"--{flag}"))
 
 
+def parse_arguments(parser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args(argv), and which flags were typed (args.given_flags), those with a default too (--model,
+    --head, --device, --dtype, ...). argparse fills a default in only where the namespace has no value yet: each
+    defaulted flag starts as NOT_TYPED, and one still NOT_TYPED after parsing gets its default, as parse_args gives
+    it; a flag whose default is None was typed when it is not None."""
+    defaults = vars(parser.parse_args([]))
+    filled = {dest for dest, value in defaults.items() if value is not None}
+    args = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(filled, NOT_TYPED)))
+    typed = [dest for dest in defaults if getattr(args, dest) is not (NOT_TYPED if dest in filled else None)]
+    for dest in filled - set(typed):
+        setattr(args, dest, defaults[dest])
+    setattr(args, GIVEN, tuple("--" + dest.replace("_", "-") for dest in typed))  # every dest is its flag's name
+    return args
+
+
 def check_from_report(parser, args) -> None:
-    """--from-report writes the JSON a report embeds: a flag that would analyse or draw something is refused, not
-    ignored (a report holds no attention patterns, so it cannot be redrawn, nor --patterns written)."""
-    unused = {"--html": args.html, "--figures": args.figures, "--patterns": args.patterns or None,
-              "--batch": args.batch, "--out-dir": args.out_dir, "--text": args.text, "--text-file": args.text_file,
-              "--induction-probe": args.induction_probe, "--layer": args.layer, "--all-layers": args.all_layers or None,
-              "--ablation": args.ablation, "--neuron": args.neuron, "--compare": args.compare}
-    given = [flag for flag, value in unused.items() if value is not None]
+    """--from-report writes the JSON a report embeds: any other flag is refused, not ignored (a report holds no
+    attention patterns, so it cannot be redrawn, nor --patterns written, nor read with another model, head, device
+    or dtype: it is not analysed again)."""
+    given = [flag for flag in getattr(args, GIVEN) if flag not in FROM_REPORT_FLAGS]
     if given:
         parser.error(FROM_REPORT_ONLY.format(flags="/".join(given)))
 
@@ -602,7 +617,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "python -m reports") -> int:
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     check_outputs(parser, args)
     try:
         return run(args)

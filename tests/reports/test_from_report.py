@@ -15,7 +15,7 @@ import pytest
 
 from analysis import load_model
 from analysis.ablation import compute_ablation
-from reports.__main__ import main
+from reports.__main__ import GIVEN, build_parser, main, parse_arguments
 from reports.beyond import BEYOND_ID
 from reports.html import PROBE_ID, RESULTS_ID
 from tests.conftest import REPEATS
@@ -228,12 +228,46 @@ def test_a_tampered_probe_is_one_line_and_exit_2(gpt2_path, tmp_path, capsys):
     (["--figures", "figs"], "--figures"),
     (["--ablation", "zero", "--layer", "1"], "--layer/--ablation"),
     (["--compare", "other"], "--compare"),
+    # flags with a default, refused when typed, even at their default's value
+    (["--model", "gpt2"], "--model"),
+    (["--head", "0"], "--head"),
+    (["--device", "cpu"], "--device"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--probe-seed", "0"], "--probe-seed"),
+    (["--mask-seed", "3"], "--mask-seed"),
+    (["--include-bos", "--model=auto", "--revision", "main"], "--model/--include-bos/--revision"),
+    (["--batch-size", "4"], "--batch-size"),  # set to 1 after parsing when not typed
+    (["--ray-workers", "2"], "--ray-workers"),
+    (["--query-position", "2"], "--query-position"),
 ])
 def test_flags_that_from_report_would_ignore_are_refused(tmp_path, capsys, flags, named):
     """A report cannot be redrawn (it holds no attention patterns) nor analysed again: such a flag is one line, not
-    silently ignored."""
+    silently ignored; nor can it be read with another model, head, device or dtype."""
     with pytest.raises(SystemExit) as exit_info:
         main(["--from-report", "r.html", "--json", str(tmp_path / "o.json"), *flags])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1, lines
     assert "--from-report writes the JSON a report holds" in lines[0] and f"drop {named} " in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--text", "x", "--head", "0", "--layer", "1", "--layer", "2", "--json", "o.json", "--include-bos"],
+    ["--model=auto", "--dtype", "float16", "--with-probe", "--html", "r.html", "--ablation", "mean"],
+    ["--batch", "t.txt", "--results", "out", "--text-column", "body", "--probe-seed", "7"],
+])
+def test_knowing_which_flags_were_typed_changes_no_value(argv):
+    """The values are argparse's own, defaults included; given_flags names exactly the flags of argv."""
+    parser = build_parser()
+    args = vars(parse_arguments(parser, argv))
+    given = args.pop(GIVEN)
+    assert args == vars(parser.parse_args(argv))
+    assert sorted(given) == sorted({arg.split("=")[0] for arg in argv if arg.startswith("--")})
+
+
+def test_every_flag_is_named_by_its_dest():
+    """given_flags names a flag "--" + its dest with - for _: true of every flag, or a refusal would name a flag
+    that does not exist."""
+    for action in build_parser()._actions:
+        if action.dest != "help":
+            assert "--" + action.dest.replace("_", "-") in action.option_strings, action.option_strings
