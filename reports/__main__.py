@@ -234,7 +234,10 @@ def parse_arguments(parser, argv: list[str] | None = None) -> argparse.Namespace
     typed = [dest for dest in defaults if getattr(args, dest) is not (NOT_TYPED if dest in filled else None)]
     for dest in filled - set(typed):
         setattr(args, dest, defaults[dest])
-    setattr(args, GIVEN, tuple("--" + dest.replace("_", "-") for dest in typed))  # every dest is its flag's name
+    names = {}  # dest -> its flags: "--text/--text-json" share one
+    for action in parser._actions:
+        names[action.dest] = "/".join(filter(None, (names.get(action.dest), *action.option_strings)))
+    setattr(args, GIVEN, tuple(names[dest] for dest in typed))
     return args
 
 
