@@ -8,9 +8,10 @@ The pipeline:
              as the local engine, so line numbers, ids and bad records are the same); Parquet: `ray.data.read_parquet`
              in file-name order, zipped with `ray.data.range` for the row numbers; a dataset saved to disk: its
              memory-mapped Arrow table through `ray.data.from_arrow` (`from_huggingface` needs aiohttp);
-  compare    on a rerun, the driver reads the input's records once (no model) and compares them with the folder's
-             rows before Ray reads anything (ResultsFolder.reconcile, as the local engine): another input is refused,
-             rows of texts changed or gone are dropped;
+  compare    on a rerun, before Ray starts or any model loads, the driver checks the folder's settings and dtype and
+             compares the input's records with its rows (ResultsFolder.check_rerun, as the local engine): another
+             input is refused; once a worker has described the model and `open` has checked it, rows of texts changed
+             or gone are dropped (ResultsFolder.reconcile);
   skip       records that already have a row in the results folder (number, text_hash) are dropped;
   analyse    `map_batches(RowMaker, compute=ActorPoolStrategy(size=workers))`: each worker loads the model once and
              turns batches of records into rows with corpus_store.analyze_records, the function the local engine calls;
@@ -39,7 +40,6 @@ from analysis.corpus_io import (
     check_column,
     check_input,
     detect_kind,
-    iter_records,
     load_hf,
     make_record,
     parquet_files,
@@ -173,7 +173,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             exclude_current_token: bool = False, batch_size: int = 16, address: str | None = None,
             workers: int | None = None, num_cpus: int | None = None, input_changed: bool = False) -> dict:
     """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings).
-    A rerun first compares the input with the folder's rows in this process (ResultsFolder.reconcile)."""
+    A rerun first compares the input with the folder's rows in this process, before Ray starts and any model loads
+    (ResultsFolder.check_rerun)."""
     import ray
     import ray.data
 
@@ -184,6 +185,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     source = Path(source)
     check_input(source, text_column)  # a missing, damaged or columnless input is refused before Ray starts
     settings = result_settings(exclude_first_token, exclude_current_token)
+    checked = folder.check_rerun(str(source), settings, text_column, dtype, input_changed)  # no Ray, no model yet
     started, clock = _now(), time.perf_counter()
     temp_dir = tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     started_here = not ray.is_initialized()
@@ -205,7 +207,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
         info = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(model, device, dtype))
         folder.open(info, settings, str(source), text_column)
-        dropped = folder.reconcile(str(source), iter_records(source, text_column), input_changed)
+        dropped = folder.reconcile(str(source), checked)
         done = frozenset(folder.done_keys())
         parts_before = set(folder.part_files())
         records = read_records(ray, source, text_column, done)

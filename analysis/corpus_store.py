@@ -8,14 +8,17 @@ A results folder DIR holds
   DIR/corpus.json     the manifest (MANIFEST_SCHEMA): model id and revision, the settings, library versions, counts,
                       and one entry per run (engine, times, rows written, rows skipped).
 A rerun into the same DIR skips every record whose (number, text_hash) already has a row, so an interrupted run
-resumes where it stopped and nothing is computed twice. Before anything is analysed, a rerun reads the input's
-records (no model) and compares them with the rows (`compare_input`): the input is the folder's when no row is of a
-text it no longer has at that number, wherever the file now is (a moved or copied file resumes). Rows of texts
+resumes where it stopped and nothing is computed twice. Before any model is loaded (minutes, for a large one), a
+rerun makes every check that needs none (`ResultsFolder.check_rerun`): the manifest, the settings, the text column
+and dtype, and the input's records against the rows (`compare_input`): the input is the folder's when no row is of
+a text it no longer has at that number, wherever the file now is (a moved or copied file resumes). Rows of texts
 that changed or that the input no longer has are dropped only when the input is the recorded file edited in place,
 some rows' texts still there and none gone (its changed texts are then analysed again), or when the caller says
 the input changed (`input_changed`, --input-changed); otherwise the run refuses (INPUT_CHANGED) and writes nothing,
-so two corpora never mix and no row still valid for the folder's input is lost. Rows are written in parts (a part
-file appears whole, by rename), so an interruption loses at most the part being built.
+so two corpora never mix and no row still valid for the folder's input is lost. The model's own checks (id,
+revision, sizes) follow its load (`ResultsFolder.open`), and only then are rows dropped (`ResultsFolder.reconcile`).
+Rows are written in parts (a part file appears whole, by rename), so an interruption loses at most the part being
+built.
 
 `load_results(DIR)` turns the rows back into analysis.corpus.CorpusResult: means and bootstrap intervals are
 computed from the Parquet rows by the same code whichever engine wrote them.
@@ -212,21 +215,8 @@ class ResultsFolder:
         if self.exists():
             manifest = self.read_manifest()
             for key in MODEL_CHECKED:
-                if manifest["model"].get(key) != model.get(key):
-                    raise HeadscopeError(OTHER_MODEL.format(path=self.path, old=manifest["model"].get("id"), key=key,
-                                                            old_value=manifest["model"].get(key),
-                                                            new_value=model.get(key)))
-            for key in RESULT_SETTINGS:
-                if manifest["settings"].get(key) != settings.get(key):
-                    raise HeadscopeError(OTHER_MODEL.format(path=self.path, old=manifest["model"].get("id"), key=key,
-                                                            old_value=manifest["settings"].get(key),
-                                                            new_value=settings.get(key)))
-            if manifest["settings"].get("exclude_bos") != settings.get("exclude_bos", True):
-                raise HeadscopeError(OLD_BOS.format(path=self.path))
-            old_column = manifest["settings"].get("text_column", text_column)
-            if old_column != text_column:
-                raise HeadscopeError(OTHER_COLUMN.format(path=self.path, old=manifest.get("source") or "its input",
-                                                         old_column=old_column, column=text_column))
+                _check_same(self.path, manifest, key, manifest["model"].get(key), model.get(key))
+            _check_settings(self.path, manifest, settings, text_column)
             return manifest
         manifest = {"schema": MANIFEST_SCHEMA, "model": {key: model[key] for key in MODEL_KEYS},
                     "settings": {**settings, "text_column": text_column}, "source": _absolute(source),
@@ -274,29 +264,47 @@ class ResultsFolder:
         table = self.read_rows(["number", "text_hash"])
         return dict(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
 
-    def reconcile(self, source: str, records: Iterable[dict] | None, input_changed: bool = False) -> int:
-        """Before a run analyses anything: compare the input's records with the rows, refuse an input that is not
-        the folder's, else drop the rows that are not of the input as it is now; returns the rows dropped.
+    def check_rerun(self, source: str, settings: dict, text_column: str = "text", dtype: str | None = None,
+                    input_changed: bool = False) -> InputChange:
+        """Every check of a run into this folder that needs no model, made before one is loaded; returns how the
+        input differs from the rows, for `reconcile` to apply once `open` has checked the model. Nothing is written.
 
-        The input is the folder's when every row is of a text it still has at that number (`compare_input`), the
-        file being wherever it is now. Rows of texts it changed are dropped (and those texts analysed again) when it
-        is the recorded file edited in place, still holding some of the rows' texts and none gone. Anything else, a
-        row of a text the input no longer has included, needs `input_changed`, or the run refuses (INPUT_CHANGED,
-        GONE_ONLY) and nothing is written. `records` is read only when the folder holds rows; None where the input
-        cannot be read a second time (NO_SOURCE then)."""
+        An existing folder's manifest, settings, text column and (unless None) `dtype` must be the run's. Then the
+        input (`source`, read here once more, no model) is compared with the rows (`compare_input`): it is the
+        folder's when every row is of a text it still has at that number, the file being wherever it is now. Rows
+        of texts it changed may be dropped (and those texts analysed again) when it is the recorded file edited in
+        place, still holding some of the rows' texts and none gone. Anything else, a row of a text the input no
+        longer has included, needs `input_changed`, or the run is refused (INPUT_CHANGED, GONE_ONLY). A new folder
+        or one without rows has nothing to compare (`open` creates it); one with rows needs the input's path
+        (NO_SOURCE)."""
+        if not self.exists():
+            return InputChange(0, [], [], 0, {})
         manifest = self.read_manifest()
-        old, dropped = manifest.get("source") or "", 0
+        _check_settings(self.path, manifest, settings, text_column)
+        if dtype is not None:  # the rest of the model (id, revision, sizes) is known once it is loaded
+            _check_same(self.path, manifest, "dtype", manifest["model"].get("dtype"), dtype)
         rows = self.latest_hashes()
-        if rows:
-            if records is None:
-                raise HeadscopeError(NO_SOURCE.format(path=self.path))
-            change = compare_input(rows, records)
-            if change.changed or change.gone:
-                edited = bool(change.kept) and not change.gone and _same_file(old, source)
-                if not (input_changed or edited):
-                    raise HeadscopeError(change_message(self.path, old, source, change))
-                dropped = self.drop_rows(change.current)
-        if source and manifest.get("source") != _absolute(source):  # a moved input: the folder follows it
+        if not rows:
+            return InputChange(0, [], [], 0, {})
+        if not (source and os.path.exists(source)):
+            raise HeadscopeError(NO_SOURCE.format(path=self.path))
+        change = compare_input(rows, iter_records(source, text_column))
+        if change.changed or change.gone:
+            old = manifest.get("source") or ""
+            edited = bool(change.kept) and not change.gone and _same_file(old, source)
+            if not (input_changed or edited):
+                raise HeadscopeError(change_message(self.path, old, source, change))
+        return change
+
+    def reconcile(self, source: str, change: InputChange) -> int:
+        """After `open` has checked the model: make the rows those of the input as `check_rerun` found it (the rows
+        of texts it changed or no longer has dropped) and record its path (a moved input: the folder follows it);
+        returns the rows dropped."""
+        dropped = 0
+        if change.changed or change.gone:
+            dropped = self.drop_rows(change.current)
+        manifest = self.read_manifest()
+        if source and manifest.get("source") != _absolute(source):
             manifest["source"] = _absolute(source)
             self.write_manifest(manifest)
         return dropped
@@ -386,6 +394,25 @@ def change_message(path: Path, old: str, new: str, change: InputChange) -> str:
                                 what="; ".join(parts))
 
 
+def _check_same(path: Path, manifest: dict, key: str, old_value, new_value) -> None:
+    """OTHER_MODEL unless the folder's `key` (of its model or settings) is the run's."""
+    if old_value != new_value:
+        raise HeadscopeError(OTHER_MODEL.format(path=path, old=manifest["model"].get("id"), key=key,
+                                                old_value=old_value, new_value=new_value))
+
+
+def _check_settings(path: Path, manifest: dict, settings: dict, text_column: str) -> None:
+    """The folder's settings that change the numbers, and its text column, against the run's: no model needed."""
+    for key in RESULT_SETTINGS:
+        _check_same(path, manifest, key, manifest["settings"].get(key), settings.get(key))
+    if manifest["settings"].get("exclude_bos") != settings.get("exclude_bos", True):
+        raise HeadscopeError(OLD_BOS.format(path=path))
+    old_column = manifest["settings"].get("text_column", text_column)
+    if old_column != text_column:
+        raise HeadscopeError(OTHER_COLUMN.format(path=path, old=manifest.get("source") or "its input",
+                                                 old_column=old_column, column=text_column))
+
+
 def _numbers(numbers: list[int]) -> str:
     shown = ", ".join(map(str, numbers[:SHOWN_NUMBERS]))
     more = len(numbers) - SHOWN_NUMBERS
@@ -434,19 +461,21 @@ def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
 def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolder | str | Path, source: str = "",
               text_column: str = "text", exclude_first_token: bool = True, exclude_current_token: bool = False,
               batch_size: int = 16, flush_rows: int = FLUSH_ROWS, progress: Progress | None = None,
-              input_changed: bool = False) -> dict:
+              input_changed: bool = False, checked: InputChange | None = None) -> dict:
     """The local engine: analyse every record without a row in `folder`, in this process; returns the run entry.
 
     `source` is the input's path: a rerun into a folder that holds rows reads it once more to compare its records
-    with the rows before analysing (ResultsFolder.reconcile; `input_changed` lets it drop rows). Records go to
+    with the rows before analysing (ResultsFolder.check_rerun; `input_changed` lets it drop rows). A caller that
+    made that check before loading the model (the command line) passes its answer as `checked`. Records go to
     `analyze_records` `batch_size` at a time (corpus.READ_AHEAD batches on a GPU); rows are written as a part file
     every `flush_rows`.
     """
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
     settings = result_settings(exclude_first_token, exclude_current_token)
-    folder.open(loaded.info.to_dict(), settings, source, text_column)
-    again = iter_records(source, text_column) if source and os.path.exists(source) else None
-    dropped = folder.reconcile(source, again, input_changed)
+    folder.open(loaded.info.to_dict(), settings, source, text_column)  # the model is loaded already: checked first
+    if checked is None:
+        checked = folder.check_rerun(source, settings, text_column, input_changed=input_changed)
+    dropped = folder.reconcile(source, checked)
     done = folder.done_keys()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     started, clock = _now(), time.perf_counter()

@@ -571,11 +571,12 @@ def write_corpus_outputs(results: Path, args) -> None:
 
 
 def run_results(args) -> int:
-    """--batch FILE --results DIR: the per-text rows go to DIR as Parquet, on this process or on Ray."""
+    """--batch FILE --results DIR: the per-text rows go to DIR as Parquet, on this process or on Ray. A rerun that
+    will be refused (another input, other settings) is refused before the model loads, with either engine."""
     from analysis import load_model
     from analysis.corpus import NO_TEXTS
     from analysis.corpus_io import check_input, iter_records
-    from analysis.corpus_store import run_local
+    from analysis.corpus_store import ResultsFolder, result_settings, run_local
 
     check_input(args.batch, args.text_column)  # a missing, damaged or columnless input: refused before any writing
     options = {"text_column": args.text_column, "exclude_first_token": not args.include_first_token,
@@ -586,10 +587,13 @@ def run_results(args) -> int:
         run = run_ray(args.model, args.batch, args.results, device=args.device, dtype=args.dtype,
                       address=args.ray_address, workers=args.ray_workers, **options)
     else:
+        folder = ResultsFolder(args.results)
+        checked = folder.check_rerun(str(args.batch), result_settings(options["exclude_first_token"]),
+                                     args.text_column, args.dtype, args.input_changed)
         loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                             revision=args.revision)
-        run = run_local(loaded, iter_records(args.batch, args.text_column), args.results, source=str(args.batch),
-                        **options)
+        run = run_local(loaded, iter_records(args.batch, args.text_column), folder, source=str(args.batch),
+                        checked=checked, **options)
     if run["new_rows"] + run["skipped"] == 0:
         raise HeadscopeError(NO_TEXTS.format(source=args.batch))  # as --out-dir says it
     failed = run.get("new_failed", 0)

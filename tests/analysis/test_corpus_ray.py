@@ -37,16 +37,17 @@ RAY_SCRIPT = textwrap.dedent("""
     from analysis.errors import HeadscopeError
     from reports.__main__ import main
 
-    def job(source, folder, column, input_changed):
+    def job(source, folder, column, input_changed, other_model):
         try:
-            return run_ray(model, source, folder, text_column=column, batch_size=4, input_changed=input_changed)
+            return run_ray(other_model or model, source, folder, text_column=column, batch_size=4,
+                           input_changed=input_changed)
         except HeadscopeError as exc:  # a refusal: its one line
             return {"error": str(exc)}
 
     model, temp_dir, jobs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     try:
-        source, folder, column, _ = jobs[0]  # the first through the command line
+        source, folder, column = jobs[0][:3]  # the first through the command line
         code = main(["--model", model, "--batch", source, "--results", folder, "--text-column", column,
                      "--engine", "ray", "--batch-size", "4"])
         assert code == 0, code
@@ -77,11 +78,12 @@ def ray_processes(marker: str) -> list[str]:
 
 
 def run_ray_jobs(model: Path, jobs: list[tuple], temp_dir: Path) -> list[dict]:
-    """Run each (source, folder, text column[, input_changed]) in one Ray instance: the first through the command
-    line, the others through run_ray (a refusal comes back as {"error": its line})."""
+    """Run each (source, folder, text column[, input_changed[, another model]]) in one Ray instance: the first
+    through the command line, the others through run_ray (a refusal comes back as {"error": its line})."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     child = subprocess.Popen([sys.executable, "-c", RAY_SCRIPT, str(model), str(temp_dir),
-                              json.dumps([[str(s), str(f), c, bool(rest and rest[0])] for s, f, c, *rest in jobs])],
+                              json.dumps([[str(s), str(f), c, bool(rest and rest[0]),
+                                           str(rest[1]) if len(rest) > 1 else None] for s, f, c, *rest in jobs])],
                              cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -173,13 +175,14 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
     temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
     try:
         runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text"), (edited, tmp_path / "edited", "text"),
-                                        (shortened, tmp_path / "shortened", "text"),
+                                        (shortened, tmp_path / "shortened", "text", False, tmp_path / "no-model"),
                                         (shortened, tmp_path / "shortened", "text", True),
                                         (moved, local["txt"], "text")], temp_dir)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-    moved_run, dropped_run, refused, edited_run = runs.pop(), runs.pop(), runs.pop(), runs.pop()
+    moved_run, dropped_run, refused, edited_run = (runs.pop() for _ in range(4))
     assert (edited_run["new_rows"], edited_run["skipped"], edited_run["dropped"]) == (1, 2, 1)  # once 0 and 3
+    # refused before any model loads: the model given (a path that does not exist) was never tried
     assert "shortened holds 2 rows of texts" in refused["error"] and "(numbers 2, 3)" in refused["error"]
     assert (dropped_run["new_rows"], dropped_run["skipped"], dropped_run["dropped"]) == (0, 1, 2)
     assert [t.number for t in load_results(tmp_path / "shortened").texts] == [1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis.corpus_store import ResultsFolder
 from reports.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,6 +101,26 @@ def test_a_shortened_or_moved_input_is_one_line_until_told_it_changed(gpt2_path,
     assert code == 0, lines
     after, fresh = (json.loads((tmp_path / name).read_text()) for name in ("after.json", "fresh.json"))
     assert after == fresh and [t["number"] for t in after["texts"]] == [1, 2, 3]  # as if written afresh
+
+
+def test_a_rerun_that_will_be_refused_is_refused_before_the_model_loads(gpt2_path, corpus_file, tmp_path, capsys):
+    """A rerun into a folder it does not fit loaded the model first (minutes, for a real LLM), then refused. Now every
+    check that needs no model comes before the load: with a --model that cannot load at all, what the user sees is
+    the refusal of the input, the settings, the text column or the dtype, in one line, and the folder is untouched."""
+    results = tmp_path / "res"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0, lines
+    rows = ResultsFolder(results).read_rows()
+    nowhere = tmp_path / "no-such-model"
+    code, lines = run_cli(capsys, "--model", nowhere, "--batch", corpus_file, "--results", results)
+    assert code == 2 and len(lines) == 1 and "no-such-model" in lines[0], lines  # nothing to refuse: the model is next
+    corpus_file.write_text("\n".join(corpus_file.read_text().splitlines()[:3]) + "\n")  # made shorter
+    for flags, needle in (([], "holds 2 rows of texts"), (["--include-first-token"], "(exclude_first_token True)"),
+                          (["--dtype", "float16"], "(dtype 'float32'), not 'float16'"),
+                          (["--text-column", "body"], "not of column 'body'")):
+        code, lines = run_cli(capsys, "--model", nowhere, "--batch", corpus_file, "--results", results, *flags)
+        assert code == 2 and len(lines) == 1 and needle in lines[0] and "no-such-model" not in lines[0], lines
+    assert ResultsFolder(results).read_rows().equals(rows)
 
 
 NO_RAY = """
