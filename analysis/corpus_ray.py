@@ -11,7 +11,7 @@ The pipeline:
   compare    on a rerun, before Ray starts or any model loads, the driver checks the folder's settings and dtype and
              compares the input's records with its rows (ResultsFolder.check_rerun, as the local engine): another
              input is refused; once a worker has described the model and `open` has checked it, rows of texts changed
-             or gone are dropped (ResultsFolder.reconcile);
+             or gone are dropped and rows whose text is unchanged take the input's id (ResultsFolder.reconcile);
   skip       records that already have a row in the results folder (number, text_hash) are dropped;
   analyse    `map_batches(RowMaker, compute=ActorPoolStrategy(size=workers))`: each worker loads the model once and
              turns batches of records into rows with corpus_store.analyze_records, the function the local engine calls;
@@ -207,7 +207,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
         info = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(model, device, dtype))
         folder.open(info, settings, str(source), text_column)
-        dropped = folder.reconcile(str(source), checked)
+        dropped, relabelled = folder.reconcile(str(source), checked)
         done = frozenset(folder.done_keys())
         parts_before = set(folder.part_files())
         records = read_records(ray, source, text_column, done)
@@ -234,6 +234,6 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         shutil.rmtree(temp_dir, ignore_errors=True)
     run = {"engine": "ray", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
            "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "skipped": kept, "dropped": dropped,
-           "batch_size": batch_size, "workers": workers, "address": address, "device": device}
+           "relabelled": relabelled, "batch_size": batch_size, "workers": workers, "address": address, "device": device}
     folder.finish_run(run)
     return run

@@ -15,10 +15,11 @@ a text it no longer has at that number, wherever the file now is (a moved or cop
 that changed or that the input no longer has are dropped only when the input is the recorded file edited in place,
 some rows' texts still there and none gone (its changed texts are then analysed again), or when the caller says
 the input changed (`input_changed`, --input-changed); otherwise the run refuses (INPUT_CHANGED) and writes nothing,
-so two corpora never mix and no row still valid for the folder's input is lost. The model's own checks (id,
-revision, sizes) follow its load (`ResultsFolder.open`), and only then are rows dropped (`ResultsFolder.reconcile`).
-Rows are written in parts (a part file appears whole, by rename), so an interruption loses at most the part being
-built.
+so two corpora never mix and no row still valid for the folder's input is lost. A record whose text is the row's
+but whose id changed keeps its numbers and takes the input's id (its row's id is rewritten, nothing analysed
+again). The model's own checks (id, revision, sizes) follow its load (`ResultsFolder.open`), and only then are rows
+dropped or relabelled (`ResultsFolder.reconcile`). Rows are written in parts (a part file appears whole, by
+rename), so an interruption loses at most the part being built.
 
 `load_results(DIR)` turns the rows back into analysis.corpus.CorpusResult: means and bootstrap intervals are
 computed from the Parquet rows by the same code whichever engine wrote them.
@@ -259,10 +260,11 @@ class ResultsFolder:
         table = self.read_rows(["number", "text_hash"])
         return set(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
 
-    def latest_hashes(self) -> dict[int, str]:
-        """{number: text_hash} of the row read_rows keeps for each number."""
-        table = self.read_rows(["number", "text_hash"])
-        return dict(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
+    def latest_rows(self) -> tuple[dict[int, str], dict[int, str]]:
+        """({number: text_hash}, {number: id}) of the row read_rows keeps for each number."""
+        table = self.read_rows(["number", "text_hash", "id"])
+        numbers = table["number"].to_pylist()
+        return dict(zip(numbers, table["text_hash"].to_pylist())), dict(zip(numbers, table["id"].to_pylist()))
 
     def check_rerun(self, source: str, settings: dict, text_column: str = "text", dtype: str | None = None,
                     input_changed: bool = False) -> InputChange:
@@ -283,12 +285,12 @@ class ResultsFolder:
         _check_settings(self.path, manifest, settings, text_column)
         if dtype is not None:  # the rest of the model (id, revision, sizes) is known once it is loaded
             _check_same(self.path, manifest, "dtype", manifest["model"].get("dtype"), dtype)
-        rows = self.latest_hashes()
+        rows, ids = self.latest_rows()
         if not rows:
             return InputChange(0, [], [], 0, {})
         if not (source and os.path.exists(source)):
             raise HeadscopeError(NO_SOURCE.format(path=self.path))
-        change = compare_input(rows, iter_records(source, text_column))
+        change = compare_input(rows, iter_records(source, text_column), ids)
         if change.changed or change.gone:
             old = manifest.get("source") or ""
             edited = bool(change.kept) and not change.gone and _same_file(old, source)
@@ -296,36 +298,43 @@ class ResultsFolder:
                 raise HeadscopeError(change_message(self.path, old, source, change))
         return change
 
-    def reconcile(self, source: str, change: InputChange) -> int:
+    def reconcile(self, source: str, change: InputChange) -> tuple[int, int]:
         """After `open` has checked the model: make the rows those of the input as `check_rerun` found it (the rows
-        of texts it changed or no longer has dropped) and record its path (a moved input: the folder follows it);
-        returns the rows dropped."""
+        of texts it changed or no longer has dropped, its ids on the rows of its unchanged texts) and record its
+        path (a moved input: the folder follows it); returns (rows dropped, records whose id was updated)."""
         dropped = 0
-        if change.changed or change.gone:
-            dropped = self.drop_rows(change.current)
+        if change.changed or change.gone or change.relabelled:
+            dropped = self.rewrite_rows(change.current, change.relabelled)
         manifest = self.read_manifest()
         if source and manifest.get("source") != _absolute(source):
             manifest["source"] = _absolute(source)
             self.write_manifest(manifest)
-        return dropped
+        return dropped, len(change.relabelled)
 
-    def drop_rows(self, current: dict[int, str]) -> int:
+    def rewrite_rows(self, current: dict[int, str], relabelled: dict[int, str] | None = None) -> int:
         """Rewrite every part without its rows that are not of the input as it is now (`current`: {number:
-        text_hash} of the input's records that have a row); returns the rows dropped. A part keeps its name and its
-        modification time (read_rows orders parts by it); a part left without rows is removed."""
+        text_hash} of the input's records that have a row) and with the input's id on the rows of `relabelled`
+        ({number: id}, texts unchanged); returns the rows dropped. A part keeps its name and its modification time
+        (read_rows orders parts by it); a part left without rows is removed."""
+        relabelled = relabelled or {}
         dropped = 0
         for part in self.part_files():
             table = _read_part(part, None)
             if table is None:
                 continue
+            numbers, old_ids = table["number"].to_pylist(), table["id"].to_pylist()
             keep = [current.get(number) == digest  # [row]
-                    for number, digest in zip(table["number"].to_pylist(), table["text_hash"].to_pylist())]
-            if all(keep):
+                    for number, digest in zip(numbers, table["text_hash"].to_pylist())]
+            new_ids = [relabelled.get(number, old) if kept else old  # [row]
+                       for number, kept, old in zip(numbers, keep, old_ids)]
+            if all(keep) and new_ids == old_ids:
                 continue
             dropped += keep.count(False)
             if not any(keep):
                 part.unlink()
                 continue
+            table = table.set_column(table.schema.get_field_index("id"), ROW_SCHEMA.field("id"),
+                                     pa.array(new_ids, pa.string()))
             stat = part.stat()
             tmp = part.with_name(f".{part.name}.tmp")
             pq.write_table(table.filter(pa.array(keep)), tmp)
@@ -358,29 +367,35 @@ class ResultsFolder:
 @dataclass(frozen=True)
 class InputChange:
     """An input's records against a folder's rows: `kept` rows of its texts at their numbers, the numbers whose row is
-    of another text (`changed`) or of no record of it (`gone`), its records without a row (`new`), and `current`,
-    {number: text_hash} of its records that have a row."""
+    of another text (`changed`) or of no record of it (`gone`), its records without a row (`new`), `current`,
+    {number: text_hash} of its records that have a row, and `relabelled`, {number: id} of its records whose text is
+    their row's but whose id is not."""
 
     kept: int
     changed: list[int]
     gone: list[int]
     new: int
     current: dict[int, str] = field(repr=False)
+    relabelled: dict[int, str] = field(default_factory=dict, repr=False)
 
 
-def compare_input(rows: dict[int, str], records: Iterable[dict]) -> InputChange:
-    """Compare an input's records with the rows ({number: text_hash}), holding no more than one hash per row."""
+def compare_input(rows: dict[int, str], records: Iterable[dict], ids: dict[int, str] | None = None) -> InputChange:
+    """Compare an input's records with the rows ({number: text_hash}, and their {number: id} when `ids`), holding no
+    more than one hash per row and one id per row whose id the input changed."""
     current: dict[int, str] = {}
+    relabelled: dict[int, str] = {}
     new = 0
     for record in records:
         number = int(record["number"])
         if number in rows:
             current[number] = record["text_hash"]
+            if ids is not None and record["text_hash"] == rows[number] and record["id"] != ids.get(number):
+                relabelled[number] = record["id"]
         else:
             new += 1
     changed = sorted(number for number, digest in current.items() if rows[number] != digest)
     gone = sorted(number for number in rows if number not in current)
-    return InputChange(len(current) - len(changed), changed, gone, new, current)
+    return InputChange(len(current) - len(changed), changed, gone, new, current, relabelled)
 
 
 def change_message(path: Path, old: str, new: str, change: InputChange) -> str:
@@ -475,7 +490,7 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
     folder.open(loaded.info.to_dict(), settings, source, text_column)  # the model is loaded already: checked first
     if checked is None:
         checked = folder.check_rerun(source, settings, text_column, input_changed=input_changed)
-    dropped = folder.reconcile(source, checked)
+    dropped, relabelled = folder.reconcile(source, checked)
     done = folder.done_keys()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     started, clock = _now(), time.perf_counter()
@@ -506,7 +521,8 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
             progress(seen, written + len(pending))
     flush()
     run = {"engine": "local", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
-           "records": seen, "new_rows": written, "skipped": skipped, "dropped": dropped, "batch_size": batch_size}
+           "records": seen, "new_rows": written, "skipped": skipped, "dropped": dropped, "relabelled": relabelled,
+           "batch_size": batch_size}
     folder.finish_run(run)
     return run
 

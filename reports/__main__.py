@@ -598,8 +598,10 @@ def run_results(args) -> int:
         raise HeadscopeError(NO_TEXTS.format(source=args.batch))  # as --out-dir says it
     failed = run.get("new_failed", 0)
     dropped = f", {run['dropped']} dropped (texts the input changed or no longer has)" if run["dropped"] else ""
+    relabelled = (f", {run['relabelled']} ids updated (their texts unchanged, not analysed again)"
+                  if run["relabelled"] else "")
     print(f"headscope: {run['new_rows']} texts written on {run['engine']} in {run['seconds']:.1f} s ({failed} failed), "
-          f"{run['skipped']} already there{dropped} -> {args.results}", file=sys.stderr)
+          f"{run['skipped']} already there{dropped}{relabelled} -> {args.results}", file=sys.stderr)
     write_corpus_outputs(args.results, args)
     return EXIT_BAD_INPUT if run["skipped"] == 0 and failed == run["new_rows"] else 0  # every text failed
 

@@ -157,6 +157,13 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
         with pytest.raises(KeyboardInterrupt):
             run_local(gpt2, iter_records(txt), partial, batch_size=4, flush_rows=4, progress=stop)
         done_before = ResultsFolder(partial).read_rows().num_rows
+        relabel = tmp_path / "relabel.jsonl"  # ids changed, texts not (but the second): Ray updates the ids
+        lines = [{"text": text, "id": f"old{i}"} for i, text in enumerate(short_texts(3, seed=7))]
+        relabel.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        run_local(gpt2, iter_records(relabel), tmp_path / "relabel", source=str(relabel), batch_size=4)
+        lines[0]["id"], lines[2]["id"], lines[1]["text"] = "new0", "new2", "a changed second text"
+        relabel.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        run_local(gpt2, iter_records(relabel), tmp_path / "relabel-fresh", source=str(relabel), batch_size=4)
     finally:
         torch.set_num_threads(before)
     assert done_before == 8
@@ -177,16 +184,20 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
         runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text"), (edited, tmp_path / "edited", "text"),
                                         (shortened, tmp_path / "shortened", "text", False, tmp_path / "no-model"),
                                         (shortened, tmp_path / "shortened", "text", True),
-                                        (moved, local["txt"], "text")], temp_dir)
+                                        (moved, local["txt"], "text"), (relabel, tmp_path / "relabel", "text")],
+                           temp_dir)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-    moved_run, dropped_run, refused, edited_run = (runs.pop() for _ in range(4))
+    relabel_run, moved_run, dropped_run, refused, edited_run = (runs.pop() for _ in range(5))
     assert (edited_run["new_rows"], edited_run["skipped"], edited_run["dropped"]) == (1, 2, 1)  # once 0 and 3
     # refused before any model loads: the model given (a path that does not exist) was never tried
     assert "shortened holds 2 rows of texts" in refused["error"] and "(numbers 2, 3)" in refused["error"]
     assert (dropped_run["new_rows"], dropped_run["skipped"], dropped_run["dropped"]) == (0, 1, 2)
     assert [t.number for t in load_results(tmp_path / "shortened").texts] == [1]
     assert (moved_run["new_rows"], moved_run["skipped"], moved_run["dropped"]) == (0, 26, 0)
+    assert [relabel_run[key] for key in ("new_rows", "skipped", "dropped", "relabelled")] == [1, 2, 1, 2]
+    assert ResultsFolder(tmp_path / "relabel").read_rows()["id"].to_pylist() == ["new0", "old1", "new2"]
+    assert_same_rows(tmp_path / "relabel", tmp_path / "relabel-fresh")  # as the edited file written afresh
 
     for kind in inputs:
         assert_same_rows(tmp_path / f"ray-{kind}", local[kind])

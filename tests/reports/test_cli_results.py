@@ -123,6 +123,29 @@ def test_a_rerun_that_will_be_refused_is_refused_before_the_model_loads(gpt2_pat
     assert ResultsFolder(results).read_rows().equals(rows)
 
 
+def test_a_record_whose_id_changed_takes_the_new_id_without_being_analysed_again(gpt2_path, corpus_file, tmp_path,
+                                                                                 capsys):
+    """A JSONL record whose "id" changed but whose text did not kept the old id in its row (rows are matched to
+    records by number and text). Now its row takes the input's id and keeps its numbers (nothing analysed again);
+    a text changed in the same edit is analysed again as before; the rows are those of the edited file afresh."""
+    results = tmp_path / "res"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0, lines
+    records = [json.loads(line) for line in corpus_file.read_text().splitlines()]
+    records[0]["id"], records[2]["id"], records[3]["id"] = "intro", "d2-v2", 7
+    records[1]["text"] = "a cat ran far from the mat"
+    corpus_file.write_text("\n".join(map(json.dumps, records)) + "\n", encoding="utf-8")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0 and "1 texts written" in lines[0] and "4 already there, 1 dropped" in lines[0], lines
+    assert "3 ids updated (their texts unchanged, not analysed again)" in lines[0], lines
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", tmp_path / "fresh")
+    assert code == 0, lines
+    got, want = ResultsFolder(results).read_rows(), ResultsFolder(tmp_path / "fresh").read_rows()
+    assert got["id"].to_pylist() == ["intro", "d1", "d2-v2", "7", "5"] and got.equals(want)
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0 and "0 texts written" in lines[0] and "5 already there ->" in lines[0], lines  # nothing left
+
+
 NO_RAY = """
 import sys
 from reports.__main__ import main
