@@ -220,12 +220,12 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         rows.write_parquet(str(folder.rows_dir.resolve()))
         written = new_rows(folder, parts_before)
         kept = len(done & frozenset(folder.done_keys()))  # the rows already there that this run did not replace
-    except HeadscopeError:
-        raise
     except Exception as exc:  # Ray wraps worker errors: one line for the user; the rows written so far are kept
         cause = getattr(exc, "cause", None) or exc
-        if isinstance(cause, HeadscopeError):
-            raise HeadscopeError(str(cause)) from None
+        if cause is exc and isinstance(exc, HeadscopeError):  # the driver's own
+            raise
+        if isinstance(cause, HeadscopeError):  # a task's, as a RayTaskError that is also a HeadscopeError (its str
+            raise HeadscopeError(str(cause)) from None  # the remote traceback): its own line
         raise HeadscopeError(RAY_FAILED.format(kind=type(cause).__name__, message=str(cause).splitlines()[0]
                                                if str(cause) else "")) from exc
     finally:

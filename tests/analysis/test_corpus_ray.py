@@ -184,11 +184,12 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
         runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text"), (edited, tmp_path / "edited", "text"),
                                         (shortened, tmp_path / "shortened", "text", False, tmp_path / "no-model"),
                                         (shortened, tmp_path / "shortened", "text", True),
-                                        (moved, local["txt"], "text"), (relabel, tmp_path / "relabel", "text")],
-                           temp_dir)
+                                        (moved, local["txt"], "text"), (relabel, tmp_path / "relabel", "text"),
+                                        (txt, tmp_path / "never", "text", False, tmp_path / "no-model")], temp_dir)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-    relabel_run, moved_run, dropped_run, refused, edited_run = (runs.pop() for _ in range(5))
+    no_model, relabel_run, moved_run, dropped_run, refused, edited_run = (runs.pop() for _ in range(6))
+    assert "no-model' exists" in no_model["error"] and "\n" not in no_model["error"]  # not Ray's remote traceback
     assert (edited_run["new_rows"], edited_run["skipped"], edited_run["dropped"]) == (1, 2, 1)  # once 0 and 3
     # refused before any model loads: the model given (a path that does not exist) was never tried
     assert "shortened holds 2 rows of texts" in refused["error"] and "(numbers 2, 3)" in refused["error"]
