@@ -420,7 +420,7 @@ def results_document(result: AnalysisResult, head: int, probe: AnalysisResult | 
     """The JSON download: the results with their provenance and, with the probe on, its results under "probe", as
     --json beside --with-probe writes them and --from-report reads them back out of the downloaded report."""
     doc = results_json(result, head)
-    return doc if probe is None else with_probe_results(doc, probe.to_dict())
+    return doc if probe is None else with_probe_results(doc, probe)
 
 
 def model_line_ui(result: AnalysisResult, info: ModelInfo, layer: int, head: int,

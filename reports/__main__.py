@@ -260,8 +260,8 @@ def check_with_probe(parser, args) -> None:
         parser.error("--with-probe runs the probe beside a text; --induction-probe analyses the probe instead of one")
     if args.batch is not None or args.from_report is not None or args.from_results is not None:
         parser.error("--with-probe adds the probe to one text's report: drop --batch/--from-report/--from-results")
-    if args.html is None:
-        parser.error("--with-probe adds the probe's atlases to the HTML report: add --html OUT")
+    if args.html is None and args.json is None:
+        parser.error("--with-probe adds the probe to the --html report or the --json results: add one")
     if beyond_cli.any_requested(args):
         parser.error("--with-probe and --ablation/--neuron/--compare: one extra section at a time")
 
@@ -426,7 +426,7 @@ def run_single(args) -> None:
         if probe is not None:  # as the report embeds it, so --from-report gives back this file
             from reports.html import with_probe_results
 
-            doc = with_probe_results(doc, probe.to_dict())
+            doc = with_probe_results(doc, probe)
         write_json(doc if extras is None else beyond_cli.json_document(doc, extras), args.json)
         write_text_beside(args.json, result)
     if args.html is not None:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import re
-import shlex
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +43,7 @@ from reports.provenance import (  # noqa: F401 (LIBRARIES, reproduce_command: ke
     git_commit,
     library_versions,
     reproduce_command,
+    with_probe_command,
 )
 from reports.untrusted import html_literal, needs_text_file, shown_command, visible
 
@@ -244,15 +244,6 @@ def _atlas_context(result: AnalysisResult, pool: DataPool) -> list[dict]:
              "rows": _score_grid(values), "n_heads": values.shape[1] if values.ndim == 2 else 0,
              **_chart_context(build_atlas_chart(result, score), f"chart-atlas-{score}", pool)}
             for score, values in result.head_scores.items()]
-
-
-def _with_probe(command: str, probe: AnalysisResult) -> str:
-    """The report's recompute command with --with-probe LENGTH --probe-seed SEED (before its outputs)."""
-    argv = shlex.split(command)
-    outputs = [i for i, arg in enumerate(argv) if arg in ("--html", "--json", "--patterns")]
-    at = outputs[0] if outputs else len(argv)
-    flags = ["--with-probe", str(probe.induction_probe["length"]), "--probe-seed", str(probe.induction_probe["seed"])]
-    return shlex.join(argv[:at] + flags + argv[at:])
 
 
 def build_probe_context(probe: AnalysisResult) -> dict:
@@ -671,7 +662,8 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "datasets": pool.to_dict(),
         "datasets_id": DATA_ID,
         "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items()),
-                       "command": provenance["command"] if probe is None else _with_probe(provenance["command"], probe),
+                       "command": (provenance["command"] if probe is None
+                                   else with_probe_command(provenance["command"], probe)),
                        "text_file": text_file if not result.induction_probe and needs_text_file(result.text) else None},
         **_script_context(assets),
     }
@@ -813,11 +805,17 @@ def results_from_page(page: str, name: str = "The report") -> dict:
     return validate_results(parse_json(text, what), what)
 
 
-def with_probe_results(doc: dict, probe: dict) -> dict:
+def with_probe_results(doc: dict, probe: AnalysisResult | dict) -> dict:
     """The results JSON with the induction probe's results (a headscope.results/1 document) under "probe", before
-    its provenance: what --json writes beside --with-probe, and --from-report reads back from such a report."""
+    its provenance: what --json writes beside --with-probe, and --from-report reads back from such a report. Given
+    the probe's AnalysisResult, the provenance's command gains --with-probe too (with_probe_command), so that it
+    recomputes the probe as well."""
     rest = {key: value for key, value in doc.items() if key != "provenance"}
-    return {**rest, "probe": probe, **({"provenance": doc["provenance"]} if "provenance" in doc else {})}
+    provenance = doc.get("provenance")
+    if provenance is not None and isinstance(probe, AnalysisResult):
+        provenance = {**provenance, "command": with_probe_command(provenance["command"], probe)}
+    probe = probe.to_dict() if isinstance(probe, AnalysisResult) else probe
+    return {**rest, "probe": probe, **({"provenance": provenance} if provenance is not None else {})}
 
 
 def report_document(page: str, name: str = "The report") -> dict:

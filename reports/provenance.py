@@ -148,6 +148,16 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
     return shlex.join(argv + list(outputs))
 
 
+def with_probe_command(command: str, probe: AnalysisResult) -> str:
+    """`command` with --with-probe LENGTH --probe-seed SEED before its outputs: what also recomputes the induction
+    probe run beside the text (the report's section, the JSON's "probe")."""
+    argv = shlex.split(command)
+    outputs = [i for i, arg in enumerate(argv) if arg in ("--html", "--json", "--patterns")]
+    at = outputs[0] if outputs else len(argv)
+    flags = ["--with-probe", str(probe.induction_probe["length"]), "--probe-seed", str(probe.induction_probe["seed"])]
+    return shlex.join(argv[:at] + flags + argv[at:])
+
+
 def build_provenance(result: AnalysisResult, head: int = 0, outputs: tuple[str, ...] = ("--html", "report.html"),
                      generated_at: datetime | None = None, text_file: str | None = TEXT_FILE) -> dict:
     """The provenance block as plain JSON values (libraries as {name: version})."""

@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 from html import unescape
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from reports.__main__ import build_parser, main
 from reports.html import PROBE_ID, read_report_results, render_report
 from tests.conftest import FIJI
 from tests.reports.test_cli import run_cli
-from tests.reports.test_provenance import run_recorded
+from tests.reports.test_provenance import results_of, run_recorded
 from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
 
 
@@ -109,9 +110,26 @@ def test_the_probe_command_measures_the_layers_the_report_embeds(gpt2_path, tmp_
     assert read_report_results(tmp_path / "elsewhere" / "probe.html") == embedded
 
 
+def test_with_probe_and_json_alone_records_a_command_that_gives_back_the_probe(gpt2_path, tmp_path, capsys):
+    """--with-probe with --json only: the JSON holds the probe under "probe" and its command says --with-probe, so
+    run from another folder it writes the same results and the same probe (before, --with-probe needed --html and
+    the JSON's command left the probe out)."""
+    out = tmp_path / "results.json"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", FIJI, "--layer", "2", "--with-probe", "12",
+                          "--probe-seed", "4", "--json", out)
+    assert code == 0, lines
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    command = doc["provenance"]["command"]
+    args = build_parser().parse_args(shlex.split(command)[3:])
+    assert (args.with_probe, args.probe_seed, args.layer, args.json) == (12, 4, [2], Path("results.json"))
+    run_recorded(command, tmp_path / "elsewhere")
+    again = json.loads((tmp_path / "elsewhere" / "results.json").read_text(encoding="utf-8"))
+    assert results_of(again) == results_of(doc) and again["probe"]["settings"]["induction_probe"]["length"] == 12
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--induction-probe", "20", "--with-probe", "--html", "x.html"], "--with-probe runs the probe beside a text"),
-    (["--with-probe", "--json", "x.json"], "add --html OUT"),
+    (["--with-probe", "--figures", "d"], "--with-probe adds the probe to the --html report or the --json results"),
     (["--with-probe", "--ablation", "zero", "--html", "x.html"], "one extra section at a time"),
     (["--with-probe", "0", "--html", "x.html"], "--with-probe LENGTH must be at least 1, not 0"),  # not the default 50
     (["--no-layers", "--neuron", "1", "2", "--json", "x.json"], "--no-layers measures no layer, and --neuron needs"),
