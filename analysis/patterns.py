@@ -45,7 +45,7 @@ class PatternReduction:
     fixed: torch.Tensor  # [layer, head, 3] float64: sink, self, entropy
     readouts: dict[str, torch.Tensor] | None  # [layer, ...]: metrics.compute_attention_summaries's fields
     parity: torch.Tensor | None  # [layer] float32: max abs error against the model's weights or output
-    score_max: torch.Tensor | None  # [layer] float32: largest |row maximum of the scores| (half precision, parity)
+    score_max: torch.Tensor | None  # [layer] float32: largest |row maximum of the scores| (half precision, eager)
     pattern: np.ndarray | None  # [layer, head, q_pos, k_pos] float32
 
 
@@ -65,17 +65,19 @@ def reduce_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch
     every layer). `causal`: the model's attention is causal (each block then rebuilds only keys up to its last row).
 
     Parity against `weights` [layer, head, T, T] (eager) if given, else `value` [layer, kv_head, T, d_v] and the
-    kernel's `output` [layer, head, T, d_v]; neither: no parity. With parity, when q comes in half precision (the
-    model's dtype), `score_max` is each layer's largest |row maximum of the scores| (scaled, soft-capped, masked),
-    what analysis.parity's tolerance scales with: on the CPU the rebuild's shift has the row maxima anyway, on a GPU
-    they cost one reduction over each block's scores. Everything is float32 from the model's q and k,
-    whatever its dtype; sums over rows are float64 as in head_scores.compute_score_parts. `rebuild`:
+    kernel's `output` [layer, head, T, d_v]; neither: no parity. With parity against eager `weights`, when q comes in
+    half precision (the model's dtype), `score_max` is each layer's largest |row maximum of the scores| (scaled,
+    soft-capped, masked), what analysis.parity's tolerance scales with (the model's eager attention rounds its scores
+    in that dtype; a fused kernel does not, so against its output there is none): on the CPU the rebuild's shift has
+    the row maxima anyway, on a GPU they cost one reduction over each block's scores. Everything is float32 from the
+    model's q and k, whatever its dtype; sums over rows are float64 as in head_scores.compute_score_parts. `rebuild`:
     metrics.compute_pattern. The read-outs and the head scores' sums come from this one float32 rebuild, whatever
     the model's dtype. "final_to_prev" is row `query_position` at metrics.query_keys(causal=, skip=): earlier
     keys, or every other. Every result has the leading [layer] dimension.
     """
     n_layers, layer_heads = q.shape[0], q.shape[1]
-    with_max = q.dtype in HALF_DTYPES and (weights is not None or output is not None)
+    with_max = q.dtype in HALF_DTYPES and weights is not None  # only the model's eager weights carry its rounding
+    # of the scores (a fused kernel keeps them in float32: its output is held to the absolute bound)
     q, k = q.flatten(0, 1).float(), k.flatten(0, 1).float()  # [layer * head, T, d_head], [layer * kv_head, ...]
     weights = None if weights is None else weights.flatten(0, 1)  # [layer * head, T, T]
     value = None if value is None else value.flatten(0, 1)  # [layer * kv_head, T, d_v]

@@ -18,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from analysis import analyze, load_model
 from analysis.parity import (
+    PARITY_CAP,
     PARITY_ROUNDOFF,
     PARITY_TOLERANCE,
     describe_tolerance,
@@ -133,10 +134,12 @@ def test_bfloat16_with_large_scores_passes_exactly_and_a_wrong_rebuild_still_fai
     scale, no mask, the wrong key heads) still fails on that layer alone, its warning stating the tolerance."""
     honest = analyze(loud_llama, FIJI, attention=attention)
     assert honest.model["dtype"] == "bfloat16"
-    assert all(layer.parity_score_max > 40 for layer in honest.layers.values())  # |score| 2^-8 > 0.15
     errors = {layer: data.parity_max_abs_err for layer, data in honest.layers.items()}
     if attention == "eager":
+        assert all(layer.parity_score_max > 40 for layer in honest.layers.values())  # |score| 2^-8 > 0.15
         assert parity_failures(errors, "bfloat16")  # the absolute bound alone warned on an exact rebuild
+    else:  # the fused kernel keeps its scores in float32: its output is held to the absolute bound
+        assert all(layer.parity_score_max is None for layer in honest.layers.values())
     assert not result_parity_failures(honest)
     assert not any("Parity" in warning for warning in honest.warnings)
     for name, change in WRONG_REBUILDS.items():
@@ -149,6 +152,37 @@ def test_bfloat16_with_large_scores_passes_exactly_and_a_wrong_rebuild_still_fai
         assert "on layer 1:" in warning and f"(allowed for bfloat16: {allowed})" in warning
     page = render_report(broken)  # the last one: its top and its layer say what was allowed
     assert page.count(f"more than allowed for bfloat16 ({allowed})") == 2
+
+
+@pytest.fixture(scope="module")
+def louder_llama(llama_path):
+    """The tiny Llama in bfloat16 with q and k projections times 8: scores of 500 to 1000 on FIJI."""
+    loaded = load_model(str(llama_path), dtype="bfloat16")
+    with torch.no_grad():
+        for layer in loaded.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return loaded
+
+
+def test_the_bound_stops_growing_at_the_cap_so_huge_scores_still_catch_a_lost_mask(louder_llama, monkeypatch):
+    """Scores of several hundred would let u * score_max pass 1 (more than any weight can differ), so a rebuild
+    without the mask passed parity silently: the bound stops at PARITY_CAP, and the message says it was capped.
+    The fused kernel's route is held to the absolute bound, so there a wrong scale fails as well."""
+    assert parity_tolerance("bfloat16", 1e4) == PARITY_CAP and parity_tolerance("float32", 1e4) < PARITY_CAP
+    assert "the most a check allows" in describe_tolerance("bfloat16", 1e4) and "float32" in describe_tolerance(
+        "bfloat16", 1e4)
+    honest = analyze(louder_llama, FIJI, attention="eager")
+    assert all(layer.parity_score_max > 256 for layer in honest.layers.values())  # uncapped: a bound past 1
+    assert not result_parity_failures(honest)  # the model's own rounding stays under the cap
+    for attention, changes in (("eager", ["no mask"]), ("sdpa", ["no mask", "half the scale"])):
+        for name in changes:
+            with monkeypatch.context() as patch:
+                wrong_rebuild(patch, WRONG_REBUILDS[name], calls={1})
+                broken = analyze(louder_llama, FIJI, attention=attention)
+            assert list(result_parity_failures(broken)) == [1], (attention, name)
+    (warning,) = [w for w in broken.warnings if "Parity" in w]
+    assert "on layer 1:" in warning
 
 
 def test_results_without_the_largest_score_load_and_are_held_to_the_absolute_bound(loud_llama, llama):
