@@ -322,7 +322,8 @@ def _head_index(n_heads: int, n_kv: int, device: torch.device) -> tuple[torch.Te
     """(query heads [head], each one's key head [head], its other key heads [head, kv_head - 1]) on the device,
     made once per shape and device rather than copied to the device at every layer."""
     own = key_head_of(n_heads, n_kv)  # [head]
-    others = np.array([[g for g in range(n_kv) if g != own[h]] for h in range(n_heads)]).reshape(n_heads, n_kv - 1)
+    others = np.array([[g for g in range(n_kv) if g != own[h]] for h in range(n_heads)],
+                      dtype=np.int64).reshape(n_heads, n_kv - 1)  # [head, kv_head - 1]: [head, 0] for one key head
     return (torch.arange(n_heads, device=device), torch.as_tensor(own, device=device),
             torch.as_tensor(others, device=device))
 

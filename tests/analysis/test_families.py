@@ -129,6 +129,45 @@ def test_llama_grouped_query_attention(llama):
             np.testing.assert_allclose(own[0].numpy(), measured.patterns[h], rtol=0, atol=EXACT)
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_multi_query_attention_one_key_head(tmp_path_factory, attention):
+    """num_key_value_heads=1 (multi-query attention): every query head reads the one key head, so every dot product
+    is "same head", the different-head group is empty and its statistics null (as the numpy definition says); the
+    pattern is still the model's own. Before, an empty index of other key heads came out float and the analysis
+    raised an IndexError on every text."""
+    from transformers import LlamaConfig
+
+    from analysis import analyze_batch
+    from analysis.metrics import compute_dot_products
+
+    if "mqa" not in MQA:
+        tokenizer = checkpoints.llama_tokenizer()
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                             intermediate_size=128, **checkpoints._special_ids(tokenizer), **checkpoints.TINY)
+        MQA["mqa"] = checkpoints.save_checkpoint(config, tokenizer, tmp_path_factory.mktemp("tiny-mqa"))
+    path = MQA["mqa"]
+    loaded = load_model(str(path))
+    assert (loaded.info.n_heads, loaded.info.n_kv_heads) == (4, 1)
+    result = analyze(loaded, FIJI, layers=[0, 1], attention=attention, keep_patterns=True)
+    captured = capture(loaded, FIJI, pattern_layers=[])
+    _, expected = eager_attentions(path, loaded, FIJI)
+    for layer, measured in result.layers.items():
+        same, diff = compute_dot_products(captured.q[layer], captured.k[layer])
+        assert diff.size == 0 and len(measured.diff_head_dp) == 0
+        # the sdpa route's q and k past layer 0 come through the fused kernel's rounding, not eager's
+        close = {"rtol": 1e-10} if attention == "eager" else {"rtol": 1e-5, "atol": 1e-5}
+        np.testing.assert_allclose(measured.same_head_dp, same, **close)
+        assert measured.dp_stats.rank_biserial is None and measured.dp_stats.mannwhitney_p is None
+        assert measured.parity_max_abs_err <= EXACT
+        np.testing.assert_allclose(measured.patterns, expected[layer], rtol=0, atol=EXACT if attention == "eager"
+                                   else 1e-4)
+    [batched] = analyze_batch(loaded, [FIJI], layers=[0, 1], attention=attention)
+    np.testing.assert_allclose(batched.layers[1].same_head_dp, result.layers[1].same_head_dp, rtol=1e-5)
+
+
+MQA: dict = {}  # the multi-query checkpoint, built once per session
+
+
 def _hooked(model, module, text, tokenizer):
     seen = {}
     handle = module.register_forward_hook(lambda mod, args, out: seen.setdefault("out", out.detach()))
