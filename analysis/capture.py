@@ -504,6 +504,15 @@ def pattern_bytes(n_heads: int, n_tokens: int, n_layers: int) -> int:
     return n_layers * n_heads * n_tokens * n_tokens * 4
 
 
+def marked_special_ids(tokenizer) -> list[int]:
+    """The special tokens' ids that headscope marks as special (special_positions: never the default query, left
+    out by exclude_special_keys): every special id but the unknown token's, which stands for a word of the text
+    (MiniLM's [UNK] for an emoji), unless it is also a token with a role (GPT-2's <|endoftext|> is BOS, EOS and UNK)."""
+    roles = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.cls_token_id,
+             tokenizer.sep_token_id, tokenizer.mask_token_id}
+    return [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id or i in roles]
+
+
 def text_input(loaded, text: str) -> TextInput:
     """Tokenize one text (special tokens added) and check it, or raise HeadscopeError."""
     [item] = text_inputs(loaded, [text])
@@ -526,14 +535,14 @@ def text_inputs(loaded, texts: list[str]) -> list[TextInput | HeadscopeError]:
             return [item for text in texts for item in text_inputs(loaded, [text])]
         out[written[0]] = HeadscopeError(UNREADABLE.format(kind=type(exc).__name__, message=exc))
         return out
-    limit, all_special = loaded.info.max_positions, loaded.tokenizer.all_special_ids
+    limit, all_special = loaded.info.max_positions, marked_special_ids(loaded.tokenizer)
     for row, i in enumerate(written):
         ids = np.asarray(encoded["input_ids"][row], dtype=np.int64)  # [pos]
         if ids.size > limit:
             out[i] = HeadscopeError(TOO_LONG.format(n=ids.size, model=loaded.info.id, limit=limit))
         elif ids.size:
             special = np.asarray(encoded["special_tokens_mask"][row], dtype=bool)  # [pos]: the ones it added
-            special |= np.isin(ids, all_special)  # [pos]: typed ones too
+            special |= np.isin(ids, all_special)  # [pos]: typed ones too ([UNK] is a word, not one of them)
             extra = {name: np.asarray(values[row], dtype=np.int64) for name, values in encoded.items()
                      if name not in ("input_ids", "attention_mask", "special_tokens_mask")}  # each [pos]
             out[i] = TextInput(texts[i], ids, special, extra)
@@ -548,7 +557,7 @@ def ids_input(loaded, token_ids) -> TextInput:
         raise HeadscopeError(EMPTY_TEXT)
     if n > limit:
         raise HeadscopeError(TOO_LONG.format(n=n, model=loaded.info.id, limit=limit))
-    special = np.isin(ids, loaded.tokenizer.all_special_ids)  # [pos]
+    special = np.isin(ids, marked_special_ids(loaded.tokenizer))  # [pos]
     text = loaded.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False)
     return TextInput(text, ids, special)
 

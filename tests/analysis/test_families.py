@@ -264,6 +264,32 @@ def test_special_tokens_typed_in_the_text_are_marked(llama):
     assert 0 in result.special_positions
 
 
+def test_an_unknown_word_is_a_text_position_not_a_special_token(minilm, family_paths, tmp_path_factory):
+    """[UNK] stands for a word the vocabulary lacks (MiniLM's for a snowman): it is no special token, so an encoder's
+    default query is that last word and exclude_special_keys keeps it; a typed [SEP] stays special. Ground truth: the
+    tokenizer's own special_tokens_mask (what it added) and the ids of the typed tokens. Before, every id in
+    all_special_ids was special, [UNK] included, so the query moved to the word before it."""
+    from analysis.pipeline import analyze_batch
+
+    text = "the weather is nice [SEP] so nice ☃"
+    encoded = minilm.tokenizer(text, return_special_tokens_mask=True)
+    ids, added = np.array(encoded["input_ids"]), np.array(encoded["special_tokens_mask"], dtype=bool)
+    unknown = np.flatnonzero(ids == minilm.tokenizer.unk_token_id)
+    typed = np.flatnonzero(ids == minilm.tokenizer.sep_token_id)[:-1]  # the [SEP] in the text, not the appended one
+    assert unknown.size == 1 and typed.size == 1 and not added[unknown].any()
+    result = analyze(minilm, text, layers=[0], exclude_special_keys=True)
+    assert result.special_positions == tuple(sorted({*np.flatnonzero(added).tolist(), *typed.tolist()}))
+    assert result.query == unknown[0] == len(ids) - 2 and result.query_choice != "chosen"
+    [batched] = analyze_batch(minilm, [text, "the weather"], layers=[0], exclude_special_keys=True)[:1]
+    assert (batched.special_positions, batched.query) == (result.special_positions, result.query)
+    # GPT-2's <|endoftext|> is its UNK as well as its BOS and EOS: typed, it stays special
+    gpt2 = load_model(str(build("gpt2", family_paths, tmp_path_factory)))
+    assert gpt2.tokenizer.unk_token_id == gpt2.tokenizer.eos_token_id
+    marked = analyze(gpt2, "The cat<|endoftext|> sat", layers=[0])
+    assert marked.special_positions == tuple(np.flatnonzero(np.array(marked.token_ids) == gpt2.tokenizer.eos_token_id))
+    assert marked.special_positions
+
+
 def half_precision_tolerances(q, k, q_half, k_half, pattern, query: int = -1,
                               causal: bool = True) -> dict[str, np.ndarray | float]:
     """{field: bound on |half - float32|} for one layer, from the float32 q [head, pos, d], k [kv_head, pos, d], the
