@@ -50,15 +50,20 @@ def llama(llama_path):
     return load_model(str(llama_path))
 
 
-@pytest.fixture(scope="module")
-def loud_llama(llama_path):
-    """The tiny Llama run in bfloat16 with large scores: its q and k projections scaled by LOUD."""
+def scaled_llama(llama_path, factor: float):
+    """The tiny Llama run in bfloat16 with its q and k projections times `factor`: scores factor² times as large."""
     loaded = load_model(str(llama_path), dtype="bfloat16")
     with torch.no_grad():
         for layer in loaded.model.layers:
-            layer.self_attn.q_proj.weight.mul_(LOUD)
-            layer.self_attn.k_proj.weight.mul_(LOUD)
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def loud_llama(llama_path):
+    """The tiny Llama run in bfloat16 with large scores: its q and k projections scaled by LOUD."""
+    return scaled_llama(llama_path, LOUD)
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +162,7 @@ def test_bfloat16_with_large_scores_passes_exactly_and_a_wrong_rebuild_still_fai
 @pytest.fixture(scope="module")
 def louder_llama(llama_path):
     """The tiny Llama in bfloat16 with q and k projections times 8: scores of 500 to 1000 on FIJI."""
-    loaded = load_model(str(llama_path), dtype="bfloat16")
-    with torch.no_grad():
-        for layer in loaded.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return loaded
+    return scaled_llama(llama_path, 8.0)
 
 
 def test_the_bound_stops_growing_at_the_cap_so_huge_scores_still_catch_a_lost_mask(louder_llama, monkeypatch):
