@@ -67,12 +67,24 @@ def needs_text_file(text: str) -> bool:
     return visible(text) != text or not fits_argument(text)
 
 
+# Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt; unicodedata has no such property):
+# drawn as nothing whatever their category (Hangul fillers are letters, variation selectors marks), plus the blank
+# braille pattern, a symbol drawn as a space
+INVISIBLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+             (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x2800, 0x2800),
+             (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+             (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+
+
 def _unshown(char: str) -> bool:
     """A character a page would not show as itself, or that copying from it changes: controls, formatting
-    (zero-width and bidirectional), surrogates, private and unassigned code points, spaces other than ' '."""
+    (zero-width and bidirectional), surrogates, private and unassigned code points, spaces other than ' ', and
+    whatever else Unicode draws as nothing (INVISIBLE)."""
     if char in KEPT or char == " ":
         return False
-    return unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")
+    code = ord(char)
+    return (unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")
+            or any(low <= code <= high for low, high in INVISIBLE))
 
 
 def _ansi_c_byte(byte: int) -> str:

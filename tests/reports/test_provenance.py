@@ -219,3 +219,15 @@ def test_the_shown_command_is_visible_and_bash_reads_the_same_arguments():
     assert "$'r\\xe2\\x80\\xaex\\xe2\\x80\\x8b\\xc2\\xa0\\xff.text.txt'" in shown
     done = subprocess.run(["bash", "-c", "printf '%s\\0' " + shown], capture_output=True, timeout=30, check=True)
     assert done.stdout.split(b"\0")[:-1] == [os.fsencode(arg) for arg in argv]
+
+
+def test_characters_unicode_draws_as_nothing_are_quoted_whatever_their_category():
+    """Hangul fillers (letters), variation selectors and the grapheme joiner (marks), tag characters, the blank
+    braille pattern: each shows as nothing on a page, so an argument holding one is $'...' quoted (before, only
+    control, format and space categories were); an accent that combines visibly (U+0301) is not."""
+    hidden = "\u3164\u115f\u2800\ufe0f\u034f\U000e0041\u00ad"
+    argv = ["printf", "%s\\0", *(f"a{char}b" for char in hidden), "e\u0301"]
+    shown = shown_command(shlex.join(argv))
+    assert shown.count("$'") == len(hidden) and not any(char in shown for char in hidden) and "e\u0301" in shown
+    done = subprocess.run(["bash", "-c", shown], capture_output=True, timeout=30, check=True)
+    assert done.stdout.split(b"\0")[:-1] == [os.fsencode(arg) for arg in argv[2:]]
