@@ -443,8 +443,8 @@ def run_single(args) -> None:
     worst = max((layer.parity_max_abs_err for layer in result.layers.values()), default=None)
     parity = "" if worst is None else f", parity max abs err {worst:.1e}"  # --no-layers: no layer was checked
     outputs = " and ".join(visible(str(out)) for out in (args.json, args.html, args.figures) if out is not None)
-    print(f"headscope: {loaded.info.id}, {result.n_tokens} tokens, layers {sorted(result.layers)}{parity} -> {outputs}",
-          file=sys.stderr)
+    print(f"headscope: {visible(loaded.info.id)}, {result.n_tokens} tokens, layers {sorted(result.layers)}{parity} "
+          f"-> {outputs}", file=sys.stderr)
 
 
 def run_batch(args) -> int:
