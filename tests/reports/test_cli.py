@@ -60,6 +60,15 @@ def test_all_layers(gpt2_path, tmp_path, capsys):
     assert list(json.loads(out.read_text())["layers"]) == [str(i) for i in range(8)]
 
 
+def test_the_summary_line_shows_a_models_hidden_characters(gpt2_path, tmp_path, capsys):
+    """A local folder named with a right-to-left override: the summary on stderr draws it visibly, as it does the
+    output names, so the terminal line is not reordered."""
+    odd = tmp_path / "gpt2\u202eevil"
+    odd.symlink_to(gpt2_path, target_is_directory=True)
+    code, lines = run_cli(capsys, "--model", odd, "--layer", "0", "--json", tmp_path / "r.json")
+    assert code == 0 and "gpt2\u27e8U+202E\u27e9evil" in lines[-1] and "\u202e" not in lines[-1], lines
+
+
 def test_bundled_model_uses_its_middle_layer(tmp_path, capsys):
     out = tmp_path / "out.json"
     assert run_cli(capsys, "--json", out)[0] == 0
