@@ -34,6 +34,8 @@ SCHEMA_FILE = schema_file(SCHEMA_NAME)
 MAX_INT_DIGITS = 20
 MAX_QUOTED = 120  # characters of a bad value quoted in a message
 MAX_ERRORS = 100  # schema errors looked at to pick the one to report
+FLOAT_TOLERANCE = 1e-6  # relative and absolute: a value the writer derived, recomputed from the JSON
+QK_STATS = ("q_means", "q_stds", "k_means", "k_stds")  # analysis.compare.QK_STATS (that module imports torch)
 
 BAD_JSON = "{what} is not valid JSON ({why})."
 NOT_RESULTS = "{what} is not a headscope.results/1 document: {where} {why}."
@@ -132,6 +134,10 @@ def _why(error) -> str:
         return f"is {_short(repr(error.instance))}, out of the allowed range ({kind} {error.validator_value})"
     if kind == "minProperties" and not error.instance:
         return "is empty"
+    if kind == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        extra = [name for name in error.instance if name not in known]
+        return f"has a field this version does not know ({_short(repr(extra[0]))})" if extra else "has extra fields"
     if kind == "const":
         return f"must be {error.validator_value!r}, not {_short(repr(error.instance))}"
     return _short(" ".join(error.message.split()))
@@ -184,41 +190,150 @@ def _grid_problem(name: str, grid: list, model: dict) -> list[str]:
     return []
 
 
-def _ablation_problems(name: str, ablation: dict, model: dict) -> list[str]:
-    problems = _grid_problem(f"{name}.delta", ablation["delta"], model)
+def _ablation_problems(name: str, ablation: dict, results: dict) -> list[str]:
+    """An atlas that is not the model's layers x heads, or not measured on the results' tokens."""
+    problems = _grid_problem(f"{name}.delta", ablation["delta"], results["model"])
+    n_tokens = len(results["tokens"])
+    if len(ablation["tokens"]) != n_tokens:
+        problems.append(f"{name} has {len(ablation['tokens'])} tokens for the results' {n_tokens}")
     if any(position >= len(ablation["tokens"]) for position in ablation["masked_positions"]):
         problems.append(f"a masked position of {name} lies past its last token")
     return problems
 
 
+def _close(x, y) -> bool:
+    """Two JSON numbers (or nulls) equal to float rounding: what a difference recomputed from the JSON gives."""
+    if x is None or y is None:
+        return x is y
+    return math.isclose(x, y, rel_tol=FLOAT_TOLERANCE, abs_tol=FLOAT_TOLERANCE)
+
+
+def _difference_problem(name: str, difference: list, a: list, b: list) -> list[str]:
+    """`difference` (a [layer][head] grid, null where either side is) that is not b - a; the shapes already checked."""
+    for layer, (row, row_a, row_b) in enumerate(zip(difference, a, b)):
+        for head, (value, x, y) in enumerate(zip(row, row_a, row_b)):
+            if not _close(value, None if x is None or y is None else y - x):
+                return [f"{name} at L{layer}H{head} is {value}, not B - A"]
+    return []
+
+
+def _qk_rows(a: dict, b: dict) -> list[dict]:
+    """The Q/K statistics side by side of two headscope.results/1 documents, as CompareResult.qk_rows makes them
+    from the results themselves (one row per layer x query head of either; a key head's value for each query head
+    that reads it; null where that model has no such layer or head)."""
+    def value(result: dict, layer: str, head: int, name: str):
+        data = result["layers"].get(layer)
+        if data is None or head >= len(data["q_means"]) or not data[name]:
+            return None
+        return data[name][head // (len(data["q_means"]) // len(data[name]))]
+
+    rows = []
+    for layer in sorted({*a["layers"], *b["layers"]}, key=int):
+        heads = max(len(side["layers"][layer]["q_means"]) for side in (a, b) if layer in side["layers"])
+        for head in range(heads):
+            row = {"layer": int(layer), "head": head, "label": f"L{layer}H{head}"}
+            for name in QK_STATS:
+                row[f"{name}_a"], row[f"{name}_b"] = value(a, layer, head, name), value(b, layer, head, name)
+            rows.append(row)
+    return rows
+
+
+def _same_rows(rows: list[dict], expected: list[dict]) -> bool:
+    """Q/K rows with the same fields, labels and values (to float rounding: the results' numbers are rounded)."""
+    return len(rows) == len(expected) and all(
+        row.keys() == want.keys() and all(_close(row[key], value) if key.endswith(("_a", "_b")) else row[key] == value
+                                          for key, value in want.items())
+        for row, want in zip(rows, expected))
+
+
+def _same_results(compared: dict, results: dict) -> bool:
+    """Whether a comparison's A is the report's own results: the same document, but for the layers (A's measured
+    layers are ones both models have, the page's those of the run) and so their warnings; shared layers equal."""
+    rest = [key for key in {*compared, *results} if key not in ("layers", "warnings")]
+    shared = set(compared["layers"]) & set(results["layers"])
+    return (all(compared.get(key) == results.get(key) for key in rest)
+            and all(compared["layers"][key] == results["layers"][key] for key in shared))
+
+
+def _compare_problems(compare: dict, results: dict, ablation: dict | None) -> list[str]:
+    a, b = compare["a"], compare["b"]
+    if not _same_results(a, results):
+        return ["compare.a is not the report's own results (model A's run on the page's text)"]
+    same_shape = all(a["model"][key] == b["model"][key] for key in ("n_layers", "n_heads"))
+    names = [name for name in a["head_scores"] if name in b["head_scores"]] if same_shape else []
+    if sorted(compare["score_difference"]) != sorted(names):
+        held = ", ".join(sorted(compare["score_difference"])) or "none"
+        return [f"compare.score_difference holds {held}, not the scores both models have ({', '.join(names)})"]
+    problems = []
+    for name, grid in compare["score_difference"].items():
+        problems += (_grid_problem(f"compare.score_difference.{name}", grid, a["model"])
+                     or _difference_problem(f"compare.score_difference.{name}", grid, a["head_scores"][name],
+                                            b["head_scores"][name]))
+    if not _same_rows(compare["qk_stats"], _qk_rows(a, b)):
+        problems.append("compare.qk_stats is not the Q/K statistics of compare.a and compare.b")
+    atlases = compare["ablation"]
+    if atlases is not None:
+        problems += _ablation_problems("compare.ablation.a", atlases["a"], a)
+        problems += _ablation_problems("compare.ablation.b", atlases["b"], b)
+        if ablation is not None and ablation != atlases["a"]:
+            problems.append("compare.ablation.a is not the report's own ablation atlas")
+        measured_alike = same_shape and atlases["a"]["measure"] == atlases["b"]["measure"]
+        difference = atlases["difference"]
+        if difference is None and measured_alike:
+            problems.append("compare.ablation.difference is missing, though both atlases measure the same")
+        elif difference is not None and not measured_alike:
+            problems.append("compare.ablation.difference is given for atlases measured differently")
+        elif difference is not None and not problems:
+            problems += (_grid_problem("compare.ablation.difference", difference, a["model"])
+                         or _difference_problem("compare.ablation.difference", difference, atlases["a"]["delta"],
+                                                atlases["b"]["delta"]))
+    elif ablation is not None:
+        problems.append("the report's ablation atlas is not compare.ablation.a")
+    return problems
+
+
 def _beyond_problems(data: dict, results: dict) -> list[str]:
-    """The sizes of a beyond block that disagree with each other or with the report's results."""
-    model, n_tokens = results["model"], len(results["tokens"])
+    """What a reader can check cheaply of a beyond block: sizes against the report's results (its tokens, layers and
+    heads), values that the writer derives from others (the neuron view's products and dots, a comparison's
+    differences, Q/K rows and model A), and a comparison's A, the page's own results."""
+    model, tokens = results["model"], results["tokens"]
     problems = []
     if "ablation" in data:
-        problems += _ablation_problems("ablation", data["ablation"], model)
+        problems += _ablation_problems("ablation", data["ablation"], results)
     neuron = data.get("neuron")
     if neuron is not None:
-        bounds = (("layer", model["n_layers"], "model's layers"), ("head", model["n_heads"], "model's heads"),
-                  ("kv_head", model["n_kv_heads"], "model's key heads"), ("query_pos", n_tokens, "text's tokens"),
-                  ("key_pos", n_tokens, "text's tokens"))
-        for name, size, what in bounds:
-            if neuron[name] >= size:
-                problems.append(f"the neuron view's {name} {neuron[name]} is past the {what} (0..{size - 1})")
-        for name, size in (("q", model["d_head"]), ("k", model["d_head"]), ("products", model["d_head"]),
-                           ("dots", n_tokens), ("weights", n_tokens)):
-            if len(neuron[name]) != size:
-                problems.append(f"the neuron view has {len(neuron[name])} {name} values for {size}")
+        problems += _neuron_problems(neuron, model, tokens)
     compare = data.get("compare")
-    if compare is not None:
-        a, b = compare["a"]["model"], compare["b"]["model"]
-        for name, grid in compare["score_difference"].items():
-            problems += _grid_problem(f"compare.score_difference.{name}", grid, a)
-        if compare["ablation"] is not None:
-            problems += _ablation_problems("compare.ablation.a", compare["ablation"]["a"], a)
-            problems += _ablation_problems("compare.ablation.b", compare["ablation"]["b"], b)
-            if compare["ablation"]["difference"] is not None:
-                problems += _grid_problem("compare.ablation.difference", compare["ablation"]["difference"], a)
+    if compare is not None and not problems:
+        problems += _compare_problems(compare, results, data.get("ablation"))
+    return problems
+
+
+def _neuron_problems(neuron: dict, model: dict, tokens: list) -> list[str]:
+    n_tokens = len(tokens)
+    bounds = (("layer", model["n_layers"], "model's layers"), ("head", model["n_heads"], "model's heads"),
+              ("kv_head", model["n_kv_heads"], "model's key heads"), ("query_pos", n_tokens, "text's tokens"),
+              ("key_pos", n_tokens, "text's tokens"))
+    problems = [f"the neuron view's {name} {neuron[name]} is past the {what} (0..{size - 1})"
+                for name, size, what in bounds if neuron[name] >= size]
+    for name, size in (("q", model["d_head"]), ("k", model["d_head"]), ("products", model["d_head"]),
+                       ("dots", n_tokens), ("weights", n_tokens)):
+        if len(neuron[name]) != size:
+            problems.append(f"the neuron view has {len(neuron[name])} {name} values for {size}")
+    if problems:
+        return problems
+    group = model["n_heads"] // model["n_kv_heads"]
+    if neuron["kv_head"] != neuron["head"] // group:
+        problems.append(f"the neuron view's head {neuron['head']} reads key head {neuron['head'] // group}, "
+                        f"not {neuron['kv_head']}")
+    for name, position in (("query_token", "query_pos"), ("key_token", "key_pos")):
+        if neuron[name] != tokens[neuron[position]]:
+            problems.append(f"the neuron view's {name} is not the text's token {neuron[position]}")
+    if not all(_close(p, q * k) for p, q, k in zip(neuron["products"], neuron["q"], neuron["k"])):
+        problems.append("the neuron view's products are not q_i * k_i")
+    elif not _close(neuron["dot"], math.fsum(neuron["products"])) or not _close(neuron["dots"][neuron["key_pos"]],
+                                                                                 neuron["dot"]):
+        problems.append("the neuron view's dot is not the sum of its products and its key's entry of dots")
     return problems
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from analysis import load_model
 from analysis.ablation import compute_ablation
+from analysis.results import HEAD_SCORE_NAMES
+from analysis.schema import BEYOND_SCHEMA_NAME, schema_file
 from reports.__main__ import GIVEN, build_parser, main, parse_arguments
 from reports.beyond import BEYOND_ID
 from reports.html import PROBE_ID, RESULTS_ID
@@ -163,6 +165,22 @@ TAMPERED_SECTIONS = {
                                      r"the neuron view's head 9 is past the model's heads \(0\.\.3\)\.$"),
     "a masked position past the text": (_edit(lambda d: d["ablation"]["masked_positions"].append(999)),
                                         r"a masked position of ablation lies past its last token\.$"),
+    # the writer's fields are fixed: one more is refused, not passed through to the output
+    "a field in the ablation": (_edit(lambda d: d["ablation"].update(injected="hello")),
+                                r"at ablation has a field this version does not know \('injected'\)\.$"),
+    "a field in the neuron view": (_edit(lambda d: d["neuron"].update(injected=[1, 2])),
+                                   r"at neuron has a field this version does not know \('injected'\)\.$"),
+    # what a reader can check against the results, and values the writer derives from others
+    "an ablation of another text": (_edit(lambda d: d["ablation"].update(tokens=["x"], masked_positions=[])),
+                                    r"fit the report's results: ablation has 1 tokens for the results' \d+\.$"),
+    "a neuron reading another key head": (_edit(lambda d: d["neuron"].update(kv_head=0)),
+                                          r"the neuron view's head 2 reads key head 2, not 0\.$"),
+    "a neuron query token not the text's": (_edit(lambda d: d["neuron"].update(query_token="ZZZ")),
+                                            r"the neuron view's query_token is not the text's token \d+\.$"),
+    "a neuron dot not its products' sum": (_edit(lambda d: d["neuron"].update(dot=12345.0)),
+                                           r"the neuron view's dot is not the sum of its products"),
+    "a neuron product not q_i k_i": (_edit(lambda d: d["neuron"]["products"].__setitem__(0, 99.0)),
+                                     r"the neuron view's products are not q_i \* k_i\.$"),
 }
 
 
@@ -204,6 +222,61 @@ def test_a_tampered_comparison_is_one_line_and_exit_2(lm_paths, tmp_path, capsys
         assert_one_line_error(code, lines)
         assert code == 2 and re.search(pattern, lines[0]), lines[0]
         assert not (tmp_path / "out.json").exists()
+
+
+def _other_a(d: dict) -> None:
+    d["compare"]["a"]["text"] = "a different text"
+    d["compare"]["a"]["head_scores"]["induction"][0][0] = 0.99
+
+
+def _bogus_score(d: dict) -> None:
+    d["compare"]["score_difference"]["bogus"] = d["compare"]["score_difference"]["entropy"]
+
+
+def _shifted(change: float):
+    """A change of every entry of the ablation difference: by much, or by less than float rounding."""
+    def edit(d: dict) -> None:
+        grid = d["compare"]["ablation"]["difference"]
+        d["compare"]["ablation"]["difference"] = [[None if v is None else v + change for v in row] for row in grid]
+    return edit
+
+
+def test_a_comparison_that_contradicts_itself_or_the_page_is_one_line_and_exit_2(lm_paths, tmp_path, capsys):
+    """A comparison's A is the page's own results, its differences are B - A of its atlases, its Q/K rows are
+    A's and B's statistics, its score names are the known ones: a report edited otherwise is refused. Ground truth
+    is the untouched report, which reads back; and a change smaller than float rounding is no contradiction."""
+    _, page = write_both(capsys, tmp_path, "--model", lm_paths[0], "--compare", lm_paths[1], "--text", "The cat sat.",
+                         "--ablation", "zero")
+    good = embedded(page, BEYOND_ID)
+    for change, pattern in [
+        (_other_a, r"compare\.a is not the report's own results"),
+        (lambda d: d["compare"].update(qk_stats=[]), r"compare\.qk_stats is not the Q/K statistics of compare\.a "),
+        (lambda d: d["compare"]["qk_stats"][0].update(q_means_a=7.0), r"compare\.qk_stats is not the Q/K statistics"),
+        (lambda d: d["compare"]["qk_stats"][0].update(injected=1.0), r"at compare\.qk_stats\[0\] has a field this "),
+        (_bogus_score, r"at compare\.score_difference 'bogus' is not one of \['previous_token'"),
+        (lambda d: d["compare"]["score_difference"].pop("entropy"),
+         r"compare\.score_difference holds .*, not the scores both models have"),
+        (lambda d: d["compare"]["score_difference"]["induction"][1].__setitem__(2, 0.5),
+         r"compare\.score_difference\.induction at L1H2 is 0\.5, not B - A\.$"),
+        (_shifted(5.0), r"compare\.ablation\.difference at L0H0 is .*, not B - A\.$"),
+        (lambda d: d["compare"]["ablation"].update(difference=None), r"compare\.ablation\.difference is missing"),
+        (lambda d: d["compare"]["ablation"]["a"].update(tokens=["x"], masked_positions=[]),
+         r"compare\.ablation\.a has 1 tokens for the results' \d+\.$"),
+        (lambda d: d["ablation"].update(seed=9), r"compare\.ablation\.a is not the report's own ablation atlas\.$"),
+        (lambda d: d["compare"].update(injected=1), r"at compare has a field this version does not know"),
+    ]:
+        report = tampered(tmp_path / "report.html", tmp_path, BEYOND_ID, _edit(change)(good))
+        code, lines = run_cli(capsys, "--from-report", report, "--json", tmp_path / "out.json")
+        assert_one_line_error(code, lines)
+        assert code == 2 and re.search(pattern, lines[0]), lines[0]
+        assert not (tmp_path / "out.json").exists()
+    report = tampered(tmp_path / "report.html", tmp_path, BEYOND_ID, _edit(_shifted(1e-12))(good))
+    assert read_back(capsys, report, tmp_path / "out.json")["ablation"]["a"] == good["ablation"]
+
+
+def test_the_beyond_schema_knows_the_score_names_of_the_results():
+    schema = json.loads(schema_file(BEYOND_SCHEMA_NAME).read_text(encoding="utf-8"))
+    assert schema["$defs"]["score_name"]["enum"] == list(HEAD_SCORE_NAMES)
 
 
 def test_a_tampered_probe_is_one_line_and_exit_2(gpt2_path, tmp_path, capsys):
