@@ -25,11 +25,17 @@ from reports.untrusted import needs_text_file, visible
 EXIT_BAD_INPUT = 2
 CORPUS_FILE = "corpus.html"
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
+NOT_UNICODE_JSON = ("is not Unicode text (a lone surrogate escape at character {offset}): write the character "
+                    "itself, or both halves of its surrogate pair")
 NOT_UTF8_ARG = "--text is not UTF-8 text (bad byte at character {offset}): save the text as UTF-8 and use --text-file."
 FROM_REPORT_ONLY = ("--from-report writes the JSON a report holds (--json OUT) and neither analyses nor redraws (a "
                     "report holds no attention patterns): drop {flags}")
 STDIN_NAME = "standard input"  # --text-file -
 NO_LAYER_FOR = "--no-layers measures no layer, and {flag} needs one: give --layer N instead."
+RESULTS_QUERY = ("{flags}: Parquet results are measured with the default query token and exclusions; drop {it}, or "
+                 "write reports with --batch FILE --out-dir DIR, which takes {it}")
+RESULTS_LAYERS = ("{flags}: Parquet results hold every layer's measurements and draw no heatmap; drop {it}, or write "
+                  "reports with --batch FILE --out-dir DIR, which takes {it}")
 
 
 MAX_SEED = 2**32 - 1
@@ -37,6 +43,7 @@ DEFAULT_PROBE = object()  # --with-probe without a LENGTH: analysis.PROBE_LENGTH
 NOT_TYPED = object()  # a defaulted flag's value while parsing: still there afterwards, the flag was not typed
 GIVEN = "given_flags"  # the attribute of parse_arguments' namespace naming the flags typed, in --help's order
 FROM_REPORT_FLAGS = ("--from-report", "--json")  # all that --from-report reads
+LAYER_FLAGS = ("--layer", "--all-layers", "--no-layers", "--head")  # what a report shows: not Parquet results
 RESULTS_BATCH_SIZE = 16  # --batch-size of --results (Parquet rows); --out-dir's is 1
 
 
@@ -50,6 +57,10 @@ def json_text(value: str) -> str:
     if not isinstance(text, str):
         raise argparse.ArgumentTypeError("is not a JSON string: write the text in double quotes, with JSON's "
                                          "backslash escapes (\\n, \\u0000, ...)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate escape (\ud800): JSON's syntax allows it, Unicode text not
+        raise argparse.ArgumentTypeError(NOT_UNICODE_JSON.format(offset=exc.start)) from None
     return text
 
 
@@ -162,10 +173,13 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_results_arguments(parser, args) -> None:
-    given = query_flags(args)
-    if (args.results is not None or args.from_results is not None) and given:
-        parser.error(f"{'/'.join(given)}: Parquet results are measured with the default query token and exclusions; "
-                     "drop it, or write reports with --batch FILE --out-dir DIR, which takes it")
+    if args.results is not None or args.from_results is not None:
+        if query_flags(args):
+            given = query_flags(args)
+            parser.error(RESULTS_QUERY.format(flags=join_flags(given), it="it" if len(given) == 1 else "them"))
+        layers = [flag for flag in getattr(args, GIVEN, ()) if flag in LAYER_FLAGS]  # run_results reads none of them
+        if layers:
+            parser.error(RESULTS_LAYERS.format(flags=join_flags(layers), it="it" if len(layers) == 1 else "them"))
     if args.ray_address is not None and args.engine is None:
         args.engine = "ray"
     if args.engine == "ray" and args.ray_address is None and args.device_map is not None:
@@ -196,6 +210,11 @@ def check_results_arguments(parser, args) -> None:
 
 
 def check_outputs(parser, args) -> None:
+    if args.from_report is not None:  # first: any other flag is refused as --from-report's, not as that flag's own
+        check_from_report(parser, args)
+        if args.json is None:
+            parser.error("--from-report needs --json OUT")
+        return
     if args.format is not None and args.figures is None:
         parser.error("--format is the format of --figures DIR: add --figures")
     if args.shared_assets and args.batch is None:
@@ -205,10 +224,6 @@ def check_outputs(parser, args) -> None:
     if args.from_results is not None or args.results is not None:
         if args.text is not None or args.text_file is not None or args.induction_probe is not None:
             parser.error("the corpus reads its texts from --batch FILE; drop --text/--text-file/--induction-probe")
-    elif args.from_report is not None:
-        if args.json is None:
-            parser.error("--from-report needs --json OUT")
-        check_from_report(parser, args)
     elif args.batch is not None:
         if args.out_dir is None:
             parser.error("--batch needs --out-dir DIR (one report per text) or --results DIR (Parquet rows)")
@@ -241,13 +256,18 @@ def parse_arguments(parser, argv: list[str] | None = None) -> argparse.Namespace
     return args
 
 
+def join_flags(flags: list[str]) -> str:
+    """Flags for a message: distinct flags joined by ", " ("/" joins the names of one value: --text/--text-json)."""
+    return ", ".join(flags)
+
+
 def check_from_report(parser, args) -> None:
     """--from-report writes the JSON a report embeds: any other flag is refused, not ignored (a report holds no
     attention patterns, so it cannot be redrawn, nor --patterns written, nor read with another model, head, device
     or dtype: it is not analysed again)."""
     given = [flag for flag in getattr(args, GIVEN) if flag not in FROM_REPORT_FLAGS]
     if given:
-        parser.error(FROM_REPORT_ONLY.format(flags="/".join(given)))
+        parser.error(FROM_REPORT_ONLY.format(flags=join_flags(given)))
 
 
 def check_with_probe(parser, args) -> None:

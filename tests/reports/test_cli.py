@@ -110,6 +110,19 @@ def test_text_file_not_utf8(gpt2_path, tmp_path, capsys):
     assert_one_line_error(code, lines, "is not UTF-8", "offset 3")
 
 
+def test_a_lone_surrogate_names_the_flag_that_carried_it(gpt2_path, tmp_path, capsys):
+    """--text-json's JSON may spell a lone surrogate (\\ud800), which is no Unicode text: the refusal named --text and
+    sent the user to --text-file. Undecodable bytes of the terminal's (surrogate escapes) are still --text's."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(gpt2_path), "--text-json", '"a\\ud800b"', "--json", str(tmp_path / "o.json")])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "argument --text-json: is not Unicode text" in line, line
+    assert "--text-file" not in line and "character 1" in line, line
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", "a\udcffb", "--json", tmp_path / "o.json")
+    assert_one_line_error(code, lines, "--text is not UTF-8 text (bad byte at character 1)")
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_missing_text_file(gpt2_path, tmp_path, capsys):
     code, lines = run_cli(capsys, "--model", gpt2_path, "--text-file", tmp_path / "none.txt", "--json", tmp_path / "o")
     assert_one_line_error(code, lines, "Cannot read")

@@ -54,6 +54,13 @@ def test_results_then_from_results_render_the_same_corpus(gpt2_path, corpus_file
     (["--batch", "F", "--results", "DIR", "--batch-size", "0"], "at least 1"),
     (["--batch", "F"], "--out-dir DIR (one report per text) or --results DIR"),
     (["--batch", "F", "--out-dir", "O", "--input-changed"], "--input-changed needs --batch FILE --results DIR"),
+    # Parquet results hold every layer and no heatmap: --layer, --head and --no-layers would be ignored (run_results
+    # reads none of them), and --no-layers was told to "give --layer N instead"
+    (["--batch", "F", "--results", "DIR", "--no-layers"], "--no-layers: Parquet results hold every layer's"),
+    (["--batch", "F", "--results", "DIR", "--layer", "1", "--head", "2"], "--layer, --head: Parquet results hold "),
+    (["--from-results", "DIR", "--json", "x", "--all-layers"], "--all-layers: Parquet results hold every layer's"),
+    (["--batch", "F", "--results", "DIR", "--include-bos", "--query-position", "1"],
+     "--query-position, --include-bos: Parquet results are measured with the default query token"),
 ])
 def test_bad_flag_combinations_are_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_info:
