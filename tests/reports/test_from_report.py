@@ -99,6 +99,16 @@ def test_a_plain_report_gives_back_its_results_only(gpt2_path, tmp_path, capsys)
     assert read_back(capsys, tmp_path / "report.html", tmp_path / "back.json") == embedded(page, RESULTS_ID) == written
 
 
+def test_a_patterns_run_gives_back_its_json_less_the_patterns(gpt2_path, tmp_path, capsys):
+    """A report embeds no attention patterns, so --from-report gives back the --json of a --patterns run without
+    them (the README said "exactly the --json written"): the rest is that JSON, and the patterns were there."""
+    written, _ = write_both(capsys, tmp_path, "--model", gpt2_path, "--text", REPEATS, "--layer", "1", "--patterns")
+    assert all("patterns" in layer for layer in written["layers"].values())
+    less = {**written, "layers": {key: {name: value for name, value in layer.items() if name != "patterns"}
+                                  for key, layer in written["layers"].items()}}
+    assert read_back(capsys, tmp_path / "report.html", tmp_path / "back.json") == less
+
+
 def strict(text: str):
     """JSON as RFC 8259 has it: NaN and Infinity refused."""
     def refuse(name):
