@@ -22,7 +22,7 @@ from reports.charts import (
     display_token,
 )
 from reports.html import ENV, _chart_context, build_report_context, select_layers
-from reports.provenance import TEXT_FILE, model_options
+from reports.provenance import TEXT_FILE, insert_before_outputs, model_options
 
 BEYOND_ID = "headscope-beyond"
 QK_STATS = ("q_means", "q_stds", "k_means", "k_stds")
@@ -148,9 +148,7 @@ def reproduce_with(command: str, ablation=None, neuron=None, compare=None) -> st
         extra += ["--neuron", str(neuron.query_pos), str(neuron.key_pos)]
     if compare is not None:
         extra += model_options("--compare", "--compare-revision", compare.b.model)  # a local B: its absolute path
-    outputs = [i for i, arg in enumerate(argv) if arg in ("--html", "--json", "--patterns")]
-    at = outputs[0] if outputs else len(argv)
-    return shlex.join(argv[:at] + extra + argv[at:])
+    return insert_before_outputs(argv, extra)
 
 
 def render_report_with(result, layers=None, head: int = 0, ablation=None, neuron=None, compare=None,

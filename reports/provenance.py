@@ -22,6 +22,7 @@ LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 TEXT_FILE = "report.text.txt"  # the text beside the output when a command line cannot carry it (untrusted.py)
 STDIN = "-"  # --text-file -: the text on standard input (a text too long for a command line, output to stdout)
+OUTPUT_FLAGS = ("--html", "--json", "--patterns")  # what a reproduce command writes: its flags come last
 
 
 @functools.cache
@@ -148,14 +149,19 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
     return shlex.join(argv + list(outputs))
 
 
+def insert_before_outputs(argv: list[str], flags: list[str]) -> str:
+    """The command of `argv` with `flags` before its first output flag (--html, --json, --patterns), where a reproduce
+    command keeps what it computes apart from what it writes; at the end without one."""
+    outputs = [i for i, arg in enumerate(argv) if arg in OUTPUT_FLAGS]
+    at = outputs[0] if outputs else len(argv)
+    return shlex.join(argv[:at] + flags + argv[at:])
+
+
 def with_probe_command(command: str, probe: AnalysisResult) -> str:
     """`command` with --with-probe LENGTH --probe-seed SEED before its outputs: what also recomputes the induction
     probe run beside the text (the report's section, the JSON's "probe")."""
-    argv = shlex.split(command)
-    outputs = [i for i, arg in enumerate(argv) if arg in ("--html", "--json", "--patterns")]
-    at = outputs[0] if outputs else len(argv)
     flags = ["--with-probe", str(probe.induction_probe["length"]), "--probe-seed", str(probe.induction_probe["seed"])]
-    return shlex.join(argv[:at] + flags + argv[at:])
+    return insert_before_outputs(shlex.split(command), flags)
 
 
 def build_provenance(result: AnalysisResult, head: int = 0, outputs: tuple[str, ...] = ("--html", "report.html"),

@@ -231,3 +231,24 @@ def test_characters_unicode_draws_as_nothing_are_quoted_whatever_their_category(
     assert shown.count("$'") == len(hidden) and not any(char in shown for char in hidden) and "e\u0301" in shown
     done = subprocess.run(["bash", "-c", shown], capture_output=True, timeout=30, check=True)
     assert done.stdout.split(b"\0")[:-1] == [os.fsencode(arg) for arg in argv[2:]]
+
+
+@pytest.mark.parametrize("argv, at", [
+    (["python", "-m", "reports", "--text", "a b", "--patterns", "--json", "r.json", "--html", "r.html"], 5),
+    (["python", "-m", "reports", "--text=--json", "--layer", "1", "--html", "r.html"], 6),
+    (["python", "-m", "reports", "--text", "a"], 5),  # no output flag: at the end
+])
+def test_flags_go_before_the_first_output_in_one_place(argv, at):
+    """--with-probe's and the beyond sections' flags are put where a reproduce command's outputs begin, by one
+    helper: the words bash reads back are argv with the flags at that index, and both callers agree."""
+    from reports.beyond import reproduce_with
+
+    flags = ["--compare", "b"]
+    command = provenance.insert_before_outputs(argv, flags)
+    assert shlex.split(command) == argv[:at] + flags + argv[at:]
+    ablation = type("Atlas", (), {"mode": "zero", "seed": 3, "batch_size": 8})()
+    assert shlex.split(reproduce_with(shlex.join(argv), ablation=ablation)) == (
+        argv[:at] + ["--ablation", "zero", "--mask-seed", "3", "--ablation-batch", "8"] + argv[at:])
+    probe = type("Probe", (), {"induction_probe": {"length": 4, "seed": 0}})()
+    assert shlex.split(provenance.with_probe_command(shlex.join(argv), probe)) == (
+        argv[:at] + ["--with-probe", "4", "--probe-seed", "0"] + argv[at:])
