@@ -513,6 +513,14 @@ def marked_special_ids(tokenizer) -> list[int]:
     return [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id or i in roles]
 
 
+def unk_is_word(tokenizer) -> bool:
+    """Whether marked_special_ids leaves this tokenizer's unknown token out (a word of the text since 55af575, a
+    special token before): true for BERT/MiniLM's [UNK], false for GPT-2's <|endoftext|> or a tokenizer without one.
+    Only then do the default query and key sets differ from those of earlier code."""
+    unk = tokenizer.unk_token_id
+    return unk is not None and unk in tokenizer.all_special_ids and unk not in marked_special_ids(tokenizer)
+
+
 def text_input(loaded, text: str) -> TextInput:
     """Tokenize one text (special tokens added) and check it, or raise HeadscopeError."""
     [item] = text_inputs(loaded, [text])

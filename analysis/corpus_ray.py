@@ -98,11 +98,14 @@ class RowMaker:
         return rows_to_table(analyze_records(self.loaded, batch.to_pylist(), **self.settings))
 
 
-def _describe(model: str, device: str, dtype: str) -> dict:
-    """The model's info (id, revision, shapes) as a worker sees it: what the manifest records and checks."""
+def _describe(model: str, device: str, dtype: str) -> tuple[dict, bool]:
+    """The model's info (id, revision, shapes) as a worker sees it, what the manifest records and checks, and
+    whether its unknown token is a word of the text (capture.unk_is_word; ResultsFolder.open checks the rows' rule)."""
     from analysis import load_model
+    from analysis.capture import unk_is_word
 
-    return load_model(model, device=device, dtype=dtype).info.to_dict()
+    loaded = load_model(model, device=device, dtype=dtype)
+    return loaded.info.to_dict(), unk_is_word(loaded.tokenizer)
 
 
 def read_records(ray, path: Path, field: str, done: frozenset):
@@ -205,8 +208,9 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         workers = workers or max(1, gpus)
         gpu_args = {"num_gpus": 1} if gpus and device == "cuda" else {}
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
-        info = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(model, device, dtype))
-        folder.open(info, settings, str(source), text_column)
+        info, unk_word = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(
+            model, device, dtype))
+        folder.open(info, settings, str(source), text_column, unk_word)
         dropped, relabelled = folder.reconcile(str(source), checked)
         done = frozenset(folder.done_keys())
         parts_before = set(folder.part_files())

@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.capture import unk_is_word
 from analysis.corpus import (
     CORPUS_MEASURES,
     LAYER_MEASURES,
@@ -98,6 +99,9 @@ NO_SOURCE = ("{path} already holds rows: give the input's path (source=...) so t
 SHOWN_NUMBERS = 3  # record numbers a refusal names
 OLD_BOS = ("{path} holds head scores from before exclude_bos (position 0 was always left out of them; now only a "
            "BOS/CLS token is): use a new --results folder.")
+OLD_UNK = ("{path} holds rows from before {model}'s unknown token counted as a word of the text (it was a special "
+           "token: never the default query, left out of the keys), so its rows and this run's would differ: use a new "
+           "--results folder.")
 
 Progress = Callable[[int, int], None]  # (records seen, rows written this run)
 
@@ -153,9 +157,11 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
 
 def result_settings(exclude_first_token: bool = True, exclude_current_token: bool = False) -> dict:
     """What the manifest records; exclude_bos (the head scores leave out position 0 only when it is a special
-    token, issue 12) is always on here, and a folder written before it existed is not resumed."""
+    token, issue 12) is always on here, and a folder written before it existed is not resumed. unk_is_word: the
+    unknown token is a word of the text (capture.marked_special_ids, since 55af575); a folder written before it is
+    not resumed with a model whose unknown token that changes (capture.unk_is_word), checked once it is loaded."""
     return {"exclude_first_token": exclude_first_token, "exclude_current_token": exclude_current_token,
-            "exclude_bos": True}
+            "exclude_bos": True, "unk_is_word": True}
 
 
 def _now() -> str:
@@ -207,8 +213,10 @@ class ResultsFolder:
         tmp.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
         os.replace(tmp, self.manifest_path)
 
-    def open(self, model: dict, settings: dict, source: str, text_column: str) -> dict:
-        """Create the folder and its manifest, or check that an existing one holds comparable rows."""
+    def open(self, model: dict, settings: dict, source: str, text_column: str, unk_is_word: bool = False) -> dict:
+        """Create the folder and its manifest, or check that an existing one holds comparable rows: the model's,
+        the settings, and, when the loaded model's unknown token is a word (`unk_is_word`,
+        capture.unk_is_word of its tokenizer), that the folder's rows were written under that rule (OLD_UNK)."""
         try:
             self.rows_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -218,6 +226,8 @@ class ResultsFolder:
             for key in MODEL_CHECKED:
                 _check_same(self.path, manifest, key, manifest["model"].get(key), model.get(key))
             _check_settings(self.path, manifest, settings, text_column)
+            if unk_is_word and manifest["settings"].get("unk_is_word") is not True:
+                raise HeadscopeError(OLD_UNK.format(path=self.path, model=manifest["model"].get("id")))
             return manifest
         manifest = {"schema": MANIFEST_SCHEMA, "model": {key: model[key] for key in MODEL_KEYS},
                     "settings": {**settings, "text_column": text_column}, "source": _absolute(source),
@@ -487,7 +497,8 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
     """
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
     settings = result_settings(exclude_first_token, exclude_current_token)
-    folder.open(loaded.info.to_dict(), settings, source, text_column)  # the model is loaded already: checked first
+    folder.open(loaded.info.to_dict(), settings, source, text_column,  # the model is loaded already: checked first
+                unk_is_word(loaded.tokenizer))
     if checked is None:
         checked = folder.check_rerun(source, settings, text_column, input_changed=input_changed)
     dropped, relabelled = folder.reconcile(source, checked)

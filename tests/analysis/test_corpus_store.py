@@ -73,7 +73,7 @@ def test_rows_and_aggregates_equal_the_in_memory_corpus(gpt2, tmp_path, counted)
     assert manifest["counts"] == {"rows": 31, "analysed": 30, "failed": 1}
     assert manifest["versions"]["pyarrow"] and manifest["versions"]["torch"]
     assert manifest["settings"] == {"exclude_first_token": True, "exclude_current_token": False, "exclude_bos": True,
-                                    "text_column": "text"}
+                                    "unk_is_word": True, "text_column": "text"}
 
 
 class Interrupted(Exception):
@@ -153,6 +153,33 @@ def test_a_results_folder_refuses_another_model_or_settings(gpt2, bert, tmp_path
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(HeadscopeError, match="rows do not fit its manifest: .* need .* new --results folder"):
         load_results(tmp_path / "res")
+
+
+def test_a_folder_from_before_unk_was_a_word_is_refused_only_where_that_changes_the_rows(gpt2, bert, tmp_path):
+    """55af575 made [UNK] a word of the text (the default query and keys may change) for a tokenizer whose unknown
+    token has no other role; a folder written before it resumed silently, old rows and new mixed. Now its manifest
+    says so (unk_is_word), and a folder without it is refused for such a model (BERT), still resumed for GPT-2."""
+    from analysis.capture import marked_special_ids
+
+    assert bert.tokenizer.unk_token_id not in marked_special_ids(bert.tokenizer)  # the rule changed BERT's marks
+    assert gpt2.tokenizer.unk_token_id in marked_special_ids(gpt2.tokenizer)  # and not GPT-2's (its BOS/EOS)
+    path = tmp_path / "in.txt"
+    path.write_text("the cat sat\n", encoding="utf-8")
+    old_texts = tmp_path / "old.txt"
+    old_texts.write_text("the cat sat\na dog ran\n", encoding="utf-8")
+    for loaded, name in ((bert, "bert"), (gpt2, "gpt2")):
+        run_local(loaded, iter_records(path), tmp_path / name, source=str(path))
+        manifest_path = tmp_path / name / "corpus.json"
+        manifest = json.loads(manifest_path.read_text())
+        assert manifest["settings"]["unk_is_word"] is True
+        del manifest["settings"]["unk_is_word"]  # as written before 55af575
+        manifest_path.write_text(json.dumps(manifest))
+    rows = ResultsFolder(tmp_path / "bert").read_rows()
+    with pytest.raises(HeadscopeError, match=r"before .*unknown token counted as a word.* use a new --results folder"):
+        run_local(bert, iter_records(old_texts), tmp_path / "bert", source=str(old_texts))
+    assert ResultsFolder(tmp_path / "bert").read_rows().equals(rows)  # nothing added to the old rows
+    run = run_local(gpt2, iter_records(old_texts), tmp_path / "gpt2", source=str(old_texts))
+    assert (run["new_rows"], run["skipped"]) == (1, 1)
 
 
 def test_an_input_made_shorter_is_refused_then_its_rows_past_the_end_are_dropped(gpt2, tmp_path, counted):
