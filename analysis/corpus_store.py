@@ -214,8 +214,8 @@ class ResultsFolder:
         os.replace(tmp, self.manifest_path)
 
     def open(self, model: dict, settings: dict, source: str, text_column: str, unk_is_word: bool = False) -> dict:
-        """Create the folder and its manifest, or check that an existing one holds comparable rows: the model's,
-        the settings, and, when the loaded model's unknown token is a word (`unk_is_word`,
+        """Create the folder and its manifest, or check that an existing one holds comparable rows: the model's
+        (`_check_model`), the settings, and, when the loaded model's unknown token is a word (`unk_is_word`,
         capture.unk_is_word of its tokenizer), that the folder's rows were written under that rule (OLD_UNK)."""
         try:
             self.rows_dir.mkdir(parents=True, exist_ok=True)
@@ -223,8 +223,7 @@ class ResultsFolder:
             raise HeadscopeError(f"Cannot create {self.rows_dir}: {exc.strerror}.") from None
         if self.exists():
             manifest = self.read_manifest()
-            for key in MODEL_CHECKED:
-                _check_same(self.path, manifest, key, manifest["model"].get(key), model.get(key))
+            _check_model(self.path, manifest, model)
             _check_settings(self.path, manifest, settings, text_column)
             if unk_is_word and manifest["settings"].get("unk_is_word") is not True:
                 raise HeadscopeError(OLD_UNK.format(path=self.path, model=manifest["model"].get("id")))
@@ -424,6 +423,20 @@ def _check_same(path: Path, manifest: dict, key: str, old_value, new_value) -> N
     if old_value != new_value:
         raise HeadscopeError(OTHER_MODEL.format(path=path, old=manifest["model"].get("id"), key=key,
                                                 old_value=old_value, new_value=new_value))
+
+
+def _check_model(path: Path, manifest: dict, model: dict) -> None:
+    """The folder's model (MODEL_CHECKED) against the loaded one. A local checkpoint is the same whatever path named
+    it (./gpt2, /abs/gpt2, ../gpt2): its absolute directory (local_path) and its weights' hash (revision) are
+    compared, not the id as typed; a folder written before local_path was recorded is matched on the hash alone."""
+    old = manifest["model"]
+    for key in MODEL_CHECKED:
+        if key == "id" and model.get("local_path") is not None:
+            if "local_path" not in old and str(old.get("revision", "")).startswith("sha256:"):
+                continue  # an older manifest: the weights' sha256 (checked below) names the checkpoint
+            if old.get("local_path") is not None:
+                key = "local_path"
+        _check_same(path, manifest, key, old.get(key), model.get(key))
 
 
 def _check_settings(path: Path, manifest: dict, settings: dict, text_column: str) -> None:

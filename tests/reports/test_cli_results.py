@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,24 @@ def test_a_record_whose_id_changed_takes_the_new_id_without_being_analysed_again
     assert got["id"].to_pylist() == ["intro", "d1", "d2-v2", "7", "5"] and got.equals(want)
     code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
     assert code == 0 and "0 texts written" in lines[0] and "5 already there ->" in lines[0], lines  # nothing left
+
+
+def test_the_same_local_checkpoint_named_another_way_resumes(gpt2_path, corpus_file, tmp_path, capsys, monkeypatch):
+    """A folder written with --model ./gpt2 refused /abs/gpt2 or ../gpt2 from another directory ("holds results of
+    ./gpt2"), the weights being the same. Local checkpoints are now compared by directory and weights' hash."""
+    results = tmp_path / "res"
+    monkeypatch.chdir(gpt2_path.parent)
+    code, lines = run_cli(capsys, "--model", f"./{gpt2_path.name}", "--batch", corpus_file, "--results", results)
+    assert code == 0, lines
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for name in (gpt2_path, os.path.relpath(gpt2_path)):
+        code, lines = run_cli(capsys, "--model", name, "--batch", corpus_file, "--results", results)
+        assert code == 0 and "0 texts written" in lines[0] and "5 already there" in lines[0], lines
+    copy = tmp_path / "copy"  # another directory, the same weights: still another checkpoint (its files may differ)
+    shutil.copytree(gpt2_path, copy)
+    code, lines = run_cli(capsys, "--model", copy, "--batch", corpus_file, "--results", results)
+    assert code == 2 and len(lines) == 1 and "(local_path" in lines[0] and "use a new --results folder" in lines[0]
 
 
 NO_RAY = """
