@@ -215,9 +215,10 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         done = frozenset(folder.done_keys())
         parts_before = set(folder.part_files())
         records = read_records(ray, source, text_column, done)
+        rules = {key: value for key, value in settings.items() if key != "unk_is_word"}  # the rule itself, not a flag
         rows = records.map_batches(
             RowMaker, fn_constructor_args=(model, device, dtype, info["revision"],
-                                           {**settings, "batch_size": batch_size}, max(1, int(worker_cpus))),
+                                           {**rules, "batch_size": batch_size}, max(1, int(worker_cpus))),
             batch_size=read_ahead(device, batch_size), batch_format="pyarrow",  # passes cut from fuller batches
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=worker_cpus, **gpu_args)
