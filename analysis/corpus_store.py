@@ -216,7 +216,9 @@ class ResultsFolder:
     def open(self, model: dict, settings: dict, source: str, text_column: str, unk_is_word: bool = False) -> dict:
         """Create the folder and its manifest, or check that an existing one holds comparable rows: the model's
         (`_check_model`), the settings, and, when the loaded model's unknown token is a word (`unk_is_word`,
-        capture.unk_is_word of its tokenizer), that the folder's rows were written under that rule (OLD_UNK)."""
+        capture.unk_is_word of its tokenizer), that the folder's analysed rows were written under that rule (OLD_UNK);
+        a folder where the rule changes nothing (no analysed row, or a model whose unknown token it leaves special)
+        records it."""
         try:
             self.rows_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -225,8 +227,11 @@ class ResultsFolder:
             manifest = self.read_manifest()
             _check_model(self.path, manifest, model)
             _check_settings(self.path, manifest, settings, text_column)
-            if unk_is_word and manifest["settings"].get("unk_is_word") is not True:
-                raise HeadscopeError(OLD_UNK.format(path=self.path, model=manifest["model"].get("id")))
+            if manifest["settings"].get("unk_is_word") is not True:
+                if unk_is_word and self.read_rows(["error"])["error"].null_count:  # numbers under the old rule
+                    raise HeadscopeError(OLD_UNK.format(path=self.path, model=manifest["model"].get("id")))
+                manifest["settings"]["unk_is_word"] = True  # the rule changes nothing here: from now on, recorded
+                self.write_manifest(manifest)
             return manifest
         manifest = {"schema": MANIFEST_SCHEMA, "model": {key: model[key] for key in MODEL_KEYS},
                     "settings": {**settings, "text_column": text_column}, "source": _absolute(source),

@@ -180,6 +180,18 @@ def test_a_folder_from_before_unk_was_a_word_is_refused_only_where_that_changes_
     assert ResultsFolder(tmp_path / "bert").read_rows().equals(rows)  # nothing added to the old rows
     run = run_local(gpt2, iter_records(old_texts), tmp_path / "gpt2", source=str(old_texts))
     assert (run["new_rows"], run["skipped"]) == (1, 1)
+    assert json.loads((tmp_path / "gpt2" / "corpus.json").read_text())["settings"]["unk_is_word"] is True
+    blank = tmp_path / "blank.txt"  # a BERT folder without an analysed row holds no number of the old rule
+    blank.write_text(" ".join(["cat"] * 300) + "\n", encoding="utf-8")
+    run_local(bert, iter_records(blank), tmp_path / "refused", source=str(blank))
+    manifest_path = tmp_path / "refused" / "corpus.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["settings"]["unk_is_word"]
+    manifest_path.write_text(json.dumps(manifest))
+    blank.write_text(" ".join(["cat"] * 300) + "\nthe cat sat\n", encoding="utf-8")
+    run = run_local(bert, iter_records(blank), tmp_path / "refused", source=str(blank))
+    assert (run["new_rows"], run["skipped"]) == (1, 1)
+    assert json.loads(manifest_path.read_text())["settings"]["unk_is_word"] is True
 
 
 def test_an_input_made_shorter_is_refused_then_its_rows_past_the_end_are_dropped(gpt2, tmp_path, counted):
