@@ -12,7 +12,9 @@ The pipeline:
              compares the input's records with its rows (ResultsFolder.check_rerun, as the local engine): another
              input is refused; once a worker has described the model and `open` has checked it, rows of texts changed
              or gone are dropped and rows whose text is unchanged take the input's id (ResultsFolder.reconcile);
-  skip       records that already have a row in the results folder (number, text_hash) are dropped;
+  skip       records that already have a row in the results folder (number, text_hash) are dropped, but for those
+             whose row holds an unexpected error (ResultsFolder.row_keys): they are analysed again, and their new
+             row replaces the old one only if it is analysed now (ResultsFolder.drop_replaced);
   analyse    `map_batches(RowMaker, compute=ActorPoolStrategy(size=workers))`: each worker loads the model once and
              turns batches of records into rows with corpus_store.analyze_records, the function the local engine calls;
              `num_gpus=1` per worker when the cluster has GPUs;
@@ -81,7 +83,8 @@ def table_records(batch: pa.Table, field: str, done: frozenset) -> pa.Table:
 class RowMaker:
     """A Ray Data worker: loads the model once, then turns each batch of records into result rows."""
 
-    def __init__(self, model: str, device: str, dtype: str, revision: str, settings: dict, threads: int | None):
+    def __init__(self, model: str, device: str, dtype: str, revision: str, settings: dict, threads: int | None,
+                 retry: frozenset = frozenset()):
         import torch
 
         from analysis import load_model
@@ -92,10 +95,13 @@ class RowMaker:
         if self.loaded.info.revision != revision:
             raise HeadscopeError(REVISION_CHANGED.format(model=model, got=self.loaded.info.revision, expected=revision))
         self.settings = settings
+        self.retry = retry  # (number, text_hash) of records whose error row is retried: kept if they fail again
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # settings: the exclusions and the batch size; the rows do not depend on how Ray cut the input into batches
-        return rows_to_table(analyze_records(self.loaded, batch.to_pylist(), **self.settings))
+        rows = analyze_records(self.loaded, batch.to_pylist(), **self.settings)
+        return rows_to_table([row for row in rows
+                              if row["error"] is None or (row["number"], row["text_hash"]) not in self.retry])
 
 
 def _describe(model: str, device: str, dtype: str) -> tuple[dict, bool]:
@@ -142,6 +148,18 @@ def new_rows(folder: ResultsFolder, parts_before: set) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(part).metadata.num_rows for part in folder.part_files() if part not in parts_before)
+
+
+def keys_written(folder: ResultsFolder, parts_before: set) -> set[tuple[int, str]]:
+    """(number, text_hash) of the rows of the part files a run wrote."""
+    import pyarrow.parquet as pq
+
+    keys = set()
+    for part in folder.part_files():
+        if part not in parts_before:
+            table = pq.read_table(part, columns=["number", "text_hash"])
+            keys.update(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
+    return keys
 
 
 def _without_fsspec_http() -> None:
@@ -212,19 +230,21 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             model, device, dtype))
         folder.open(info, settings, str(source), text_column, unk_word)
         dropped, relabelled = folder.reconcile(str(source), checked)
-        done = frozenset(folder.done_keys())
+        done, retry = (frozenset(keys) for keys in folder.row_keys())
         parts_before = set(folder.part_files())
         records = read_records(ray, source, text_column, done)
         rules = {key: value for key, value in settings.items() if key != "unk_is_word"}  # the rule itself, not a flag
         rows = records.map_batches(
             RowMaker, fn_constructor_args=(model, device, dtype, info["revision"],
-                                           {**rules, "batch_size": batch_size}, max(1, int(worker_cpus))),
+                                           {**rules, "batch_size": batch_size}, max(1, int(worker_cpus)), retry),
             batch_size=read_ahead(device, batch_size), batch_format="pyarrow",  # passes cut from fuller batches
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=worker_cpus, **gpu_args)
         rows.write_parquet(str(folder.rows_dir.resolve()))
         written = new_rows(folder, parts_before)
-        kept = len(done & frozenset(folder.done_keys()))  # the rows already there that this run did not replace
+        recovered = retry & keys_written(folder, parts_before)  # retried and analysed now; the others failed again
+        folder.drop_replaced(recovered, parts_before)
+        kept = len(done & frozenset(folder.done_keys())) + len(retry - recovered)  # rows there, left as they were
     except Exception as exc:  # Ray wraps worker errors: one line for the user; the rows written so far are kept
         cause = getattr(exc, "cause", None) or exc
         if cause is exc and isinstance(exc, HeadscopeError):  # the driver's own
@@ -239,6 +259,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         shutil.rmtree(temp_dir, ignore_errors=True)
     run = {"engine": "ray", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
            "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "skipped": kept, "dropped": dropped,
-           "relabelled": relabelled, "batch_size": batch_size, "workers": workers, "address": address, "device": device}
+           "relabelled": relabelled, "retried": len(retry), "recovered": len(recovered), "batch_size": batch_size,
+           "workers": workers, "address": address, "device": device}
     folder.finish_run(run)
     return run

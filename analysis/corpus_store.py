@@ -52,6 +52,7 @@ from analysis.corpus import (
     LEVEL,
     N_BOOT,
     SEED,
+    UNEXPECTED,
     CorpusResult,
     TextRecord,
     capture_texts,
@@ -97,6 +98,7 @@ GONE_ONLY = ("{path} holds {n} rows of texts {new} no longer has ({numbers}): re
 NO_SOURCE = ("{path} already holds rows: give the input's path (source=...) so that its texts are compared with "
              "them before any is analysed.")
 SHOWN_NUMBERS = 3  # record numbers a refusal names
+RETRIED_ERRORS = UNEXPECTED.split("{")[0]  # the start of a row's error that a rerun analyses again (a bug's)
 OLD_BOS = ("{path} holds head scores from before exclude_bos (position 0 was always left out of them; now only a "
            "BOS/CLS token is): use a new --results folder.")
 OLD_UNK = ("{path} holds rows from before {model}'s unknown token counted as a word of the text (it was a special "
@@ -273,6 +275,39 @@ class ResultsFolder:
         """(number, text_hash) of every record that already has a row."""
         table = self.read_rows(["number", "text_hash"])
         return set(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
+
+    def row_keys(self) -> tuple[set[tuple[int, str]], set[tuple[int, str]]]:
+        """(number, text_hash) of the records whose row a run keeps, and of those it analyses again: a row whose
+        error is an exception the analysis did not foresee (corpus.UNEXPECTED: a bug, perhaps fixed since, as a
+        multi-query model's IndexError before 20f4617), not a refusal of the text itself (empty, too long, not
+        UTF-8...), which would come again."""
+        table = self.read_rows(["number", "text_hash", "error"])
+        keys = list(zip(table["number"].to_pylist(), table["text_hash"].to_pylist()))
+        retry = {key for key, error in zip(keys, table["error"].to_pylist())
+                 if error is not None and error.startswith(RETRIED_ERRORS)}
+        return set(keys) - retry, retry
+
+    def drop_replaced(self, replaced: set[tuple[int, str]], parts: Iterable[Path]) -> None:
+        """Remove from `parts` (those written before a run) the error rows of `replaced`, the retried records whose
+        new rows the run wrote, so that each keeps one row. A part keeps its name and modification time; a part left
+        without rows is removed."""
+        for part in parts:
+            table = _read_part(part, None) if replaced and part.exists() else None
+            if table is None:
+                continue
+            keep = [error is None or (number, digest) not in replaced  # [row]
+                    for number, digest, error in zip(table["number"].to_pylist(), table["text_hash"].to_pylist(),
+                                                      table["error"].to_pylist())]
+            if all(keep):
+                continue
+            if not any(keep):
+                part.unlink()
+                continue
+            stat = part.stat()
+            tmp = part.with_name(f".{part.name}.tmp")
+            pq.write_table(table.filter(pa.array(keep)), tmp)
+            os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            os.replace(tmp, part)
 
     def latest_rows(self) -> tuple[dict[int, str], dict[int, str]]:
         """({number: text_hash}, {number: id}) of the row read_rows keeps for each number."""
@@ -511,7 +546,8 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
     with the rows before analysing (ResultsFolder.check_rerun; `input_changed` lets it drop rows). A caller that
     made that check before loading the model (the command line) passes its answer as `checked`. Records go to
     `analyze_records` `batch_size` at a time (corpus.READ_AHEAD batches on a GPU); rows are written as a part file
-    every `flush_rows`.
+    every `flush_rows`. A record whose row holds an unexpected error is analysed again (`row_keys`): a row
+    that is analysed now replaces the old one (`drop_replaced`), one that fails again leaves the old row as it was.
     """
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
     settings = result_settings(exclude_first_token, exclude_current_token)
@@ -520,7 +556,10 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
     if checked is None:
         checked = folder.check_rerun(source, settings, text_column, input_changed=input_changed)
     dropped, relabelled = folder.reconcile(source, checked)
-    done = folder.done_keys()
+    done, retry = folder.row_keys()
+    parts_before = folder.part_files()
+    recovered: set[tuple[int, str]] = set()
+    retried = 0
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     started, clock = _now(), time.perf_counter()
     pending: list[dict] = []
@@ -536,22 +575,31 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
         nonlocal seen, skipped
         for record in records:
             seen += 1
-            if (int(record["number"]), record["text_hash"]) in done:
+            key = (int(record["number"]), record["text_hash"])
+            if key in done:
                 skipped += 1
                 continue
             yield record
 
     for chunk in _chunks(todo(), read_ahead(loaded.info.device, max(1, batch_size))):
-        pending.extend(analyze_records(loaded, chunk, exclude_first_token, exclude_current_token,
-                                       batch_size=batch_size))
+        for row in analyze_records(loaded, chunk, exclude_first_token, exclude_current_token, batch_size=batch_size):
+            key = (row["number"], row["text_hash"])
+            if key in retry:  # its new row replaces the old one if it is analysed now, else the old row stays
+                retried += 1
+                if row["error"] is not None:
+                    skipped += 1
+                    continue
+                recovered.add(key)
+            pending.append(row)
         if len(pending) >= flush_rows:
             flush()
         if progress is not None:
             progress(seen, written + len(pending))
     flush()
+    folder.drop_replaced(recovered, parts_before)
     run = {"engine": "local", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
            "records": seen, "new_rows": written, "skipped": skipped, "dropped": dropped, "relabelled": relabelled,
-           "batch_size": batch_size}
+           "retried": retried, "recovered": len(recovered), "batch_size": batch_size}
     folder.finish_run(run)
     return run
 

@@ -620,10 +620,14 @@ def run_results(args) -> int:
     dropped = f", {run['dropped']} dropped (texts the input changed or no longer has)" if run["dropped"] else ""
     relabelled = (f", {run['relabelled']} ids updated (their texts unchanged, not analysed again)"
                   if run["relabelled"] else "")
+    retried, recovered = run.get("retried", 0), run.get("recovered", 0)
+    again = f", {retried - recovered} failed again (their rows kept)" if retried > recovered else ""
+    retry = f", {retried} retried (their rows held errors: {recovered} now analysed{again})" if retried else ""
     print(f"headscope: {run['new_rows']} texts written on {run['engine']} in {run['seconds']:.1f} s ({failed} failed), "
-          f"{run['skipped']} already there{dropped}{relabelled} -> {args.results}", file=sys.stderr)
+          f"{run['skipped']} already there{dropped}{relabelled}{retry} -> {args.results}", file=sys.stderr)
     write_corpus_outputs(args.results, args)
-    return EXIT_BAD_INPUT if run["skipped"] == 0 and failed == run["new_rows"] else 0  # every text failed
+    analysed = ResultsFolder(args.results).read_rows(["error"])["error"].null_count  # the input's texts, all runs
+    return EXIT_BAD_INPUT if analysed == 0 else 0  # every text failed (failed again, on a rerun)
 
 
 def run(args) -> int:

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis import HeadscopeError, analyze, corpus_store
-from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, analyze_corpus
+from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, UNEXPECTED, analyze_corpus
 from analysis.corpus_io import iter_records
 from analysis.corpus_store import ROW_SCHEMA, ResultsFolder, load_results, run_local
 from tests.analysis import test_corpus
@@ -192,6 +192,49 @@ def test_a_folder_from_before_unk_was_a_word_is_refused_only_where_that_changes_
     run = run_local(bert, iter_records(blank), tmp_path / "refused", source=str(blank))
     assert (run["new_rows"], run["skipped"]) == (1, 1)
     assert json.loads(manifest_path.read_text())["settings"]["unk_is_word"] is True
+
+
+def failing(monkeypatch, broken: set[str]):
+    """capture_texts as a since-fixed bug had it: every text of `broken` fails (as before 20f4617 a multi-query
+    model's every text did); the others as the real one."""
+    real = corpus_store.capture_texts
+
+    def buggy(loaded, texts, *args):
+        results = list(real(loaded, texts, *args))
+        bug = HeadscopeError(UNEXPECTED.format(kind="IndexError", message="simulated bug"))
+        return [bug if text in broken else result for text, result in zip(texts, results)]
+
+    monkeypatch.setattr(corpus_store, "capture_texts", buggy)
+
+
+def test_rows_that_failed_in_the_analysis_are_retried_and_replaced_once_analysed(gpt2, tmp_path, monkeypatch):
+    """A folder whose rows failed under a since-fixed bug reran as "0 written, N already there": its error rows were
+    never retried. Now a rerun analyses again the texts whose row holds an unexpected error (a bug's): a row that is
+    analysed now replaces the old one (one row per text), one that fails again stays as it was; a refusal of the
+    text itself (a blank JSONL text, one too long) is not retried. Ground truth: a fresh folder written without the
+    bug."""
+    texts = short_texts(4, seed=7)
+    path = tmp_path / "in.jsonl"
+    too_long = " ".join(["cat"] * 300)  # refused by the tiny model (128 positions), on every run
+    path.write_text("\n".join(json.dumps({"text": t}) for t in [*texts, " ", too_long]) + "\n", encoding="utf-8")
+    with monkeypatch.context() as patch:
+        failing(patch, {texts[1], texts[2]})
+        run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))
+    folder = ResultsFolder(tmp_path / "res")
+    assert folder.read_rows()["error"].to_pylist()[1:3] == ["unexpected IndexError: simulated bug"] * 2
+    with monkeypatch.context() as patch:  # the bug fixed for one text, not the other
+        failing(patch, {texts[2]})
+        run = run_local(gpt2, iter_records(path), folder, source=str(path))
+    assert (run["new_rows"], run["skipped"], run["retried"], run["recovered"]) == (1, 5, 2, 1)
+    assert folder.read_rows()["error"].to_pylist()[1:3] == [None, "unexpected IndexError: simulated bug"]
+    run = run_local(gpt2, iter_records(path), folder, source=str(path))
+    assert (run["new_rows"], run["skipped"], run["retried"], run["recovered"]) == (1, 5, 1, 1)
+    run_local(gpt2, iter_records(path), tmp_path / "fresh", source=str(path))
+    assert folder.read_rows().equals(ResultsFolder(tmp_path / "fresh").read_rows())
+    assert sum(pq.read_metadata(part).num_rows for part in folder.part_files()) == 6  # one row per text
+    assert json.loads(folder.manifest_path.read_text())["counts"] == {"rows": 6, "analysed": 4, "failed": 2}
+    run = run_local(gpt2, iter_records(path), folder, source=str(path))
+    assert (run["new_rows"], run["skipped"], run["retried"]) == (0, 6, 0)  # the blank and the long are not retried
 
 
 def test_an_input_made_shorter_is_refused_then_its_rows_past_the_end_are_dropped(gpt2, tmp_path, counted):

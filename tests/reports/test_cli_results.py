@@ -172,6 +172,24 @@ def test_the_same_local_checkpoint_named_another_way_resumes(gpt2_path, corpus_f
     assert code == 2 and len(lines) == 1 and "(local_path" in lines[0] and "use a new --results folder" in lines[0]
 
 
+def test_a_rerun_retries_the_texts_whose_rows_failed_and_says_so(gpt2_path, corpus_file, tmp_path, capsys,
+                                                               monkeypatch):
+    """Rows that failed under a since-fixed bug were never retried: "0 texts written, 5 already there", exit 0. Now
+    the rerun retries them; every text failing again exits 2 as a first run whose every text failed does."""
+    from tests.analysis.test_corpus_store import failing
+
+    results = tmp_path / "res"
+    with monkeypatch.context() as patch:
+        failing(patch, set(TEXTS))
+        for needle in ("5 texts written", "4 retried (their rows held errors: 0 now analysed, 4 failed again"):
+            code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+            assert code == 2 and needle in lines[0], lines
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0 and "4 texts written" in lines[0] and "1 already there" in lines[0], lines
+    assert "4 retried (their rows held errors: 4 now analysed) ->" in lines[0], lines
+    assert ResultsFolder(results).read_rows()["error"].null_count == 4
+
+
 NO_RAY = """
 import sys
 from reports.__main__ import main
