@@ -142,12 +142,17 @@ def read_records(ray, path: Path, field: str, done: frozenset):
     return table.map_batches(table_records, fn_args=(field, done), batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
-def new_rows(folder: ResultsFolder, parts_before: set) -> int:
-    """The rows of the part files a run wrote (a text changed since the last run replaces its row, so counting the
-    folder's keys before and after would not see it)."""
+def new_rows(folder: ResultsFolder, parts_before: set) -> tuple[int, int]:
+    """(rows, failed rows) of the part files a run wrote (a text changed since the last run replaces its row, and a
+    failed row dropped by the run is not one it wrote, so counting the folder's rows before and after would not do)."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(part).metadata.num_rows for part in folder.part_files() if part not in parts_before)
+    written = failed = 0
+    for part in folder.part_files():
+        if part not in parts_before:
+            errors = pq.read_table(part, columns=["error"]).column("error")  # [row]
+            written, failed = written + len(errors), failed + len(errors) - errors.null_count
+    return written, failed
 
 
 def keys_written(folder: ResultsFolder, parts_before: set) -> set[tuple[int, str]]:
@@ -241,7 +246,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=worker_cpus, **gpu_args)
         rows.write_parquet(str(folder.rows_dir.resolve()))
-        written = new_rows(folder, parts_before)
+        written, failed = new_rows(folder, parts_before)
         recovered = retry & keys_written(folder, parts_before)  # retried and analysed now; the others failed again
         folder.drop_replaced(recovered, parts_before)
         kept = len(done & frozenset(folder.done_keys())) + len(retry - recovered)  # rows there, left as they were
@@ -258,8 +263,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
     run = {"engine": "ray", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
-           "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "skipped": kept, "dropped": dropped,
-           "relabelled": relabelled, "retried": len(retry), "recovered": len(recovered), "batch_size": batch_size,
-           "workers": workers, "address": address, "device": device}
+           "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "new_failed": failed, "skipped": kept,
+           "dropped": dropped, "relabelled": relabelled, "retried": len(retry), "recovered": len(recovered),
+           "batch_size": batch_size, "workers": workers, "address": address, "device": device}
     folder.finish_run(run)
     return run

@@ -400,13 +400,13 @@ class ResultsFolder:
         return final
 
     def finish_run(self, run: dict) -> dict:
-        """Append the run to the manifest and recount the rows."""
+        """Append the run to the manifest and recount the rows. The run's own failures (`new_failed`) are counted by
+        its engine on the rows it wrote: the folder's failed count before and after would net out the failed rows
+        the run dropped (a failing text replaced by another failing one counted 0)."""
         manifest = self.read_manifest()
         table = self.read_rows(["number", "error"])
         analysed = table["error"].null_count if table.num_rows else 0
-        failed_before = manifest["counts"]["failed"]
         manifest["counts"] = {"rows": table.num_rows, "analysed": analysed, "failed": table.num_rows - analysed}
-        run["new_failed"] = max(0, manifest["counts"]["failed"] - failed_before)
         manifest["runs"].append(run)
         manifest["versions"] = versions()
         self.write_manifest(manifest)
@@ -563,12 +563,13 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     started, clock = _now(), time.perf_counter()
     pending: list[dict] = []
-    seen = skipped = written = parts = 0
+    seen = skipped = written = failed = parts = 0
 
     def flush():
-        nonlocal pending, written, parts
+        nonlocal pending, written, failed, parts
         if pending:
             folder.write_part(rows_to_table(pending), f"part-{run_id}-{parts:05d}")
+            failed += sum(row["error"] is not None for row in pending)
             written, parts, pending = written + len(pending), parts + 1, []
 
     def todo():
@@ -598,8 +599,8 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
     flush()
     folder.drop_replaced(recovered, parts_before)
     run = {"engine": "local", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
-           "records": seen, "new_rows": written, "skipped": skipped, "dropped": dropped, "relabelled": relabelled,
-           "retried": retried, "recovered": len(recovered), "batch_size": batch_size}
+           "records": seen, "new_rows": written, "new_failed": failed, "skipped": skipped, "dropped": dropped,
+           "relabelled": relabelled, "retried": retried, "recovered": len(recovered), "batch_size": batch_size}
     folder.finish_run(run)
     return run
 

@@ -168,12 +168,15 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
     finally:
         torch.set_num_threads(before)
     assert done_before == 8
-    edited = tmp_path / "edited.txt"  # a local run, then its second line changed: Ray replaces that row alone
-    edited.write_text("The cat sat on the mat.\nMary and John went to the store.\nAttention heads.\n")
-    with monkeypatch.context() as patch:  # and its third line failed under a bug since fixed: Ray retries it
+    edited = tmp_path / "edited.txt"  # a local run, then its second line changed: Ray replaces that row alone; its
+    # third line failed under a bug since fixed: Ray retries it; a failing (not UTF-8) last line made another failing
+    # line: the run's one failure, though the folder's is the same
+    edited.write_bytes(b"The cat sat on the mat.\nMary and John went to the store.\nAttention heads.\n\xff one\n")
+    with monkeypatch.context() as patch:
         failing(patch, {"Attention heads."})
         run_local(gpt2, iter_records(edited), tmp_path / "edited", source=str(edited))
-    edited.write_text("The cat sat on the mat.\nA different second line.\nAttention heads.\n")
+    edited.write_bytes(b"The cat sat on the mat.\nA different second line.\nAttention heads.\n\xfe two\n")
+    run_local(gpt2, iter_records(edited), tmp_path / "edited-fresh", source=str(edited))
     shortened = tmp_path / "shortened.txt"  # made shorter: Ray refuses, then drops the rows past its end when told
     shortened.write_text("The cat sat on the mat.\nMary and John went to the store.\nAttention heads.\n")
     run_local(gpt2, iter_records(shortened), tmp_path / "shortened", source=str(shortened))
@@ -193,11 +196,11 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
         shutil.rmtree(temp_dir, ignore_errors=True)
     no_model, relabel_run, moved_run, dropped_run, refused, edited_run = (runs.pop() for _ in range(6))
     assert "no-model' exists" in no_model["error"] and "\n" not in no_model["error"]  # not Ray's remote traceback
-    assert (edited_run["new_rows"], edited_run["skipped"], edited_run["dropped"]) == (2, 1, 1)  # once 0 and 3
+    assert [edited_run[key] for key in ("new_rows", "new_failed", "skipped", "dropped")] == [3, 1, 1, 2]  # 0 failed
     assert (edited_run["retried"], edited_run["recovered"]) == (1, 1)  # the failed row, analysed now, replaced
     edited_parts = ResultsFolder(tmp_path / "edited").part_files()
-    assert sum(pq.read_metadata(part).num_rows for part in edited_parts) == 3  # one row per text
-    assert ResultsFolder(tmp_path / "edited").read_rows()["error"].to_pylist() == [None] * 3
+    assert sum(pq.read_metadata(part).num_rows for part in edited_parts) == 4  # one row per text
+    assert_same_rows(tmp_path / "edited", tmp_path / "edited-fresh")  # as the edited file written afresh
     # refused before any model loads: the model given (a path that does not exist) was never tried
     assert "shortened holds 2 rows of texts" in refused["error"] and "(numbers 2, 3)" in refused["error"]
     assert (dropped_run["new_rows"], dropped_run["skipped"], dropped_run["dropped"]) == (0, 1, 2)

@@ -190,6 +190,31 @@ def test_a_rerun_retries_the_texts_whose_rows_failed_and_says_so(gpt2_path, corp
     assert ResultsFolder(results).read_rows()["error"].null_count == 4
 
 
+def test_a_runs_failures_are_those_of_the_rows_it_wrote(gpt2_path, tmp_path, capsys):
+    """A run's "(N failed)" was the folder's failed count after it less before it, so the failing rows it dropped
+    cancelled the ones it wrote: a failing line edited into another failing line said "(0 failed)", and an input
+    replaced (--input-changed) by one whose every text fails said "(0 failed)" and exited 0. Now the count is that
+    of the rows the run wrote, and the exit status that of the same file run into a new folder."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "alpha one"}\n{"text": ""}\n', encoding="utf-8")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", path, "--results", tmp_path / "res")
+    assert code == 0 and "(1 failed)" in lines[0], lines
+    path.write_text('{"text": "alpha one"}\n{"text": 3}\n', encoding="utf-8")  # a failing line, failing otherwise
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", path, "--results", tmp_path / "res")
+    written = ResultsFolder(tmp_path / "res").read_rows(["number", "error"]).to_pylist()
+    assert written[1]["error"] is not None and written[1]["error"] != "empty text"  # the new row's own error
+    assert code == 0 and "1 texts written" in lines[0] and "(1 failed), 1 already there, 1 dropped" in lines[0], lines
+    path.write_text('{"text": " "}\n{"text": "\\t"}\n', encoding="utf-8")  # another input: every text fails
+    want, fresh = run_cli(capsys, "--model", gpt2_path, "--batch", path, "--results", tmp_path / "fresh")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", path, "--results", tmp_path / "res",
+                          "--input-changed")
+    assert "2 texts written" in fresh[0] and "(2 failed)" in fresh[0] and want == 2, fresh
+    assert code == want and "2 texts written" in lines[0] and "(2 failed), 0 already there, 2 dropped" in lines[0]
+    manifest = json.loads((tmp_path / "res" / "corpus.json").read_text())
+    assert [run["new_failed"] for run in manifest["runs"]] == [1, 1, 2]
+    assert manifest["counts"] == json.loads((tmp_path / "fresh" / "corpus.json").read_text())["counts"]
+
+
 NO_RAY = """
 import sys
 from reports.__main__ import main
