@@ -350,15 +350,16 @@ class ResultsFolder:
     def reconcile(self, source: str, change: InputChange) -> tuple[int, int]:
         """After `open` has checked the model: make the rows those of the input as `check_rerun` found it (the rows
         of texts it changed or no longer has dropped, its ids on the rows of its unchanged texts) and record its
-        path (a moved input: the folder follows it); returns (rows dropped, records whose id was updated)."""
-        dropped = 0
+        path (a moved input: the folder follows it); returns (texts whose rows were dropped, records whose id was
+        updated). The rows rewrite_rows removes may be more: a folder resumed by code before it also holds the
+        superseded rows of texts changed then (read_rows never showed them), removed too but not counted."""
         if change.changed or change.gone or change.relabelled:
-            dropped = self.rewrite_rows(change.current, change.relabelled)
+            self.rewrite_rows(change.current, change.relabelled)
         manifest = self.read_manifest()
         if source and manifest.get("source") != _absolute(source):
             manifest["source"] = _absolute(source)
             self.write_manifest(manifest)
-        return dropped, len(change.relabelled)
+        return len(change.changed) + len(change.gone), len(change.relabelled)
 
     def rewrite_rows(self, current: dict[int, str], relabelled: dict[int, str] | None = None) -> int:
         """Rewrite every part without its rows that are not of the input as it is now (`current`: {number:

@@ -296,6 +296,44 @@ def test_an_input_is_compared_by_its_texts_not_by_its_path(gpt2, tmp_path, count
     assert counted == ["a line added"] and ResultsFolder(tmp_path / "res").read_rows().equals(rows)
 
 
+def test_dropped_counts_the_texts_dropped_not_the_superseded_rows_removed(gpt2, tmp_path):
+    """Code before rewrite_rows left a changed text's old row in its part (read_rows keeps the newest). Removing
+    those rows counted them as dropped: an id renamed said "1 dropped". Now `dropped` is the number of texts whose
+    row went, the one read_rows showed against the input (ground truth: the latest rows before against the file)."""
+    from analysis.corpus_store import InputChange
+
+    path = tmp_path / "in.jsonl"
+    records = [{"id": "a", "text": "the cat sat"}, {"id": "b", "text": "a dog ran far"}, {"id": "c", "text": "rain"}]
+
+    def write(stale: bool = False) -> dict:
+        path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        before, _ = ResultsFolder(tmp_path / "res").latest_rows() if (tmp_path / "res").exists() else ({}, {})
+        now = {int(r["number"]): r["text_hash"] for r in iter_records(path)}
+        expected = sum(before[n] != now.get(n) for n in before)  # texts whose row no longer fits the input
+        checked = InputChange(0, [], [], 0, {}) if stale else None  # as older code: nothing dropped, rows added
+        return {**run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path), checked=checked),
+                "expected": expected}
+
+    def raw_rows() -> int:
+        return sum(pq.read_metadata(part).num_rows for part in ResultsFolder(tmp_path / "res").part_files())
+
+    write()
+    records[1]["text"] = "a dog ran home"
+    write(stale=True)
+    assert raw_rows() == 4  # the superseded row of b, as older code left it
+    records[0]["id"] = "A"  # only an id renamed: nothing dropped, the superseded row cleaned away
+    run = write()
+    assert (run["dropped"], run["expected"], run["relabelled"], raw_rows()) == (0, 0, 1, 3)
+    records[1]["text"] = "a dog sat"
+    write(stale=True)
+    records[1]["text"], records[2]["text"] = "a dog sat down", "rain again"  # two texts replaced, three rows removed
+    run = write()
+    assert (run["dropped"], run["expected"], run["new_rows"], raw_rows()) == (2, 2, 2, 3)
+    write_fresh = run_local(gpt2, iter_records(path), tmp_path / "fresh", source=str(path))
+    assert write_fresh["new_rows"] == 3
+    assert ResultsFolder(tmp_path / "res").read_rows().equals(ResultsFolder(tmp_path / "fresh").read_rows())
+
+
 @pytest.fixture(scope="module")
 def bert(bert_path):
     from analysis import load_model
