@@ -12,8 +12,9 @@ resumes where it stopped and nothing is computed twice. Before any model is load
 rerun makes every check that needs none (`ResultsFolder.check_rerun`): the manifest, the settings, the text column
 and dtype, and the input's records against the rows (`compare_input`): the input is the folder's when no row is of
 a text it no longer has at that number, wherever the file now is (a moved or copied file resumes). Rows of texts
-that changed or that the input no longer has are dropped only when the input is the recorded file edited in place,
-some rows' texts still there and none gone (its changed texts are then analysed again), or when the caller says
+that changed or that the input no longer has are dropped only when the input is the recorded file edited in place
+(the recorded path and the same file there, by device and inode: not another file put at that path), some rows'
+texts still there and none gone (its changed texts are then analysed again), or when the caller says
 the input changed (`input_changed`, --input-changed); otherwise the run refuses (INPUT_CHANGED) and writes nothing,
 so two corpora never mix and no row still valid for the folder's input is lost. A record whose text is the row's
 but whose id changed keeps its numbers and takes the input's id (its row's id is rewritten, nothing analysed
@@ -93,6 +94,9 @@ INPUT_CHANGED = ("{path} holds the rows of {old}, and {new} differs from them: {
                  "texts analysed again), or use a new --results folder to keep these rows.")
 CHANGED_TEXTS = "{n} of its texts are not the rows' ({numbers})"
 GONE_TEXTS = "{n} rows of texts it no longer has ({numbers})"
+NOT_THAT_FILE = ("it is not the file recorded at that path (another put there, or the file saved anew: sed -i and many "
+                 "editors write a new file)")
+NO_IDENTITY = "the folder does not record which file was at that path (written before headscope recorded it)"
 GONE_ONLY = ("{path} holds {n} rows of texts {new} no longer has ({numbers}): rerun with --input-changed to drop them "
              "(every other row is kept), or use a new --results folder to keep them.")
 NO_SOURCE = ("{path} already holds rows: give the input's path (source=...) so that its texts are compared with "
@@ -324,10 +328,11 @@ class ResultsFolder:
         input (`source`, read here once more, no model) is compared with the rows (`compare_input`): it is the
         folder's when every row is of a text it still has at that number, the file being wherever it is now. Rows
         of texts it changed may be dropped (and those texts analysed again) when it is the recorded file edited in
-        place, still holding some of the rows' texts and none gone. Anything else, a row of a text the input no
-        longer has included, needs `input_changed`, or the run is refused (INPUT_CHANGED, GONE_ONLY). A new folder
-        or one without rows has nothing to compare (`open` creates it); one with rows needs the input's path
-        (NO_SOURCE)."""
+        place (its path, and the device and inode `reconcile` recorded as `source_identity`: another file put at
+        that path is not the same file), still holding some of the rows' texts and none gone. Anything else, a row
+        of a text the input no longer has included, needs `input_changed`, or the run is refused (INPUT_CHANGED,
+        GONE_ONLY). A new folder or one without rows has nothing to compare (`open` creates it); one with rows needs
+        the input's path (NO_SOURCE)."""
         if not self.exists():
             return InputChange(0, [], [], 0, {})
         manifest = self.read_manifest()
@@ -342,9 +347,13 @@ class ResultsFolder:
         change = compare_input(rows, iter_records(source, text_column), ids)
         if change.changed or change.gone:
             old = manifest.get("source") or ""
-            edited = bool(change.kept) and not change.gone and _same_file(old, source)
+            identity = _identity(source)  # [device, inode]: the same file, not only the same path
+            same = _same_file(old, source) and identity is not None and identity == manifest.get("source_identity")
+            edited = bool(change.kept) and not change.gone and same
             if not (input_changed or edited):
-                raise HeadscopeError(change_message(self.path, old, source, change))
+                note = ("" if not (change.kept and not change.gone and _same_file(old, source))
+                        else NO_IDENTITY if manifest.get("source_identity") is None else NOT_THAT_FILE)
+                raise HeadscopeError(change_message(self.path, old, source, change, note))
         return change
 
     def reconcile(self, source: str, change: InputChange) -> tuple[int, int]:
@@ -356,8 +365,9 @@ class ResultsFolder:
         if change.changed or change.gone or change.relabelled:
             self.rewrite_rows(change.current, change.relabelled)
         manifest = self.read_manifest()
-        if source and manifest.get("source") != _absolute(source):
-            manifest["source"] = _absolute(source)
+        if source and (manifest.get("source"), manifest.get("source_identity")) != (_absolute(source),
+                                                                                    _identity(source)):
+            manifest["source"], manifest["source_identity"] = _absolute(source), _identity(source)
             self.write_manifest(manifest)
         return len(change.changed) + len(change.gone), len(change.relabelled)
 
@@ -448,13 +458,16 @@ def compare_input(rows: dict[int, str], records: Iterable[dict], ids: dict[int, 
     return InputChange(len(current) - len(changed), changed, gone, new, current, relabelled)
 
 
-def change_message(path: Path, old: str, new: str, change: InputChange) -> str:
-    """The refusal of an input that is not the folder's, naming what differs and how to go on."""
+def change_message(path: Path, old: str, new: str, change: InputChange, note: str = "") -> str:
+    """The refusal of an input that is not the folder's, naming what differs and how to go on, and `note`: why an
+    input at the recorded path is not taken as the recorded file edited in place (NOT_THAT_FILE, NO_IDENTITY)."""
     if not change.changed:
         return GONE_ONLY.format(path=path, n=len(change.gone), new=new, numbers=_numbers(change.gone))
     parts = [CHANGED_TEXTS.format(n=len(change.changed), numbers=_numbers(change.changed))]
     if change.gone:
         parts.append(GONE_TEXTS.format(n=len(change.gone), numbers=_numbers(change.gone)))
+    if note:
+        parts.append(note)
     return INPUT_CHANGED.format(path=path, old=old or "an input it did not record", new=new or "the input",
                                 what="; ".join(parts))
 
@@ -513,6 +526,16 @@ def _same_file(old: str, new: str) -> bool:
         return os.path.samefile(old, new)
     except OSError:
         return False
+
+
+def _identity(source: str) -> list[int] | None:
+    """[device, inode] of the input file or folder: what tells the recorded file edited in place (written into,
+    the same inode) from another file put at its path (a new inode; the recorded one, if kept, is elsewhere)."""
+    try:
+        stat = os.stat(source)
+    except (OSError, ValueError, TypeError):
+        return None
+    return [stat.st_dev, stat.st_ino]
 
 
 def _read_part(part: Path, columns: list[str] | None) -> pa.Table | None:

@@ -296,6 +296,49 @@ def test_an_input_is_compared_by_its_texts_not_by_its_path(gpt2, tmp_path, count
     assert counted == ["a line added"] and ResultsFolder(tmp_path / "res").read_rows().equals(rows)
 
 
+def test_another_file_at_the_recorded_path_is_not_the_recorded_file_edited(gpt2, tmp_path, counted):
+    """The recorded input moved away (kept as v1.txt) and another corpus put at its path with the same first line was
+    taken as the file edited in place: its other rows were dropped without --input-changed, and v1.txt could no
+    longer resume. Now only the recorded file itself (the same device and inode) edited in place is; another file at
+    that path, a file saved anew included, is refused (the folder untouched) until --input-changed."""
+    path, kept = tmp_path / "in.txt", tmp_path / "v1.txt"
+    texts = short_texts(3, seed=8)
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))
+    rows = ResultsFolder(tmp_path / "res").read_rows()
+    path.rename(kept)
+    path.write_text("\n".join([texts[0], "something else", "another corpus"]) + "\n", encoding="utf-8")
+    counted.clear()
+    with pytest.raises(HeadscopeError, match=r"2 of its texts are not the rows' \(numbers 2, 3\); it is not the file "
+                                             r"recorded at that path .*--input-changed"):
+        run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))
+    assert counted == [] and ResultsFolder(tmp_path / "res").read_rows().equals(rows)
+    run = run_local(gpt2, iter_records(kept), tmp_path / "res", source=str(kept))  # the real input resumes
+    assert counted == [] and (run["new_rows"], run["skipped"], run["dropped"]) == (0, 3, 0)
+    kept.write_text("\n".join([texts[0], texts[1], "a third line edited"]) + "\n", encoding="utf-8")  # in place
+    run = run_local(gpt2, iter_records(kept), tmp_path / "res", source=str(kept))
+    assert counted == ["a third line edited"] and (run["new_rows"], run["skipped"], run["dropped"]) == (1, 2, 1)
+    anew = tmp_path / "v1.txt.tmp"  # saved as a new file renamed over the old one (sed -i, many editors)
+    anew.write_text("\n".join([texts[0], "a second line edited", "a third line edited"]) + "\n", encoding="utf-8")
+    anew.replace(kept)
+    with pytest.raises(HeadscopeError, match=r"1 of its texts are not the rows' \(number 2\); it is not the file"):
+        run_local(gpt2, iter_records(kept), tmp_path / "res", source=str(kept))
+    manifest_path = tmp_path / "res" / "corpus.json"  # a folder from before the identity was recorded
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["source_identity"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(HeadscopeError, match=r"\(number 2\); the folder does not record which file"):
+        run_local(gpt2, iter_records(kept), tmp_path / "res", source=str(kept))
+    run = run_local(gpt2, iter_records(kept), tmp_path / "res", source=str(kept), input_changed=True)
+    assert counted[-1] == "a second line edited" and (run["new_rows"], run["skipped"], run["dropped"]) == (1, 2, 1)
+    run_local(gpt2, iter_records(kept), tmp_path / "fresh", source=str(kept))  # ground truth: the file afresh
+    assert ResultsFolder(tmp_path / "res").read_rows().equals(ResultsFolder(tmp_path / "fresh").read_rows())
+    edited = kept.read_text(encoding="utf-8").replace("a third line edited", "a third line again")
+    kept.write_text(edited, encoding="utf-8")  # the identity recorded again: an edit in place is accepted again
+    run = run_local(gpt2, iter_records(kept), tmp_path / "res", source=str(kept))
+    assert counted[-1] == "a third line again" and (run["new_rows"], run["dropped"]) == (1, 1)
+
+
 def test_dropped_counts_the_texts_dropped_not_the_superseded_rows_removed(gpt2, tmp_path):
     """Code before rewrite_rows left a changed text's old row in its part (read_rows keeps the newest). Removing
     those rows counted them as dropped: an id renamed said "1 dropped". Now `dropped` is the number of texts whose

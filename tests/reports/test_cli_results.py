@@ -215,6 +215,24 @@ def test_a_runs_failures_are_those_of_the_rows_it_wrote(gpt2_path, tmp_path, cap
     assert manifest["counts"] == json.loads((tmp_path / "fresh" / "corpus.json").read_text())["counts"]
 
 
+def test_a_corpus_put_where_the_input_was_is_refused_though_it_shares_a_text(gpt2_path, tmp_path, capsys):
+    """The input moved away and another file put at its path, sharing its first line, was taken as the file edited in
+    place: two rows dropped without --input-changed, and the moved file (the folder's input) refused after. Now the
+    new file is refused (exit 2, one line, the folder as it was) and the moved file resumes."""
+    path, kept, results = tmp_path / "in.txt", tmp_path / "v1.txt", tmp_path / "res"
+    path.write_text("Chapter one\nbeta two\ngamma three\n", encoding="utf-8")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", path, "--results", results)
+    assert code == 0, lines
+    rows = ResultsFolder(results).read_rows()
+    path.rename(kept)
+    path.write_text("Chapter one\nsomething else\nanother corpus\n", encoding="utf-8")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", path, "--results", results)
+    assert code == 2 and len(lines) == 1 and "it is not the file recorded at that path" in lines[0], lines
+    assert ResultsFolder(results).read_rows().equals(rows)
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", kept, "--results", results)
+    assert code == 0 and "0 texts written" in lines[0] and "3 already there ->" in lines[0], lines
+
+
 NO_RAY = """
 import sys
 from reports.__main__ import main
