@@ -212,6 +212,9 @@ class ResultsFolder:
         if not isinstance(settings, dict) or not all(isinstance(settings.get(key), bool) for key in RESULT_SETTINGS):
             reason = f"its settings lack {' or '.join(RESULT_SETTINGS)} (true or false)"
             raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=reason))
+        reason = _manifest_fault(data)
+        if reason:
+            raise HeadscopeError(BAD_MANIFEST.format(path=self.manifest_path, reason=reason))
         return data
 
     def write_manifest(self, data: dict) -> None:
@@ -503,6 +506,21 @@ def _check_settings(path: Path, manifest: dict, settings: dict, text_column: str
     if old_column != text_column:
         raise HeadscopeError(OTHER_COLUMN.format(path=path, old=manifest.get("source") or "its input",
                                                  old_column=old_column, column=text_column))
+
+
+def _manifest_fault(data: dict) -> str:
+    """What is wrong with the parts of a manifest a run reads or extends (a hand edit), or "" when nothing is. Its
+    counts are not read: every run recounts them from the rows."""
+    settings = data["settings"]
+    if not isinstance(data.get("source", ""), str):
+        return "its source is not a path (a string)"
+    if not isinstance(settings.get("text_column", ""), str):
+        return "its settings' text_column is not a column name (a string)"
+    if not isinstance(settings.get("exclude_bos", False), bool):
+        return "its settings' exclude_bos is not true or false"
+    if not isinstance(data.get("runs"), list):
+        return "its runs are not a list"
+    return ""
 
 
 def _numbers(numbers: list[int]) -> str:

@@ -233,6 +233,47 @@ def test_a_corpus_put_where_the_input_was_is_refused_though_it_shares_a_text(gpt
     assert code == 0 and "0 texts written" in lines[0] and "3 already there ->" in lines[0], lines
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.update(source=123), "its source is not a path (a string)"),
+    (lambda m: m.update(source=["x"]), "its source is not a path (a string)"),
+    (lambda m: m.update(runs=None), "its runs are not a list"),
+    (lambda m: m.pop("runs"), "its runs are not a list"),
+    (lambda m: m["settings"].update(text_column=5), "its settings' text_column is not a column name (a string)"),
+    (lambda m: m["settings"].update(exclude_bos="yes"), "its settings' exclude_bos is not true or false"),
+])
+def test_a_hand_edited_manifest_is_one_line(gpt2_path, corpus_file, tmp_path, capsys, edit, needle):
+    """A corpus.json edited by hand raised a TypeError (a source that is not a string) or crashed after the run (runs
+    null). Now it is one line naming the file and what is wrong, exit 2, before any model loads."""
+    results = tmp_path / "res"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0, lines
+    manifest_path = results / "corpus.json"
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+    for argv in (["--model", tmp_path / "no-such-model", "--batch", corpus_file, "--results", results],
+                 ["--from-results", results, "--json", tmp_path / "c.json"]):
+        code, lines = run_cli(capsys, *argv)
+        want = f"headscope: error: {manifest_path} is not a readable headscope manifest: {needle}."
+        assert code == 2 and lines == [want], lines
+
+
+def test_a_manifest_without_counts_has_them_recounted(gpt2_path, corpus_file, tmp_path, capsys):
+    """A corpus.json without its counts crashed after the run (its failed count was read to count the run's). The
+    counts are the rows', recounted by every run: now they come back, those of the same input written afresh."""
+    results = tmp_path / "res"
+    for folder in (results, tmp_path / "fresh"):
+        code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", folder)
+        assert code == 0, lines
+    manifest = json.loads((results / "corpus.json").read_text())
+    del manifest["counts"]
+    (results / "corpus.json").write_text(json.dumps(manifest))
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0 and "5 already there" in lines[0], lines
+    counts = [json.loads((folder / "corpus.json").read_text())["counts"] for folder in (results, tmp_path / "fresh")]
+    assert counts[0] == counts[1] == {"rows": 5, "analysed": 4, "failed": 1}
+
+
 NO_RAY = """
 import sys
 from reports.__main__ import main
