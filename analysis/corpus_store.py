@@ -52,6 +52,7 @@ from analysis.corpus import (
     LAYER_MEASURES,
     LEVEL,
     N_BOOT,
+    NO_TEXTS,
     SEED,
     UNEXPECTED,
     CorpusResult,
@@ -348,6 +349,8 @@ class ResultsFolder:
         if not (source and os.path.exists(source)):
             raise HeadscopeError(NO_SOURCE.format(path=self.path))
         change = compare_input(rows, iter_records(source, text_column), ids)
+        if not change.current and not change.new:  # refused before --input-changed drops every row
+            raise HeadscopeError(NO_TEXTS.format(source=source))
         if change.changed or change.gone:
             old = manifest.get("source") or ""
             identity = _identity(source)  # [device, inode]: the same file, not only the same path

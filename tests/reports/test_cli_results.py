@@ -78,6 +78,23 @@ def test_missing_input_and_not_a_results_folder_are_one_line(tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and "is not a headscope results folder" in lines[0]
 
 
+def test_an_input_without_texts_is_refused_before_input_changed_drops_anything(gpt2_path, corpus_file, tmp_path,
+                                                                             capsys):
+    """--input-changed with an input of blank lines dropped every row, recorded the run and the new source, then said
+    "holds no texts" (exit 2) as if nothing had been done: now it is refused first and the folder is as it was."""
+    results = tmp_path / "res"
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", corpus_file, "--results", results)
+    assert code == 0, lines
+    manifest = (results / "corpus.json").read_text()
+    parts = sorted((path.name, path.stat().st_mtime_ns) for path in ResultsFolder(results).part_files())
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\n")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", blank, "--results", results, "--input-changed")
+    assert code == 2 and len(lines) == 1 and "holds no texts" in lines[0], lines
+    assert (results / "corpus.json").read_text() == manifest
+    assert sorted((path.name, path.stat().st_mtime_ns) for path in ResultsFolder(results).part_files()) == parts
+
+
 def test_a_shortened_or_moved_input_is_one_line_until_told_it_changed(gpt2_path, corpus_file, tmp_path, capsys):
     """Made shorter in place, the input kept its old rows past its end in the means; moved elsewhere and replaced by
     another file, it was taken as the folder's. Now both are one line (exit 2, the folder untouched), --input-changed
