@@ -295,6 +295,24 @@ class ResultsFolder:
                  if error is not None and error.startswith(RETRIED_ERRORS)}
         return set(keys) - retry, retry
 
+    def superseded_errors(self) -> set[tuple[int, str]]:
+        """(number, text_hash) of the records with an error row and a newer analysed row of the same text: what a
+        retry leaves when its run is killed after writing the new row and before drop_replaced (read_rows shows only
+        the newer, a reader of the raw Parquet both)."""
+        errors = set()
+        for part in self.part_files():
+            table = _read_part(part, ["number", "text_hash", "error"])
+            if table is not None:
+                errors.update((number, digest) for number, digest, error in zip(
+                    table["number"].to_pylist(), table["text_hash"].to_pylist(), table["error"].to_pylist())
+                    if error is not None)
+        if not errors:
+            return set()
+        latest = self.read_rows(["number", "text_hash", "error"])
+        return errors & {(number, digest) for number, digest, error in zip(
+            latest["number"].to_pylist(), latest["text_hash"].to_pylist(), latest["error"].to_pylist())
+            if error is None}
+
     def drop_replaced(self, replaced: set[tuple[int, str]], parts: Iterable[Path]) -> None:
         """Remove from `parts` (those written before a run) the error rows of `replaced`, the retried records whose
         new rows the run wrote, so that each keeps one row. A part keeps its name and modification time; a part left
@@ -370,6 +388,7 @@ class ResultsFolder:
         superseded rows of texts changed then (read_rows never showed them), removed too but not counted."""
         if change.changed or change.gone or change.relabelled:
             self.rewrite_rows(change.current, change.relabelled)
+        self.drop_replaced(self.superseded_errors(), self.part_files())  # a retry's old rows, left by a killed run
         manifest = self.read_manifest()
         if source and (manifest.get("source"), manifest.get("source_identity")) != (_absolute(source),
                                                                                     _identity(source)):

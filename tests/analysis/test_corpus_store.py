@@ -237,6 +237,36 @@ def test_rows_that_failed_in_the_analysis_are_retried_and_replaced_once_analysed
     assert (run["new_rows"], run["skipped"], run["retried"]) == (0, 6, 0)  # the blank and the long are not retried
 
 
+def test_a_retry_killed_before_its_clean_up_leaves_one_row_per_text_after_the_next_run(gpt2, tmp_path, monkeypatch):
+    """A run killed after writing a retried text's new row and before removing its old error row (drop_replaced) left
+    both in the part files for good: the next runs counted the text as done. Now the next run removes the old row
+    first. Ground truth: a fresh folder of the same input."""
+    texts = short_texts(3, seed=5)
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    with monkeypatch.context() as patch:
+        failing(patch, {texts[1]})
+        run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))
+    folder = ResultsFolder(tmp_path / "res")
+    real = ResultsFolder.drop_replaced
+
+    def killed(self, replaced, parts):
+        if replaced:  # the end of the retrying run: the process dies here
+            raise KeyboardInterrupt
+        return real(self, replaced, parts)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(ResultsFolder, "drop_replaced", killed)
+        run_local(gpt2, iter_records(path), folder, source=str(path))
+    raw = sum(pq.read_metadata(part).num_rows for part in folder.part_files())
+    assert raw == 4 and folder.superseded_errors() == {(2, folder.read_rows()["text_hash"].to_pylist()[1])}
+    run = run_local(gpt2, iter_records(path), folder, source=str(path))
+    assert (run["new_rows"], run["skipped"], run["retried"]) == (0, 3, 0)
+    assert sum(pq.read_metadata(part).num_rows for part in folder.part_files()) == 3  # one row per text
+    run_local(gpt2, iter_records(path), tmp_path / "fresh", source=str(path))
+    assert folder.read_rows().equals(ResultsFolder(tmp_path / "fresh").read_rows())
+
+
 def test_an_input_made_shorter_is_refused_then_its_rows_past_the_end_are_dropped(gpt2, tmp_path, counted):
     """Edited in place and made shorter: the rows of the lines it no longer has were kept and averaged in. Now the
     rerun refuses (nothing written) until told the input changed; then those rows go and every other row stays."""
