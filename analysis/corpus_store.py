@@ -324,16 +324,8 @@ class ResultsFolder:
             keep = [error is None or (number, digest) not in replaced  # [row]
                     for number, digest, error in zip(table["number"].to_pylist(), table["text_hash"].to_pylist(),
                                                       table["error"].to_pylist())]
-            if all(keep):
-                continue
-            if not any(keep):
-                part.unlink()
-                continue
-            stat = part.stat()
-            tmp = part.with_name(f".{part.name}.tmp")
-            pq.write_table(table.filter(pa.array(keep)), tmp)
-            os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            os.replace(tmp, part)
+            if not all(keep):
+                _rewrite_part(part, table, keep)
 
     def latest_rows(self) -> tuple[dict[int, str], dict[int, str]]:
         """({number: text_hash}, {number: id}) of the row read_rows keeps for each number."""
@@ -396,13 +388,11 @@ class ResultsFolder:
             self.write_manifest(manifest)
         return len(change.changed) + len(change.gone), len(change.relabelled)
 
-    def rewrite_rows(self, current: dict[int, str], relabelled: dict[int, str] | None = None) -> int:
+    def rewrite_rows(self, current: dict[int, str], relabelled: dict[int, str] | None = None) -> None:
         """Rewrite every part without its rows that are not of the input as it is now (`current`: {number:
         text_hash} of the input's records that have a row) and with the input's id on the rows of `relabelled`
-        ({number: id}, texts unchanged); returns the rows dropped. A part keeps its name and its modification time
-        (read_rows orders parts by it); a part left without rows is removed."""
+        ({number: id}, texts unchanged) (_rewrite_part)."""
         relabelled = relabelled or {}
-        dropped = 0
         for part in self.part_files():
             table = _read_part(part, None)
             if table is None:
@@ -414,18 +404,8 @@ class ResultsFolder:
                        for number, kept, old in zip(numbers, keep, old_ids)]
             if all(keep) and new_ids == old_ids:
                 continue
-            dropped += keep.count(False)
-            if not any(keep):
-                part.unlink()
-                continue
-            table = table.set_column(table.schema.get_field_index("id"), ROW_SCHEMA.field("id"),
-                                     pa.array(new_ids, pa.string()))
-            stat = part.stat()
-            tmp = part.with_name(f".{part.name}.tmp")
-            pq.write_table(table.filter(pa.array(keep)), tmp)
-            os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            os.replace(tmp, part)
-        return dropped
+            _rewrite_part(part, table.set_column(table.schema.get_field_index("id"), ROW_SCHEMA.field("id"),
+                                                 pa.array(new_ids, pa.string())), keep)
 
     def write_part(self, table: pa.Table, name: str) -> Path:
         """One part file, appearing whole (written under a hidden name, then renamed)."""
@@ -587,6 +567,19 @@ def _read_part(part: Path, columns: list[str] | None) -> pa.Table | None:
         log.warning("setting aside unreadable results part %s: %s", part, exc)
         os.replace(part, part.with_name(part.name + ".broken"))
         return None
+
+
+def _rewrite_part(part: Path, table: pa.Table, keep: list[bool]) -> None:
+    """`part` holding only the rows of `table` that `keep` marks, under its name and modification time (read_rows
+    orders parts by it; written under a hidden name, then renamed over it), or removed when none is kept."""
+    if not any(keep):
+        part.unlink()
+        return
+    stat = part.stat()
+    tmp = part.with_name(f".{part.name}.tmp")
+    pq.write_table(table.filter(pa.array(keep)), tmp)
+    os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(tmp, part)
 
 
 def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:

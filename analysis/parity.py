@@ -38,8 +38,8 @@ PARITY_FAILED = ("Parity check failed on layer{s} {layers}: the attention rebuil
                  "from the model's own by up to {worst:.1e} (allowed for {dtype}: {allowed}), so {these} "
                  "figures may not describe what the model computed.")
 PARITY_SCALED = "{tolerance:.1e} = {base:.0e} + {u:.2g} x its largest score {score:.3g}"  # grown with the scores
-PARITY_CAPPED = ("{cap:.1e}, the most a check allows (its largest score {score:.3g} would allow {tolerance:.1e} for "
-                 "{dtype}'s own rounding: run in float32 to check it)")
+PARITY_CAPPED = ("{cap:.1e}, the most a check allows; its largest score {score:.3g} would allow {tolerance:.1e} for "
+                 "{dtype}'s own rounding, so run in float32 to check it")
 
 
 def parity_tolerance(dtype: str, score_max: float | None = None) -> float:
