@@ -24,7 +24,7 @@ from markupsafe import Markup
 from analysis import __version__
 from analysis.errors import HeadscopeError
 from analysis.heads import key_head_of
-from analysis.parity import describe_tolerance, describe_tolerances, result_parity_failures
+from analysis.parity import PARITY_FAILED, describe_tolerance, describe_tolerances, result_parity_failures
 from analysis.results import AnalysisResult
 from analysis.schema import parse_json, validate_beyond, validate_results
 from reports.charts import (
@@ -646,7 +646,8 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "exclude_special_keys": result.exclude_special_keys,
         "exclude_bos": result.exclude_bos,
         "bos_excluded": bool(result.bos_excluded),
-        "warnings": list(result.warnings),
+        # the parity warning is the page's own box at the top (parity_failed), shown once
+        "warnings": [w for w in result.warnings if not w.startswith(PARITY_FAILED.split("{")[0])],
         "head": head,
         "layers": layers,
         "atlas": atlas,
