@@ -140,6 +140,9 @@ def _why(error) -> str:
         return f"has a field this version does not know ({_short(repr(extra[0]))})" if extra else "has extra fields"
     if kind == "const":
         return f"must be {error.validator_value!r}, not {_short(repr(error.instance))}"
+    if kind == "enum" and "propertyNames" in error.schema_path:  # a key of an object of known names (head_scores)
+        return (f"has a name this version does not know ({_short(repr(error.instance))}; it knows "
+                f"{', '.join(error.validator_value)})")
     return _short(" ".join(error.message.split()))
 
 

@@ -16,7 +16,7 @@ import pytest
 from analysis import load_model
 from analysis.ablation import compute_ablation
 from analysis.results import HEAD_SCORE_NAMES
-from analysis.schema import BEYOND_SCHEMA_NAME, schema_file
+from analysis.schema import BEYOND_SCHEMA_NAME, SCHEMA_NAME, schema_file
 from reports.__main__ import GIVEN, build_parser, main, parse_arguments
 from reports.beyond import BEYOND_ID
 from reports.html import PROBE_ID, RESULTS_ID
@@ -263,7 +263,7 @@ def test_a_comparison_that_contradicts_itself_or_the_page_is_one_line_and_exit_2
         (lambda d: d["compare"].update(qk_stats=[]), r"compare\.qk_stats is not the Q/K statistics of compare\.a "),
         (lambda d: d["compare"]["qk_stats"][0].update(q_means_a=7.0), r"compare\.qk_stats is not the Q/K statistics"),
         (lambda d: d["compare"]["qk_stats"][0].update(injected=1.0), r"at compare\.qk_stats\[0\] has a field this "),
-        (_bogus_score, r"at compare\.score_difference 'bogus' is not one of \['previous_token'"),
+        (_bogus_score, r"at compare\.score_difference has a name this version does not know \('bogus'; it knows "),
         (lambda d: d["compare"]["score_difference"].pop("entropy"),
          r"compare\.score_difference holds .*, not the scores both models have"),
         (lambda d: d["compare"]["score_difference"]["induction"][1].__setitem__(2, 0.5),
@@ -284,9 +284,24 @@ def test_a_comparison_that_contradicts_itself_or_the_page_is_one_line_and_exit_2
     assert read_back(capsys, report, tmp_path / "out.json")["ablation"]["a"] == good["ablation"]
 
 
-def test_the_beyond_schema_knows_the_score_names_of_the_results():
-    schema = json.loads(schema_file(BEYOND_SCHEMA_NAME).read_text(encoding="utf-8"))
-    assert schema["$defs"]["score_name"]["enum"] == list(HEAD_SCORE_NAMES)
+def test_the_schemas_know_the_score_names_of_the_results():
+    for name in (SCHEMA_NAME, BEYOND_SCHEMA_NAME):
+        schema = json.loads(schema_file(name).read_text(encoding="utf-8"))
+        assert schema["$defs"]["score_name"]["enum"] == list(HEAD_SCORE_NAMES), name
+
+
+def test_results_with_a_score_this_version_does_not_know_are_refused(gpt2_path, tmp_path, capsys):
+    """A head score of another name is not passed through to the output as if headscope had computed it."""
+    _, page = write_both(capsys, tmp_path, "--model", gpt2_path, "--text", REPEATS, "--layer", "2")
+    good = embedded(page, RESULTS_ID)
+    payload = _edit(lambda d: d["head_scores"].update({"<b>copying</b>": d["head_scores"]["sink"]}))(good)
+    code, lines = run_cli(capsys, "--from-report", tampered(tmp_path / "report.html", tmp_path, RESULTS_ID, payload),
+                          "--json", tmp_path / "out.json")
+    assert_one_line_error(code, lines)
+    assert code == 2 and re.search(r"at head_scores has a name this version does not know \('<b>copying</b>'; it "
+                                   r"knows previous_token, duplicate_token, induction, sink, self, entropy\)\.$",
+                                   lines[0]), lines[0]
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_a_tampered_probe_is_one_line_and_exit_2(gpt2_path, tmp_path, capsys):
