@@ -234,8 +234,9 @@ def init_state() -> None:
     model = link["model"] or os.environ.get(DEFAULT_MODEL_ENV, "auto")
     known = model in MODELS
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
-                "dtype": "float32", "text": FIJI if link["text"] is None else link["text"], LAYER: link["layer"],
-                HEAD: link["head"] or 0, "exclude": True, PROBE: params.get(PROBE) == "1",
+                "dtype": link["dtype"] or "float32", "text": FIJI if link["text"] is None else link["text"],
+                LAYER: link["layer"], HEAD: link["head"] or 0, "exclude": not link["keep_first"],
+                PROBE: params.get(PROBE) == "1",
                 "special_keys": link["special_keys"], "exclude_bos": not link["keep_bos"], QUERY: link["query"]}
     st.session_state[DEFAULTS], st.session_state[TEXT_VERSION], st.session_state[HEAD_VERSION] = defaults, 0, 0
     st.session_state[APPLIED] = settings_from(defaults)
@@ -310,14 +311,19 @@ def probe_toggled() -> None:
 
 
 def share_link(settings: dict) -> None:
-    """The URL reproduces the view: model, layer, head, text (when short), the probe and the atlas score."""
+    """The URL reproduces the view: model, layer, head, text (when short), what changes the numbers (dtype, the
+    exclusions, the query token), the probe and the atlas score. Not the device: another server may have none."""
     params = {"model": settings["model"]}
+    if settings["dtype"] != "float32":
+        params["dtype"] = settings["dtype"]
     if settings["layer"] is not None:
         params.update(layer=str(settings["layer"]), head=str(settings["head"]))
     if len(settings["text"]) <= MAX_URL_TEXT:
         params["text"] = settings["text"]
         if settings.get("query") is not None:  # a position of this text: without it the link's text is another
             params["query"] = str(settings["query"])
+    if not settings["exclude"]:
+        params["keep_first"] = "1"
     if settings.get("special_keys"):
         params["special_keys"] = "1"
     if not settings.get("exclude_bos", True):

@@ -9,7 +9,8 @@ Pure functions shared by the HTML reports and the app (no Streamlit here):
 - `literal(text)`: a Markdown code span that Streamlit shows as the literal characters (no link, image,
   emoji, colour or LaTeX can come out of it), for quoting a value;
 - `plain(text)`: a whole sentence escaped for Markdown, for messages that quote user input (st.error);
-- `parse_link(params)`: the app's link values (model, layer, head, text, query) with a notice for each bad one.
+- `parse_link(params)`: the app's link values (model, layer, head, text, query, dtype) with a notice for each bad
+  one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import unicodedata
 
 from markupsafe import Markup, escape
 
+from analysis.choices import DTYPE_NAMES
+
 BIDI_CONTROLS = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
 KEPT = {"\n", "\t"}  # whitespace a <pre> shows as such
 MAX_ARG_BYTES = 100_000  # Linux refuses one command-line argument past 128 KiB
@@ -28,6 +31,7 @@ LINK_MODEL_MAX = 512  # characters of a model id or path from a link
 LINK_TEXT_MAX = 100_000  # characters of a text from a link
 LINK_BAD_NUMBER = "The link's {name} value {value} is not a whole number from 0 to {max}: it was ignored."
 LINK_TOO_LONG = "The link's {name} is longer than {max:,} characters: it was ignored."
+LINK_BAD_CHOICE = "The link's {name} value {value} is not one of {choices}: it was ignored."
 
 
 def _visible_char(char: str) -> str:
@@ -158,9 +162,18 @@ def link_str(params, name: str, limit: int, notices: list[str]) -> str | None:
     return value
 
 
+def link_choice(params, name: str, choices: tuple[str, ...], notices: list[str]) -> str | None:
+    """One of `choices` from the link, or None (with a notice when the link gives another value)."""
+    value = params.get(name)
+    if value is None or value == "" or value in choices:
+        return value or None
+    notices.append(LINK_BAD_CHOICE.format(name=name, value=literal(value[:40]), choices=", ".join(choices)))
+    return None
+
+
 def parse_link(params) -> tuple[dict, list[str]]:
-    """The app's link values: {"model", "layer", "head", "text", "query"} (None where absent or bad), the switches
-    {"special_keys", "keep_bos"} (True only for "1") and the notices.
+    """The app's link values: {"model", "layer", "head", "text", "query", "dtype"} (None where absent or bad), the
+    switches {"special_keys", "keep_bos", "keep_first"} (True only for "1") and the notices.
 
     `params` is st.query_params or any mapping of str to str. A bad value never reaches a widget: it is
     dropped and a notice (user text quoted with `literal`) says which one and why.
@@ -170,7 +183,9 @@ def parse_link(params) -> tuple[dict, list[str]]:
                 "layer": link_int(params, "layer", notices), "head": link_int(params, "head", notices),
                 "text": link_str(params, "text", LINK_TEXT_MAX, notices),
                 "query": link_int(params, "query", notices),  # the query token's position (range: the app checks)
-                "special_keys": params.get("special_keys") == "1", "keep_bos": params.get("keep_bos") == "1"}
+                "dtype": link_choice(params, "dtype", DTYPE_NAMES, notices),
+                "special_keys": params.get("special_keys") == "1", "keep_bos": params.get("keep_bos") == "1",
+                "keep_first": params.get("keep_first") == "1"}
     if settings["model"] is not None and not settings["model"].strip():
         settings["model"] = None
     return settings, notices

@@ -1,0 +1,41 @@
+"""What a shared link reopens: the view it was made from (every setting that changes the numbers), and a notice,
+never a silent substitute, for a link value the page cannot show."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from reports.untrusted import LINK_BAD_CHOICE, literal
+from tests.app.test_app import APP, TIMEOUT, charts, clear_caches  # noqa: F401 (clear_caches: a fixture)
+from tests.app.test_hostile_app import active_markdown, markdown_texts
+
+
+def run_app(**query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key, value in query.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def test_a_link_reopens_the_first_token_and_dtype_it_was_made_with():
+    at = run_app(model="minilm", layer="1")
+    at.toggle(key="exclude").set_value(False)
+    at.selectbox(key="dtype").set_value("bfloat16")
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    shown = charts(at)
+    again = run_app(**dict(at.query_params))  # the link, opened afresh
+    assert not again.exception and not again.error
+    assert again.toggle(key="exclude").value is False and again.selectbox(key="dtype").value == "bfloat16"
+    assert charts(again) == shown  # the same figures, number for number
+
+
+@pytest.mark.parametrize("value", ["float64", "[x](http://127.0.0.1:9/)"])
+def test_a_bad_dtype_in_a_link_is_ignored_with_a_notice(value):
+    at = run_app(model="minilm", layer="1", dtype=value)
+    assert not at.exception and not at.error
+    assert [w.value for w in at.warning] == [LINK_BAD_CHOICE.format(name="dtype", value=literal(value),
+                                                                    choices="float32, bfloat16, float16")]
+    assert not [text for text in markdown_texts(at) if active_markdown(text)]
+    assert at.selectbox(key="dtype").value == "float32" and "dtype" not in at.query_params
