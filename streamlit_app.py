@@ -88,7 +88,6 @@ ATLAS_DRAWN = "atlas_drawn"  # session state: (what its scores depend on, (layer
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
 SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 QUERY = "query"  # the query token's position (None: the model's default), from the link or a click on the strip
-SCORE_PARAM = re.compile(r"(text|probe):[a-z_]+")  # ?score=text:induction
 MAX_UPLOAD_MB, MAX_UPLOAD_TEXTS = 5, 1000  # the corpus upload's limits (Streamlit's MB are MiB)
 UPLOAD_TOO_LARGE = "{name} is {size:.1f} MB; the app takes files up to {max} MB: use python -m reports --batch instead."
 TOO_MANY_TEXTS = ("{name} holds {n:,} texts; the app analyses at most {max:,} per upload: split the file, or use "
@@ -229,20 +228,17 @@ def init_state() -> None:
     """
     if DEFAULTS in st.session_state:
         return
-    params = st.query_params
-    link, st.session_state[LINK_NOTICES] = parse_link(params)  # a bad value is dropped with a notice
+    link, st.session_state[LINK_NOTICES] = parse_link(st.query_params)  # a bad value is dropped with a notice
     model = link["model"] or os.environ.get(DEFAULT_MODEL_ENV, "auto")
     known = model in MODELS
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
                 "dtype": link["dtype"] or "float32", "text": FIJI if link["text"] is None else link["text"],
-                LAYER: link["layer"], HEAD: link["head"] or 0, "exclude": not link["keep_first"],
-                PROBE: params.get(PROBE) == "1",
+                LAYER: link["layer"], HEAD: link["head"] or 0, "exclude": not link["keep_first"], PROBE: link["probe"],
                 "special_keys": link["special_keys"], "exclude_bos": not link["keep_bos"], QUERY: link["query"]}
     st.session_state[DEFAULTS], st.session_state[TEXT_VERSION], st.session_state[HEAD_VERSION] = defaults, 0, 0
     st.session_state[APPLIED] = settings_from(defaults)
-    score = params.get("score")
-    if score and SCORE_PARAM.fullmatch(score):
-        st.session_state[ATLAS_SCORE] = score
+    if link["score"]:  # ?score=text:induction
+        st.session_state[ATLAS_SCORE] = link["score"]
 
 
 def settings_from(values: dict) -> dict:

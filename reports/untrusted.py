@@ -22,6 +22,7 @@ import unicodedata
 from markupsafe import Markup, escape
 
 from analysis.choices import DTYPE_NAMES
+from analysis.results import HEAD_SCORE_NAMES
 
 BIDI_CONTROLS = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
 KEPT = {"\n", "\t"}  # whitespace a <pre> shows as such
@@ -32,6 +33,9 @@ LINK_TEXT_MAX = 100_000  # characters of a text from a link
 LINK_BAD_NUMBER = "The link's {name} value {value} is not a whole number from 0 to {max}: it was ignored."
 LINK_TOO_LONG = "The link's {name} is longer than {max:,} characters: it was ignored."
 LINK_BAD_CHOICE = "The link's {name} value {value} is not one of {choices}: it was ignored."
+LINK_BAD_SWITCH = "The link's {name} value {value} is not 1 (on) or 0 (off): it was ignored."
+LINK_BAD_SCORE = ("The link's score value {value} is not text:NAME, or probe:NAME with probe=1, for a NAME in "
+                  "{names}: it was ignored.")
 
 
 def _visible_char(char: str) -> str:
@@ -171,9 +175,29 @@ def link_choice(params, name: str, choices: tuple[str, ...], notices: list[str])
     return None
 
 
+def link_switch(params, name: str, notices: list[str]) -> bool:
+    """A switch from the link: on for "1", off for "0" or none; another value ("true", "yes") is off, with a notice."""
+    value = params.get(name)
+    if value not in (None, "", "0", "1"):
+        notices.append(LINK_BAD_SWITCH.format(name=name, value=literal(value[:40])))
+    return value == "1"
+
+
+def link_score(params, probe: bool, notices: list[str]) -> str | None:
+    """The atlas score from the link ("text:induction"; "probe:..." only with the probe on), or None."""
+    value = params.get("score")
+    if not value:
+        return None
+    source, _, name = value.partition(":")
+    if name in HEAD_SCORE_NAMES and (source == "text" or source == "probe" and probe):
+        return value
+    notices.append(LINK_BAD_SCORE.format(value=literal(value[:40]), names=", ".join(HEAD_SCORE_NAMES)))
+    return None
+
+
 def parse_link(params) -> tuple[dict, list[str]]:
-    """The app's link values: {"model", "layer", "head", "text", "query", "dtype"} (None where absent or bad), the
-    switches {"special_keys", "keep_bos", "keep_first"} (True only for "1") and the notices.
+    """The app's link values: {"model", "layer", "head", "text", "query", "dtype", "score"} (None where absent or
+    bad), the switches {"special_keys", "keep_bos", "keep_first", "probe"} (True only for "1") and the notices.
 
     `params` is st.query_params or any mapping of str to str. A bad value never reaches a widget: it is
     dropped and a notice (user text quoted with `literal`) says which one and why.
@@ -184,8 +208,9 @@ def parse_link(params) -> tuple[dict, list[str]]:
                 "text": link_str(params, "text", LINK_TEXT_MAX, notices),
                 "query": link_int(params, "query", notices),  # the query token's position (range: the app checks)
                 "dtype": link_choice(params, "dtype", DTYPE_NAMES, notices),
-                "special_keys": params.get("special_keys") == "1", "keep_bos": params.get("keep_bos") == "1",
-                "keep_first": params.get("keep_first") == "1"}
+                **{name: link_switch(params, name, notices) for name in ("special_keys", "keep_bos", "keep_first",
+                                                                          "probe")}}
+    settings["score"] = link_score(params, settings["probe"], notices)
     if settings["model"] is not None and not settings["model"].strip():
         settings["model"] = None
     return settings, notices

@@ -39,3 +39,36 @@ def test_a_bad_dtype_in_a_link_is_ignored_with_a_notice(value):
                                                                     choices="float32, bfloat16, float16")]
     assert not [text for text in markdown_texts(at) if active_markdown(text)]
     assert at.selectbox(key="dtype").value == "float32" and "dtype" not in at.query_params
+
+
+def atlas_score(at: AppTest) -> str:
+    return at.selectbox(key="atlas_score").value
+
+
+@pytest.mark.parametrize("query, name, value", [
+    ({"score": "text:inductoin"}, "score", "text:inductoin"),  # a typo
+    ({"score": "probe:induction"}, "score", "probe:induction"),  # a probe score with the probe off
+    ({"score": "[x](http://127.0.0.1:9/)"}, "score", "[x](http://127.0.0.1:9/)"),
+    ({"probe": "true", "score": "probe:induction"}, "probe", "true"),
+    ({"special_keys": "yes"}, "special_keys", "yes"),
+    ({"keep_bos": "on"}, "keep_bos", "on"),
+    ({"keep_first": "2"}, "keep_first", "2")])
+def test_a_view_the_page_cannot_show_is_noticed_not_replaced_silently(query, name, value):
+    """Such a link used to open the default atlas score or leave the switch off without a word."""
+    at = run_app(model="minilm", layer="1", **query)
+    assert not at.exception and not at.error
+    notices = [w.value for w in at.warning]
+    assert notices and notices[0].startswith(f"The link's {name} value {literal(value)} is not "), notices
+    assert notices[0].endswith(": it was ignored.")
+    assert not [text for text in markdown_texts(at) if active_markdown(text)]
+    assert atlas_score(at) == "text:previous_token" and "probe" not in at.query_params  # the defaults, named
+    assert at.toggle(key="special_keys").value is False and at.toggle(key="exclude_bos").value is True
+    assert at.toggle(key="exclude").value is True
+
+
+def test_the_switches_and_scores_a_link_names_are_shown():
+    at = run_app(model="minilm", layer="1", probe="1", score="probe:sink", special_keys="1", keep_bos="0",
+                 keep_first="0")
+    assert not at.exception and not at.error and not at.warning
+    assert atlas_score(at) == "probe:sink" and at.checkbox(key="probe").value
+    assert at.toggle(key="special_keys").value and at.toggle(key="exclude_bos").value and at.toggle(key="exclude").value
