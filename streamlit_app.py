@@ -59,7 +59,7 @@ from reports.charts import (
 from reports.figures import FIGURE_HELP, figure_name, render_figure
 from reports.html import render_corpus_report, render_report, with_probe_results
 from reports.provenance import results_json
-from reports.untrusted import literal, needs_text_file, parse_link, plain
+from reports.untrusted import LINK_TEXT_LEFT_OUT, literal, needs_text_file, parse_link, plain
 
 MODELS = {
     "auto": "auto (gpt2 if cached, else the bundled MiniLM)",
@@ -229,6 +229,8 @@ def init_state() -> None:
     if DEFAULTS in st.session_state:
         return
     link, st.session_state[LINK_NOTICES] = parse_link(st.query_params)  # a bad value is dropped with a notice
+    if link["long_text"] and link["text"] is None:  # the default text is not the one the link was made from
+        st.session_state[LINK_NOTICES].append(LINK_TEXT_LEFT_OUT.format(max=MAX_URL_TEXT))
     model = link["model"] or os.environ.get(DEFAULT_MODEL_ENV, "auto")
     known = model in MODELS
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
@@ -318,6 +320,8 @@ def share_link(settings: dict) -> None:
         params["text"] = settings["text"]
         if settings.get("query") is not None:  # a position of this text: without it the link's text is another
             params["query"] = str(settings["query"])
+    else:  # the link opens the default text: it says so (LINK_TEXT_LEFT_OUT) instead of passing it off as this one
+        params["long_text"] = "1"
     if not settings["exclude"]:
         params["keep_first"] = "1"
     if settings.get("special_keys"):

@@ -34,6 +34,9 @@ LINK_BAD_NUMBER = "The link's {name} value {value} is not a whole number from 0 
 LINK_TOO_LONG = "The link's {name} is longer than {max:,} characters: it was ignored."
 LINK_BAD_CHOICE = "The link's {name} value {value} is not one of {choices}: it was ignored."
 LINK_BAD_SWITCH = "The link's {name} value {value} is not 1 (on) or 0 (off): it was ignored."
+LINK_TEXT_LEFT_OUT = ("This link was made from a text longer than {max:,} characters, which a link does not carry: "
+                      "the default text is shown instead. Paste that text into the form, or open the report made "
+                      "from it.")
 LINK_BAD_SCORE = ("The link's score value {value} is not text:NAME, or probe:NAME with probe=1, for a NAME in "
                   "{names}: it was ignored.")
 
@@ -197,7 +200,8 @@ def link_score(params, probe: bool, notices: list[str]) -> str | None:
 
 def parse_link(params) -> tuple[dict, list[str]]:
     """The app's link values: {"model", "layer", "head", "text", "query", "dtype", "score"} (None where absent or
-    bad), the switches {"special_keys", "keep_bos", "keep_first", "probe"} (True only for "1") and the notices.
+    bad), the switches {"special_keys", "keep_bos", "keep_first", "probe", "long_text"} (True only for "1"; long_text:
+    the link was made from a text too long for it) and the notices.
 
     `params` is st.query_params or any mapping of str to str. A bad value never reaches a widget: it is
     dropped and a notice (user text quoted with `literal`) says which one and why.
@@ -209,7 +213,7 @@ def parse_link(params) -> tuple[dict, list[str]]:
                 "query": link_int(params, "query", notices),  # the query token's position (range: the app checks)
                 "dtype": link_choice(params, "dtype", DTYPE_NAMES, notices),
                 **{name: link_switch(params, name, notices) for name in ("special_keys", "keep_bos", "keep_first",
-                                                                          "probe")}}
+                                                                          "probe", "long_text")}}
     settings["score"] = link_score(params, settings["probe"], notices)
     if settings["model"] is not None and not settings["model"].strip():
         settings["model"] = None

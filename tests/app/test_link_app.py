@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from reports.untrusted import LINK_BAD_CHOICE, literal
+from analysis.presets import FIJI
+from reports.untrusted import LINK_BAD_CHOICE, LINK_TEXT_LEFT_OUT, literal
 from tests.app.test_app import APP, TIMEOUT, charts, clear_caches  # noqa: F401 (clear_caches: a fixture)
 from tests.app.test_hostile_app import active_markdown, markdown_texts
 
@@ -72,3 +73,20 @@ def test_the_switches_and_scores_a_link_names_are_shown():
     assert not at.exception and not at.error and not at.warning
     assert atlas_score(at) == "probe:sink" and at.checkbox(key="probe").value
     assert at.toggle(key="special_keys").value and at.toggle(key="exclude_bos").value and at.toggle(key="exclude").value
+
+
+def test_a_link_that_left_its_long_text_out_says_so():
+    """A text over MAX_URL_TEXT characters is left out of the link: the link opens the default text, and used to
+    show it as if it were the text the link was made from."""
+    at = run_app(model="minilm", layer="1")
+    long = " ".join(["extraordinarily"] * 120)  # 1,919 characters: over the app's MAX_URL_TEXT (1,500)
+    at.text_area[0].set_value(long)
+    at.button[0].click().run()
+    assert not at.exception and not at.error and "text" not in at.query_params
+    again = run_app(**dict(at.query_params))
+    assert not again.exception and not again.error
+    assert [w.value for w in again.warning] == [LINK_TEXT_LEFT_OUT.format(max=1500)]
+    assert again.text_area[0].value == FIJI
+    again.button[0].click().run()  # Analyse with the form's values: the notice has done its job
+    assert not again.warning
+    assert "long_text" not in again.query_params  # the default text is now what the link opens
