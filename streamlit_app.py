@@ -39,7 +39,7 @@ from analysis import (
     summarize,
 )
 from analysis.cache import ByteBudgetCache
-from analysis.capture import patterns_fit
+from analysis.capture import patterns_fit, resolve_query
 from analysis.corpus import CorpusResult, analyze_corpus, parse_texts
 from analysis.loading import MODEL_DIRS_ENV, allowed_model_dirs, check_app_dir
 from analysis.parity import describe_tolerance, result_parity_failures
@@ -853,7 +853,9 @@ def neuron_ui(settings: dict, layer: int, head: int) -> None:
         loaded = get_model(settings["model"], settings["device"], settings["dtype"])
         labels = [f"{i}: {display_token(t)}" for i, t in enumerate(captured.tokens)]
         query_col, key_col = st.columns(2)
-        query = query_col.selectbox("Query token", range(len(labels)), index=len(labels) - 1,
+        # first the analysis's own query token (an encoder's is its last word, not [SEP]; or the link's / strip's)
+        first, _ = resolve_query(captured.special, loaded.info.causal, settings.get("query"))
+        query = query_col.selectbox("Query token", range(len(labels)), index=first,
                                     format_func=labels.__getitem__, key="neuron_query")
         keys = [None, *range(len(labels))]
         key = key_col.selectbox("Key token", keys, key="neuron_key",

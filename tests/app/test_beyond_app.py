@@ -74,6 +74,18 @@ def test_neuron_tab_bars_sum_to_the_dot_product(app, lm_paths):
     assert abs(products.sum() - view.dot) < 1e-5 and f"{view.dot:.4f}" in str(spec["title"])
 
 
+@pytest.mark.parametrize("query", [None, 5])
+def test_neuron_tab_starts_at_the_analysis_query_token(minilm, query):
+    """An encoder's final token is [SEP]: the neuron view opens on the token the analysis read out (its last word,
+    or the link's query), as every other figure of the page does."""
+    at = run_app(model="minilm", **({} if query is None else {"query": str(query)}))
+    at.toggle(key="neuron_on").set_value(True).run()
+    assert not at.exception and not errors(at)
+    result = analyze(minilm, FIJI, query_position=query)
+    assert result.tokens[-1] == "[SEP]" and result.query < len(result.tokens) - 1
+    assert at.selectbox(key="neuron_query").value == result.query
+
+
 def test_two_models_tab_shows_both_atlases_and_their_difference(app, lm_paths):
     app.text_input(key="compare_model").set_value(str(lm_paths[1])).run()
     app.checkbox(key="compare_run").check().run()
