@@ -109,6 +109,27 @@ def test_short_texts_are_valid(gpt2, text, n_tokens):
     assert layer.first_self.tolist() == [1.0] * 12
 
 
+
+def test_a_two_token_text_with_its_first_token_kept_has_dot_products_and_says_only_the_kde_is_empty(gpt2):
+    """Kept first token (the app's unchecked box, --include-first-token): the final token of a 2-token text has a
+    key, token 0, so its dot products are the notebook's q.k with it; only the KDE is empty. The warning said "the
+    dot products need at least 3 tokens ... so those fields are empty" beside the 12 dot products it gave."""
+    from analysis import capture
+
+    result = analyze(gpt2, "the cat", layers=[6], exclude_first_token=False)
+    captured = capture(gpt2, "the cat", pattern_layers=[])
+    q, k = captured.q[6], captured.k[6]  # [head, pos, d_head] each
+    layer = result.layers[6]
+    assert result.n_tokens == 2
+    same = [float(np.dot(q[h, -1].astype(np.float64), k[h, 0].astype(np.float64))) for h in range(12)]
+    np.testing.assert_allclose(layer.same_head_dp, same, rtol=1e-10)
+    assert layer.diff_head_dp.size == 12 * 11 and layer.kde is None
+    assert not any("dot products" in warning for warning in result.warnings), result.warnings
+    assert any("only 2 token(s)" in warning and "KDE" in warning for warning in result.warnings), result.warnings
+    # with the first token excluded (the default) both are empty, and the warning says both
+    default = analyze(gpt2, "the cat", layers=[6])
+    assert default.layers[6].same_head_dp.size == 0 and "dot products" in default.warnings[0]
+
 def test_round_trip_through_json(gpt2):
     import json
 
