@@ -51,7 +51,7 @@ PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only 
 NO_QUERY_KEYS = ("The query token {p} ({token}) has no keys to compare with (the first token, the query "
                  "itself{special} are left out), so the dot products are empty: choose a later query token.")
 QUERY_NEEDS_PATTERN = ("Layer {layer}'s pattern was not kept, so its read-out for query token {p} cannot be computed "
-                       "without running the model again: capture with query_position={p}.")
+                       "without running the model again: capture with query_position={p}{special}.")
 BAD_BATCH_SIZE = "The batch size must be at least 1, not {size}."
 OUT_OF_MEMORY = "The text of {n} tokens does not fit in the device's memory even alone: shorten it."
 BATCH_SIZE = 16  # texts per forward pass by default
@@ -211,7 +211,8 @@ def summarize(captured: Capture, model: dict, layers: Iterable[int] | None = Non
         if same_row:
             return summary
         if layer not in captured.patterns:
-            raise HeadscopeError(QUERY_NEEDS_PATTERN.format(layer=layer, p=p))
+            raise HeadscopeError(QUERY_NEEDS_PATTERN.format(  # the capture's own row needs its key exclusions too
+                layer=layer, p=p, special="" if skip is None else ", exclude_special_keys=True"))
         _, keys = query_keys(n, p, causal=causal, skip=skip)
         row = captured.patterns[layer][:, p]  # [head, k_pos]
         return {**summary, "final_to_prev": row[:, keys].reshape(-1)}  # [head * keys]

@@ -146,6 +146,22 @@ def test_another_query_needs_the_kept_pattern(gpt2):
         summarize(captured, gpt2.info.to_dict(), [1], query_position=4)
 
 
+
+def test_a_read_out_with_other_key_exclusions_names_the_capture_that_gives_it(bert):
+    """Captured at query 2 without its pattern, asked at query 2 with the special keys left out: the advice was
+    'capture with query_position=2', the capture it already was; following the advice now gives the read-out, the
+    pattern's own row less the special keys."""
+    text = "hello [SEP] world again"
+    captured = capture(bert, text, keep_patterns=False, query_position=2)
+    with pytest.raises(HeadscopeError, match="pattern was not kept") as error:
+        summarize(captured, bert.info.to_dict(), [0], query_position=2, exclude_special_keys=True)
+    assert "query_position=2, exclude_special_keys=True" in str(error.value)
+    again = capture(bert, text, keep_patterns=False, query_position=2, exclude_special_keys=True)
+    result = summarize(again, bert.info.to_dict(), [0], query_position=2, exclude_special_keys=True)
+    row = eager(bert, text)[0][:, 2]  # [head, k_pos]: the model's own weights of query 2
+    keys = [i for i in range(len(result.tokens)) if i != 2 and i not in result.special_positions]
+    np.testing.assert_allclose(result.layers[0].final_to_prev, row[:, keys].reshape(-1), rtol=0, atol=1e-5)
+
 @pytest.mark.parametrize("p", [99, -99, 1.5, True])
 def test_an_out_of_range_query_is_one_clear_error(gpt2, p):
     with pytest.raises(HeadscopeError, match=r"Query position .* is out of range: the text has \d+ token"):
