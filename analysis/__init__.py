@@ -20,7 +20,7 @@ _EXPORTS = {
     **{name: "analysis.pipeline" for name in (
         "BATCH_SIZE", "analyze", "analyze_batch", "analyze_ids", "analyze_induction_probe", "check_layers",
         "compute_layer_result", "default_layer", "induction_probe_ids", "summarize", "PROBE_LENGTH",
-        "SHORT_TEXT", "SHORT_TEXT_KDE", "LAYER_RANGE", "PATTERNS_DROPPED", "PROBE_TOO_LONG", "PROBE_TOO_SHORT")},
+        "ONE_TOKEN", "SHORT_TEXT", "LAYER_RANGE", "PATTERNS_DROPPED", "PROBE_TOO_LONG", "PROBE_TOO_SHORT")},
 }
 __all__ = [
     "BATCH_SIZE",

@@ -374,7 +374,7 @@ class _Recorder:
                 measures = {name: _cat([text.device[group, name] for group in groups]) for name in SPREAD_INPUTS
                             if all((group, name) in text.device for group in groups)}  # read-outs: pattern layers
                 layers = tuple(layer for group in groups for layer in group)
-                spread = compute_spread_measures_t(measures, text.ids.size)  # {name: [layer, ...]}
+                spread = compute_spread_measures_t(measures)  # {name: [layer, ...]}
                 text.device.update({(layers, name): tensor for name, tensor in spread.items()})
         waiting = {(i, *key): tensor for i, text in enumerate(self.texts) for key, tensor in text.device.items()}
         waiting.update({(None, *key): _cat(chunks) for key, chunks in self.together.items()})  # [text, layer, ...]

@@ -559,7 +559,7 @@ SPREAD_INPUTS = ("same_head_dp", "diff_head_dp", "same_head_dp_centered", "diff_
                  "self_attention")  # what compute_spread_measures_t reads
 
 
-def compute_spread_measures_t(measures: dict[str, torch.Tensor], n_tokens: int) -> dict[str, torch.Tensor]:
+def compute_spread_measures_t(measures: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the measurements of many layers of one text need beyond compute_qk_measures_t, for all of them at once:
     the Mann-Whitney parts of every layer's two comparisons from one batched sort, and the KDEs of every layer's
     two read-outs from one batched kernel sum: {name: [layer, ...] tensor}. `measures`: {name: [layer, ...]},
@@ -567,7 +567,8 @@ def compute_spread_measures_t(measures: dict[str, torch.Tensor], n_tokens: int) 
 
     "mannwhitney*" ([layer, 2]: U and the tie term) only where both groups have more than 8 values (the host asks
     scipy's exact test otherwise) and off the CPU (there the host runs compute_mannwhitney: numpy's sort is many
-    times faster than torch's on the CPU); "kde_*" ([layer, 300]) only from 3 tokens.
+    times faster than torch's on the CPU); "kde_*" ([layer, 300]) of the read-outs, NaN where they are too few or all
+    equal (compute_kde_t), as the notebook's scipy has none there.
     """
     out: dict[str, torch.Tensor] = {}
     same = measures["same_head_dp"]  # [layer, n1]
@@ -577,7 +578,7 @@ def compute_spread_measures_t(measures: dict[str, torch.Tensor], n_tokens: int) 
             torch.cat([same, measures["same_head_dp_centered"]]),  # [2 * layer, n1]
             torch.cat([measures["diff_head_dp"], measures["diff_head_dp_centered"]]))  # [2 * layer, 2]
         out["mannwhitney"], out["mannwhitney_centered"] = parts[:n_layers], parts[n_layers:]
-    if n_tokens >= 3 and "final_to_prev" in measures:  # the read-outs of pattern layers
+    if "final_to_prev" in measures:  # the read-outs of pattern layers
         grid = kde_grid()  # [300] on the host: compute_kde_t reads its spacing there
         curves = ("final_to_prev", "self_attention")
         groups = [curves] if len({measures[name].shape[-1] for name in curves}) == 1 else [(name,) for name in curves]
@@ -596,6 +597,5 @@ def compute_layer_measures_t(q: torch.Tensor, k: torch.Tensor, readouts: dict[st
     readouts as patterns.reduce_pattern gives them; the dot products' query and keys: compared_keys's
     `query_position`, `causal` and `skip`."""
     out = compute_qk_measures_t(q, k, exclude_first_token, query_position, causal=causal, skip=skip)
-    spread = compute_spread_measures_t({name: t[None] for name, t in {**out, **readouts}.items()},
-                                       q.shape[1])  # {name: [1, ...]}
+    spread = compute_spread_measures_t({name: t[None] for name, t in {**out, **readouts}.items()})  # [1, ...]
     return {**out, **{name: values[0] for name, values in spread.items()}}

@@ -41,9 +41,9 @@ from analysis.parity import layer_parity, parity_warning
 from analysis.patterns import to_host
 from analysis.results import MODEL_KEYS, AnalysisResult, DpStats, LayerResult
 
-SHORT_TEXT = ("The text has only {n} token(s): the dot products need at least 3 tokens and the KDE at least 3, "
-              "so those fields are empty.")
-SHORT_TEXT_KDE = "The text has only {n} token(s): the KDE needs at least 3, so it is empty."  # its query has keys
+ONE_TOKEN = "The text has only 1 token: the dot products and the KDE need at least 2, so those fields are empty."
+SHORT_TEXT = ("The text has only 2 tokens, and its query token has no key left to compare with, so the dot products "
+              "are empty: use a longer text{keep}.")
 LAYER_RANGE = "Layer {layer} is out of range: this model has layers 0..{last}."
 PATTERNS_DROPPED = ("The attention patterns ({mib:.0f} MiB) were not kept, only their read-outs, so there are no "
                     "heatmaps: ask for them with --patterns or --html (then kept whatever their size), or analyse "
@@ -148,9 +148,12 @@ def _result(model: dict, text: str, tokens, token_ids, special, layers: dict[int
     _, keys = compared_keys(n, exclude_first_token, p, causal=bool(model.get("causal", True)),
                             skip=np.asarray(special, dtype=bool) if exclude_special_keys else None)
     n_keys = len(range(n)[keys] if isinstance(keys, slice) else keys)  # the query's dot-product keys
-    # a short text's query can still have keys (e.g. the first token kept): then only the KDE is empty
-    warnings = [(SHORT_TEXT if n_keys == 0 else SHORT_TEXT_KDE).format(n=n)] if n < 3 else []
-    if n >= 3 and n_keys == 0:
+    warnings = []  # two tokens have a KDE, as in the notebook: of every head's weights
+    if n == 1:
+        warnings.append(ONE_TOKEN)
+    elif n == 2 and n_keys == 0:
+        warnings.append(SHORT_TEXT.format(keep=", or keep the first token" if exclude_first_token else ""))
+    elif n_keys == 0:
         warnings.append(NO_QUERY_KEYS.format(p=p, token=repr(tokens[p]),
                                              special=", the special tokens" if exclude_special_keys else ""))
     bos_excluded = exclude_bos and bos_present(special)

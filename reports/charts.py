@@ -335,7 +335,7 @@ def build_kde_chart(result: AnalysisResult, layer: int) -> alt.Chart:
     series = {"final_to_prev": query_group(result), "self_attention": "Self-attention"}
     if data.kde is None:
         frame = pd.DataFrame(columns=["weight", "density", "series"])
-        subtitle = "Too few tokens for a density estimate"
+        subtitle = "Too few weights for a density estimate (fewer than 2, or all equal)"
     else:
         frame = pd.concat([pd.DataFrame({"weight": data.kde["grid"], "density": data.kde[name], "series": label})
                            for name, label in series.items()], ignore_index=True)

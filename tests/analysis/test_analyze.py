@@ -98,37 +98,42 @@ def test_exclude_first_token_switch(gpt2):
     assert captured_q.exclude_first_token is False
 
 
-@pytest.mark.parametrize("text, n_tokens", [("cat", 1), ("the cat", 2)])
-def test_short_texts_are_valid(gpt2, text, n_tokens):
-    result = analyze(gpt2, text, layers=[6])
+def test_a_one_token_text_is_valid(gpt2):
+    result = analyze(gpt2, "cat", layers=[6])
     layer = result.layers[6]
-    assert result.n_tokens == n_tokens
-    assert layer.same_head_dp.size == 0 and layer.diff_head_dp.size == 0
-    assert layer.kde is None
-    assert result.warnings and "only" in result.warnings[0]
+    assert result.n_tokens == 1
+    assert layer.same_head_dp.size == 0 and layer.diff_head_dp.size == 0 and layer.final_to_prev.size == 0
+    assert layer.kde is None  # no weight to estimate a density of (the notebook's scipy raises)
+    assert result.warnings == (("The text has only 1 token: the dot products and the KDE need at least 2, so those "
+                               "fields are empty."),)
     assert layer.first_self.tolist() == [1.0] * 12
 
 
-
-def test_a_two_token_text_with_its_first_token_kept_has_dot_products_and_says_only_the_kde_is_empty(gpt2):
-    """Kept first token (the app's unchecked box, --include-first-token): the final token of a 2-token text has a
-    key, token 0, so its dot products are the notebook's q.k with it; only the KDE is empty. The warning said "the
-    dot products need at least 3 tokens ... so those fields are empty" beside the 12 dot products it gave."""
-    from analysis import capture
-
-    result = analyze(gpt2, "the cat", layers=[6], exclude_first_token=False)
-    captured = capture(gpt2, "the cat", pattern_layers=[])
-    q, k = captured.q[6], captured.k[6]  # [head, pos, d_head] each
+@pytest.mark.parametrize("exclude_first_token", [True, False])
+def test_a_two_token_text_has_the_notebooks_kde_and_dot_products_where_its_query_has_a_key(gpt2,
+                                                                                         exclude_first_token):
+    """Two tokens: the final token's weights on the first and on itself, one per head, are what the notebook's KDE
+    estimates (it draws one); the dot products need a key, the first token, which is left out by default. With the
+    first token kept they are the notebook's q.k with it (the warning said "the dot products need at least 3
+    tokens ... so those fields are empty" beside the 12 dot products it gave)."""
+    result = analyze(gpt2, "the cat", layers=[6], exclude_first_token=exclude_first_token)
+    notebook = run_notebook(gpt2.model, gpt2.tokenizer, "the cat", 6)
     layer = result.layers[6]
-    assert result.n_tokens == 2
-    same = [float(np.dot(q[h, -1].astype(np.float64), k[h, 0].astype(np.float64))) for h in range(12)]
-    np.testing.assert_allclose(layer.same_head_dp, same, rtol=1e-10)
-    assert layer.diff_head_dp.size == 12 * 11 and layer.kde is None
-    assert not any("dot products" in warning for warning in result.warnings), result.warnings
-    assert any("only 2 token(s)" in warning and "KDE" in warning for warning in result.warnings), result.warnings
-    # with the first token excluded (the default) both are empty, and the warning says both
-    default = analyze(gpt2, "the cat", layers=[6])
-    assert default.layers[6].same_head_dp.size == 0 and "dot products" in default.warnings[0]
+    assert result.n_tokens == 2 and layer.kde is not None
+    for name in ("grid", "final_to_prev", "self_attention"):
+        close(layer.kde[name], notebook["kde"][name])
+    for name in ("final_to_prev", "self_attention", "first_self"):
+        close(getattr(layer, name), notebook[name])
+    if exclude_first_token:
+        assert layer.same_head_dp.size == 0 and layer.diff_head_dp.size == 0
+        assert result.warnings == (("The text has only 2 tokens, and its query token has no key left to compare "
+                                   "with, so the dot products are empty: use a longer text, or keep the first "
+                                   "token."),)
+    else:  # the final token's q.k with the first token's key, head by head (the notebook always leaves it out)
+        q, k = notebook["Q_h"], notebook["K_h"]  # per head [pos, d_head]
+        close(layer.same_head_dp, [float(q[h][-1] @ k[h][0]) for h in range(12)])
+        assert layer.diff_head_dp.size == 12 * 11 and not result.warnings
+
 
 def test_round_trip_through_json(gpt2):
     import json

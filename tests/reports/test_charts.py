@@ -182,8 +182,8 @@ def test_long_strips_are_thinned_by_rank_and_say_so():
 
 
 def test_short_texts_draw_what_there_is_and_say_what_is_missing():
-    """Two tokens: no dot products (they need a key between the first and the final token) and no KDE; the
-    charts that can be drawn still hold the layer's numbers."""
+    """Two tokens whose read-outs gave no KDE (a one-head model has one weight) and no dot products (they need a key
+    between the first and the final token); the charts that can be drawn still hold the layer's numbers."""
     result = synthetic_result(2, n_heads=4, n_kv_heads=4)
     layer = result.layers[0]
     short = AnalysisResult(model=result.model, text=result.text, tokens=result.tokens, token_ids=result.token_ids,
@@ -194,7 +194,7 @@ def test_short_texts_draw_what_there_is_and_say_what_is_missing():
     assert list(charts) == KEYS
     for key in ("dot_products", "dot_distributions"):
         assert rows(charts[key]) == [{"value": 0.0}], key  # only the zero line: no point, no histogram bar
-    assert rows(charts["kde"]) == [] and "Too few tokens" in json.dumps(charts["kde"].to_dict()["title"])
+    assert rows(charts["kde"]) == [] and "Too few weights" in json.dumps(charts["kde"].to_dict()["title"])
     np.testing.assert_allclose(values(charts["means"], "mean", kind="Q"), layer.q_means)
     np.testing.assert_allclose(values(charts["sink_mass"], "sink_mass"), layer.sink_mass, rtol=1e-6)
     np.testing.assert_allclose(values(charts["softmax"], "value", group="Query to earlier keys"), layer.final_to_prev,
