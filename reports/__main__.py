@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from reports.untrusted import needs_text_file, visible
 
 EXIT_BAD_INPUT = 2
 CORPUS_FILE = "corpus.html"
+INDEX_FILE = "index.html"
+BATCH_REPORT = re.compile(r"report-\d{4,}\.(html|text\.txt)")  # the names --out-dir gives a text's report and text
+EARLIER_REPORTS = "headscope: {n} reports of an earlier batch removed from {out_dir} (not this batch's texts)"
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
 NOT_UNICODE_JSON = ("is not Unicode text (a lone surrogate escape at character {offset}): write the character "
                     "itself, or both halves of its surrogate pair")
@@ -487,6 +491,8 @@ def run_batch(args) -> int:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HeadscopeError(f"Cannot create {args.out_dir}: {exc.strerror}.") from None
+    for name in (INDEX_FILE, CORPUS_FILE):  # an earlier run's: stopped midway, they would list other texts
+        remove_file(args.out_dir / name)
     assets = write_shared_assets(args.out_dir) if args.shared_assets else None
     entries = []
     model = loaded.info.to_dict()
@@ -501,12 +507,41 @@ def run_batch(args) -> int:
         for number, text, result in zip(range(first + 1, first + len(chunk) + 1), chunk,
                                         _analyse_chunk(loaded, chunk, layers, args)):
             entries.append(_write_batch_entry(number, text, result, layers, acc, assets, args))
+    removed = remove_earlier_reports(args.out_dir, {entry[key] for entry in entries for key in ("file", "text_file")
+                                                    if entry.get(key)})
+    if removed:
+        print(EARLIER_REPORTS.format(n=removed, out_dir=visible(str(args.out_dir))), file=sys.stderr)
     write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish(), assets=assets))
-    write_text(args.out_dir / "index.html", render_index(entries, model, corpus_file=CORPUS_FILE))
+    write_text(args.out_dir / INDEX_FILE, render_index(entries, model, corpus_file=CORPUS_FILE))
     failed = sum(entry["error"] is not None for entry in entries)
-    print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / 'index.html'}, "
+    print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / INDEX_FILE}, "
           f"means over the texts -> {args.out_dir / CORPUS_FILE}", file=sys.stderr)
     return EXIT_BAD_INPUT if failed == len(entries) else 0  # every text failed: a script must see it
+
+
+def remove_file(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise HeadscopeError(f"Cannot remove {path}: {exc.strerror}.") from None
+
+
+def remove_earlier_reports(out_dir: Path, written: set[str]) -> int:
+    """Removes the reports (and text files) of an earlier batch in `out_dir` that this one did not write over: a
+    smaller batch, or a text that failed this time, left another text's report under a number of the new index.
+    Only files of the names --out-dir gives (BATCH_REPORT) are touched; one that cannot be removed is a warning,
+    not the end of the batch (its index is still to be written). Returns how many reports went."""
+    removed = 0
+    for path in out_dir.iterdir():
+        if BATCH_REPORT.fullmatch(path.name) and path.name not in written and path.is_file():
+            try:
+                path.unlink()
+            except OSError as exc:
+                print(f"headscope: warning: cannot remove {visible(str(path))}, a report of an earlier batch: "
+                      f"{exc.strerror}.", file=sys.stderr)
+                continue
+            removed += path.suffix == ".html"
+    return removed
 
 
 def _unexpected(exc: Exception) -> HeadscopeError:
@@ -562,6 +597,8 @@ def _write_batch_entry(number: int, text, result, layers, acc, assets, args) -> 
         shown = _report_result(result, layers)
         entry["file"] = f"report-{number:04d}.html"
         write_report(args.out_dir / entry["file"], shown, args.head, assets)
+        if needs_text_file(shown.text):  # written beside it (write_text_beside)
+            entry["text_file"] = text_file_name(args.out_dir / entry["file"])
         if args.figures is not None:
             write_figures(shown, args.figures / f"text-{number:04d}", args.format or "pdf", head=args.head)
         entry["n_tokens"] = shown.n_tokens

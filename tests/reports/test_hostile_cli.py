@@ -263,3 +263,46 @@ def test_chart_labels_show_control_characters(gpt2):
     specs = json.dumps([item.chart.to_dict() for item in build_layer_charts(result, 6, 0)], ensure_ascii=False)
     assert "1: ␀" in specs  # the NUL token's label (the byte-level tokenizer splits the override into bytes)
     assert "\\u0000" not in specs and "\u202e" not in specs
+
+
+def test_a_rerun_into_the_same_out_dir_leaves_no_report_of_the_earlier_run(gpt2_path, tmp_path, capsys):
+    """A second, smaller batch into the folder of a first: the first run's report-0002..0004 (and the text file
+    of its fourth) stayed beside the new index, a text that failed this time kept the old text's report under its
+    number, and a folder of report-*.html held other texts than the index listed."""
+    out = tmp_path / "out"
+    first = tmp_path / "first.jsonl"
+    first.write_text("\n".join(json.dumps({"text": t}) for t in ("One cat.", "Two cats.", "Three.", "ctl\x01four")))
+    assert main(["--model", str(gpt2_path), "--batch", str(first), "--out-dir", str(out)]) == 0
+    assert (out / "report-0004.text.txt").exists()
+    second = tmp_path / "second.jsonl"
+    second.write_text(json.dumps({"text": "Another cat."}) + '\n{"no text": 1}\n')
+    capsys.readouterr()
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", second, "--out-dir", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.html", "index.html", "report-0001.html"]
+    assert "3 reports of an earlier batch" in err[-2] and err[-1].startswith("headscope: 1 reports, 1 failed")
+    (out / "mine.html").write_text("a file of the user's")  # only headscope's own report names are removed
+    assert main(["--model", str(gpt2_path), "--batch", str(second), "--out-dir", str(out)]) == 0
+    assert (out / "mine.html").exists()
+
+
+def test_a_batch_stopped_midway_leaves_no_index_of_the_earlier_run(gpt2_path, tmp_path, capsys, monkeypatch):
+    """Stopped (Ctrl-C, killed) after its first report, a rerun left the earlier run's index.html and corpus.html,
+    which listed the earlier texts beside reports that now held other ones."""
+    import reports.__main__ as cli
+
+    out = tmp_path / "out"
+    (tmp_path / "a.txt").write_text("First text here.\nSecond text here.\n")
+    assert main(["--model", str(gpt2_path), "--batch", str(tmp_path / "a.txt"), "--out-dir", str(out)]) == 0
+    written = cli._write_batch_entry
+
+    def stop_at_the_second(number, *rest):
+        if number == 2:
+            raise KeyboardInterrupt
+        return written(number, *rest)
+
+    monkeypatch.setattr(cli, "_write_batch_entry", stop_at_the_second)
+    (tmp_path / "b.txt").write_text("Other first.\nOther second.\n")
+    with pytest.raises(KeyboardInterrupt):
+        main(["--model", str(gpt2_path), "--batch", str(tmp_path / "b.txt"), "--out-dir", str(out)])
+    assert not (out / "index.html").exists() and not (out / "corpus.html").exists()
