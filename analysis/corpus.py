@@ -452,6 +452,9 @@ class CorpusResult:
     n_boot: int = N_BOOT
     seed: int = SEED
     level: float = LEVEL
+    query_position: int | None = None  # as asked (negative: from the end); None: each text's default query token
+    exclude_special_keys: bool = False
+    exclude_bos: bool = True
 
     @property
     def n_analysed(self) -> int:
@@ -468,7 +471,8 @@ class CorpusResult:
         return {"schema": SCHEMA, "model": {key: self.model[key] for key in MODEL_KEYS},
                 "settings": {"exclude_first_token": self.exclude_first_token,
                              "exclude_current_token": self.exclude_current_token, "n_boot": self.n_boot,
-                             "seed": self.seed, "level": self.level},
+                             "seed": self.seed, "level": self.level, "query_position": self.query_position,
+                             "exclude_special_keys": self.exclude_special_keys, "exclude_bos": self.exclude_bos},
                 "n_texts": len(self.texts), "n_analysed": self.n_analysed,
                 "texts": [{"number": r.number, "excerpt": r.excerpt, "n_tokens": r.n_tokens, "error": r.error}
                           for r in self.texts],
@@ -491,6 +495,9 @@ class CorpusAccumulator:
     n_rows: int = 0
     heads: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))  # [capacity, measure * layer * head]
     layers: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))  # [capacity, measure * layer]
+    query_position: int | None = None  # the query options the results of add_result were analysed with, recorded
+    exclude_special_keys: bool = False
+    exclude_bos: bool = True
 
     def add(self, captured) -> None:
         """A text's Capture (q and k on the host)."""
@@ -528,7 +535,9 @@ class CorpusAccumulator:
         return CorpusResult(model={key: self.model[key] for key in MODEL_KEYS}, texts=tuple(self.records),
                             values=values, layer_values=layer_values, means=means, low=low, high=high,
                             exclude_first_token=self.exclude_first_token,
-                            exclude_current_token=self.exclude_current_token, n_boot=n_boot, seed=seed, level=level)
+                            exclude_current_token=self.exclude_current_token, n_boot=n_boot, seed=seed, level=level,
+                            query_position=self.query_position, exclude_special_keys=self.exclude_special_keys,
+                            exclude_bos=self.exclude_bos)
 
 
 def analyze_corpus(loaded: LoadedModel, texts: Iterable[str | Exception], exclude_first_token: bool = True,

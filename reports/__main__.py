@@ -497,7 +497,7 @@ def run_batch(args) -> int:
     entries = []
     model = loaded.info.to_dict()
     exclude_first_token = not args.include_first_token
-    acc = CorpusAccumulator(model, exclude_first_token)
+    acc = CorpusAccumulator(model, exclude_first_token, **query_options(args))  # recorded in corpus.html
     try:
         layers = check_layers(chosen_layers(args, loaded.info.n_layers), loaded.info.n_layers)
     except HeadscopeError as exc:

@@ -91,3 +91,33 @@ def test_shared_assets_one_copy_of_the_javascript_still_offline(chromium, gpt2_p
             assert events["requests"] == [path.as_uri(), (shared / "assets" / asset.name).as_uri()]
         finally:
             context.close()
+
+
+def _corpus_settings(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="headscope-corpus">(.*?)</script>', page,
+                                re.DOTALL)[1])["settings"]
+
+
+def test_the_corpus_report_says_which_query_token_and_keys_its_means_used(gpt2_path, tmp_path, capsys):
+    """--batch --out-dir measures the corpus with --query-position, --exclude-special-keys and --include-bos (its
+    dot-product effect sizes change with them), but corpus.html said only the first and current token settings:
+    two corpus pages of different numbers claimed the same settings. They now say what each report's own results
+    record."""
+    batch = tmp_path / "texts.txt"
+    batch.write_text("The cat sat on the mat.\nA dog ran to the old house.\n")
+    pages = {}
+    for name, flags in {"default": [], "chosen": ["--query-position", "3", "--exclude-special-keys",
+                                                  "--include-bos"]}.items():
+        out = tmp_path / name
+        assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(out), *flags]) == 0
+        report = read_report_results(out / "report-0001.html")["settings"]
+        page = (out / "corpus.html").read_text()
+        settings = _corpus_settings(page)
+        assert settings["exclude_special_keys"] == report["exclude_special_keys"]
+        assert settings["exclude_bos"] == report["exclude_bos"]
+        pages[name] = (page, settings)
+    assert pages["default"][1]["query_position"] is None and pages["chosen"][1]["query_position"] == 3
+    assert pages["chosen"][1]["exclude_special_keys"] and not pages["chosen"][1]["exclude_bos"]
+    shown = {name: re.search(r"<dt>Settings</dt><dd>(.*?)</dd>", page)[1] for name, (page, _) in pages.items()}
+    assert shown["default"] != shown["chosen"], shown
+    assert "query token: position 3" in shown["chosen"] and "exclude special keys: yes" in shown["chosen"]
