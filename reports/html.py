@@ -115,6 +115,12 @@ EMBED_SCRIPT = """\
   const draw = (el) => {
     if (el.dataset.drawn) return Promise.resolve();
     el.dataset.drawn = "1";
+    if (typeof vegaEmbed === "undefined") {  // a --shared-assets page away from its folder: no bundle was loaded
+      const bundle = document.querySelector("script[src]");
+      el.textContent = "This chart could not be drawn: its script " + (bundle ? bundle.getAttribute("src") : "")
+        + " is missing beside this page (pages written with --shared-assets need their folder: move it whole).";
+      return Promise.resolve();
+    }
     const spec = unshare(json(el.dataset.chart));
     const names = (el.dataset.datasets || "").split(" ").filter(Boolean);  // none: the spec carries its data
     if (names.length) spec.datasets = Object.fromEntries(names.map((name) => [name, rows(name)]));

@@ -121,3 +121,28 @@ def test_the_corpus_report_says_which_query_token_and_keys_its_means_used(gpt2_p
     shown = {name: re.search(r"<dt>Settings</dt><dd>(.*?)</dd>", page)[1] for name, (page, _) in pages.items()}
     assert shown["default"] != shown["chosen"], shown
     assert "query token: position 3" in shown["chosen"] and "exclude special keys: yes" in shown["chosen"]
+
+
+def test_a_shared_assets_page_moved_without_its_folder_says_why_it_draws_nothing(chromium, gpt2_path, tmp_path,
+                                                                                  capsys):
+    """A --shared-assets report copied out of its folder (without assets/) loaded no Vega and every chart box
+    stayed blank, without a word: the charts' error message was never reached (vegaEmbed was not defined). Each
+    box now says which file is missing and that the folder moves as a whole."""
+    batch = tmp_path / "texts.txt"
+    batch.write_text("The cat sat on the mat.\n")
+    out = tmp_path / "shared"
+    assert main(["--model", str(gpt2_path), "--batch", str(batch), "--out-dir", str(out), "--shared-assets"]) == 0
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("report-0001.html", "corpus.html"):
+        path = moved / name
+        path.write_bytes((out / name).read_bytes())
+        context, page, _ = open_offline(chromium, path)
+        try:
+            page.wait_for_function("() => [...document.querySelectorAll('[data-chart]')].every("
+                                   "el => el.textContent.includes('could not be drawn'))", timeout=30_000)
+            for container in page.query_selector_all("[data-chart]"):
+                said = container.text_content()
+                assert shared_assets_name() in said and "--shared-assets" in said, said
+        finally:
+            context.close()
