@@ -306,3 +306,13 @@ def test_a_batch_stopped_midway_leaves_no_index_of_the_earlier_run(gpt2_path, tm
     with pytest.raises(KeyboardInterrupt):
         main(["--model", str(gpt2_path), "--batch", str(tmp_path / "b.txt"), "--out-dir", str(out)])
     assert not (out / "index.html").exists() and not (out / "corpus.html").exists()
+
+
+def test_the_index_counts_the_texts_analysed_not_every_line(gpt2_path, tmp_path, capsys):
+    """index.html said "2 texts analysed" of a batch whose second line failed; it says how many of how many, as the
+    run's line and corpus.html do."""
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "A good text."}) + '\n{"no text": 1}\n')
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "b.jsonl", "--out-dir", tmp_path / "o")
+    assert code == 0 and err[-1].startswith("headscope: 1 reports, 1 failed"), err
+    index = (tmp_path / "o" / "index.html").read_text(encoding="utf-8")
+    assert "1 of 2 texts analysed" in index and index.count('href="report-') == 1
