@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -314,16 +316,16 @@ def read_text(args) -> str:
     return read_utf8(args.text_file)
 
 
-def read_batch(path: Path) -> list[str | HeadscopeError]:
+def read_batch(path: Path) -> tuple[list[str | HeadscopeError], str]:
     """Texts of a batch file: plain lines, or JSONL objects with a "text" field (a bad line becomes its error,
-    a line that is not UTF-8 too)."""
+    a line that is not UTF-8 too); and the SHA-256 of the file's bytes, which the batch's pages record."""
     from analysis.corpus import parse_texts
 
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
-    return parse_texts(data, source=str(path))
+    return parse_texts(data, source=str(path)), hashlib.sha256(data).hexdigest()
 
 
 def write_text(out: Path, payload: str) -> None:
@@ -483,7 +485,9 @@ def run_batch(args) -> int:
     from analysis.corpus import CorpusAccumulator
     from reports.html import render_corpus_report, render_index, write_shared_assets
 
-    texts = read_batch(args.batch)
+    texts, digest = read_batch(args.batch)
+    # what index.html and corpus.html say produced them: the input file as read, and the command as typed
+    run = {"input": str(args.batch), "sha256": digest, "command": args.command}
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                         revision=args.revision)
     check_head(args.head, loaded.info.n_heads)
@@ -511,8 +515,8 @@ def run_batch(args) -> int:
                                                     if entry.get(key)})
     if removed:
         print(EARLIER_REPORTS.format(n=removed, out_dir=visible(str(args.out_dir))), file=sys.stderr)
-    write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish(), assets=assets))
-    write_text(args.out_dir / INDEX_FILE, render_index(entries, model, corpus_file=CORPUS_FILE))
+    write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish(), assets=assets, run=run))
+    write_text(args.out_dir / INDEX_FILE, render_index(entries, model, corpus_file=CORPUS_FILE, run=run))
     failed = sum(entry["error"] is not None for entry in entries)
     print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / INDEX_FILE}, "
           f"means over the texts -> {args.out_dir / CORPUS_FILE}", file=sys.stderr)
@@ -688,6 +692,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None, prog: str = "python -m reports") -> int:
     parser = build_parser(prog)
     args = parse_arguments(parser, argv)
+    args.command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])  # as typed: --batch's pages
     check_outputs(parser, args)
     try:
         return run(args)

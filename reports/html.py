@@ -694,14 +694,16 @@ def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_
 
 
 def render_index(entries: list[dict], model: dict, generated_at: datetime | None = None,
-                 corpus_file: str | None = None) -> str:
-    """The archive page of a batch run: one row per text, with its report link or its error."""
+                 corpus_file: str | None = None, run: dict | None = None) -> str:
+    """The archive page of a batch run: one row per text, with its report link or its error. `run`: {"input": the
+    batch file, "sha256": of its bytes, "command": the command line as typed} (--batch --out-dir)."""
     generated_at = generated_at or datetime.now(UTC)
     return ENV.get_template("index.html").render(
         title=f"headscope batch: {model.get('id', 'unknown model')}",
         entries=entries,
         model=model,
         corpus_file=corpus_file,
+        run=run,
         generated_at=generated_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
         csp="default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
     )
@@ -759,9 +761,11 @@ def build_corpus_context(corpus, generated_at: datetime | None = None, assets: s
     }
 
 
-def render_corpus_report(corpus, generated_at: datetime | None = None, assets: str | None = None) -> str:
-    """The standalone HTML report of a corpus (analysis.corpus.CorpusResult): atlases of means with intervals."""
-    return ENV.get_template("corpus.html").render(build_corpus_context(corpus, generated_at, assets))
+def render_corpus_report(corpus, generated_at: datetime | None = None, assets: str | None = None,
+                         run: dict | None = None) -> str:
+    """The standalone HTML report of a corpus (analysis.corpus.CorpusResult): atlases of means with intervals.
+    `run`: the batch's input and command, as render_index takes it."""
+    return ENV.get_template("corpus.html").render({**build_corpus_context(corpus, generated_at, assets), "run": run})
 
 
 MAX_REPORT_BYTES = 2 * 2**30  # --from-report reads at most this much (every layer's heatmaps at 1024 tokens: ~1 GB)

@@ -146,3 +146,36 @@ def test_a_shared_assets_page_moved_without_its_folder_says_why_it_draws_nothing
                 assert shared_assets_name() in said and "--shared-assets" in said, said
         finally:
             context.close()
+
+
+def test_the_batch_pages_name_their_input_and_the_command_that_wrote_them(gpt2_path, tmp_path, capsys, monkeypatch):
+    """An archived batch says what produced it: its input file with the SHA-256 of its bytes, and the command as
+    typed, which run again (from the same folder, as it was) writes the same corpus numbers."""
+    import hashlib
+    import shlex
+    from html import unescape
+
+    batch = tmp_path / "my texts.txt"  # a space: the command must quote it
+    batch.write_text("The cat sat on the mat.\nA dog ran to the old house.\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(gpt2_path), "--batch", "my texts.txt", "--out-dir", "archive", "--layer", "2",
+            "--query-position", "3"]
+    assert main(argv) == 0
+    digest = hashlib.sha256(batch.read_bytes()).hexdigest()
+    commands = []
+    for name in ("index.html", "corpus.html"):
+        page = (tmp_path / "archive" / name).read_text()
+        facts = dict(re.findall(r"<dt>(Input|Run with)</dt><dd>(.*?)</dd>", page, re.DOTALL))
+        assert "my texts.txt" in facts["Input"] and f"SHA-256 <code>{digest}</code>" in facts["Input"], name
+        command = shlex.split(unescape(re.fullmatch(r"<pre>(.*)</pre>", facts["Run with"], re.DOTALL)[1]))
+        assert command == ["python", "-m", "reports", *argv], name
+        commands.append(command)
+    first = _corpus_stats(tmp_path / "archive" / "corpus.html")
+    assert main(commands[1][3:]) == 0  # the command run again
+    assert _corpus_stats(tmp_path / "archive" / "corpus.html") == first
+
+
+def _corpus_stats(path) -> dict:
+    page = path.read_text()
+    return json.loads(re.search(r'<script type="application/json" id="headscope-corpus">(.*?)</script>', page,
+                                re.DOTALL)[1])["stats"]
