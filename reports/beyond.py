@@ -133,11 +133,14 @@ def reproduce_with(command: str, ablation=None, neuron=None, compare=None) -> st
     argv = shlex.split(command)
     given = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--layer"]
     measured = [str(layer) for layer in sorted(compare.a.layers)] if compare is not None else given
-    if set(given) != set(measured):  # the layers the comparison measured: each model's own (--all-layers, models
-        # of two depths) or one they share, not A's default
-        same = sorted(compare.a.layers) == sorted(compare.b.layers)
-        argv = _with_layers(argv, measured if same else ["--all-layers"])
-    if neuron is not None:  # the neuron view is drawn on the first --layer given
+    if compare is not None and sorted(compare.a.layers) != sorted(compare.b.layers):
+        # each model's every layer (--all-layers, models of two depths): the command lists A's layers, which would
+        # leave B's deeper ones out
+        argv = _with_layers(argv, ["--all-layers"])
+    elif set(given) != set(measured):  # the layers the comparison measured: one they share, not A's default
+        argv = _with_layers(argv, measured)
+    if neuron is not None and "--all-layers" not in argv:  # the neuron view is drawn on the first --layer given
+        # (with --all-layers on the default layer, which the command's --all-layers gives it again)
         layers = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--layer"]
         argv = _with_layers(argv, [str(neuron.layer)] + [layer for layer in layers if layer != str(neuron.layer)])
     extra = []

@@ -85,6 +85,26 @@ def test_compare_without_a_layer_takes_one_both_models_have(lm_paths, tmp_path, 
     assert json.loads((tmp_path / "again.json").read_text())["score_difference"] == data["score_difference"]
 
 
+def test_compare_of_two_depths_records_a_command_that_measures_each_models_every_layer(lm_paths, tmp_path, capsys):
+    """--all-layers with a deeper B measures B's every layer: the recorded command listed A's layers (--layer 0 1 2)
+    instead, so it recomputed B without its last layer; it says --all-layers (and the neuron view's default layer)."""
+    import shlex
+
+    deeper = tiny_gpt2_lm(tmp_path / "deeper", n_layer=4)
+    out = tmp_path / "c.json"
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", deeper, "--text", REPEATS, "--all-layers",
+                          "--neuron", -1, 0, "--json", out)
+    assert code == 0, lines
+    data = json.loads(out.read_text())
+    assert list(data["b"]["layers"]) == ["0", "1", "2", "3"] and len(data["qk_stats"]) == 4 * 4
+    again = shlex.split(data["provenance"]["command"])[3:]
+    again[again.index("--json") + 1] = str(tmp_path / "again.json")
+    assert run_cli(capsys, *again)[0] == 0
+    rerun = json.loads((tmp_path / "again.json").read_text())
+    assert list(rerun["b"]["layers"]) == list(data["b"]["layers"]) and rerun["qk_stats"] == data["qk_stats"]
+    assert rerun["neuron"] == data["neuron"]
+
+
 def test_compare_measures_both_models_with_the_query_and_exclusions(lm_paths, tmp_path, capsys):
     """--query-position, --exclude-special-keys and --include-bos reach both models (they were ignored, so the
     B - A difference was computed without them)."""
