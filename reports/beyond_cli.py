@@ -24,8 +24,9 @@ def add_arguments(parser) -> None:
                        help=f"copies of the text per ablation pass (default: up to {ABLATION_BATCH}, fewer for long "
                             "texts)")
     group.add_argument("--neuron", type=int, nargs=2, metavar=("QUERY", "KEY"),
-                       help="add the neuron view of --head on the first --layer: q_i*k_i per dimension for the "
-                            "query and key token positions (negative counts from the end)")
+                       help="add the neuron view of --head on the first --layer (without one, the default layer; "
+                            "with --compare, the one the comparison measures): q_i*k_i per dimension for the query "
+                            "and key token positions (negative counts from the end)")
     group.add_argument("--compare", metavar="MODEL_B",
                        help="run the text through a second model with the same tokenizer too: both atlases, their "
                             "difference and the Q/K statistics side by side (--json then writes headscope.compare/1)")
@@ -62,14 +63,18 @@ def compute(loaded, text: str, result, args) -> dict:
 
     source = result.token_ids if result.induction_probe else text
     extras = {"ablation": None, "neuron": None, "compare": None}
-    if args.neuron is not None:
-        layer = args.layer[0] if args.layer else default_layer(loaded.info.n_layers)
-        extras["neuron"] = neuron_view(loaded, source, layer, args.head, *args.neuron)
-    if args.compare is not None:  # with --ablation it measures both models' atlases: A's is the report's too
+    other = None
+    if args.compare is not None:
         other = load_model(args.compare, device=args.device, dtype=args.dtype, device_map=args.device_map,
                            head=args.ablation is not None, revision=args.compare_revision)
-        layers = None if args.all_layers else (  # by default a layer both models have
-            args.layer or [default_layer(min(loaded.info.n_layers, other.info.n_layers))])
+    # without --layer, the default of the shallower model when comparing: the one layer the comparison measures,
+    # so the neuron view is on it too and the recorded command (--layer L) recomputes both
+    n_layers = loaded.info.n_layers if other is None else min(loaded.info.n_layers, other.info.n_layers)
+    if args.neuron is not None:
+        layer = args.layer[0] if args.layer else default_layer(n_layers)
+        extras["neuron"] = neuron_view(loaded, source, layer, args.head, *args.neuron)
+    if other is not None:  # with --ablation it measures both models' atlases: A's is the report's too
+        layers = None if args.all_layers else (args.layer or [default_layer(n_layers)])  # a layer both models have
         extras["compare"] = compare_models(loaded, other, text, layers, not args.include_first_token,
                                            args.ablation, args.mask_seed, args.ablation_batch,
                                            query_position=args.query_position,

@@ -105,6 +105,28 @@ def test_compare_of_two_depths_records_a_command_that_measures_each_models_every
     assert rerun["neuron"] == data["neuron"]
 
 
+def test_compare_with_a_shallower_model_and_the_neuron_view_records_a_command_that_runs(lm_paths, tmp_path,
+                                                                                         capsys):
+    """No --layer, B shallower than A's default layer: the neuron view was drawn on A's default (1) and the
+    comparison on B's (0), so the recorded command said --layer 1 --layer 0 and failed ('Layer 1 is out of range',
+    exit 2); the neuron view is on the layer the comparison measures, and the command recomputes the document."""
+    import shlex
+
+    shallow = tiny_gpt2_lm(tmp_path / "shallow", n_layer=1)
+    out = tmp_path / "c.json"
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", shallow, "--text", REPEATS, "--neuron", -1, 0,
+                          "--json", out)
+    assert code == 0, lines
+    data = json.loads(out.read_text())
+    assert data["neuron"]["layer"] == 0 and list(data["a"]["layers"]) == ["0"]
+    again = shlex.split(data["provenance"]["command"])[3:]
+    again[again.index("--json") + 1] = str(tmp_path / "again.json")
+    code, lines = run_cli(capsys, *again)
+    assert code == 0, lines
+    rerun = json.loads((tmp_path / "again.json").read_text())
+    assert rerun["neuron"] == data["neuron"] and rerun["qk_stats"] == data["qk_stats"]
+
+
 def test_compare_measures_both_models_with_the_query_and_exclusions(lm_paths, tmp_path, capsys):
     """--query-position, --exclude-special-keys and --include-bos reach both models (they were ignored, so the
     B - A difference was computed without them)."""
