@@ -870,7 +870,12 @@ def neuron_ui(settings: dict, layer: int, head: int) -> None:
 
 def compare_ui(settings: dict, layer: int) -> None:
     from analysis.compare import compare_models
-    from reports.charts import build_compare_ablation_chart, build_compare_atlas_chart, build_compare_qk_chart
+    from reports.charts import (
+        build_ablation_chart,
+        build_compare_ablation_chart,
+        build_compare_atlas_chart,
+        build_compare_qk_chart,
+    )
 
     st.caption("The same text through a second model with the same tokenizer (a fine-tune, another training "
                "checkpoint): both head atlases, their difference B − A, and the Q/K statistics side by side.")
@@ -913,6 +918,11 @@ def compare_ui(settings: dict, layer: int) -> None:
                 st.altair_chart(padded(build_compare_atlas_chart(result, score, which)), width="content")
     if result.ablation_difference is not None:
         st.altair_chart(padded(build_compare_ablation_chart(result)), width="content")
+    elif result.ablation_a is not None:  # no difference (other shapes or measures): each model's atlas, as computed
+        columns = st.columns(2)
+        for column, side, atlas in zip(columns, (result.a, result.b), (result.ablation_a, result.ablation_b)):
+            with column:
+                st.altair_chart(padded(build_ablation_chart(atlas, side.model["id"])), width="content")
     st.caption(f"Layer {layer}: the notebook's Q/K statistics of both models, head by head.")
     columns = st.columns(2)
     for number, stat in enumerate(("q_means", "q_stds", "k_means", "k_stds")):

@@ -98,6 +98,21 @@ def test_two_models_tab_shows_both_atlases_and_their_difference(app, lm_paths):
     assert len([s for s in specs if "both models" in s["title"]["text"]]) == 4  # Q/K means and stds of layer 1
 
 
+def test_two_models_of_other_shapes_show_both_ablation_atlases(app, lm_paths, tmp_path):
+    """B with another depth has no B - A of the ablation atlases: each model's atlas is drawn (nothing was, so the
+    two atlases asked for and computed were not shown anywhere)."""
+    deeper = tiny_gpt2_lm(tmp_path / "deeper", n_layer=4)
+    app.text_input(key="compare_model").set_value(str(deeper)).run()
+    app.radio(key="compare_ablation").set_value("zero")
+    app.checkbox(key="compare_run").check().run()
+    assert not app.exception and not errors(app)
+    specs = charts(app)
+    for path in (lm_paths[0], deeper):
+        expected = compute_ablation(load_model(str(path), head=True), FIJI, "zero").delta
+        np.testing.assert_allclose(grid(chart_titled(specs, f"Head ablation (zero) · {path}")), expected, rtol=1e-4,
+                                   atol=1e-6)
+
+
 def test_a_different_tokenizer_is_a_sentence_with_the_id_shown_literally(app, tmp_path):
     other = tiny_gpt2_lm(tmp_path / "vocab[x](http:e)", vocab_size=400)
     app.text_input(key="compare_model").set_value(str(other)).run()
