@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis import AnalysisResult, analyze, check_layers
+from analysis import AnalysisResult, analyze
 from analysis.ablation import AblationResult, compute_ablation
 from analysis.errors import HeadscopeError
 from analysis.results import json_floats
@@ -24,6 +24,8 @@ TOKENIZER_MISMATCH = ("{b} does not use the same tokenizer as {a} ({why}): compa
                       "revisions of one training run).")
 SHAPE_MISMATCH = ("{a} has {la} layers x {ha} heads and {b} {lb} x {hb}: the atlases are shown side by side, "
                   "without a difference.")
+LAYER_RANGE = ("Layer {layer} is out of range for {model}, which has layers 0..{last}: compare a layer both models "
+               "have (0..{shared}).")
 QK_STATS = ("q_means", "q_stds", "k_means", "k_stds")
 
 
@@ -112,9 +114,12 @@ def compare_models(loaded_a, loaded_b, text: str, layers: Iterable[int] | None =
     loss)."""
     check_same_tokenizer(loaded_a, loaded_b, text)
     chosen = None if layers is None else list(layers)
-    for loaded in (loaded_a, loaded_b):
-        if chosen is not None:
-            check_layers(chosen, loaded.info.n_layers)
+    shared = min(loaded_a.info.n_layers, loaded_b.info.n_layers)
+    for loaded in (loaded_a, loaded_b):  # "this model has layers 0..0" would not say which of the two
+        for layer in chosen or ():
+            if not 0 <= layer < loaded.info.n_layers:
+                raise HeadscopeError(LAYER_RANGE.format(layer=layer, model=loaded.info.id,
+                                                        last=loaded.info.n_layers - 1, shared=shared - 1))
     options = {"query_position": query_position, "exclude_special_keys": exclude_special_keys,
                "exclude_bos": exclude_bos, "keep_patterns": False}
     a = analyze(loaded_a, text, chosen, exclude_first_token, **options)

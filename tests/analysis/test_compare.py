@@ -60,3 +60,12 @@ def test_different_shapes_are_side_by_side_without_difference(seeds, tmp_path):
     beyond_a = [row for row in rows if row["layer"] >= seeds[0].info.n_layers]
     assert beyond_a and all(row["q_means_a"] is None and row["q_means_b"] is not None for row in beyond_a)
     assert rows[-1]["q_means_b"] == pytest.approx(result.b.layers[3].q_means[3])
+
+
+def test_a_layer_only_one_model_has_names_that_model(seeds, tmp_path):
+    """Layer 2 of A (3 layers) against a 1-layer B was refused as 'this model has layers 0..0', which A is not."""
+    shallow = load_model(str(tiny_gpt2_lm(tmp_path / "shallow", n_layer=1)))
+    with pytest.raises(HeadscopeError) as info:
+        compare_models(seeds[0], shallow, REPEATS, layers=[2])
+    assert str(info.value) == (f"Layer 2 is out of range for {shallow.info.id}, which has layers 0..0: compare a "
+                               "layer both models have (0..0).")
