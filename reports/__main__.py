@@ -409,11 +409,12 @@ def chosen_layers(args, n_layers: int) -> list[int] | None:
     return None if args.all_layers else (args.layer or [default_layer(n_layers)])
 
 
-def analyse(loaded, text: str, args):
-    """The patterns are kept only when something shows them: --patterns, or a report's heatmaps."""
+def analyse(loaded, text: str, args, n_layers: int | None = None):
+    """The patterns are kept only when something shows them: --patterns, or a report's heatmaps. `n_layers`: the
+    layers the default layer is chosen among (beyond_cli.shared_layers), else the model's."""
     from analysis import analyze, analyze_induction_probe
 
-    layers = chosen_layers(args, loaded.info.n_layers)
+    layers = chosen_layers(args, loaded.info.n_layers if n_layers is None else n_layers)
     keep = args.patterns or args.html is not None or args.batch is not None or args.figures is not None
     options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep,
                **query_options(args)}
@@ -441,8 +442,9 @@ def run_single(args) -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                         **beyond_cli.load_kwargs(args))
     check_head(args.head, loaded.info.n_heads)
-    result = analyse(loaded, text, args)
-    extras = beyond_cli.compute(loaded, text, result, args) if beyond_cli.any_requested(args) else None
+    other = beyond_cli.load_other(args)  # --compare's model B, before A's analysis: it decides the default layer
+    result = analyse(loaded, text, args, beyond_cli.shared_layers(loaded, other))
+    extras = beyond_cli.compute(loaded, text, result, args, other) if beyond_cli.any_requested(args) else None
     probe = with_probe(loaded, args)
     for warning in result.warnings + (extras["compare"].warnings if extras and extras["compare"] else ()):
         print(f"headscope: warning: {warning}", file=sys.stderr)

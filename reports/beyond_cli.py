@@ -54,22 +54,34 @@ def load_kwargs(args) -> dict:
     return {"head": args.ablation is not None, "revision": args.revision}
 
 
-def compute(loaded, text: str, result, args) -> dict:
-    """{"ablation", "neuron", "compare"}: those asked for (the others None)."""
-    from analysis import default_layer, load_model  # torch: imported when a flag needs it, not for --help
+def load_other(args):
+    """--compare's model B (with an LM head when --ablation asks for its loss), or None without --compare. Loaded
+    before A's analysis: without --layer, both are measured on the shallower model's default layer (shared_layers)."""
+    if args.compare is None:
+        return None
+    from analysis import load_model  # torch: imported when a flag needs it, not for --help
+
+    return load_model(args.compare, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      head=args.ablation is not None, revision=args.compare_revision)
+
+
+def shared_layers(loaded, other) -> int:
+    """The layers the default layer is chosen among: A's, or with --compare the shallower model's, so that without
+    --layer the report, the neuron view and the comparison are on the one layer both models have and the recorded
+    command (--layer L) recomputes all of them."""
+    return loaded.info.n_layers if other is None else min(loaded.info.n_layers, other.info.n_layers)
+
+
+def compute(loaded, text: str, result, args, other=None) -> dict:
+    """{"ablation", "neuron", "compare"}: those asked for (the others None); `other`: load_other's model B."""
+    from analysis import default_layer
     from analysis.ablation import compute_ablation
     from analysis.compare import compare_models
     from analysis.neuron import neuron_view
 
     source = result.token_ids if result.induction_probe else text
     extras = {"ablation": None, "neuron": None, "compare": None}
-    other = None
-    if args.compare is not None:
-        other = load_model(args.compare, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                           head=args.ablation is not None, revision=args.compare_revision)
-    # without --layer, the default of the shallower model when comparing: the one layer the comparison measures,
-    # so the neuron view is on it too and the recorded command (--layer L) recomputes both
-    n_layers = loaded.info.n_layers if other is None else min(loaded.info.n_layers, other.info.n_layers)
+    n_layers = shared_layers(loaded, other)
     if args.neuron is not None:
         layer = args.layer[0] if args.layer else default_layer(n_layers)
         extras["neuron"] = neuron_view(loaded, source, layer, args.head, *args.neuron)

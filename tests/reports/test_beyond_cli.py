@@ -1,5 +1,6 @@
 """The command line's --ablation, --neuron, --compare and --revision, and the report sections they add."""
 
+import html
 import json
 import re
 import shutil
@@ -9,6 +10,7 @@ import pytest
 
 from analysis import load_model
 from analysis.ablation import compute_ablation
+from reports.html import read_report_results
 from tests.conftest import REPEATS
 from tests.lm_checkpoints import tiny_gpt2_lm
 from tests.reports.test_cli import assert_one_line_error, run_cli
@@ -125,6 +127,27 @@ def test_compare_with_a_shallower_model_and_the_neuron_view_records_a_command_th
     assert code == 0, lines
     rerun = json.loads((tmp_path / "again.json").read_text())
     assert rerun["neuron"] == data["neuron"] and rerun["qk_stats"] == data["qk_stats"]
+
+
+def test_compare_with_a_shallower_model_reports_the_layer_its_command_recomputes(lm_paths, tmp_path, capsys):
+    """No --layer, B shallower than A's default layer: the report's own sections showed A's default layer (1) while
+    the comparison and the recorded command (--layer 0) were on the one both have; the whole report is on that
+    layer now, and its command recomputes the page's results."""
+    import shlex
+
+    shallow = tiny_gpt2_lm(tmp_path / "shallow", n_layer=1)
+    code, lines = run_cli(capsys, "--model", lm_paths[0], "--compare", shallow, "--text", REPEATS, "--html",
+                          tmp_path / "c.html")
+    assert code == 0, lines
+    results = read_report_results(tmp_path / "c.html")
+    assert list(results["layers"]) == ["0"]  # the layer of the comparison, not A's default 1
+    command = shlex.split(html.unescape(re.search(r"<pre>(.*?)</pre>", (tmp_path / "c.html").read_text(),
+                                                  re.DOTALL)[1]))[3:]
+    command[command.index("--html") + 1] = str(tmp_path / "again.html")
+    code, lines = run_cli(capsys, *command)
+    assert code == 0, lines
+    again = read_report_results(tmp_path / "again.html")
+    assert again["layers"] == results["layers"] and again["head_scores"] == results["head_scores"]
 
 
 def test_compare_measures_both_models_with_the_query_and_exclusions(lm_paths, tmp_path, capsys):
