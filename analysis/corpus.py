@@ -15,6 +15,7 @@ one-token text) is left out of that text's contribution, so each mean is over th
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ def parse_texts(data: str | bytes, source: str = "The file", kind: str | None = 
     """
     if kind is None:
         check_not_a_table(source)
+    bom = codecs.BOM_UTF8 if isinstance(data, bytes) else "\ufeff"
+    data = data.removeprefix(bom)  # as corpus_io.parse_lines: Notepad's "UTF-8" BOM is no part of the first text
     lines = [(number, line) for number, line in enumerate(data.splitlines(), 1) if line.strip()]  # numbered as in
     # the file, so that an error names the line an editor shows
     if not lines:

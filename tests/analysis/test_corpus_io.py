@@ -154,3 +154,17 @@ def test_parse_texts_names_a_bad_line_as_the_file_numbers_it():
 
     texts = parse_texts(b'{"text": "a"}\n\n\n{"text": "b"}\n[1]\n', "t.jsonl")
     assert texts[:2] == ["a", "b"] and "line 5 " in str(texts[2])
+
+
+@pytest.mark.parametrize("name", ["t.txt", "t.jsonl"])
+def test_a_byte_order_mark_is_no_part_of_the_first_text_in_either_reader(tmp_path, name):
+    """Notepad's "UTF-8" starts the file with a BOM: the results engines' reader (iter_records) drops it, so the
+    reader of --batch --out-dir and the app's upload (corpus.parse_texts) must read the same texts, not a first
+    JSON line that is "not a JSON object" or a first text that starts with U+FEFF."""
+    from analysis.corpus import parse_texts
+
+    path = tmp_path / name
+    lines = TEXTS[:2] if name.endswith(".txt") else [json.dumps({"text": text}) for text in TEXTS[:2]]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
+    assert parse_texts(path.read_bytes(), name) == [r["text"] for r in iter_records(path)] == TEXTS[:2]
+    assert parse_texts(path.read_bytes().decode("utf-8"), name) == TEXTS[:2]

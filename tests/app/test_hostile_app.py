@@ -198,3 +198,17 @@ def test_a_results_folder_outside_the_operator_directories_is_refused(tmp_path, 
         assert not at.exception
         messages.append(errors(at))
     assert messages == [[plain(REFUSED_DIR)]] * 4  # one message whether the folder exists or not
+
+
+def test_an_upload_with_a_byte_order_mark_reads_as_the_same_file_without_it(tiny_default):
+    """A file saved as "UTF-8" by Notepad starts with a BOM: the upload is the same texts, measured the same (its
+    first JSON line was skipped as "not a JSON object", its first plain line measured with a U+FEFF token)."""
+    lines = ['{"text": "the cat sat on the mat"}', '{"text": "a dog ran far from home"}']
+    for name, data in (("texts.jsonl", "\r\n".join(lines).encode()), ("texts.txt", b"the cat sat\r\na dog ran\r\n")):
+        tables = []
+        for upload_data in (data, b"\xef\xbb\xbf" + data):
+            at = upload(run_app(), name, upload_data)
+            assert not at.exception and not errors(at) and not warnings(at)
+            assert any("2 of 2 texts analysed" in caption.value for caption in at.caption)
+            tables.append(at.dataframe[-1].value)
+        assert tables[0].equals(tables[1])
