@@ -95,6 +95,7 @@ TOO_MANY_TEXTS = ("{name} holds {n:,} texts; the app analyses at most {max:,} pe
 LINK_NOTICES = "link_notices"  # session state: what was wrong with the link that opened the page
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
 NO_USABLE_TEXT = "{name} holds no text that can be analysed; its first line: {error}"
+NONE_ANALYSED = "None of the {n:,} texts in {name} could be analysed; text {number}: {error}"
 PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from the captured q and k differs from the "
                      "model's own attention by up to {err:.1e}, more than allowed for {dtype} ({allowed}). "
                      "The figures below may not describe what the model computed.")
@@ -666,10 +667,15 @@ def corpus_ui(settings: dict) -> None:
             if not any(isinstance(text, str) for text in texts):  # nothing to analyse: refused, the last results stay
                 raise unusable_upload(upload, texts[0])
             bar = st.progress(0.0, text=f"Analysing {len(texts)} texts…")
-            st.session_state[CORPUS] = analyze_corpus(
+            corpus = analyze_corpus(
                 get_model(settings["model"], settings["device"], settings["dtype"]), texts, settings["exclude"],
                 progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} texts"))
             bar.empty()
+            if not corpus.n_analysed:  # every text failed (too long, empty): refused too, the last results stay
+                first = corpus.failures[0]
+                raise HeadscopeError(NONE_ANALYSED.format(n=len(corpus.texts), name=upload.name, number=first.number,
+                                                          error=first.error))
+            st.session_state[CORPUS] = corpus
         except HeadscopeError as exc:  # errors keep the last corpus results, if any, below them
             st.error(plain(exc))
     corpus_folder_ui()

@@ -11,6 +11,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from analysis import HeadscopeError
 from analysis.loading import REFUSED_PATH
 from reports.untrusted import LINK_BAD_NUMBER, literal, plain
 
@@ -212,3 +213,21 @@ def test_an_upload_with_a_byte_order_mark_reads_as_the_same_file_without_it(tiny
             assert any("2 of 2 texts analysed" in caption.value for caption in at.caption)
             tables.append(at.dataframe[-1].value)
         assert tables[0].equals(tables[1])
+
+
+def test_an_upload_whose_every_text_fails_keeps_the_last_corpus_results(tiny_default, gpt2):
+    """A file of texts all too long for the model is refused in one line, as a file of bad lines is, and the
+    last good corpus stays on the page (it was replaced by '0 of 2 texts analysed', an empty atlas and a warning
+    per text)."""
+    from analysis import capture
+
+    at = upload(run_app(), "good.txt", b"the cat sat on the mat\na dog ran far from home\n")
+    good = at.dataframe[-1].value
+    long_texts = ["word " * 300, "cat " * 400]
+    with pytest.raises(HeadscopeError) as first:  # the engine's own error for the first text
+        capture(gpt2, long_texts[0])
+    at = upload(at, "long.txt", "\n".join(long_texts).encode())
+    assert not at.exception and not warnings(at)
+    assert errors(at) == [plain(f"None of the 2 texts in long.txt could be analysed; text 1: {first.value}")]
+    assert any("2 of 2 texts analysed" in caption.value for caption in at.caption)
+    assert at.dataframe[-1].value.equals(good)
