@@ -58,7 +58,7 @@ from reports.charts import (
 )
 from reports.figures import FIGURE_HELP, figure_name, render_figure
 from reports.html import render_corpus_report, render_report, with_probe_results
-from reports.provenance import results_json
+from reports.provenance import corpus_command, results_json
 from reports.untrusted import LINK_TEXT_LEFT_OUT, literal, needs_text_file, parse_link, plain
 
 MODELS = {
@@ -83,6 +83,7 @@ FIGURE_TABS = {"Q and K": ("means", "qk_means", "qk_stds"), "q·k dot products":
 PAGE_CSS = "<style>[data-testid='stMainBlockContainer']{padding-top:4rem;}</style>"
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 RESULTS_DIR = "corpus_results_dir"  # session-state key of the results folder's path
+CORPUS_INPUT = "corpus_input"  # session state: (the upload's name or the folder, the page's run) of the shown corpus
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
 ATLAS_DRAWN = "atlas_drawn"  # session state: (what its scores depend on, (layer, head) outlined) of the atlas sent
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
@@ -675,12 +676,15 @@ def corpus_ui(settings: dict) -> None:
                 first = corpus.failures[0]
                 raise HeadscopeError(NONE_ANALYSED.format(n=len(corpus.texts), name=upload.name, number=first.number,
                                                           error=first.error))
-            st.session_state[CORPUS] = corpus
+            data = upload.getvalue()  # what the page records it was computed from, as --batch's corpus.html does
+            run = {"input": upload.name, "sha256": hashlib.sha256(data).hexdigest(),
+                   "command": corpus_command(corpus, upload.name)}
+            st.session_state[CORPUS], st.session_state[CORPUS_INPUT] = corpus, (upload.name, run)
         except HeadscopeError as exc:  # errors keep the last corpus results, if any, below them
             st.error(plain(exc))
     corpus_folder_ui()
     if CORPUS in st.session_state:
-        corpus_results_ui(st.session_state[CORPUS])
+        corpus_results_ui(st.session_state[CORPUS], *st.session_state[CORPUS_INPUT])
 
 
 def corpus_folder_ui() -> None:
@@ -694,7 +698,8 @@ def corpus_folder_ui() -> None:
                            key=RESULTS_DIR, placeholder="/path/to/results")
     if folder.strip() and st.button("Open the results folder", key="corpus_open"):
         try:
-            st.session_state[CORPUS] = load_results(check_app_dir(folder.strip(), model_dirs()))
+            path = check_app_dir(folder.strip(), model_dirs())
+            st.session_state[CORPUS], st.session_state[CORPUS_INPUT] = load_results(path), (str(path), None)
         except HeadscopeError as exc:
             st.error(plain(exc))
 
@@ -707,10 +712,13 @@ def unusable_upload(upload, first_error: Exception) -> HeadscopeError:
     return HeadscopeError(NO_USABLE_TEXT.format(name=upload.name, error=first_error))
 
 
-def corpus_results_ui(corpus: CorpusResult) -> None:
-    st.caption(f"{corpus.n_analysed} of {len(corpus.texts)} texts analysed with {plain(corpus.model['id'])}, one "
-               f"forward pass each; {corpus.level:.0%} percentile bootstrap intervals over texts ({corpus.n_boot} "
-               f"resamples, seed {corpus.seed}).")  # a results folder's manifest is user input: plain()
+def corpus_results_ui(corpus: CorpusResult, source: str, run: dict | None) -> None:
+    """The corpus of `source` (an upload's name, or a results folder); `run`: the upload and the command that
+    recomputes it, for the downloaded page (None for a folder: as --from-results writes its page)."""
+    st.caption(f"{literal(source)}: {corpus.n_analysed} of {len(corpus.texts)} texts analysed with "
+               f"{plain(corpus.model['id'])}, one forward pass each; {corpus.level:.0%} percentile bootstrap "
+               f"intervals over texts ({corpus.n_boot} resamples, seed {corpus.seed}).")  # a results folder's
+    # manifest and an upload's name are user input: plain() and literal()
     for record in corpus.failures:
         st.warning(f"Text {record.number} was skipped: {plain(record.error)}")
     chart, table = st.columns([1, 1], gap="medium")
@@ -728,7 +736,7 @@ def corpus_results_ui(corpus: CorpusResult) -> None:
         st.dataframe(rows, hide_index=True, height=360,
                      column_config={name: st.column_config.NumberColumn(format="%.4f") for name in
                                     ("mean", "CI low", "CI high")})
-        st.download_button("Download the corpus report (HTML)", lambda: render_corpus_report(corpus),
+        st.download_button("Download the corpus report (HTML)", lambda: render_corpus_report(corpus, run=run),
                            file_name="headscope-corpus.html", mime="text/html", on_click="ignore")
 
 

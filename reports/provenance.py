@@ -149,6 +149,17 @@ def reproduce_command(result: AnalysisResult, head: int = 0,
     return shlex.join(argv + list(outputs))
 
 
+def corpus_command(corpus, batch_file: str, out_dir: str = "headscope-corpus") -> str:
+    """The command line whose corpus.html recomputes `corpus` (analysis.corpus.CorpusResult) from `batch_file`, the
+    file its texts were read from (the app's upload, saved under its name): to float rounding, --out-dir's texts
+    go through the model one by one."""
+    argv = ["python", "-m", "reports", *model_options("--model", "--revision", corpus.model),
+            *_option("--batch", batch_file), *device_options(corpus.model), "--dtype", corpus.model["dtype"]]
+    if not corpus.exclude_first_token:
+        argv.append("--include-first-token")
+    return shlex.join(argv + ["--out-dir", out_dir])
+
+
 def insert_before_outputs(argv: list[str], flags: list[str]) -> str:
     """The command of `argv` with `flags` before its first output flag (--html, --json, --patterns), where a reproduce
     command keeps what it computes apart from what it writes; at the end without one."""

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import html
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from streamlit.testing.v1 import AppTest
 
 from analysis.corpus_io import iter_records
 from analysis.corpus_store import load_results, run_local
-from tests.app import test_app
+from reports.html import CORPUS_ID
+from tests.app import test_app, test_atlas_app
 from tests.app.test_app import APP
 
 clear_caches = test_app.clear_caches  # autouse: every test starts with cold caches
+downloads = test_atlas_app.downloads  # what each download button would hand the browser
 
 
 def test_a_results_folder_opens_with_its_means_and_failures(gpt2, tmp_path, monkeypatch):
@@ -39,3 +51,42 @@ def test_a_folder_that_is_not_results_is_an_error_shown_literally(tmp_path, monk
     assert not at.exception
     assert len(at.error) == 1 and "is not a headscope results folder" in at.error[0].value
     assert "\\[x\\](http\\:evil)" in at.error[0].value  # escaped (reports.untrusted.plain): no link is drawn
+
+
+def corpus_results(page: str) -> dict:
+    """The means and intervals a corpus page embeds (its CORPUS_ID script)."""
+    return json.loads(re.search(f'<script type="application/json" id="{CORPUS_ID}">(.*?)</script>', page, re.DOTALL)[1])
+
+
+def test_the_corpus_names_its_upload_and_its_download_reruns_from_it(gpt2_path, tmp_path, monkeypatch, downloads):
+    """The results say which file they are of: after a refused upload they are still the last good file's (which
+    nothing said), and the downloaded page records that file and its SHA-256 as the command line's corpus.html
+    does, with a command that recomputes its numbers."""
+    monkeypatch.setenv("HEADSCOPE_MODEL", str(gpt2_path))
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(gpt2_path))
+    data = b"the cat sat on the mat\na dog ran far from home\nrain in the home\n"
+    at = AppTest.from_file(APP, default_timeout=240).run()
+    for name, upload in (("good.txt", data), ("bad.txt", b"\xff\n")):
+        at.file_uploader(key="corpus_file").set_value((name, upload, "text/plain")).run()
+        at.button(key="corpus_run").click().run()
+    assert not at.exception and len(at.error) == 1 and at.error[0].value.startswith("bad.txt is not UTF-8")
+    assert any("3 of 3 texts analysed" in c.value and "`good.txt`" in c.value for c in at.caption)
+    (button,) = [b for b in at.get("download_button") if b.label == "Download the corpus report (HTML)"]
+    page = downloads[button.proto.deferred_file_id]()
+    digest = hashlib.sha256(data).hexdigest()
+    assert f"<code><bdi>good.txt</bdi></code> (SHA-256 <code>{digest}</code>)" in page
+    command = html.unescape(re.search(r"<dt>Run with</dt><dd><pre>(.*?)</pre>", page, re.DOTALL)[1])
+    (tmp_path / "good.txt").write_bytes(data)
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "reports"]
+    subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(APP).parent)})
+    (written,) = tmp_path.rglob("corpus.html")
+    cli_page = written.read_text(encoding="utf-8")
+    assert f"(SHA-256 <code>{digest}</code>)" in cli_page
+    app_stats, cli_stats = corpus_results(page)["stats"], corpus_results(cli_page)["stats"]
+    assert app_stats.keys() == cli_stats.keys()
+    for name in app_stats:
+        for key in ("mean", "low", "high"):
+            np.testing.assert_allclose(np.array(app_stats[name][key], dtype=float),
+                                       np.array(cli_stats[name][key], dtype=float), rtol=1e-4, atol=1e-6)
