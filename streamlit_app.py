@@ -96,7 +96,7 @@ TOO_MANY_TEXTS = ("{name} holds {n:,} texts; the app analyses at most {max:,} pe
 LINK_NOTICES = "link_notices"  # session state: what was wrong with the link that opened the page
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
 NO_USABLE_TEXT = "{name} holds no text that can be analysed; its first line: {error}"
-NONE_ANALYSED = "None of the {n:,} texts in {name} could be analysed; text {number}: {error}"
+NONE_ANALYSED = "No text in {name} could be analysed ({n:,} tried); text {number}: {error}"
 PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from the captured q and k differs from the "
                      "model's own attention by up to {err:.1e}, more than allowed for {dtype} ({allowed}). "
                      "The figures below may not describe what the model computed.")

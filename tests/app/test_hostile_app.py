@@ -228,6 +228,6 @@ def test_an_upload_whose_every_text_fails_keeps_the_last_corpus_results(tiny_def
         capture(gpt2, long_texts[0])
     at = upload(at, "long.txt", "\n".join(long_texts).encode())
     assert not at.exception and not warnings(at)
-    assert errors(at) == [plain(f"None of the 2 texts in long.txt could be analysed; text 1: {first.value}")]
+    assert errors(at) == [plain(f"No text in long.txt could be analysed (2 tried); text 1: {first.value}")]
     assert any("2 of 2 texts analysed" in caption.value for caption in at.caption)
     assert at.dataframe[-1].value.equals(good)
