@@ -65,7 +65,7 @@ from analysis.corpus import (
 )
 from analysis.corpus_io import iter_records
 from analysis.errors import HeadscopeError
-from analysis.loading import LoadedModel
+from analysis.loading import LoadedModel, one_line
 from analysis.pipeline import BATCH_SIZE
 from analysis.results import MODEL_KEYS
 
@@ -102,6 +102,8 @@ GONE_ONLY = ("{path} holds {n} rows of texts {new} no longer has ({numbers}): re
              "(every other row is kept), or use a new --results folder to keep them.")
 NO_SOURCE = ("{path} already holds rows: give the input's path (source=...) so that its texts are compared with "
              "them before any is analysed.")
+UNREADABLE_PART = ("{part} cannot be read ({error}): rerun python -m reports --batch INPUT --results {folder} to set "
+                   "it aside and analyse its texts again (reading the folder changes nothing in it).")
 SHOWN_NUMBERS = 3  # record numbers a refusal names
 RETRIED_ERRORS = UNEXPECTED.split("{")[0]  # the start of a row's error that a rerun analyses again (a bug's)
 OLD_BOS = ("{path} holds head scores from before exclude_bos (position 0 was always left out of them; now only a "
@@ -256,15 +258,16 @@ class ResultsFolder:
             return []
         return sorted(p for p in self.rows_dir.rglob("*.parquet") if not p.name.startswith("."))
 
-    def read_rows(self, columns: list[str] | None = None) -> pa.Table:
+    def read_rows(self, columns: list[str] | None = None, set_aside: bool = True) -> pa.Table:
         """Every row, in input order. A part file that cannot be read (a write cut short) is set aside as *.broken,
-        so its records count as not done. When a record number has rows from several parts (its text changed
-        between runs), the row of the most recently written part is the one kept."""
+        so its records count as not done; set_aside=False (a reader: --from-results, the app) changes nothing in
+        the folder and refuses such a part (UNREADABLE_PART). When a record number has rows from several parts (its
+        text changed between runs), the row of the most recently written part is the one kept."""
         wanted = None if columns is None else list(dict.fromkeys(["number", *columns]))
         tables = []
         parts = sorted(self.part_files(), key=lambda part: (part.stat().st_mtime_ns, part.name))
         for order, part in enumerate(parts):
-            table = _read_part(part, wanted)
+            table = _read_part(part, wanted, None if set_aside else self.path)
             if table is None:
                 continue
             tables.append(table.append_column("__part", pa.array([order] * table.num_rows, pa.int64())))
@@ -558,12 +561,15 @@ def _identity(source: str) -> list[int] | None:
     return [stat.st_dev, stat.st_ino]
 
 
-def _read_part(part: Path, columns: list[str] | None) -> pa.Table | None:
+def _read_part(part: Path, columns: list[str] | None, refuse_in: Path | None = None) -> pa.Table | None:
     """A part's rows, or None for a part that cannot be read (a write cut short), set aside as *.broken so that its
-    records count as not done."""
+    records count as not done; with `refuse_in` (a reader's results folder), a HeadscopeError instead: a reader
+    moves nothing (the error may be passing, a network file system's, and the folder another's, or read-only)."""
     try:
         return pq.read_table(part, columns=columns, schema=ROW_SCHEMA)
     except (OSError, pa.ArrowInvalid) as exc:
+        if refuse_in is not None:
+            raise HeadscopeError(UNREADABLE_PART.format(part=part, error=one_line(exc), folder=refuse_in)) from None
         log.warning("setting aside unreadable results part %s: %s", part, exc)
         os.replace(part, part.with_name(part.name + ".broken"))
         return None
@@ -668,7 +674,7 @@ def load_results(path: str | Path, n_boot: int = N_BOOT, seed: int = SEED, level
     manifest = folder.read_manifest()
     model, settings = manifest["model"], manifest["settings"]
     n_layers, n_heads = int(model["n_layers"]), int(model["n_heads"])
-    table = folder.read_rows()
+    table = folder.read_rows(set_aside=False)
     ok = table.filter(table["error"].is_null())
     n = ok.num_rows
 

@@ -105,6 +105,32 @@ def test_an_interrupted_run_resumes_with_only_the_remaining_texts(gpt2, tmp_path
     assert [r["engine"] for r in json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"]] == ["local"] * 2
 
 
+def test_reading_a_folder_with_an_unreadable_part_changes_nothing_and_says_how_to_repair_it(gpt2, tmp_path,
+                                                                                             capsys):
+    """--from-results and the app only read a results folder: an unreadable part (a write cut short, or a network
+    file system's passing error) was renamed *.broken by the reader, in a folder perhaps another's or read-only
+    (then an OSError, a traceback). The reader refuses in one line and moves nothing; the run the line names sets
+    the part aside and analyses its texts again."""
+    from reports.__main__ import main
+
+    texts = short_texts(4, seed=3)
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(texts), encoding="utf-8")
+    run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path), flush_rows=2)
+    broken = ResultsFolder(tmp_path / "res").part_files()[0]
+    lost = pq.read_metadata(broken).num_rows
+    broken.write_bytes(b"PAR1 not really")  # its rows unreadable
+    before = sorted(p.name for p in broken.parent.iterdir())
+    with pytest.raises(HeadscopeError, match=rf"^{broken.name} cannot be read|cannot be read \("):
+        load_results(tmp_path / "res")
+    assert main(["--from-results", str(tmp_path / "res"), "--json", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--results {tmp_path / 'res'} to set it aside" in err[0], err
+    assert sorted(p.name for p in broken.parent.iterdir()) == before and not (tmp_path / "c.json").exists()
+    run = run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))  # the repair the line names
+    assert run["new_rows"] == lost > 0 and load_results(tmp_path / "res").n_analysed == 4
+
+
 def test_a_changed_text_is_analysed_again_and_a_broken_part_is_set_aside(gpt2, tmp_path, counted):
     texts = short_texts(6, seed=2)
     path = tmp_path / "in.txt"
