@@ -59,7 +59,7 @@ from reports.charts import (
 from reports.figures import FIGURE_HELP, figure_name, render_figure
 from reports.html import render_corpus_report, render_report, with_probe_results
 from reports.provenance import corpus_command, results_json
-from reports.untrusted import LINK_TEXT_LEFT_OUT, literal, needs_text_file, parse_link, plain
+from reports.untrusted import LINK_TEXT_LEFT_OUT, literal, needs_text_file, parse_link, plain, visible
 
 MODELS = {
     "auto": "auto (gpt2 if cached, else the bundled MiniLM)",
@@ -96,6 +96,7 @@ TOO_MANY_TEXTS = ("{name} holds {n:,} texts; the app analyses at most {max:,} pe
 LINK_NOTICES = "link_notices"  # session state: what was wrong with the link that opened the page
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
 NO_USABLE_TEXT = "{name} holds no text that can be analysed; its first line: {error}"
+MAX_FAILURE_BOXES = 5  # skipped texts shown as a warning each; more: one warning and a table
 NONE_ANALYSED = "No text in {name} could be analysed ({n:,} tried); text {number}: {error}"
 PARITY_FAILED_BOX = ("Parity failed on layer {layer}: the pattern rebuilt from the captured q and k differs from the "
                      "model's own attention by up to {err:.1e}, more than allowed for {dtype} ({allowed}). "
@@ -719,8 +720,13 @@ def corpus_results_ui(corpus: CorpusResult, source: str, run: dict | None) -> No
                f"{plain(corpus.model['id'])}, one forward pass each; {corpus.level:.0%} percentile bootstrap "
                f"intervals over texts ({corpus.n_boot} resamples, seed {corpus.seed}).")  # a results folder's
     # manifest and an upload's name are user input: plain() and literal()
-    for record in corpus.failures:
-        st.warning(f"Text {record.number} was skipped: {plain(record.error)}")
+    if len(corpus.failures) > MAX_FAILURE_BOXES:  # one box, and a table as the CLI's index.html has
+        st.warning(f"{len(corpus.failures):,} texts were skipped; each with its error:")
+        st.dataframe([{"text": r.number, "excerpt": visible(r.excerpt), "error": visible(r.error)}
+                      for r in corpus.failures], hide_index=True, height=240)
+    else:
+        for record in corpus.failures:
+            st.warning(f"Text {record.number} was skipped: {plain(record.error)}")
     chart, table = st.columns([1, 1], gap="medium")
     with chart:
         name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),

@@ -187,6 +187,19 @@ def test_a_deeply_nested_line_costs_only_itself(tiny_default):
     assert spec
 
 
+def test_many_skipped_texts_are_one_warning_and_a_table_not_a_box_each(tiny_default):
+    """An upload whose texts mostly fail drew a warning box per text (999 boxes for 999 of 1,000); past a few they
+    are one warning and a table of every skipped text with its error, as the CLI's index.html lists them."""
+    lines = [b'{"text": "the cat sat on the mat"}', *[b'{"text": ""}'] * 12, b'{"text": "a dog ran home"}']
+    at = upload(run_app(), "texts.jsonl", b"\n".join(lines))
+    assert not at.exception and not errors(at)
+    assert any("2 of 14 texts analysed" in caption.value for caption in at.caption)
+    assert warnings(at) == ["12 texts were skipped; each with its error:"]
+    (table,) = [frame.value for frame in at.dataframe if "error" in frame.value.columns]
+    assert table["text"].tolist() == list(range(2, 14))
+    assert set(table["error"]) == {'The text is empty: type a sentence to analyse.'}
+
+
 def test_a_results_folder_outside_the_operator_directories_is_refused(tmp_path, monkeypatch):
     from analysis.loading import REFUSED_DIR
 
