@@ -504,8 +504,8 @@ def probe_ui(settings: dict) -> AnalysisResult | None:
         with st.spinner("Running the induction probe…"):
             return get_probe(settings["model"], settings["device"], settings["dtype"], settings["exclude"],
                              settings.get("exclude_bos", True))
-    except HeadscopeError as exc:
-        st.error(plain(exc))
+    except Exception as exc:  # noqa: BLE001 (shown as a sentence, logged when unexpected)
+        error_ui(exc, "induction probe")
     return None
 
 
@@ -681,8 +681,8 @@ def corpus_ui(settings: dict) -> None:
             run = {"input": upload.name, "sha256": hashlib.sha256(data).hexdigest(),
                    "command": corpus_command(corpus, upload.name)}
             st.session_state[CORPUS], st.session_state[CORPUS_INPUT] = corpus, (upload.name, run)
-        except HeadscopeError as exc:  # errors keep the last corpus results, if any, below them
-            st.error(plain(exc))
+        except Exception as exc:  # noqa: BLE001 - errors keep the last corpus results, if any, below them
+            error_ui(exc, "corpus upload")
     corpus_folder_ui()
     if CORPUS in st.session_state:
         corpus_results_ui(st.session_state[CORPUS], *st.session_state[CORPUS_INPUT])
@@ -701,8 +701,8 @@ def corpus_folder_ui() -> None:
         try:
             path = check_app_dir(folder.strip(), model_dirs())
             st.session_state[CORPUS], st.session_state[CORPUS_INPUT] = load_results(path), (str(path), None)
-        except HeadscopeError as exc:
-            st.error(plain(exc))
+        except Exception as exc:  # noqa: BLE001 (shown as a sentence, logged when unexpected)
+            error_ui(exc, "results folder")
 
 
 def unusable_upload(upload, first_error: Exception) -> HeadscopeError:
@@ -795,11 +795,12 @@ def get_layer_capture(model: str, device: str, dtype: str, text: str, layer: int
     return capture(get_model(model, device, dtype), text, pattern_layers=[layer], keep_patterns=True)
 
 
-def beyond_error(exc: Exception) -> None:
+def error_ui(exc: Exception, what: str) -> None:
+    """A section's failure as one st.error: a HeadscopeError's sentence, or UNEXPECTED (logged with its traceback)."""
     if isinstance(exc, HeadscopeError):
         st.error(plain(exc))
     else:
-        log.exception("beyond-observation section failed")
+        log.exception("%s failed", what)
         st.error(plain(UNEXPECTED.format(kind=type(exc).__name__, message=exc)))
 
 
@@ -849,7 +850,7 @@ def ablation_ui(settings: dict, modes: tuple[str, ...]) -> None:
             bar.empty()
             st.session_state[BEYOND_ABLATION] = (inputs, result)
         except Exception as exc:  # noqa: BLE001 (shown as a sentence, logged when unexpected)
-            beyond_error(exc)
+            error_ui(exc, "beyond-observation section")
             return
     result = st.session_state[BEYOND_ABLATION][1]
     st.altair_chart(padded(build_ablation_chart(result, settings["model"])), width="content")
@@ -882,7 +883,7 @@ def neuron_ui(settings: dict, layer: int, head: int) -> None:
                                 format_func=lambda k: "the most attended" if k is None else labels[k])
         view = neuron_view_from_capture(captured, layer, head, query, key, loaded.info.causal)
     except Exception as exc:  # noqa: BLE001
-        beyond_error(exc)
+        error_ui(exc, "beyond-observation section")
         return
     for chart in (build_neuron_products_chart(view), build_neuron_vectors_chart(view), build_neuron_keys_chart(view)):
         st.altair_chart(padded(chart), width="content")
@@ -924,7 +925,7 @@ def compare_ui(settings: dict, layer: int) -> None:
                                         exclude_bos=settings["exclude_bos"])
             st.session_state[BEYOND_COMPARE] = (inputs, result)
         except Exception as exc:  # noqa: BLE001
-            beyond_error(exc)
+            error_ui(exc, "beyond-observation section")
             return
     result = st.session_state[BEYOND_COMPARE][1]
     for warning in result.warnings:

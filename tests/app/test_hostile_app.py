@@ -200,6 +200,30 @@ def test_many_skipped_texts_are_one_warning_and_a_table_not_a_box_each(tiny_defa
     assert set(table["error"]) == {'The text is empty: type a sentence to analyse.'}
 
 
+def test_an_unexpected_failure_of_the_corpus_is_one_line_and_keeps_the_last_results(tiny_default, gpt2_path,
+                                                                                      monkeypatch):
+    """The one-text and beyond tabs turn an exception nobody foresaw into one sentence; the corpus upload and the
+    results folder let it through as a traceback (st.exception), and the results already on the page went with it."""
+    import analysis.corpus
+    import analysis.corpus_store
+
+    at = upload(run_app(), "good.jsonl", b'{"text": "the cat sat on the mat"}\n{"text": "a dog ran home"}')
+    assert not at.exception and any("2 of 2 texts analysed" in c.value for c in at.caption)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(analysis.corpus, "analyze_corpus", boom)
+    monkeypatch.setattr(analysis.corpus_store, "load_results", boom)
+    at = upload(at, "other.jsonl", b'{"text": "a bird flew off"}')
+    at.text_input(key="corpus_results_dir").set_value(str(gpt2_path)).run()
+    at.button(key="corpus_open").click().run()
+    assert not at.exception
+    assert errors(at) == [plain("The analysis failed unexpectedly (RuntimeError: the device went away). Try another "
+                                "model, device or dtype, or a shorter text; the server log has the details.")]
+    assert any("good.jsonl" in c.value and "2 of 2 texts analysed" in c.value for c in at.caption)  # still shown
+
+
 def test_a_results_folder_outside_the_operator_directories_is_refused(tmp_path, monkeypatch):
     from analysis.loading import REFUSED_DIR
 
