@@ -42,6 +42,20 @@ RESULTS_QUERY = ("{flags}: Parquet results are measured with the default query t
                  "write reports with --batch FILE --out-dir DIR, which takes {it}")
 RESULTS_LAYERS = ("{flags}: Parquet results hold every layer's measurements and draw no heatmap; drop {it}, or write "
                   "reports with --batch FILE --out-dir DIR, which takes {it}")
+UNUSED = "{flags} {verb} not used by {mode}: drop {it}"
+# what each corpus mode reads (flags typed but not read are refused with UNUSED, not silently ignored)
+OUT_DIR_MODE = "--batch FILE --out-dir DIR, which writes its reports, index.html and corpus.html into DIR"
+OUT_DIR_READS = ("--model", "--batch", "--out-dir", "--layer", "--all-layers", "--head", "--include-first-token",
+                 "--query-position", "--exclude-special-keys", "--include-bos", "--device", "--dtype", "--device-map",
+                 "--revision", "--batch-size", "--figures", "--format", "--shared-assets")
+RESULTS_MODE = ("--batch FILE --results DIR, which writes Parquet rows and corpus.json (the corpus report and its "
+                "means with --html OUT and --json OUT), no report per text")
+RESULTS_READS = ("--model", "--batch", "--results", "--engine", "--ray-address", "--ray-workers", "--batch-size",
+                 "--input-changed", "--text-column", "--include-first-token", "--device", "--dtype", "--device-map",
+                 "--revision", "--html", "--json")
+FROM_RESULTS_MODE = "--from-results DIR, which draws the folder's corpus as it was measured and analyses nothing"
+FROM_RESULTS_READS = ("--from-results", "--html", "--json")
+RAY_WORKERS_LOCAL = "--ray-workers is the number of Ray workers: add --engine ray (or --ray-address), or drop it"
 
 
 MAX_SEED = 2**32 - 1
@@ -188,8 +202,10 @@ def check_results_arguments(parser, args) -> None:
             parser.error(RESULTS_LAYERS.format(flags=join_flags(layers), it="it" if len(layers) == 1 else "them"))
     if args.ray_address is not None and args.engine is None:
         args.engine = "ray"
-    if args.engine == "ray" and args.ray_address is None and args.device_map is not None:
+    if args.engine == "ray" and args.device_map is not None:  # run_ray's workers load the model without it
         parser.error("--device-map is not used with --engine ray")
+    if args.results is not None and args.engine != "ray" and args.ray_workers is not None:
+        parser.error(RAY_WORKERS_LOCAL)
     if args.engine == "ray" and args.revision is not None:  # its workers load the model by name
         parser.error("--revision is not used with --engine ray: run it with the local engine")
     if args.batch_size is None:
@@ -242,6 +258,25 @@ def check_outputs(parser, args) -> None:
     for flag in ("neuron", "compare", "batch"):
         if args.no_layers and getattr(args, flag) is not None:
             parser.error(NO_LAYER_FOR.format(flag=f"--{flag}"))
+    check_unused(parser, args)
+
+
+def check_unused(parser, args) -> None:
+    """A corpus mode reads only its own flags: one typed that it would not use is refused, not silently ignored
+    (even at its default's value, as --from-report's; the more specific refusals above come first)."""
+    if args.from_results is not None:
+        mode, reads = FROM_RESULTS_MODE, FROM_RESULTS_READS
+    elif args.results is not None:
+        mode, reads = RESULTS_MODE, RESULTS_READS
+    elif args.batch is not None:
+        mode, reads = OUT_DIR_MODE, OUT_DIR_READS
+    else:
+        return
+    unused = [flag for flag in getattr(args, GIVEN, ()) if flag not in reads]
+    if unused:
+        one = len(unused) == 1
+        parser.error(UNUSED.format(flags=join_flags(unused), verb="is" if one else "are", mode=mode,
+                                   it="it" if one else "them"))
 
 
 def parse_arguments(parser, argv: list[str] | None = None) -> argparse.Namespace:

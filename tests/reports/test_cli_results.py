@@ -70,6 +70,48 @@ def test_bad_flag_combinations_are_one_line(capsys, argv, needle):
     assert exit_info.value.code == 2 and len(err) == 1 and needle in err[0], err
 
 
+@pytest.mark.parametrize("argv, named, mode", [
+    # --out-dir writes a report per text: --json and --html were silently not written, --patterns not kept
+    (["--batch", "F", "--out-dir", "O", "--json", "c.json", "--html", "c.html"], "--json, --html", "--out-dir DIR"),
+    (["--batch", "F", "--out-dir", "O", "--patterns", "--probe-seed", "3"], "--probe-seed, --patterns",
+     "--out-dir DIR"),
+    (["--batch", "F", "--out-dir", "O", "--mask-seed", "2", "--ray-workers", "2"], "--ray-workers, --mask-seed",
+     "--out-dir DIR"),
+    # Parquet rows: no figures, no patterns, no shared JavaScript were written
+    (["--batch", "F", "--results", "R", "--figures", "figs", "--format", "png"], "--figures, --format",
+     "--results DIR"),
+    (["--batch", "F", "--results", "R", "--patterns", "--shared-assets"], "--patterns, --shared-assets",
+     "--results DIR"),
+    # --from-results draws what the folder holds: no model, device or setting of its own
+    (["--from-results", "R", "--json", "x", "--model", "gpt2", "--dtype", "float16"], "--model, --dtype",
+     "--from-results DIR"),
+    (["--from-results", "R", "--json", "x", "--engine", "local", "--batch-size", "4", "--input-changed"],
+     "--engine, --batch-size, --input-changed", "--from-results DIR"),
+    (["--from-results", "R", "--html", "x", "--include-first-token", "--figures", "f"],
+     "--include-first-token, --figures", "--from-results DIR"),
+])
+def test_flags_a_corpus_mode_would_ignore_are_refused(tmp_path, capsys, argv, named, mode):
+    """Each corpus mode reads only its own flags: one it would have run without using is one line and exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert f"{named} " in err[0] and "not used by --" in err[0] and mode in err[0] and "drop" in err[0], err[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch", "F", "--results", "R", "--ray-workers", "2"], "--ray-workers is the number of Ray workers"),
+    # Ray's workers load the model by name: --device-map was dropped on a cluster (--ray-address) as without one
+    (["--batch", "F", "--results", "R", "--ray-address", "auto", "--device-map", "auto"],
+     "--device-map is not used with --engine ray"),
+])
+def test_flags_the_chosen_engine_would_ignore_are_refused(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
 def test_missing_input_and_not_a_results_folder_are_one_line(tmp_path, capsys):
     code, lines = run_cli(capsys, "--batch", tmp_path / "nope.txt", "--results", tmp_path / "res")
     assert code == 2 and len(lines) == 1 and "nope.txt does not exist" in lines[0]
