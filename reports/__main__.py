@@ -55,6 +55,11 @@ RESULTS_READS = ("--model", "--batch", "--results", "--engine", "--ray-address",
                  "--revision", "--html", "--json")
 FROM_RESULTS_MODE = "--from-results DIR, which draws the folder's corpus as it was measured and analyses nothing"
 FROM_RESULTS_READS = ("--from-results", "--html", "--json")
+ONE_TEXT_MODE = "a single text's run, only by --batch FILE"
+CORPUS_ONLY = ("--out-dir", "--ray-workers", "--batch-size", "--text-column")  # what one text would not read
+PROBE_SEED_ALONE = "--probe-seed is the seed of --induction-probe or --with-probe: add one of them, or drop it"
+PATTERNS_JSON = ("--patterns writes every attention pattern into the --json results (a report or a figure does not "
+                 "hold them): add --json OUT, or drop --patterns")
 RAY_WORKERS_LOCAL = "--ray-workers is the number of Ray workers: add --engine ray (or --ray-address), or drop it"
 
 
@@ -262,8 +267,9 @@ def check_outputs(parser, args) -> None:
 
 
 def check_unused(parser, args) -> None:
-    """A corpus mode reads only its own flags: one typed that it would not use is refused, not silently ignored
-    (even at its default's value, as --from-report's; the more specific refusals above come first)."""
+    """A corpus mode reads only its own flags, one text none of --batch's: one typed that the run would not use is
+    refused, not silently ignored (even at its default's value, as --from-report's; the more specific refusals
+    above come first)."""
     if args.from_results is not None:
         mode, reads = FROM_RESULTS_MODE, FROM_RESULTS_READS
     elif args.results is not None:
@@ -271,12 +277,22 @@ def check_unused(parser, args) -> None:
     elif args.batch is not None:
         mode, reads = OUT_DIR_MODE, OUT_DIR_READS
     else:
-        return
-    unused = [flag for flag in getattr(args, GIVEN, ()) if flag not in reads]
+        check_one_text(parser, args)
+        mode, reads = ONE_TEXT_MODE, None
+    given = getattr(args, GIVEN, ())
+    unused = [flag for flag in given if flag in CORPUS_ONLY] if reads is None else [f for f in given if f not in reads]
     if unused:
         one = len(unused) == 1
         parser.error(UNUSED.format(flags=join_flags(unused), verb="is" if one else "are", mode=mode,
                                    it="it" if one else "them"))
+
+
+def check_one_text(parser, args) -> None:
+    """One text's flags that only mean something beside another: each is refused without it, not ignored."""
+    if "--probe-seed" in getattr(args, GIVEN, ()) and args.induction_probe is None and args.with_probe is None:
+        parser.error(PROBE_SEED_ALONE)
+    if args.patterns and args.json is None:  # results_json alone writes them
+        parser.error(PATTERNS_JSON)
 
 
 def parse_arguments(parser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -146,6 +146,28 @@ def test_usage_errors_are_one_line(capsys):
     assert len(lines) == 1 and "--json" in lines[0]
 
 
+@pytest.mark.parametrize("flags, needle", [
+    # read by --batch only: a single text ran without them, as if they had not been typed
+    (["--batch-size", "4"], "--batch-size is not used by a single text's run, only by --batch FILE: drop it"),
+    (["--out-dir", "d", "--ray-workers", "2", "--text-column", "text"],
+     "--out-dir, --ray-workers, --text-column are not used by a single text's run"),
+    # the seed of a probe that does not run
+    (["--probe-seed", "3"], "--probe-seed is the seed of --induction-probe or --with-probe"),
+    # the patterns go into the JSON only: a report or figures alone never held them
+    (["--patterns", "--html", "r.html"], "--patterns writes every attention pattern into the --json results"),
+    (["--patterns", "--figures", "figs"], "--patterns writes every attention pattern into the --json results"),
+])
+def test_flags_a_single_text_would_ignore_are_refused(tmp_path, capsys, flags, needle):
+    argv = ["--text", "the cat sat", *(str(tmp_path / flag) if flag in ("r.html", "figs") else flag for flag in flags)]
+    if not {"--html", "--figures"} & set(flags):
+        argv += ["--json", str(tmp_path / "o.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("text, n", [("cat", 1), ("the cat", 2)])
 def test_one_or_two_tokens_warn_but_succeed(gpt2_path, tmp_path, capsys, text, n):
     out = tmp_path / "o.json"
