@@ -10,6 +10,10 @@ from analysis.choices import ABLATION_BATCH, ABLATION_MODES
 
 NEEDS_TEXT = "{flag} works on one text or the induction probe, not on --batch: drop one of them."
 COMPARE_PROBE = "--compare runs both models on a text: drop --induction-probe (or --compare)."
+ABLATION_ONLY = "{flags} {verb} read by --ablation only: add --ablation zero|mean, or drop {it}"
+SECTION_OUTPUT = ("{flags} {verb} a section to the --html report or the --json results, which --figures does not "
+                  "draw: add one of them")
+SECTIONS = ("ablation", "neuron", "compare")
 
 
 def add_arguments(parser) -> None:
@@ -39,6 +43,15 @@ def check_arguments(parser, args) -> None:
         for flag in ("ablation", "neuron", "compare"):
             if getattr(args, flag) is not None:
                 parser.error(NEEDS_TEXT.format(flag=f"--{flag}"))
+    if args.batch is None and getattr(args, "from_results", None) is None:  # one text (--batch refuses them all)
+        settings = [flag for flag in ("--mask-seed", "--ablation-batch") if flag in getattr(args, "given_flags", ())]
+        if settings and args.ablation is None:
+            one = len(settings) == 1
+            parser.error(ABLATION_ONLY.format(flags=", ".join(settings), verb="is" if one else "are",
+                                              it="it" if one else "them"))
+        sections = [f"--{flag}" for flag in SECTIONS if getattr(args, flag) is not None]
+        if sections and args.json is None and args.html is None:  # computed, then written nowhere
+            parser.error(SECTION_OUTPUT.format(flags=", ".join(sections), verb="adds" if len(sections) == 1 else "add"))
     if args.compare is not None and args.induction_probe is not None:
         parser.error(COMPARE_PROBE)
     if args.compare_revision is not None and args.compare is None:
@@ -113,5 +126,5 @@ def json_document(result_doc: dict, extras: dict) -> dict:
 
 
 def any_requested(args) -> bool:
-    return any(getattr(args, flag) is not None for flag in ("ablation", "neuron", "compare"))
+    return any(getattr(args, flag) is not None for flag in SECTIONS)
 

@@ -193,11 +193,17 @@ def test_bad_input_is_one_line_and_exit_2(lm_paths, tmp_path, capsys, argv, need
     (["--ablation-batch", 0, "--ablation", "zero", "--json", "-"], "at least 1"),
     (["--mask-seed", -1, "--ablation", "zero", "--json", "-"], "--mask-seed must be a whole number in 0..4294967295"),
     (["--mask-seed", 2**32, "--ablation", "zero", "--json", "-"], "not 4294967296"),
+    # the ablation's own settings without an ablation: the run went on as if they had not been typed
+    (["--mask-seed", 3, "--json", "-"], "--mask-seed is read by --ablation only: add --ablation zero|mean"),
+    (["--mask-seed", 3, "--ablation-batch", 2, "--json", "-"], "--mask-seed, --ablation-batch are read by --ablation"),
+    # sections computed, then written nowhere: --figures draws the analysis's figures only
+    (["--ablation", "zero", "--figures", "FIGS"], "--ablation adds a section to the --html report or the --json"),
+    (["--neuron", 0, 1, "--compare", "x", "--figures", "FIGS"], "--neuron, --compare add a section to the --html"),
 ])
 def test_usage_errors_are_one_line(tmp_path, capsys, argv, needle):
     batch = tmp_path / "texts.txt"
     batch.write_text("one\ntwo\n")
-    argv = [{"BATCH": batch, "DIR": tmp_path}.get(arg, arg) for arg in argv]
+    argv = [{"BATCH": batch, "DIR": tmp_path, "FIGS": tmp_path / "figs"}.get(arg, arg) for arg in argv]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(capsys, *argv)
     lines = capsys.readouterr().err.strip().splitlines()
