@@ -42,6 +42,9 @@ RESULTS_QUERY = ("{flags}: Parquet results are measured with the default query t
                  "write reports with --batch FILE --out-dir DIR, which takes {it}")
 RESULTS_LAYERS = ("{flags}: Parquet results hold every layer's measurements and draw no heatmap; drop {it}, or write "
                   "reports with --batch FILE --out-dir DIR, which takes {it}")
+BOTH_STDOUT = "--json - and --html - would both write to standard output: send one of them to a file"
+SAME_FILE = "--json and --html both name {path}: the page would overwrite the results; give each its own file"
+FIGURES_STDOUT = "--figures writes a folder of files, not standard output: name a folder instead of '-'"
 UNUSED = "{flags} {verb} not used by {mode}: drop {it}"
 # what each corpus mode reads (flags typed but not read are refused with UNUSED, not silently ignored)
 OUT_DIR_MODE = "--batch FILE --out-dir DIR, which writes its reports, index.html and corpus.html into DIR"
@@ -244,6 +247,7 @@ def check_outputs(parser, args) -> None:
         return
     if args.format is not None and args.figures is None:
         parser.error("--format is the format of --figures DIR: add --figures")
+    check_destinations(parser, args)
     if args.shared_assets and args.batch is None:
         parser.error("--shared-assets shares the JavaScript between the pages of --batch: add --batch FILE "
                      "--out-dir DIR")
@@ -264,6 +268,18 @@ def check_outputs(parser, args) -> None:
         if args.no_layers and getattr(args, flag) is not None:
             parser.error(NO_LAYER_FOR.format(flag=f"--{flag}"))
     check_unused(parser, args)
+
+
+def check_destinations(parser, args) -> None:
+    """--json and --html to one place would leave the last written alone (on stdout, the two one after the other)."""
+    if args.figures is not None and str(args.figures) == "-":
+        parser.error(FIGURES_STDOUT)
+    if args.json is None or args.html is None:
+        return
+    if str(args.json) == "-" and str(args.html) == "-":
+        parser.error(BOTH_STDOUT)
+    if "-" not in (str(args.json), str(args.html)) and args.json.resolve() == args.html.resolve():
+        parser.error(SAME_FILE.format(path=visible(str(args.json))))
 
 
 def check_unused(parser, args) -> None:

@@ -168,6 +168,28 @@ def test_flags_a_single_text_would_ignore_are_refused(tmp_path, capsys, flags, n
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flags, needle", [
+    # the JSON and the page went to stdout one after the other: neither parses
+    (["--json", "-", "--html", "-"], "--json - and --html - would both write to standard output"),
+    (["--batch", "B", "--results", "R", "--json", "-", "--html", "-"], "would both write to standard output"),
+    # the report overwrote the results written a moment before
+    (["--json", "SAME", "--html", "SAME"], "--json and --html both name"),
+    (["--json", "SAME", "--html", "OTHER/../SAME"], "--json and --html both name"),
+    (["--from-results", "R", "--json", "SAME", "--html", "SAME"], "--json and --html both name"),
+    # a folder named '-' was made for the figures
+    (["--figures", "-"], "--figures writes a folder of files, not standard output"),
+])
+def test_outputs_that_would_clash_are_refused(tmp_path, capsys, monkeypatch, flags, needle):
+    monkeypatch.chdir(tmp_path)
+    paths = {"SAME": tmp_path / "out.x", "OTHER/../SAME": tmp_path / "other" / ".." / "out.x",
+             "B": tmp_path / "b.txt", "R": tmp_path / "res"}
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(paths.get(flag, flag)) for flag in flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("text, n", [("cat", 1), ("the cat", 2)])
 def test_one_or_two_tokens_warn_but_succeed(gpt2_path, tmp_path, capsys, text, n):
     out = tmp_path / "o.json"
