@@ -45,6 +45,7 @@ RESULTS_LAYERS = ("{flags}: Parquet results hold every layer's measurements and 
 BOTH_STDOUT = "--json - and --html - would both write to standard output: send one of them to a file"
 SAME_FILE = "--json and --html both name {path}: the page would overwrite the results; give each its own file"
 FIGURES_STDOUT = "--figures writes a folder of files, not standard output: name a folder instead of '-'"
+NOT_A_FOLDER = "{flag} {path} is a file, not a folder: name a folder (one that does not exist yet is made)"
 UNUSED = "{flags} {verb} not used by {mode}: drop {it}"
 # what each corpus mode reads (flags typed but not read are refused with UNUSED, not silently ignored)
 OUT_DIR_MODE = "--batch FILE --out-dir DIR, which writes its reports, index.html and corpus.html into DIR"
@@ -268,6 +269,9 @@ def check_outputs(parser, args) -> None:
         if args.no_layers and getattr(args, flag) is not None:
             parser.error(NO_LAYER_FOR.format(flag=f"--{flag}"))
     check_unused(parser, args)
+    for flag, folder in (("--out-dir", args.out_dir), ("--figures", args.figures)):  # before any text is analysed
+        if folder is not None and folder.exists() and not folder.is_dir():
+            parser.error(NOT_A_FOLDER.format(flag=flag, path=visible(str(folder))))
 
 
 def check_destinations(parser, args) -> None:

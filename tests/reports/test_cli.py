@@ -190,6 +190,25 @@ def test_outputs_that_would_clash_are_refused(tmp_path, capsys, monkeypatch, fla
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flags, needle", [
+    # every text was analysed, its report written, then listed as failed ('afile/text-0001: Not a directory')
+    (["--batch", "B", "--out-dir", "O", "--figures", "FILE"], "--figures FILE is a file, not a folder"),
+    (["--batch", "B", "--out-dir", "FILE"], "--out-dir FILE is a file, not a folder"),
+    # the text was analysed and its JSON written, then 'Cannot create FILE: File exists.' and exit 2
+    (["--text", "the cat", "--json", "J", "--figures", "FILE"], "--figures FILE is a file, not a folder"),
+])
+def test_a_folder_flag_that_names_a_file_is_refused_before_the_analysis(gpt2_path, tmp_path, capsys, flags, needle):
+    batch, afile = tmp_path / "b.txt", tmp_path / "FILE"
+    batch.write_text("the cat sat\na dog ran\n")
+    afile.write_text("not a folder")
+    paths = {"B": batch, "O": tmp_path / "out", "FILE": afile, "J": tmp_path / "r.json"}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(gpt2_path), *(str(paths.get(flag, flag)) for flag in flags)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle.replace("FILE", str(afile)) in lines[0], lines
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["FILE", "b.txt"]  # nothing analysed nor written
+
+
 @pytest.mark.parametrize("text, n", [("cat", 1), ("the cat", 2)])
 def test_one_or_two_tokens_warn_but_succeed(gpt2_path, tmp_path, capsys, text, n):
     out = tmp_path / "o.json"
