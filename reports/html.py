@@ -142,6 +142,9 @@ EMBED_SCRIPT = """\
     if (next < charts.length) draw(charts[next]).then(() => setTimeout(rest, 0));
   };
   setTimeout(rest, 0);
+  // Printing (chromium --print-to-pdf at the load event, Ctrl+P right after opening) would keep the boxes not yet
+  // drawn blank: draw them all now. Vega draws inline data within this task, before the page is laid out to print.
+  window.addEventListener("beforeprint", () => charts.forEach(draw));
 })();
 """
 NOT_A_REPORT = "{path} holds no headscope results (no <script id=\"headscope-results\">): is it a headscope report?"

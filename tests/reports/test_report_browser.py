@@ -1,6 +1,7 @@
 """A real browser opens the real report file with the network off."""
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -135,3 +136,38 @@ def test_the_reproduce_command_copied_from_the_page_runs(chromium, gpt2_path, tm
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
     assert read_report_results(folder / "report.html") == read_report_results(out)
+
+
+def _pdf_pages(pdf: bytes) -> int:
+    return len(re.findall(rb"/Type\s*/Page\b(?!s)", pdf))
+
+
+def test_a_page_printed_before_its_deferred_charts_drew_prints_every_chart(chromium, gpt2, tmp_path):
+    """Charts off screen are drawn after the load event, one at a time; a page printed before that loop has run
+    (chromium --headless --print-to-pdf prints at the load event, Ctrl+P right after opening) printed only the
+    charts on screen: blank boxes for the rest. Printing now draws every chart first: the PDF printed with the
+    deferred loop held back (the page's clock stopped) has as many pages as the one printed once everything was
+    drawn, and every chart is drawn when the print returns."""
+    path = tmp_path / "report.html"
+    path.write_text(render_report(analyze(gpt2, REPEATS, layers=[1, 6])), encoding="utf-8")
+    context, page, events = open_offline(chromium, path)
+    try:
+        wait_for_charts(page)
+        drawn = page.pdf()
+    finally:
+        context.close()
+    context = chromium.new_context(offline=True)
+    try:
+        page = context.new_page()
+        page.clock.install(time=0)
+        page.clock.pause_at(1000)  # no timer fires: the deferred drawing loop does not run
+        page.goto(path.as_uri())
+        containers = page.query_selector_all("[data-chart]")
+        assert sum(container.evaluate(DRAWN) == 0 for container in containers) > 10  # held back, as at print time
+        early = page.pdf()
+        undrawn = [c.get_attribute("data-chart") for c in containers if c.evaluate(DRAWN) == 0]
+    finally:
+        context.close()
+    assert undrawn == []
+    assert _pdf_pages(early) == _pdf_pages(drawn) > 10
+    assert events["errors"] == []
