@@ -33,6 +33,7 @@ from reports.charts import (
     build_atlas_chart,
     build_corpus_atlas_chart,
     build_layer_charts,
+    display_token,
     keys_description,
     query_name,
 )
@@ -647,10 +648,12 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "title": f"headscope report: {result.model['id']}",
         "model": result.model,
         "text": result.text,
-        "tokens": [{"position": i, "text": token, "special": i in special} for i, token in enumerate(result.tokens)],
-        "first_token": result.tokens[0] if result.tokens else "",
+        # tokens as the charts label them (a leading space as ␣, a newline as ↵): a whitespace token is no blank box
+        "tokens": [{"position": i, "text": display_token(token), "special": i in special}
+                   for i, token in enumerate(result.tokens)],
+        "first_token": display_token(result.tokens[0]) if result.tokens else "",
         "exclude_first_token": result.exclude_first_token,
-        "query": {"position": result.query, "token": result.query_token, "choice": result.query_choice,
+        "query": {"position": result.query, "token": display_token(result.query_token), "choice": result.query_choice,
                   "name": query_name(result), "compared": keys_description(result)} if result.tokens else None,
         "exclude_special_keys": result.exclude_special_keys,
         "exclude_bos": result.exclude_bos,

@@ -171,3 +171,36 @@ def test_a_page_printed_before_its_deferred_charts_drew_prints_every_chart(chrom
     assert undrawn == []
     assert _pdf_pages(early) == _pdf_pages(drawn) > 10
     assert events["errors"] == []
+
+
+CODE = "def add(a, b):\n    return a + b\n\n\nprint(add(2,  3))\t\n"
+
+
+def test_the_token_strip_names_each_token_as_the_charts_do(chromium, gpt2, tmp_path):
+    """Whitespace tokens (a newline, a space, a tab, as code has) were blank boxes in the token strip, a newline
+    one two lines tall, while the charts label them ␣, ↵ and ⇥: the strip now shows each token as the charts'
+    labels do ("12: ↵"), and so do the first-token and query-token lines under it."""
+    result = analyze(gpt2, CODE, layers=[6])
+    assert {"\n", " "} <= set(result.tokens) and any("\t" in token for token in result.tokens)
+    path = tmp_path / "report.html"
+    path.write_text(render_report(result), encoding="utf-8")
+    context, page, events = open_offline(chromium, path)
+    try:
+        wait_for_charts(page)
+        softmax = page.locator('[data-chart="chart-L6-softmax"]')
+        softmax.scroll_into_view_if_needed()
+        page.wait_for_function("() => document.querySelector('[data-chart=\"chart-L6-softmax\"]').view")
+        labels = set(softmax.evaluate("el => el.getAttribute('data-datasets').split(' ').flatMap(name => "
+                                      "el.view.data(name).map(row => row.key)).filter(key => key !== undefined)"))
+        strip = page.eval_on_selector_all(".tok", "els => els.map(el => [...el.childNodes].filter("
+                                          "node => node.nodeName !== 'SUB').map(node => node.textContent).join(''))")
+        heights = page.eval_on_selector_all(".tok", "els => els.map(el => el.getBoundingClientRect().height)")
+        under = page.inner_text(".tokens + p")
+        assert events["errors"] == []
+    finally:
+        context.close()
+    assert len(strip) == result.n_tokens and len(labels) == result.n_tokens
+    assert {f"{position}: {shown}" for position, shown in enumerate(strip)} == labels
+    assert all(shown.strip() for shown in strip)
+    assert max(heights) == min(heights)  # one line each
+    assert f"is {strip[0]}." in under and f"query token {result.query} {strip[result.query]}" in under
