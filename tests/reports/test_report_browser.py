@@ -204,3 +204,27 @@ def test_the_token_strip_names_each_token_as_the_charts_do(chromium, gpt2, tmp_p
     assert all(shown.strip() for shown in strip)
     assert max(heights) == min(heights)  # one line each
     assert f"is {strip[0]}." in under and f"query token {result.query} {strip[result.query]}" in under
+
+
+def test_a_long_model_path_wraps_in_the_headings(chromium, gpt2_path, tmp_path, capsys):
+    """A local checkpoint's path with no hyphen or space to break at (run names of underscores and digits) ran past
+    the right edge in the title of the report, the batch index and the corpus page: the title's end, the checkpoint
+    that tells two archived reports apart, was cut off and the index scrolled sideways. Headings now wrap."""
+    model = tmp_path / ("pythia_finetune_lr0_0003_warmup500_seed1234_" * 3) / "step_120000"
+    model.parent.mkdir()
+    model.symlink_to(gpt2_path.resolve(), target_is_directory=True)
+    batch = tmp_path / "texts.txt"
+    batch.write_text("The cat sat on the mat.\n")
+    assert main(["--model", str(model), "--batch", str(batch), "--out-dir", str(tmp_path / "out"), "--layer", "1"]) == 0
+    for name in ("report-0001.html", "index.html", "corpus.html"):
+        path = tmp_path / "out" / name
+        context, page, events = open_offline(chromium, path)
+        try:
+            heading = page.locator("h1")
+            assert str(model) in heading.inner_text().replace("\n", "")
+            assert heading.evaluate("el => el.scrollWidth <= el.clientWidth"), name
+            if name == "index.html":  # no chart (whose title names the model too) on it: nothing wider than the page
+                assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+            assert events["errors"] == []
+        finally:
+            context.close()
