@@ -322,15 +322,6 @@ def _encode_indexes(values) -> dict:
     return min(options, key=lambda option: len(json.dumps(option)))
 
 
-def _each(values: np.ndarray) -> int:
-    """The largest k > 1 such that values is values[::k] with every entry repeated k times (1 when none)."""
-    n = values.size
-    for k in range(n // 2, 1, -1):
-        if n % k == 0 and np.array_equal(np.repeat(values[::k], k), values):
-            return k
-    return 1
-
-
 STEP_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # steps 0..61, one character each
 
 
