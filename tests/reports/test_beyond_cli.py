@@ -256,6 +256,10 @@ def test_report_sections_draw_offline(chromium, lm_paths, tmp_path, capsys):
         assert events["errors"] == [] and events["requests"] == [html.as_uri()]
         assert page.title() != "pwned" and page.evaluate("document.querySelectorAll('img').length") == 0
         assert page.evaluate("document.querySelectorAll('script:not([type])').length") == 2
+        links = page.eval_on_selector_all("nav.layers:first-of-type a", "links => links.map(a => a.hash)")
+        assert {"#ablation", "#neuron", "#compare"} <= set(links), links  # the sections nav names them too
+        for link in links:
+            assert page.query_selector(link) is not None, link
     finally:
         context.close()
 

@@ -228,3 +228,22 @@ def test_a_long_model_path_wraps_in_the_headings(chromium, gpt2_path, tmp_path, 
             assert events["errors"] == []
         finally:
             context.close()
+
+
+def test_a_reader_without_javascript_is_told_where_the_numbers_are(chromium, gpt2, tmp_path):
+    """With JavaScript off (an archive viewer, a locked-down browser) the chart boxes stay empty: the page says so,
+    and where every number is; with it on, the note is not shown."""
+    path = tmp_path / "report.html"
+    path.write_text(render_report(analyze(gpt2, FIJI, layers=[6])), encoding="utf-8")
+    for javascript in (False, True):
+        context = chromium.new_context(offline=True, java_script_enabled=javascript)
+        try:
+            page = context.new_page()
+            page.goto(path.as_uri())
+            note = page.query_selector("#no-javascript")
+            assert (note is not None and note.is_visible()) == (not javascript), javascript
+            if not javascript:
+                assert "in the table under each chart" in note.inner_text() and "--from-report" in note.inner_text()
+                assert page.query_selector_all("table")  # the tables it points to are there
+        finally:
+            context.close()
