@@ -289,7 +289,8 @@ def test_cli_report_and_json_say_so(gpt2_path, tmp_path, capsys, monkeypatch):
     assert top < page.index('id="provenance"') < page.index('id="layer-2"')  # at the top, before everything
     paragraph = re.sub(r"\s+", " ", page[top:page.index("</p>", top)])
     assert "Parity failed: on layer 5 the attention" in paragraph and "float32" in paragraph
-    top_of_page = page[:page.index('id="provenance"')]  # one box says it, not the result's warning beside it
+    top_of_page = page[page.index("</noscript>"):page.index('id="provenance"')]  # one box says it, not the
+    # result's warning beside it
     assert top_of_page.count('class="warning"') == 1 and "Parity check failed" not in top_of_page
     layer2, layer5 = page[page.index('id="layer-2"'):page.index('id="layer-5"')], page[page.index('id="layer-5"'):]
     assert "Parity failed" not in layer2 and "matches the model's own attention" in layer2
