@@ -39,7 +39,7 @@ def _ablation_context(ablation, model_id: str, chart_id: str = "chart-ablation")
     return {"description": ablation.description, "mode": ablation.mode, "measure": ablation.measure,
             "baseline": baseline if baseline is None or math.isfinite(baseline) else None,
             "undefined_loss": ablation.is_loss and not math.isfinite(baseline),  # NaN or inf: float16 overflow
-            "n_passes": ablation.n_passes, "batch_size": ablation.batch_size,
+            "n_passes": ablation.n_passes, "batch_size": ablation.batch_size, "seed": ablation.seed,
             "masked": [{"position": p, "text": display_token(ablation.tokens[p])} for p in ablation.masked_positions],
             "rows": _grid(ablation.delta), "n_heads": ablation.delta.shape[1],
             **_chart_context(build_ablation_chart(ablation, model_id), chart_id)}

@@ -287,3 +287,24 @@ def test_the_reports_command_recomputes_its_sections(lm_paths, tmp_path, capsys)
     assert json_command[-2:] == ["--json", "results.json"] and "--compare" in json_command
     assert json_command[json_command.index("--neuron") + 1:][:2] == [str(one["neuron"]["query_pos"]), "2"]
     assert one["ablation"] == two["ablation"] and one["score_difference"] == two["score_difference"]
+
+
+def test_an_encoders_ablation_section_names_its_mask_seed(tmp_path, capsys):
+    """A masked LM's ablation loss is over a seeded 15% of positions: the section listed the positions but not the
+    seed that chose them (only the command and the JSON had it); it names the seed beside the positions, which are
+    analysis.ablation.mask_positions's for that seed."""
+    import torch
+
+    from analysis.ablation import mask_positions
+    from tests.lm_checkpoints import tiny_bert_mlm
+
+    path = tiny_bert_mlm(tmp_path / "bert-mlm")
+    code, lines = run_cli(capsys, "--model", path, "--text", REPEATS, "--ablation", "zero", "--mask-seed", 7,
+                          "--html", tmp_path / "r.html")
+    assert code == 0, lines
+    page = (tmp_path / "r.html").read_text()
+    shown = re.search(r"<p>Masked positions \(mask seed (\d+), the same for every head\):(.*?)</p>", page, re.DOTALL)
+    assert shown and shown[1] == "7"
+    loaded = load_model(str(path), head=True)
+    ids = torch.as_tensor(loaded.tokenizer(REPEATS)["input_ids"])[None]  # [batch=1, pos]
+    assert [int(p) for p in re.findall(r"<code>(\d+): ", shown[2])] == mask_positions(loaded, ids, 7).tolist()
