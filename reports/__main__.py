@@ -44,6 +44,7 @@ RESULTS_LAYERS = ("{flags}: Parquet results hold every layer's measurements and 
                   "reports with --batch FILE --out-dir DIR, which takes {it}")
 BOTH_STDOUT = "--json - and --html - would both write to standard output: send one of them to a file"
 SAME_FILE = "--json and --html both name {path}: the page would overwrite the results; give each its own file"
+OVER_INPUT = "{out} {path} is the {input} input: writing it would destroy what it reads; write to another file"
 FIGURES_STDOUT = "--figures writes a folder of files, not standard output: name a folder instead of '-'"
 NOT_A_FOLDER = "{flag} {path} is a file, not a folder: name a folder (one that does not exist yet is made)"
 UNUSED = "{flags} {verb} not used by {mode}: drop {it}"
@@ -278,6 +279,12 @@ def check_destinations(parser, args) -> None:
     """--json and --html to one place would leave the last written alone (on stdout, the two one after the other)."""
     if args.figures is not None and str(args.figures) == "-":
         parser.error(FIGURES_STDOUT)
+    inputs = {flag: path for flag, path in (("--text-file", args.text_file), ("--batch", args.batch))
+              if path is not None and str(path) != "-"}
+    for out_flag, out in (("--json", args.json), ("--html", args.html)):
+        for in_flag, source in inputs.items():
+            if out is not None and str(out) != "-" and out.resolve() == source.resolve():
+                parser.error(OVER_INPUT.format(out=out_flag, path=visible(str(out)), input=in_flag))
     if args.json is None or args.html is None:
         return
     if str(args.json) == "-" and str(args.html) == "-":

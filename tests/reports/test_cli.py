@@ -262,3 +262,20 @@ def test_help_imports_neither_torch_nor_altair_nor_pandas():
     imported = {line.split("|")[-1].strip().split(".")[0] for line in helped.stderr.splitlines()
                 if line.startswith("import time:")}
     assert not imported & set(heavy), sorted(imported & set(heavy))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--text-file", "IN", "--json", "IN"], "--json IN is the --text-file input"),
+    (["--text-file", "IN", "--html", "./IN"], "--html IN is the --text-file input"),
+    (["--batch", "IN", "--results", "R", "--html", "IN"], "--html IN is the --batch input"),
+])
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, capsys, monkeypatch, flags, needle):
+    """--text-file t.txt --json t.txt analysed the text, then wrote the results over it: the input was gone."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IN").write_text("the cat sat on the mat\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert "destroy what it reads" in lines[0]
+    assert (tmp_path / "IN").read_text(encoding="utf-8") == "the cat sat on the mat\n"
