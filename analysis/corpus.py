@@ -457,7 +457,7 @@ class CorpusResult:
     level: float = LEVEL
     query_position: int | None = None  # as asked (negative: from the end); None: each text's default query token
     exclude_special_keys: bool = False
-    exclude_bos: bool = True
+    exclude_bos: bool | None = True  # None: a results folder from before it, position 0 out of every text's scores
 
     @property
     def n_analysed(self) -> int:

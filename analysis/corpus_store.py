@@ -696,8 +696,11 @@ def load_results(path: str | Path, n_boot: int = N_BOOT, seed: int = SEED, level
     texts = tuple(TextRecord(number, text_excerpt, n_tokens, error) for number, text_excerpt, n_tokens, error in zip(
         table["number"].to_pylist(), table["excerpt"].to_pylist(), table["n_tokens"].to_pylist(),
         table["error"].to_pylist()))
+    # a folder from before exclude_bos (e18b81f): exclude_first_token also left position 0 out of every text's head
+    # scores, special or not, a rule no exclude_bos of today's is (None); kept, it is exclude_bos false
+    exclude_bos = settings.get("exclude_bos", None if settings["exclude_first_token"] else False)
     return CorpusResult(model={key: model.get(key) for key in MODEL_KEYS}, texts=texts, values=values,
                         layer_values=layer_values, means=means, low=low, high=high,
                         exclude_first_token=bool(settings["exclude_first_token"]),
                         exclude_current_token=bool(settings["exclude_current_token"]), n_boot=n_boot, seed=seed,
-                        level=level)
+                        level=level, exclude_bos=exclude_bos)

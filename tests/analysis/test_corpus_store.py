@@ -150,6 +150,31 @@ def test_a_changed_text_is_analysed_again_and_a_broken_part_is_set_aside(gpt2, t
     assert result.n_analysed == 6
 
 
+@pytest.mark.parametrize("exclude_first_token", [True, False])
+def test_a_folder_from_before_exclude_bos_reads_under_the_rule_its_rows_were_measured_with(gpt2, tmp_path,
+                                                                                         exclude_first_token):
+    """Before exclude_bos (e18b81f), exclude_first_token also left position 0 out of every text's head scores, a GPT-2
+    first word too; the reader labelled such a folder exclude_bos: true (position 0 out only when special), so its
+    JSON and page claimed today's rule for numbers measured under the old one. The folder, as that version wrote it:
+    a manifest without exclude_bos."""
+    from reports.html import render_corpus_report
+
+    path = tmp_path / "in.txt"
+    path.write_text("the cat sat\n", encoding="utf-8")
+    run_local(gpt2, iter_records(path), tmp_path / "res", exclude_first_token=exclude_first_token)
+    assert load_results(tmp_path / "res").to_dict()["settings"]["exclude_bos"] is True  # today's folder
+    manifest_path = tmp_path / "res" / "corpus.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["settings"]["exclude_bos"], manifest["settings"]["unk_is_word"]
+    manifest_path.write_text(json.dumps(manifest))
+    old = load_results(tmp_path / "res")
+    # position 0 out of every text's head scores: no value of today's exclude_bos; kept: exclude_bos false
+    assert old.to_dict()["settings"]["exclude_bos"] is (None if exclude_first_token else False)
+    page = render_corpus_report(old)
+    assert ("exclude BOS from the head scores: position 0 of every text" in page) is exclude_first_token
+    assert ("exclude BOS from the head scores: no" in page) is not exclude_first_token
+
+
 def test_a_results_folder_refuses_another_model_or_settings(gpt2, bert, tmp_path):
     path = tmp_path / "in.txt"
     path.write_text("the cat sat\n", encoding="utf-8")
