@@ -25,7 +25,7 @@ from analysis import __version__
 from analysis.errors import HeadscopeError
 from analysis.heads import key_head_of
 from analysis.parity import PARITY_FAILED, describe_tolerance, describe_tolerances, result_parity_failures
-from analysis.results import AnalysisResult
+from analysis.results import SCHEMA, AnalysisResult
 from analysis.schema import parse_json, validate_beyond, validate_results
 from reports.charts import (
     SCORE_EXPLANATIONS,
@@ -149,6 +149,10 @@ EMBED_SCRIPT = """\
 })();
 """
 NOT_A_REPORT = "{path} holds no headscope results (no <script id=\"headscope-results\">): is it a headscope report?"
+# headscope's first reports (2026-11-28, before a0c2e3e) embedded headscope.results/1 without head scores
+BEFORE_HEAD_SCORES = ("{path} was written before headscope computed head scores (its results JSON has none, which "
+                      "this headscope's require): read it with the headscope that wrote it, whose git commit the page "
+                      "names under 'What produced this report'.")
 
 ENV = Environment(
     loader=FileSystemLoader(TEMPLATES),
@@ -811,7 +815,10 @@ def results_from_page(page: str, name: str = "The report") -> dict:
     if text is None:
         raise HeadscopeError(NOT_A_REPORT.format(path=name))
     what = f"The results JSON in {name}"
-    return validate_results(parse_json(text, what), what)
+    data = parse_json(text, what)
+    if isinstance(data, dict) and data.get("schema") == SCHEMA and "head_scores" not in data:
+        raise HeadscopeError(BEFORE_HEAD_SCORES.format(path=name))
+    return validate_results(data, what)
 
 
 def with_probe_results(doc: dict, probe: AnalysisResult | dict) -> dict:

@@ -377,3 +377,25 @@ def test_flags_that_share_a_dest_are_named_together(tmp_path, capsys):
     """--text and --text-json fill one value: a refusal names both, as argparse cannot tell which was typed."""
     args = parse_arguments(build_parser(), ["--text-json", '"x"'])
     assert args.text == "x" and getattr(args, GIVEN) == ("--text/--text-json",)
+
+
+def _first_reports_results(data: dict) -> None:
+    """The results as headscope's first reports embedded them (b50553b..2958e2f, 2026-11-28, before a0c2e3e added the
+    head scores): no head_scores, settings of exclude_first_token alone, a model without device_map and local_path."""
+    del data["head_scores"]
+    data["settings"] = {"exclude_first_token": data["settings"]["exclude_first_token"]}
+    for key in ("device_map", "local_path"):
+        data["model"].pop(key, None)
+
+
+def test_a_report_from_before_the_head_scores_is_refused_as_such_in_one_line(gpt2_path, tmp_path, capsys):
+    """A report of headscope's first days claims headscope.results/1 but has no head scores: not a damaged file (as
+    'lacks the field head_scores' read), one line saying it predates them and where the page names its commit."""
+    _, page = write_both(capsys, tmp_path, "--model", gpt2_path, "--text", REPEATS, "--layer", "2")
+    payload = _edit(_first_reports_results)(embedded(page, RESULTS_ID))
+    code, lines = run_cli(capsys, "--from-report", tampered(tmp_path / "report.html", tmp_path, RESULTS_ID, payload),
+                          "--json", tmp_path / "out.json")
+    assert_one_line_error(code, lines)
+    assert code == 2 and re.search(r"tampered\.html was written before headscope computed head scores .*read it with "
+                                   r"the headscope that wrote it, .*What produced this report", lines[0]), lines[0]
+    assert not (tmp_path / "out.json").exists()
