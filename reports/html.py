@@ -150,6 +150,7 @@ EMBED_SCRIPT = """\
 """
 NOT_A_REPORT = "{path} holds no headscope results (no <script id=\"headscope-results\">): is it a headscope report?"
 # headscope's first reports (2026-11-28, before a0c2e3e) embedded headscope.results/1 without head scores
+FIRST_SETTINGS = {"exclude_first_token"}  # all the settings those reports recorded (later ones record more)
 BEFORE_HEAD_SCORES = ("{path} was written before headscope computed head scores (its results JSON has none, which "
                       "this headscope's require): read it with the headscope that wrote it, whose git commit the page "
                       "names under 'What produced this report'.")
@@ -816,8 +817,9 @@ def results_from_page(page: str, name: str = "The report") -> dict:
         raise HeadscopeError(NOT_A_REPORT.format(path=name))
     what = f"The results JSON in {name}"
     data = parse_json(text, what)
-    if isinstance(data, dict) and data.get("schema") == SCHEMA and "head_scores" not in data:
-        raise HeadscopeError(BEFORE_HEAD_SCORES.format(path=name))
+    if (isinstance(data, dict) and data.get("schema") == SCHEMA and "head_scores" not in data
+            and isinstance(data.get("settings"), dict) and set(data["settings"]) <= FIRST_SETTINGS):
+        raise HeadscopeError(BEFORE_HEAD_SCORES.format(path=name))  # else a damaged one: the schema's line
     return validate_results(data, what)
 
 

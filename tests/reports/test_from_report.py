@@ -399,3 +399,8 @@ def test_a_report_from_before_the_head_scores_is_refused_as_such_in_one_line(gpt
     assert code == 2 and re.search(r"tampered\.html was written before headscope computed head scores .*read it with "
                                    r"the headscope that wrote it, .*What produced this report", lines[0]), lines[0]
     assert not (tmp_path / "out.json").exists()
+    damaged = _edit(lambda d: d.pop("head_scores"))(embedded(page, RESULTS_ID))  # today's, its head scores cut out
+    code, lines = run_cli(capsys, "--from-report", tampered(tmp_path / "report.html", tmp_path, RESULTS_ID, damaged),
+                          "--json", tmp_path / "out.json")
+    assert code == 2 and lines[0].endswith("is not a headscope.results/1 document: the document lacks the field "
+                                           "'head_scores'."), lines[0]
