@@ -150,6 +150,9 @@ EMBED_SCRIPT = """\
 """
 NOT_A_REPORT = "{path} holds no headscope results (no <script id=\"headscope-results\">): is it a headscope report?"
 # headscope's first reports (2026-11-28, before a0c2e3e) embedded headscope.results/1 without head scores
+CORPUS_PAGE = ("{path} is a corpus report (means over many texts), which --from-report does not read: it reads one "
+               "text's report (the --batch folder's report-NNNN.html), and --from-results DIR --json OUT gives a "
+               "results folder's means as JSON.")
 FIRST_SETTINGS = {"exclude_first_token"}  # all the settings those reports recorded (later ones record more)
 BEFORE_HEAD_SCORES = ("{path} was written before headscope computed head scores (its results JSON has none, which "
                       "this headscope's require): read it with the headscope that wrote it, whose git commit the page "
@@ -814,7 +817,8 @@ def results_from_page(page: str, name: str = "The report") -> dict:
     """The validated headscope.results/1 document in a report's text (see read_report_results)."""
     text = _embedded(page, RESULTS_ID)
     if text is None:
-        raise HeadscopeError(NOT_A_REPORT.format(path=name))
+        raise HeadscopeError((CORPUS_PAGE if _embedded(page, CORPUS_ID) is not None else NOT_A_REPORT).format(
+            path=name))
     what = f"The results JSON in {name}"
     data = parse_json(text, what)
     if (isinstance(data, dict) and data.get("schema") == SCHEMA and "head_scores" not in data

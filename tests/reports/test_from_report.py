@@ -404,3 +404,18 @@ def test_a_report_from_before_the_head_scores_is_refused_as_such_in_one_line(gpt
                           "--json", tmp_path / "out.json")
     assert code == 2 and lines[0].endswith("is not a headscope.results/1 document: the document lacks the field "
                                            "'head_scores'."), lines[0]
+
+
+def test_a_corpus_page_is_named_as_such_not_as_no_report(gpt2_path, tmp_path, capsys):
+    """--from-report of a --batch folder's corpus.html said 'holds no headscope results: is it a headscope report?',
+    of headscope's own page; it says what the page is and what reads what."""
+    batch = tmp_path / "texts.txt"
+    batch.write_text("The cat sat on the mat.\nA dog ran home.\n", encoding="utf-8")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", batch, "--out-dir", tmp_path / "out")
+    assert code == 0, lines
+    code, lines = run_cli(capsys, "--from-report", tmp_path / "out" / "corpus.html", "--json", tmp_path / "c.json")
+    assert_one_line_error(code, lines)
+    assert code == 2 and "corpus.html is a corpus report (means over many texts)" in lines[0], lines[0]
+    assert "report-NNNN.html" in lines[0] and not (tmp_path / "c.json").exists()
+    assert read_back(capsys, tmp_path / "out" / "report-0001.html", tmp_path / "one.json")["text"] == (
+        "The cat sat on the mat.")
