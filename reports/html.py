@@ -150,6 +150,7 @@ EMBED_SCRIPT = """\
 """
 NOT_A_REPORT = "{path} holds no headscope results (no <script id=\"headscope-results\">): is it a headscope report?"
 # headscope's first reports (2026-11-28, before a0c2e3e) embedded headscope.results/1 without head scores
+TITLE_MODEL_CHARS = 40  # of a model id at the end of a report chart's title (_short_title)
 CORPUS_PAGE = ("{path} is a corpus report (means over many texts), which --from-report does not read: it reads one "
                "text's report (the --batch folder's report-NNNN.html), and --from-results DIR --json OUT gives a "
                "results folder's means as JSON.")
@@ -610,9 +611,22 @@ def _share_specs(pool: DataPool, charts: list[dict]) -> None:
         chart["spec"] = spec
 
 
+def _short_title(spec: dict) -> dict:
+    """The spec with a long model id at the end of its title ("... · layer 6 · MODEL") cut to its last
+    TITLE_MODEL_CHARS characters: Vega draws a title on one line, so a local checkpoint's long path made the chart,
+    and the page, wider than the window. The page's "What produced this report" names the whole id."""
+    title = spec.get("title")
+    text = title.get("text") if isinstance(title, dict) else None
+    if isinstance(text, str) and " · " in text:
+        head, model = text.rsplit(" · ", 1)
+        if len(model) > TITLE_MODEL_CHARS:
+            spec["title"] = {**title, "text": f"{head} · …{model[-(TITLE_MODEL_CHARS - 1):]}"}
+    return spec
+
+
 def _chart_context(chart, chart_id: str, pool: DataPool | None = None) -> dict:
     """A chart's spec for a page; with a pool its datasets move there (without one they stay in the spec)."""
-    spec = chart.to_dict()
+    spec = _short_title(chart.to_dict())
     rows = sum(len(values) for values in spec.get("datasets", {}).values())
     names = pool.add(spec) if pool is not None else []
     return {"id": chart_id, "spec": spec, "datasets": " ".join(names),
