@@ -15,6 +15,7 @@ from tests.conftest import REPEATS
 from tests.lm_checkpoints import tiny_gpt2_lm
 from tests.reports.test_cli import assert_one_line_error, run_cli
 from tests.reports.test_html import PAYLOAD
+from tests.reports.test_provenance import assert_same_results
 from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
 
 
@@ -103,8 +104,9 @@ def test_compare_of_two_depths_records_a_command_that_measures_each_models_every
     again[again.index("--json") + 1] = str(tmp_path / "again.json")
     assert run_cli(capsys, *again)[0] == 0
     rerun = json.loads((tmp_path / "again.json").read_text())
-    assert list(rerun["b"]["layers"]) == list(data["b"]["layers"]) and rerun["qk_stats"] == data["qk_stats"]
-    assert rerun["neuron"] == data["neuron"]
+    assert list(rerun["b"]["layers"]) == list(data["b"]["layers"])
+    assert_same_results(rerun["qk_stats"], data["qk_stats"])
+    assert_same_results(rerun["neuron"], data["neuron"])
 
 
 def test_compare_with_a_shallower_model_and_the_neuron_view_records_a_command_that_runs(lm_paths, tmp_path,
@@ -126,7 +128,7 @@ def test_compare_with_a_shallower_model_and_the_neuron_view_records_a_command_th
     code, lines = run_cli(capsys, *again)
     assert code == 0, lines
     rerun = json.loads((tmp_path / "again.json").read_text())
-    assert rerun["neuron"] == data["neuron"] and rerun["qk_stats"] == data["qk_stats"]
+    assert_same_results([rerun["neuron"], rerun["qk_stats"]], [data["neuron"], data["qk_stats"]])
 
 
 def test_compare_with_a_shallower_model_reports_the_layer_its_command_recomputes(lm_paths, tmp_path, capsys):
@@ -147,7 +149,7 @@ def test_compare_with_a_shallower_model_reports_the_layer_its_command_recomputes
     code, lines = run_cli(capsys, *command)
     assert code == 0, lines
     again = read_report_results(tmp_path / "again.html")
-    assert again["layers"] == results["layers"] and again["head_scores"] == results["head_scores"]
+    assert_same_results([again["layers"], again["head_scores"]], [results["layers"], results["head_scores"]])
 
 
 def test_compare_measures_both_models_with_the_query_and_exclusions(lm_paths, tmp_path, capsys):

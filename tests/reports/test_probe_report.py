@@ -16,7 +16,7 @@ from reports.__main__ import build_parser, main
 from reports.html import PROBE_ID, read_report_results, render_report
 from tests.conftest import FIJI
 from tests.reports.test_cli import run_cli
-from tests.reports.test_provenance import results_of, run_recorded
+from tests.reports.test_provenance import assert_same_results, results_of, run_recorded
 from tests.reports.test_report_browser import DRAWN, open_offline, wait_for_charts
 
 
@@ -124,7 +124,8 @@ def test_with_probe_and_json_alone_records_a_command_that_gives_back_the_probe(g
     assert (args.with_probe, args.probe_seed, args.layer, args.json) == (12, 4, [2], Path("results.json"))
     run_recorded(command, tmp_path / "elsewhere")
     again = json.loads((tmp_path / "elsewhere" / "results.json").read_text(encoding="utf-8"))
-    assert results_of(again) == results_of(doc) and again["probe"]["settings"]["induction_probe"]["length"] == 12
+    assert_same_results(results_of(again), results_of(doc))
+    assert again["probe"]["settings"]["induction_probe"]["length"] == 12
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
