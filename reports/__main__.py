@@ -204,8 +204,8 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_results_arguments(parser, args) -> None:
     if args.results is not None or args.from_results is not None:
-        if query_flags(args):
-            given = query_flags(args)
+        given = query_flags(args)
+        if given:
             parser.error(RESULTS_QUERY.format(flags=join_flags(given), it="it" if len(given) == 1 else "them"))
         layers = [flag for flag in getattr(args, GIVEN, ()) if flag in LAYER_FLAGS]  # run_results reads none of them
         if layers:
@@ -487,12 +487,12 @@ def chosen_layers(args, n_layers: int) -> list[int] | None:
     return None if args.all_layers else (args.layer or [default_layer(n_layers)])
 
 
-def analyse(loaded, text: str, args, n_layers: int | None = None):
+def analyse(loaded, text: str, args, n_layers: int):
     """The patterns are kept only when something shows them: --patterns, or a report's heatmaps. `n_layers`: the
-    layers the default layer is chosen among (beyond_cli.shared_layers), else the model's."""
+    layers the default layer is chosen among (beyond_cli.shared_layers)."""
     from analysis import analyze, analyze_induction_probe
 
-    layers = chosen_layers(args, loaded.info.n_layers if n_layers is None else n_layers)
+    layers = chosen_layers(args, n_layers)
     keep = args.patterns or args.html is not None or args.batch is not None or args.figures is not None
     options = {"exclude_first_token": not args.include_first_token, "keep_patterns": keep,
                **query_options(args)}
