@@ -36,6 +36,7 @@ from analysis.errors import HeadscopeError
 from analysis.head_scores import ScorePlan
 from analysis.metrics import (
     SPREAD_INPUTS,
+    center_dot_products,
     compute_pattern,
     compute_qk_measures_t,
     compute_spread_measures_t,
@@ -88,6 +89,7 @@ TEXTS_AT_ONCE = {"cpu": False, "cuda": True}
 # a plan each: the corpus's host-bound cost on an H200).
 TEXTS_BUDGET = {"cpu": WORK_BUDGET["cpu"], "cuda": 4 * WORK_BUDGET["cuda"]}
 READOUTS = ("final_to_prev", "self_attention", "first_self", "sink_mass")
+CENTERED = ("same_head_dp_centered", "diff_head_dp_centered")  # made on the host from the raw ones and "dp_offset"
 MEASURE_NAMES = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "same_head_dp_centered",
                  "diff_head_dp_centered", "mannwhitney", "mannwhitney_centered", "dp_counts")  # what Capture.measures
 # can hold (a corpus pass measured at once keeps the Mann-Whitney parts and the groups' sizes, not the dot products)
@@ -376,7 +378,8 @@ class _Recorder:
                 layers = tuple(layer for group in groups for layer in group)
                 spread = compute_spread_measures_t(measures)  # {name: [layer, ...]}
                 text.device.update({(layers, name): tensor for name, tensor in spread.items()})
-        waiting = {(i, *key): tensor for i, text in enumerate(self.texts) for key, tensor in text.device.items()}
+        waiting = {(i, *key): tensor for i, text in enumerate(self.texts) for key, tensor in text.device.items()
+                   if key[1] not in CENTERED}  # the host centers the raw dot products with the offsets (collect)
         waiting.update({(None, *key): _cat(chunks) for key, chunks in self.together.items()})  # [text, layer, ...]
         self.copies.append(send_to_host(waiting))
         for text in self.texts:
@@ -394,6 +397,12 @@ class _Recorder:
                     rows = ((self.texts[i], values),)
                 for text, per_layer in rows:
                     text.host.update({(layer, name): row for layer, row in zip(layers, per_layer)})
+        for text in self.texts:
+            for layer in [layer for layer, name in text.host if name == "dp_offset"]:
+                offset = text.host.pop((layer, "dp_offset"))  # [head, kv_head]
+                centered = center_dot_products(text.host[layer, "same_head_dp"], text.host[layer, "diff_head_dp"],
+                                               offset)  # (same, diff), bit for bit the device's
+                text.host.update({(layer, name): values for name, values in zip(CENTERED, centered)})
         self.copies = []
 
     def finish(self) -> None:

@@ -224,14 +224,24 @@ def compute_centered_dot_products(q: np.ndarray, k: np.ndarray, exclude_first_to
     """
     p, keys_at = compared_keys(q.shape[1], exclude_first_token, query_position, causal=causal, skip=skip)
     compared = k[:, keys_at]  # [kv_head, k_pos, d_head]: the keys compute_dot_products uses
-    n_heads, n_kv, n_keys = q.shape[0], k.shape[0], compared.shape[1]
-    if n_keys == 0:
+    if compared.shape[1] == 0:
         return np.empty(0), np.empty(0)
     if dots is None:
         dots = compute_dot_products(q, k, exclude_first_token, query_position, causal=causal, skip=skip)
-    same, diff = dots
     mean_key = compared.mean(axis=1, dtype=np.float64)  # [kv_head, d_head]
     offset = q[:, p].astype(np.float64) @ mean_key.T  # [head, d] @ [d, kv_head] -> [head, kv_head]
+    return center_dot_products(*dots, offset)
+
+
+def center_dot_products(same: np.ndarray, diff: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (same [head * k_pos], diff [head * (kv_head - 1) * k_pos]) less each (query head, key head) group's
+    offset [head, kv_head], q.mean_key: the centered dot products in the same order. The device sends the raw ones
+    and the offsets, and the host centers them here with the device's own float64 subtraction (bit for bit the
+    numbers compute_both_dot_products_t made there, at half the bytes to copy)."""
+    n_heads, n_kv = offset.shape
+    n_keys = same.size // n_heads if n_heads else 0
+    if n_keys < 2:  # q.(k - mean_key) is exactly 0 for a single key (compute_both_dot_products_t)
+        return np.zeros_like(same), np.zeros_like(diff)
     own = key_head_of(n_heads, n_kv)[:, None] == np.arange(n_kv)[None, :]  # [head, kv_head]
     same = same.reshape(n_heads, n_keys) - offset[own][:, None]  # [head, k_pos]
     diff = diff.reshape(n_heads, n_kv - 1, n_keys) - offset[~own].reshape(n_heads, n_kv - 1)[..., None]  # [h, g-1, k]
@@ -360,15 +370,38 @@ def compute_both_dot_products_t(q: torch.Tensor, k: torch.Tensor, exclude_first_
     """compute_dot_products_t's raw and centered results, ((same, diff), (same, diff)), from one product of the
     query with its keys: the centered ones are q.k - q.mean_key, as compute_centered_dot_products takes them (the
     same numbers to rounding as q.(k - mean_key), with one product over the keys instead of two)."""
+    (same, diff), offset = compute_dot_products_offset_t(q, k, exclude_first_token, query_position, causal=causal,
+                                                         skip=skip)
+    return (same, diff), _center_t(same, diff, offset)
+
+
+def compute_dot_products_offset_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token: bool = True,
+                                  query_position: int = -1, *, causal: bool = True,
+                                  skip=None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """((same, diff), offset): compute_dot_products_t's raw dot products and each (query head, key head) group's
+    offset q.mean_key [..., head, kv_head] float64, which center_dot_products (host) and _center_t (device)
+    subtract, the same float64 operation on either side."""
     final_q, keys = _query_and_keys(q, k, exclude_first_token, query_position, causal, skip)
     raw = torch.einsum("...hd,...gkd->...hgk", final_q, keys)  # [.., head, d] . [.., g, k, d] -> [.., head, g, k]
-    if keys.shape[-2] > 1:
+    if keys.shape[-2]:
         offset = torch.einsum("...hd,...gd->...hg", final_q, keys.mean(dim=-2))  # [.., h, d] . [.., g, d] -> [.., h, g]
-        centered = raw - offset[..., None]  # [..., head, kv_head, k]
-    else:  # q.(k - mean_key) is exactly 0 for a single key, where q.k - q.mean_key would be rounding noise
-        centered = torch.zeros_like(raw)  # [..., head, kv_head, k]
-    same, diff = _same_and_diff(torch.stack([raw, centered]))  # [2, ..., head * k], [2, ..., head * (g - 1) * k]
-    return (same[0], diff[0]), (same[1], diff[1])
+    else:  # no key: nothing to center
+        offset = raw.new_zeros(raw.shape[:-1])  # [..., head, kv_head]
+    return _same_and_diff(raw), offset
+
+
+def _center_t(same: torch.Tensor, diff: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """center_dot_products on the device, for leading dims too: same [..., head * k], diff [..., head * (g-1) * k],
+    offset [..., head, kv_head]."""
+    lead, (n_heads, n_kv) = offset.shape[:-2], offset.shape[-2:]
+    n_keys = same.shape[-1] // n_heads if n_heads else 0
+    if n_keys < 2:  # q.(k - mean_key) is exactly 0 for a single key, where q.k - q.mean_key would be rounding noise
+        return torch.zeros_like(same), torch.zeros_like(diff)
+    heads, own, others = _head_index(n_heads, n_kv, offset.device)  # [head], [head], [head, g - 1]
+    same = same.view(*lead, n_heads, n_keys) - offset[..., heads, own][..., None]  # [..., head, k]
+    others = offset[..., heads[:, None], others]  # [..., head, kv_head - 1]: each query head's other key heads
+    diff = diff.view(*lead, n_heads, n_kv - 1, n_keys) - others[..., None]  # [..., head, kv_head - 1, k]
+    return same.flatten(-2), diff.flatten(-3)
 
 
 def _same_and_diff(dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -549,9 +582,10 @@ def compute_qk_measures_t(q: torch.Tensor, k: torch.Tensor, exclude_first_token:
     else:
         out["q_means"], out["q_stds"] = compute_head_stats_t(q, exclude_first_token)
         out["k_means"], out["k_stds"] = compute_head_stats_t(k, exclude_first_token)
-    raw, centered = compute_both_dot_products_t(q, k, exclude_first_token, query_position, causal=causal, skip=skip)
+    raw, offset = compute_dot_products_offset_t(q, k, exclude_first_token, query_position, causal=causal, skip=skip)
     out["same_head_dp"], out["diff_head_dp"] = raw
-    out["same_head_dp_centered"], out["diff_head_dp_centered"] = centered
+    out["same_head_dp_centered"], out["diff_head_dp_centered"] = _center_t(*raw, offset)
+    out["dp_offset"] = offset  # [..., head, kv_head]: what a pass sends to the host in place of the centered ones
     return out
 
 

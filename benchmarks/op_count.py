@@ -12,7 +12,9 @@ recorder: `measure` (`record`, once per layer in the pass, and `measure_group`, 
 capture.GROUP_BUDGET stacks: the pattern rebuilt and reduced in blocks of query rows, the q/k statistics and dot
 products) and `flush` (after the pass: every layer's Mann-Whitney parts and KDEs in batched operations, then one
 copy to the host). It also counts the copies to the host (calls of
-patterns.send_to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder) and the device syncs of `.item()`.
+patterns.send_to_host, and of Tensor.cpu/numpy/tolist/item inside the recorder), the bytes of those copies
+(`to_host_mib`: the dot products' count does not depend on the heads' widths, so this is the real shapes' figure)
+and the device syncs of `.item()`.
 tests/analysis/test_op_count.py holds the per-layer and after-the-pass counts to the bounds stated there.
 
 Then, per shape, a corpus run (count_corpus_ops: corpus.capture_texts of 64 texts of 56-71 tokens, `--corpus-batch`
@@ -82,7 +84,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     """{"measure": operations measuring the layers (in the pass, early copies to the host included), "flush": after
     the pass, "measure_launches"/"flush_launches":
     those that are not views (kernels on a GPU), "groups": layer groups measured, "to_host": calls of
-    patterns.send_to_host, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
+    patterns.send_to_host, "to_host_mib": the bytes they copied, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
     syncs), "syncs": aten.item dispatches, "measure_gib"/"flush_gib": their memory traffic, "peak_mib": the most
     their tensors held at once, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not kept,
     with a GPU's sizes and routes (capture.WORK_BUDGET, capture.GROUP_BUDGET, capture.HOLD_BUDGET,
@@ -137,7 +139,7 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
     launches = {"measure": Counter(), "flush": Counter()}  # the operations that are not views: kernels on a GPU
     traffic = {"measure": 0, "flush": 0}  # bytes those operations read and write
     alive, memory = {}, [0, 0]  # storages they made and still alive: bytes now, the peak
-    copies, groups = [0], [0]
+    copies, groups, sent_bytes = [0], [0], [0]
     methods = {"record": "measure", "measure_groups": "measure", "measure_group": "measure",
                "flush": "flush", "collect": "flush"}  # recorder method -> phase
     originals = {name: getattr(capture._Recorder, name) for name in methods}
@@ -168,7 +170,9 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
 
     def send_to_host(tensors):
         copies[0] += 1
-        return original_send(tensors)
+        sent = original_send(tensors)
+        sent_bytes[0] += sent.buffer.nbytes
+        return sent
 
     def watched(name):
         def method(self, *args, **kwargs):
@@ -213,7 +217,8 @@ def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bo
             **{f"{name}_launches": sum(counter.values()) for name, counter in launches.items()},
             "measure_gib": round(traffic["measure"] / 2**30, 2), "flush_gib": round(traffic["flush"] / 2**30, 2),
             "peak_mib": round(memory[1] / 2**20, 1),
-            "groups": groups[0], "to_host": copies[0], "host_calls": dict(host_calls), "syncs": syncs,
+            "groups": groups[0], "to_host": copies[0], "to_host_mib": round(sent_bytes[0] / 2**20, 2),
+            "host_calls": dict(host_calls), "syncs": syncs,
             "layers": loaded.info.n_layers}
 
 

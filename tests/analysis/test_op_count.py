@@ -76,3 +76,36 @@ def test_a_corpus_pass_measures_its_texts_at_once():
     alone, together = (count_corpus_ops(loaded, texts, size) for size in (1, 16))
     assert alone["to_host"] == 16 and together["to_host"] <= 4  # a copy a pass (16 texts of up to 3 widths)
     assert together["launches_per_text"] < alone["launches_per_text"] / 4
+
+
+def test_the_centered_dot_products_are_centered_on_the_host_bit_for_bit(monkeypatch):
+    """The device sends the raw dot products and one offset per (query head, key head), not the centered ones too
+    (half the bytes: the dot products are most of what a long text sends); the host's subtraction is the device's
+    own, so the centered numbers are the ones the device made, bit for bit. A grouped-query model (Llama shape)."""
+    import importlib
+
+    from analysis import analyze_ids
+
+    capture = importlib.import_module("analysis.capture")
+    metrics = importlib.import_module("analysis.metrics")
+    monkeypatch.setattr(metrics, "NUMPY_ON_CPU", False)  # the route a GPU runs: the Mann-Whitney ranks on the device
+    loaded = build_small("llama-0.7b", 2)
+    ids = np.random.default_rng(2).integers(3, 400, 30)  # [pos]
+    made, sent = [], []
+    real_measures, real_send = capture.compute_qk_measures_t, capture.send_to_host
+
+    def measures(*args, **kwargs):
+        out = real_measures(*args, **kwargs)
+        made.append({name: out[name].clone() for name in capture.CENTERED})  # [layer, ...] as the device made them
+        return out
+
+    monkeypatch.setattr(capture, "compute_qk_measures_t", measures)
+    monkeypatch.setattr(capture, "send_to_host", lambda tensors: sent.extend(tensors) or real_send(tensors))
+    result = analyze_ids(loaded, ids, attention="sdpa")
+    assert sent and not [key for key in sent if key[-1] in capture.CENTERED]
+    device = {name: np.concatenate([found[name].numpy() for found in made]) for name in capture.CENTERED}
+    for layer, measured in result.layers.items():  # groups in layer order: row `layer` of the stacked rows
+        stats = measured.dp_stats
+        assert np.array_equal(stats.same_head_dp_centered, device["same_head_dp_centered"][layer])
+        assert np.array_equal(stats.diff_head_dp_centered, device["diff_head_dp_centered"][layer])
+        assert stats.diff_head_dp_centered.size == 32 * 7 * (ids.size - 2) and np.abs(stats.diff_head_dp_centered).max()
