@@ -58,6 +58,8 @@ PACKAGE = Path(__file__).resolve().parent  # analysis/, shipped to a cluster joi
 REVISION_CHANGED = "worker loaded {model} at revision {got}, not {expected}: the nodes see different weights."
 NO_GPUS = "--device cuda, but the Ray cluster has no GPUs: use --device cpu (or auto)."
 RAY_FAILED = "The Ray run failed ({kind}): {message}"
+NO_RAY = ("--engine ray needs Ray Data, and {module} cannot be imported ({reason}): pip install 'headscope[ray]' "
+          "(or pip install -r requirements-dev.txt), or run with --engine local.")
 
 
 def _records_table(records: list[dict], done: frozenset) -> pa.Table:
@@ -201,9 +203,11 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings).
     A rerun first compares the input with the folder's rows in this process, before Ray starts and any model loads
     (ResultsFolder.check_rerun)."""
-    import ray
-    import ray.data
-
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:  # Ray not installed, or without its data extra: one line, not a traceback
+        raise HeadscopeError(NO_RAY.format(module=exc.name or "ray", reason=exc)) from None
     _without_fsspec_http()
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -362,3 +362,16 @@ def test_the_app_never_imports_ray(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "RAY MODULES: []" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("missing", ["ray", "ray.data"])
+def test_engine_ray_without_ray_installed_is_one_line(corpus_file, tmp_path, capsys, monkeypatch, missing):
+    # a machine without the ray extra (or Ray without its data part): a traceback, exit 1, before; the model named
+    # does not exist, so the line seen is Ray's, said before any model loads, and nothing is written
+    monkeypatch.setitem(sys.modules, missing, None)  # import ray / import ray.data raises ImportError
+    code, lines = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", corpus_file, "--results",
+                          tmp_path / "res", "--engine", "ray")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"headscope: error: --engine ray needs Ray Data, and {missing} cannot be imported")
+    assert "pip install 'headscope[ray]'" in lines[0] and "--engine local" in lines[0]
+    assert not (tmp_path / "res").exists()
