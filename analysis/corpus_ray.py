@@ -199,8 +199,10 @@ def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> 
 def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, text_column: str = "text",
             device: str = "cpu", dtype: str = "float32", exclude_first_token: bool = True,
             exclude_current_token: bool = False, batch_size: int = 16, address: str | None = None,
-            workers: int | None = None, num_cpus: int | None = None, input_changed: bool = False) -> dict:
-    """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings).
+            workers: int | None = None, num_cpus: int | None = None, input_changed: bool = False,
+            command: str | None = None) -> dict:
+    """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings, the
+    Ray settings and `command`, the command line that ran it: the corpus page shows them).
     A rerun first compares the input with the folder's rows in this process, before Ray starts and any model loads
     (ResultsFolder.check_rerun)."""
     try:
@@ -223,6 +225,10 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         if started_here:
             _init_ray(ray, address, num_cpus, temp_dir)
         ready = time.perf_counter()
+        # where the run went, for its entry: a Ray this call started, a cluster it joined, or the caller's own Ray
+        # (already initialised: `address` is not used then, so the entry says which instance ran it)
+        instance = "already running" if not started_here else "joined" if address else "started"
+        gcs_address = ray.get_runtime_context().gcs_address
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # row numbers of Parquet inputs follow the file order
         context.enable_progress_bars = False
@@ -269,6 +275,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     run = {"engine": "ray", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
            "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "new_failed": failed, "skipped": kept,
            "dropped": dropped, "relabelled": relabelled, "retried": len(retry), "recovered": len(recovered),
-           "batch_size": batch_size, "workers": workers, "address": address, "device": device}
+           "batch_size": batch_size, "workers": workers, "address": address, "ray_instance": instance,
+           "gcs_address": gcs_address, "device": device, "command": command}
     folder.finish_run(run)
     return run

@@ -602,8 +602,9 @@ def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
 def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolder | str | Path, source: str = "",
               text_column: str = "text", exclude_first_token: bool = True, exclude_current_token: bool = False,
               batch_size: int = 16, flush_rows: int = FLUSH_ROWS, progress: Progress | None = None,
-              input_changed: bool = False, checked: InputChange | None = None) -> dict:
-    """The local engine: analyse every record without a row in `folder`, in this process; returns the run entry.
+              input_changed: bool = False, checked: InputChange | None = None, command: str | None = None) -> dict:
+    """The local engine: analyse every record without a row in `folder`, in this process; returns the run entry
+    (`command`: the command line that ran it, recorded in the entry and shown on the corpus page).
 
     `source` is the input's path: a rerun into a folder that holds rows reads it once more to compare its records
     with the rows before analysing (ResultsFolder.check_rerun; `input_changed` lets it drop rows). A caller that
@@ -663,7 +664,8 @@ def run_local(loaded: LoadedModel, records: Iterable[dict], folder: ResultsFolde
     folder.drop_replaced(recovered, parts_before)
     run = {"engine": "local", "started": started, "finished": _now(), "seconds": round(time.perf_counter() - clock, 3),
            "records": seen, "new_rows": written, "new_failed": failed, "skipped": skipped, "dropped": dropped,
-           "relabelled": relabelled, "retried": retried, "recovered": len(recovered), "batch_size": batch_size}
+           "relabelled": relabelled, "retried": retried, "recovered": len(recovered), "batch_size": batch_size,
+           "command": command}
     folder.finish_run(run)
     return run
 

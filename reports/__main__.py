@@ -698,12 +698,12 @@ def _write_batch_entry(number: int, text, result, layers, acc, assets, args) -> 
 
 def write_corpus_outputs(results: Path, args) -> None:
     """--html: the corpus report, --json: its means and intervals, both from the results folder's rows."""
-    from analysis.corpus_store import load_results
+    from analysis.corpus_store import ResultsFolder, load_results
     from reports.html import render_corpus_report
 
     corpus = load_results(results)
-    if args.html is not None:
-        write_text(args.html, render_corpus_report(corpus))
+    if args.html is not None:  # the page names the input and the runs that wrote the rows (engine, command)
+        write_text(args.html, render_corpus_report(corpus, manifest=ResultsFolder(results).read_manifest()))
     if args.json is not None:
         write_json(corpus.to_dict(), args.json)
     outputs = " and ".join(visible(str(out)) for out in (args.html, args.json) if out is not None)
@@ -721,7 +721,7 @@ def run_results(args) -> int:
 
     check_input(args.batch, args.text_column)  # a missing, damaged or columnless input: refused before any writing
     options = {"text_column": args.text_column, "exclude_first_token": not args.include_first_token,
-               "batch_size": args.batch_size, "input_changed": args.input_changed}
+               "batch_size": args.batch_size, "input_changed": args.input_changed, "command": args.command}
     if args.engine == "ray":
         from analysis.corpus_ray import run_ray  # the only path that imports Ray
 

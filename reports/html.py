@@ -780,11 +780,46 @@ def build_corpus_context(corpus, generated_at: datetime | None = None, assets: s
     }
 
 
+def _shown_run(run: dict) -> dict:
+    """One run entry of a results folder's corpus.json as the corpus page lists it: a line of what ran (engine,
+    batch size, Ray's workers and address, rows) and its command, if recorded and readable (a hand edit is left out,
+    not a crash)."""
+    def field(key):
+        value = run.get(key)
+        return value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+
+    parts = [f"{field('engine') or 'unknown'} engine"]
+    if field("engine") == "ray":
+        instance = {"started": "a local Ray instance started for the run",
+                    "joined": f"the Ray cluster at {field('address')} ({field('gcs_address')})",
+                    "already running": f"the Ray instance already running in the calling process "
+                                       f"({field('gcs_address')})"}.get(field("ray_instance"))
+        if instance is None:  # written before ray_instance was recorded: the address it was given
+            instance = f"the Ray cluster at {field('address')}" if field("address") else "a local Ray instance"
+        parts.append(f"{field('workers')} worker(s) on {instance}")
+    if field("device") is not None:
+        parts.append(f"device {field('device')}")
+    parts.append(f"batch size {field('batch_size')}")
+    summary = (f"{', '.join(parts)}; {field('started')}: {field('new_rows')} rows written, "
+               f"{field('skipped')} already there")
+    command = run.get("command")
+    try:
+        shown = command if isinstance(command, str) and shown_command(command) else None
+    except ValueError:  # unbalanced quotes: not a command line
+        shown = None
+    return {"summary": summary, "command": shown}
+
+
 def render_corpus_report(corpus, generated_at: datetime | None = None, assets: str | None = None,
-                         run: dict | None = None) -> str:
+                         run: dict | None = None, manifest: dict | None = None) -> str:
     """The standalone HTML report of a corpus (analysis.corpus.CorpusResult): atlases of means with intervals.
-    `run`: the batch's input and command, as render_index takes it."""
-    return ENV.get_template("corpus.html").render({**build_corpus_context(corpus, generated_at, assets), "run": run})
+    `run`: the batch's input and command, as render_index takes it; `manifest`: a results folder's corpus.json
+    (ResultsFolder.read_manifest), whose input and runs (engine, Ray settings, command) the page lists."""
+    results = None if manifest is None else {
+        "input": manifest.get("source", ""),
+        "runs": [_shown_run(entry) for entry in manifest["runs"] if isinstance(entry, dict)]}
+    return ENV.get_template("corpus.html").render({**build_corpus_context(corpus, generated_at, assets), "run": run,
+                                                   "results_folder": results})
 
 
 MAX_REPORT_BYTES = 2 * 2**30  # --from-report reads at most this much (every layer's heatmaps at 1024 tokens: ~1 GB)

@@ -6,6 +6,7 @@ one local Ray instance (2 CPUs, no dashboard, a private temp dir) and shuts it d
 Ray process of that temp dir is left.
 """
 
+import html
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import torch
 
 from analysis.corpus_io import iter_records
 from analysis.corpus_store import ResultsFolder, load_results, run_local
+from reports.untrusted import shown_command
 from tests.analysis.test_corpus_store import failing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,9 +52,10 @@ RAY_SCRIPT = textwrap.dedent("""
     try:
         source, folder, column = jobs[0][:3]  # the first through the command line
         code = main(["--model", model, "--batch", source, "--results", folder, "--text-column", column,
-                     "--engine", "ray", "--batch-size", "4"])
+                     "--engine", "ray", "--batch-size", "4", "--html", folder + ".html"])
         assert code == 0, code
         runs = [json.load(open(folder + "/corpus.json"))["runs"][-1]]
+        runs[0]["this_gcs_address"] = ray.get_runtime_context().gcs_address
         runs += [job(*spec) for spec in jobs[1:]]
         assert ray.is_initialized()  # run_ray leaves a Ray it did not start running
     finally:
@@ -213,6 +216,14 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
     for kind in inputs:
         assert_same_rows(tmp_path / f"ray-{kind}", local[kind])
     assert [run["new_rows"] for run in runs] == [26, 26, 24, 26 - 8]  # 24 texts + 2 bad records (not the blank line)
+    # the command line's run, in a Ray the caller had started: its entry and its corpus page say so, and the command
+    first = runs[0]
+    assert (first["ray_instance"], first["gcs_address"]) == ("already running", first["this_gcs_address"])
+    page = (tmp_path / "ray-txt.html").read_text()
+    assert ("ray engine, 1 worker(s) on the Ray instance already running in the calling process "
+            f"({first['gcs_address']}), device cpu, batch size 4;") in page
+    assert first["command"].startswith("python -m reports --model") and "--engine ray" in first["command"]
+    assert f"<pre>{html.escape(shown_command(first['command']))}</pre>" in page
     assert runs[-1]["skipped"] == 8  # the resumed run computed only the records without a row
     assert_same_rows(partial, local["txt"])
     manifest = json.loads((partial / "corpus.json").read_text())

@@ -1,7 +1,10 @@
 """The command line's corpus results: --batch FILE --results DIR, --from-results DIR, and Ray only when asked for."""
 
+import html
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -375,3 +378,40 @@ def test_engine_ray_without_ray_installed_is_one_line(corpus_file, tmp_path, cap
     assert lines[0].startswith(f"headscope: error: --engine ray needs Ray Data, and {missing} cannot be imported")
     assert "pip install 'headscope[ray]'" in lines[0] and "--engine local" in lines[0]
     assert not (tmp_path / "res").exists()
+
+
+def test_a_results_folders_page_names_its_input_runs_and_commands_and_a_command_reruns(gpt2_path, corpus_file,
+                                                                                      tmp_path, capsys):
+    # corpus.html of --results said nothing of what wrote its rows (the --out-dir page names its input and command):
+    # not the input, not the engine (local or Ray, and Ray's workers and address), not the command
+    results = tmp_path / "res"
+    first = ["--model", gpt2_path, "--batch", corpus_file, "--results", results, "--batch-size", 2]
+    code, lines = run_cli(capsys, *first)
+    assert code == 0, lines
+    code, lines = run_cli(capsys, "--from-results", results, "--html", tmp_path / "corpus.html", "--json",
+                          tmp_path / "corpus.json")
+    assert code == 0, lines
+    page = (tmp_path / "corpus.html").read_text()
+    runs = json.loads((results / "corpus.json").read_text())["runs"]
+    command = shlex.join(["python", "-m", "reports", *map(str, first)])
+    assert runs[0]["command"] == command
+    assert f"<code><bdi>{html.escape(str(corpus_file))}</bdi></code>" in page
+    assert "local engine, batch size 2;" in page and "5 rows written, 0 already there" in page
+    shown = re.findall(r"<pre>(.*?)</pre>", page[page.index("Rows written by"):page.index('id="corpus-layers"')])
+    assert [html.unescape(text) for text in shown] == [command]
+    # the command as the page shows it, run again into an empty folder, gives the same corpus
+    shutil.rmtree(results)
+    argv = shlex.split(html.unescape(shown[0]))[3:]
+    code, lines = run_cli(capsys, *argv, "--json", tmp_path / "again.json")
+    assert code == 0, lines
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads((tmp_path / "corpus.json").read_text())
+    # a hand-edited run entry (markup, a command that does not parse, not an entry at all) is shown escaped or left
+    # out, never a traceback
+    manifest = json.loads((results / "corpus.json").read_text())
+    manifest["runs"] += [{"engine": "<b>ray</b>", "workers": [], "command": "python -m reports 'open"}, "junk"]
+    (results / "corpus.json").write_text(json.dumps(manifest))
+    code, lines = run_cli(capsys, "--from-results", results, "--html", tmp_path / "edited.html")
+    assert code == 0, lines
+    page = (tmp_path / "edited.html").read_text()
+    assert "&lt;b&gt;ray&lt;/b&gt; engine, batch size None" in page and "<b>ray</b>" not in page
+    assert "&#39;open" not in page and "'open" not in page
