@@ -190,7 +190,10 @@ def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> 
         return
     root = str(PACKAGE.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False, _temp_dir=temp_dir,
+    # address "local": a new local instance, as documented, even where RAY_ADDRESS is set (a Ray job's driver, a
+    # cluster node's shell), which ray.init would join instead and then refuse num_cpus for
+    ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
+             _temp_dir=temp_dir,
              runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                                        "TOKENIZERS_PARALLELISM": "false"}},
              log_to_driver=False, configure_logging=False)

@@ -235,3 +235,28 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
     assert errors[7] == "not UTF-8 (bad byte at offset 4)" and "accepts at most 128" in errors[8]
     hf_rows = ResultsFolder(tmp_path / "ray-hf").read_rows()
     assert hf_rows["id"].to_pylist() == [f"doc{i}" for i in range(24)]
+
+
+def test_a_set_ray_address_does_not_stop_the_local_instance(gpt2_path, tmp_path):
+    # RAY_ADDRESS is set in a Ray job's driver and in many cluster shells; ray.init(num_cpus=...) then joined it and
+    # refused: 'The Ray run failed (ValueError): When connecting to an existing cluster, num_cpus and num_gpus must
+    # not be provided.', exit 2, though without --ray-address a local instance is documented to start. Nothing
+    # listens at this address: the run must not try it.
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(short_texts(3)) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           "RAY_ADDRESS": "127.0.0.1:1"}
+    child = subprocess.Popen([sys.executable, "-m", "reports", "--model", str(gpt2_path), "--batch", str(source),
+                              "--results", str(tmp_path / "res"), "--engine", "ray", "--batch-size", "4"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        _, err = child.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # its own process group: the Ray it started
+        child.communicate()
+        pytest.fail(f"the Ray run did not finish in {TIMEOUT} s (killed)")
+    assert child.returncode == 0, err[-3000:]
+    assert "3 texts written on ray" in err
+    run = json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"][-1]
+    assert (run["ray_instance"], run["address"]) == ("started", None)
