@@ -83,7 +83,7 @@ FIGURE_TABS = {"Q and K": ("means", "qk_means", "qk_stds"), "q·k dot products":
 PAGE_CSS = "<style>[data-testid='stMainBlockContainer']{padding-top:4rem;}</style>"
 APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults", "text_version"  # session state
 RESULTS_DIR = "corpus_results_dir"  # session-state key of the results folder's path
-CORPUS_INPUT = "corpus_input"  # session state: (the upload's name or the folder, the page's run) of the shown corpus
+CORPUS_INPUT = "corpus_input"  # session state: (an upload's name or a folder, the page's run[, its corpus.json])
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
 ATLAS_DRAWN = "atlas_drawn"  # session state: (what its scores depend on, (layer, head) outlined) of the atlas sent
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
@@ -693,14 +693,15 @@ def corpus_folder_ui() -> None:
 
     Like a local checkpoint, only a folder under the operator's HEADSCOPE_MODEL_DIRS opens (check_app_dir).
     """
-    from analysis.corpus_store import load_results  # pyarrow only; never Ray
+    from analysis.corpus_store import ResultsFolder, load_results  # pyarrow only; never Ray
 
     folder = st.text_input("…or open a results folder on this machine (python -m reports --batch FILE --results DIR)",
                            key=RESULTS_DIR, placeholder="/path/to/results")
     if folder.strip() and st.button("Open the results folder", key="corpus_open"):
         try:
             path = check_app_dir(folder.strip(), model_dirs())
-            st.session_state[CORPUS], st.session_state[CORPUS_INPUT] = load_results(path), (str(path), None)
+            st.session_state[CORPUS], st.session_state[CORPUS_INPUT] = load_results(path), (
+                str(path), None, ResultsFolder(path).read_manifest())  # its page lists the input and the runs
         except Exception as exc:  # noqa: BLE001 (shown as a sentence, logged when unexpected)
             error_ui(exc, "results folder")
 
@@ -713,9 +714,10 @@ def unusable_upload(upload, first_error: Exception) -> HeadscopeError:
     return HeadscopeError(NO_USABLE_TEXT.format(name=upload.name, error=first_error))
 
 
-def corpus_results_ui(corpus: CorpusResult, source: str, run: dict | None) -> None:
+def corpus_results_ui(corpus: CorpusResult, source: str, run: dict | None, manifest: dict | None = None) -> None:
     """The corpus of `source` (an upload's name, or a results folder); `run`: the upload and the command that
-    recomputes it, for the downloaded page (None for a folder: as --from-results writes its page)."""
+    recomputes it, for the downloaded page (None for a folder: as --from-results writes its page, with `manifest`,
+    the folder's corpus.json, whose input and runs the page lists)."""
     st.caption(f"{literal(source)}: {corpus.n_analysed} of {len(corpus.texts)} texts analysed with "
                f"{plain(corpus.model['id'])}, one forward pass each; {corpus.level:.0%} percentile bootstrap "
                f"intervals over texts ({corpus.n_boot} resamples, seed {corpus.seed}).")  # a results folder's
@@ -742,7 +744,8 @@ def corpus_results_ui(corpus: CorpusResult, source: str, run: dict | None) -> No
         st.dataframe(rows, hide_index=True, height=360,
                      column_config={name: st.column_config.NumberColumn(format="%.4f") for name in
                                     ("mean", "CI low", "CI high")})
-        st.download_button("Download the corpus report (HTML)", lambda: render_corpus_report(corpus, run=run),
+        st.download_button("Download the corpus report (HTML)",
+                           lambda: render_corpus_report(corpus, run=run, manifest=manifest),
                            file_name="headscope-corpus.html", mime="text/html", on_click="ignore")
 
 

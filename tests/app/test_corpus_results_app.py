@@ -17,6 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.corpus_io import iter_records
 from analysis.corpus_store import load_results, run_local
+from reports.__main__ import main
 from reports.html import CORPUS_ID
 from tests.app import test_app, test_atlas_app
 from tests.app.test_app import APP
@@ -90,3 +91,27 @@ def test_the_corpus_names_its_upload_and_its_download_reruns_from_it(gpt2_path, 
         for key in ("mean", "low", "high"):
             np.testing.assert_allclose(np.array(app_stats[name][key], dtype=float),
                                        np.array(cli_stats[name][key], dtype=float), rtol=1e-4, atol=1e-6)
+
+
+def test_a_results_folders_downloaded_page_lists_its_runs_as_from_results_does(gpt2, tmp_path, monkeypatch,
+                                                                               downloads):
+    # the app's page of a folder is documented as --from-results writes it: that page lists the input and the runs
+    # that wrote the rows (engine, command); the download must too
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(tmp_path))
+    source = tmp_path / "in.txt"
+    source.write_text("the cat sat on the mat\nthe dog ran far from home\n")
+    run_local(gpt2, iter_records(source), tmp_path / "res", source=str(source), command="python -m reports <x>")
+    at = AppTest.from_file(APP, default_timeout=240).run()
+    at.text_input(key="corpus_results_dir").set_value(str(tmp_path / "res")).run()
+    at.button(key="corpus_open").click().run()
+    assert not at.exception and not at.error
+    (button,) = [b for b in at.get("download_button") if b.label == "Download the corpus report (HTML)"]
+    page = downloads[button.proto.deferred_file_id]()
+    page = page.decode() if isinstance(page, bytes) else page
+    assert main(["--from-results", str(tmp_path / "res"), "--html", str(tmp_path / "cli.html")]) == 0
+
+    def provenance(text: str) -> str:
+        return text[text.index("<dt>Input</dt>"):text.index("</dl>")]
+
+    assert provenance(page) == provenance((tmp_path / "cli.html").read_text())
+    assert "local engine, batch size 16;" in provenance(page) and "&lt;x&gt;" in provenance(page)
