@@ -439,13 +439,14 @@ def write_text_beside(out: Path, result) -> None:
         raise HeadscopeError(f"Cannot write {text_file}: {exc.strerror}.") from None
 
 
-def write_report(out: Path, result, head: int, assets: str | None = None, probe=None) -> None:
+def write_report(out: Path, result, head: int, assets: str | None = None, probe=None,
+                 outputs: tuple[str, ...] = ("--html", "report.html")) -> None:
     """The HTML report (with the induction probe's section when `probe`), and beside it the text when its
-    reproduce command cannot quote it."""
+    reproduce command cannot quote it. `outputs`: what that command writes."""
     from reports.html import render_report
 
     write_text(out, render_report(result, head=head, text_file=text_file_name(out), assets=assets,
-                                  probe=probe))
+                                  probe=probe, outputs=outputs))
     write_text_beside(out, result)
 
 
@@ -680,7 +681,8 @@ def _write_batch_entry(number: int, text, result, layers, acc, assets, args) -> 
         acc.add_result(result)
         shown = _report_result(result, layers)
         entry["file"] = f"report-{number:04d}.html"
-        write_report(args.out_dir / entry["file"], shown, args.head, assets)
+        # its command, run in DIR, writes this text's page again (not a report.html beside the archive's)
+        write_report(args.out_dir / entry["file"], shown, args.head, assets, outputs=("--html", entry["file"]))
         if needs_text_file(shown.text):  # written beside it (write_text_beside)
             entry["text_file"] = text_file_name(args.out_dir / entry["file"])
         if args.figures is not None:

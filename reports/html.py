@@ -635,11 +635,13 @@ def _chart_context(chart, chart_id: str, pool: DataPool | None = None) -> dict:
 
 def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None,
                          text_file: str | None = TEXT_FILE, assets: str | None = None,
-                         probe: AnalysisResult | None = None) -> dict:
+                         probe: AnalysisResult | None = None,
+                         outputs: tuple[str, ...] = ("--html", "report.html")) -> dict:
     """Everything the template shows, as plain values; no rendering. `probe`: the induction probe's results on
-    the same model (analyze_induction_probe), drawn as a section of their own."""
+    the same model (analyze_induction_probe), drawn as a section of their own. `outputs`: what the reproduce
+    command writes."""
     generated_at = generated_at or datetime.now(UTC)
-    provenance = build_provenance(result, head, generated_at=generated_at, text_file=text_file)  # = the JSON's
+    provenance = build_provenance(result, head, outputs, generated_at, text_file)  # = the JSON's
     parity_failed = result_parity_failures(result)  # {layer: error} above its tolerance (analysis.parity)
     dtype = result.model["dtype"]
     results = result.to_dict()
@@ -697,7 +699,7 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
 
 def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_at: datetime | None = None,
                   text_file: str | None = TEXT_FILE, assets: str | None = None,
-                  probe: AnalysisResult | None = None) -> str:
+                  probe: AnalysisResult | None = None, outputs: tuple[str, ...] = ("--html", "report.html")) -> str:
     """The standalone HTML report for `layers` of `result` (None: every layer it holds).
 
     `text_file`: the name its reproduce command reads the text from when the text cannot be quoted (see
@@ -707,8 +709,10 @@ def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_
     inlining it; None (the default) makes a page that needs no other file.
     `probe`: the induction probe's results (analyze_induction_probe) on the same model, added as a section with
     its own atlases, length, seed and command.
+    `outputs`: the flags with which its reproduce command writes the page (a --batch archive's report-NNNN.html).
     """
-    context = build_report_context(select_layers(result, layers), head, generated_at, text_file, assets, probe)
+    context = build_report_context(select_layers(result, layers), head, generated_at, text_file, assets, probe,
+                                   outputs)
     return ENV.get_template("report.html").render(context)
 
 

@@ -19,6 +19,7 @@ import pytest
 from analysis import analyze, analyze_induction_probe, loading
 from reports import provenance, untrusted
 from reports.__main__ import build_parser, main
+from reports.html import read_report_results
 from reports.untrusted import shown_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,6 +182,25 @@ def test_every_command_names_a_local_model_by_its_absolute_path(gpt2_path, tmp_p
     commands = [*page_commands((tmp_path / "out" / "report-0002.html").read_text(encoding="utf-8")),
                 *page_commands((tmp_path / "p.html").read_text(encoding="utf-8"))]
     assert len(commands) == 3 and all(parse(command).model == absolute for command in commands)
+
+
+def test_a_batch_reports_command_writes_that_texts_report_again(gpt2_path, tmp_path, capsys):
+    """Each report of a --batch --out-dir archive names the page it is (report-NNNN.html): its command, run in the
+    archive's folder, writes that page again with the same results (a text read from its report-NNNN.text.txt
+    too); it once wrote a report.html that no archive holds."""
+    out = tmp_path / "out"
+    (tmp_path / "texts.txt").write_text("A first text.\nA right-to-left \u202eoverride\u202c.\n", encoding="utf-8")
+    assert main(["--model", str(gpt2_path), "--layer", "1", "--batch", str(tmp_path / "texts.txt"),
+                 "--out-dir", str(out)]) == 0, capsys.readouterr().err
+    for name in ("report-0001.html", "report-0002.html"):
+        first = read_report_results(out / name)
+        [command] = page_commands((out / name).read_text(encoding="utf-8"))
+        args = parse(command)
+        assert args.html == Path(name) and (args.text_file is None) == (name == "report-0001.html")
+        (out / name).unlink()
+        run_recorded(command, out)
+        assert not (out / "report.html").exists()
+        assert_same_results(read_report_results(out / name), first)
 
 
 def test_a_hub_id_or_the_bundled_model_stays_as_given(gpt2, gpt2_path, tmp_path, monkeypatch):
