@@ -745,6 +745,19 @@ def _interval_grid(corpus, name: str) -> list[dict]:
     return [{"layer": layer, "cells": [cell(layer, head) for head in range(n_heads)]} for layer in range(n_layers)]
 
 
+CORPUS_QUERIES = {True: "its final token, the default for causal models",
+                  False: "its last token that is not a special one, the default for encoders, whose final token is "
+                         "[SEP] or another special token"}
+
+
+def corpus_query(corpus) -> str:
+    """Which token of each text the corpus's dot products are of, in words: an encoder's default is its last word,
+    not its final token ([SEP]); a chosen position is that position of every text."""
+    if corpus.query_position is not None:
+        return f"position {corpus.query_position} of every text, as --query-position chose"
+    return CORPUS_QUERIES[bool(corpus.model.get("causal", True))]
+
+
 def build_corpus_context(corpus, generated_at: datetime | None = None, assets: str | None = None) -> dict:
     """Everything the corpus report shows, as plain values; no rendering."""
     generated_at = generated_at or datetime.now(UTC)
@@ -770,7 +783,8 @@ def build_corpus_context(corpus, generated_at: datetime | None = None, assets: s
                    "seed": corpus.seed, "level": f"{corpus.level:.0%}",
                    "exclude_first_token": corpus.exclude_first_token,
                    "exclude_current_token": corpus.exclude_current_token, "query_position": corpus.query_position,
-                   "exclude_special_keys": corpus.exclude_special_keys, "exclude_bos": corpus.exclude_bos},
+                   "exclude_special_keys": corpus.exclude_special_keys, "exclude_bos": corpus.exclude_bos,
+                   "query": corpus_query(corpus)},
         "failures": [{"number": r.number, "excerpt": r.excerpt, "error": r.error} for r in corpus.failures],
         "atlas": atlas,
         "layer_rows": layer_rows,

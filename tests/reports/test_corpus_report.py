@@ -124,6 +124,37 @@ def test_the_corpus_report_says_which_query_token_and_keys_its_means_used(gpt2_p
     assert "query token: position 3" in shown["chosen"] and "exclude special keys: yes" in shown["chosen"]
 
 
+def test_the_corpus_report_names_the_token_whose_dot_products_it_averages(minilm, gpt2, gpt2_path, tmp_path,
+                                                                          capsys):
+    """The per-layer effect sizes are of each text's query token, which on an encoder is its last word: the page
+    called them "final-token dot products" ("where the final token looks"), and an encoder's final token is
+    [SEP], whose effect sizes are other numbers. The page names the token the numbers are of, causal or not."""
+    text = "The cat sat on the mat."
+    batch = tmp_path / "texts.txt"
+    batch.write_text(text + "\n")
+    for name, loaded, model in (("minilm", minilm, "minilm"), ("gpt2", gpt2, str(gpt2_path))):
+        out = tmp_path / name
+        assert main(["--model", model, "--batch", str(batch), "--out-dir", str(out)]) == 0, capsys.readouterr().err
+        page = (out / "corpus.html").read_text()
+        said = re.sub(r"\s+", " ", re.search(r'<section id="corpus-layers">\s*<h2>.*?</h2>\s*<p>(.*?)</p>', page,
+                                                re.DOTALL)[1])
+        assert "final-token" not in said and "where the query token looks" in said
+        means = json.loads(re.search(r'<script type="application/json" id="headscope-corpus">(.*?)</script>', page,
+                                     re.DOTALL)[1])["stats"]["rank_biserial"]["mean"]  # [layer]
+        default, final = analyze(loaded, text), analyze(loaded, text, query_position=-1)
+
+        def effect_sizes(result):  # [layer]
+            return [result.layers[layer].dp_stats.rank_biserial for layer in sorted(result.layers)]
+
+        assert means == pytest.approx(effect_sizes(default), rel=1e-4, abs=1e-6)
+        if name == "minilm":  # the numbers are the last word's ('.'), not the final token's ([SEP])
+            assert (default.query_token, final.query_token) == (".", "[SEP]")
+            assert means != pytest.approx(effect_sizes(final), rel=1e-3)
+            assert "its last token that is not a special one" in said and "[SEP]" in said
+        else:
+            assert default.query == final.query and "its final token, the default for causal models" in said
+
+
 def test_a_shared_assets_page_moved_without_its_folder_says_why_it_draws_nothing(chromium, gpt2_path, tmp_path,
                                                                                   capsys):
     """A --shared-assets report copied out of its folder (without assets/) loaded no Vega and every chart box
