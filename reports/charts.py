@@ -80,6 +80,13 @@ def keys_description(result: AnalysisResult) -> str:
     return where + (" except " + " and ".join(left_out) if left_out else "")
 
 
+def readout_description(result: AnalysisResult) -> str:
+    """Which keys the query's softmax read-out uses, in words: the first token is never left out of it (its weight
+    on position 0 is the sink the weights show), only the special tokens with exclude special keys."""
+    where = "earlier positions" if result.causal else "every other position"
+    return where + (" except special tokens" if result.exclude_special_keys else "")
+
+
 def _title(result: AnalysisResult, layer: int, what: str, subtitle: str | list[str] = "") -> alt.TitleParams:
     return alt.TitleParams(f"{what} · layer {layer} · {result.model['id']}", subtitle=subtitle or [], anchor="start")
 

@@ -36,6 +36,7 @@ from reports.charts import (
     display_token,
     keys_description,
     query_name,
+    readout_description,
 )
 from reports.provenance import (  # noqa: F401 (LIBRARIES, reproduce_command: kept importable from here)
     LIBRARIES,
@@ -669,7 +670,8 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "first_token": display_token(result.tokens[0]) if result.tokens else "",
         "exclude_first_token": result.exclude_first_token,
         "query": {"position": result.query, "token": display_token(result.query_token), "choice": result.query_choice,
-                  "name": query_name(result), "compared": keys_description(result)} if result.tokens else None,
+                  "name": query_name(result), "compared": keys_description(result),
+                  "read_out": readout_description(result)} if result.tokens else None,
         "exclude_special_keys": result.exclude_special_keys,
         "exclude_bos": result.exclude_bos,
         "bos_excluded": bool(result.bos_excluded),

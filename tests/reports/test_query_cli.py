@@ -5,6 +5,7 @@ import json
 import re
 import shlex
 
+import numpy as np
 import pytest
 
 from analysis import analyze, load_model
@@ -59,3 +60,27 @@ def test_the_report_names_the_query_token_and_both_exclusions(bert_path):
     assert "exclude BOS from the head scores: yes (applied)" in text and "exclude special keys: no" in text
     assert f"query token {p} &#39;{token}&#39;" in text  # the charts' titles, in their specs
     assert "Query to other tokens" in page and "Final to previous" not in page
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_the_report_says_the_query_read_out_keeps_the_first_token(family, bert_path, tmp_path_factory):
+    """The page said "The dot products and the query read-out use query token P against every other position except
+    the first" ("earlier positions except the first" on a causal model), but the read-out (the softmax weights of the
+    query's row) holds the weight on position 0 too: an encoder's [CLS], a Llama's BOS, where a sink's weight goes.
+    The page now names each one's keys; the read-out's are those of the model's own attention row."""
+    from tests.analysis.test_query import eager
+    from tests.checkpoints import tiny_llama
+
+    path = bert_path if family == "bert" else tiny_llama(tmp_path_factory.mktemp("tiny-llama-readout"))
+    loaded = load_model(str(path))
+    result = analyze(loaded, FIJI, layers=[1])
+    assert result.special_positions[0] == 0  # [CLS] or BOS
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", render_report(result)))
+    said = re.search(r"The dot products use query token .*? against (.*?); its softmax read-out \(the weights of the "
+                     r"query's row\) against (.*?)\. ", text)
+    where = "earlier positions" if loaded.info.causal else "every other position"
+    assert said.groups() == (f"{where} except the first", where)
+    weights = eager(loaded, FIJI)[1]  # [head, q_pos, k_pos]
+    p = result.query
+    keys = np.arange(p) if loaded.info.causal else np.delete(np.arange(result.n_tokens), p)  # position 0 among them
+    np.testing.assert_allclose(result.layers[1].final_to_prev, weights[:, p, keys].reshape(-1), rtol=1e-5, atol=1e-6)
