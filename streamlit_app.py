@@ -834,10 +834,11 @@ def ablation_ui(settings: dict, modes: tuple[str, ...]) -> None:
     from reports.charts import build_ablation_chart
 
     st.caption("Remove one head's output at a time (zero it, or replace it by its mean over the text's positions) "
-               "and measure how much the model's loss on the text changes: all layers x heads, in batches.")
+               "and measure how much the model's loss on the text changes (or, without an LM head, such as the "
+               "bundled MiniLM's, its final hidden states): all layers x heads, in batches.")
     mode_col, seed_col = st.columns(2)
     mode = mode_col.radio("Ablation", modes, horizontal=True, key="ablation_mode")
-    seed = int(seed_col.number_input("Mask seed (encoders' 15% masked positions)", 0, 2**31 - 1, 0,
+    seed = int(seed_col.number_input("Mask seed (a masked LM's 15% masked positions)", 0, 2**31 - 1, 0,
                                      key="ablation_seed"))
     inputs = (settings["model"], settings["device"], settings["dtype"], settings["text"], mode, seed)
     if not st.checkbox("Run the ablation atlas", key="ablation_run",

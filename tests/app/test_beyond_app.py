@@ -121,3 +121,20 @@ def test_a_different_tokenizer_is_a_sentence_with_the_id_shown_literally(app, tm
     (message,) = [e for e in errors(app) if "same tokenizer" in e]
     assert plain(str(other)) in message  # the app's one Markdown escape: shown as text, not a link
     assert "\\[x\\](http\\:e)" in message  # brackets escaped, so no [text](url) link can form
+
+
+def test_the_ablation_tab_says_what_it_measures_on_a_model_without_an_lm_head(lm_paths):
+    """The bundled MiniLM (the app's offline model) has no LM head: its ablation atlas is the change in the final
+    hidden states, as the chart says, while the tab's caption promised 'how much the model's loss on the text
+    changes' and its seed box 'encoders' 15% masked positions' (MiniLM, an encoder, masks none). Both now say
+    what each kind of checkpoint gets; a GPT-2 with its LM head still gets its loss."""
+    for model, measured in (("minilm", "hidden states"), (str(lm_paths[0]), "next-token cross-entropy")):
+        at = run_app(model=model)
+        at.checkbox(key="ablation_run").check().run()
+        assert not at.exception and not errors(at)
+        [caption] = [c.value for c in at.caption if c.value.startswith("Remove one head's output")]
+        [spec] = [spec for spec in charts(at) if spec["title"]["text"].startswith("Head ablation")]
+        assert measured in spec["title"]["subtitle"][0]  # what compute_ablation measured
+        assert "loss on the text" in caption and "without an LM head" in caption and "final hidden states" in caption
+        [seed] = [box.label for box in at.number_input if box.label.startswith("Mask seed")]
+        assert "masked LM" in seed and "encoders" not in seed
