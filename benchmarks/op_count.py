@@ -81,16 +81,15 @@ def build_small(shape: str, n_layers: int | None = None):
 
 def count_measurement_ops(loaded, ids, attention: str = "sdpa", numpy_on_cpu: bool = False,
                           group_budget: int | None = None, run=None) -> dict:
-    """{"measure": operations measuring the layers (in the pass, early copies to the host included), "flush": after
-    the pass, "measure_launches"/"flush_launches":
-    those that are not views (kernels on a GPU), "groups": layer groups measured, "to_host": calls of
-    patterns.send_to_host, "to_host_mib": the bytes they copied, "host_calls": {Tensor method: calls} of cpu, numpy, tolist and item (copies to the host or
-    syncs), "syncs": aten.item dispatches, "measure_gib"/"flush_gib": their memory traffic, "peak_mib": the most
-    their tensors held at once, "layers": n} of one analyze_ids(loaded, ids) on every layer, patterns not kept,
-    with a GPU's sizes and routes (capture.WORK_BUDGET, capture.GROUP_BUDGET, capture.HOLD_BUDGET,
-    capture.PENDING_BUDGET, capture.TEXTS_AT_ONCE, metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS,
-    patterns.ENTROPY_FROM_SCORES, metrics.HEAD_STATS_BY_NORM). `group_budget`: capture.GROUP_BUDGET's bytes instead
-    (1: one layer a group).
+    """{"measure": operations measuring the layers (in the pass, early copies to the host included), "flush": after the
+    pass, "measure_launches"/"flush_launches": those that are not views (kernels on a GPU), "groups": layer groups
+    measured, "to_host": calls of patterns.send_to_host, "to_host_mib": the bytes they copied, "host_calls": {Tensor
+    method: calls} of cpu, numpy, tolist and item (copies to the host or syncs), "syncs": aten.item dispatches,
+    "measure_gib"/"flush_gib": their memory traffic, "peak_mib": the most their tensors held at once, "layers": n}
+    of one analyze_ids(loaded, ids) on every layer, patterns not kept, with a GPU's sizes and routes
+    (capture.WORK_BUDGET, capture.GROUP_BUDGET, capture.HOLD_BUDGET, capture.PENDING_BUDGET, capture.TEXTS_AT_ONCE,
+    metrics.KDE_CHUNK, no patterns.CAUSAL_ROWS, patterns.ENTROPY_FROM_SCORES, metrics.HEAD_STATS_BY_NORM).
+    `group_budget`: capture.GROUP_BUDGET's bytes instead (1: one layer a group).
     `run`: what to count instead of that analyze_ids, a function of no arguments (count_corpus_ops)."""
     import importlib
     import weakref
