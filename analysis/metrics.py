@@ -23,6 +23,11 @@ from analysis.keys import compared_keys, query_keys  # noqa: F401  (torch-free, 
 KDE_POINTS = 300
 KDE_CHUNK = 8192
 KDE_CUTOFF = 12.0  # bandwidths: further away a kernel is below exp(-72) of its peak
+# The host's windowed KDE leaves out the kernels further than c(n) = sqrt(2 ln(2n / KDE_TOLERANCE)) bandwidths from
+# their value (7.5 for GPT-2's 756 values of 64 tokens, 7.7 for 3,060 at 256): together at most n exp(-c^2 / 2) =
+# KDE_TOLERANCE / 2 at any grid point, within KDE_TOLERANCE of a curve whose peak is at least 1/2. A curve with a
+# lower peak is summed again at KDE_CUTOFF. (Its float32 kernels are rounded at ~6e-8 of themselves anyway.)
+KDE_TOLERANCE = 1e-9
 KDE_DENSE_VALUES = 2048  # values of all curves per block of the CPU's dense kernels (~2.4 MiB on a 300-point
 # grid; GPT-2's 64 tokens, 12 curves of 756 values: 4.9 ms against 5.2 ms for 3072 and 6.0 ms for 8192)
 KDE_FLOOR = -87.0  # the lowest exponent of a dense float32 kernel (exp(-87) ~ 1.6e-38, float32's smallest normal)
@@ -129,8 +134,9 @@ def compute_kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
     Evaluated as one vectorised kernel sum: for 1-D data gaussian_kde's bandwidth is
     std(values, ddof=1) * n ** (-1/5), and the normalising constant cancels in the division by the maximum.
     Kernels in float32, sums in float64: within ~1e-7 of scipy, at a fifth of the float64 cost. On an evenly
-    spaced grid (kde_grid) each value only visits the grid points within KDE_CUTOFF bandwidths of it
-    (when that is under a third of the grid): the kernels left out are below exp(-72), far under float32's rounding.
+    spaced grid (kde_grid) each value only visits the grid points within c(n) bandwidths of it (when that is under a
+    third of the grid): the kernels left out sum to under KDE_TOLERANCE of the curve's peak, far under float32's
+    rounding.
     """
     [curve] = compute_kde_rows(np.asarray(values, dtype=np.float64).reshape(1, -1), grid)
     return None if np.isnan(curve).any() else curve
@@ -148,12 +154,15 @@ def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     values = values[live]  # [live, n]
     bandwidth = values.std(axis=1, ddof=1) * n ** (-1 / 5)  # [live]
     step = _even_step(grid)  # None: an uneven grid, every curve dense
-    widths = np.ceil(2 * KDE_CUTOFF * bandwidth / (step or 1.0)).astype(np.int64) + 2  # [live]
-    narrow = (3 * widths < grid.size) & (step is not None)  # [live]: its gathers cost ~3x a dense kernel: worth it
-    # below a third of the grid
     density = np.zeros((values.shape[0], grid.size))  # [live, grid]
-    if narrow.any():
-        density[narrow] = _kde_windowed(values[narrow], grid, bandwidth[narrow], step, widths[narrow])  # [narrow, grid]
+    narrow = np.zeros(values.shape[0], dtype=bool)  # [live]: summed in windows of grid points
+    if step is not None:
+        cutoff = min(KDE_CUTOFF, math.sqrt(2 * math.log(2 * n / KDE_TOLERANCE)))  # bandwidths: c(n)
+        narrow = _kde_windows(values, grid, bandwidth, step, cutoff, ~narrow, density)
+        # a curve whose peak is under 1/2 may have lost more than KDE_TOLERANCE of it there: again at KDE_CUTOFF
+        low = narrow & (n * math.exp(-cutoff ** 2 / 2) > KDE_TOLERANCE * density.max(axis=1))  # [live]
+        if cutoff < KDE_CUTOFF and low.any():
+            narrow = (narrow & ~low) | _kde_windows(values, grid, bandwidth, step, KDE_CUTOFF, low, density)
     if not narrow.all():
         wide = ~narrow  # [live]
         # on the CPU torch makes the kernels on every core (its exp is ~4x numpy's there), in blocks of
@@ -168,9 +177,20 @@ def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return out
 
 
-def _kde_windowed(values, grid, bandwidth, step, widths) -> np.ndarray:
+def _kde_windows(values, grid, bandwidth, step, cutoff: float, chosen: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """Of the `chosen` curves [live] bool, those whose window of `cutoff` bandwidths each side spans under a third
+    of the grid (its gathers cost ~3x a dense kernel) are summed by _kde_windowed into `density` [live, grid];
+    returns which ones [live] bool."""
+    widths = np.ceil(2 * cutoff * bandwidth / step).astype(np.int64) + 2  # [live]: grid points a value visits
+    done = chosen & (3 * widths < grid.size)  # [live]
+    if done.any():
+        density[done] = _kde_windowed(values[done], grid, bandwidth[done], step, widths[done], cutoff)  # [done, grid]
+    return done
+
+
+def _kde_windowed(values, grid, bandwidth, step, widths, cutoff: float = KDE_CUTOFF) -> np.ndarray:
     """The kernel sums of compute_kde_rows on an evenly spaced grid, each value visiting only the grid points from
-    the first one within KDE_CUTOFF bandwidths below it (`widths` [curve] of them): [curve, grid] float64, not
+    the first one within `cutoff` bandwidths below it (`widths` [curve] of them): [curve, grid] float64, not
     normalised. The distances come from the value's offset to that first point plus whole grid steps (float64,
     then float32 kernels), and the values that share a first point are summed before they are spread on the grid."""
     n_curves, n = values.shape
@@ -178,7 +198,7 @@ def _kde_windowed(values, grid, bandwidth, step, widths) -> np.ndarray:
     density = np.zeros((n_curves, n_grid))  # [curve, grid]
     for curve, (row, h, width) in enumerate(zip(values, bandwidth, widths)):
         row = np.sort(row)  # [n]: the sum does not depend on the order; sorted, equal first points are adjacent
-        first = np.clip(np.floor((row - KDE_CUTOFF * h - grid[0]) / step), -width, n_grid).astype(np.int64)  # [n]
+        first = np.clip(np.floor((row - cutoff * h - grid[0]) / step), -width, n_grid).astype(np.int64)  # [n]
         base = (grid[0] + first * step - row) / h  # [n]: from the value to its first grid point, in bandwidths
         starts = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])  # [group]: runs of one first point
         total = np.zeros((starts.size, width))  # [group, width]

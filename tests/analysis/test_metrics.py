@@ -307,6 +307,32 @@ def test_kde_of_narrow_values_equals_scipy_and_rows_equal_single_curves():
     assert np.isnan(batched[-1]).all()  # all equal: degenerate
 
 
+def test_the_windows_leave_out_under_the_tolerance_and_a_low_peak_is_summed_again(monkeypatch):
+    """The host's windows reach c(n) bandwidths, where the kernels left out sum to under KDE_TOLERANCE of a peak of
+    at least 1/2: the curves equal those of KDE_CUTOFF's wider windows to that tolerance, and scipy's. A curve whose
+    peak is lower (values between grid points) is summed again at KDE_CUTOFF, so it is KDE_CUTOFF's curve exactly."""
+    from analysis import metrics
+    from analysis.metrics import KDE_CUTOFF, KDE_TOLERANCE, compute_kde_rows
+
+    rng = np.random.default_rng(12)
+    grid, step = kde_grid(), kde_grid()[1]
+    rows = np.stack([np.abs(rng.normal(0, scale, 756)) for scale in (2e-3, 1e-2, 3e-2)]
+                    + [grid[150] + step / 2 + rng.normal(0, step / 10, 756)])  # [curve, n]: the last peaks low
+    cutoffs = []
+    windowed = metrics._kde_windowed
+    monkeypatch.setattr(metrics, "_kde_windowed", lambda *args: cutoffs.append(args[-1]) or windowed(*args))
+    curves = compute_kde_rows(rows, grid)  # [curve, grid]
+    assert cutoffs[0] == pytest.approx(np.sqrt(2 * np.log(2 * 756 / KDE_TOLERANCE))) and cutoffs[0] < 8
+    assert cutoffs[1:] == [KDE_CUTOFF]  # the low peak's curve, again
+    monkeypatch.setattr(metrics, "KDE_TOLERANCE", 1e-300)  # c(n) past KDE_CUTOFF: every window KDE_CUTOFF's
+    wide = compute_kde_rows(rows, grid)
+    np.testing.assert_allclose(curves[:3], wide[:3], rtol=0, atol=KDE_TOLERANCE)
+    np.testing.assert_array_equal(curves[3], wide[3])
+    for values, curve in zip(rows[:3], curves):
+        expected = stats.gaussian_kde(values)(grid)
+        np.testing.assert_allclose(curve, expected / expected.max(), rtol=0, atol=1e-7)
+
+
 def test_dense_kde_far_from_the_grid_is_none_and_near_it_is_scipys():
     """Wide curves take the dense route, whose exponents are floored only for values within the grid: values far
     outside it underflow everywhere, as scipy's do, and draw no curve rather than the floor's flat line."""
