@@ -3,3 +3,7 @@
 
 class HeadscopeError(ValueError):
     """Bad input or an unusable model. The CLI prints it as one line; the app shows it with st.error."""
+
+
+class OutputError(HeadscopeError):
+    """A file could not be written (disk full, no permission): the run's fault, not its text's, so a batch stops."""

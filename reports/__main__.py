@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from analysis.choices import DEVICE_MAPS, DTYPE_NAMES
-from analysis.errors import HeadscopeError
+from analysis.errors import HeadscopeError, OutputError
 from analysis.presets import FIJI
 from reports import beyond_cli
 from reports.choices import FORMATS
@@ -30,6 +30,8 @@ CORPUS_FILE = "corpus.html"
 INDEX_FILE = "index.html"
 BATCH_REPORT = re.compile(r"report-\d{4,}\.(html|text\.txt)")  # the names --out-dir gives a text's report and text
 EARLIER_REPORTS = "headscope: {n} reports of an earlier batch removed from {out_dir} (not this batch's texts)"
+BATCH_STOPPED = ("{error} The batch stopped at {where}: {kept} in {out_dir}, without an index.html; free some space "
+                 "(or fix the folder's permissions) and run the same command again.")
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
 NOT_UNICODE_JSON = ("is not Unicode text (a lone surrogate escape at character {offset}): write the character "
                     "itself, or both halves of its surrogate pair")
@@ -413,7 +415,7 @@ def write_text(out: Path, payload: str) -> None:
     try:
         out.write_text(payload, encoding="utf-8")
     except OSError as exc:
-        raise HeadscopeError(f"Cannot write {out}: {exc.strerror}.") from None
+        raise OutputError(f"Cannot write {out}: {exc.strerror}.") from None
 
 
 def text_file_beside(out: Path) -> Path | None:
@@ -436,7 +438,7 @@ def write_text_beside(out: Path, result) -> None:
     try:
         text_file.write_bytes(result.text.encode("utf-8"))  # bytes: the text exactly, \r and NUL included
     except OSError as exc:
-        raise HeadscopeError(f"Cannot write {text_file}: {exc.strerror}.") from None
+        raise OutputError(f"Cannot write {text_file}: {exc.strerror}.") from None
 
 
 def write_report(out: Path, result, head: int, assets: str | None = None, probe=None,
@@ -591,17 +593,41 @@ def run_batch(args) -> int:
         chunk = texts[first:first + args.batch_size]
         for number, text, result in zip(range(first + 1, first + len(chunk) + 1), chunk,
                                         _analyse_chunk(loaded, chunk, layers, args)):
-            entries.append(_write_batch_entry(number, text, result, layers, acc, assets, args))
+            try:
+                entries.append(_write_batch_entry(number, text, result, layers, acc, assets, args))
+            except OutputError as exc:  # a full disk fails every later text too: stop, keep what is written
+                raise _batch_stopped(exc, f"text {number} of {len(texts)}", entries, args.out_dir) from None
     removed = remove_earlier_reports(args.out_dir, {entry[key] for entry in entries for key in ("file", "text_file")
                                                     if entry.get(key)})
     if removed:
         print(EARLIER_REPORTS.format(n=removed, out_dir=visible(str(args.out_dir))), file=sys.stderr)
-    write_text(args.out_dir / CORPUS_FILE, render_corpus_report(acc.finish(), assets=assets, run=run))
-    write_text(args.out_dir / INDEX_FILE, render_index(entries, model, corpus_file=CORPUS_FILE, run=run))
+    for name, page in ((CORPUS_FILE, lambda: render_corpus_report(acc.finish(), assets=assets, run=run)),
+                       (INDEX_FILE, lambda: render_index(entries, model, corpus_file=CORPUS_FILE, run=run))):
+        try:
+            write_text(args.out_dir / name, page())
+        except OutputError as exc:
+            remove_partial(args.out_dir / name)
+            raise _batch_stopped(exc, name, entries, args.out_dir) from None
     failed = sum(entry["error"] is not None for entry in entries)
     print(f"headscope: {len(entries) - failed} reports, {failed} failed -> {args.out_dir / INDEX_FILE}, "
           f"means over the texts -> {args.out_dir / CORPUS_FILE}", file=sys.stderr)
     return EXIT_BAD_INPUT if failed == len(entries) else 0  # every text failed: a script must see it
+
+
+def _batch_stopped(exc: OutputError, where: str, entries: list[dict], out_dir: Path) -> HeadscopeError:
+    """The one line of a batch that could not write a file: where it stopped, and the reports it keeps."""
+    kept = sum(entry["error"] is None for entry in entries)
+    return HeadscopeError(BATCH_STOPPED.format(
+        error=exc, where=where, out_dir=visible(str(out_dir)),
+        kept="the 1 report before it is" if kept == 1 else f"the {kept} reports before it are"))
+
+
+def remove_partial(path: Path) -> None:
+    """A file left cut short (or empty) by a write that failed: gone, so that nothing looks like a whole page."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the folder refuses that too: the write's own error is the one to tell
 
 
 def remove_file(path: Path) -> None:
@@ -689,6 +715,11 @@ def _write_batch_entry(number: int, text, result, layers, acc, assets, args) -> 
             write_figures(shown, args.figures / f"text-{number:04d}", args.format or "pdf", head=args.head)
         entry["n_tokens"] = shown.n_tokens
         entry["parity"] = max(layer.parity_max_abs_err for layer in shown.layers.values())
+    except OutputError:  # not the text's: the batch stops (run_batch), and leaves nothing cut short behind
+        if "file" in entry:  # and its text, which write_report writes after it
+            remove_partial(args.out_dir / entry["file"])
+            remove_partial(text_file_beside(args.out_dir / entry["file"]))
+        raise
     except Exception as exc:  # noqa: BLE001 - a text's error is that text's: the others go on
         message = str(_unexpected(exc))
         entry["error"] = message

@@ -19,7 +19,7 @@ import logging
 import re
 from pathlib import Path
 
-from analysis.errors import HeadscopeError
+from analysis.errors import HeadscopeError, OutputError
 from analysis.results import AnalysisResult
 from reports.charts import SCORE_TITLES, build_atlas_chart, build_layer_charts
 from reports.choices import FORMATS
@@ -172,7 +172,7 @@ def write_figures(result: AnalysisResult, out_dir: Path, fmt: str = "pdf", head:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise HeadscopeError(f"Cannot create {out_dir}: {exc.strerror}.") from None
+        raise OutputError(f"Cannot create {out_dir}: {exc.strerror}.") from None
     written, captions = [], []
     for stem, key, chart, where in result_figures(result, head):
         data, caption = render_figure(chart.to_dict(), key, fmt)
@@ -180,9 +180,12 @@ def write_figures(result: AnalysisResult, out_dir: Path, fmt: str = "pdf", head:
         try:
             path.write_bytes(data)
         except OSError as exc:
-            raise HeadscopeError(f"Cannot write {path}: {exc.strerror}.") from None
+            raise OutputError(f"Cannot write {path}: {exc.strerror}.") from None
         written.append(path)
         captions.append({"file": path.name, **where, **caption})
-    (out_dir / "figures.json").write_text(json.dumps({"model": result.model["id"], "figures": captions}, indent=1),
-                                          encoding="utf-8")
+    try:
+        (out_dir / "figures.json").write_text(json.dumps({"model": result.model["id"], "figures": captions},
+                                                         indent=1), encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"Cannot write {out_dir / 'figures.json'}: {exc.strerror}.") from None
     return written

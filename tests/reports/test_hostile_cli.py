@@ -9,11 +9,13 @@ import json
 import re
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 from markupsafe import escape
 
 from reports.__main__ import main
+from reports.html import read_report_results
 from tests.analysis.test_hostile_loading import DAMAGES
 
 RESULTS = re.compile(r'(<script type="application/json" id="headscope-results">)(.*?)(</script>)', re.DOTALL)
@@ -316,3 +318,44 @@ def test_the_index_counts_the_texts_analysed_not_every_line(gpt2_path, tmp_path,
     assert code == 0 and err[-1].startswith("headscope: 1 reports, 1 failed"), err
     index = (tmp_path / "o" / "index.html").read_text(encoding="utf-8")
     assert "1 of 2 texts analysed" in index and index.count('href="report-') == 1
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device every write to fails ENOSPC)")
+@pytest.mark.parametrize("full", ["out/report-0002.html", "figures/text-0002/figures.json"])
+def test_a_batch_that_runs_out_of_disk_stops_in_one_line_and_keeps_its_reports(gpt2_path, tmp_path, capsys, full):
+    """A full disk (here a file of text 2 a link to /dev/full, whose writes fail with ENOSPC) was each later text's
+    failure: one warning per text, every text still analysed (hours for thousands), a report cut short and empty
+    ones left as if written, and at the end an empty corpus.html and no index. The batch stops at the first file it
+    cannot write, in one line and exit 2, the reports before it whole and nothing cut short or empty beside them."""
+    out = tmp_path / "out"
+    (tmp_path / full).parent.mkdir(parents=True)
+    (tmp_path / full).symlink_to("/dev/full")
+    (tmp_path / "b.txt").write_text("First text here.\nSecond text here.\nThird text here.\n")
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "b.txt", "--out-dir", out, "--layer", 0,
+                        "--figures", tmp_path / "figures", "--format", "svg")
+    assert_one_line_error(code, err, rf"Cannot write .*{re.escape(Path(full).name)}: No space left on device\. The "
+                                     r"batch stopped at text 2 of 3: the 1 report before it is in ")
+    assert sorted(p.name for p in out.iterdir()) == ["report-0001.html"]  # the link, not /dev/full, is gone
+    assert read_report_results(out / "report-0001.html")["text"] == "First text here."
+    assert not (tmp_path / "figures" / "text-0003").exists()  # the third text was not analysed
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device every write to fails ENOSPC)")
+def test_a_disk_full_at_the_corpus_page_keeps_the_reports_and_leaves_no_empty_page(gpt2_path, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """The disk filled by the time corpus.html was written (here it becomes a link to /dev/full then): an empty
+    corpus.html was left beside the reports, and the error did not say what the folder holds."""
+    import reports.html
+
+    render = reports.html.render_corpus_report
+
+    def full_disk_then_render(*args, **kwargs):
+        (tmp_path / "out" / "corpus.html").symlink_to("/dev/full")
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(reports.html, "render_corpus_report", full_disk_then_render)
+    (tmp_path / "b.txt").write_text("First text here.\nSecond text here.\n")
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "b.txt", "--out-dir", tmp_path / "out")
+    assert_one_line_error(code, err, r"Cannot write .*corpus\.html: No space left on device\. The batch stopped at "
+                                     r"corpus\.html: the 2 reports before it are in ")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report-0001.html", "report-0002.html"]
