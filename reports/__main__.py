@@ -6,9 +6,11 @@ Bad input ends with one line on stderr and a non-zero exit status, never a trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -30,6 +32,9 @@ CORPUS_FILE = "corpus.html"
 INDEX_FILE = "index.html"
 BATCH_REPORT = re.compile(r"report-\d{4,}\.(html|text\.txt)")  # the names --out-dir gives a text's report and text
 EARLIER_REPORTS = "headscope: {n} reports of an earlier batch removed from {out_dir} (not this batch's texts)"
+LOCK_FILE = ".headscope-batch.lock"  # in --out-dir DIR: locked (flock) while a batch writes there
+BATCH_BUSY = ("{out_dir} is being written by another headscope batch ({holder}): its index would list reports this "
+              "one writes over or removes; wait for it to end, or give this batch another --out-dir")
 BATCH_STOPPED = ("{error} The batch stopped at {where}: {kept} in {out_dir}, without an index.html; free some space "
                  "(or fix the folder's permissions) and run the same command again.")
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
@@ -564,9 +569,7 @@ def run_batch(args) -> int:
     layer is measured, for the corpus means; the report shows the chosen layers, whose patterns alone are kept.
     A text that fails is listed in index.html and corpus.html with its error; the rest are written and counted.
     """
-    from analysis import check_layers, load_model
-    from analysis.corpus import CorpusAccumulator
-    from reports.html import render_corpus_report, render_index, write_shared_assets
+    from analysis import load_model
 
     texts, digest = read_batch(args.batch)
     # what index.html and corpus.html say produced them: the input file as read, and the command as typed
@@ -578,6 +581,73 @@ def run_batch(args) -> int:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HeadscopeError(f"Cannot create {args.out_dir}: {exc.strerror}.") from None
+    with lock_out_dir(args.out_dir):  # two batches into one DIR wrote over and removed each other's reports
+        return _write_batch(args, loaded, texts, run)
+
+
+@contextlib.contextmanager
+def lock_out_dir(out_dir: Path):
+    """Holds DIR/LOCK_FILE locked while the batch writes `out_dir`, and removes it at the end (the lock goes with the
+    process, killed too: a file left then locks nothing); a batch already writing there is one line (BATCH_BUSY).
+    Where the system or the file system has no flock (Windows, some network file systems), the batch goes on
+    without it."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = out_dir / LOCK_FILE
+    while True:
+        try:
+            handle = path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"Cannot write {path}: {exc.strerror}.") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()  # what the holder wrote: its process id
+            handle.close()
+            holder = f"process {visible(holder)}" if holder.isdigit() else "another process"
+            raise HeadscopeError(BATCH_BUSY.format(out_dir=visible(str(out_dir)), holder=holder)) from None
+        except OSError:
+            handle.close()
+            handle = None  # no locks here: as without flock
+            break
+        if _same_file(handle, path):
+            break
+        handle.close()  # the batch that held it removed it as this one opened it: lock the file there now
+    if handle is None:
+        yield
+        return
+    with handle:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while locked: a batch that opened it meanwhile sees it gone (_same_file) and retries
+
+
+def _same_file(handle, path: Path) -> bool:
+    """Whether the open `handle` is the file at `path` now (not one removed since it was opened)."""
+    try:
+        now = path.stat()
+    except OSError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _write_batch(args, loaded, texts: list, run: dict) -> int:
+    """run_batch's writing, into the --out-dir it holds locked."""
+    from analysis import check_layers
+    from analysis.corpus import CorpusAccumulator
+    from reports.html import render_corpus_report, render_index, write_shared_assets
+
     for name in (INDEX_FILE, CORPUS_FILE):  # an earlier run's: stopped midway, they would list other texts
         remove_file(args.out_dir / name)
     assets = write_shared_assets(args.out_dir) if args.shared_assets else None

@@ -359,3 +359,43 @@ def test_a_disk_full_at_the_corpus_page_keeps_the_reports_and_leaves_no_empty_pa
     assert_one_line_error(code, err, r"Cannot write .*corpus\.html: No space left on device\. The batch stopped at "
                                      r"corpus\.html: the 2 reports before it are in ")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report-0001.html", "report-0002.html"]
+
+
+def test_a_second_batch_into_a_folder_being_written_is_refused(gpt2_path, tmp_path, capsys):
+    """Two batches into one --out-dir at once both ended 'N reports, 0 failed' and exit 0, and the first one's index
+    listed reports the second had written over (other texts under their numbers) or removed as 'of an earlier batch'
+    (3 of 20 wrong and 11 missing in a run by hand). The second is refused in one line while the first writes (here
+    a real command in another process, held after its first report until the test lets it go on)."""
+    import subprocess
+    import sys
+    import time
+
+    out, go = tmp_path / "out", tmp_path / "go"
+    texts = ["The first batch's first text.", "The first batch's second text."]
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "b.txt").write_text("Another batch, first.\nAnother batch, second.\n")
+    held = ("import sys, time; from pathlib import Path; import reports.__main__ as cli\n"
+            "write = cli._write_batch_entry\n"
+            "def held(number, *rest):\n"
+            "    entry = write(number, *rest)\n"
+            "    while number == 1 and not Path(sys.argv[1]).exists(): time.sleep(0.1)\n"
+            "    return entry\n"
+            "cli._write_batch_entry = held\n"
+            "sys.exit(cli.main(sys.argv[2:]))")
+    first = subprocess.Popen([sys.executable, "-c", held, str(go), "--model", str(gpt2_path), "--batch",
+                              str(tmp_path / "a.txt"), "--out-dir", str(out), "--layer", "0"],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "report-0001.html").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "b.txt", "--out-dir", out,
+                            "--layer", 0)
+        assert_one_line_error(code, err, rf"is being written by another headscope batch \(process {first.pid}\)")
+    finally:
+        go.touch()
+        _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert [read_report_results(out / f"report-{i:04d}.html")["text"] for i in (1, 2)] == texts
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "b.txt", "--out-dir", out, "--layer", 0)
+    assert code == 0, err  # the first batch over: its lock went with it
