@@ -57,6 +57,9 @@ RESULTS_ID = "headscope-results"
 CORPUS_ID = "headscope-corpus"
 VEGA_LITE_VERSION = "6.4"
 CANVAS_ROWS = 1000  # charts with more data rows than this draw on canvas (faster to draw), not SVG
+# Altair's JSON-schema check of each spec as it is made: about a seventh of a report's rendering (a batch archives
+# thousands) for the same page; the tests run it on every page they render (tests/conftest.py)
+VALIDATE_SPECS = False
 DATA_ID = "headscope-datasets"
 PROBE_ID = "headscope-probe-results"  # the induction probe's results, when the report carries its atlases
 ASSETS_DIR = "assets"
@@ -627,7 +630,7 @@ def _short_title(spec: dict) -> dict:
 
 def _chart_context(chart, chart_id: str, pool: DataPool | None = None) -> dict:
     """A chart's spec for a page; with a pool its datasets move there (without one they stay in the spec)."""
-    spec = _short_title(chart.to_dict())
+    spec = _short_title(chart.to_dict(validate=VALIDATE_SPECS))
     rows = sum(len(values) for values in spec.get("datasets", {}).values())
     names = pool.add(spec) if pool is not None else []
     return {"id": chart_id, "spec": spec, "datasets": " ".join(names),

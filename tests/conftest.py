@@ -22,6 +22,17 @@ from tests.checkpoints import tiny_bert, tiny_gpt2
 REPEATS = "The cat sat on the mat. The cat sat on the mat again, and the dog watched the cat."
 
 
+@pytest.fixture(autouse=True, scope="session")
+def validated_specs():
+    """Every chart spec a test renders into a page is checked against Vega-Lite's schema, as the CLI and the app
+    skip for speed (reports.html.VALIDATE_SPECS)."""
+    import reports.html
+
+    reports.html.VALIDATE_SPECS = True
+    yield
+    reports.html.VALIDATE_SPECS = False
+
+
 @pytest.fixture(scope="session")
 def gpt2_path(tmp_path_factory):
     """8 layers, 12 heads, as the core issue asks: layer 6 exists, as in the notebook."""
