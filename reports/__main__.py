@@ -37,6 +37,9 @@ BATCH_BUSY = ("{out_dir} is being written by another headscope batch ({holder}):
               "one writes over or removes; wait for it to end, or give this batch another --out-dir")
 BATCH_STOPPED = ("{error} The batch stopped at {where}: {kept} in {out_dir}, without an index.html; free some space "
                  "(or fix the folder's permissions) and run the same command again.")
+INTERRUPTED = ("headscope: interrupted: the files written before it stay (a --batch --out-dir has no index.html yet; "
+               "a --results folder goes on from its rows when the same command runs again)")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C stopped
 NOT_UTF8 = "{path} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and try again."
 NOT_UNICODE_JSON = ("is not Unicode text (a lone surrogate escape at character {offset}): write the character "
                     "itself, or both halves of its surrogate pair")
@@ -882,6 +885,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m reports") -> int:
     except HeadscopeError as exc:
         print(f"headscope: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the pass was
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def cli() -> None:

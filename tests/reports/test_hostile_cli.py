@@ -399,3 +399,36 @@ def test_a_second_batch_into_a_folder_being_written_is_refused(gpt2_path, tmp_pa
     assert [read_report_results(out / f"report-{i:04d}.html")["text"] for i in (1, 2)] == texts
     code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "b.txt", "--out-dir", out, "--layer", 0)
     assert code == 0, err  # the first batch over: its lock went with it
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_reports_written(gpt2_path, tmp_path):
+    """Ctrl-C in a batch printed Python's KeyboardInterrupt traceback from wherever the pass was. It is one line on
+    stderr, exit status 130 (a shell's for SIGINT), and the reports written before it stay (here a real command in
+    another process, interrupted once its first report is written)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from reports.__main__ import EXIT_INTERRUPTED, INTERRUPTED
+
+    out = tmp_path / "out"
+    (tmp_path / "a.txt").write_text("The first text.\nThe second text.\n")
+    held = ("import sys, time; import reports.__main__ as cli\n"
+            "write = cli._write_batch_entry\n"
+            "def held(number, *rest):\n"
+            "    entry = write(number, *rest)\n"
+            "    while number == 1: time.sleep(0.1)\n"
+            "    return entry\n"
+            "cli._write_batch_entry = held\n"
+            "sys.exit(cli.main(sys.argv[1:]))")
+    batch = subprocess.Popen([sys.executable, "-c", held, "--model", str(gpt2_path), "--batch", str(tmp_path / "a.txt"),
+                              "--out-dir", str(out), "--layer", "0"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "report-0001.html").exists() and batch.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    batch.send_signal(signal.SIGINT)
+    _, err = batch.communicate(timeout=300)
+    assert batch.returncode == EXIT_INTERRUPTED
+    assert err.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in err, err
+    assert read_report_results(out / "report-0001.html")["text"] == "The first text."
