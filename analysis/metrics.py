@@ -158,7 +158,7 @@ def compute_kde_rows(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     narrow = np.zeros(values.shape[0], dtype=bool)  # [live]: summed in windows of grid points
     if step is not None:
         cutoff = min(KDE_CUTOFF, math.sqrt(2 * math.log(2 * n / KDE_TOLERANCE)))  # bandwidths: c(n)
-        narrow = _kde_windows(values, grid, bandwidth, step, cutoff, ~narrow, density)
+        narrow = _kde_windows(values, grid, bandwidth, step, cutoff, np.ones_like(narrow), density)
         # a curve whose peak is under 1/2 may have lost more than KDE_TOLERANCE of it there: again at KDE_CUTOFF
         low = narrow & (n * math.exp(-cutoff ** 2 / 2) > KDE_TOLERANCE * density.max(axis=1))  # [live]
         if cutoff < KDE_CUTOFF and low.any():
