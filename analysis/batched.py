@@ -55,7 +55,7 @@ class TextsPlan:
             stats[b, start + int(exclude_first_token):stop] = True
             _, at = compared_keys(stop - start, exclude_first_token, query, causal=causal, skip=skip)
             keys[b, start:stop][at] = True
-            q_index, k_index, counts = score_pairs(ids)  # its pairs, relative to its first position
+            q_index, k_index, counts = score_pairs(ids, causal)  # its pairs, relative to its first position
             pair, column = np.nonzero(counts)  # [entry] each: pair `pair` counts towards sum `column`
             entries.append((np.full(pair.size, b), b * SUMS + column, q_index[pair] + start, k_index[pair] + start))
         pairs = tuple(np.concatenate(parts) for parts in zip(*entries))  # [entry] each

@@ -299,7 +299,7 @@ class _Recorder:
                 row = attention_mask[b if attention_mask.shape[0] > 1 else 0]  # [1, q_pos, k_pos]
                 mask = row[:, positions, positions]  # [1, pos, pos]
             if text.plan is None or text.plan.q_index.device != device:
-                text.plan = ScorePlan.build(text.ids, device)
+                text.plan = ScorePlan.build(text.ids, device, self.causal)  # an encoder's pairs: later copies too
             p = self.query_position if text.query_position is None else text.query_position
             against_output = wanted and entries[0][4] is None  # parity against the kernel's output, not weights
             reduced = reduce_pattern(

@@ -4,10 +4,18 @@ Shapes: patterns [head, q_pos, k_pos] (rows sum to 1), token_ids [pos].
 
 `previous_token`, `duplicate_token` and `induction` are TransformerLens's head detector with its default
 "mul" error measure: score = sum(A * P) / sum(A), where A is the attention pattern and P the 0/1 detection
-pattern, a lower-triangular [q_pos, k_pos] matrix:
+pattern, a [q_pos, k_pos] matrix over the pairs the query can see:
   previous_token   P[i, i-1] = 1 (the first sub-diagonal);
-  duplicate_token  P[i, j] = 1 where j < i and token j is token i (the diagonal zeroed);
-  induction        the duplicate pattern shifted one key to the right: P[i, j+1] = 1 where token j is token i.
+  duplicate_token  P[i, j] = 1 where j != i and token j is token i: every other copy of the query's token;
+  induction        P[i, j+1] = 1 where j != i, token j is token i and j + 1 is a position: the token right after
+                   every other copy.
+On a causal model the query sees only earlier keys, so j < i: TransformerLens's lower-triangular patterns (the
+duplicate pattern with its diagonal zeroed; the induction pattern that shifted one key to the right). On a
+bidirectional encoder it sees every key, so the other copies after it count too (and the token after each, when
+that copy is not the last position): a head that attends to the other copies on both sides scores 1, as a causal
+duplicate-token head does (with only the earlier copies, such a head scored about 0.5, and the first copy's
+queries nothing). Results written before this (an encoder's, headscope.results/1 without
+settings.score_definition) hold the earlier-copies-only numbers: analysis.results.SCORE_DEFINITIONS.
 The sums run over every entry of A, which under a causal mask is the lower triangle; for a bidirectional
 encoder the denominator also counts attention to later tokens, so the score stays "the fraction of this
 head's attention that goes where P says". TransformerLens's options:
@@ -52,8 +60,9 @@ PARTS = ("all", "first_key", "current", "corner")
 class ScorePlan:
     """Where each detection pattern is 1, as index pairs, built once per forward pass from the token ids.
 
-    The detection patterns are sparse (T-1 previous-token pairs; one pair per earlier repeat of a token), so
-    the weights are gathered at those pairs instead of multiplied by a dense T x T mask.
+    The detection patterns are sparse (T-1 previous-token pairs; one pair per other copy of a token that the query
+    sees: the earlier ones on a causal model, every other one on an encoder), so the weights are gathered at those
+    pairs instead of multiplied by a dense T x T mask.
     """
 
     n: int
@@ -67,20 +76,26 @@ class ScorePlan:
         return slice(int(np.searchsorted(self.q_host, start)), int(np.searchsorted(self.q_host, stop)))
 
     @classmethod
-    def build(cls, token_ids, device="cpu") -> ScorePlan:
-        q_index, k_index, parts = score_pairs(token_ids)
+    def build(cls, token_ids, device="cpu", causal: bool = True) -> ScorePlan:
+        q_index, k_index, parts = score_pairs(token_ids, causal)
         return cls(n=np.asarray(token_ids).size, q_index=to_device(q_index, device),
                    k_index=to_device(k_index, device), parts=to_device(parts, device),
                    q_host=q_index)
 
 
-def score_pairs(token_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ScorePlan's pairs on the host: (q_index [pair], k_index [pair], parts [pair, score * part]), by query."""
+def score_pairs(token_ids, causal: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ScorePlan's pairs on the host: (q_index [pair], k_index [pair], parts [pair, score * part]), by query.
+    `causal`: the query sees the earlier copies of its token only; else (an encoder) the later ones too."""
     ids = np.asarray(token_ids).reshape(-1)  # [pos]
     n = ids.size
-    dup_q, dup_k = duplicate_pairs(ids)
+    dup_q, dup_k = duplicate_pairs(ids)  # [pair] each: k < q
     prev_q = np.arange(1, n)  # [n - 1]
     pairs = [(prev_q, prev_q - 1), (dup_q, dup_k), (dup_q, dup_k + 1)]  # previous, duplicate, induction
+    if not causal:  # the same pairs seen from the earlier copy (q < k), and the token after that later copy where
+        # there is one (a causal model's pairs stay as they were, in their order: its sums are unchanged)
+        after = dup_q + 1 < n  # [pair]: the later copy is not the last position
+        pairs[1] = (np.concatenate([dup_q, dup_k]), np.concatenate([dup_k, dup_q]))  # [2 * pair] each
+        pairs[2] = (np.concatenate([dup_q, dup_k[after]]), np.concatenate([dup_k + 1, dup_q[after] + 1]))
     q_index = np.concatenate([q for q, _ in pairs])  # [pair]
     k_index = np.concatenate([k for _, k in pairs])  # [pair]
     parts = np.zeros((q_index.size, len(DETECTION_SCORES), len(PARTS)))  # [pair, score, part]
@@ -156,14 +171,15 @@ def combine_score_parts(parts: np.ndarray, fixed: np.ndarray, exclude_bos: bool 
     return scores
 
 
-def compute_head_scores(patterns, token_ids, exclude_bos: bool = False,
-                        exclude_current_token: bool = False) -> dict[str, np.ndarray]:
-    """Every score of one layer's patterns [head, q_pos, k_pos] by the fast route: {name: [head]}."""
+def compute_head_scores(patterns, token_ids, exclude_bos: bool = False, exclude_current_token: bool = False,
+                        causal: bool = True) -> dict[str, np.ndarray]:
+    """Every score of one layer's patterns [head, q_pos, k_pos] by the fast route: {name: [head]}. `causal`: the
+    model's (an encoder's query also sees the later copies of its token)."""
     patterns = np.asarray(patterns)
     if not patterns.flags.writeable:  # torch cannot wrap a read-only array
         patterns = patterns.copy()
     weights = torch.from_numpy(patterns)  # shares memory; compute_score_parts only reads it
-    parts, fixed = compute_score_parts(weights, ScorePlan.build(token_ids))
+    parts, fixed = compute_score_parts(weights, ScorePlan.build(token_ids, causal=causal))
     return combine_score_parts(parts.numpy(), fixed.numpy(), exclude_bos, exclude_current_token)
 
 

@@ -50,17 +50,21 @@ def compute_previous_token_pattern(n: int) -> np.ndarray:
     return np.eye(n, k=-1)
 
 
-def compute_duplicate_token_pattern(token_ids) -> np.ndarray:
-    """[q_pos, k_pos]: 1 where an earlier key holds the query's token; the diagonal is zero."""
+def compute_duplicate_token_pattern(token_ids, causal: bool = True) -> np.ndarray:
+    """[q_pos, k_pos]: 1 where another key the query sees holds its token (an earlier one on a causal model, any
+    other on an encoder); the diagonal is zero."""
     ids = np.asarray(token_ids).reshape(-1)  # [pos]
-    return np.tril(ids[:, None] == ids[None, :], k=-1).astype(np.float64)  # [q_pos, k_pos]
+    same = ids[:, None] == ids[None, :]  # [q_pos, k_pos]
+    seen = np.tril(same, k=-1) if causal else same & ~np.eye(ids.size, dtype=bool)  # [q_pos, k_pos]
+    return seen.astype(np.float64)
 
 
-def compute_induction_pattern(token_ids) -> np.ndarray:
-    """[q_pos, k_pos]: the duplicate pattern shifted one key to the right (attend to what followed last time)."""
-    duplicate = compute_duplicate_token_pattern(token_ids)  # [q_pos, k_pos]
+def compute_induction_pattern(token_ids, causal: bool = True) -> np.ndarray:
+    """[q_pos, k_pos]: the duplicate pattern shifted one key to the right (attend to what followed last time); a
+    copy at the last position has no successor."""
+    duplicate = compute_duplicate_token_pattern(token_ids, causal)  # [q_pos, k_pos]
     shifted = np.zeros_like(duplicate)  # [q_pos, k_pos]
-    shifted[:, 1:] = duplicate[:, :-1]  # column 0 stays zero; stays lower-triangular since j < i => j + 1 <= i
+    shifted[:, 1:] = duplicate[:, :-1]  # column 0 stays zero; causal: stays lower-triangular since j < i => j + 1 <= i
     return shifted
 
 
@@ -83,13 +87,16 @@ def compute_previous_token_score(patterns, exclude_bos=False, exclude_current_to
                                    exclude_current_token)
 
 
-def compute_duplicate_token_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
-    return compute_detection_score(patterns, compute_duplicate_token_pattern(token_ids), exclude_bos,
+def compute_duplicate_token_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False,
+                                  causal=True) -> np.ndarray:
+    return compute_detection_score(patterns, compute_duplicate_token_pattern(token_ids, causal), exclude_bos,
                                    exclude_current_token)
 
 
-def compute_induction_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False) -> np.ndarray:
-    return compute_detection_score(patterns, compute_induction_pattern(token_ids), exclude_bos, exclude_current_token)
+def compute_induction_score(patterns, token_ids, exclude_bos=False, exclude_current_token=False,
+                            causal=True) -> np.ndarray:
+    return compute_detection_score(patterns, compute_induction_pattern(token_ids, causal), exclude_bos,
+                                   exclude_current_token)
 
 
 # ---- pattern-free scores -------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 independent, loop-by-loop transcription of TransformerLens's head detector ("mul"), and TransformerLens itself
 (detect_head and run_with_cache through its TransformerBridge, on a sentence and on the induction probe)."""
 
+import importlib
 import json
 from itertools import product
 
@@ -65,6 +66,30 @@ def tl_detection_pattern(name: str, ids) -> np.ndarray:
     return np.tril(shifted)
 
 
+def loop_detection_pattern(name: str, ids, causal: bool) -> np.ndarray:
+    """The definition, loop by loop: the copies of the query's token that it sees are the other positions j != i of
+    its token, j < i on a causal model (its mask), any j on an encoder; induction: the position after each, if any."""
+    n = len(ids)
+    pattern = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if name == "previous_token" and j == i - 1:
+                pattern[i, j] = 1
+            seen = j != i and ids[j] == ids[i] and (j < i or not causal)
+            if name == "duplicate_token" and seen:
+                pattern[i, j] = 1
+            if name == "induction" and seen and j + 1 < n:
+                pattern[i, j + 1] = 1
+    return pattern
+
+
+def definition_scores(patterns, ids, exclude_bos, exclude_current_token, causal) -> dict[str, np.ndarray]:
+    """{name: [layer, head]} from a list of [head, q_pos, k_pos] patterns, by loop_detection_pattern."""
+    return {name: np.array([[tl_mul_score(head, loop_detection_pattern(name, ids, causal), exclude_bos,
+                                          exclude_current_token) for head in layer] for layer in patterns])
+            for name in DETECTION}
+
+
 def tl_mul_score(pattern: np.ndarray, detection: np.ndarray, exclude_bos: bool, exclude_current_token: bool) -> float:
     a = np.array(pattern, dtype=np.float64)  # TransformerLens writes into its argument; we write into a copy
     if exclude_bos:
@@ -121,16 +146,16 @@ def random_causal_pattern(rng, n_heads=N_HEADS, n=N_POS, causal=True) -> np.ndar
 REPEATED_IDS = np.array([5, 7, 7, 2, 9, 5, 7, 7, 2])  # repeats, including adjacent ones (7, 7)
 
 
-def both_routes(patterns, ids, exclude_bos, exclude_current_token) -> list[dict[str, np.ndarray]]:
+def both_routes(patterns, ids, exclude_bos, exclude_current_token, causal=True) -> list[dict[str, np.ndarray]]:
     """The readable numpy definitions and the fast route the recorder runs."""
     dense = {
         "previous_token": compute_previous_token_score(patterns, exclude_bos, exclude_current_token),
-        "duplicate_token": compute_duplicate_token_score(patterns, ids, exclude_bos, exclude_current_token),
-        "induction": compute_induction_score(patterns, ids, exclude_bos, exclude_current_token),
+        "duplicate_token": compute_duplicate_token_score(patterns, ids, exclude_bos, exclude_current_token, causal),
+        "induction": compute_induction_score(patterns, ids, exclude_bos, exclude_current_token, causal),
         "sink": compute_sink_score(patterns), "self": compute_self_score(patterns),
         "entropy": compute_entropy_score(patterns),
     }
-    return [dense, compute_head_scores(patterns, ids, exclude_bos, exclude_current_token)]
+    return [dense, compute_head_scores(patterns, ids, exclude_bos, exclude_current_token, causal)]
 
 
 def test_score_names_agree_between_the_engine_and_the_results():
@@ -181,6 +206,83 @@ def test_the_induction_detection_pattern_scores_one(exclude_bos, exclude_current
     np.testing.assert_array_equal(pattern[0], tl_detection_pattern("induction", REPEATED_IDS))
 
 
+COPIES_IDS = np.array([5, 7, 2, 5, 7, 2, 5, 7, 2])  # every token three times: every query has other copies
+
+
+def head_on(targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [head = 1, pos, d_head = pos] of a head that attends equally to the keys that `targets` [q_pos, k_pos]
+    (0/1, at least one a row) marks and to nothing else: k_j is the j-th unit vector and q_i is 200 where row i marks
+    (the other keys' weight, exp(-200) of it, is 0 in float32)."""
+    q = torch.from_numpy(targets * 200.0).float()[None]  # [1, pos, d_head = pos]
+    k = torch.eye(targets.shape[1])[None]  # [1, pos, d_head = pos]
+    return q, k
+
+
+def encoder_routes(q, k, ids, causal: bool, options=(False, False), pad: int = 2) -> dict[str, dict[str, np.ndarray]]:
+    """Every route's detection scores of one head, q, k [1, pos, d_head], without a mask (an encoder's): the dense
+    one on the rebuilt pattern, the pass's blocks of rows (patterns.reduce_pattern, blocks of 4 rows) and a corpus
+    pass's texts at once (batched), the text `pad` positions into a padded row. `options`: (exclude_bos,
+    exclude_current_token)."""
+    from analysis.batched import TextsPlan, reduce_scores_texts
+    from analysis.head_scores import ScorePlan, combine_score_parts
+    from analysis.patterns import reduce_pattern
+
+    n, d = q.shape[1], q.shape[2]
+    pattern = compute_pattern_of(q, k)  # [head, q_pos, k_pos]
+    reduced = reduce_pattern(q[None], k[None], 1.0, None, None, ScorePlan.build(ids, causal=causal), 4 * 3 * 4 * n,
+                             readouts=False, causal=False)
+    width = n + 2 * pad
+    padded_q, padded_k = torch.zeros(2, 1, 1, 1, width, d)  # [text, layer, head, W, d_head] each
+    padded_q[0, 0, :, pad:pad + n], padded_k[0, 0, :, pad:pad + n] = q, k
+    mask = torch.zeros(1, 1, width, width, dtype=torch.bool)  # [1, 1, W, W]: the text's keys only
+    mask[..., pad:pad + n] = True
+    plan = TextsPlan.build([(ids, (pad, pad + n), n - 1, None)], width, True, causal, q.device)
+    parts, fixed = reduce_scores_texts(padded_q, padded_k, 1.0, mask, None, plan, 4 * 4 * width, causal=False)
+    return {"dense": compute_head_scores(pattern, ids, *options, causal=causal),
+            "in the pass": combine_score_parts(reduced.parts[0].numpy(), reduced.fixed[0].numpy(), *options),
+            "at once": combine_score_parts(parts[0, 0].numpy(), fixed[0, 0].numpy(), *options)}
+
+
+@pytest.mark.parametrize("name", ["duplicate_token", "induction"])
+def test_an_encoder_head_on_every_other_copy_scores_one(name):
+    """An encoder's head that attends only to the other copies of the query's token, on both sides (or only to the
+    tokens right after them), is what the score detects: 1.0 on every route, as a causal model's head on its earlier
+    copies scores. Counted over the earlier copies alone, as TransformerLens's causal patterns do, it scored 0.5 here
+    as a duplicate-token head (the first copy's queries 0, the second's 1/2, the third's 1), 5/9 as an induction
+    head."""
+    targets = loop_detection_pattern(name, COPIES_IDS, causal=False)  # [q_pos, k_pos]: the definition, loop by loop
+    assert targets.sum(axis=1).min() >= 1 and np.triu(targets, 1).sum() > 0  # every row has a target, later ones too
+    q, k = head_on(targets)
+    pattern = compute_pattern_of(q, k)
+    np.testing.assert_array_equal(pattern[0] > 0, targets > 0)  # the head is the hand-built one
+    for route, scores in encoder_routes(q, k, COPIES_IDS, causal=False).items():
+        np.testing.assert_allclose(scores[name], 1.0, rtol=1e-12, err_msg=route)
+    earlier_only = definition_scores([pattern], COPIES_IDS, False, False, causal=True)[name][0]
+    assert earlier_only[0] < 0.75  # the earlier copies' definition misses a quarter or more of it
+    for route, scores in encoder_routes(q, k, COPIES_IDS, causal=True).items():  # the causal pairs, as before
+        np.testing.assert_allclose(scores[name], earlier_only, rtol=1e-6, err_msg=route)
+
+
+def compute_pattern_of(q, k) -> np.ndarray:
+    from analysis.metrics import compute_pattern
+
+    return compute_pattern(q, k, 1.0, None, None).numpy()  # [head, q_pos, k_pos]
+
+
+@pytest.mark.parametrize("exclude_bos, exclude_current_token", OPTIONS)
+def test_an_encoders_routes_equal_the_definition_on_a_random_pattern(exclude_bos, exclude_current_token):
+    """Random encoder heads (no mask), repeats on both sides of most queries, a copy at the last position (no token
+    after it): every route against the loop-by-loop definition, every exclusion."""
+    rng = np.random.default_rng(4)
+    ids = np.array([3, 5, 3, 9, 5, 3, 7, 5, 3])  # the last position a copy: no successor there
+    q, k = (torch.from_numpy(rng.normal(size=(1, ids.size, 6)) * 2).float() for _ in range(2))
+    pattern = compute_pattern_of(q, k)
+    expected = definition_scores([pattern], ids, exclude_bos, exclude_current_token, causal=False)
+    for route, scores in encoder_routes(q, k, ids, False, (exclude_bos, exclude_current_token)).items():
+        for name in DETECTION:
+            np.testing.assert_allclose(scores[name], expected[name][0], rtol=1e-6, err_msg=f"{route} {name}")
+
+
 @pytest.mark.parametrize("exclude_bos, exclude_current_token", OPTIONS)
 def test_patterns_are_not_mutated(exclude_bos, exclude_current_token):
     pattern = random_causal_pattern(np.random.default_rng(0))
@@ -205,6 +307,15 @@ def test_both_routes_equal_the_transformer_lens_formula(causal, exclude_bos, exc
     for scores in both_routes(pattern, ids, exclude_bos, exclude_current_token):
         for name in HEAD_SCORES:
             np.testing.assert_allclose(scores[name], expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    # the definition by the model's attention: on a causal model TransformerLens's patterns; on an encoder every
+    # other copy the query sees (later ones too)
+    for name in DETECTION:
+        assert np.array_equal(loop_detection_pattern(name, ids, True), tl_detection_pattern(name, ids)), name
+    seen = {name: values[0] for name, values in definition_scores([pattern], ids, exclude_bos, exclude_current_token,
+                                                                  causal).items()}
+    for scores in both_routes(pattern, ids, exclude_bos, exclude_current_token, causal):
+        for name in DETECTION:
+            np.testing.assert_allclose(scores[name], seen[name], rtol=1e-6, atol=1e-9, err_msg=f"{name} seen")
 
 
 def test_one_token_scores_are_undefined_not_zero():
@@ -341,24 +452,67 @@ def eager_attentions(path, input_ids: torch.Tensor) -> list[np.ndarray]:
     return [a[0].numpy() for a in out.attentions]  # per layer [head, q_pos, k_pos]
 
 
-@pytest.mark.parametrize("fixture", ["gpt2", "minilm"])
-def test_scores_equal_transformer_lens_formula_on_the_models_eager_attention(request, fixture):
+@pytest.fixture(scope="module")
+def bert(bert_path):
+    from analysis import load_model
+
+    return load_model(str(bert_path))
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "minilm", "bert"])
+@pytest.mark.parametrize("given", ["sentence", "induction probe"])
+def test_scores_equal_the_definition_on_the_models_eager_attention(request, fixture, given):
+    """Every score of every layer against the model's own eager attention scored loop by loop: on GPT-2
+    TransformerLens's causal patterns (loop_detection_pattern equals them), on the encoders (MiniLM, a tiny BERT)
+    every other copy the query sees, earlier and later (with the earlier copies alone a head on every copy of its
+    token scored about half)."""
     loaded = request.getfixturevalue(fixture)
-    captured = capture(loaded, REPEATS, pattern_layers=[0])
+    if given == "sentence":
+        captured = capture(loaded, REPEATS, pattern_layers=[0])
+    else:
+        captured = capture_ids(loaded, induction_probe_ids(loaded, length=20, seed=0), pattern_layers=[0])
     ids = captured.token_ids
     patterns = eager_attentions(loaded.info.path, torch.as_tensor(ids)[None])
     expected_fixed = loop_pattern_scores(patterns)
-    has_bos = bool(captured.special[0])  # MiniLM's [CLS]; the GPT-2 sentence starts with its first word
-    assert has_bos == (fixture == "minilm")
+    has_bos = bool(captured.special[0])  # an encoder's [CLS], the probe's BOS; the GPT-2 sentence starts with a word
+    assert has_bos == (fixture != "gpt2" or given != "sentence")
+    assert loaded.info.causal is (fixture == "gpt2")
     for exclude_bos, exclude_current_token in OPTIONS:  # one capture, every option: no new forward pass
         result = summarize(captured, loaded.info.to_dict(), [0], exclude_current_token=exclude_current_token,
                            exclude_bos=exclude_bos)
         assert result.exclude_bos is exclude_bos and result.bos_excluded is (exclude_bos and has_bos)
-        expected = tl_scores(patterns, ids, exclude_bos and has_bos, exclude_current_token) | expected_fixed
+        expected = definition_scores(patterns, ids, exclude_bos and has_bos, exclude_current_token,
+                                     loaded.info.causal) | expected_fixed
+        if loaded.info.causal:
+            assert all(np.array_equal(expected[name], values) for name, values in tl_scores(
+                patterns, ids, exclude_bos and has_bos, exclude_current_token).items())
         for name in HEAD_SCORES:
             assert result.head_scores[name].shape == (loaded.info.n_layers, loaded.info.n_heads)
             np.testing.assert_allclose(result.head_scores[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert tl_scores(patterns, ids, True, False)["duplicate_token"].max() > 0  # the text has repeats
+
+
+@pytest.mark.parametrize("fixture", ["minilm", "bert"])
+def test_an_encoders_corpus_pass_equals_the_definition_on_its_eager_attention(request, monkeypatch, fixture):
+    """A corpus of an encoder, its texts measured at once (analysis.batched, a GPU's route) and text by text: each
+    text's head scores against its own eager attention scored loop by loop (later copies too)."""
+    from analysis.corpus import capture_texts, text_values
+
+    capture_module = importlib.import_module("analysis.capture")
+    loaded = request.getfixturevalue(fixture)
+    texts = [REPEATS, "the cat and the dog and the cat", "a cat", "dog dog dog"]
+    model = loaded.info.to_dict()
+    for at_once in (False, True):
+        monkeypatch.setitem(capture_module.TEXTS_AT_ONCE, "cpu", at_once)
+        got = capture_texts(loaded, texts, 8, text_values(model, True, False, True), True)
+        for text, (heads, _, n) in zip(texts, got):
+            ids = capture(loaded, text, pattern_layers=[]).token_ids
+            assert n == ids.size
+            patterns = eager_attentions(loaded.info.path, torch.as_tensor(ids)[None])
+            expected = definition_scores(patterns, ids, True, False, causal=False)  # [CLS] first: exclude_bos on
+            for name in DETECTION:
+                np.testing.assert_allclose(heads[name], expected[name], rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{fixture} at once {at_once} {text!r} {name}")
 
 
 # ---- TransformerLens itself: detect_head and run_with_cache on the same checkpoint ---------------------------------
