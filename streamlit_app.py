@@ -44,6 +44,7 @@ from analysis.corpus import CorpusResult, analyze_corpus, parse_texts
 from analysis.loading import MODEL_DIRS_ENV, allowed_model_dirs, check_app_dir
 from analysis.parity import describe_tolerance, result_parity_failures
 from analysis.presets import FIJI, PRESETS
+from analysis.results import OLD_SCORE_DEFINITION, OLD_SCORES_NOTE
 from reports.charts import (
     ATLAS_SELECTION,
     MAX_AXIS_CELLS,
@@ -729,6 +730,8 @@ def corpus_results_ui(corpus: CorpusResult, source: str, run: dict | None, manif
     else:
         for record in corpus.failures:
             st.warning(f"Text {record.number} was skipped: {plain(record.error)}")
+    if corpus.score_definition == OLD_SCORE_DEFINITION:  # an encoder's folder from before 2026-12-07
+        st.warning(OLD_SCORES_NOTE)
     chart, table = st.columns([1, 1], gap="medium")
     with chart:
         name = st.selectbox("Per-head number", list(corpus.values), format_func=lambda n: SCORE_TITLES.get(n, n),

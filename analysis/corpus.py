@@ -48,7 +48,7 @@ from analysis.pipeline import (
     bos_present,
     measured_mannwhitney,
 )
-from analysis.results import HEAD_SCORE_NAMES, MODEL_KEYS, json_floats
+from analysis.results import HEAD_SCORE_NAMES, MODEL_KEYS, SCORE_DEFINITION, json_floats
 
 SCHEMA = "headscope.corpus/1"
 N_BOOT = 1000
@@ -458,6 +458,7 @@ class CorpusResult:
     query_position: int | None = None  # as asked (negative: from the end); None: each text's default query token
     exclude_special_keys: bool = False
     exclude_bos: bool | None = True  # None: a results folder from before it, position 0 out of every text's scores
+    score_definition: str = SCORE_DEFINITION  # the copies duplicate-token and induction count (SCORE_DEFINITIONS)
 
     @property
     def n_analysed(self) -> int:
@@ -475,7 +476,8 @@ class CorpusResult:
                 "settings": {"exclude_first_token": self.exclude_first_token,
                              "exclude_current_token": self.exclude_current_token, "n_boot": self.n_boot,
                              "seed": self.seed, "level": self.level, "query_position": self.query_position,
-                             "exclude_special_keys": self.exclude_special_keys, "exclude_bos": self.exclude_bos},
+                             "exclude_special_keys": self.exclude_special_keys, "exclude_bos": self.exclude_bos,
+                             "score_definition": self.score_definition},
                 "n_texts": len(self.texts), "n_analysed": self.n_analysed,
                 "texts": [{"number": r.number, "excerpt": r.excerpt, "n_tokens": r.n_tokens, "error": r.error}
                           for r in self.texts],

@@ -67,7 +67,7 @@ from analysis.corpus_io import iter_records
 from analysis.errors import HeadscopeError
 from analysis.loading import LoadedModel, one_line
 from analysis.pipeline import BATCH_SIZE
-from analysis.results import MODEL_KEYS
+from analysis.results import MODEL_KEYS, SCORE_DEFINITION, SCORE_DEFINITIONS, score_definition
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ SHOWN_NUMBERS = 3  # record numbers a refusal names
 RETRIED_ERRORS = UNEXPECTED.split("{")[0]  # the start of a row's error that a rerun analyses again (a bug's)
 OLD_BOS = ("{path} holds head scores from before exclude_bos (position 0 was always left out of them; now only a "
            "BOS/CLS token is): use a new --results folder.")
+OLD_SCORES = ("{path} holds an encoder's duplicate-token and induction scores from before 2026-12-07, which counted "
+              "only the earlier copies of the query's token (now every other copy it sees): use a new --results "
+              "folder.")
 OLD_UNK = ("{path} holds rows from before {model}'s unknown token counted as a word of the text (it was a special "
            "token: never the default query, left out of the keys), so its rows and this run's would differ: use a new "
            "--results folder.")
@@ -168,9 +171,11 @@ def result_settings(exclude_first_token: bool = True, exclude_current_token: boo
     """What the manifest records; exclude_bos (the head scores leave out position 0 only when it is a special
     token, issue 12) is always on here, and a folder written before it existed is not resumed. unk_is_word: the
     unknown token is a word of the text (capture.marked_special_ids, since 55af575); a folder written before it is
-    not resumed with a model whose unknown token that changes (capture.unk_is_word), checked once it is loaded."""
+    not resumed with a model whose unknown token that changes (capture.unk_is_word), checked once it is loaded.
+    score_definition: the copies duplicate-token and induction count (results.SCORE_DEFINITIONS); an encoder's
+    folder written before it holds the earlier copies' numbers and is not resumed (a causal model's: the same)."""
     return {"exclude_first_token": exclude_first_token, "exclude_current_token": exclude_current_token,
-            "exclude_bos": True, "unk_is_word": True}
+            "exclude_bos": True, "unk_is_word": True, "score_definition": SCORE_DEFINITION}
 
 
 def _now() -> str:
@@ -507,6 +512,9 @@ def _check_settings(path: Path, manifest: dict, settings: dict, text_column: str
         _check_same(path, manifest, key, manifest["settings"].get(key), settings.get(key))
     if manifest["settings"].get("exclude_bos") != settings.get("exclude_bos", True):
         raise HeadscopeError(OLD_BOS.format(path=path))
+    if (score_definition(manifest["settings"], bool(manifest["model"].get("causal", True)))
+            != settings.get("score_definition", SCORE_DEFINITION)):
+        raise HeadscopeError(OLD_SCORES.format(path=path))
     old_column = manifest["settings"].get("text_column", text_column)
     if old_column != text_column:
         raise HeadscopeError(OTHER_COLUMN.format(path=path, old=manifest.get("source") or "its input",
@@ -523,6 +531,8 @@ def _manifest_fault(data: dict) -> str:
         return "its settings' text_column is not a column name (a string)"
     if not isinstance(settings.get("exclude_bos", False), bool):
         return "its settings' exclude_bos is not true or false"
+    if str(settings.get("score_definition", SCORE_DEFINITION)) not in SCORE_DEFINITIONS:
+        return f"its settings' score_definition is not one of {', '.join(SCORE_DEFINITIONS)}"
     if not isinstance(data.get("runs"), list):
         return "its runs are not a list"
     return ""
@@ -705,4 +715,5 @@ def load_results(path: str | Path, n_boot: int = N_BOOT, seed: int = SEED, level
                         layer_values=layer_values, means=means, low=low, high=high,
                         exclude_first_token=bool(settings["exclude_first_token"]),
                         exclude_current_token=bool(settings["exclude_current_token"]), n_boot=n_boot, seed=seed,
-                        level=level, exclude_bos=exclude_bos)
+                        level=level, exclude_bos=exclude_bos,
+                        score_definition=score_definition(settings, bool(model.get("causal", True))))

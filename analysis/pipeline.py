@@ -395,9 +395,9 @@ def induction_probe_ids(loaded: LoadedModel, length: int = PROBE_LENGTH, seed: i
     the token that followed the same token in the first copy, which on random tokens only induction can
     predict. The tokens are drawn without replacement from the vocabulary less its special tokens (with
     replacement only if the vocabulary is smaller than `length`), so each token of the second copy has
-    exactly one earlier occurrence. The tokenizer's own special tokens go around the repeat ([CLS] ... [SEP]
-    for BERT, <s> for Llama); a tokenizer that adds none but has a BOS token gets it first, as
-    TransformerLens prepends BOS to GPT-2's input.
+    exactly one earlier occurrence (and, seen by an encoder, each token of the first copy one later one). The
+    tokenizer's own special tokens go around the repeat ([CLS] ... [SEP] for BERT, <s> for Llama); a tokenizer that
+    adds none but has a BOS token gets it first, as TransformerLens prepends BOS to GPT-2's input.
     """
     if length < 2:
         raise HeadscopeError(PROBE_TOO_SHORT.format(length=length))

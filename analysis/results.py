@@ -18,6 +18,36 @@ ARRAY_FIELDS = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_
 HEAD_SCORE_NAMES = ("previous_token", "duplicate_token", "induction", "sink", "self", "entropy")
 DP_FLOATS = ("mannwhitney_p", "rank_biserial", "mannwhitney_p_centered", "rank_biserial_centered")
 DP_ARRAYS = ("same_head_dp_centered", "diff_head_dp_centered")
+# Which copies of the query's token the duplicate-token and induction scores count (analysis.head_scores): every
+# other copy the query sees (today's), or the earlier copies only, what an encoder's results held before 2026-12-07
+# (a head on every copy of its token then scored about 0.5). A causal model's query sees only the earlier copies,
+# so its numbers are the same under both: a document without the setting is today's definition on a causal model.
+SCORE_DEFINITION = "seen_copies"
+OLD_SCORE_DEFINITION = "earlier_copies"
+SCORE_DEFINITIONS = {SCORE_DEFINITION: "every other copy of the query's token that it sees",
+                     OLD_SCORE_DEFINITION: "the earlier copies of the query's token only (an encoder's results "
+                                           "written before 2026-12-07)"}
+OLD_SCORES_NOTE = ("These duplicate-token and induction scores were written before 2026-12-07 by an encoder: they "
+                   "count only the earlier copies of the query's token, not the later ones it also sees (a head on "
+                   "every copy of its token scored about 0.5, not 1); rerun the analysis (a results folder's into a "
+                   "new --results folder) for today's numbers.")
+
+
+def score_definition(settings: dict, causal: bool) -> str:
+    """The definition a document's duplicate-token and induction scores follow: its settings' score_definition, or,
+    for a document written before it, today's on a causal model (the same numbers) and the earlier copies' on an
+    encoder."""
+    return settings.get("score_definition", SCORE_DEFINITION if causal else OLD_SCORE_DEFINITION)
+
+
+def with_score_definition(data: dict) -> dict:
+    """A validated headscope.results/1 document with settings.score_definition (score_definition's), so that a
+    document read back from before it (an old report's) says which definition its numbers follow."""
+    settings = data["settings"]
+    if "score_definition" in settings:
+        return data
+    found = score_definition(settings, bool(data["model"].get("causal", True)))
+    return {**data, "settings": {**settings, "score_definition": found}}
 
 
 def json_floats(values) -> list:
@@ -124,6 +154,7 @@ class AnalysisResult:
     exclude_special_keys: bool = False  # special tokens left out of the query's keys (dot products and read-out)
     exclude_bos: bool = True  # the head detector's exclude_bos setting: drop position 0 if it is a special token
     bos_excluded: bool | None = None  # whether position 0 was actually left out of the head scores
+    score_definition: str = SCORE_DEFINITION  # the copies the duplicate-token and induction scores count
 
     @property
     def n_tokens(self) -> int:
@@ -184,7 +215,8 @@ class AnalysisResult:
                          "induction_probe": self.induction_probe,
                          "query_position": self.query, "query_token": self.query_token,
                          "query_choice": self.query_choice, "exclude_special_keys": self.exclude_special_keys,
-                         "exclude_bos": self.exclude_bos, "bos_excluded": bool(self.bos_excluded)},
+                         "exclude_bos": self.exclude_bos, "bos_excluded": bool(self.bos_excluded),
+                         "score_definition": self.score_definition},
             "warnings": list(self.warnings),
             "layers": {str(layer): result.to_dict(include_patterns) for layer, result in sorted(self.layers.items())},
             "head_scores": {name: json_floats(values) for name, values in self.head_scores.items()},
@@ -215,4 +247,5 @@ class AnalysisResult:
             exclude_special_keys=bool(settings.get("exclude_special_keys", False)),
             exclude_bos=bool(settings.get("exclude_bos", old_bos)),
             bos_excluded=bool(settings.get("bos_excluded", old_bos)),
+            score_definition=score_definition(settings, bool(data["model"].get("causal", True))),
         )

@@ -494,11 +494,13 @@ SCORE_TITLES = {
 SCORE_EXPLANATIONS = {
     "previous_token": "The share of each head's attention that goes to the token just before the query: near 1 marks a "
                       "previous-token head.",
-    "duplicate_token": "The share of attention that goes to earlier copies of the query's own token: high values mark "
+    "duplicate_token": "The share of attention that goes to the other copies of the query's own token that it sees "
+                       "(the earlier ones on a causal model, earlier and later ones on an encoder): high values mark "
                        "duplicate-token heads (only texts with repeated tokens can show them).",
-    "induction": "The share of attention that goes to the token after an earlier copy of the query's token: high "
-                 "values mark induction heads (the induction probe's repeated random tokens make this meaningful "
-                 "whatever the text).",
+    "induction": "The share of attention that goes to the token right after each other copy of the query's token that "
+                 "it sees (after earlier copies on a causal model, after later ones too on an encoder): high values "
+                 "mark induction heads (the induction probe's repeated random tokens make this meaningful whatever "
+                 "the text).",
     "sink": "The mean attention that queries after the first give to position 0: near 1 marks a head that parks its "
             "attention on the first token (an attention sink).",
     "self": "The mean attention each query gives to itself (the first query left out): high values mark heads that "

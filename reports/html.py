@@ -25,7 +25,7 @@ from analysis import __version__
 from analysis.errors import HeadscopeError
 from analysis.heads import key_head_of
 from analysis.parity import PARITY_FAILED, describe_tolerance, describe_tolerances, result_parity_failures
-from analysis.results import SCHEMA, AnalysisResult
+from analysis.results import OLD_SCORE_DEFINITION, OLD_SCORES_NOTE, SCHEMA, AnalysisResult, with_score_definition
 from analysis.schema import parse_json, validate_beyond, validate_results
 from reports.charts import (
     SCORE_EXPLANATIONS,
@@ -269,6 +269,12 @@ def _atlas_context(result: AnalysisResult, pool: DataPool) -> list[dict]:
             for score, values in result.head_scores.items()]
 
 
+def old_scores_note(result) -> str | None:
+    """The page's line for duplicate-token and induction scores of the earlier copies' definition (an encoder's
+    results written before 2026-12-07), else None."""
+    return OLD_SCORES_NOTE if result.score_definition == OLD_SCORE_DEFINITION else None
+
+
 def build_probe_context(probe: AnalysisResult) -> dict:
     """The induction probe run beside the text: its length, seed and command, one atlas per head score (with the
     same numbers as tables) and its results, embedded as JSON under PROBE_ID."""
@@ -281,6 +287,7 @@ def build_probe_context(probe: AnalysisResult) -> dict:
              for score, values in probe.head_scores.items()]
     return {"length": probe.induction_probe["length"], "seed": probe.induction_probe["seed"],
             "n_tokens": probe.n_tokens, "model": probe.model, "exclude_first_token": probe.exclude_first_token,
+            "old_scores": old_scores_note(probe),
             "command": reproduce_command(probe, outputs=("--html", "probe.html")), "atlas": atlas,
             "results": probe.to_dict(), "results_id": PROBE_ID}
 
@@ -684,6 +691,7 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "layers": layers,
         "atlas": atlas,
         "induction_probe": result.induction_probe,
+        "old_scores": old_scores_note(result),
         "probe": None if probe is None else build_probe_context(probe),
         "dp_rows": _dp_rows(result),
         "parity": max((layer["parity"] for layer in layers), default=0.0),
@@ -789,7 +797,7 @@ def build_corpus_context(corpus, generated_at: datetime | None = None, assets: s
                    "exclude_first_token": corpus.exclude_first_token,
                    "exclude_current_token": corpus.exclude_current_token, "query_position": corpus.query_position,
                    "exclude_special_keys": corpus.exclude_special_keys, "exclude_bos": corpus.exclude_bos,
-                   "query": corpus_query(corpus)},
+                   "query": corpus_query(corpus), "old_scores": old_scores_note(corpus)},
         "failures": [{"number": r.number, "excerpt": r.excerpt, "error": r.error} for r in corpus.failures],
         "atlas": atlas,
         "layer_rows": layer_rows,
@@ -896,7 +904,7 @@ def results_from_page(page: str, name: str = "The report") -> dict:
     if (isinstance(data, dict) and data.get("schema") == SCHEMA and "head_scores" not in data
             and isinstance(data.get("settings"), dict) and set(data["settings"]) <= FIRST_SETTINGS):
         raise HeadscopeError(BEFORE_HEAD_SCORES.format(path=name))  # else a damaged one: the schema's line
-    return validate_results(data, what)
+    return with_score_definition(validate_results(data, what))  # an old encoder's: its scores' definition named
 
 
 def with_probe_results(doc: dict, probe: AnalysisResult | dict) -> dict:
@@ -931,7 +939,7 @@ def report_document(page: str, name: str = "The report") -> dict:
     probe = _embedded(page, PROBE_ID)
     if probe is not None:  # after the sections: a comparison's document replaces the results, never the probe
         what = f"The induction probe's results JSON in {name}"
-        probe_doc = validate_results(parse_json(probe, what), what)
+        probe_doc = with_score_definition(validate_results(parse_json(probe, what), what))
         if not probe_doc["settings"].get("induction_probe"):
             raise HeadscopeError(f"{what} is not the induction probe's: its settings name no probe length and seed.")
         doc = with_probe_results(doc, probe_doc)

@@ -73,7 +73,8 @@ def test_rows_and_aggregates_equal_the_in_memory_corpus(gpt2, tmp_path, counted)
     assert manifest["counts"] == {"rows": 31, "analysed": 30, "failed": 1}
     assert manifest["versions"]["pyarrow"] and manifest["versions"]["torch"]
     assert manifest["settings"] == {"exclude_first_token": True, "exclude_current_token": False, "exclude_bos": True,
-                                    "unk_is_word": True, "text_column": "text"}
+                                    "unk_is_word": True, "score_definition": "seen_copies",
+                                    "text_column": "text"}
 
 
 class Interrupted(Exception):
@@ -173,6 +174,38 @@ def test_a_folder_from_before_exclude_bos_reads_under_the_rule_its_rows_were_mea
     page = render_corpus_report(old)
     assert ("exclude BOS from the head scores: position 0 of every text" in page) is exclude_first_token
     assert ("exclude BOS from the head scores: no" in page) is not exclude_first_token
+
+
+@pytest.mark.parametrize("fixture", ["bert", "gpt2"])
+def test_an_encoders_folder_from_before_the_score_definition_is_marked_and_not_resumed(request, tmp_path, fixture):
+    """An encoder's folder written before 2026-12-07 holds duplicate-token and induction scores of the earlier copies
+    alone (today's count every other copy the query sees): read back, its JSON and page say so; resumed, its rows and
+    this run's would differ, so the run is refused in one line. A causal model's folder holds the same numbers under
+    both definitions: read as today's, and resumed. The folder, as that version wrote it: no score_definition."""
+    from reports.html import render_corpus_report
+
+    loaded = request.getfixturevalue(fixture)
+    path = tmp_path / "in.txt"
+    path.write_text("the cat sat on the cat\n", encoding="utf-8")
+    run_local(loaded, iter_records(path), tmp_path / "res", source=str(path))
+    today = load_results(tmp_path / "res")
+    assert today.to_dict()["settings"]["score_definition"] == "seen_copies"
+    assert "id=\"old-scores\"" not in render_corpus_report(today)
+    manifest_path = tmp_path / "res" / "corpus.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["settings"]["score_definition"]
+    manifest_path.write_text(json.dumps(manifest))
+    old = load_results(tmp_path / "res")
+    encoder = fixture == "bert"
+    assert old.to_dict()["settings"]["score_definition"] == ("earlier_copies" if encoder else "seen_copies")
+    assert ("id=\"old-scores\"" in render_corpus_report(old)) is encoder
+    path.write_text("the cat sat on the cat\na dog\n", encoding="utf-8")
+    if encoder:
+        with pytest.raises(HeadscopeError, match="earlier copies of the query's token") as refused:
+            run_local(loaded, iter_records(path), tmp_path / "res", source=str(path))
+        assert "\n" not in str(refused.value) and "new --results folder" in str(refused.value)
+    else:
+        assert run_local(loaded, iter_records(path), tmp_path / "res", source=str(path))["new_rows"] == 1
 
 
 def test_a_results_folder_refuses_another_model_or_settings(gpt2, bert, tmp_path):

@@ -4,6 +4,7 @@ independent, loop-by-loop transcription of TransformerLens's head detector ("mul
 
 import importlib
 import json
+import re
 from itertools import product
 
 import numpy as np
@@ -693,6 +694,32 @@ def test_json_round_trip_with_head_scores_and_dp_stats(gpt2):
         np.testing.assert_array_equal(again.head_scores[name], result.head_scores[name])
     assert again.layers[6].dp_stats.rank_biserial == result.layers[6].dp_stats.rank_biserial
     assert again.to_dict() == data
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "minilm"])
+def test_a_document_names_its_scores_definition_and_an_old_encoders_is_marked(request, fixture, tmp_path):
+    """Every document says which copies its duplicate-token and induction scores count (settings.score_definition).
+    One written before it: on a causal model the same numbers (today's definition); on an encoder the earlier copies
+    alone, marked so when it is read back (AnalysisResult.from_dict, a report's JSON through --from-report) and said
+    on the page, never presented as today's."""
+    from reports.html import read_report_document, render_report
+
+    loaded = request.getfixturevalue(fixture)
+    result = analyze(loaded, REPEATS, layers=[0])
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["settings"]["score_definition"] == "seen_copies"
+    assert AnalysisResult.from_dict(data).score_definition == "seen_copies"
+    assert "written before 2026-12-07" not in render_report(result)
+    del data["settings"]["score_definition"]  # as a document of before it
+    want = "seen_copies" if loaded.info.causal else "earlier_copies"
+    old = AnalysisResult.from_dict(data)
+    assert old.score_definition == want and old.to_dict()["settings"]["score_definition"] == want
+    page = render_report(old)
+    assert ("written before 2026-12-07 by an encoder" in page) is (want == "earlier_copies")
+    report = tmp_path / "old.html"  # a report of before it: its embedded JSON has no score_definition
+    report.write_text(re.sub(r', "score_definition": "[a-z_]+"', "", page), encoding="utf-8")
+    assert '"score_definition"' not in report.read_text(encoding="utf-8")
+    assert read_report_document(report)["settings"]["score_definition"] == want
 
 
 def test_undefined_values_are_json_null(gpt2):
