@@ -5,8 +5,9 @@ A results folder DIR holds
                       every per-head number of the corpus atlas as a list column, flattened row-major:
                       CORPUS_MEASURES have layer * head entries ([layer][head]), LAYER_MEASURES have layer entries;
                       a bad or failed record has its error and nulls there;
-  DIR/corpus.json     the manifest (MANIFEST_SCHEMA): model id and revision, the settings, library versions, counts,
-                      and one entry per run (engine, times, rows written, rows skipped).
+  DIR/corpus.json     the manifest (MANIFEST_SCHEMA): model id and revision, the settings, library versions (the last
+                      run's), counts, and one entry per run (engine, times, rows written, rows skipped, the versions
+                      and headscope commit that computed them).
 A rerun into the same DIR skips every record whose (number, text_hash) already has a row, so an interrupted run
 resumes where it stopped and nothing is computed twice. Before any model is loaded (minutes, for a large one), a
 rerun makes every check that needs none (`ResultsFolder.check_rerun`): the manifest, the settings, the text column
@@ -129,6 +130,14 @@ def versions() -> dict[str, str | None]:
     from analysis import __version__
 
     return {"headscope": __version__, **found}
+
+
+def headscope_commit() -> str | None:
+    """headscope's git commit (reports.provenance.git_commit, imported here only when a run is recorded): its version
+    number alone stays the same across commits that change the numbers."""
+    from reports.provenance import git_commit
+
+    return git_commit()
 
 
 def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_token: bool = True,
@@ -426,7 +435,11 @@ class ResultsFolder:
     def finish_run(self, run: dict) -> dict:
         """Append the run to the manifest and recount the rows. The run's own failures (`new_failed`) are counted by
         its engine on the rows it wrote: the folder's failed count before and after would net out the failed rows
-        the run dropped (a failing text replaced by another failing one counted 0)."""
+        the run dropped (a failing text replaced by another failing one counted 0). The run records the versions that
+        computed its rows (`versions`, `git_commit`): the manifest's own `versions` are the last run's, and a folder
+        resumed after an upgrade holds rows of both (the corpus page lists each run's)."""
+        run.setdefault("versions", versions())
+        run.setdefault("git_commit", headscope_commit())
         manifest = self.read_manifest()
         table = self.read_rows(["number", "error"])
         analysed = table["error"].null_count if table.num_rows else 0

@@ -841,14 +841,55 @@ def _shown_run(run: dict) -> dict:
     return {"summary": summary, "command": shown}
 
 
+def _versions_line(versions, commit) -> str:
+    """`versions` ({name: version or None}, as corpus_store.versions records them) and headscope's `commit` as one line:
+    "headscope 0.1.0 (git commit abc), torch 2.5.1, ..., ray not installed"; a hand-edited value is shown as text."""
+    if not isinstance(versions, dict):
+        return "not recorded"
+    names = ["headscope", *(name for name in versions if name != "headscope")]
+    parts = [f"{name} {'not installed' if versions.get(name) is None else versions[name]}" for name in names
+             if name in versions]
+    if parts and "headscope" in versions:
+        parts[0] += f" (git commit {commit})" if isinstance(commit, str) else " (git commit not recorded)"
+    return ", ".join(parts) or "not recorded"
+
+
+def _computed_with(manifest: dict) -> dict:
+    """Which versions computed a results folder's rows, from its corpus.json: each run's own (`versions`, `git_commit`,
+    recorded since runs kept them), else the manifest's `versions`, which each run overwrote: the last run's, so
+    those of earlier runs are unknown. {"line": the versions when every run that wrote rows had the same, else None;
+    "runs": [{"started", "line"}] of the runs that wrote rows, shown each when they differ; "unknown": runs whose
+    versions were not recorded}."""
+    runs = [entry for entry in manifest["runs"] if isinstance(entry, dict)]
+    writers = [entry for entry in runs if entry.get("new_rows") != 0] or runs[-1:]  # one that skipped all: none
+    last = runs[-1] if runs else None
+    shown, unknown = [], 0
+    for entry in writers:
+        if "versions" in entry:
+            line = _versions_line(entry["versions"], entry.get("git_commit"))
+        elif entry is last:  # the manifest's versions are the last run's
+            line = _versions_line(manifest.get("versions"), None)
+        else:
+            line, unknown = None, unknown + 1
+        started = entry.get("started")
+        shown.append({"started": started if isinstance(started, str) else "", "line": line or "not recorded"})
+    if not writers:  # no run entry at all: the versions of the writer that made the folder
+        shown.append({"started": "", "line": _versions_line(manifest.get("versions"), None)})
+    lines = {entry["line"] for entry in shown}
+    return {"line": lines.pop() if len(lines) == 1 and not unknown else None, "runs": shown, "unknown": unknown}
+
+
 def render_corpus_report(corpus, generated_at: datetime | None = None, assets: str | None = None,
                          run: dict | None = None, manifest: dict | None = None) -> str:
     """The standalone HTML report of a corpus (analysis.corpus.CorpusResult): atlases of means with intervals.
     `run`: the batch's input and command, as render_index takes it; `manifest`: a results folder's corpus.json
-    (ResultsFolder.read_manifest), whose input and runs (engine, Ray settings, command) the page lists."""
+    (ResultsFolder.read_manifest), whose input and runs (engine, Ray settings, command) the page lists, with the
+    versions that computed its rows (_computed_with); this process's versions are then only those that drew the page.
+    Without `manifest` the page is drawn by the process that computed `corpus`, and its versions are those."""
     results = None if manifest is None else {
         "input": manifest.get("source", ""),
-        "runs": [_shown_run(entry) for entry in manifest["runs"] if isinstance(entry, dict)]}
+        "runs": [_shown_run(entry) for entry in manifest["runs"] if isinstance(entry, dict)],
+        "computed": _computed_with(manifest)}
     return ENV.get_template("corpus.html").render({**build_corpus_context(corpus, generated_at, assets), "run": run,
                                                    "results_folder": results})
 

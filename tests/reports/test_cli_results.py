@@ -415,3 +415,61 @@ def test_a_results_folders_page_names_its_input_runs_and_commands_and_a_command_
     page = (tmp_path / "edited.html").read_text()
     assert "&lt;b&gt;ray&lt;/b&gt; engine, batch size None" in page and "<b>ray</b>" not in page
     assert "&#39;open" not in page and "'open" not in page
+
+
+def _section(page: str, start: str, end: str) -> str:
+    return html.unescape(page[page.index(start):page.index(end, page.index(start))])
+
+
+def test_a_results_folders_page_names_the_versions_that_computed_its_rows_not_those_drawing_it(gpt2_path, tmp_path,
+                                                                                                capsys):
+    # --from-results (and the app's download) showed the headscope and library versions of the process drawing the
+    # page, not those recorded in corpus.json by the runs that computed the rows: after an upgrade the archive claimed
+    # the new versions produced the numbers
+    from reports.provenance import git_commit, library_versions
+
+    source, results = tmp_path / "in.txt", tmp_path / "res"
+    source.write_text("\n".join(TEXTS[:2]) + "\n", encoding="utf-8")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", source, "--results", results)
+    assert code == 0, lines
+    now = dict(library_versions())["torch"]
+    old = {"headscope": "0.0.9", "torch": "1.13.1", "transformers": "4.30.0", "tokenizers": "0.13.3",
+           "numpy": "1.24.0", "pyarrow": "12.0.0", "datasets": None, "ray": None}
+    manifest = json.loads((results / "corpus.json").read_text())
+    assert manifest["runs"][0]["versions"] == manifest["versions"] and manifest["versions"]["torch"] == now
+
+    def page(name: str) -> tuple[str, str]:
+        code, lines = run_cli(capsys, "--from-results", results, "--html", tmp_path / name)
+        assert code == 0, lines
+        text = (tmp_path / name).read_text()
+        return (_section(text, "Rows computed with", "Page drawn by"),
+                _section(text, "Page drawn by", "</dd>"))
+
+    # as a headscope before per-run versions wrote it: the manifest's versions alone, those of its last run
+    for run in manifest["runs"]:
+        del run["versions"], run["git_commit"]
+    (results / "corpus.json").write_text(json.dumps({**manifest, "versions": old}))
+    computed, drawn = page("old.html")
+    assert "headscope 0.0.9 (git commit not recorded), torch 1.13.1, transformers 4.30.0" in computed
+    assert "datasets not installed" in computed and now not in computed and "warning" not in computed
+    assert f"torch {now}" in drawn and str(git_commit() or "") in drawn and "1.13.1" not in drawn
+    # resumed by this headscope: the old run's versions are no longer recorded anywhere, and the page says so
+    source.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    code, lines = run_cli(capsys, "--model", gpt2_path, "--batch", source, "--results", results)
+    assert code == 0 and "2 texts written" in lines[0], lines
+    computed, _ = page("resumed.html")
+    assert "1 run(s) ran before each run recorded its own" in computed and f"torch {now}" in computed
+    # runs that each recorded their versions, and they differ: each run's, and a warning
+    manifest = json.loads((results / "corpus.json").read_text())
+    manifest["runs"][0].update(versions=old, git_commit="0" * 40)
+    (results / "corpus.json").write_text(json.dumps(manifest))
+    computed, _ = page("differ.html")
+    assert "The runs that wrote these rows used different versions" in computed
+    first, second = re.findall(r"<li>run of (.*?)</li>", computed)
+    assert f"headscope 0.0.9 (git commit {'0' * 40}), torch 1.13.1" in first and now not in first
+    assert f"(git commit {git_commit() or 'not recorded'}), torch {now}" in second
+    # the same versions in every run: one line, no warning
+    manifest["runs"][0].update(versions=manifest["runs"][1]["versions"], git_commit=manifest["runs"][1]["git_commit"])
+    (results / "corpus.json").write_text(json.dumps(manifest))
+    computed, _ = page("same.html")
+    assert "warning" not in computed and "<li>" not in computed and f"torch {now}" in computed
