@@ -49,6 +49,7 @@ from analysis.corpus_io import (
 )
 from analysis.corpus_store import ResultsFolder, _now, analyze_records, result_settings, rows_to_table
 from analysis.errors import HeadscopeError
+from analysis.loading import local_directory
 
 RECORD_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text", pa.string()),
                            ("text_hash", pa.string()), ("error", pa.string())])
@@ -205,7 +206,9 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             workers: int | None = None, num_cpus: int | None = None, input_changed: bool = False,
             command: str | None = None) -> dict:
     """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings, the
-    Ray settings and `command`, the command line that ran it: the corpus page shows them).
+    Ray settings and `command`, the command line that ran it: the corpus page shows them). The workers get `model`
+    and `source` as absolute paths when they are local (a hub id as given), and the entry records them (`model`,
+    `input`): a relative path would be looked up in each worker's own directory.
     A rerun first compares the input with the folder's rows in this process, before Ray starts and any model loads
     (ResultsFolder.check_rerun)."""
     try:
@@ -217,7 +220,12 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
+    # the workers run in their own directories (a cluster node's, a runtime_env's working_dir): a relative path
+    # would be looked up there, a local checkpoint's taken for a hub id. Local paths go absolute, hub ids as given.
+    local = local_directory(model)
+    model = model if local is None else str(local)
     source = Path(source)
+    shipped = Path(os.path.abspath(source))  # what the workers read (the messages name the input as given)
     check_input(source, text_column)  # a missing, damaged or columnless input is refused before Ray starts
     settings = result_settings(exclude_first_token, exclude_current_token)
     checked = folder.check_rerun(str(source), settings, text_column, dtype, input_changed)  # no Ray, no model yet
@@ -250,7 +258,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         dropped, relabelled = folder.reconcile(str(source), checked)
         done, retry = (frozenset(keys) for keys in folder.row_keys())
         parts_before = set(folder.part_files())
-        records = read_records(ray, source, text_column, done)
+        records = read_records(ray, shipped, text_column, done)
         rules = {key: value for key, value in settings.items() if key != "unk_is_word"}  # the rule itself, not a flag
         rows = records.map_batches(
             RowMaker, fn_constructor_args=(model, device, dtype, info["revision"],
@@ -279,6 +287,6 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
            "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "new_failed": failed, "skipped": kept,
            "dropped": dropped, "relabelled": relabelled, "retried": len(retry), "recovered": len(recovered),
            "batch_size": batch_size, "workers": workers, "address": address, "ray_instance": instance,
-           "gcs_address": gcs_address, "device": device, "command": command}
+           "gcs_address": gcs_address, "device": device, "model": model, "input": str(shipped), "command": command}
     folder.finish_run(run)
     return run

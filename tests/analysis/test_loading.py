@@ -88,3 +88,18 @@ def test_half_precision_dtype_is_recorded(gpt2_path):
     loaded = load_model(str(gpt2_path), dtype="bfloat16")
     assert loaded.info.dtype == "bfloat16"
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_local_directory_is_resolve_sources_local_checkpoint_and_nothing_else(gpt2_path, tmp_path, monkeypatch):
+    # what corpus_ray ships to workers in other directories: a local folder made absolute, a hub id or the bundled
+    # model's name as given (a folder named like them in the driver's directory loads the same as resolve_source)
+    from analysis.loading import local_directory, resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").symlink_to(gpt2_path, target_is_directory=True)
+    (tmp_path / "minilm").mkdir()
+    for name in ("ckpt", "./ckpt", str(tmp_path / "ckpt")):
+        assert local_directory(name) == resolve_source(name).path == Path(gpt2_path).resolve()
+    assert local_directory("minilm") is None and resolve_source("minilm").id == BUNDLED_ID
+    assert local_directory("auto") is None and local_directory("gpt2") is None
+    assert local_directory("missing/folder") is None
