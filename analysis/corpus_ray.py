@@ -54,6 +54,7 @@ from analysis.loading import local_directory
 RECORD_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text", pa.string()),
                            ("text_hash", pa.string()), ("error", pa.string())])
 HF_BLOCK_ROWS = 4096  # rows per block of a saved dataset
+QUIET_LOGGERS = ("ray", "ray.data")  # set to WARNING while run_ray runs
 READ_CPUS = 0.25  # what a read or parse task reserves: small, the model workers need the CPUs
 PACKAGE = Path(__file__).resolve().parent  # analysis/, shipped to a cluster joined by address
 REVISION_CHANGED = "worker loaded {model} at revision {got}, not {expected}: the nodes see different weights."
@@ -210,15 +211,15 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     and `source` as absolute paths when they are local (a hub id as given), and the entry records them (`model`,
     `input`): a relative path would be looked up in each worker's own directory.
     A rerun first compares the input with the folder's rows in this process, before Ray starts and any model loads
-    (ResultsFolder.check_rerun)."""
+    (ResultsFolder.check_rerun). The Ray Data settings it needs (preserve_order, no progress bars: the DataContext
+    of this process, which a caller's own Ray Data work shares) and Ray's log levels are the caller's again when
+    it returns or raises."""
     try:
         import ray
         import ray.data
     except ImportError as exc:  # Ray not installed, or without its data extra: one line, not a traceback
         raise HeadscopeError(NO_RAY.format(module=exc.name or "ray", reason=exc)) from None
     _without_fsspec_http()
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     folder = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
     # the workers run in their own directories (a cluster node's, a runtime_env's working_dir): a relative path
     # would be looked up there, a local checkpoint's taken for a hub id. Local paths go absolute, hub ids as given.
@@ -232,6 +233,10 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     started, clock = _now(), time.perf_counter()
     temp_dir = tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     started_here = not ray.is_initialized()
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}  # the caller's, restored on return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    context = data_settings = None
     try:
         if started_here:
             _init_ray(ray, address, num_cpus, temp_dir)
@@ -240,7 +245,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         # (already initialised: `address` is not used then, so the entry says which instance ran it)
         instance = "already running" if not started_here else "joined" if address else "started"
         gcs_address = ray.get_runtime_context().gcs_address
-        context = ray.data.DataContext.get_current()
+        context = ray.data.DataContext.get_current()  # the process's own: the caller's settings, restored on return
+        data_settings = (context.execution_options.preserve_order, context.enable_progress_bars)
         context.execution_options.preserve_order = True  # row numbers of Parquet inputs follow the file order
         context.enable_progress_bars = False
         resources = ray.cluster_resources()
@@ -280,6 +286,10 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         raise HeadscopeError(RAY_FAILED.format(kind=type(cause).__name__, message=str(cause).splitlines()[0]
                                                if str(cause) else "")) from exc
     finally:
+        if data_settings is not None:
+            context.execution_options.preserve_order, context.enable_progress_bars = data_settings
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         if started_here and ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)

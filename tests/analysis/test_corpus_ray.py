@@ -301,10 +301,12 @@ OTHER_CWD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_relative_paths_reach_workers_in_other_directories(gpt2_path, tmp_path):
+def test_relative_paths_reach_workers_in_other_directories_and_ray_data_settings_are_the_callers_again(
+        gpt2_path, tmp_path):
     # --model ckpt and --batch in.txt (relative) were shipped as typed and resolved in each worker's own directory:
     # the checkpoint was taken for a hub id ("'ckpt' is not in the local Hugging Face cache"), the input not found
-    # ("Failed to open local file 'in.txt'").
+    # ("Failed to open local file 'in.txt'"). And run_ray left the caller's DataContext with preserve_order on and
+    # progress bars off, and Ray's loggers at WARNING, after it returned or raised.
     (tmp_path / "ckpt").symlink_to(gpt2_path, target_is_directory=True)
     (tmp_path / "in.txt").write_text("\n".join(short_texts(3)) + "\n")
     (tmp_path / "worker-dir").mkdir()
@@ -332,3 +334,6 @@ def test_relative_paths_reach_workers_in_other_directories(gpt2_path, tmp_path):
     run = json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"][-1]
     assert (run["new_rows"], run["new_failed"]) == (3, 0)
     assert (run["model"], run["input"]) == (str(gpt2_path.resolve()), str(tmp_path / "in.txt"))  # what was shipped
+    # the caller's Ray Data settings and log levels, as they were before, after a run that returned and one that raised
+    assert got["failed"] and "no-such-model" in got["failed"]
+    assert got["before"] == [False, True, 10, 20] == got["after_return"] == got["after_raise"]
