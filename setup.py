@@ -1,7 +1,7 @@
 """Build hook only (the package is declared in pyproject.toml): record the git commit a wheel is built from.
 
 A report's provenance names headscope's commit. From a checkout it asks git; an installed copy has no git
-history, so the build writes the commit next to the code (reports/provenance.py reads it).
+history, so the build writes the commit next to the code (analysis/commit.py reads it).
 """
 
 import subprocess
@@ -10,7 +10,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-COMMIT_FILE = Path("reports") / "_build_commit.txt"
+COMMIT_FILE = Path("analysis") / "_build_commit.txt"
 
 
 class BuildPyWithCommit(build_py):

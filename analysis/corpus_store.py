@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.capture import unk_is_word
+from analysis.commit import git_commit
 from analysis.corpus import (
     CORPUS_MEASURES,
     LAYER_MEASURES,
@@ -130,14 +131,6 @@ def versions() -> dict[str, str | None]:
     from analysis import __version__
 
     return {"headscope": __version__, **found}
-
-
-def headscope_commit() -> str | None:
-    """headscope's git commit (reports.provenance.git_commit, imported here only when a run is recorded): its version
-    number alone stays the same across commits that change the numbers."""
-    from reports.provenance import git_commit
-
-    return git_commit()
 
 
 def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_token: bool = True,
@@ -439,7 +432,7 @@ class ResultsFolder:
         computed its rows (`versions`, `git_commit`): the manifest's own `versions` are the last run's, and a folder
         resumed after an upgrade holds rows of both (the corpus page lists each run's)."""
         run.setdefault("versions", versions())
-        run.setdefault("git_commit", headscope_commit())
+        run.setdefault("git_commit", git_commit())
         manifest = self.read_manifest()
         table = self.read_rows(["number", "error"])
         analysed = table["error"].null_count if table.num_rows else 0

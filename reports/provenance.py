@@ -7,54 +7,19 @@ from __future__ import annotations
 import functools
 import json
 import shlex
-import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path
 
 from analysis import __version__
+from analysis.commit import git_commit
 from analysis.results import AnalysisResult
 from reports.untrusted import fits_argument, needs_text_file
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout, or site-packages once installed
-COMMIT_FILE = Path(__file__).with_name("_build_commit.txt")  # written by setup.py's build hook into a wheel
 LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-convert-python")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 TEXT_FILE = "report.text.txt"  # the text beside the output when a command line cannot carry it (untrusted.py)
 STDIN = "-"  # --text-file -: the text on standard input (a text too long for a command line, output to stdout)
 OUTPUT_FLAGS = ("--html", "--json", "--patterns")  # what a reproduce command writes: its flags come last
-
-
-@functools.cache
-def git_commit() -> str | None:
-    """headscope's commit: git's HEAD in a checkout, else the commit the installed wheel was built from, else None.
-
-    Only a checkout whose top level holds headscope's pyproject.toml counts, so a virtual environment inside some
-    other repository never reports that repository's commit.
-    """
-    if (PACKAGE_ROOT / "pyproject.toml").is_file():
-        try:
-            out = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "--show-toplevel", "HEAD"],
-                                 capture_output=True, text=True, timeout=5, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            out = None
-        lines = out.stdout.split() if out is not None and out.returncode == 0 else []
-        if len(lines) == 2 and Path(lines[0]).resolve() == PACKAGE_ROOT:
-            return lines[1] + ("-dirty" if _modified() else "")  # git describe's mark: the code is not that commit's
-    try:
-        return COMMIT_FILE.read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
-
-
-def _modified() -> bool:
-    """Whether the checkout's tracked files differ from its HEAD (edits not committed change the numbers)."""
-    try:
-        out = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                             capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 @functools.cache

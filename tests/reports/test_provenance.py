@@ -139,13 +139,15 @@ def test_cli_json_carries_the_reports_provenance(gpt2_path, tmp_path, capsys):
 
 def test_a_checkout_with_uncommitted_edits_is_marked_dirty(monkeypatch):
     """Edits not committed change the numbers, so a report of such a checkout must not name the bare commit."""
-    clean = provenance.git_commit.__wrapped__()
-    if clean is None or not (provenance.PACKAGE_ROOT / ".git").exists():
+    from analysis import commit
+
+    clean = commit.git_commit.__wrapped__()
+    if clean is None or not (commit.PACKAGE_ROOT / ".git").exists():
         pytest.skip("not a git checkout (an installed wheel records its build's commit)")
-    monkeypatch.setattr(provenance, "_modified", lambda: True)
-    assert provenance.git_commit.__wrapped__() == clean.removesuffix("-dirty") + "-dirty"
-    monkeypatch.setattr(provenance, "_modified", lambda: False)
-    assert provenance.git_commit.__wrapped__() == clean.removesuffix("-dirty")
+    monkeypatch.setattr(commit, "_modified", lambda: True)
+    assert commit.git_commit.__wrapped__() == clean.removesuffix("-dirty") + "-dirty"
+    monkeypatch.setattr(commit, "_modified", lambda: False)
+    assert commit.git_commit.__wrapped__() == clean.removesuffix("-dirty")
 
 
 def test_a_relative_local_model_reruns_from_another_folder(gpt2_path, tmp_path, monkeypatch, capsys):
