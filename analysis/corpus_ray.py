@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from analysis.commit import git_commit
 from analysis.corpus import read_ahead
 from analysis.corpus_io import (
     check_column,
@@ -47,7 +48,14 @@ from analysis.corpus_io import (
     parquet_files,
     parse_lines,
 )
-from analysis.corpus_store import ResultsFolder, _now, analyze_records, result_settings, rows_to_table
+from analysis.corpus_store import (
+    ResultsFolder,
+    _now,
+    analyze_records,
+    result_settings,
+    rows_to_table,
+    versions,
+)
 from analysis.errors import HeadscopeError
 from analysis.loading import local_directory
 
@@ -58,6 +66,8 @@ QUIET_LOGGERS = ("ray", "ray.data")  # set to WARNING while run_ray runs
 READ_CPUS = 0.25  # what a read or parse task reserves: small, the model workers need the CPUs
 PACKAGE = Path(__file__).resolve().parent  # analysis/, shipped to a cluster joined by address
 REVISION_CHANGED = "worker loaded {model} at revision {got}, not {expected}: the nodes see different weights."
+VERSIONS_CHANGED = ("a worker runs {got}, not {expected} as the first worker does: the nodes run different code, whose "
+                    "rows could differ; install the same versions on every node.")
 NO_GPUS = "--device cuda, but the Ray cluster has no GPUs: use --device cpu (or auto)."
 RAY_FAILED = "The Ray run failed ({kind}): {message}"
 NO_RAY = ("--engine ray needs Ray Data, and {module} cannot be imported ({reason}): pip install 'headscope[ray]' "
@@ -88,11 +98,17 @@ class RowMaker:
     """A Ray Data worker: loads the model once, then turns each batch of records into result rows."""
 
     def __init__(self, model: str, device: str, dtype: str, revision: str, settings: dict, threads: int | None,
-                 retry: frozenset = frozenset()):
+                 retry: frozenset = frozenset(), code: dict | None = None):
         import torch
 
         from analysis import load_model
 
+        if code is not None and worker_code() != code:  # `code`: the first worker's (_describe), which the run records
+            mine, theirs = _flat(worker_code()), _flat(code)
+            differ = sorted(name for name in {*mine, *theirs} if mine.get(name) != theirs.get(name))
+            raise HeadscopeError(VERSIONS_CHANGED.format(
+                got=", ".join(f"{name} {mine.get(name)}" for name in differ),
+                expected=", ".join(f"{name} {theirs.get(name)}" for name in differ)))
         if threads:
             torch.set_num_threads(threads)
         self.loaded = load_model(model, device=device, dtype=dtype)
@@ -108,14 +124,26 @@ class RowMaker:
                               if row["error"] is None or (row["number"], row["text_hash"]) not in self.retry])
 
 
-def _describe(model: str, device: str, dtype: str) -> tuple[dict, bool]:
-    """The model's info (id, revision, shapes) as a worker sees it, what the manifest records and checks, and
-    whether its unknown token is a word of the text (capture.unk_is_word; ResultsFolder.open checks the rows' rule)."""
+def _describe(model: str, device: str, dtype: str) -> tuple[dict, bool, dict]:
+    """The model's info (id, revision, shapes) as a worker sees it, what the manifest records and checks, whether
+    its unknown token is a word of the text (capture.unk_is_word; ResultsFolder.open checks the rows' rule), and
+    the code it runs (worker_code): a cluster's workers compute the rows, not the driver, whose versions may differ."""
     from analysis import load_model
     from analysis.capture import unk_is_word
 
     loaded = load_model(model, device=device, dtype=dtype)
-    return loaded.info.to_dict(), unk_is_word(loaded.tokenizer)
+    return loaded.info.to_dict(), unk_is_word(loaded.tokenizer), worker_code()
+
+
+def _flat(code: dict) -> dict:
+    """worker_code's {"versions": {...}, "git_commit": ...} as one {name: version} for a message."""
+    return {**code["versions"], "headscope commit": code["git_commit"]}
+
+
+def worker_code() -> dict:
+    """What a run entry records of the code that computed its rows: {"versions": corpus_store.versions(),
+    "git_commit": headscope's commit}."""
+    return {"versions": versions(), "git_commit": git_commit()}
 
 
 def read_records(ray, path: Path, field: str, done: frozenset):
@@ -258,7 +286,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         workers = workers or max(1, gpus)
         gpu_args = {"num_gpus": 1} if gpus and device == "cuda" else {}
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
-        info, unk_word = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(
+        info, unk_word, code = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(
             model, device, dtype))
         folder.open(info, settings, str(source), text_column, unk_word)
         dropped, relabelled = folder.reconcile(str(source), checked)
@@ -268,7 +296,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         rules = {key: value for key, value in settings.items() if key != "unk_is_word"}  # the rule itself, not a flag
         rows = records.map_batches(
             RowMaker, fn_constructor_args=(model, device, dtype, info["revision"],
-                                           {**rules, "batch_size": batch_size}, max(1, int(worker_cpus)), retry),
+                                           {**rules, "batch_size": batch_size}, max(1, int(worker_cpus)), retry,
+                                           code),
             batch_size=read_ahead(device, batch_size), batch_format="pyarrow",  # passes cut from fuller batches
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=worker_cpus, **gpu_args)
@@ -297,6 +326,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
            "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "new_failed": failed, "skipped": kept,
            "dropped": dropped, "relabelled": relabelled, "retried": len(retry), "recovered": len(recovered),
            "batch_size": batch_size, "workers": workers, "address": address, "ray_instance": instance,
-           "gcs_address": gcs_address, "device": device, "model": model, "input": str(shipped), "command": command}
+           "gcs_address": gcs_address, "device": device, "model": model, "input": str(shipped), "command": command,
+           **code}  # the workers' versions and commit, not the driver's (finish_run's default)
     folder.finish_run(run)
     return run

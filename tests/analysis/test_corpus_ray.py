@@ -337,3 +337,20 @@ def test_relative_paths_reach_workers_in_other_directories_and_ray_data_settings
     # the caller's Ray Data settings and log levels, as they were before, after a run that returned and one that raised
     assert got["failed"] and "no-such-model" in got["failed"]
     assert got["before"] == [False, True, 10, 20] == got["after_return"] == got["after_raise"]
+
+
+def test_a_worker_that_runs_other_code_than_the_first_is_refused_and_the_run_records_the_workers(gpt2_path,
+                                                                                                  monkeypatch):
+    """A cluster's workers compute the rows, not the driver: the run entry records the code the first worker runs
+    (_describe), and a worker whose library versions or headscope commit differ from it refuses to make rows, as
+    one whose checkpoint revision differs does (RowMaker, called here as Ray calls it, in this process)."""
+    from analysis import corpus_ray
+    from analysis.errors import HeadscopeError
+
+    code = corpus_ray.worker_code()
+    info, _, described = corpus_ray._describe(str(gpt2_path), "cpu", "float32")
+    assert described == code and code["versions"]["torch"] and "headscope" in code["versions"]
+    corpus_ray.RowMaker(str(gpt2_path), "cpu", "float32", info["revision"], {}, None, code=code)  # the same: fine
+    other = {"versions": {**code["versions"], "torch": "0.0.1"}, "git_commit": code["git_commit"]}
+    with pytest.raises(HeadscopeError, match=r"a worker runs torch \S+, not torch 0\.0\.1 as the first worker does"):
+        corpus_ray.RowMaker(str(gpt2_path), "cpu", "float32", info["revision"], {}, None, code=other)
