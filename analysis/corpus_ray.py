@@ -293,7 +293,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         done, retry = (frozenset(keys) for keys in folder.row_keys())
         parts_before = set(folder.part_files())
         records = read_records(ray, shipped, text_column, done)
-        rules = {key: value for key, value in settings.items() if key != "unk_is_word"}  # the rule itself, not a flag
+        rules = {key: value for key, value in settings.items()  # the rules analyze_records takes, not the flags
+                 if key not in ("unk_is_word", "score_definition")}  # that record which rules the rows follow
         rows = records.map_batches(
             RowMaker, fn_constructor_args=(model, device, dtype, info["revision"],
                                            {**rules, "batch_size": batch_size}, max(1, int(worker_cpus)), retry,
