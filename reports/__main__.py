@@ -32,9 +32,12 @@ CORPUS_FILE = "corpus.html"
 INDEX_FILE = "index.html"
 BATCH_REPORT = re.compile(r"report-\d{4,}\.(html|text\.txt)")  # the names --out-dir gives a text's report and text
 EARLIER_REPORTS = "headscope: {n} reports of an earlier batch removed from {out_dir} (not this batch's texts)"
-LOCK_FILE = ".headscope-batch.lock"  # in --out-dir DIR: locked (flock) while a batch writes there
-BATCH_BUSY = ("{out_dir} is being written by another headscope batch ({holder}): its index would list reports this "
+LOCK_FILE = ".headscope-batch.lock"  # in --out-dir DIR or --results DIR: locked (flock) while a run writes there
+BATCH_BUSY = ("{folder} is being written by another headscope batch ({holder}): its index would list reports this "
               "one writes over or removes; wait for it to end, or give this batch another --out-dir")
+RESULTS_BUSY = ("{folder} is being written by another headscope run ({holder}): both would analyse the texts without a "
+                "row and write them twice, or two inputs' rows under the same numbers; wait for it to end (the same "
+                "command then goes on from its rows), or give this run another --results folder")
 BATCH_STOPPED = ("{error} The batch stopped at {where}: {kept} in {out_dir}, without an index.html; free some space "
                  "(or fix the folder's permissions) and run the same command again.")
 INTERRUPTED = ("headscope: interrupted: the files written before it stay (a --batch --out-dir has no index.html yet; "
@@ -580,26 +583,43 @@ def run_batch(args) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                         revision=args.revision)
     check_head(args.head, loaded.info.n_heads)
-    try:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HeadscopeError(f"Cannot create {args.out_dir}: {exc.strerror}.") from None
-    with lock_out_dir(args.out_dir):  # two batches into one DIR wrote over and removed each other's reports
+    with lock_folder(args.out_dir, BATCH_BUSY):  # two batches into one DIR wrote over and removed each other's reports
         return _write_batch(args, loaded, texts, run)
 
 
 @contextlib.contextmanager
-def lock_out_dir(out_dir: Path):
-    """Holds DIR/LOCK_FILE locked while the batch writes `out_dir`, and removes it at the end (the lock goes with the
-    process, killed too: a file left then locks nothing); a batch already writing there is one line (BATCH_BUSY).
-    Where the system or the file system has no flock (Windows, some network file systems), the batch goes on
-    without it."""
+def lock_folder(folder: Path, busy: str):
+    """Holds FOLDER/LOCK_FILE locked while this run writes `folder` (a batch's --out-dir, a --results DIR), and removes
+    it at the end (the lock goes with the process, killed too: a file left then locks nothing); a run already writing
+    there is one line (`busy`: BATCH_BUSY, RESULTS_BUSY). A folder that does not exist is made to hold the lock, and
+    removed at the end, with the parents made for it, when the run left nothing in it (it failed before writing: a
+    bad --model). Readers (--from-results, the app) take no lock. Where the system or the file system has no flock
+    (Windows, some network file systems), the run goes on without it."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # innermost first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HeadscopeError(f"Cannot create {folder}: {exc.strerror}.") from None
+    try:
+        with _locked(folder, busy):
+            yield
+    finally:
+        for path in made:
+            try:
+                path.rmdir()  # only an empty folder: one the run wrote into stays
+            except OSError:
+                break
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, busy: str):
+    """lock_folder's flock on FOLDER/LOCK_FILE."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    path = out_dir / LOCK_FILE
+    path = folder / LOCK_FILE
     while True:
         try:
             handle = path.open("a+", encoding="utf-8")
@@ -612,14 +632,14 @@ def lock_out_dir(out_dir: Path):
             holder = handle.read().strip()  # what the holder wrote: its process id
             handle.close()
             holder = f"process {visible(holder)}" if holder.isdigit() else "another process"
-            raise HeadscopeError(BATCH_BUSY.format(out_dir=visible(str(out_dir)), holder=holder)) from None
+            raise HeadscopeError(busy.format(folder=visible(str(folder)), holder=holder)) from None
         except OSError:
             handle.close()
             handle = None  # no locks here: as without flock
             break
         if _same_file(handle, path):
             break
-        handle.close()  # the batch that held it removed it as this one opened it: lock the file there now
+        handle.close()  # the run that held it removed it as this one opened it: lock the file there now
     if handle is None:
         yield
         return
@@ -632,7 +652,7 @@ def lock_out_dir(out_dir: Path):
             yield
         finally:
             with contextlib.suppress(OSError):
-                path.unlink()  # while locked: a batch that opened it meanwhile sees it gone (_same_file) and retries
+                path.unlink()  # while locked: a run that opened it meanwhile sees it gone (_same_file) and retries
 
 
 def _same_file(handle, path: Path) -> bool:
@@ -820,12 +840,22 @@ def write_corpus_outputs(results: Path, args) -> None:
 def run_results(args) -> int:
     """--batch FILE --results DIR: the per-text rows go to DIR as Parquet, on this process or on Ray. A rerun that
     will be refused (another input, other settings) is refused before the model loads, with either engine."""
-    from analysis import load_model
-    from analysis.corpus import NO_TEXTS
-    from analysis.corpus_io import check_input, iter_records
-    from analysis.corpus_store import ResultsFolder, result_settings, run_local
+    from analysis.corpus_io import check_input
 
     check_input(args.batch, args.text_column)  # a missing, damaged or columnless input: refused before any writing
+    # two runs at once both read the rows at the start and both analysed the texts without one: held from before the
+    # rerun check to the end
+    with lock_folder(args.results, RESULTS_BUSY):
+        return _write_results(args)
+
+
+def _write_results(args) -> int:
+    """run_results' run, into the --results DIR it holds locked."""
+    from analysis import load_model
+    from analysis.corpus import NO_TEXTS
+    from analysis.corpus_io import iter_records
+    from analysis.corpus_store import ResultsFolder, result_settings, run_local
+
     options = {"text_column": args.text_column, "exclude_first_token": not args.include_first_token,
                "batch_size": args.batch_size, "input_changed": args.input_changed, "command": args.command}
     if args.engine == "ray":

@@ -400,6 +400,78 @@ def test_a_second_batch_into_a_folder_being_written_is_refused(gpt2_path, tmp_pa
     assert code == 0, err  # the first batch over: its lock went with it
 
 
+def test_a_second_run_into_a_results_folder_being_written_is_refused(gpt2_path, tmp_path, capsys):
+    """Two --batch --results runs into one DIR at once each read the rows at the start and analysed every text without
+    one: both ended with exit 0, and the folder held one input's rows twice (or, into a new folder, two inputs' rows
+    under the same numbers). The second is refused in one line, before its model loads, while the first writes (here
+    a real command in another process, a rerun held after analysing its new text until the test lets it go on, and
+    the same command again); a reader (--from-results) takes no lock and reads the rows already there meanwhile."""
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+
+    from analysis.corpus_store import ResultsFolder
+
+    results, go = tmp_path / "res", tmp_path / "go"
+    texts = ["The first input's first text.", "The first input's second text."]
+    (tmp_path / "a.txt").write_text(texts[0] + "\n")
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "a.txt", "--results", results)
+    assert code == 0, err
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n")  # a line added: the rerun analyses it alone
+    held = ("import sys, time; from pathlib import Path; import analysis.corpus_store as store\n"
+            "import reports.__main__ as cli\n"
+            "analyse = store.analyze_records\n"
+            "def held(*args, **kwargs):\n"
+            "    rows = analyse(*args, **kwargs)\n"
+            "    Path(sys.argv[1] + '.held').touch()\n"
+            "    while not Path(sys.argv[1]).exists(): time.sleep(0.1)\n"
+            "    return rows\n"
+            "store.analyze_records = held\n"
+            "sys.exit(cli.main(sys.argv[2:]))")
+    first = subprocess.Popen([sys.executable, "-c", held, str(go), "--model", str(gpt2_path), "--batch",
+                              str(tmp_path / "a.txt"), "--results", str(results)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "go.held").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "a.txt", "--results", results)
+        assert_one_line_error(code, err, rf"is being written by another headscope run \(process {first.pid}\)")
+        code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--results",
+                            results)  # refused before the model loads, not for its model
+        assert_one_line_error(code, err, rf"is being written by another headscope run \(process {first.pid}\)")
+        code, err = run_cli(capsys, "--from-results", results, "--json", tmp_path / "during.json")
+        assert code == 0, err
+        assert [text["excerpt"] for text in json.loads((tmp_path / "during.json").read_text())["texts"]] == texts[:1]
+    finally:
+        go.touch()
+        _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert ResultsFolder(results).read_rows(["excerpt"])["excerpt"].to_pylist() == texts
+    parts = ResultsFolder(results).part_files()
+    assert sorted(number for part in parts for number in pq.read_table(part)["number"].to_pylist()) == [1, 2]  # once
+    assert not (results / ".headscope-batch.lock").exists()
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "a.txt", "--results", results)
+    assert code == 0, err  # the first run over: its lock went with it
+
+
+def test_a_results_run_that_fails_before_writing_leaves_no_folder_it_made(gpt2_path, tmp_path, capsys):
+    """The --results DIR is made to hold the lock before the model loads: a run that then fails (a bad --model)
+    removes it, and the parents made for it, leaving no empty folder that was not there before; a folder that was
+    there stays."""
+    (tmp_path / "a.txt").write_text("A text.\n")
+    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--results",
+                        tmp_path / "runs" / "res")
+    assert code == 2 and len(err) == 1, err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "there").mkdir()
+    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--results",
+                        tmp_path / "there")
+    assert code == 2 and len(err) == 1, err
+    assert (tmp_path / "there").is_dir() and not any((tmp_path / "there").iterdir())
+
+
 def test_ctrl_c_is_one_line_and_keeps_the_reports_written(gpt2_path, tmp_path):
     """Ctrl-C in a batch printed Python's KeyboardInterrupt traceback from wherever the pass was. It is one line on
     stderr, exit status 130 (a shell's for SIGINT), and the reports written before it stay (here a real command in
