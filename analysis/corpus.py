@@ -87,7 +87,16 @@ def text_kind(name: str) -> str | None:
 
 
 def parse_texts(data: str | bytes, source: str = "The file", kind: str | None = None) -> list[str | HeadscopeError]:
-    """Texts of a corpus file: one per non-empty line (kind "txt"), or JSONL objects with a "text" field ("jsonl").
+    """Texts of a corpus file (numbered_texts, less the line numbers)."""
+    return [text for _, text in numbered_texts(data, source, kind)]
+
+
+def numbered_texts(data: str | bytes, source: str = "The file",
+                   kind: str | None = None) -> list[tuple[int, str | HeadscopeError]]:
+    """(line number as the file numbers it, text or its error) of each text of a corpus file (a text is not its
+    line: blank lines are counted, not texts, so the 500th text of a file with a blank line is on line 501).
+
+    Texts of a corpus file: one per non-empty line (kind "txt"), or JSONL objects with a "text" field ("jsonl").
 
     The kind is `kind`, else the extension of `source` (the file's name: .txt is one text per line whatever its
     lines look like, .jsonl/.json/.ndjson JSON lines), else, for a name without either, JSONL when the first line
@@ -110,15 +119,15 @@ def parse_texts(data: str | bytes, source: str = "The file", kind: str | None = 
         jsonl = first.lstrip().startswith(b"{" if isinstance(first, bytes) else "{")
     else:
         jsonl = kind == "jsonl"
-    texts: list[str | HeadscopeError] = []
+    texts: list[tuple[int, str | HeadscopeError]] = []
     for number, line in lines:
         if isinstance(line, bytes):
             try:
                 line = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                texts.append(HeadscopeError(NOT_UTF8_LINE.format(number=number, offset=exc.start)))
+                texts.append((number, HeadscopeError(NOT_UTF8_LINE.format(number=number, offset=exc.start))))
                 continue
-        texts.append(_jsonl_text(line, number) if jsonl else _checked_text(line, number))
+        texts.append((number, _jsonl_text(line, number) if jsonl else _checked_text(line, number)))
     return texts
 
 

@@ -407,16 +407,18 @@ def read_text(args) -> str:
     return read_utf8(args.text_file)
 
 
-def read_batch(path: Path) -> tuple[list[str | HeadscopeError], str]:
+def read_batch(path: Path) -> tuple[list[str | HeadscopeError], list[int], str]:
     """Texts of a batch file: plain lines, or JSONL objects with a "text" field (a bad line becomes its error,
-    a line that is not UTF-8 too); and the SHA-256 of the file's bytes, which the batch's pages record."""
-    from analysis.corpus import parse_texts
+    a line that is not UTF-8 too); the file's line of each (blank lines are not texts: report-0500.html may be of
+    line 501); and the SHA-256 of the file's bytes, which the batch's pages record."""
+    from analysis.corpus import numbered_texts
 
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise HeadscopeError(f"Cannot read {path}: {exc.strerror}.") from None
-    return parse_texts(data, source=str(path)), hashlib.sha256(data).hexdigest()
+    lines, texts = zip(*numbered_texts(data, source=str(path)))
+    return list(texts), list(lines), hashlib.sha256(data).hexdigest()
 
 
 def write_text(out: Path, payload: str) -> None:
@@ -453,13 +455,14 @@ def write_text_beside(out: Path, result) -> None:
 
 
 def write_report(out: Path, result, head: int, assets: str | None = None, probe=None,
-                 outputs: tuple[str, ...] = ("--html", "report.html")) -> None:
+                 outputs: tuple[str, ...] = ("--html", "report.html"), source: dict | None = None) -> None:
     """The HTML report (with the induction probe's section when `probe`), and beside it the text when its
-    reproduce command cannot quote it. `outputs`: what that command writes."""
+    reproduce command cannot quote it. `outputs`: what that command writes; `source`: a batch text's place in its
+    file (render_report)."""
     from reports.html import render_report
 
     write_text(out, render_report(result, head=head, text_file=text_file_name(out), assets=assets,
-                                  probe=probe, outputs=outputs))
+                                  probe=probe, outputs=outputs, source=source))
     write_text_beside(out, result)
 
 
@@ -577,14 +580,14 @@ def run_batch(args) -> int:
     """
     from analysis import load_model
 
-    texts, digest = read_batch(args.batch)
+    texts, lines, digest = read_batch(args.batch)
     # what index.html and corpus.html say produced them: the input file as read, and the command as typed
     run = {"input": str(args.batch), "sha256": digest, "command": args.command}
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                         revision=args.revision)
     check_head(args.head, loaded.info.n_heads)
     with lock_folder(args.out_dir, BATCH_BUSY):  # two batches into one DIR wrote over and removed each other's reports
-        return _write_batch(args, loaded, texts, run)
+        return _write_batch(args, loaded, texts, lines, run)
 
 
 @contextlib.contextmanager
@@ -665,8 +668,8 @@ def _same_file(handle, path: Path) -> bool:
     return (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino)
 
 
-def _write_batch(args, loaded, texts: list, run: dict) -> int:
-    """run_batch's writing, into the --out-dir it holds locked."""
+def _write_batch(args, loaded, texts: list, lines: list[int], run: dict) -> int:
+    """run_batch's writing, into the --out-dir it holds locked; `lines`: each text's line of the file."""
     from analysis import check_layers
     from analysis.corpus import CorpusAccumulator
     from reports.html import render_corpus_report, render_index, write_shared_assets
@@ -687,7 +690,8 @@ def _write_batch(args, loaded, texts: list, run: dict) -> int:
         for number, text, result in zip(range(first + 1, first + len(chunk) + 1), chunk,
                                         _analyse_chunk(loaded, chunk, layers, args)):
             try:
-                entries.append(_write_batch_entry(number, text, result, layers, acc, assets, args))
+                entries.append(_write_batch_entry(number, text, result, layers, acc, assets, args,
+                                                  lines[number - 1]))
             except OutputError as exc:  # a full disk fails every later text too: stop, keep what is written
                 raise _batch_stopped(exc, f"text {number} of {len(texts)}", entries, args.out_dir) from None
     removed = remove_earlier_reports(args.out_dir, {entry[key] for entry in entries for key in ("file", "text_file")
@@ -788,12 +792,14 @@ def _report_result(result, layers: list[int]):
     return dataclasses.replace(shown, warnings=warnings)
 
 
-def _write_batch_entry(number: int, text, result, layers, acc, assets, args) -> dict:
-    """Text `number`'s report (and figures), its row of the corpus, and its index.html entry."""
+def _write_batch_entry(number: int, text, result, layers, acc, assets, args, line: int) -> dict:
+    """Text `number`'s report (and figures), its row of the corpus, and its index.html entry; `line`: the file's
+    line it is on (its report's number counts texts, not lines: a blank line is none)."""
     from analysis.corpus import excerpt
     from reports.figures import write_figures
 
-    entry = {"number": number, "excerpt": excerpt(text) if isinstance(text, str) else "", "error": None}
+    entry = {"number": number, "line": line, "excerpt": excerpt(text) if isinstance(text, str) else "",
+             "error": None}
     try:
         if isinstance(result, HeadscopeError):
             raise result
@@ -801,7 +807,8 @@ def _write_batch_entry(number: int, text, result, layers, acc, assets, args) -> 
         shown = _report_result(result, layers)
         entry["file"] = f"report-{number:04d}.html"
         # its command, run in DIR, writes this text's page again (not a report.html beside the archive's)
-        write_report(args.out_dir / entry["file"], shown, args.head, assets, outputs=("--html", entry["file"]))
+        write_report(args.out_dir / entry["file"], shown, args.head, assets, outputs=("--html", entry["file"]),
+                     source={"input": str(args.batch), "number": number, "line": line})
         if needs_text_file(shown.text):  # written beside it (write_text_beside)
             entry["text_file"] = text_file_name(args.out_dir / entry["file"])
         if args.figures is not None:
@@ -818,7 +825,7 @@ def _write_batch_entry(number: int, text, result, layers, acc, assets, args) -> 
         entry["error"] = message
         if len(acc.records) < number:
             acc.add_failure(text if isinstance(text, str) else "", message)
-        print(f"headscope: warning: text {number} failed: {message}", file=sys.stderr)
+        print(f"headscope: warning: text {number} (line {line}) failed: {message}", file=sys.stderr)
     return entry
 
 

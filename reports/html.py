@@ -647,10 +647,10 @@ def _chart_context(chart, chart_id: str, pool: DataPool | None = None) -> dict:
 def build_report_context(result: AnalysisResult, head: int = 0, generated_at: datetime | None = None,
                          text_file: str | None = TEXT_FILE, assets: str | None = None,
                          probe: AnalysisResult | None = None,
-                         outputs: tuple[str, ...] = ("--html", "report.html")) -> dict:
+                         outputs: tuple[str, ...] = ("--html", "report.html"), source: dict | None = None) -> dict:
     """Everything the template shows, as plain values; no rendering. `probe`: the induction probe's results on
     the same model (analyze_induction_probe), drawn as a section of their own. `outputs`: what the reproduce
-    command writes."""
+    command writes; `source`: a batch text's place in its file (render_report)."""
     generated_at = generated_at or datetime.now(UTC)
     provenance = build_provenance(result, head, outputs, generated_at, text_file)  # = the JSON's
     parity_failed = result_parity_failures(result)  # {layer: error} above its tolerance (analysis.parity)
@@ -705,14 +705,16 @@ def build_report_context(result: AnalysisResult, head: int = 0, generated_at: da
         "provenance": {**provenance, "libraries": tuple(provenance["libraries"].items()),
                        "command": (provenance["command"] if probe is None
                                    else with_probe_command(provenance["command"], probe)),
-                       "text_file": text_file if not result.induction_probe and needs_text_file(result.text) else None},
+                       "text_file": text_file if not result.induction_probe and needs_text_file(result.text) else None,
+                       "source": source},
         **_script_context(assets),
     }
 
 
 def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_at: datetime | None = None,
                   text_file: str | None = TEXT_FILE, assets: str | None = None,
-                  probe: AnalysisResult | None = None, outputs: tuple[str, ...] = ("--html", "report.html")) -> str:
+                  probe: AnalysisResult | None = None, outputs: tuple[str, ...] = ("--html", "report.html"),
+                  source: dict | None = None) -> str:
     """The standalone HTML report for `layers` of `result` (None: every layer it holds).
 
     `text_file`: the name its reproduce command reads the text from when the text cannot be quoted (see
@@ -723,16 +725,19 @@ def render_report(result: AnalysisResult, layers=None, head: int = 0, generated_
     `probe`: the induction probe's results (analyze_induction_probe) on the same model, added as a section with
     its own atlases, length, seed and command.
     `outputs`: the flags with which its reproduce command writes the page (a --batch archive's report-NNNN.html).
+    `source`: a --batch text's place, {"input": the batch file, "number": its text's number (the report's), "line":
+    the file's line it is on}, shown with the provenance.
     """
     context = build_report_context(select_layers(result, layers), head, generated_at, text_file, assets, probe,
-                                   outputs)
+                                   outputs, source)
     return ENV.get_template("report.html").render(context)
 
 
 def render_index(entries: list[dict], model: dict, generated_at: datetime | None = None,
                  corpus_file: str | None = None, run: dict | None = None) -> str:
-    """The archive page of a batch run: one row per text, with its report link or its error. `run`: {"input": the
-    batch file, "sha256": of its bytes, "command": the command line as typed} (--batch --out-dir)."""
+    """The archive page of a batch run: one row per text (entries: its "number", the report's, and "line", the
+    file's), with its report link or its error. `run`: {"input": the batch file, "sha256": of its bytes, "command":
+    the command line as typed} (--batch --out-dir)."""
     generated_at = generated_at or datetime.now(UTC)
     return ENV.get_template("index.html").render(
         title=f"headscope batch: {model.get('id', 'unknown model')}",

@@ -234,6 +234,42 @@ def test_batch_lines_fail_alone_and_odd_characters_stay_in_their_cell(gpt2_path,
     assert err[-1].startswith("headscope: 3 reports, 5 failed")
 
 
+def test_the_index_and_each_report_name_the_file_line_of_their_text(gpt2_path, tmp_path, capsys):
+    """--out-dir numbers its reports by text (a blank line is none), while a failed text's error and --results rows
+    number the file's lines: with blank lines, report-0002.html was of line 4, and the index's "#" of a bad line was
+    not the "line N" its error named. The index gives each entry's line of the file, analysed or failed, and each
+    report's provenance its text's number and line: the text there, the --results row of that number."""
+    from analysis.corpus_store import ResultsFolder
+
+    lines = ["", json.dumps({"text": "The first text."}), "", json.dumps({"text": "The second text."}), "not json",
+             "   ", json.dumps({"text": "The third text."})]
+    batch = tmp_path / "b.jsonl"
+    batch.write_text("\n".join(lines) + "\n")
+    code, err = run_cli(capsys, "--model", gpt2_path, "--batch", batch, "--out-dir", tmp_path / "o")
+    assert code == 0, err
+    in_file = batch.read_text().splitlines()  # the file's lines, line N at N - 1
+    texts = [number for number, line in enumerate(in_file, 1) if line.strip()]  # the file's line of each text
+    index = (tmp_path / "o" / "index.html").read_text(encoding="utf-8")
+    rows = re.findall(r"<tr><td>(\d+)</td><td>(\d+)</td>(.*?)</tr>", index, re.DOTALL)
+    assert [(int(number), int(line)) for number, line, _ in rows] == list(enumerate(texts, 1))
+    failed = [(int(line), row) for _, line, row in rows if "failed:" in row]
+    assert [line for line, _ in failed] == [in_file.index("not json") + 1]
+    assert all(f"failed: line {line} is not a JSON object." in row for line, row in failed)  # one number for both
+    assert any(f"(line {failed[0][0]}) failed: line {failed[0][0]} " in line for line in err), err
+    results = tmp_path / "r"
+    assert run_cli(capsys, "--model", gpt2_path, "--batch", batch, "--results", results)[0] == 0
+    rows_by_number = dict(zip(*ResultsFolder(results).read_rows(["number", "excerpt"]).to_pydict().values()))
+    reports = sorted((tmp_path / "o").glob("report-*.html"))
+    assert len(reports) == 3
+    for report in reports:
+        page = report.read_text(encoding="utf-8")
+        (number, line), = re.findall(r"<dt>Input</dt><dd>text (\d+) of <code><bdi>[^<]*b\.jsonl</bdi></code>, "
+                                     r"line (\d+)</dd>", page)
+        text = read_report_results(report)["text"]
+        assert report.name == f"report-{int(number):04d}.html"
+        assert json.loads(in_file[int(line) - 1])["text"] == text == rows_by_number[int(line)]
+
+
 def test_a_batch_where_every_line_fails_still_writes_its_index(gpt2_path, tmp_path, capsys):
     """...and exits 2, so that a script archiving reports sees that nothing was analysed."""
     (tmp_path / "bad.jsonl").write_bytes(b'{"x": 1}\n\xff\xfe\n')
