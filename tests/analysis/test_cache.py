@@ -22,7 +22,8 @@ def test_nbytes_counts_arrays_inside_dataclasses_once():
     arrays = [data.q_means, data.q_stds, data.k_means, data.k_stds, data.same_head_dp, data.diff_head_dp,
               data.final_to_prev, data.self_attention, data.first_self, data.sink_mass, data.patterns,
               *data.kde.values(), result.token_ids]
-    strings = len(result.text) + len(result.query_choice) + sum(len(t) for t in result.tokens) + sum(
+    strings = len(result.text) + len(result.query_choice) + len(result.score_definition) + sum(
+        len(t) for t in result.tokens) + sum(
         len(k) + (len(v) if isinstance(v, str) else 0) for k, v in result.model.items())
     assert nbytes(result) == sum(a.nbytes for a in arrays) + strings + sum(len(k) for k in data.kde)
     shared = {"a": data.patterns, "b": data.patterns}
