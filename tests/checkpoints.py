@@ -223,13 +223,13 @@ def tiny_mistral(path: Path, sliding_window: int = 8) -> Path:
     return save_checkpoint(config, tokenizer, path)
 
 
-def tiny_qwen2(path: Path) -> Path:
-    """q/k/v projections with bias, as in Qwen2."""
+def tiny_qwen2(path: Path, **overrides) -> Path:
+    """q/k/v projections with bias, as in Qwen2. `overrides`: config fields (use_sliding_window, ...)."""
     from transformers import Qwen2Config
 
     tokenizer = qwen2_tokenizer()
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, **_special_ids(tokenizer), **TINY)
+                         intermediate_size=128, **_special_ids(tokenizer), **{**TINY, **overrides})
     return save_checkpoint(config, tokenizer, path)
 
 
@@ -243,7 +243,8 @@ def tiny_qwen3(path: Path) -> Path:
     return save_checkpoint(config, tokenizer, path, seed=0, randomize_norms=True)
 
 
-def tiny_gemma2(path: Path, sliding_window: int = 6, softcap: float = 1.0) -> Path:
+def tiny_gemma2(path: Path, sliding_window: int = 6, softcap: float = 1.0,
+                layer_types: tuple[str, str] = ("sliding_attention", "full_attention")) -> Path:
     """Logit soft-capping that bites (1.0), a sliding window shorter than the test texts on the
     sliding layer (layer 0; layer 1 is global), and query_pre_attn_scalar (24) != head_dim (16)."""
     from transformers import Gemma2Config
@@ -251,6 +252,6 @@ def tiny_gemma2(path: Path, sliding_window: int = 6, softcap: float = 1.0) -> Pa
     tokenizer = gemma_tokenizer()
     config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                           head_dim=16, intermediate_size=128, query_pre_attn_scalar=24, sliding_window=sliding_window,
-                          attn_logit_softcapping=softcap, layer_types=["sliding_attention", "full_attention"],
+                          attn_logit_softcapping=softcap, layer_types=list(layer_types),
                           **_special_ids(tokenizer), **TINY)
     return save_checkpoint(config, tokenizer, path, randomize_norms=True)
