@@ -113,9 +113,15 @@ class ModelInfo:
     reason: str
     device_map: str | None = None  # "auto": placed across devices by Accelerate (see model.hf_device_map)
     local_path: str | None = None  # a local checkpoint's absolute directory (what a command names); None: hub, bundled
+    # [layer]: the most keys a query sees under the layer's sliding window (null: every earlier key); None when no
+    # layer has one (attention_windows); results written before it lack it and read as None
+    attention_windows: tuple[int | None, ...] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.attention_windows is not None:  # as JSON reads it back
+            data["attention_windows"] = list(self.attention_windows)
+        return data
 
 
 @dataclass(frozen=True)
@@ -447,6 +453,26 @@ def _load_tokenizer(path: Path, config):
     return tokenizer
 
 
+def attention_windows(config) -> tuple[int | None, ...] | None:
+    """Per layer, the sliding window transformers' mask gives a query (it sees itself and the window - 1 keys before
+    it: masking_utils.sliding_window_overlay), None for a full-attention layer; None when no layer has a window.
+
+    Mistral windows every layer by config.sliding_window (its model ignores layer_types); Qwen2, Qwen3 and Gemma 2
+    window the layers that config.layer_types names "sliding_attention" (Qwen's sliding_window is None unless
+    use_sliding_window, and its layer_types come from max_window_layers).
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    n_layers = config.num_hidden_layers
+    if config.model_type == "mistral":
+        windows = [window] * n_layers
+    else:
+        types = list(getattr(config, "layer_types", None) or ())
+        windows = [window if kind == "sliding_attention" else None for kind in types]
+    return tuple(int(w) if w else None for w in windows) if any(windows) else None
+
+
 def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: str, device: str, reason: str,
                            device_map: str | None = None, local_path: str | None = None) -> ModelInfo:
     family, causal = FAMILIES[config.model_type]
@@ -468,6 +494,7 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
         reason=reason,
         device_map=device_map,
         local_path=local_path,
+        attention_windows=attention_windows(config),
     )
 
 

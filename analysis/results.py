@@ -11,8 +11,10 @@ from analysis.keys import compared_keys, query_keys
 
 SCHEMA = "headscope.results/1"
 MODEL_KEYS = ("id", "revision", "architecture", "family", "n_layers", "n_heads", "n_kv_heads", "d_head", "causal",
-              "dtype", "device", "device_map", "local_path")  # device_map: "auto" or None (null); local_path: a
-# local checkpoint's absolute directory, None for a hub or bundled model; older documents lack both
+              "dtype", "device", "device_map", "local_path", "attention_windows")  # device_map: "auto" or None
+# (null); local_path: a local checkpoint's absolute directory, None for a hub or bundled model; attention_windows:
+# [layer] the most keys a query sees under its layer's sliding window (null: no window), None when no layer has one
+# (loading.attention_windows); older documents lack all three (no window)
 ARRAY_FIELDS = ("q_means", "q_stds", "k_means", "k_stds", "same_head_dp", "diff_head_dp", "final_to_prev",
                 "self_attention", "first_self", "sink_mass")
 HEAD_SCORE_NAMES = ("previous_token", "duplicate_token", "induction", "sink", "self", "entropy")

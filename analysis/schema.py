@@ -346,6 +346,9 @@ def _check_sizes(data: dict, what: str) -> None:
     problems = []
     if n_heads % n_kv:
         problems.append(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
+    windows = model.get("attention_windows")
+    if windows is not None and len(windows) != n_layers:
+        problems.append(f"attention_windows has {len(windows)} layers but the model has {n_layers}")
     if len(data["token_ids"]) != len(data["tokens"]):
         problems.append(f"{len(data['tokens'])} tokens but {len(data['token_ids'])} token ids")
     if any(position >= len(data["tokens"]) for position in data.get("special_positions", [])):

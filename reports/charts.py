@@ -521,14 +521,24 @@ LEGEND_TITLES = {**dict.fromkeys(SHARE_SCORES, "Share"), "entropy": "Nats", "q_m
                  "k_mean": "K mean", "k_std": "K std"}  # short: the chart's title names the score in full
 
 
-def max_entropy(n_tokens: int, causal: bool) -> float:
+def max_entropy(n_tokens: int, causal: bool, window: int | None = None) -> float:
     """The largest mean entropy (nats) of query rows 1..T-1: every query spread evenly over the keys it sees.
 
-    A causal query at position i sees i + 1 keys, a bidirectional one all T: the means of ln(i + 1) and ln(T).
+    A causal query at position i sees i + 1 keys, at most `window` under a sliding window (the model's
+    attention_windows), a bidirectional one all T: the means of ln(min(i + 1, window)) and ln(T).
     """
     if n_tokens < 2:
         return 0.0
-    return float(np.log(np.arange(2, n_tokens + 1)).mean()) if causal else math.log(n_tokens)
+    if not causal:
+        return math.log(n_tokens)
+    seen = np.arange(2, n_tokens + 1)  # [query]: rows 1..T-1, what the entropy score averages
+    return float(np.log(seen if not window else np.minimum(seen, window)).mean())
+
+
+def layer_max_entropies(model: dict, n_tokens: int) -> np.ndarray:
+    """[layer]: max_entropy of each layer of `model` (a results' model dict), under the layer's sliding window."""
+    windows = model.get("attention_windows") or [None] * int(model["n_layers"])  # older results: no window
+    return np.array([max_entropy(n_tokens, bool(model.get("causal")), window) for window in windows])
 
 
 def atlas_scale(score: str, values: np.ndarray, entropy_max: float | None = None) -> alt.Scale:
@@ -604,12 +614,21 @@ def build_atlas_chart(result: AnalysisResult, score: str, selected: tuple[int, i
     source = (f"induction probe: {result.induction_probe['length']} random tokens, repeated, seed "
               f"{result.induction_probe['seed']}" if result.induction_probe else f"{result.n_tokens} tokens")
     subtitle = [f"Every layer x head, {source}; grey: undefined"]
-    entropy_max = max_entropy(result.n_tokens, bool(result.model.get("causal")))
+    layer_max = layer_max_entropies(result.model, result.n_tokens)  # [layer]
+    entropy_max = float(layer_max.max())  # the atlas's: a sliding-window layer's queries see fewer keys
     legend_title = LEGEND_TITLES.get(score, what)
     if score == "entropy":
         legend_title = f"Nats (max {entropy_max:.2f})"
         subtitle.append(f"0 nats: all attention on one key; {entropy_max:.2f} nats (the maximum): spread evenly "
                         "over every key a query sees")
+        lower = {}  # {rounded maximum: [layer]} of the sliding-window layers that cannot reach the atlas's
+        for layer, top in enumerate(layer_max):
+            if f"{top:.2f}" != f"{entropy_max:.2f}":
+                lower.setdefault(f"{top:.2f}", []).append(layer)
+        for top, layers in lower.items():
+            window = result.model["attention_windows"][layers[0]]
+            subtitle.append(f"Layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}: at most {top} "
+                            f"nats (a sliding window of {window} keys)")
     title = alt.TitleParams(f"{what} per head · {result.model['id']}", anchor="start", subtitle=subtitle)
     tooltip = [alt.Tooltip("label:N", title="Head"), alt.Tooltip("value:Q", title=what, format=".4f")]
     return _atlas_chart(_atlas_frame(values), *values.shape, legend_title, title, tooltip,

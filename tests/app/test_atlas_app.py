@@ -180,3 +180,24 @@ def test_atlas_colour_scales_are_honest(minilm, forward_calls):
     n_tokens = len(minilm.tokenizer(FIJI)["input_ids"])
     assert domains["entropy"]["domain"] == [0, round(np.log(n_tokens), 3)]  # bidirectional: uniform over T keys
     assert forward_calls == ["BertModel"]
+
+
+def test_the_entropy_atlas_states_a_sliding_window_models_maximum(tmp_path, monkeypatch):
+    """Tiny Mistral (window 8 on every layer) on the default text: the legend's maximum is what the model's own
+    eager attention rows allow (tests.reports.test_atlas), not the causal every-earlier-key one."""
+    from transformers import AutoTokenizer
+
+    from tests.checkpoints import tiny_mistral
+    from tests.reports.test_atlas import eager_layer_max_entropy, entropy_legend
+
+    path = tiny_mistral(tmp_path / "mistral")
+    monkeypatch.setenv("HEADSCOPE_MODEL", str(path))
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(path))  # a local model: under the operator's directories
+    at = run_app()
+    at.selectbox(key="atlas_score").set_value("text:entropy").run()
+    assert not at.exception and not errors(at)
+    spec = atlas_spec(at)
+    token_ids = AutoTokenizer.from_pretrained(path)(FIJI)["input_ids"]
+    assert f"{len(token_ids)} tokens" in spec["title"]["subtitle"][0]  # the ids the truth is of
+    truth = eager_layer_max_entropy(path, token_ids).max()
+    assert entropy_legend(spec)[0] == f"Nats (max {truth:.2f})"

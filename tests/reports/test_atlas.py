@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 from markupsafe import escape
 
 from analysis import analyze
 from analysis.corpus import CorpusAccumulator
-from analysis.results import HEAD_SCORE_NAMES
+from analysis.errors import HeadscopeError
+from analysis.results import HEAD_SCORE_NAMES, AnalysisResult
 from reports.charts import (
     ATLAS_SELECTION,
     SCORE_EXPLANATIONS,
@@ -119,3 +121,109 @@ def test_an_induction_probe_report_says_so(gpt2):
 
     page = render_report(analyze_induction_probe(gpt2, length=20, seed=3, layers=[6]))
     assert "on the induction probe (20 random tokens written twice, seed 3)" in page
+
+
+# ---- the entropy atlas's maximum under sliding windows ---------------------------------------------------------------
+
+def _tiny(name: str, path):
+    from tests import checkpoints
+
+    builders = {
+        "mistral": checkpoints.tiny_mistral,  # window 8 on every layer
+        "gemma2": checkpoints.tiny_gemma2,  # window 6 on layer 0, layer 1 global
+        "gemma2-sliding": lambda p: checkpoints.tiny_gemma2(p, layer_types=("sliding_attention",) * 2),
+        "qwen2-window": lambda p: checkpoints.tiny_qwen2(p, use_sliding_window=True, sliding_window=8,
+                                                         max_window_layers=1),  # layers >= 1 windowed
+        "llama": checkpoints.tiny_llama,  # causal, no window: unchanged
+        "bert": lambda p: checkpoints.tiny_bert(p, n_layer=2, n_head=4, hidden=32),  # encoder: unchanged
+    }
+    return builders[name](path)
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    paths = {}
+
+    def path(name):
+        if name not in paths:
+            paths[name] = _tiny(name, tmp_path_factory.mktemp(f"atlas-{name}"))
+        return paths[name]
+    return path
+
+
+def eager_layer_max_entropy(path, token_ids) -> np.ndarray:
+    """[layer]: the model's own most reachable mean entropy of rows 1..T-1 (what the entropy score averages): the
+    mean of ln(keys the row sees), the row's nonzero weights in its eager output_attentions, widest head."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor([list(token_ids)]), output_attentions=True)
+    widths = [(weights[0] > 0).sum(dim=-1).double() for weights in out.attentions]  # per layer [head, q_pos]
+    return np.array([float(w[:, 1:].log().mean(dim=-1).max()) for w in widths])
+
+
+def entropy_legend(spec: dict) -> tuple[str, list]:
+    (color,) = [layer["encoding"]["color"] for layer in spec["layer"] if "color" in layer["encoding"]]
+    return color["title"], color["scale"]["domain"]
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma2-sliding", "qwen2-window", "llama", "bert"])
+def test_the_entropy_maximum_is_what_the_models_own_attention_allows(tiny_paths, name):
+    from analysis import load_model
+    from tests.conftest import FIJI
+
+    path = tiny_paths(name)
+    result = analyze(load_model(str(path)), FIJI)
+    truth = eager_layer_max_entropy(path, result.token_ids)  # [layer]
+    assert result.n_tokens > 2 * 8  # longer than every window here
+    entropy = result.head_scores["entropy"]  # [layer, head]
+    assert (entropy <= truth[:, None] + 1e-6).all()  # no head above its layer's maximum
+    spec = build_atlas_chart(result, "entropy").to_dict()
+    title, domain = entropy_legend(spec)
+    assert title == f"Nats (max {truth.max():.2f})" and domain == [0, round(truth.max(), 3)]
+    subtitle = spec["title"]["subtitle"]
+    assert f"{truth.max():.2f} nats (the maximum)" in subtitle[1]
+    lower = [layer for layer in range(len(truth)) if f"{truth[layer]:.2f}" != f"{truth.max():.2f}"]
+    assert len(subtitle) == 2 + bool(lower)  # the layers that cannot reach the atlas's maximum, named
+    if lower:
+        (layer,) = lower
+        assert subtitle[2].startswith(f"Layer {layer}: at most {truth[layer]:.2f} nats")
+
+
+def test_the_report_and_its_read_back_state_the_windowed_maximum(tiny_paths, tmp_path, capsys):
+    """A real report's rendered legend (vl-convert SVG); the results JSON read back (--from-report) keeps the
+    windows, and a document from before them (no attention_windows) reads as no window."""
+    import vl_convert
+
+    from analysis.schema import validate_results
+    from reports.__main__ import main
+    from reports.html import DataPool
+    from tests.reports.test_html import chart_blocks, embedded_results, pool_of
+
+    path = tiny_paths("mistral")
+
+    def legend(page: str) -> str:
+        pool = DataPool.read(embedded_results(page), pool_of(page))
+        svg = vl_convert.vegalite_to_svg(pool.spec(chart_blocks(page)["chart-atlas-entropy"]))
+        (title,) = re.findall(r'role-legend-title".*?<text [^>]*>([^<]*)</text>', svg, re.DOTALL)
+        return title
+
+    report, again = tmp_path / "report.html", tmp_path / "again.json"
+    assert main(["--model", str(path), "--html", str(report)]) == 0, capsys.readouterr().err
+    truth = eager_layer_max_entropy(path, embedded_results(report.read_text())["token_ids"]).max()
+    assert legend(report.read_text()) == f"Nats (max {truth:.2f})"
+    assert main(["--from-report", str(report), "--json", str(again)]) == 0, capsys.readouterr().err
+    data = validate_results(json.loads(again.read_text()))
+    assert data["model"]["attention_windows"] == [8, 8]
+    assert entropy_legend(build_atlas_chart(AnalysisResult.from_dict(data), "entropy").to_dict())[0] == (
+        f"Nats (max {truth:.2f})")
+    del data["model"]["attention_windows"]  # a document written before the windows were recorded
+    validate_results(data)
+    causal = np.log(np.arange(2, len(data["tokens"]) + 1)).mean()  # every earlier key
+    old = build_atlas_chart(AnalysisResult.from_dict(data), "entropy").to_dict()
+    assert entropy_legend(old)[0] == f"Nats (max {causal:.2f})"
+    bad = {**data, "model": {**data["model"], "attention_windows": [8]}}
+    with pytest.raises(HeadscopeError, match="attention_windows has 1 layers but the model has 2"):
+        validate_results(bad)
