@@ -84,12 +84,18 @@ def ray_processes(marker: str) -> list[str]:
 def run_ray_jobs(model: Path, jobs: list[tuple], temp_dir: Path) -> list[dict]:
     """Run each (source, folder, text column[, input_changed[, another model]]) in one Ray instance: the first
     through the command line, the others through run_ray (a refusal comes back as {"error": its line})."""
+    out, _ = run_ray_child([RAY_SCRIPT, str(model), str(temp_dir),
+                            json.dumps([[str(s), str(f), c, bool(rest and rest[0]), str(rest[1]) if len(rest) > 1
+                                         else None] for s, f, c, *rest in jobs])], ROOT, temp_dir)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_ray_child(argv: list[str], cwd: Path, temp_dir: Path) -> tuple[str, str]:
+    """(stdout, stderr) of `python -c argv[0] argv[1:]` in `cwd`, a script that starts its own Ray instance in
+    `temp_dir`: killed past TIMEOUT, and every process of that instance left afterwards killed and reported."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    child = subprocess.Popen([sys.executable, "-c", RAY_SCRIPT, str(model), str(temp_dir),
-                              json.dumps([[str(s), str(f), c, bool(rest and rest[0]),
-                                           str(rest[1]) if len(rest) > 1 else None] for s, f, c, *rest in jobs])],
-                             cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-c", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = child.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -102,7 +108,7 @@ def run_ray_jobs(model: Path, jobs: list[tuple], temp_dir: Path) -> list[dict]:
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
     assert child.returncode == 0, err[-3000:]
     assert leftovers == [], leftovers  # ray.shutdown() stopped every Ray process it started
-    return json.loads(out.strip().splitlines()[-1])
+    return out, err
 
 
 def assert_same_rows(ray_folder: Path, local_folder: Path) -> None:
@@ -311,23 +317,11 @@ def test_relative_paths_reach_workers_in_other_directories_and_ray_data_settings
     (tmp_path / "in.txt").write_text("\n".join(short_texts(3)) + "\n")
     (tmp_path / "worker-dir").mkdir()
     (tmp_path / "worker-dir" / "README").write_text("the Ray workers' directory\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
-    child = subprocess.Popen([sys.executable, "-c", OTHER_CWD_SCRIPT, str(temp_dir)], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = child.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        pytest.fail(f"the Ray run did not finish in {TIMEOUT} s (killed)")
+        out, err = run_ray_child([OTHER_CWD_SCRIPT, str(temp_dir)], tmp_path, temp_dir)
     finally:
-        leftovers = ray_processes(str(temp_dir))
-        for line in leftovers:  # only processes of this test's private Ray instance
-            os.kill(int(line.split(":")[0]), signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert child.returncode == 0, err[-3000:]
-    assert leftovers == [], leftovers
     got = json.loads(out.strip().splitlines()[-1])
     assert Path(got["worker_cwd"]).resolve() != tmp_path.resolve()  # the workers do not run where the paths were typed
     assert got["code"] == 0, err[-3000:]
