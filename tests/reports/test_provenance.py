@@ -53,7 +53,10 @@ def results_of(doc: dict) -> dict:
 def assert_same_results(got, want, where: str = "") -> None:
     """Two runs' results alike: every text, token, setting and shape equal, every number to float32 rounding as it
     grows through the layers. A rerun in another process is not bit for bit the same on every CPU (the BLAS's
-    kernels may follow the buffers' alignment: a full-suite run once gave 0.0613722 where the rerun gave 0.0613728)."""
+    kernels may follow the buffers' alignment: a full-suite run once gave 0.0613722 where the rerun gave 0.0613728),
+    and the tiny random checkpoints' sharp softmax turns a score's rounding in its logits into more of its small
+    weights (a full-suite run gave a duplicate-token score of 0.0128276 where the rerun gave 0.0128256: 2e-6).
+    A rerun with another setting, layer or text moves these numbers by far more than the 1e-5 allowed."""
     if isinstance(got, dict) and isinstance(want, dict):
         assert got.keys() == want.keys(), where
         for key in got:
@@ -63,7 +66,7 @@ def assert_same_results(got, want, where: str = "") -> None:
         for i, (a, b) in enumerate(zip(got, want)):
             assert_same_results(a, b, f"{where}[{i}]")
     elif isinstance(got, float) and isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), where
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), where
     else:
         assert got == want, where
 
