@@ -103,8 +103,9 @@ class RowMaker:
 
         from analysis import load_model
 
-        if code is not None and worker_code() != code:  # `code`: the first worker's (_describe), which the run records
-            mine, theirs = _flat(worker_code()), _flat(code)
+        if code is not None and (here := worker_code()) != code:  # `code`: the first worker's (_describe), which
+            # the run records
+            mine, theirs = _flat(here), _flat(code)
             differ = sorted(name for name in {*mine, *theirs} if mine.get(name) != theirs.get(name))
             raise HeadscopeError(VERSIONS_CHANGED.format(
                 got=", ".join(f"{name} {mine.get(name)}" for name in differ),
