@@ -92,12 +92,12 @@ def test_the_command_line_writes_the_same_report_with_probe_and_says_how(gpt2, g
     assert (args.with_probe, args.probe_seed, args.text, args.layer) == (24, 5, FIJI, [6])
 
 
-def test_the_probe_command_measures_the_layers_the_report_embeds(gpt2_path, tmp_path, capsys):
+def test_the_probe_command_measures_the_layers_the_report_embeds(steady_gpt2_path, tmp_path, capsys):
     """The probe beside a text holds every layer's head scores and no per-layer measurements, and its command says
     --no-layers: run from another folder, it writes a report embedding the results the section embeds (without
     the flag it measured the default layer 6 as well)."""
     out = tmp_path / "report.html"
-    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", FIJI, "--layer", "2", "--with-probe", "12",
+    code, lines = run_cli(capsys, "--model", steady_gpt2_path, "--text", FIJI, "--layer", "2", "--with-probe", "12",
                           "--probe-seed", "4", "--html", out)
     assert code == 0, lines
     page = out.read_text(encoding="utf-8")
@@ -107,15 +107,15 @@ def test_the_probe_command_measures_the_layers_the_report_embeds(gpt2_path, tmp_
                                     re.DOTALL).group(1))
     assert embedded["layers"] == {}
     run_recorded(command, tmp_path / "elsewhere")
-    assert read_report_results(tmp_path / "elsewhere" / "probe.html") == embedded
+    assert_same_results(read_report_results(tmp_path / "elsewhere" / "probe.html"), embedded)
 
 
-def test_with_probe_and_json_alone_records_a_command_that_gives_back_the_probe(gpt2_path, tmp_path, capsys):
+def test_with_probe_and_json_alone_records_a_command_that_gives_back_the_probe(steady_gpt2_path, tmp_path, capsys):
     """--with-probe with --json only: the JSON holds the probe under "probe" and its command says --with-probe, so
     run from another folder it writes the same results and the same probe (before, --with-probe needed --html and
     the JSON's command left the probe out)."""
     out = tmp_path / "results.json"
-    code, lines = run_cli(capsys, "--model", gpt2_path, "--text", FIJI, "--layer", "2", "--with-probe", "12",
+    code, lines = run_cli(capsys, "--model", steady_gpt2_path, "--text", FIJI, "--layer", "2", "--with-probe", "12",
                           "--probe-seed", "4", "--json", out)
     assert code == 0, lines
     doc = json.loads(out.read_text(encoding="utf-8"))
