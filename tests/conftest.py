@@ -48,6 +48,13 @@ def steady_gpt2_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def steady_gpt2(steady_gpt2_path):
+    from analysis import load_model
+
+    return load_model(str(steady_gpt2_path))
+
+
+@pytest.fixture(scope="session")
 def bert_path(tmp_path_factory):
     return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 

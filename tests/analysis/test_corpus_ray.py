@@ -147,15 +147,17 @@ def inputs(tmp_path_factory):
     return {"txt": (txt, "text"), "parquet": (folder, "text"), "hf": (dataset, "body")}
 
 
-def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_path, inputs, tmp_path, monkeypatch):
+def test_ray_equals_local_for_every_input_and_resumes_a_local_run(steady_gpt2, steady_gpt2_path, inputs, tmp_path,
+                                                                  monkeypatch):
+    """On the steady checkpoint: Ray's workers are other processes, whose BLAS may round differently (conftest)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Ray worker (one CPU): the same float32 sums
     try:
         local = {}
         for kind, (source, column) in inputs.items():
             local[kind] = tmp_path / f"local-{kind}"
-            run_local(gpt2, iter_records(source, column), local[kind], source=str(source), text_column=column,
-                      batch_size=4)
+            run_local(steady_gpt2, iter_records(source, column), local[kind], source=str(source),
+                      text_column=column, batch_size=4)
         # a local run killed after 8 records; Ray finishes it
         txt, _ = inputs["txt"]
         partial = tmp_path / "resumed"
@@ -165,15 +167,15 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            run_local(gpt2, iter_records(txt), partial, batch_size=4, flush_rows=4, progress=stop)
+            run_local(steady_gpt2, iter_records(txt), partial, batch_size=4, flush_rows=4, progress=stop)
         done_before = ResultsFolder(partial).read_rows().num_rows
         relabel = tmp_path / "relabel.jsonl"  # ids changed, texts not (but the second): Ray updates the ids
         lines = [{"text": text, "id": f"old{i}"} for i, text in enumerate(short_texts(3, seed=7))]
         relabel.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        run_local(gpt2, iter_records(relabel), tmp_path / "relabel", source=str(relabel), batch_size=4)
+        run_local(steady_gpt2, iter_records(relabel), tmp_path / "relabel", source=str(relabel), batch_size=4)
         lines[0]["id"], lines[2]["id"], lines[1]["text"] = "new0", "new2", "a changed second text"
         relabel.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        run_local(gpt2, iter_records(relabel), tmp_path / "relabel-fresh", source=str(relabel), batch_size=4)
+        run_local(steady_gpt2, iter_records(relabel), tmp_path / "relabel-fresh", source=str(relabel), batch_size=4)
     finally:
         torch.set_num_threads(before)
     assert done_before == 8
@@ -183,12 +185,12 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
     edited.write_bytes(b"The cat sat on the mat.\nMary and John went to the store.\nAttention heads.\n\xff one\n")
     with monkeypatch.context() as patch:
         failing(patch, {"Attention heads."})
-        run_local(gpt2, iter_records(edited), tmp_path / "edited", source=str(edited))
+        run_local(steady_gpt2, iter_records(edited), tmp_path / "edited", source=str(edited))
     edited.write_bytes(b"The cat sat on the mat.\nA different second line.\nAttention heads.\n\xfe two\n")
-    run_local(gpt2, iter_records(edited), tmp_path / "edited-fresh", source=str(edited))
+    run_local(steady_gpt2, iter_records(edited), tmp_path / "edited-fresh", source=str(edited))
     shortened = tmp_path / "shortened.txt"  # made shorter: Ray refuses, then drops the rows past its end when told
     shortened.write_text("The cat sat on the mat.\nMary and John went to the store.\nAttention heads.\n")
-    run_local(gpt2, iter_records(shortened), tmp_path / "shortened", source=str(shortened))
+    run_local(steady_gpt2, iter_records(shortened), tmp_path / "shortened", source=str(shortened))
     shortened.write_text("The cat sat on the mat.\n")
     moved = tmp_path / "moved.txt"  # a copy of the txt input elsewhere resumes the local folder of the first
     shutil.copy(txt, moved)
@@ -196,11 +198,12 @@ def test_ray_equals_local_for_every_input_and_resumes_a_local_run(gpt2, gpt2_pat
     jobs = [(source, tmp_path / f"ray-{kind}", column) for kind, (source, column) in inputs.items()]
     temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
     try:
-        runs = run_ray_jobs(gpt2_path, [*jobs, (txt, partial, "text"), (edited, tmp_path / "edited", "text"),
-                                        (shortened, tmp_path / "shortened", "text", False, tmp_path / "no-model"),
-                                        (shortened, tmp_path / "shortened", "text", True),
-                                        (moved, local["txt"], "text"), (relabel, tmp_path / "relabel", "text"),
-                                        (txt, tmp_path / "never", "text", False, tmp_path / "no-model")], temp_dir)
+        runs = run_ray_jobs(steady_gpt2_path, [
+            *jobs, (txt, partial, "text"), (edited, tmp_path / "edited", "text"),
+            (shortened, tmp_path / "shortened", "text", False, tmp_path / "no-model"),
+            (shortened, tmp_path / "shortened", "text", True), (moved, local["txt"], "text"),
+            (relabel, tmp_path / "relabel", "text"), (txt, tmp_path / "never", "text", False, tmp_path / "no-model")],
+            temp_dir)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     no_model, relabel_run, moved_run, dropped_run, refused, edited_run = (runs.pop() for _ in range(6))
