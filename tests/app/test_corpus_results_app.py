@@ -59,12 +59,13 @@ def corpus_results(page: str) -> dict:
     return json.loads(re.search(f'<script type="application/json" id="{CORPUS_ID}">(.*?)</script>', page, re.DOTALL)[1])
 
 
-def test_the_corpus_names_its_upload_and_its_download_reruns_from_it(gpt2_path, tmp_path, monkeypatch, downloads):
+def test_the_corpus_names_its_upload_and_its_download_reruns_from_it(steady_gpt2_path, tmp_path, monkeypatch,
+                                                                     downloads):
     """The results say which file they are of: after a refused upload they are still the last good file's (which
     nothing said), and the downloaded page records that file and its SHA-256 as the command line's corpus.html
     does, with a command that recomputes its numbers."""
-    monkeypatch.setenv("HEADSCOPE_MODEL", str(gpt2_path))
-    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(gpt2_path))
+    monkeypatch.setenv("HEADSCOPE_MODEL", str(steady_gpt2_path))
+    monkeypatch.setenv("HEADSCOPE_MODEL_DIRS", str(steady_gpt2_path))
     data = b"the cat sat on the mat\na dog ran far from home\nrain in the home\n"
     at = AppTest.from_file(APP, default_timeout=240).run()
     for name, upload in (("good.txt", data), ("bad.txt", b"\xff\n")):
