@@ -211,7 +211,8 @@ class _Recorder:
     attention: str = "auto"  # ATTENTION_ROUTES
     keep_layers: frozenset[int] | None = None  # whose patterns are kept (None: every pattern layer)
     n_layers: int = 0
-    causal: bool = True  # the query's keys: earlier ones (causal) or every other one
+    causal: bool = True  # the model's masks (loading.attention_is_causal): the query's keys, earlier ones (causal)
+    # or every other one, and the fused kernel's causal flag where it gets no mask
     n_heads: int = 0  # the model's query heads: what the mask function's route needs
     sdpa_masks: bool = False  # the pass's masks are sdpa's (None: the kernel's causal flag), for the fused kernel
     pending: int = 0  # bytes of device tensors waiting for the host
@@ -457,9 +458,11 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
             raise HeadscopeError(MASK_ROUTE.format(cls=type(module).__name__))
         output, weights = _eager_for(module)(module, query, key, value, attention_mask, scaling=scaling,
                                              dropout=dropout, **kwargs)
-    else:
+    else:  # where it gets no mask the kernel's causal flag follows the model's masks (recorder.causal), not the
+        # module's is_causal: Gemma 2's use_bidirectional_attention clears that alone, its eager masks stay causal
+        causal = kwargs.pop("is_causal", recorder.causal)
         output, weights = _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+                                  is_causal=causal, **kwargs)
     if recorder is not None:
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         recorder.record(query, key, value, attention_mask, scale, softcap, weights, output)

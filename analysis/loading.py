@@ -24,7 +24,8 @@ BUNDLED_ID = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_ALIASES = {"minilm", "all-minilm-l6-v2", BUNDLED_ID.lower()}
 
 # model_type -> (family name, causal). Each one captured through the attention interface and tested for
-# exact parity with its own eager attention (tests/analysis/test_families.py); anything else is refused.
+# exact parity with its own eager attention (tests/analysis/test_families.py); anything else is refused. What a
+# checkpoint's attention is follows its config (attention_is_causal): "causal" is the family's default.
 FAMILIES = {
     "gpt2": ("GPT-2", True),
     "bert": ("BERT", False),
@@ -113,8 +114,8 @@ class ModelInfo:
     reason: str
     device_map: str | None = None  # "auto": placed across devices by Accelerate (see model.hf_device_map)
     local_path: str | None = None  # a local checkpoint's absolute directory (what a command names); None: hub, bundled
-    # [layer]: the most keys a query sees under the layer's sliding window (null: every earlier key); None when no
-    # layer has one (attention_windows); results written before it lack it and read as None
+    # [layer]: the most keys a query sees under the layer's sliding window (null: every key the mask allows); None
+    # when no layer has one (attention_windows); results written before it lack it and read as None
     attention_windows: tuple[int | None, ...] | None = None
 
     def to_dict(self) -> dict:
@@ -453,9 +454,28 @@ def _load_tokenizer(path: Path, config):
     return tokenizer
 
 
+DECODER_FLAG = ("bert", "roberta")  # encoder families whose config.is_decoder makes their self-attention causal
+
+
+def attention_is_causal(config) -> bool:
+    """Whether the model's own masks are causal, as transformers 5.x makes them: the family's default (BERT and
+    RoBERTa become causal with config.is_decoder), unless config.is_causal is False, which masking_utils'
+    create_causal_mask and create_sliding_window_causal_mask turn into bidirectional masks for every family that
+    builds its masks with them (the "power feature" for decoders used as encoders; DistilBERT's are bidirectional
+    anyway). Gemma 2's use_bidirectional_attention alone leaves its masks causal: it sets only the attention modules'
+    is_causal, which the sdpa kernel reads where it is given no mask, so the model's eager attention stays causal
+    (analysis.capture runs the kernel with the masks' causality, not the module's)."""
+    family_causal = FAMILIES[config.model_type][1] or (
+        config.model_type in DECODER_FLAG and bool(getattr(config, "is_decoder", False)))
+    return family_causal and bool(getattr(config, "is_causal", True))
+
+
 def attention_windows(config) -> tuple[int | None, ...] | None:
-    """Per layer, the sliding window transformers' mask gives a query (it sees itself and the window - 1 keys before
-    it: masking_utils.sliding_window_overlay), None for a full-attention layer; None when no layer has a window.
+    """Per layer, the most keys a query sees under transformers' sliding-window mask, None for a full-attention
+    layer; None when no layer has a window. Causal: itself and the window - 1 keys before it
+    (masking_utils.sliding_window_overlay: kv > q - window), `sliding_window` keys. Bidirectional
+    (attention_is_causal false): every key within `sliding_window` of it on either side
+    (sliding_window_bidirectional_overlay: |q - kv| <= window), 2 * sliding_window + 1 keys.
 
     Mistral windows every layer by config.sliding_window (its model ignores layer_types); Qwen2, Qwen3 and Gemma 2
     window the layers that config.layer_types names "sliding_attention" (Qwen's sliding_window is None unless
@@ -470,12 +490,13 @@ def attention_windows(config) -> tuple[int | None, ...] | None:
     else:
         types = list(getattr(config, "layer_types", None) or ())
         windows = [window if kind == "sliding_attention" else None for kind in types]
-    return tuple(int(w) if w else None for w in windows) if any(windows) else None
+    causal = attention_is_causal(config)
+    return tuple((int(w) if causal else 2 * int(w) + 1) if w else None for w in windows) if any(windows) else None
 
 
 def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: str, device: str, reason: str,
                            device_map: str | None = None, local_path: str | None = None) -> ModelInfo:
-    family, causal = FAMILIES[config.model_type]
+    family = FAMILIES[config.model_type][0]
     n_heads = config.num_attention_heads
     return ModelInfo(
         id=id,
@@ -487,7 +508,7 @@ def model_info_from_config(config, *, id: str, path: str, revision: str, dtype: 
         n_heads=n_heads,
         n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
         d_head=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
-        causal=causal,
+        causal=attention_is_causal(config),
         max_positions=config.max_position_embeddings - first_position(config),  # RoBERTa's start past padding
         dtype=dtype,
         device=device,

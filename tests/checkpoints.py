@@ -91,13 +91,14 @@ def tiny_gpt2(path: Path, n_layer: int = 8, n_head: int = 12, n_embd: int = 96, 
     return save_checkpoint(config, tokenizer, path)
 
 
-def tiny_bert(path: Path, n_layer: int = 4, n_head: int = 4, hidden: int = 64) -> Path:
+def tiny_bert(path: Path, n_layer: int = 4, n_head: int = 4, hidden: int = 64, **overrides) -> Path:
+    """`overrides`: config fields (is_decoder, ...)."""
     from transformers import BertConfig
 
     tokenizer = bert_tokenizer()
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=n_layer,
                         num_attention_heads=n_head, intermediate_size=4 * hidden, max_position_embeddings=128,
-                        initializer_range=0.2)
+                        initializer_range=0.2, **overrides)
     return save_checkpoint(config, tokenizer, path)
 
 
@@ -203,23 +204,23 @@ def tiny_gpt_neox(path: Path) -> Path:
     return save_checkpoint(config, tokenizer, path)
 
 
-def tiny_llama(path: Path) -> Path:
-    """Grouped-query attention: 8 query heads read 2 key heads (4 each)."""
+def tiny_llama(path: Path, **overrides) -> Path:
+    """Grouped-query attention: 8 query heads read 2 key heads (4 each). `overrides`: config fields."""
     from transformers import LlamaConfig
 
     tokenizer = llama_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-                         intermediate_size=128, **_special_ids(tokenizer), **TINY)
+                         intermediate_size=128, **_special_ids(tokenizer), **TINY, **overrides)
     return save_checkpoint(config, tokenizer, path)
 
 
-def tiny_mistral(path: Path, sliding_window: int = 8) -> Path:
+def tiny_mistral(path: Path, sliding_window: int = 8, **overrides) -> Path:
     from transformers import MistralConfig
 
     tokenizer = llama_tokenizer()
     config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, intermediate_size=128, sliding_window=sliding_window,
-                           **_special_ids(tokenizer), **TINY)
+                           **_special_ids(tokenizer), **TINY, **overrides)
     return save_checkpoint(config, tokenizer, path)
 
 
@@ -244,14 +245,15 @@ def tiny_qwen3(path: Path) -> Path:
 
 
 def tiny_gemma2(path: Path, sliding_window: int = 6, softcap: float = 1.0,
-                layer_types: tuple[str, str] = ("sliding_attention", "full_attention")) -> Path:
+                layer_types: tuple[str, str] = ("sliding_attention", "full_attention"), **overrides) -> Path:
     """Logit soft-capping that bites (1.0), a sliding window shorter than the test texts on the
-    sliding layer (layer 0; layer 1 is global), and query_pre_attn_scalar (24) != head_dim (16)."""
+    sliding layer (layer 0; layer 1 is global), and query_pre_attn_scalar (24) != head_dim (16).
+    `overrides`: config fields (use_bidirectional_attention, is_causal, ...)."""
     from transformers import Gemma2Config
 
     tokenizer = gemma_tokenizer()
     config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                           head_dim=16, intermediate_size=128, query_pre_attn_scalar=24, sliding_window=sliding_window,
                           attn_logit_softcapping=softcap, layer_types=list(layer_types),
-                          **_special_ids(tokenizer), **TINY)
+                          **_special_ids(tokenizer), **TINY, **overrides)
     return save_checkpoint(config, tokenizer, path, randomize_norms=True)

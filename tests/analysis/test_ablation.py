@@ -269,3 +269,17 @@ def test_every_family_matches_an_edited_copy_of_the_weights(model_type, tmp_path
         expected = _hf_loss(edited, ids) - _hf_loss(full, ids)
     assert atlas.delta[layer, head] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert abs(expected) > 1e-6
+
+
+def test_a_causal_lm_used_as_an_encoder_keeps_its_next_token_loss(tmp_path):
+    """config.is_causal False makes Gemma 2's attention bidirectional (ModelInfo.causal false), not its head: the
+    causal LM head still predicts the next token, so the ablation measures transformers' own causal-LM loss (not a
+    masked-token loss read from next-token logits)."""
+    from tests import checkpoints
+
+    path = checkpoints.tiny_gemma2(tmp_path / "gemma2", use_bidirectional_attention=True, is_causal=False)
+    loaded = load_model(str(path), head=True)
+    assert not loaded.info.causal and loaded.lm is not None
+    atlas = compute_ablation(loaded, REPEATS, "zero")
+    assert atlas.measure == ablation.measure_of(loaded) == "next_token_loss"
+    assert atlas.baseline == pytest.approx(_hf_loss(loaded.lm, _ids(loaded)), rel=1e-5)

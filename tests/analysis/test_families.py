@@ -537,3 +537,62 @@ def test_sdpa_route_parity_in_half_precision_is_within_tolerance(family_paths, t
     result = analyze(loaded, FIJI, attention="sdpa")
     for layer, measured in result.layers.items():
         assert 0 < measured.parity_max_abs_err <= PARITY_TOLERANCE[dtype], (name, dtype, layer)
+
+
+# ---- the config decides the attention: is_causal, is_decoder, Gemma 2's use_bidirectional_attention ------------------
+
+# Configs whose masks differ from their family's default in transformers 5.x (loading.attention_is_causal). Which way
+# each one attends is read from the model's own eager attention, never from this table. softcap=None: the sdpa route
+# runs the fused kernel (Gemma 2's soft-capping keeps it on eager attention).
+ATTENTION_CONFIGS = {
+    # a decoder used as an encoder: bidirectional masks, a sliding layer |q - k| <= window (config.is_causal False)
+    "gemma2-encoder": lambda p: checkpoints.tiny_gemma2(p, use_bidirectional_attention=True, is_causal=False),
+    "gemma2-encoder-fused": lambda p: checkpoints.tiny_gemma2(p, softcap=None, use_bidirectional_attention=True,
+                                                              is_causal=False),
+    # the flag alone: the attention modules' is_causal goes, the masks stay causal (the kernel must follow the masks)
+    "gemma2-flag-only": lambda p: checkpoints.tiny_gemma2(p, softcap=None, use_bidirectional_attention=True),
+    "llama-encoder": lambda p: checkpoints.tiny_llama(p, is_causal=False),
+    "mistral-encoder": lambda p: checkpoints.tiny_mistral(p, is_causal=False),  # a bidirectional window, every layer
+    "bert-decoder": lambda p: checkpoints.tiny_bert(p, n_layer=2, n_head=4, hidden=32, is_decoder=True),
+}
+
+
+@pytest.fixture(scope="module")
+def attention_config_paths(tmp_path_factory):
+    paths = {}
+
+    def path(name):
+        if name not in paths:
+            paths[name] = ATTENTION_CONFIGS[name](tmp_path_factory.mktemp(f"tiny-{name}"))
+        return paths[name]
+    return path
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", sorted(ATTENTION_CONFIGS))
+def test_the_attention_follows_the_config(attention_config_paths, name, attention):
+    """ModelInfo.causal is what the model's own eager attention does; on both routes every layer's pattern (full and
+    sliding) is that attention and parity holds; the default query is an encoder's (the last non-special token: the
+    text ends with EOS or [SEP]) or a causal model's (the final token), and the windows are the keys a query sees.
+    Before, every such checkpoint was measured as its family's default: an encoder's patterns cut at the causal edge
+    (parity ~1), and Gemma 2's flag alone ran the fused kernel bidirectionally under causal masks (parity 1.29)."""
+    from analysis.capture import QUERY_DEFAULTS, resolve_query, text_input
+
+    path = attention_config_paths(name)
+    loaded = load_model(str(path))
+    text = FIJI + (loaded.tokenizer.eos_token or "")  # BERT's tokenizer appends [SEP] itself
+    _, expected = eager_attentions(path, loaded, text)  # per layer [head, q_pos, k_pos]
+    causal = not any(np.triu(weights > 0, k=1).any() for weights in expected)  # the model's own attention
+    assert loaded.info.causal == causal
+    seen = [(weights > 0).sum(axis=-1).max() for weights in expected]  # per layer: the most keys a query sees
+    n = expected[0].shape[-1]
+    windows = loaded.info.attention_windows or (None,) * loaded.info.n_layers
+    assert [n if window is None else window for window in windows] == seen
+    result = analyze(loaded, text, keep_patterns=True, attention=attention)
+    for layer in range(loaded.info.n_layers):
+        assert result.layers[layer].parity_max_abs_err <= EXACT, (name, attention, layer)
+        np.testing.assert_allclose(result.layers[layer].patterns, expected[layer], rtol=0, atol=EXACT)
+    special = text_input(loaded, text).special  # [pos]
+    assert special[-1] and not special[-2]
+    assert (result.query, result.query_choice) == resolve_query(special, causal)
+    assert result.query_choice == QUERY_DEFAULTS[causal]
