@@ -525,14 +525,19 @@ def max_entropy(n_tokens: int, causal: bool, window: int | None = None) -> float
     """The largest mean entropy (nats) of query rows 1..T-1: every query spread evenly over the keys it sees.
 
     A causal query at position i sees i + 1 keys, at most `window` under a sliding window (the model's
-    attention_windows), a bidirectional one all T: the means of ln(min(i + 1, window)) and ln(T).
+    attention_windows), a bidirectional one all T: the means of ln(min(i + 1, window)) and ln(T). A bidirectional
+    sliding window of `window` = 2w + 1 keys (loading.attention_windows) shows a query the keys within w of it on
+    either side: min(i, w) + 1 + min(T - 1 - i, w).
     """
     if n_tokens < 2:
         return 0.0
-    if not causal:
+    if not causal and not window:
         return math.log(n_tokens)
-    seen = np.arange(2, n_tokens + 1)  # [query]: rows 1..T-1, what the entropy score averages
-    return float(np.log(seen if not window else np.minimum(seen, window)).mean())
+    i = np.arange(1, n_tokens)  # [query]: rows 1..T-1, what the entropy score averages
+    if causal:
+        return float(np.log(i + 1 if not window else np.minimum(i + 1, window)).mean())
+    side = (window - 1) // 2
+    return float(np.log(np.minimum(i, side) + 1 + np.minimum(n_tokens - 1 - i, side)).mean())
 
 
 def layer_max_entropies(model: dict, n_tokens: int) -> np.ndarray:

@@ -135,6 +135,9 @@ def _tiny(name: str, path):
         "qwen2-window": lambda p: checkpoints.tiny_qwen2(p, use_sliding_window=True, sliding_window=8,
                                                          max_window_layers=1),  # layers >= 1 windowed
         "llama": checkpoints.tiny_llama,  # causal, no window: unchanged
+        # config.is_causal False: bidirectional, each query sees the keys within the window on both sides
+        "gemma2-encoder": lambda p: checkpoints.tiny_gemma2(p, use_bidirectional_attention=True, is_causal=False),
+        "mistral-encoder": lambda p: checkpoints.tiny_mistral(p, is_causal=False),  # 2 * 8 + 1 keys, every layer
         "bert": lambda p: checkpoints.tiny_bert(p, n_layer=2, n_head=4, hidden=32),  # encoder: unchanged
     }
     return builders[name](path)
@@ -169,15 +172,18 @@ def entropy_legend(spec: dict) -> tuple[str, list]:
     return color["title"], color["scale"]["domain"]
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma2-sliding", "qwen2-window", "llama", "bert"])
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma2-sliding", "qwen2-window", "llama", "bert",
+                                  "gemma2-encoder", "mistral-encoder"])
 def test_the_entropy_maximum_is_what_the_models_own_attention_allows(tiny_paths, name):
     from analysis import load_model
+    from reports.charts import layer_max_entropies
     from tests.conftest import FIJI
 
     path = tiny_paths(name)
     result = analyze(load_model(str(path)), FIJI)
     truth = eager_layer_max_entropy(path, result.token_ids)  # [layer]
-    assert result.n_tokens > 2 * 8  # longer than every window here
+    assert result.n_tokens > 2 * (2 * 8 + 1)  # longer than every window here, a bidirectional one's both sides too
+    np.testing.assert_allclose(layer_max_entropies(result.model, result.n_tokens), truth, rtol=1e-12)
     entropy = result.head_scores["entropy"]  # [layer, head]
     assert (entropy <= truth[:, None] + 1e-6).all()  # no head above its layer's maximum
     spec = build_atlas_chart(result, "entropy").to_dict()
