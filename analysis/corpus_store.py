@@ -78,7 +78,8 @@ ROWS = "rows"
 MANIFEST_SCHEMA = "headscope.corpus-results/1"
 FLUSH_ROWS = 256  # rows per part file written by the local engine: what an interruption can lose at most
 RESULT_SETTINGS = ("exclude_first_token", "exclude_current_token")  # settings that change the numbers
-MODEL_CHECKED = ("id", "revision", "n_layers", "n_heads", "dtype")  # what must match for rows to be comparable
+MODEL_CHECKED = ("id", "revision", "n_layers", "n_heads", "dtype", "causal")  # what must match for rows to be
+# comparable; causal: the same weights under the config's is_causal (loading.attention_is_causal) are other rows
 VERSIONED = ("torch", "transformers", "tokenizers", "numpy", "pyarrow", "datasets", "ray")
 ROW_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text_hash", pa.string()),
                         ("excerpt", pa.string()), ("n_tokens", pa.int64()), ("error", pa.string())]
@@ -509,6 +510,8 @@ def _check_model(path: Path, manifest: dict, model: dict) -> None:
                 continue  # an older manifest: the weights' sha256 (checked below) names the checkpoint
             if old.get("local_path") is not None:
                 key = "local_path"
+        if key == "causal" and key not in old:  # a manifest from before it was recorded: the family decided it
+            continue
         _check_same(path, manifest, key, old.get(key), model.get(key))
 
 

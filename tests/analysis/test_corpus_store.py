@@ -216,10 +216,20 @@ def test_a_results_folder_refuses_another_model_or_settings(gpt2, bert, tmp_path
         run_local(bert, iter_records(path), tmp_path / "res")
     with pytest.raises(HeadscopeError, match="exclude_first_token"):
         run_local(gpt2, iter_records(path), tmp_path / "res", exclude_first_token=False)
+    manifest_path = tmp_path / "res" / "corpus.json"  # the same weights read as an encoder (config is_causal false:
+    # loading.attention_is_causal) measure other keys and scores; a folder written before that was followed says
+    # causal true
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model"]["causal"] = False
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(HeadscopeError, match="causal False.*use a new --results folder"):
+        run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))
+    del manifest["model"]["causal"]  # a manifest from before it was recorded: resumed, as before
+    manifest_path.write_text(json.dumps(manifest))
+    assert run_local(gpt2, iter_records(path), tmp_path / "res", source=str(path))["new_rows"] == 0
     with pytest.raises(HeadscopeError, match="not a headscope results folder"):
         load_results(tmp_path)
-    manifest_path = tmp_path / "res" / "corpus.json"  # a folder written before exclude_bos (issue 12)
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text())  # a folder written before exclude_bos (issue 12)
     del manifest["settings"]["exclude_bos"]
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(HeadscopeError, match="from before exclude_bos .* use a new --results folder"):
