@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +70,13 @@ REVISION_CHANGED = "worker loaded {model} at revision {got}, not {expected}: the
 VERSIONS_CHANGED = ("a worker runs {got}, not {expected} as the first worker does: the nodes run different code, whose "
                     "rows could differ; install the same versions on every node.")
 NO_GPUS = "--device cuda, but the Ray cluster has no GPUs: use --device cpu (or auto)."
+FEW_GPUS = ("--ray-workers {workers}, but the Ray cluster has {gpus} GPU(s) and each worker takes one (--device "
+            "{device}): give --ray-workers {gpus} or fewer, or add GPUs to the cluster.")
+NO_CLUSTER = "No Ray cluster answers at {address}: start one (`ray start --head`) or check {named}."
+NO_CLUSTER_AUTO = ("--ray-address auto, but no Ray cluster runs here (RAY_ADDRESS is not set and no `ray start` on "
+                   "this machine): start one (`ray start --head`) or give its address.")
+FOUND_BY_AUTO = "{address} ({found}, which --ray-address auto reads)"
+CONNECT_SECONDS = 3.0  # a cluster's GCS port accepts at once; ray.init retries one where none runs for ~14 minutes
 RAY_FAILED = "The Ray run failed ({kind}): {message}"
 NO_RAY = ("--engine ray needs Ray Data, and {module} cannot be imported ({reason}): pip install 'headscope[ray]' "
           "(or pip install -r requirements-dev.txt), or run with --engine local.")
@@ -215,8 +223,40 @@ def _without_fsspec_http() -> None:
         sys.modules.setdefault("fsspec.implementations.http", None)
 
 
+def check_cluster(address: str) -> None:
+    """One TCP connection, at most CONNECT_SECONDS, to the GCS port `address` names, before ray.init: where nothing
+    listens (a typo, a cluster that is down), ray.init retries for about 14 minutes (20 tries of ~40 s) and says
+    nothing on the way. 'auto' is looked up as ray.init does (RAY_ADDRESS, else this machine's last `ray start`); an
+    address this cannot read (another scheme, no port) is left to ray.init."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    target = address
+    if "://" not in address:
+        try:
+            target = canonicalize_bootstrap_address(address)  # as ray.init reads it (127.0.0.1: this node's IP)
+        except ConnectionError:  # auto, and no cluster to join
+            raise HeadscopeError(NO_CLUSTER_AUTO) from None
+        except ValueError:  # not host:port: ray.init says so
+            return
+    target = (target or "").removeprefix("ray://")  # None: 'local', a new instance; ray://: a Ray Client server
+    host, _, port = target.rpartition(":")
+    if "://" in target or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError:  # refused, timed out, or a host name that does not resolve
+        if address != "auto":
+            raise HeadscopeError(NO_CLUSTER.format(address=address, named="--ray-address")) from None
+        if os.environ.get("RAY_ADDRESS"):
+            shown = FOUND_BY_AUTO.format(address=os.environ["RAY_ADDRESS"], found="RAY_ADDRESS")
+            raise HeadscopeError(NO_CLUSTER.format(address=shown, named="RAY_ADDRESS")) from None
+        shown = FOUND_BY_AUTO.format(address=target, found="this machine's last `ray start`")
+        raise HeadscopeError(NO_CLUSTER.format(address=shown, named="--ray-address")) from None
+
+
 def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> None:
     if address:
+        check_cluster(address)
         ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE)]}, log_to_driver=False)
         return
     root = str(PACKAGE.parent)
@@ -280,11 +320,14 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         context.enable_progress_bars = False
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+        asked = device
         if device == "auto":
             device = "cuda" if gpus else "cpu"
         if device == "cuda" and not gpus:
             raise HeadscopeError(NO_GPUS)
         workers = workers or max(1, gpus)
+        if device == "cuda" and workers > gpus:  # each worker takes a GPU (num_gpus=1): the pool would wait for ever
+            raise HeadscopeError(FEW_GPUS.format(workers=workers, gpus=gpus, device=asked))
         gpu_args = {"num_gpus": 1} if gpus and device == "cuda" else {}
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
         info, unk_word, code = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(

@@ -1,13 +1,17 @@
 """The command line's corpus results: --batch FILE --results DIR, --from-results DIR, and Ray only when asked for."""
 
+import functools
 import html
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -377,6 +381,52 @@ def test_engine_ray_without_ray_installed_is_one_line(corpus_file, tmp_path, cap
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"headscope: error: --engine ray needs Ray Data, and {missing} cannot be imported")
     assert "pip install 'headscope[ray]'" in lines[0] and "--engine local" in lines[0]
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_a_ray_address_where_no_cluster_runs_is_one_line_at_once(corpus_file, tmp_path, auto):
+    # ray.init retried an address where nothing listens (a typo, a cluster that is down) for about 14 minutes,
+    # printing only its own retry lines; --ray-address auto did the same with RAY_ADDRESS naming such an address
+    with socket.socket() as taken:  # bound, not listening: a connection is refused, and no one else can take the port
+        taken.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+               **({"RAY_ADDRESS": address} if auto else {})}
+        argv = [sys.executable, "-m", "reports", "--model", str(tmp_path / "no-model"), "--batch", str(corpus_file),
+                "--results", str(tmp_path / "res"), "--ray-address", "auto" if auto else address]
+        started = time.perf_counter()
+        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        try:
+            _, err = child.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            pytest.fail(f"--ray-address {argv[-1]} with no cluster there did not finish in 120 s (killed)")
+        seconds = time.perf_counter() - started
+    lines = err.strip().splitlines()
+    assert child.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"headscope: error: No Ray cluster answers at {address}"), lines[0]
+    assert "`ray start --head`" in lines[0] and ("check RAY_ADDRESS" if auto else "check --ray-address") in lines[0]
+    assert seconds < 40, seconds  # Python, torch and Ray imported, and one refused connection
+    assert not (tmp_path / "res").exists()  # made for the lock only, and removed
+
+
+def test_ray_address_auto_with_no_cluster_to_find_is_one_line(corpus_file, tmp_path, capsys, monkeypatch):
+    # Ray's own line named flags headscope does not have: 'The Ray run failed (ConnectionError): Could not find any
+    # running Ray instance. Please specify the one to connect to by setting the `--address` flag or ...'
+    from ray._private import services
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    no_gcs = functools.cache(frozenset)  # ray.init calls its cache_clear
+    monkeypatch.setattr(services, "find_gcs_addresses", no_gcs)  # no Ray of other test runs on this machine
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)  # nor a `ray start`'s file
+    code, lines = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", corpus_file, "--results",
+                          tmp_path / "res", "--ray-address", "auto")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("headscope: error: --ray-address auto, but no Ray cluster runs here"), lines[0]
+    assert "`ray start --head`" in lines[0]
     assert not (tmp_path / "res").exists()
 
 
