@@ -326,7 +326,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         if device == "cuda" and not gpus:
             raise HeadscopeError(NO_GPUS)
         workers = workers or max(1, gpus)
-        if device == "cuda" and workers > gpus:  # each worker takes a GPU (num_gpus=1): the pool would wait for ever
+        if device == "cuda" and workers > gpus:  # each worker takes a GPU (num_gpus=1): those past the cluster's
+            # GPUs never start, and the run would go on with fewer workers than asked (and than its entry records)
             raise HeadscopeError(FEW_GPUS.format(workers=workers, gpus=gpus, device=asked))
         gpu_args = {"num_gpus": 1} if gpus and device == "cuda" else {}
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers

@@ -351,3 +351,59 @@ def test_a_worker_that_runs_other_code_than_the_first_is_refused_and_the_run_rec
     other = {"versions": {**code["versions"], "torch": "0.0.1"}, "git_commit": code["git_commit"]}
     with pytest.raises(HeadscopeError, match=r"a worker runs torch \S+, not torch 0\.0\.1 as the first worker does"):
         corpus_ray.RowMaker(str(gpt2_path), "cpu", "float32", info["revision"], {}, None, code=other)
+
+
+GPU_SCRIPT = textwrap.dedent("""
+    import contextlib, io, json, os, sys
+    import ray
+    from analysis.corpus_ray import run_ray
+    from analysis.errors import HeadscopeError
+    from reports.__main__ import main
+
+    model, source, temp_dir = sys.argv[1:4]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the local instance the command line starts: no GPU, on any machine
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(["--model", model, "--batch", source, "--results", "res-none", "--engine", "ray", "--device",
+                     "cuda", "--ray-workers", "2"])
+    if visible is None:  # Ray refuses to declare a GPU where CUDA_VISIBLE_DEVICES lists none
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    got = {"none": [code, [line for line in err.getvalue().splitlines() if line.startswith("headscope")]]}
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)  # one GPU
+    try:  # declared: nothing runs on it, every run here stops before its model loads
+        for device, workers in (("cuda", 2), ("auto", 3), ("cuda", 1)):
+            try:
+                run_ray(model, source, f"res-{device}-{workers}", device=device, workers=workers, batch_size=4)
+                got[f"{device} {workers}"] = None
+            except HeadscopeError as exc:
+                got[f"{device} {workers}"] = str(exc)
+    finally:
+        ray.shutdown()
+    print(json.dumps(got))
+""")
+
+
+def test_more_workers_than_the_clusters_gpus_are_refused_before_any_model_loads(tmp_path):
+    # each worker asks for one GPU (num_gpus=1): --ray-workers past the cluster's GPUs left the actor pool waiting for
+    # GPUs that never come. The model named does not exist: a run the GPU count lets through fails in its worker.
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(short_texts(3)) + "\n")
+    temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
+    try:
+        out, _ = run_ray_child([GPU_SCRIPT, str(tmp_path / "no-model"), str(source), str(temp_dir)], tmp_path,
+                               temp_dir)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    got = json.loads(out.strip().splitlines()[-1])
+    # no GPU at all: the command line's one line, exit 2, nothing written
+    from analysis.corpus_ray import FEW_GPUS, NO_GPUS
+
+    assert got["none"] == [2, [f"headscope: error: {NO_GPUS}"]]
+    assert not (tmp_path / "res-none").exists()
+    assert got["cuda 2"] == FEW_GPUS.format(workers=2, gpus=1, device="cuda")  # both numbers, and what to do
+    assert got["auto 3"] == FEW_GPUS.format(workers=3, gpus=1, device="auto")  # auto: cuda, the cluster has a GPU
+    # as many workers as GPUs: on to the worker, whose model load fails (no CUDA device here, or no such model)
+    assert got["cuda 1"] and "Ray cluster has" not in got["cuda 1"], got["cuda 1"]
+    assert not any((tmp_path / f"res-{name}").exists() for name in ("cuda-2", "auto-3"))
