@@ -23,12 +23,15 @@ The pipeline:
 Without an address a local Ray instance starts (every CPU of this machine, no dashboard, its own temp dir) and
 stops with the run; `address="auto"` joins a running cluster, to which the `analysis` package is shipped.
 On a CPU-only machine the workers together take at most all CPUs but one (fractional `num_cpus`): an actor pool that
-takes every CPU starves the read tasks and the job never finishes.
+takes every CPU starves the read tasks and the job never finishes. More workers than that leaves room for (0.25 CPU
+each, or one per GPU), or than the cluster has GPUs, is refused before any model loads; so is an address where no
+cluster answers (ray.init would retry it for ~14 minutes).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import socket
@@ -72,6 +75,8 @@ VERSIONS_CHANGED = ("a worker runs {got}, not {expected} as the first worker doe
 NO_GPUS = "--device cuda, but the Ray cluster has no GPUs: use --device cpu (or auto)."
 FEW_GPUS = ("--ray-workers {workers}, but the Ray cluster has {gpus} GPU(s) and each worker takes one (--device "
             "{device}): give --ray-workers {gpus} or fewer, or add GPUs to the cluster.")
+FEW_CPUS = ("{workers} Ray workers would take the cluster's CPUs ({cpus:g}, {each:g} each) and leave under {read:g} to "
+            "read the input, so the run would wait for ever: {fix}.")
 NO_CLUSTER = "No Ray cluster answers at {address}: start one (`ray start --head`) or check {named}."
 NO_CLUSTER_AUTO = ("--ray-address auto, but no Ray cluster runs here (RAY_ADDRESS is not set and no `ray start` on "
                    "this machine): start one (`ray start --head`) or give its address.")
@@ -331,6 +336,12 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             raise HeadscopeError(FEW_GPUS.format(workers=workers, gpus=gpus, device=asked))
         gpu_args = {"num_gpus": 1} if gpus and device == "cuda" else {}
         worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
+        if workers * worker_cpus > cpus - READ_CPUS:  # past 4 per CPU (less one) or a GPU worker per CPU: the readers
+            # never get a CPU and the actor pool waits for their input for ever
+            most = math.floor((cpus - READ_CPUS) / worker_cpus)
+            raise HeadscopeError(FEW_CPUS.format(
+                workers=workers, cpus=cpus, each=worker_cpus, read=READ_CPUS,
+                fix=f"give --ray-workers {most} or fewer" if most else "add CPUs to the cluster"))
         info, unk_word, code = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(
             model, device, dtype))
         folder.open(info, settings, str(source), text_column, unk_word)

@@ -371,9 +371,9 @@ GPU_SCRIPT = textwrap.dedent("""
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
     got = {"none": [code, [line for line in err.getvalue().splitlines() if line.startswith("headscope")]]}
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)  # one GPU
-    try:  # declared: nothing runs on it, every run here stops before its model loads
-        for device, workers in (("cuda", 2), ("auto", 3), ("cuda", 1)):
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)  # GPUs
+    try:  # declared: nothing runs on them, every run here stops before its model loads
+        for device, workers in (("cuda", 3), ("auto", 3), ("cuda", 2), ("cpu", 8), ("cuda", 1), ("cpu", 7)):
             try:
                 run_ray(model, source, f"res-{device}-{workers}", device=device, workers=workers, batch_size=4)
                 got[f"{device} {workers}"] = None
@@ -385,9 +385,11 @@ GPU_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_more_workers_than_the_clusters_gpus_are_refused_before_any_model_loads(tmp_path):
-    # each worker asks for one GPU (num_gpus=1): --ray-workers past the cluster's GPUs left the actor pool waiting for
-    # GPUs that never come. The model named does not exist: a run the GPU count lets through fails in its worker.
+def test_more_workers_than_the_clusters_gpus_or_cpus_allow_are_refused_before_any_model_loads(tmp_path):
+    # each worker asks for one GPU (num_gpus=1): the workers past the cluster's GPUs never started, and the run went on
+    # with fewer than asked, and recorded the number asked. Workers that took every CPU but under READ_CPUS (8 on 2
+    # CPUs, 0.25 each; 2 GPU workers on 2 CPUs, 1 each) left the readers none, and the run waited for ever. The model
+    # named does not exist: a run these counts let through fails in its worker.
     source = tmp_path / "in.txt"
     source.write_text("\n".join(short_texts(3)) + "\n")
     temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
@@ -398,12 +400,18 @@ def test_more_workers_than_the_clusters_gpus_are_refused_before_any_model_loads(
         shutil.rmtree(temp_dir, ignore_errors=True)
     got = json.loads(out.strip().splitlines()[-1])
     # no GPU at all: the command line's one line, exit 2, nothing written
-    from analysis.corpus_ray import FEW_GPUS, NO_GPUS
+    from analysis.corpus_ray import FEW_CPUS, FEW_GPUS, NO_GPUS, READ_CPUS
 
     assert got["none"] == [2, [f"headscope: error: {NO_GPUS}"]]
     assert not (tmp_path / "res-none").exists()
-    assert got["cuda 2"] == FEW_GPUS.format(workers=2, gpus=1, device="cuda")  # both numbers, and what to do
-    assert got["auto 3"] == FEW_GPUS.format(workers=3, gpus=1, device="auto")  # auto: cuda, the cluster has a GPU
-    # as many workers as GPUs: on to the worker, whose model load fails (no CUDA device here, or no such model)
-    assert got["cuda 1"] and "Ray cluster has" not in got["cuda 1"], got["cuda 1"]
-    assert not any((tmp_path / f"res-{name}").exists() for name in ("cuda-2", "auto-3"))
+    assert got["cuda 3"] == FEW_GPUS.format(workers=3, gpus=2, device="cuda")  # both numbers, and what to do
+    assert got["auto 3"] == FEW_GPUS.format(workers=3, gpus=2, device="auto")  # auto: cuda, the cluster has GPUs
+    assert got["cuda 2"] == FEW_CPUS.format(workers=2, cpus=2, each=1, read=READ_CPUS,
+                                            fix="give --ray-workers 1 or fewer")
+    assert got["cpu 8"] == FEW_CPUS.format(workers=8, cpus=2, each=0.25, read=READ_CPUS,
+                                           fix="give --ray-workers 7 or fewer")
+    # as many as the GPUs and CPUs allow: on to the worker, whose model load fails (no CUDA device here, or no model)
+    for name in ("cuda 1", "cpu 7"):
+        assert got[name] and "Ray cluster has" not in got[name] and "wait for ever" not in got[name], got[name]
+    assert "no-model" in got["cpu 7"]
+    assert not any((tmp_path / f"res-{name}").exists() for name in ("cuda-3", "auto-3", "cuda-2", "cpu-8"))
