@@ -415,3 +415,19 @@ def test_more_workers_than_the_clusters_gpus_or_cpus_allow_are_refused_before_an
         assert got[name] and "Ray cluster has" not in got[name] and "wait for ever" not in got[name], got[name]
     assert "no-model" in got["cpu 7"]
     assert not any((tmp_path / f"res-{name}").exists() for name in ("cuda-3", "auto-3", "cuda-2", "cpu-8"))
+
+
+def test_an_address_where_something_listens_passes_the_clusters_check(monkeypatch):
+    """check_cluster, before ray.init joins an address, costs one connection where a cluster answers: it looks the
+    address up as ray.init does (127.0.0.1: this node's IP; auto: RAY_ADDRESS) and connects there."""
+    import socket
+
+    from analysis.corpus_ray import check_cluster
+
+    with socket.socket() as listening:
+        listening.bind(("", 0))  # every interface, as a GCS
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        check_cluster(address)
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        check_cluster("auto")
