@@ -233,8 +233,10 @@ def check_cluster(address: str) -> None:
     listens (a typo, a cluster that is down), ray.init retries for about 14 minutes (20 tries of ~40 s) and says
     nothing on the way. 'auto' is looked up as ray.init does (RAY_ADDRESS, else this machine's last `ray start`); an
     address this cannot read (another scheme, no port) is left to ray.init."""
-    from ray._private.services import canonicalize_bootstrap_address
-
+    try:  # Ray's own reading of an address, a private function (the extra allows ray>=2.50): without it, no check
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return
     target = address
     if "://" not in address:
         try:
