@@ -67,6 +67,7 @@ RECORD_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text",
                            ("text_hash", pa.string()), ("error", pa.string())])
 HF_BLOCK_ROWS = 4096  # rows per block of a saved dataset
 QUIET_LOGGERS = ("ray", "ray.data")  # set to WARNING while run_ray runs
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # quiet while a local instance starts
 READ_CPUS = 0.25  # what a read or parse task reserves: small, the model workers need the CPUs
 PACKAGE = Path(__file__).resolve().parent  # analysis/, shipped to a cluster joined by address
 REVISION_CHANGED = "worker loaded {model} at revision {got}, not {expected}: the nodes see different weights."
@@ -269,12 +270,21 @@ def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> 
     root = str(PACKAGE.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     # address "local": a new local instance, as documented, even where RAY_ADDRESS is set (a Ray job's driver, a
-    # cluster node's shell), which ray.init would join instead and then refuse num_cpus for
-    ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
-             _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-                                       "TOKENIZERS_PARALLELISM": "false"}},
-             log_to_driver=False, configure_logging=False)
+    # cluster node's shell), which ray.init would join instead and then refuse num_cpus for. Ray turns its token
+    # authentication on for a new local instance and says so on stderr at every start: the instance is the run's
+    # own, so the line (a second one beside a refusal's) is left out, the authentication kept
+    said = logging.getLogger(AUTH_LOGGER)
+    level = said.level
+    said.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
+                 _temp_dir=temp_dir,
+                 runtime_env={"env_vars": {"PYTHONPATH": path,
+                                           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+                                           "TOKENIZERS_PARALLELISM": "false"}},
+                 log_to_driver=False, configure_logging=False)
+    finally:
+        said.setLevel(level)
 
 
 def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, text_column: str = "text",
