@@ -27,6 +27,8 @@ FAMILIES = {  # padding side, masks and attention each family brings
     "llama": checkpoints.tiny_llama,  # left padding, grouped-query attention
     "mistral": checkpoints.tiny_mistral,  # a sliding window shorter than the texts
     "gemma2": checkpoints.tiny_gemma2,  # soft-capped scores, eager attention on every route
+    # config.is_causal false (loading.attention_is_causal): bidirectional masks, a window on both sides of each query
+    "mistral-encoder": lambda path: checkpoints.tiny_mistral(path, sliding_window=4, is_causal=False),
 }
 
 
