@@ -698,7 +698,8 @@ def _write_batch(args, loaded, texts: list, lines: list[int], run: dict) -> int:
                                                     if entry.get(key)})
     if removed:
         print(EARLIER_REPORTS.format(n=removed, out_dir=visible(str(args.out_dir))), file=sys.stderr)
-    for name, page in ((CORPUS_FILE, lambda: render_corpus_report(acc.finish(), assets=assets, run=run)),
+    for name, page in ((CORPUS_FILE, lambda: render_corpus_report(acc.finish(), assets=assets, run=run,
+                                                                     lines=lines)),
                        (INDEX_FILE, lambda: render_index(entries, model, corpus_file=CORPUS_FILE, run=run))):
         try:
             write_text(args.out_dir / name, page())

@@ -885,18 +885,23 @@ def _computed_with(manifest: dict) -> dict:
 
 
 def render_corpus_report(corpus, generated_at: datetime | None = None, assets: str | None = None,
-                         run: dict | None = None, manifest: dict | None = None) -> str:
+                         run: dict | None = None, manifest: dict | None = None,
+                         lines: list[int] | None = None) -> str:
     """The standalone HTML report of a corpus (analysis.corpus.CorpusResult): atlases of means with intervals.
     `run`: the batch's input and command, as render_index takes it; `manifest`: a results folder's corpus.json
     (ResultsFolder.read_manifest), whose input and runs (engine, Ray settings, command) the page lists, with the
     versions that computed its rows (_computed_with); this process's versions are then only those that drew the page.
-    Without `manifest` the page is drawn by the process that computed `corpus`, and its versions are those."""
+    Without `manifest` the page is drawn by the process that computed `corpus`, and its versions are those.
+    `lines`: each text's line of the input file, by text number (--batch --out-dir, whose texts are numbered as
+    their reports): the failed texts' table gives both, as index.html does."""
     results = None if manifest is None else {
         "input": manifest.get("source", ""),
         "runs": [_shown_run(entry) for entry in manifest["runs"] if isinstance(entry, dict)],
         "computed": _computed_with(manifest)}
-    return ENV.get_template("corpus.html").render({**build_corpus_context(corpus, generated_at, assets), "run": run,
-                                                   "results_folder": results})
+    context = build_corpus_context(corpus, generated_at, assets)
+    if lines is not None:
+        context["failures"] = [{**failure, "line": lines[failure["number"] - 1]} for failure in context["failures"]]
+    return ENV.get_template("corpus.html").render({**context, "run": run, "results_folder": results})
 
 
 MAX_REPORT_BYTES = 2 * 2**30  # --from-report reads at most this much (every layer's heatmaps at 1024 tokens: ~1 GB)

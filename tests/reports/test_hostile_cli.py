@@ -237,8 +237,9 @@ def test_batch_lines_fail_alone_and_odd_characters_stay_in_their_cell(gpt2_path,
 def test_the_index_and_each_report_name_the_file_line_of_their_text(gpt2_path, tmp_path, capsys):
     """--out-dir numbers its reports by text (a blank line is none), while a failed text's error and --results rows
     number the file's lines: with blank lines, report-0002.html was of line 4, and the index's "#" of a bad line was
-    not the "line N" its error named. The index gives each entry's line of the file, analysed or failed, and each
-    report's provenance its text's number and line: the text there, the --results row of that number."""
+    not the "line N" its error named. The index gives each entry's line of the file, analysed or failed, as does
+    corpus.html's table of failed texts, and each report's provenance its text's number and line: the text there,
+    the --results row of that number."""
     from analysis.corpus_store import ResultsFolder
 
     lines = ["", json.dumps({"text": "The first text."}), "", json.dumps({"text": "The second text."}), "not json",
@@ -256,6 +257,11 @@ def test_the_index_and_each_report_name_the_file_line_of_their_text(gpt2_path, t
     assert [line for line, _ in failed] == [in_file.index("not json") + 1]
     assert all(f"failed: line {line} is not a JSON object." in row for line, row in failed)  # one number for both
     assert any(f"(line {failed[0][0]}) failed: line {failed[0][0]} " in line for line in err), err
+    corpus = (tmp_path / "o" / "corpus.html").read_text(encoding="utf-8")  # its failed texts: both numbers too
+    table = corpus.split('id="corpus-failures"')[1]
+    assert "<th>#</th><th>Line</th>" in table
+    assert [(int(number), int(line)) for number, line in re.findall(r"<tr><td>(\d+)</td><td>(\d+)</td>", table)] == [
+        (number, line) for number, line in enumerate(texts, 1) if line == failed[0][0]]
     results = tmp_path / "r"
     assert run_cli(capsys, "--model", gpt2_path, "--batch", batch, "--results", results)[0] == 0
     rows_by_number = dict(zip(*ResultsFolder(results).read_rows(["number", "excerpt"]).to_pydict().values()))
