@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from analysis.choices import ABLATION_BATCH, ABLATION_MODES
 from analysis.errors import HeadscopeError
-from analysis.loading import FAMILIES
+from analysis.loading import predicts_next_token
 from analysis.results import json_floats
 
 MODES = ABLATION_MODES
@@ -201,9 +201,7 @@ def mask_positions(loaded, ids: torch.Tensor, seed: int = 0) -> np.ndarray:
 def measure_of(loaded) -> str:
     if loaded.lm is None:
         return "hidden_state_change"
-    # the head's kind (loading._lm_class), not the attention's: a causal LM run bidirectionally still predicts the
-    # next token
-    return "next_token_loss" if FAMILIES[loaded.lm.config.model_type][1] else "masked_token_loss"
+    return "next_token_loss" if predicts_next_token(loaded.lm.config) else "masked_token_loss"
 
 
 def auto_batch_size(loaded, n_tokens: int) -> int:

@@ -578,9 +578,15 @@ def load_model(name_or_path: str = "auto", device: str = "cpu", dtype: str = "fl
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, lm=lm)
 
 
+def predicts_next_token(config) -> bool:
+    """Whether the family's language-model head (_lm_class) predicts the next token (else masked tokens): its kind,
+    not the attention's (attention_is_causal): a causal LM run bidirectionally still predicts the next token."""
+    return FAMILIES[config.model_type][1]
+
+
 def _lm_class(config):
     """AutoModelForCausalLM or AutoModelForMaskedLM for this family (AutoModel if transformers has neither)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    auto_class = AutoModelForCausalLM if FAMILIES[config.model_type][1] else AutoModelForMaskedLM
+    auto_class = AutoModelForCausalLM if predicts_next_token(config) else AutoModelForMaskedLM
     return auto_class if type(config) in auto_class._model_mapping else AutoModel
