@@ -1,16 +1,31 @@
-"""headscope's git commit, which a result's provenance names beside its version number (the version stays the same
-across commits that change the numbers): git's HEAD in a checkout, else the commit an installed wheel was built
-from (setup.py's build hook writes it beside this module). Here, not in reports, so that analysis's results folders
-record it too (analysis.corpus_store: each run's)."""
+"""What code computed a result: headscope's git commit, which a result's provenance names beside its version number
+(the version stays the same across commits that change the numbers): git's HEAD in a checkout, else the commit an
+installed wheel was built from (setup.py's build hook writes it beside this module); and the versions of the
+libraries that computed the numbers (COMPUTING), which every record names, each adding those that wrote it. Here,
+not in reports, so that analysis's results folders record them too (analysis.corpus_store: each run's)."""
 
 from __future__ import annotations
 
 import functools
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout, or site-packages once installed
 COMMIT_FILE = Path(__file__).with_name("_build_commit.txt")  # written by setup.py's build hook into a wheel
+COMPUTING = ("torch", "transformers", "tokenizers", "numpy", "scipy")  # what tokenizes, runs and measures a text
+
+
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """{name: installed version, None if not installed} of COMPUTING and then `extra` (the libraries that wrote the
+    record: renderers, storage). Reads package metadata; imports nothing."""
+    found = {}
+    for name in COMPUTING + extra:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 @functools.cache

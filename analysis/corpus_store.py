@@ -40,7 +40,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.capture import unk_is_word
-from analysis.commit import git_commit
+from analysis.commit import git_commit, library_versions
 from analysis.corpus import (
     CORPUS_MEASURES,
     LAYER_MEASURES,
@@ -80,7 +79,7 @@ FLUSH_ROWS = 256  # rows per part file written by the local engine: what an inte
 RESULT_SETTINGS = ("exclude_first_token", "exclude_current_token")  # settings that change the numbers
 MODEL_CHECKED = ("id", "revision", "n_layers", "n_heads", "dtype", "causal")  # what must match for rows to be
 # comparable; causal: the same weights under the config's is_causal (loading.attention_is_causal) are other rows
-VERSIONED = ("torch", "transformers", "tokenizers", "numpy", "pyarrow", "datasets", "ray")
+STORAGE = ("pyarrow", "datasets", "ray")  # what reads a corpus and writes a results folder (beside commit.COMPUTING)
 ROW_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text_hash", pa.string()),
                         ("excerpt", pa.string()), ("n_tokens", pa.int64()), ("error", pa.string())]
                        + [(name, pa.list_(pa.float64())) for name in CORPUS_MEASURES + LAYER_MEASURES])
@@ -122,16 +121,10 @@ Progress = Callable[[int, int], None]  # (records seen, rows written this run)
 
 
 def versions() -> dict[str, str | None]:
-    """Library versions for the manifest (None: not installed). Reads package metadata; imports nothing."""
-    found = {}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
+    """headscope's and the libraries' versions for the manifest (None: not installed). Imports nothing."""
     from analysis import __version__
 
-    return {"headscope": __version__, **found}
+    return {"headscope": __version__, **library_versions(STORAGE)}
 
 
 def analyze_records(loaded: LoadedModel, records: Iterable[dict], exclude_first_token: bool = True,

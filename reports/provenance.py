@@ -8,14 +8,15 @@ import functools
 import json
 import shlex
 from datetime import UTC, datetime
-from importlib import metadata
 
 from analysis import __version__
-from analysis.commit import git_commit
+from analysis.commit import COMPUTING, git_commit
+from analysis.commit import library_versions as installed_versions
 from analysis.results import AnalysisResult
 from reports.untrusted import fits_argument, needs_text_file
 
-LIBRARIES = ("torch", "transformers", "numpy", "scipy", "altair", "jinja2", "vl-convert-python")
+RENDERING = ("altair", "jinja2", "vl-convert-python")  # what draws a report (beside commit.COMPUTING)
+LIBRARIES = COMPUTING + RENDERING
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 TEXT_FILE = "report.text.txt"  # the text beside the output when a command line cannot carry it (untrusted.py)
 STDIN = "-"  # --text-file -: the text on standard input (a text too long for a command line, output to stdout)
@@ -24,13 +25,8 @@ OUTPUT_FLAGS = ("--html", "--json", "--patterns")  # what a reproduce command wr
 
 @functools.cache
 def library_versions() -> tuple[tuple[str, str], ...]:
-    versions = []
-    for name in LIBRARIES:
-        try:
-            versions.append((name, metadata.version(name)))
-        except metadata.PackageNotFoundError:
-            versions.append((name, "not installed"))
-    return tuple(versions)
+    """(name, version or "not installed") of LIBRARIES, in order."""
+    return tuple((name, version or "not installed") for name, version in installed_versions(RENDERING).items())
 
 
 def _option(flag: str, value: str) -> list[str]:

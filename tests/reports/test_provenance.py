@@ -139,6 +139,24 @@ def test_cli_json_carries_the_reports_provenance(gpt2_path, tmp_path, capsys):
 
 
 
+def test_a_report_and_a_results_folder_name_the_same_libraries_that_computed_the_numbers(gpt2_path, tmp_path,
+                                                                                       capsys):
+    # a report named no tokenizers version and a results folder no scipy version, though the tokenizer splits the
+    # text and scipy gives the small groups' Mann-Whitney p-values: each record named a different list
+    from importlib import metadata
+
+    out_json, source, results = tmp_path / "r.json", tmp_path / "in.txt", tmp_path / "res"
+    assert main(["--model", str(gpt2_path), "--text", TEXT, "--json", str(out_json)]) == 0
+    source.write_text(TEXT + "\n", encoding="utf-8")
+    assert main(["--model", str(gpt2_path), "--batch", str(source), "--results", str(results)]) == 0
+    capsys.readouterr()
+    report = json.loads(out_json.read_text())["provenance"]["libraries"]
+    manifest = json.loads((results / "corpus.json").read_text())
+    for name in ("torch", "transformers", "tokenizers", "numpy", "scipy"):
+        installed = metadata.version(name)
+        assert report[name] == manifest["versions"][name] == manifest["runs"][0]["versions"][name] == installed, name
+
+
 def test_a_checkout_with_uncommitted_edits_is_marked_dirty(monkeypatch):
     """Edits not committed change the numbers, so a report of such a checkout must not name the bare commit."""
     from analysis import commit
