@@ -25,7 +25,8 @@ stops with the run; `address="auto"` joins a running cluster, to which the `anal
 On a CPU-only machine the workers together take at most all CPUs but one (fractional `num_cpus`): an actor pool that
 takes every CPU starves the read tasks and the job never finishes. More workers than that leaves room for (0.25 CPU
 each, or one per GPU), or than the cluster has GPUs, is refused before any model loads; so is an address where no
-cluster answers (ray.init would retry it for ~14 minutes).
+cluster answers, or where what answers does not speak gRPC as a GCS does (ray.init would retry either for many
+minutes).
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ FEW_CPUS = ("{workers} Ray workers would take the cluster's CPUs ({cpus:g}, {eac
 NO_CLUSTER = "No Ray cluster answers at {address}: start one (`ray start --head`) or check {named}."
 NO_CLUSTER_AUTO = ("--ray-address auto, but no Ray cluster runs here (RAY_ADDRESS is not set and no `ray start` on "
                    "this machine): start one (`ray start --head`) or give its address.")
+NOT_RAY = ("Something answers at {address}, but not a Ray cluster (its GCS speaks gRPC): check {named}, which names "
+           "the head node's GCS port (6379 unless `ray start --head --port` gave another).")
 FOUND_BY_AUTO = "{address} ({found}, which --ray-address auto reads)"
-CONNECT_SECONDS = 3.0  # a cluster's GCS port accepts at once; ray.init retries one where none runs for ~14 minutes
+CONNECT_SECONDS = 3.0  # connect and answer: a GCS does both at once; ray.init retries one that does not for ~14 minutes
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 RAY_FAILED = "The Ray run failed ({kind}): {message}"
 NO_RAY = ("--engine ray needs Ray Data, and {module} cannot be imported ({reason}): pip install 'headscope[ray]' "
           "(or pip install -r requirements-dev.txt), or run with --engine local.")
@@ -229,11 +233,34 @@ def _without_fsspec_http() -> None:
         sys.modules.setdefault("fsspec.implementations.http", None)
 
 
+def speaks_grpc(host: str, port: int) -> bool:
+    """Whether host:port answers the HTTP/2 connection preface with a SETTINGS frame, as a gRPC server (a GCS) does,
+    all within CONNECT_SECONDS; OSError where nothing accepts the connection. Under RAY_USE_TLS the GCS wants a TLS
+    handshake first: the connection alone is checked."""
+    deadline = time.monotonic() + CONNECT_SECONDS
+    with socket.create_connection((host, port), timeout=CONNECT_SECONDS) as conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return True
+        head = b""  # the first frame's header: length (3 bytes), type, flags, stream (4 bytes)
+        try:
+            conn.sendall(HTTP2_PREFACE)
+            while len(head) < 9 and (left := deadline - time.monotonic()) > 0:
+                conn.settimeout(left)
+                chunk = conn.recv(9 - len(head))
+                if not chunk:  # closed
+                    break
+                head += chunk
+        except OSError:  # timed out (a silent listener), or reset
+            return False
+    return head[3:4] == b"\x04" and head[5:9] == bytes(4)  # SETTINGS, on stream 0 (HTTP/1.1 or a banner: text)
+
+
 def check_cluster(address: str) -> None:
     """One TCP connection, at most CONNECT_SECONDS, to the GCS port `address` names, before ray.init: where nothing
     listens (a typo, a cluster that is down), ray.init retries for about 14 minutes (20 tries of ~40 s) and says
-    nothing on the way. 'auto' is looked up as ray.init does (RAY_ADDRESS, else this machine's last `ray start`); an
-    address this cannot read (another scheme, no port) is left to ray.init."""
+    nothing on the way, and so it does where something else listens (a web server, an ssh daemon, a silent port):
+    the port must also speak gRPC (speaks_grpc). 'auto' is looked up as ray.init does (RAY_ADDRESS, else this
+    machine's last `ray start`); an address this cannot read (another scheme, no port) is left to ray.init."""
     try:  # Ray's own reading of an address, a private function (the extra allows ray>=2.50): without it, no check
         from ray._private.services import canonicalize_bootstrap_address
     except ImportError:
@@ -251,15 +278,18 @@ def check_cluster(address: str) -> None:
     if "://" in target or not host or not port.isdigit():
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+        if speaks_grpc(host.strip("[]"), int(port)):
+            return
+        message = NOT_RAY
     except OSError:  # refused, timed out, or a host name that does not resolve
-        if address != "auto":
-            raise HeadscopeError(NO_CLUSTER.format(address=address, named="--ray-address")) from None
-        if os.environ.get("RAY_ADDRESS"):
-            shown = FOUND_BY_AUTO.format(address=os.environ["RAY_ADDRESS"], found="RAY_ADDRESS")
-            raise HeadscopeError(NO_CLUSTER.format(address=shown, named="RAY_ADDRESS")) from None
-        shown = FOUND_BY_AUTO.format(address=target, found="this machine's last `ray start`")
-        raise HeadscopeError(NO_CLUSTER.format(address=shown, named="--ray-address")) from None
+        message = NO_CLUSTER
+    if address != "auto":
+        raise HeadscopeError(message.format(address=address, named="--ray-address"))
+    if os.environ.get("RAY_ADDRESS"):
+        shown = FOUND_BY_AUTO.format(address=os.environ["RAY_ADDRESS"], found="RAY_ADDRESS")
+        raise HeadscopeError(message.format(address=shown, named="RAY_ADDRESS"))
+    shown = FOUND_BY_AUTO.format(address=target, found="this machine's last `ray start`")
+    raise HeadscopeError(message.format(address=shown, named="--ray-address"))
 
 
 def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> None:

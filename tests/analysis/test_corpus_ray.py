@@ -417,17 +417,60 @@ def test_more_workers_than_the_clusters_gpus_or_cpus_allow_are_refused_before_an
     assert not any((tmp_path / f"res-{name}").exists() for name in ("cuda-3", "auto-3", "cuda-2", "cpu-8"))
 
 
-def test_an_address_where_something_listens_passes_the_clusters_check(monkeypatch):
-    """check_cluster, before ray.init joins an address, costs one connection where a cluster answers: it looks the
-    address up as ray.init does (127.0.0.1: this node's IP; auto: RAY_ADDRESS) and connects there."""
-    import socket
+HEAD_SCRIPT = textwrap.dedent("""
+    import sys
+    import ray
 
+    # a cluster's head: its GCS address on stdout, up until stdin closes
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1], log_to_driver=False)
+    try:
+        print(ray.get_runtime_context().gcs_address, flush=True)
+        sys.stdin.read()
+    finally:
+        ray.shutdown()
+""")
+
+
+def test_a_running_clusters_address_passes_the_clusters_check_and_is_joined(gpt2_path, tmp_path, monkeypatch):
+    """check_cluster, before ray.init joins an address, lets a real GCS through: it looks the address up as ray.init
+    does (127.0.0.1: this node's IP; auto: RAY_ADDRESS), connects, and the GCS answers the HTTP/2 preface (gRPC);
+    the command line then joins that cluster and runs there."""
     from analysis.corpus_ray import check_cluster
 
-    with socket.socket() as listening:
-        listening.bind(("", 0))  # every interface, as a GCS
-        listening.listen()
-        address = f"127.0.0.1:{listening.getsockname()[1]}"
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(short_texts(3)) + "\n")
+    temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(temp_dir)], cwd=tmp_path, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        gcs_address = head.stdout.readline().strip()
+        assert gcs_address, "the Ray head did not start"
+        address = f"127.0.0.1:{gcs_address.rsplit(':', 1)[1]}"
         check_cluster(address)
-        monkeypatch.setenv("RAY_ADDRESS", address)
-        check_cluster("auto")
+        with monkeypatch.context() as patch:
+            patch.setenv("RAY_ADDRESS", address)
+            check_cluster("auto")
+        # the head turned Ray's token authentication on (its token in ~/.ray/auth_token); a driver that names the
+        # address (not auto) uses the token only when told to, as on any such cluster
+        done = subprocess.run([sys.executable, "-m", "reports", "--model", str(gpt2_path), "--batch", str(source),
+                               "--results", str(tmp_path / "res"), "--ray-address", address, "--batch-size", "4"],
+                              cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                              timeout=TIMEOUT, check=False, start_new_session=True)
+        head.communicate(input="", timeout=TIMEOUT)  # stdin closed: the head shuts down
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the Ray head or the run joining it did not finish in {TIMEOUT} s (killed)")
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.communicate()
+        leftovers = ray_processes(str(temp_dir))
+        for line in leftovers:  # only processes of this test's Ray head
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 texts written on ray" in done.stderr
+    run = json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"][-1]
+    assert (run["ray_instance"], run["address"], run["gcs_address"]) == ("joined", address, gcs_address)
+    assert leftovers == [], leftovers  # ray.shutdown() in the head stopped every Ray process it started

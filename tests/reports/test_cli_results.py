@@ -1,7 +1,9 @@
 """The command line's corpus results: --batch FILE --results DIR, --from-results DIR, and Ray only when asked for."""
 
+import contextlib
 import functools
 import html
+import http.server
 import json
 import os
 import re
@@ -9,8 +11,10 @@ import shlex
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -383,6 +387,24 @@ def test_engine_ray_without_ray_installed_is_one_line(corpus_file, tmp_path, cap
     assert not (tmp_path / "res").exists()
 
 
+def joining(corpus_file, tmp_path, address: str, auto: bool) -> tuple[int, list[str]]:
+    """(exit code, stderr lines) of the real command line joining `address` (or auto with RAY_ADDRESS set to it),
+    under a 120 s guard against ray.init's retries (its process group killed past it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           **({"RAY_ADDRESS": address} if auto else {})}
+    argv = [sys.executable, "-m", "reports", "--model", str(tmp_path / "no-model"), "--batch", str(corpus_file),
+            "--results", str(tmp_path / "res"), "--ray-address", "auto" if auto else address]
+    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        _, err = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        pytest.fail(f"--ray-address {argv[-1]} ({address}) did not finish in 120 s (killed)")
+    return child.returncode, err.strip().splitlines()
+
+
 @pytest.mark.parametrize("auto", [False, True])
 def test_a_ray_address_where_no_cluster_runs_is_one_line_at_once(corpus_file, tmp_path, auto):
     # ray.init retried an address where nothing listens (a typo, a cluster that is down) for about 14 minutes,
@@ -390,23 +412,50 @@ def test_a_ray_address_where_no_cluster_runs_is_one_line_at_once(corpus_file, tm
     with socket.socket() as taken:  # bound, not listening: a connection is refused, and no one else can take the port
         taken.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-               **({"RAY_ADDRESS": address} if auto else {})}
-        argv = [sys.executable, "-m", "reports", "--model", str(tmp_path / "no-model"), "--batch", str(corpus_file),
-                "--results", str(tmp_path / "res"), "--ray-address", "auto" if auto else address]
-        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 start_new_session=True)
-        try:
-            _, err = child.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.communicate()
-            pytest.fail(f"--ray-address {argv[-1]} with no cluster there did not finish in 120 s (killed)")
-    lines = err.strip().splitlines()
-    assert child.returncode == 2 and len(lines) == 1, lines
+        code, lines = joining(corpus_file, tmp_path, address, auto)
+    assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"headscope: error: No Ray cluster answers at {address}"), lines[0]
     assert "`ray start --head`" in lines[0] and ("check RAY_ADDRESS" if auto else "check --ray-address") in lines[0]
     assert not (tmp_path / "res").exists()  # made for the lock only, and removed
+
+
+class Http11(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # answers the HTTP/2 preface with '505 HTTP Version Not Supported'
+
+    def log_message(self, *args):
+        pass
+
+
+class Banner(socketserver.BaseRequestHandler):
+    def handle(self):  # speaks first, as an ssh daemon
+        self.request.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        self.request.recv(1024)
+
+
+@pytest.mark.parametrize("kind, auto", [("silent", False), ("http", False), ("ssh", False), ("http", True)])
+def test_a_ray_address_where_something_else_listens_is_one_line(corpus_file, tmp_path, kind, auto):
+    # a port that accepts connections but is not a GCS (a typo that hits a web server or an ssh daemon, a listener
+    # that never answers) passed the connection check, and ray.init then retried it for many minutes
+    with contextlib.ExitStack() as stack:
+        if kind == "silent":  # the kernel accepts (backlog); nothing ever reads or answers
+            server = stack.enter_context(socket.socket())
+            server.bind(("", 0))  # every interface, as a GCS: 127.0.0.1 is looked up as this node's IP
+            server.listen()
+        else:
+            server = stack.enter_context(http.server.ThreadingHTTPServer(("", 0), Http11) if kind == "http"
+                                         else socketserver.ThreadingTCPServer(("", 0), Banner))
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            stack.callback(server.shutdown)
+        port = server.getsockname()[1] if kind == "silent" else server.server_address[1]
+        address = f"127.0.0.1:{port}"
+        code, lines = joining(corpus_file, tmp_path, address, auto)
+    from analysis.corpus_ray import NOT_RAY
+
+    shown = f"{address} (RAY_ADDRESS, which --ray-address auto reads)" if auto else address
+    named = "RAY_ADDRESS" if auto else "--ray-address"
+    assert (code, lines) == (2, [f"headscope: error: {NOT_RAY.format(address=shown, named=named)}"])
+    assert "6379" in lines[0]
+    assert not (tmp_path / "res").exists()
 
 
 def test_a_refusal_after_a_local_ray_start_is_the_one_line_on_stderr(corpus_file, tmp_path):
