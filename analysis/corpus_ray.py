@@ -62,7 +62,7 @@ from analysis.corpus_store import (
     versions,
 )
 from analysis.errors import HeadscopeError
-from analysis.loading import local_directory
+from analysis.loading import local_directory, one_line
 
 RECORD_SCHEMA = pa.schema([("number", pa.int64()), ("id", pa.string()), ("text", pa.string()),
                            ("text_hash", pa.string()), ("error", pa.string())])
@@ -88,6 +88,9 @@ FOUND_BY_AUTO = "{address} ({found}, which --ray-address auto reads)"
 CONNECT_SECONDS = 3.0  # connect and answer: a GCS does both at once; ray.init retries one that does not for ~14 minutes
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 RAY_FAILED = "The Ray run failed ({kind}): {message}"
+NOT_JOINED = ("Ray could not join the cluster at {address} ({message}): if the cluster uses token authentication "
+              "(Ray's lines above then say the token is missing), set RAY_AUTH_MODE=token and give its token "
+              "(RAY_AUTH_TOKEN, or ~/.ray/auth_token), which Ray sends to an address given by name only then.")
 NO_RAY = ("--engine ray needs Ray Data, and {module} cannot be imported ({reason}): pip install 'headscope[ray]' "
           "(or pip install -r requirements-dev.txt), or run with --engine local.")
 
@@ -295,7 +298,12 @@ def check_cluster(address: str) -> None:
 def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> None:
     if address:
         check_cluster(address)
-        ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE)]}, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE)]}, log_to_driver=False)
+        except ConnectionError as exc:  # a GCS that answers gRPC but refused this driver: its token, if unset
+            if os.environ.get("RAY_AUTH_MODE") is not None:
+                raise
+            raise HeadscopeError(NOT_JOINED.format(address=address, message=one_line(exc))) from exc
         return
     root = str(PACKAGE.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)

@@ -453,7 +453,14 @@ def test_a_running_clusters_address_passes_the_clusters_check_and_is_joined(gpt2
             patch.setenv("RAY_ADDRESS", address)
             check_cluster("auto")
         # the head turned Ray's token authentication on (its token in ~/.ray/auth_token); a driver that names the
-        # address (not auto) uses the token only when told to, as on any such cluster
+        # address (not auto) uses the token only when told to, as on any such cluster: untold, it is refused, and
+        # the last line says what to set (ray.init's ~20 tries of a second cut to 2 here)
+        refused = subprocess.run([sys.executable, "-m", "reports", "--model", str(gpt2_path), "--batch", str(source),
+                                  "--results", str(tmp_path / "res"), "--ray-address", address],
+                                 cwd=ROOT, env={**{k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},
+                                                "RAY_gcs_server_port_wait_time_s": "2"},
+                                 capture_output=True, text=True, timeout=TIMEOUT, check=False,
+                                 start_new_session=True)
         done = subprocess.run([sys.executable, "-m", "reports", "--model", str(gpt2_path), "--batch", str(source),
                                "--results", str(tmp_path / "res"), "--ray-address", address, "--batch-size", "4"],
                               cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
@@ -469,6 +476,10 @@ def test_a_running_clusters_address_passes_the_clusters_check_and_is_joined(gpt2
         for line in leftovers:  # only processes of this test's Ray head
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"headscope: error: Ray could not join the cluster at {address} (") and (
+        "set RAY_AUTH_MODE=token" in last), refused.stderr[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 texts written on ray" in done.stderr
     run = json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"][-1]
