@@ -86,7 +86,7 @@ APPLIED, LAST_GOOD, DEFAULTS, TEXT_VERSION = "applied", "last_good", "defaults",
 RESULTS_DIR = "corpus_results_dir"  # session-state key of the results folder's path
 CORPUS_INPUT = "corpus_input"  # session state: (an upload's name or a folder, the page's run[, its corpus.json])
 ATLAS, PROBE, ATLAS_SCORE, CORPUS, CORPUS_FILE = "atlas", "probe", "atlas_score", "corpus", "corpus_file"  # keys
-ATLAS_DRAWN = "atlas_drawn"  # session state: (what its scores depend on, (layer, head) outlined) of the atlas sent
+ATLAS_DRAWN = "atlas_drawn"  # session state: (what its scores depend on, (layer, head) outlined, key) of the atlas
 LAYER, HEAD, HEAD_VERSION = "layer", "head", "head_version"  # the sidebar's number inputs are keyed layer-{version}
 SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 QUERY = "query"  # the query token's position (None: the model's default), from the link or a click on the strip
@@ -530,8 +530,7 @@ def atlas_ui(result: AnalysisResult, settings: dict, probe: AnalysisResult | Non
     # what the atlas's numbers depend on (the results of every layer of one text share them), as plain values
     scores = (choice, settings["model"], settings["device"], settings["dtype"], settings["exclude"],
               settings.get("exclude_bos", True), settings["text"] if source == "text" else None)
-    outlined = atlas_outline(scores, layer, head)
-    key = f"{ATLAS}-L{outlined[0]}H{outlined[1]}"  # a new chart per outlined head: its selection starts there
+    outlined, key = atlas_outline(scores, layer, head)
 
     def atlas(selected: tuple[int, int] = (layer, head)) -> alt.TopLevelMixin:
         return fit_title(build_atlas_chart(sources[source], score, selected=selected), sources[source].model["id"], 60)
@@ -543,20 +542,27 @@ def atlas_ui(result: AnalysisResult, settings: dict, probe: AnalysisResult | Non
     st.caption(SCORE_EXPLANATIONS.get(score, "") + " Click a cell to show that head's pattern and its layer's figures.")
 
 
-def atlas_outline(scores: tuple, layer: int, head: int) -> tuple[int, int]:
-    """The head the atlas chart is sent outlined: (layer, head), except after a click on the atlas itself.
+def atlas_outline(scores: tuple, layer: int, head: int) -> tuple[tuple[int, int], str]:
+    """The head the atlas chart is sent outlined, (layer, head) except after a click on the atlas itself, and the
+    chart's key (a new key is a new chart, its selection starting at the outline).
 
     A click outlines the clicked cell in the browser already; sending the chart again, outlined there, would only
     redraw it (a Vega compile and render on every click). So while the atlas shows the `scores` last sent and the
-    chart's own selection is the shown head, the chart goes out unchanged.
+    browser outlines the shown head, the chart goes out unchanged. When the browser outlines a clicked cell that is
+    no longer the shown head (another head from the sidebar, or Back), the chart goes out under another key: the
+    same key and spec would leave the browser's outline where it is.
     """
     drawn, shown = st.session_state.get(ATLAS_DRAWN), (layer, head)
-    if drawn is not None and drawn[0] == scores and drawn[1] != shown:
-        state = st.session_state.get(f"{ATLAS}-L{drawn[1][0]}H{drawn[1][1]}")
-        if state is not None and selected_head(state.selection) == shown:
-            shown = drawn[1]
-    st.session_state[ATLAS_DRAWN] = (scores, shown)
-    return shown
+    key = f"{ATLAS}-L{layer}H{head}"
+    if drawn is not None:
+        state = st.session_state.get(drawn[2])
+        clicked = None if state is None else selected_head(state.selection)
+        if drawn[0] == scores and (clicked or drawn[1]) == shown:
+            return drawn[1], drawn[2]
+        if key == drawn[2] and clicked not in (None, shown):
+            key += "-again"
+    st.session_state[ATLAS_DRAWN] = (scores, shown, key)
+    return shown, key
 
 
 def heatmap_ui(result: AnalysisResult, layer: int, head: int) -> None:
