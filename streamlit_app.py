@@ -3,9 +3,10 @@
 UI only. One forward pass (cached per model, device, dtype and text) records every layer, so changing the
 layer, the head or "exclude first token" redraws from the cache without running the model again.
 
-State: the applied settings (`APPLIED`) are what the page shows. Analyse (the form's callback) and a click on the
-atlas (its on_select callback) change them, and both also write the sidebar's layer and head widgets, so the
-sidebar, the atlas outline, the figures and the link (written last, from the same settings) always agree.
+State: the applied settings (`APPLIED`) are what the page shows. Analyse (the form's callback), a click on the
+atlas (its on_select callback) and the browser's Back and Forward (init_state) change them, and each also writes the
+sidebar's widgets, so the sidebar, the atlas outline, the figures and the link (written last, from the same
+settings) always agree.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import altair as alt
 import numpy as np
 import streamlit as st
 from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec  # what st.altair_chart sends
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from analysis import (
     BATCH_SIZE,
@@ -95,6 +97,8 @@ UPLOAD_TOO_LARGE = "{name} is {size:.1f} MB; the app takes files up to {max} MB:
 TOO_MANY_TEXTS = ("{name} holds {n:,} texts; the app analyses at most {max:,} per upload: split the file, or use "
                   "python -m reports --batch.")
 LINK_NOTICES = "link_notices"  # session state: what was wrong with the link that opened the page
+LINK_WRITTEN, LINK_LONG_TEXT = "link_written", "link_long_text"  # session state: the params share_link last wrote,
+# and the last text too long for them (long_text=1): what Back to such a link shows
 NOT_UTF8 = "{name} is not UTF-8 text (bad byte at offset {offset}): save it as UTF-8 and upload it again."
 NO_USABLE_TEXT = "{name} holds no text that can be analysed; its first line: {error}"
 MAX_FAILURE_BOXES = 5  # skipped texts shown as a warning each; more: one warning and a table
@@ -225,26 +229,57 @@ def get_probe(model: str, device: str, dtype: str, exclude_first_token: bool,
 
 
 def init_state() -> None:
-    """Widget defaults from the link (model, layer, head, text, probe, score) the first time a session runs.
+    """Widget defaults from the link (model, layer, head, text, probe, score) the first time a session runs, and
+    again when the browser's Back or Forward brings another link (navigated()): its view is then shown as a link's.
 
     The defaults are passed to the widgets as `value=` rather than written into their session-state keys: a
     value written that way is lost (the widget shows its blank default) when Analyse interrupts the first run.
     """
-    if DEFAULTS in st.session_state:
+    state = st.session_state
+    if DEFAULTS in state and not navigated():
         return
-    link, st.session_state[LINK_NOTICES] = parse_link(st.query_params)  # a bad value is dropped with a notice
-    if link["long_text"] and link["text"] is None:  # the default text is not the one the link was made from
-        st.session_state[LINK_NOTICES].append(LINK_TEXT_LEFT_OUT.format(max=MAX_URL_TEXT))
+    link, state[LINK_NOTICES] = parse_link(st.query_params)  # a bad value is dropped with a notice
+    text = link["text"]
+    if link["long_text"] and text is None:  # the link was made from a text too long for it
+        text = state.get(LINK_LONG_TEXT)  # this session's, after Back; on opening: the default text, said so
+        if text is None:
+            state[LINK_NOTICES].append(LINK_TEXT_LEFT_OUT.format(max=MAX_URL_TEXT))
     model = link["model"] or os.environ.get(DEFAULT_MODEL_ENV, "auto")
     known = model in MODELS
     defaults = {"model_choice": model if known else "auto", "model_typed": "" if known else model, "device": "cpu",
-                "dtype": link["dtype"] or "float32", "text": FIJI if link["text"] is None else link["text"],
+                "dtype": link["dtype"] or "float32", "text": FIJI if text is None else text,
                 LAYER: link["layer"], HEAD: link["head"] or 0, "exclude": not link["keep_first"], PROBE: link["probe"],
                 "special_keys": link["special_keys"], "exclude_bos": not link["keep_bos"], QUERY: link["query"]}
-    st.session_state[DEFAULTS], st.session_state[TEXT_VERSION], st.session_state[HEAD_VERSION] = defaults, 0, 0
-    st.session_state[APPLIED] = settings_from(defaults)
-    if link["score"]:  # ?score=text:induction
-        st.session_state[ATLAS_SCORE] = link["score"]
+    if DEFAULTS in state:
+        follow_link(defaults)
+    else:
+        state[DEFAULTS], state[TEXT_VERSION], state[HEAD_VERSION] = defaults, 0, 0
+    state[APPLIED] = settings_from(state[DEFAULTS])
+    state[ATLAS_SCORE] = link["score"]  # ?score=text:induction; None: the atlas's first score
+
+
+def navigated() -> bool:
+    """Whether this run is the browser's Back or Forward to a link the app did not write last.
+
+    Streamlit (1.67) reruns the script on Back and Forward with the URL's params, marked as a history navigation;
+    writing the link in that run replaces the URL instead of adding to the history. Any other run's params are the
+    app's own link, or an older one that a click sent before the browser had the last: not a navigation.
+    """
+    written = st.session_state.get(LINK_WRITTEN)
+    return (getattr(get_script_run_ctx(), "is_history_navigation", False) and written is not None
+            and dict(st.query_params) != written)
+
+
+def follow_link(defaults: dict) -> None:
+    """Back or Forward: the link's view (`defaults`) in every widget. The text, layer and head inputs get fresh keys
+    (a fresh widget starts from its default); the others are written, as a widget's value set from code is. The
+    device, which a link does not carry, stays."""
+    state = st.session_state
+    state[DEFAULTS].update({**defaults, "device": state[DEFAULTS]["device"]})
+    state[TEXT_VERSION] += 1  # also a fresh token strip, with the link's query token chosen
+    state[HEAD_VERSION] += 1
+    for key in ("model_choice", "model_typed", "dtype", "exclude", "special_keys", "exclude_bos", PROBE):
+        state[key] = defaults[key]
 
 
 def settings_from(values: dict) -> dict:
@@ -338,6 +373,9 @@ def share_link(settings: dict) -> None:
         params["score"] = st.session_state[ATLAS_SCORE]
     if dict(st.query_params) != params:
         st.query_params.from_dict(params)
+    st.session_state[LINK_WRITTEN] = params  # a later run with other params is Back or Forward (navigated())
+    if "long_text" in params:
+        st.session_state[LINK_LONG_TEXT] = settings["text"]
 
 
 # ----------------------------------------------------------------------------------------- sidebar
@@ -488,7 +526,8 @@ def tokens_ui(result: AnalysisResult) -> None:
                 help="Click a token to make it the query token; click it again for the default.")
     strip = st.container(height=110 if result.n_tokens > 90 else "content", border=False)
     text_id = f"{result.model['id']}\0{result.text}".encode("utf-8", "surrogatepass")
-    key = "query-" + hashlib.sha256(text_id).hexdigest()[:16]  # a new text or model: a fresh strip
+    # a new text or model, or a fresh text box (a preset; Back or Forward): a fresh strip, from the applied query
+    key = f"query-{hashlib.sha256(text_id).hexdigest()[:16]}-{st.session_state[TEXT_VERSION]}"
     # unique labels (Streamlit tells options apart by their labels): the position as subscript digits
     labels = [plain(display_token(token)) + str(pos).translate(SUBSCRIPTS) + ("◆" if pos in special else "")
               for pos, token in enumerate(result.tokens)]
