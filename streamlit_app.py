@@ -319,7 +319,7 @@ def apply_form() -> None:
     values[QUERY] = before.get("query") if same_input else None  # a new text or model: its default query token
     state[DEFAULTS].update(values)
     state[APPLIED] = settings_from(values)
-    state[LINK_NOTICES] = []  # the link's bad values no longer matter
+    state[LINK_NOTICES] = []  # the view is the user's now, not the link's: its bad values no longer matter
 
 
 def fill_preset() -> None:
@@ -333,6 +333,7 @@ def choose_query(key: str) -> None:
     """on_change of the token strip: the clicked token becomes the query token (clicked again: the default)."""
     st.session_state[APPLIED] = {**st.session_state[APPLIED], "query": st.session_state[key]}
     st.session_state[DEFAULTS][QUERY] = st.session_state[key]
+    st.session_state[LINK_NOTICES] = []  # the view is the user's now, not the link's
 
 
 def select_head(key: str) -> None:
@@ -340,6 +341,7 @@ def select_head(key: str) -> None:
     picked = selected_head(st.session_state[key].selection)
     if picked is not None:
         show_head(*picked)
+        st.session_state[LINK_NOTICES] = []  # the view is the user's now, not the link's
 
 
 def probe_toggled() -> None:

@@ -8,8 +8,12 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.presets import FIJI
 from reports.untrusted import LINK_BAD_CHOICE, LINK_TEXT_LEFT_OUT, literal
+from tests.app import test_app
 from tests.app.test_app import APP, TIMEOUT, charts, clear_caches  # noqa: F401 (clear_caches: a fixture)
 from tests.app.test_hostile_app import active_markdown, markdown_texts
+from tests.app.test_query_app import strip
+
+forward_calls = test_app.forward_calls  # the fixture: whole-model forward passes
 
 
 def run_app(**query) -> AppTest:
@@ -90,3 +94,17 @@ def test_a_link_that_left_its_long_text_out_says_so():
     again.button[0].click().run()  # Analyse with the form's values: the notice has done its job
     assert not again.warning
     assert "long_text" not in again.query_params  # the default text is now what the link opens
+
+
+def test_a_links_notice_goes_when_the_reader_changes_the_view(forward_calls):
+    """A notice about the link that opened the page stayed until Analyse, though a click on the token strip (or the
+    atlas) had already made the view the reader's own and rewritten the link."""
+    at = run_app(model="minilm", layer="1", dtype="float64")
+    assert not at.exception and [w.value for w in at.warning] == [LINK_BAD_CHOICE.format(
+        name="dtype", value=literal("float64"), choices="float32, bfloat16, float16")]
+    ran = len(forward_calls)
+    strip(at).set_value(3)
+    at.run()
+    assert not at.exception and not at.error and not at.warning
+    assert at.query_params["query"] == "3" and len(forward_calls) == ran
+
