@@ -374,7 +374,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         context.execution_options.preserve_order = True  # row numbers of Parquet inputs follow the file order
         context.enable_progress_bars = False
         resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+        gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))  # none listed: none there (a
+        # head started with 0 CPUs, as autoscaling clusters' often are)
         asked = device
         if device == "auto":
             device = "cuda" if gpus else "cpu"
@@ -391,7 +392,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             most = math.floor((cpus - READ_CPUS) / worker_cpus)
             raise HeadscopeError(FEW_CPUS.format(
                 workers=workers, cpus=cpus, each=worker_cpus, read=READ_CPUS,
-                fix=f"give --ray-workers {most} or fewer" if most else "add CPUs to the cluster"))
+                fix=f"give --ray-workers {most} or fewer" if most > 0 else "add CPUs to the cluster"))
         info, unk_word, code = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(
             model, device, dtype))
         folder.open(info, settings, str(source), text_column, unk_word)

@@ -6,6 +6,7 @@ one local Ray instance (2 CPUs, no dashboard, a private temp dir) and shuts it d
 Ray process of that temp dir is left.
 """
 
+import contextlib
 import html
 import json
 import os
@@ -421,8 +422,8 @@ HEAD_SCRIPT = textwrap.dedent("""
     import sys
     import ray
 
-    # a cluster's head: its GCS address on stdout, up until stdin closes
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1], log_to_driver=False)
+    # a cluster's head with sys.argv[2] CPUs: its GCS address on stdout, up until stdin closes
+    ray.init(num_cpus=int(sys.argv[2]), include_dashboard=False, _temp_dir=sys.argv[1], log_to_driver=False)
     try:
         print(ray.get_runtime_context().gcs_address, flush=True)
         sys.stdin.read()
@@ -441,7 +442,7 @@ def test_a_running_clusters_address_passes_the_clusters_check_and_is_joined(gpt2
     source.write_text("\n".join(short_texts(3)) + "\n")
     temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(temp_dir)], cwd=tmp_path, env=env,
+    head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(temp_dir), "2"], cwd=tmp_path, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     try:
@@ -485,3 +486,51 @@ def test_a_running_clusters_address_passes_the_clusters_check_and_is_joined(gpt2
     run = json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"][-1]
     assert (run["ray_instance"], run["address"], run["gcs_address"]) == ("joined", address, gcs_address)
     assert leftovers == [], leftovers  # ray.shutdown() in the head stopped every Ray process it started
+
+
+@contextlib.contextmanager
+def ray_head(cwd: Path, num_cpus: int):
+    """A Ray cluster's head with `num_cpus` CPUs in a child process (HEAD_SCRIPT), for the runs of the body: yields
+    (its address as 127.0.0.1:PORT, its temp dir, the runs' environment). Then it shuts down, and every process of
+    its temp dir left (its own, or a node's that joined it) is killed and reported."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           "RAY_AUTH_MODE": "token"}  # the head's token (~/.ray/auth_token), which a driver sends to an address only so
+    head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(temp_dir), str(num_cpus)], cwd=cwd, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        gcs_address = head.stdout.readline().strip()
+        assert gcs_address, "the Ray head did not start"
+        yield f"127.0.0.1:{gcs_address.rsplit(':', 1)[1]}", temp_dir, env
+        head.communicate(input="", timeout=TIMEOUT)  # stdin closed: the head shuts down
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the Ray head or a run joining it did not finish in {TIMEOUT} s (killed)")
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.communicate()
+        leftovers = ray_processes(str(temp_dir))
+        for line in leftovers:  # only processes of this test's Ray cluster
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert leftovers == [], leftovers  # ray.shutdown() in the head, and a node's `ray start` when stopped, stopped them
+
+
+def test_a_cluster_without_cpus_is_refused_before_any_model_loads(gpt2_path, tmp_path):
+    # an autoscaling cluster's head often has no CPUs (KubeRay's rayStartParams num-cpus: "0"), and
+    # ray.cluster_resources() then has no "CPU" at all: that was read as 1 CPU, one worker (0.25 CPU) passed the
+    # check, and the run waited for ever for a CPU that no node had
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(short_texts(3)) + "\n")
+    command = [sys.executable, "-m", "reports", "--model", str(gpt2_path), "--batch", str(source), "--results",
+               str(tmp_path / "res"), "--batch-size", "4"]
+    with ray_head(tmp_path, num_cpus=0) as (address, _, env):
+        refused = subprocess.run([*command, "--ray-address", address], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=TIMEOUT, check=False, start_new_session=True)
+    from analysis.corpus_ray import FEW_CPUS, READ_CPUS
+
+    message = FEW_CPUS.format(workers=1, cpus=0, each=0.25, read=READ_CPUS, fix="add CPUs to the cluster")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == f"headscope: error: {message}", refused.stderr[-3000:]
+    assert not (tmp_path / "res").exists()  # refused before anything was written
