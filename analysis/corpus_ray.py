@@ -24,9 +24,9 @@ Without an address a local Ray instance starts (every CPU of this machine, no da
 stops with the run; `address="auto"` joins a running cluster, to which the `analysis` package is shipped.
 On a CPU-only machine the workers together take at most all CPUs but one (fractional `num_cpus`): an actor pool that
 takes every CPU starves the read tasks and the job never finishes. More workers than that leaves room for (0.25 CPU
-each, or one per GPU), or than the cluster has GPUs, is refused before any model loads; so is an address where no
-cluster answers, or where what answers does not speak gRPC as a GCS does (ray.init would retry either for many
-minutes).
+each, or one per GPU), or than the cluster has GPUs, is refused before any model loads (or, with `wait`, asked of the
+cluster's autoscaler and waited for, up to that many seconds); so is an address where no cluster answers, or where
+what answers does not speak gRPC as a GCS does (ray.init would retry either for many minutes).
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -79,6 +81,10 @@ FEW_GPUS = ("--ray-workers {workers}, but the Ray cluster has {gpus} GPU(s) and 
             "{device}): give --ray-workers {gpus} or fewer, or add GPUs to the cluster.")
 FEW_CPUS = ("{workers} Ray workers would take the cluster's CPUs ({cpus:g}, {each:g} each) and leave under {read:g} to "
             "read the input, so the run would wait for ever: {fix}.")
+WAITING = ("the Ray cluster has {has}, the run needs {needs}: asked its autoscaler for them, waiting up to {wait:g} s "
+           "(--ray-wait)")
+WAITED = "{message} Waited {seconds:.0f} s (--ray-wait) for the cluster to grow."
+WAIT_POLL_SECONDS = 1.0  # how often a run that waits for its cluster reads the cluster's resources
 NO_CLUSTER = "No Ray cluster answers at {address}: start one (`ray start --head`) or check {named}."
 NO_CLUSTER_AUTO = ("--ray-address auto, but no Ray cluster runs here (RAY_ADDRESS is not set and no `ray start` on "
                    "this machine): start one (`ray start --head`) or give its address.")
@@ -295,6 +301,76 @@ def check_cluster(address: str) -> None:
     raise HeadscopeError(message.format(address=shown, named="--ray-address"))
 
 
+class Plan(NamedTuple):
+    """What a run takes of a cluster (plan_workers)."""
+    device: str  # cpu or cuda ('auto' resolved)
+    workers: int
+    worker_cpus: float  # each worker's num_cpus
+    gpu_args: dict  # each worker's num_gpus: {"num_gpus": 1} on cuda
+    refused: str | None  # why the cluster cannot hold the run now (NO_GPUS, FEW_GPUS, FEW_CPUS), None if it can
+
+
+def plan_workers(resources: dict, device: str, workers: int | None) -> Plan:
+    """The workers a run takes of a cluster with `resources` (ray.cluster_resources()): on cuda ('auto': where the
+    cluster has GPUs) one GPU and one CPU each, on the CPU their share of all CPUs but one (0.25 at least), always
+    leaving READ_CPUS to the readers; `workers` None: one per GPU, or 1."""
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))  # none listed: none there (a
+    # head started with 0 CPUs, as autoscaling clusters' often are)
+    cuda = device == "cuda" or (device == "auto" and gpus > 0)
+    workers = workers or max(1, gpus)
+    worker_cpus = 1.0 if cuda else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
+    most = math.floor((cpus - READ_CPUS) / worker_cpus)
+    refused = None
+    if cuda and not gpus:
+        refused = NO_GPUS
+    elif cuda and workers > gpus:  # each worker takes a GPU (num_gpus=1): those past the cluster's GPUs never start,
+        # and the run would go on with fewer workers than asked (and than its entry records)
+        refused = FEW_GPUS.format(workers=workers, gpus=gpus, device=device)
+    elif workers * worker_cpus > cpus - READ_CPUS:  # past 4 per CPU (less one) or a GPU worker per CPU: the readers
+        # never get a CPU and the actor pool waits for their input for ever
+        refused = FEW_CPUS.format(workers=workers, cpus=cpus, each=worker_cpus, read=READ_CPUS,
+                                  fix=f"give --ray-workers {most} or fewer" if most > 0 else "add CPUs to the cluster")
+    return Plan("cuda" if cuda else "cpu", workers, worker_cpus, {"num_gpus": 1} if cuda else {}, refused)
+
+
+def _amount(cpus: float, gpus: int, cuda: bool) -> str:
+    return f"{cpus:g} CPU(s)" + (f" and {gpus} GPU(s)" if cuda else "")
+
+
+def fit_cluster(ray, device: str, workers: int | None, wait: float,
+                waiting: Callable[[str], None] | None = None) -> tuple[Plan, float]:
+    """(plan_workers' plan for the cluster, seconds waited for it). A cluster that cannot hold the run is refused at
+    once (`wait` 0), or asked for what the run needs (its autoscaler's request_resources: a hint, which nothing reads
+    where no autoscaler runs) and polled every WAIT_POLL_SECONDS until it can, or refused when `wait` seconds have
+    passed; the request is withdrawn either way, so that the autoscaler may scale down again."""
+    resources = ray.cluster_resources()
+    plan = plan_workers(resources, device, workers)
+    if plan.refused is None or wait <= 0:
+        if plan.refused is not None:
+            raise HeadscopeError(plan.refused)
+        return plan, 0.0
+    from ray.autoscaler.sdk import request_resources
+
+    cuda = bool(plan.gpu_args)
+    start = time.monotonic()
+    request_resources(bundles=[{"CPU": plan.worker_cpus, **({"GPU": 1} if cuda else {})}] * plan.workers
+                      + [{"CPU": READ_CPUS}])  # each worker's, and the readers'
+    try:
+        if waiting is not None:
+            waiting(WAITING.format(has=_amount(float(resources.get("CPU", 0)), int(resources.get("GPU", 0)), cuda),
+                                   needs=_amount(plan.workers * plan.worker_cpus + READ_CPUS, plan.workers, cuda),
+                                   wait=wait))
+        while (plan := plan_workers(ray.cluster_resources(), device, workers)).refused is not None and (
+                left := wait - (time.monotonic() - start)) > 0:
+            time.sleep(min(WAIT_POLL_SECONDS, left))
+    finally:
+        request_resources()  # nothing: the request withdrawn
+    waited = time.monotonic() - start
+    if plan.refused is not None:
+        raise HeadscopeError(WAITED.format(message=plan.refused, seconds=waited))
+    return plan, waited
+
+
 def _init_ray(ray, address: str | None, num_cpus: int | None, temp_dir: str) -> None:
     if address:
         check_cluster(address)
@@ -329,7 +405,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
             device: str = "cpu", dtype: str = "float32", exclude_first_token: bool = True,
             exclude_current_token: bool = False, batch_size: int = 16, address: str | None = None,
             workers: int | None = None, num_cpus: int | None = None, input_changed: bool = False,
-            command: str | None = None) -> dict:
+            command: str | None = None, wait: float = 0.0, waiting: Callable[[str], None] | None = None) -> dict:
     """Analyse every record of `source` without a row in `folder` on Ray Data; returns the run entry (timings, the
     Ray settings and `command`, the command line that ran it: the corpus page shows them). The workers get `model`
     and `source` as absolute paths when they are local (a hub id as given), and the entry records them (`model`,
@@ -337,7 +413,9 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
     A rerun first compares the input with the folder's rows in this process, before Ray starts and any model loads
     (ResultsFolder.check_rerun). The Ray Data settings it needs (preserve_order, no progress bars: the DataContext
     of this process, which a caller's own Ray Data work shares) and Ray's log levels are the caller's again when
-    it returns or raises."""
+    it returns or raises.
+    A cluster that cannot hold the workers now is refused at once, or with `wait` seconds (an autoscaling cluster)
+    asked for what they need and waited for, up to `wait` seconds (fit_cluster; `waiting` gets its one line)."""
     try:
         import ray
         import ray.data
@@ -373,26 +451,8 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
         data_settings = (context.execution_options.preserve_order, context.enable_progress_bars)
         context.execution_options.preserve_order = True  # row numbers of Parquet inputs follow the file order
         context.enable_progress_bars = False
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))  # none listed: none there (a
-        # head started with 0 CPUs, as autoscaling clusters' often are)
-        asked = device
-        if device == "auto":
-            device = "cuda" if gpus else "cpu"
-        if device == "cuda" and not gpus:
-            raise HeadscopeError(NO_GPUS)
-        workers = workers or max(1, gpus)
-        if device == "cuda" and workers > gpus:  # each worker takes a GPU (num_gpus=1): those past the cluster's
-            # GPUs never start, and the run would go on with fewer workers than asked (and than its entry records)
-            raise HeadscopeError(FEW_GPUS.format(workers=workers, gpus=gpus, device=asked))
-        gpu_args = {"num_gpus": 1} if gpus and device == "cuda" else {}
-        worker_cpus = 1.0 if gpu_args else max(0.25, min(1.0, (cpus - 1) / workers))  # leave a CPU to the readers
-        if workers * worker_cpus > cpus - READ_CPUS:  # past 4 per CPU (less one) or a GPU worker per CPU: the readers
-            # never get a CPU and the actor pool waits for their input for ever
-            most = math.floor((cpus - READ_CPUS) / worker_cpus)
-            raise HeadscopeError(FEW_CPUS.format(
-                workers=workers, cpus=cpus, each=worker_cpus, read=READ_CPUS,
-                fix=f"give --ray-workers {most} or fewer" if most > 0 else "add CPUs to the cluster"))
+        plan, waited = fit_cluster(ray, device, workers, wait, waiting)
+        device, workers, worker_cpus, gpu_args = plan.device, plan.workers, plan.worker_cpus, plan.gpu_args
         info, unk_word, code = ray.get(ray.remote(_describe).options(num_cpus=worker_cpus, **gpu_args).remote(
             model, device, dtype))
         folder.open(info, settings, str(source), text_column, unk_word)
@@ -434,6 +494,7 @@ def run_ray(model: str, source: str | Path, folder: ResultsFolder | str | Path, 
            "ray_start_seconds": round(ready - clock, 3), "new_rows": written, "new_failed": failed, "skipped": kept,
            "dropped": dropped, "relabelled": relabelled, "retried": len(retry), "recovered": len(recovered),
            "batch_size": batch_size, "workers": workers, "address": address, "ray_instance": instance,
+           "ray_wait": wait, "waited_seconds": round(waited, 3),
            "gcs_address": gcs_address, "device": device, "model": model, "input": str(shipped), "command": command,
            **code}  # the workers' versions and commit, not the driver's (finish_run's default)
     folder.finish_run(run)

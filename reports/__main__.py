@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -68,17 +69,20 @@ OUT_DIR_READS = ("--model", "--batch", "--out-dir", "--layer", "--all-layers", "
                  "--revision", "--batch-size", "--figures", "--format", "--shared-assets")
 RESULTS_MODE = ("--batch FILE --results DIR, which writes Parquet rows and corpus.json (the corpus report and its "
                 "means with --html OUT and --json OUT), no report per text")
-RESULTS_READS = ("--model", "--batch", "--results", "--engine", "--ray-address", "--ray-workers", "--batch-size",
-                 "--input-changed", "--text-column", "--include-first-token", "--device", "--dtype", "--device-map",
-                 "--revision", "--html", "--json")
+RESULTS_READS = ("--model", "--batch", "--results", "--engine", "--ray-address", "--ray-workers", "--ray-wait",
+                 "--batch-size", "--input-changed", "--text-column", "--include-first-token", "--device", "--dtype",
+                 "--device-map", "--revision", "--html", "--json")
 FROM_RESULTS_MODE = "--from-results DIR, which draws the folder's corpus as it was measured and analyses nothing"
 FROM_RESULTS_READS = ("--from-results", "--html", "--json")
 ONE_TEXT_MODE = "a single text's run, only by --batch FILE"
-CORPUS_ONLY = ("--out-dir", "--ray-workers", "--batch-size", "--text-column")  # what one text would not read
+# what one text would not read
+CORPUS_ONLY = ("--out-dir", "--ray-workers", "--ray-wait", "--batch-size", "--text-column")
 PROBE_SEED_ALONE = "--probe-seed is the seed of --induction-probe or --with-probe: add one of them, or drop it"
 PATTERNS_JSON = ("--patterns writes every attention pattern into the --json results (a report or a figure does not "
                  "hold them): add --json OUT, or drop --patterns")
 RAY_WORKERS_LOCAL = "--ray-workers is the number of Ray workers: add --engine ray (or --ray-address), or drop it"
+RAY_WAIT_LOCAL = ("--ray-wait waits for a Ray cluster joined by --ray-address to grow (a local Ray instance does "
+                  "not): add --ray-address, or drop it")
 
 
 MAX_SEED = 2**32 - 1
@@ -105,6 +109,17 @@ def json_text(value: str) -> str:
     except UnicodeEncodeError as exc:  # a lone surrogate escape (\ud800): JSON's syntax allows it, Unicode text not
         raise argparse.ArgumentTypeError(NOT_UNICODE_JSON.format(offset=exc.start)) from None
     return text
+
+
+def wait_seconds(text: str) -> float:
+    """--ray-wait: seconds, 0 or more (a finite number), or argparse's one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
+    return value
 
 
 def seed_value(text: str) -> int:
@@ -202,6 +217,9 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "machine belongs to); implies --engine ray")
     group.add_argument("--ray-workers", type=int, metavar="N",
                        help="model workers on Ray (default: one per GPU, or 1 without GPUs)")
+    group.add_argument("--ray-wait", type=wait_seconds, default=0.0, metavar="SECONDS",
+                       help="where the cluster lacks the GPUs or CPUs the workers need: ask its autoscaler for them "
+                            "and wait up to SECONDS for them before refusing the run (default: 0, refuse at once)")
     group.add_argument("--batch-size", type=int, metavar="N",
                        help=f"texts per forward pass (default: {RESULTS_BATCH_SIZE} with --results; 1 with --out-dir, "
                             "each report then exactly its single-text run's numbers)")
@@ -229,6 +247,8 @@ def check_results_arguments(parser, args) -> None:
         parser.error("--device-map is not used with --engine ray")
     if args.results is not None and args.engine != "ray" and args.ray_workers is not None:
         parser.error(RAY_WORKERS_LOCAL)
+    if args.results is not None and args.ray_address is None and "--ray-wait" in getattr(args, GIVEN, ()):
+        parser.error(RAY_WAIT_LOCAL)
     if args.engine == "ray" and args.revision is not None:  # its workers load the model by name
         parser.error("--revision is not used with --engine ray: run it with the local engine")
     if args.batch_size is None:
@@ -870,7 +890,8 @@ def _write_results(args) -> int:
         from analysis.corpus_ray import run_ray  # the only path that imports Ray
 
         run = run_ray(args.model, args.batch, args.results, device=args.device, dtype=args.dtype,
-                      address=args.ray_address, workers=args.ray_workers, **options)
+                      address=args.ray_address, workers=args.ray_workers, wait=args.ray_wait,
+                      waiting=lambda line: print(f"headscope: {line}", file=sys.stderr), **options)
     else:
         folder = ResultsFolder(args.results)
         checked = folder.check_rerun(str(args.batch), result_settings(options["exclude_first_token"]),

@@ -10,12 +10,14 @@ import contextlib
 import html
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -421,12 +423,17 @@ def test_more_workers_than_the_clusters_gpus_or_cpus_allow_are_refused_before_an
 HEAD_SCRIPT = textwrap.dedent("""
     import sys
     import ray
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
 
-    # a cluster's head with sys.argv[2] CPUs: its GCS address on stdout, up until stdin closes
+    # a cluster's head with sys.argv[2] CPUs: its GCS address on stdout; then, for each line on stdin, what its
+    # autoscaler is asked for (request_resources' bundles, which Ray's autoscaler reads from this key; null: never
+    # asked), until stdin closes
     ray.init(num_cpus=int(sys.argv[2]), include_dashboard=False, _temp_dir=sys.argv[1], log_to_driver=False)
     try:
         print(ray.get_runtime_context().gcs_address, flush=True)
-        sys.stdin.read()
+        for _ in sys.stdin:
+            print((_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"null").decode(), flush=True)
     finally:
         ray.shutdown()
 """)
@@ -491,18 +498,25 @@ def test_a_running_clusters_address_passes_the_clusters_check_and_is_joined(gpt2
 @contextlib.contextmanager
 def ray_head(cwd: Path, num_cpus: int):
     """A Ray cluster's head with `num_cpus` CPUs in a child process (HEAD_SCRIPT), for the runs of the body: yields
-    (its address as 127.0.0.1:PORT, its temp dir, the runs' environment). Then it shuts down, and every process of
-    its temp dir left (its own, or a node's that joined it) is killed and reported."""
+    (its address as 127.0.0.1:PORT, its temp dir, the runs' environment, a function that returns what its autoscaler
+    is asked for now). Then it shuts down, and every process of its temp dir left (its own, or a node's that joined
+    it) is killed and reported."""
     temp_dir = Path(tempfile.mkdtemp(prefix="hs-ray-test-", dir="/tmp"))  # short: Ray's socket paths <= 107 bytes
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
            "RAY_AUTH_MODE": "token"}  # the head's token (~/.ray/auth_token), which a driver sends to an address only so
     head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(temp_dir), str(num_cpus)], cwd=cwd, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
+
+    def asked():
+        head.stdin.write("\n")
+        head.stdin.flush()
+        return json.loads(head.stdout.readline())
+
     try:
         gcs_address = head.stdout.readline().strip()
         assert gcs_address, "the Ray head did not start"
-        yield f"127.0.0.1:{gcs_address.rsplit(':', 1)[1]}", temp_dir, env
+        yield f"127.0.0.1:{gcs_address.rsplit(':', 1)[1]}", temp_dir, env, asked
         head.communicate(input="", timeout=TIMEOUT)  # stdin closed: the head shuts down
     except subprocess.TimeoutExpired:
         pytest.fail(f"the Ray head or a run joining it did not finish in {TIMEOUT} s (killed)")
@@ -517,20 +531,72 @@ def ray_head(cwd: Path, num_cpus: int):
     assert leftovers == [], leftovers  # ray.shutdown() in the head, and a node's `ray start` when stopped, stopped them
 
 
-def test_a_cluster_without_cpus_is_refused_before_any_model_loads(gpt2_path, tmp_path):
+def test_a_cluster_without_cpus_is_refused_at_once_or_waited_for_until_a_node_joins(gpt2_path, tmp_path):
     # an autoscaling cluster's head often has no CPUs (KubeRay's rayStartParams num-cpus: "0"), and
     # ray.cluster_resources() then has no "CPU" at all: that was read as 1 CPU, one worker (0.25 CPU) passed the
-    # check, and the run waited for ever for a CPU that no node had
+    # check, and the run waited for ever for a CPU that no node had. Refused now at once (exit 2, nothing asked of the
+    # autoscaler); with --ray-wait the run asks the autoscaler for what it needs and waits: refused when nothing
+    # comes, and run when a node joins meanwhile (`ray start --address`, as an autoscaler's node does), the request
+    # withdrawn either way.
+    from analysis.corpus_ray import FEW_CPUS, READ_CPUS
+
     source = tmp_path / "in.txt"
     source.write_text("\n".join(short_texts(3)) + "\n")
     command = [sys.executable, "-m", "reports", "--model", str(gpt2_path), "--batch", str(source), "--results",
                str(tmp_path / "res"), "--batch-size", "4"]
-    with ray_head(tmp_path, num_cpus=0) as (address, _, env):
-        refused = subprocess.run([*command, "--ray-address", address], cwd=ROOT, env=env, capture_output=True,
-                                 text=True, timeout=TIMEOUT, check=False, start_new_session=True)
-    from analysis.corpus_ray import FEW_CPUS, READ_CPUS
-
+    waiting = "headscope: the Ray cluster has 0 CPU(s), the run needs 0.5 CPU(s): asked its autoscaler for them"
+    with ray_head(tmp_path, num_cpus=0) as (address, temp_dir, env, asked):
+        command += ["--ray-address", address]
+        refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+                                 check=False, start_new_session=True)
+        asked_before = asked()
+        waited = subprocess.run([*command, "--ray-wait", "3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=TIMEOUT, check=False, start_new_session=True)
+        asked_after_refusal = asked()
+        written_after_refusals = (tmp_path / "res").exists()
+        err_path = tmp_path / "stderr.txt"
+        with err_path.open("w") as err_file:
+            run = subprocess.Popen([*command, "--ray-wait", "120"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=err_file, start_new_session=True)
+        node, deadline = None, time.monotonic() + TIMEOUT
+        try:
+            while run.poll() is None and waiting not in err_path.read_text():  # until it waits
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the run did not start to wait in {TIMEOUT} s (killed)")
+                time.sleep(0.5)
+            asked_while_waiting = asked()
+            node = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--address", address,
+                                     "--num-cpus", "4", "--block", "--temp-dir", str(temp_dir)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            run.wait(TIMEOUT)
+            asked_after_run = asked()
+        finally:
+            for child in (run, node):
+                if child is not None and child.poll() is None:
+                    os.killpg(child.pid, signal.SIGTERM)  # `ray start --block`: drains and stops its node
+                    try:
+                        child.wait(TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(child.pid, signal.SIGKILL)
     message = FEW_CPUS.format(workers=1, cpus=0, each=0.25, read=READ_CPUS, fix="add CPUs to the cluster")
+    # no --ray-wait: refused at once, as before, nothing asked
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1] == f"headscope: error: {message}", refused.stderr[-3000:]
-    assert not (tmp_path / "res").exists()  # refused before anything was written
+    assert "asked its autoscaler" not in refused.stderr and asked_before is None
+    # --ray-wait 3, nothing joins: one line when it starts to wait, the refusal with how long it waited; withdrawn
+    lines = waited.stderr.strip().splitlines()
+    assert waited.returncode == 2 and [line for line in lines if "autoscaler" in line] == [
+        f"{waiting}, waiting up to 3 s (--ray-wait)"], waited.stderr[-3000:]
+    last = re.fullmatch(rf"headscope: error: {re.escape(message)} Waited (\d+) s \(--ray-wait\) for the cluster to "
+                        r"grow\.", lines[-1])
+    assert last and int(last.group(1)) >= 3, lines[-1]
+    assert asked_after_refusal == [] and not written_after_refusals  # refused before anything was written
+    # --ray-wait 120, a node with 4 CPUs joins while it waits: the run asked for its worker's and readers' CPUs, ran
+    # on the node, and withdrew the request
+    err = err_path.read_text()
+    assert run.returncode == 0, err[-3000:]
+    assert asked_while_waiting == [{"CPU": 0.25}, {"CPU": 0.25}]
+    assert "3 texts written on ray" in err and asked_after_run == []
+    entry = json.loads((tmp_path / "res" / "corpus.json").read_text())["runs"][-1]
+    assert (entry["ray_instance"], entry["workers"], entry["ray_wait"]) == ("joined", 1, 120)
+    assert 0 < entry["waited_seconds"] < entry["seconds"]

@@ -74,6 +74,14 @@ def test_results_then_from_results_render_the_same_corpus(gpt2_path, corpus_file
      "--query-position, --include-bos: Parquet results are measured with the default query token"),
     # flags the chosen engine would ignore
     (["--batch", "F", "--results", "R", "--ray-workers", "2"], "--ray-workers is the number of Ray workers"),
+    # --ray-wait: seconds, 0 or more, to wait for a cluster joined by address (a local instance never grows)
+    (["--batch", "F", "--results", "R", "--ray-wait", "5"], "--ray-wait waits for a Ray cluster joined by --ray-"),
+    (["--batch", "F", "--results", "R", "--engine", "ray", "--ray-wait", "5"], "add --ray-address, or drop it"),
+    (["--batch", "F", "--results", "R", "--ray-address", "auto", "--ray-wait", "-1"],
+     "argument --ray-wait: '-1' is not a number of seconds, 0 or more"),
+    (["--batch", "F", "--results", "R", "--ray-address", "auto", "--ray-wait", "soon"],
+     "argument --ray-wait: 'soon' is not a number of seconds, 0 or more"),
+    (["--batch", "F", "--results", "R", "--ray-address", "auto", "--ray-wait", "nan"], "'nan' is not a number"),
     # Ray's workers load the model by name: --device-map was dropped on a cluster (--ray-address) as without one
     (["--batch", "F", "--results", "R", "--ray-address", "auto", "--device-map", "auto"],
      "--device-map is not used with --engine ray"),
@@ -92,6 +100,7 @@ def test_bad_flag_combinations_are_one_line(capsys, argv, needle):
      "--out-dir DIR"),
     (["--batch", "F", "--out-dir", "O", "--mask-seed", "2", "--ray-workers", "2"], "--ray-workers, --mask-seed",
      "--out-dir DIR"),
+    (["--batch", "F", "--out-dir", "O", "--ray-wait", "5"], "--ray-wait", "--out-dir DIR"),
     # Parquet rows: no figures, no patterns, no shared JavaScript were written
     (["--batch", "F", "--results", "R", "--figures", "figs", "--format", "png"], "--figures, --format",
      "--results DIR"),
