@@ -603,10 +603,12 @@ def run_batch(args) -> int:
     texts, lines, digest = read_batch(args.batch)
     # what index.html and corpus.html say produced them: the input file as read, and the command as typed
     run = {"input": str(args.batch), "sha256": digest, "command": args.command}
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                        revision=args.revision)
-    check_head(args.head, loaded.info.n_heads)
-    with lock_folder(args.out_dir, BATCH_BUSY):  # two batches into one DIR wrote over and removed each other's reports
+    # two batches into one DIR wrote over and removed each other's reports; the second is refused before its model
+    # loads (it loaded the whole model first: 17 s for MiniLM on the CPU, minutes and a GPU's memory for a large one)
+    with lock_folder(args.out_dir, BATCH_BUSY):
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                            revision=args.revision)
+        check_head(args.head, loaded.info.n_heads)
         return _write_batch(args, loaded, texts, lines, run)
 
 

@@ -433,6 +433,9 @@ def test_a_second_batch_into_a_folder_being_written_is_refused(gpt2_path, tmp_pa
         code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "b.txt", "--out-dir", out,
                             "--layer", 0)
         assert_one_line_error(code, err, rf"is being written by another headscope batch \(process {first.pid}\)")
+        code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "b.txt", "--out-dir",
+                            out)  # refused before its model loads (it loaded the whole model first), not for its model
+        assert_one_line_error(code, err, rf"is being written by another headscope batch \(process {first.pid}\)")
     finally:
         go.touch()
         _, first_err = first.communicate(timeout=300)
@@ -496,6 +499,21 @@ def test_a_second_run_into_a_results_folder_being_written_is_refused(gpt2_path, 
     assert not (results / ".headscope-batch.lock").exists()
     code, err = run_cli(capsys, "--model", gpt2_path, "--batch", tmp_path / "a.txt", "--results", results)
     assert code == 0, err  # the first run over: its lock went with it
+
+
+def test_a_batch_that_fails_before_writing_leaves_no_folder_it_made(tmp_path, capsys):
+    """The --out-dir DIR is made to hold the lock before the model loads, as a --results DIR: a batch whose model
+    then fails to load removes it again, and an existing folder keeps nothing of the run (not its lock file)."""
+    (tmp_path / "a.txt").write_text("A text.\n")
+    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--out-dir",
+                        tmp_path / "runs" / "out")
+    assert code == 2 and len(err) == 1, err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "there").mkdir()
+    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--out-dir",
+                        tmp_path / "there")
+    assert code == 2 and len(err) == 1, err
+    assert (tmp_path / "there").is_dir() and not any((tmp_path / "there").iterdir())
 
 
 def test_a_results_run_that_fails_before_writing_leaves_no_folder_it_made(gpt2_path, tmp_path, capsys):
