@@ -3,11 +3,10 @@ click, then Back and Forward through the views they made; and the atlas's outlin
 
 from __future__ import annotations
 
-from tests.app.test_served_app import (  # noqa: F401 (served_app: a fixture)
+from tests.app.test_served_app import (
     DRAW_TIMEOUT_MS,
     ERRORS,
     outlined_cells,
-    served_app,
     sidebar_head,
     wait_for_title,
 )
@@ -30,7 +29,8 @@ def click_cell(page, layer: int, head: int) -> None:
     wait_for_title(page, f"Attention pattern of L{layer}H{head} ·")
 
 
-def test_back_and_forward_step_through_the_views(served_app, chromium):  # noqa: F811
+def test_back_and_forward_step_through_the_views(shared_served_app, chromium):
+    served_app = shared_served_app
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(f"{served_app}/?model=minilm&layer=1&head=2")

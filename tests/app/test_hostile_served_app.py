@@ -10,7 +10,6 @@ from urllib.parse import urlencode, urlparse
 import pytest
 
 from benchmarks.bench_app import free_port
-from tests.app.test_served_app import served_app  # noqa: F401 - served_app is a fixture
 
 LOAD_TIMEOUT_MS = 150_000
 
@@ -40,7 +39,8 @@ def trap():
         thread.join(timeout=10)
 
 
-def test_a_hostile_link_sends_no_request_and_keeps_the_page(served_app, chromium, trap):  # noqa: F811
+def test_a_hostile_link_sends_no_request_and_keeps_the_page(shared_served_app, chromium, trap):
+    served_app = shared_served_app
     trap_url, hits = trap
     app_host = urlparse(served_app).netloc
     model = f"![x]({trap_url}/pixel.png) [Session expired: sign in]({trap_url}/login)"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from tests.app.test_served_app import DRAW_TIMEOUT_MS, ERRORS, served_app  # noqa: F401 (served_app: a fixture)
+from tests.app.test_served_app import DRAW_TIMEOUT_MS, ERRORS
 
 
-def test_clicking_a_token_in_the_strip_chooses_the_query(served_app, chromium):  # noqa: F811
+def test_clicking_a_token_in_the_strip_chooses_the_query(shared_served_app, chromium):
+    served_app = shared_served_app
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(f"{served_app}/?model=minilm&layer=1")
