@@ -128,7 +128,8 @@ def _strip(frame: pd.DataFrame, groups: list[str], colors: list[str], y_title: s
         color=alt.Color("group:N", sort=groups, scale=alt.Scale(domain=groups, range=colors), legend=None),
         tooltip=tooltip,
     )
-    zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(y="value:Q")
+    zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(
+        y=alt.Y("value:Q"))
     return alt.layer(zero, points).properties(width=WIDTH, height=HEIGHT)
 
 
@@ -159,9 +160,9 @@ def build_means_chart(result: AnalysisResult, layer: int) -> alt.LayerChart:
     tooltip = [alt.Tooltip("label:N", title="head"), alt.Tooltip("mean:Q", title="Mean", format=".4f"),
                alt.Tooltip("std:Q", title="Standard deviation", format=".4f"), alt.Tooltip("reads:N", title="")]
     base = alt.Chart(frame).encode(x=x, color=color, tooltip=tooltip)
-    bars = base.mark_rule(strokeWidth=1.5).encode(y=alt.Y("low:Q", title="Activation"), y2="high:Q")
+    bars = base.mark_rule(strokeWidth=1.5).encode(y=alt.Y("low:Q", title="Activation"), y2=alt.Y2("high:Q"))
     points = base.mark_point(filled=True, size=60, stroke="black", strokeWidth=0.6).encode(
-        y="mean:Q", shape=alt.Shape("kind:N", title="Mean ± std of", legend=legend,
+        y=alt.Y("mean:Q"), shape=alt.Shape("kind:N", title="Mean ± std of", legend=legend,
                                     scale=alt.Scale(domain=["Q", "K"], range=["square", "circle"])))
     subtitle = "Over positions 1..T-1 (first token excluded)" if result.exclude_first_token else "Over every position"
     return alt.layer(bars, points).properties(
@@ -267,7 +268,8 @@ def build_dot_distributions_chart(result: AnalysisResult, layer: int) -> alt.Lay
         tooltip=[alt.Tooltip("group:N", title=""), alt.Tooltip("value:Q", title="bin from", format=".3f"),
                  alt.Tooltip("count:Q", title="count")],
     )
-    zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(x="value:Q")
+    zero = alt.Chart(pd.DataFrame({"value": [0.0]})).mark_rule(strokeDash=[4, 4], color="#999").encode(
+        x=alt.X("value:Q"))
     return alt.layer(zero, lines).properties(
         title=_title(result, layer, "Distributions of q·k",
                      f"Query: {query_name(result)}; histograms: 30 bins (same head), 80 bins (different heads)"),
@@ -574,13 +576,15 @@ def _atlas_chart(frame: pd.DataFrame, n_layers: int, n_heads: int, value_title: 
                                     empty=False, **initial)
     x = alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0), scale=alt.Scale(domain=list(range(n_heads))))
     y = alt.Y("layer:O", title="Layer", scale=alt.Scale(domain=list(range(n_layers))))
-    outline = alt.condition(selection, alt.value(SELECTED_OUTLINE), alt.value("white"))
+    # typed channels: Altair gives a plain dict (alt.condition's) its class by hashing ~2,300 schemas, each time
+    outline = alt.StrokeValue(**alt.condition(selection, alt.value(SELECTED_OUTLINE), alt.value("white")))
+    width = alt.StrokeWidthValue(**alt.condition(selection, alt.value(3), alt.value(1)))
     base = alt.Chart(frame).transform_calculate(label="'L' + datum.layer + 'H' + datum.head")  # L{layer}H{head}
     cells = base.mark_rect(color="#e6e6e6").encode(
-        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.condition(selection, alt.value(3), alt.value(1)),
+        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=width,
     ).add_params(selection).properties(name=ATLAS_VIEW)
     defined = base.transform_filter("isValid(datum.value)").mark_rect().encode(
-        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=alt.condition(selection, alt.value(3), alt.value(1)),
+        x=x, y=y, tooltip=tooltip, stroke=outline, strokeWidth=width,
         color=alt.Color("value:Q", title=value_title, scale=scale or alt.Scale(scheme="viridis"),
                         legend=alt.Legend(format=".2~f", titleLimit=260)),
     )
@@ -775,7 +779,7 @@ def build_neuron_keys_chart(view) -> alt.VConcatChart:
     frame = pd.DataFrame({"position": np.arange(n), "token": [display_token(t) for t in view.tokens[:n]],
                           "dot": view.dots, "weight": view.weights, "selected": np.arange(n) == view.key_pos})
     x = alt.X("position:O", title="Key position", axis=alt.Axis(labelOverlap=True, labelAngle=0))
-    color = alt.condition("datum.selected", alt.value(COLORS["first"]), alt.value("#9aa4ad"))
+    color = alt.ColorValue(**alt.condition("datum.selected", alt.value(COLORS["first"]), alt.value("#9aa4ad")))
     tooltip = ["position:O", "token:N", alt.Tooltip("dot:Q", format=".4f"), alt.Tooltip("weight:Q", format=".4f")]
     base = alt.Chart(frame).properties(width=WIDTH, height=HEIGHT // 2)
     dots = base.mark_bar().encode(x=x, y=alt.Y("dot:Q", title="q·k (unscaled)"), color=color, tooltip=tooltip)
