@@ -251,10 +251,14 @@ def test_the_index_and_each_report_name_the_file_line_of_their_text(gpt2_path, t
     in_file = batch.read_text().splitlines()  # the file's lines, line N at N - 1
     texts = [number for number, line in enumerate(in_file, 1) if line.strip()]  # the file's line of each text
     index = (tmp_path / "o" / "index.html").read_text(encoding="utf-8")
-    rows = re.findall(r"<tr><td>(\d+)</td><td>(\d+)</td>(.*?)</tr>", index, re.DOTALL)
-    assert [(int(number), int(line)) for number, line, _ in rows] == list(enumerate(texts, 1))
-    failed = [(int(line), row) for _, line, row in rows if "failed:" in row]
+    rows = re.findall(r'<tr id="text-(\d+)"><td>(\d+)</td><td>(\d+)</td>(.*?)</tr>', index, re.DOTALL)
+    assert [(int(anchor), int(number), int(line)) for anchor, number, line, _ in rows] == [
+        (number, number, line) for number, line in enumerate(texts, 1)]
+    failed = [(int(line), row) for _, _, line, row in rows if "failed:" in row]
     assert [line for line, _ in failed] == [in_file.index("not json") + 1]
+    # among a thousand rows, the failed ones listed at the top, each a link to its row
+    bad = texts.index(failed[0][0]) + 1  # its text number
+    assert f'<p>Failed: <a href="#text-{bad}">#{bad} (line {failed[0][0]})</a>.</p>' in index
     assert all(f"failed: line {line} is not a JSON object." in row for line, row in failed)  # one number for both
     assert any(f"(line {failed[0][0]}) failed: line {failed[0][0]} " in line for line in err), err
     corpus = (tmp_path / "o" / "corpus.html").read_text(encoding="utf-8")  # its failed texts: both numbers too
