@@ -505,32 +505,18 @@ def test_a_second_run_into_a_results_folder_being_written_is_refused(gpt2_path, 
     assert code == 0, err  # the first run over: its lock went with it
 
 
-def test_a_batch_that_fails_before_writing_leaves_no_folder_it_made(tmp_path, capsys):
-    """The --out-dir DIR is made to hold the lock before the model loads, as a --results DIR: a batch whose model
-    then fails to load removes it again, and an existing folder keeps nothing of the run (not its lock file)."""
+@pytest.mark.parametrize("flag", ["--out-dir", "--results"])
+def test_a_batch_that_fails_before_writing_leaves_no_folder_it_made(flag, tmp_path, capsys):
+    """The --out-dir or --results DIR is made to hold the lock before the model loads: a batch whose model then fails
+    to load removes it again, and the parents made for it, leaving no empty folder that was not there before; an
+    existing folder stays and keeps nothing of the run (not its lock file)."""
     (tmp_path / "a.txt").write_text("A text.\n")
-    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--out-dir",
+    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", flag,
                         tmp_path / "runs" / "out")
     assert code == 2 and len(err) == 1, err
     assert not (tmp_path / "runs").exists()
     (tmp_path / "there").mkdir()
-    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--out-dir",
-                        tmp_path / "there")
-    assert code == 2 and len(err) == 1, err
-    assert (tmp_path / "there").is_dir() and not any((tmp_path / "there").iterdir())
-
-
-def test_a_results_run_that_fails_before_writing_leaves_no_folder_it_made(gpt2_path, tmp_path, capsys):
-    """The --results DIR is made to hold the lock before the model loads: a run that then fails (a bad --model)
-    removes it, and the parents made for it, leaving no empty folder that was not there before; a folder that was
-    there stays."""
-    (tmp_path / "a.txt").write_text("A text.\n")
-    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--results",
-                        tmp_path / "runs" / "res")
-    assert code == 2 and len(err) == 1, err
-    assert not (tmp_path / "runs").exists()
-    (tmp_path / "there").mkdir()
-    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", "--results",
+    code, err = run_cli(capsys, "--model", tmp_path / "no-model", "--batch", tmp_path / "a.txt", flag,
                         tmp_path / "there")
     assert code == 2 and len(err) == 1, err
     assert (tmp_path / "there").is_dir() and not any((tmp_path / "there").iterdir())
