@@ -34,7 +34,7 @@ from analysis.capture import (
     text_inputs,
     to_capture,
 )
-from analysis.corpus_io import check_not_a_table
+from analysis.corpus_io import LONG_NUMBER, check_not_a_table, json_problem
 from analysis.errors import HeadscopeError
 from analysis.head_scores import combine_score_parts
 from analysis.loading import LoadedModel
@@ -60,7 +60,8 @@ CORPUS_MEASURES = HEAD_SCORE_NAMES + QK_MEASURES  # each [layer, head] per text
 LAYER_MEASURES = ("rank_biserial", "rank_biserial_centered")  # each [layer] per text
 NO_TEXTS = "{source} holds no texts."
 MEASURED_WITH = "These measurements were taken with exclude_first_token={got}, not {want}: capture them again."
-BAD_JSON = "line {number} is not a JSON object."
+NOT_OBJECT = "line {number} is not a JSON object."
+BAD_JSON = "line {number} cannot be read as JSON ({why})."
 NO_TEXT_FIELD = 'line {number} has no string "text" field.'
 NOT_UTF8_LINE = "line {number} is not UTF-8 text (bad byte at offset {offset} of the line)."
 TOO_DEEP = "line {number} is JSON nested too deeply to read."
@@ -145,10 +146,12 @@ def _jsonl_text(line: str, number: int) -> str | HeadscopeError:
         item = json.loads(line)
     except RecursionError:
         return HeadscopeError(TOO_DEEP.format(number=number))
-    except ValueError:  # not JSON, or an integer past Python's digit limit
-        return HeadscopeError(BAD_JSON.format(number=number))
+    except json.JSONDecodeError as exc:  # what json says is wrong, and where on the line
+        return HeadscopeError(BAD_JSON.format(number=number, why=json_problem(exc)))
+    except ValueError:  # an integer past Python's digit limit
+        return HeadscopeError(BAD_JSON.format(number=number, why=LONG_NUMBER))
     if not isinstance(item, dict):
-        return HeadscopeError(BAD_JSON.format(number=number))
+        return HeadscopeError(NOT_OBJECT.format(number=number))
     if not isinstance(item.get("text"), str):
         return HeadscopeError(NO_TEXT_FIELD.format(number=number))
     return _checked_text(item["text"], number)

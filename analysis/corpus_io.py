@@ -31,6 +31,8 @@ EMPTY = "empty text"
 TOO_LONG = "too long ({n:,} characters; at most {limit:,})"
 NOT_UTF8 = "not UTF-8 (bad byte at offset {offset})"
 NOT_JSON = "not a JSON object"
+BAD_JSON = "cannot be read as JSON ({why})"
+LONG_NUMBER = "a number of more digits than Python reads"  # past Python's int digit limit
 MISSING = 'missing "{field}" field'
 NOT_STRING = '"{field}" is not a string'
 NO_INPUT = ("{path} does not exist: give a .txt, .jsonl or Parquet file, or a folder of Parquet files or a saved "
@@ -86,6 +88,12 @@ def make_record(number: int, value, id_value=None, field: str = "text", raw: byt
     return {"number": number, "id": record_id, "text": text, "text_hash": digest, "error": error}
 
 
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """What json says is wrong with a line, and where: "Expecting value at column 1", "Unterminated string starting
+    at column 10" (its messages that end in "at" name the place themselves)."""
+    return f"{exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno}"
+
+
 def bad_record(number: int, raw: bytes, error: str) -> dict:
     return {"number": number, "id": str(number), "text": None, "text_hash": text_hash(raw), "error": error}
 
@@ -100,7 +108,11 @@ def parse_line(number: int, line: bytes, kind: str, field: str = "text") -> dict
         item = json.loads(line)
     except UnicodeDecodeError as exc:
         return bad_record(number, line, NOT_UTF8.format(offset=exc.start))
-    except (ValueError, RecursionError):  # RecursionError: JSON nested past the recursion limit
+    except json.JSONDecodeError as exc:  # what json says is wrong, and where on the line
+        return bad_record(number, line, BAD_JSON.format(why=json_problem(exc)))
+    except ValueError:  # an integer past Python's digit limit
+        return bad_record(number, line, BAD_JSON.format(why=LONG_NUMBER))
+    except RecursionError:  # JSON nested past the recursion limit
         item = None
     if not isinstance(item, dict):
         return bad_record(number, line, NOT_JSON)

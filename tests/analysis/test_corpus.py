@@ -10,6 +10,8 @@ from analysis import HeadscopeError, analyze, corpus
 from analysis.corpus import CORPUS_MEASURES, LAYER_MEASURES, analyze_corpus, compute_bootstrap_ci, parse_texts
 from tests.reference import assert_rank_statistics_close
 
+NOT_JSON = "cannot be read as JSON (Expecting value at column 1)"  # json's own words for a line that is not JSON
+
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "from", "home", "in", "rain"]
 
 
@@ -60,7 +62,7 @@ def test_parse_texts_reads_lines_and_jsonl_keeping_bad_lines_as_errors():
     assert parse_texts("one\n\n two \nthree") == ["one", " two ", "three"]
     parsed = parse_texts('{"text": "a"}\n{"title": "b"}\nnot json\n{"text": "c"}')
     assert parsed[0] == "a" and parsed[3] == "c"
-    assert [str(p) for p in parsed[1:3]] == ['line 2 has no string "text" field.', "line 3 is not a JSON object."]
+    assert [str(p) for p in parsed[1:3]] == ['line 2 has no string "text" field.', f"line 3 {NOT_JSON}."]
     with pytest.raises(HeadscopeError, match="holds no texts"):
         parse_texts(" \n\n")
 

@@ -9,6 +9,8 @@ import pytest
 from analysis import HeadscopeError, corpus_io
 from analysis.corpus_io import check_input, detect_kind, iter_records, text_hash
 
+NOT_JSON = "cannot be read as JSON (Expecting value at column 1)"  # json's own words for a line that is not JSON
+
 TEXTS = ["the cat sat on the mat", "a dog ran far from home", "rain in the home", "the mat and the cat"]
 
 
@@ -38,7 +40,7 @@ def test_jsonl_ids_and_every_kind_of_bad_line(tmp_path):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     records = list(iter_records(path))
     assert good(records) == [(1, "doc-a", "first"), (2, "2", "second")]
-    assert bad(records) == [(4, "4", 'missing "text" field'), (5, "5", "not a JSON object"), (6, "6", "empty text"),
+    assert bad(records) == [(4, "4", 'missing "text" field'), (5, "5", NOT_JSON), (6, "6", "empty text"),
                             (7, "7", '"text" is not a string'), (8, "8", "not a JSON object"),
                             (9, "9", "not UTF-8 (bad byte at offset 5)")]
     assert len({r["text_hash"] for r in records}) == len(records)  # bad records get hashes of what was there
@@ -108,10 +110,10 @@ def test_the_extension_decides_txt_or_jsonl_whatever_the_first_line_looks_like(t
     path = tmp_path / "notes.jsonl"
     path.write_bytes(data)
     assert good(iter_records(path)) == [(1, "1", "looks like JSON")]
-    assert bad(iter_records(path)) == [(2, "2", "not a JSON object")]
+    assert bad(iter_records(path)) == [(2, "2", NOT_JSON)]
     parsed = parse_texts(data, path.name)
-    assert parsed[0] == "looks like JSON" and str(parsed[1]) == "line 2 is not a JSON object."
-    assert parse_texts(b"plain first\n" + data, "notes.jsonl")[0].args[0] == "line 1 is not a JSON object."
+    assert parsed[0] == "looks like JSON" and str(parsed[1]) == f"line 2 {NOT_JSON}."
+    assert parse_texts(b"plain first\n" + data, "notes.jsonl")[0].args[0] == f"line 1 {NOT_JSON}."
     assert parse_texts(data, "notes.txt", kind="jsonl")[0] == "looks like JSON"  # an explicit kind wins
     assert parse_texts(data)[0] == "looks like JSON"  # no file name: the first line still decides
 

@@ -29,6 +29,8 @@ from reports.html import (
 from tests.conftest import FIJI, REPEATS
 from tests.reference import assert_rank_statistics_close
 
+NOT_JSON = "cannot be read as JSON (Expecting value at column 1)"  # json's own words for a line that is not JSON
+
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 PAYLOAD = "Tokens </s> <|endoftext|> then </script><script>document.title='pwned'</script> <img src=x onerror=alert(1)>"
 
@@ -145,7 +147,7 @@ def test_batch_writes_the_good_reports_and_lists_the_failure(gpt2_path, tmp_path
     assert sorted(p.name for p in out_dir.iterdir()) == ["corpus.html", "index.html", "report-0001.html",
                                                           "report-0004.html"]
     assert 'href="report-0001.html"' in index and 'href="report-0004.html"' in index
-    assert "failed: The text is empty" in index and "failed: line 3 is not a JSON object." in index
+    assert "failed: The text is empty" in index and f"failed: line 3 {NOT_JSON}." in index
     assert read_report_results(out_dir / "report-0004.html")["text"] == REPEATS
     assert "2 failed" in capsys.readouterr().err
 
@@ -292,7 +294,7 @@ def test_batch_size_four_writes_each_texts_single_numbers(gpt2_path, tmp_path, c
         err = capsys.readouterr().err
         assert "6 reports, 2 failed" in err
         index = (out / "index.html").read_text()
-        assert "failed: The text is empty" in index and "failed: line 8 is not a JSON object." in index
+        assert "failed: The text is empty" in index and f"failed: line 8 {NOT_JSON}." in index
         docs[size] = {path.name: read_report_results(path) for path in sorted(out.glob("report-*.html"))}
     assert sorted(docs[4]) == sorted(docs[1]) == [f"report-{n:04d}.html" for n in (1, 2, 4, 5, 6, 7)]
     for name, want in docs[1].items():
