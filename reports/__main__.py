@@ -86,7 +86,6 @@ RAY_WAIT_LOCAL = ("--ray-wait waits for a Ray cluster joined by --ray-address to
 
 
 MAX_SEED = 2**32 - 1
-OWN_PROCESS = False  # the command line runs as a process of its own (python -m reports, headscope), not main() called
 DEFAULT_PROBE = object()  # --with-probe without a LENGTH: analysis.PROBE_LENGTH (not imported, for --help's speed)
 NOT_TYPED = object()  # a defaulted flag's value while parsing: still there afterwards, the flag was not typed
 GIVEN = "given_flags"  # the attribute of parse_arguments' namespace naming the flags typed, in --help's order
@@ -491,15 +490,16 @@ def write_json(data: dict, out: Path) -> None:
     write_text(out, json.dumps(data, allow_nan=False))
 
 
-def _quiet_libraries() -> None:
-    """Quiet transformers; and, in the command line's own process (OWN_PROCESS), Altair's check of every chart part
-    against its schema as the part is made (its debug mode, a process-wide switch) off: a quarter of a report's
-    drawing time, for the same bytes. main() called in a process of others' charts (the tests) leaves it on."""
+def _quiet_libraries(own_process: bool = False) -> None:
+    """Quiet transformers; and, in the command line's own process (python -m reports, headscope), Altair's check of
+    every chart part against its schema as the part is made (its debug mode, a process-wide switch) off: a quarter of
+    a report's drawing time, for the same bytes. main() called in a process of others' charts (the tests) leaves it
+    on."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if OWN_PROCESS:
+    if own_process:
         from altair.utils.schemapi import disable_debug_mode
 
         disable_debug_mode()
@@ -926,9 +926,10 @@ def _write_results(args) -> int:
     return EXIT_BAD_INPUT if analysed == 0 else 0  # every text failed (failed again, on a rerun)
 
 
-def run(args) -> int:
-    """The exit status: 0, or EXIT_BAD_INPUT for a batch whose every text failed (its index still written)."""
-    _quiet_libraries()
+def run(args, own_process: bool = False) -> int:
+    """The exit status: 0, or EXIT_BAD_INPUT for a batch whose every text failed (its index still written).
+    `own_process`: the command line runs as a process of its own (_quiet_libraries)."""
+    _quiet_libraries(own_process)
     if args.from_results is not None:
         write_corpus_outputs(args.from_results, args)
     elif args.results is not None:
@@ -944,13 +945,13 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m reports") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m reports", own_process: bool = False) -> int:
     parser = build_parser(prog)
     args = parse_arguments(parser, argv)
     args.command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])  # as typed: --batch's pages
     check_outputs(parser, args)
     try:
-        return run(args)
+        return run(args, own_process)
     except HeadscopeError as exc:
         print(f"headscope: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -961,11 +962,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m reports") -> int:
 
 def cli() -> None:
     """The `headscope` console script (pyproject.toml): the same command line as python -m reports."""
-    global OWN_PROCESS
-    OWN_PROCESS = True
-    sys.exit(main(prog="headscope"))
+    sys.exit(main(prog="headscope", own_process=True))
 
 
 if __name__ == "__main__":
-    OWN_PROCESS = True
-    sys.exit(main())
+    sys.exit(main(own_process=True))
